@@ -1,0 +1,466 @@
+//! The HBONE client: a pool of mTLS HTTP/2 connections keyed by (source identity and
+//! address, destination identity, destination address), each carrying many streams.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use tokio::net::TcpSocket;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, Instrument};
+
+use super::stream::H2Stream;
+use super::{forwarded_value, Refusal};
+use crate::identity::Identity;
+use crate::metrics::{DirectionLabels, Metrics, OUTBOUND};
+use crate::tls::{server_name, TlsIdentity, ALPN_H2};
+
+/// Client limits.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Most streams we put on one connection, even if the server allows more.
+    pub max_streams_per_connection: usize,
+    /// TCP connect plus TLS and HTTP/2 handshakes must finish within this.
+    pub connect_timeout: Duration,
+    /// The CONNECT answer must arrive within this.
+    pub response_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            max_streams_per_connection: 1000,
+            connect_timeout: Duration::from_secs(10),
+            response_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One stream to open: who we are, whom we reach, and the original destination.
+#[derive(Clone)]
+pub struct ConnectRequest {
+    /// The source workload's credentials.
+    pub src: Arc<TlsIdentity>,
+    /// The source pod's IP to bind the connection to, if any.
+    pub src_addr: Option<IpAddr>,
+    /// The identity the destination must prove.
+    pub dst: Identity,
+    /// Where the destination's HBONE listener is (`pod-ip:15008`).
+    pub dst_addr: SocketAddr,
+    /// The original destination, sent as `:authority`.
+    pub target: SocketAddr,
+    /// The original source, sent as `forwarded: for=`.
+    pub forwarded_for: Option<SocketAddr>,
+    /// W3C trace context to pass on.
+    pub traceparent: Option<String>,
+}
+
+/// Why a stream could not be opened. Messages name the address and suggest a cause.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// TCP connect failed.
+    #[error("connect to {addr} failed: {source} (is the destination's node-proxy running, or a NetworkPolicy blocking port 15008?)")]
+    Tcp {
+        /// The HBONE address.
+        addr: SocketAddr,
+        /// The socket error.
+        source: io::Error,
+    },
+    /// The TLS handshake failed (including identity checks).
+    #[error("mTLS handshake with {addr} ({expected}) failed: {source}")]
+    Tls {
+        /// The HBONE address.
+        addr: SocketAddr,
+        /// The identity we required.
+        expected: Identity,
+        /// What rustls said.
+        source: io::Error,
+    },
+    /// The server did not negotiate `h2`.
+    #[error("{addr} did not negotiate ALPN h2; it is not an HBONE server")]
+    NoAlpn {
+        /// The HBONE address.
+        addr: SocketAddr,
+    },
+    /// The HTTP/2 layer failed.
+    #[error("HTTP/2 with {addr} failed: {source}")]
+    H2 {
+        /// The HBONE address.
+        addr: SocketAddr,
+        /// What h2 said.
+        source: h2::Error,
+    },
+    /// A step did not finish in time.
+    #[error("{what} with {addr} timed out after {after:?}")]
+    Timeout {
+        /// Which step.
+        what: &'static str,
+        /// The HBONE address.
+        addr: SocketAddr,
+        /// The limit.
+        after: Duration,
+    },
+    /// The server answered the CONNECT with an error status.
+    #[error("{addr} refused CONNECT {target}: {status}{}", reason(*.status))]
+    Refused {
+        /// The HBONE address.
+        addr: SocketAddr,
+        /// The original destination.
+        target: SocketAddr,
+        /// The status.
+        status: StatusCode,
+    },
+}
+
+fn reason(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::SERVICE_UNAVAILABLE => " (target unreachable)",
+        StatusCode::UNAUTHORIZED => " (denied by policy)",
+        StatusCode::BAD_REQUEST => " (malformed request)",
+        _ => "",
+    }
+}
+
+impl ConnectError {
+    /// Whether this is the server's answer rather than a transport failure.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ConnectError::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// A short label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ConnectError::Tcp { .. } => "connect",
+            ConnectError::Tls { .. } => "tls",
+            ConnectError::NoAlpn { .. } => "no_alpn",
+            ConnectError::H2 { .. } => "h2",
+            ConnectError::Timeout { .. } => "timeout",
+            ConnectError::Refused { status, .. } => match *status {
+                StatusCode::SERVICE_UNAVAILABLE => Refusal::Unreachable.reason(),
+                StatusCode::UNAUTHORIZED => Refusal::Denied.reason(),
+                _ => "refused",
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    src: Identity,
+    src_addr: Option<IpAddr>,
+    dst: Identity,
+    dst_addr: SocketAddr,
+}
+
+/// One pooled HTTP/2 connection.
+struct Conn {
+    send: h2::client::SendRequest<Bytes>,
+    active: Arc<AtomicUsize>,
+    closed: Arc<AtomicBool>,
+    /// The source credentials' generation when this connection was made; after a
+    /// rotation it gets no new streams and closes when its last stream ends.
+    generation: u64,
+}
+
+impl Conn {
+    /// Takes a stream slot if the connection is alive, current and not full.
+    fn try_reserve(&self, generation: u64, limit: usize) -> bool {
+        if self.closed.load(Ordering::Acquire) || self.generation != generation {
+            return false;
+        }
+        let limit = limit.min(self.send.current_max_send_streams());
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+}
+
+/// A pool of HBONE connections shared by all streams of a process.
+pub struct Pool {
+    config: PoolConfig,
+    metrics: Metrics,
+    conns: Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>,
+    /// One dial at a time per key, so a burst of streams shares one new connection
+    /// instead of each opening its own.
+    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Pool {
+    /// An empty pool.
+    pub fn new(config: PoolConfig, metrics: Metrics) -> Self {
+        Pool {
+            config,
+            metrics,
+            conns: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Live connections currently in the pool (for tests and the admin dump).
+    pub fn connections(&self) -> usize {
+        let conns = self.conns.lock().expect("pool lock is never poisoned");
+        conns
+            .values()
+            .flatten()
+            .filter(|c| !c.closed.load(Ordering::Acquire))
+            .count()
+    }
+
+    /// Opens a stream to `req.target` through `req.dst_addr`, reusing a pooled
+    /// connection when one has room.
+    pub async fn connect(&self, req: &ConnectRequest) -> Result<H2Stream, ConnectError> {
+        let key = PoolKey {
+            src: req.src.identity(),
+            src_addr: req.src_addr,
+            dst: req.dst.clone(),
+            dst_addr: req.dst_addr,
+        };
+        // A pooled connection can die between the check and the send; one retry on a
+        // fresh connection covers that without looping on a broken destination.
+        let mut retried = false;
+        loop {
+            let conn = self.checkout(&key, req).await?;
+            match self.open_stream(&conn, req).await {
+                Err(ConnectError::H2 { source, .. })
+                    if !retried && (source.is_go_away() || source.is_io()) =>
+                {
+                    conn.closed.store(true, Ordering::Release);
+                    retried = true;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn find(&self, key: &PoolKey, generation: u64) -> Option<Arc<Conn>> {
+        let mut conns = self.conns.lock().expect("pool lock is never poisoned");
+        let list = conns.get_mut(key)?;
+        list.retain(|c| !c.closed.load(Ordering::Acquire) && c.generation == generation);
+        let limit = self.config.max_streams_per_connection;
+        let found = list
+            .iter()
+            .find(|c| c.try_reserve(generation, limit))
+            .cloned();
+        if list.is_empty() {
+            conns.remove(key);
+        }
+        found
+    }
+
+    async fn checkout(
+        &self,
+        key: &PoolKey,
+        req: &ConnectRequest,
+    ) -> Result<Arc<Conn>, ConnectError> {
+        let generation = req.src.generation();
+        if let Some(c) = self.find(key, generation) {
+            return Ok(c);
+        }
+        let lock = {
+            let mut dialing = self.dialing.lock().expect("pool lock is never poisoned");
+            dialing.entry(key.clone()).or_default().clone()
+        };
+        let _guard = lock.lock().await;
+        if let Some(c) = self.find(key, generation) {
+            return Ok(c);
+        }
+        let result = self.dial(req, generation).await;
+        {
+            let mut dialing = self.dialing.lock().expect("pool lock is never poisoned");
+            // Forget the dial lock once nobody else waits on it, so the map stays bounded.
+            if Arc::strong_count(&lock) <= 2 {
+                dialing.remove(key);
+            }
+        }
+        let conn = Arc::new(result?);
+        // Reserve before publishing, so the connection that was dialled for this stream
+        // cannot be filled by others first.
+        conn.active.fetch_add(1, Ordering::AcqRel);
+        self.conns
+            .lock()
+            .expect("pool lock is never poisoned")
+            .entry(key.clone())
+            .or_default()
+            .push(conn.clone());
+        Ok(conn)
+    }
+
+    async fn dial(&self, req: &ConnectRequest, generation: u64) -> Result<Conn, ConnectError> {
+        let addr = req.dst_addr;
+        let timeout = self.config.connect_timeout;
+        let timed_out = |what| ConnectError::Timeout {
+            what,
+            addr,
+            after: timeout,
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(|source| ConnectError::Tcp { addr, source })?;
+        if let Some(ip) = req.src_addr {
+            socket
+                .bind(SocketAddr::new(ip, 0))
+                .map_err(|source| ConnectError::Tcp { addr, source })?;
+        }
+        let tcp = tokio::time::timeout_at(deadline, socket.connect(addr))
+            .await
+            .map_err(|_| timed_out("TCP connect"))?
+            .map_err(|source| ConnectError::Tcp { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        let connector = TlsConnector::from(req.src.client_config(req.dst.clone()));
+        let tls =
+            match tokio::time::timeout_at(deadline, connector.connect(server_name(addr.ip()), tcp))
+                .await
+            {
+                Err(_) => {
+                    self.metrics.handshake_failed(OUTBOUND, "timeout");
+                    return Err(timed_out("TLS handshake"));
+                }
+                Ok(Err(source)) => {
+                    self.metrics.handshake_failed(OUTBOUND, "tls");
+                    return Err(ConnectError::Tls {
+                        addr,
+                        expected: req.dst.clone(),
+                        source,
+                    });
+                }
+                Ok(Ok(tls)) => tls,
+            };
+        if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
+            self.metrics.handshake_failed(OUTBOUND, "no_alpn");
+            return Err(ConnectError::NoAlpn { addr });
+        }
+        let (send, conn) = tokio::time::timeout_at(
+            deadline,
+            h2::client::Builder::new()
+                .initial_window_size(super::STREAM_WINDOW)
+                .initial_connection_window_size(super::CONNECTION_WINDOW)
+                .max_frame_size(super::MAX_FRAME)
+                .max_send_buffer_size(super::SEND_BUFFER)
+                .enable_push(false)
+                .handshake::<_, Bytes>(tls),
+        )
+        .await
+        .map_err(|_| timed_out("HTTP/2 handshake"))?
+        .map_err(|source| ConnectError::H2 { addr, source })?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let dir = DirectionLabels {
+            direction: OUTBOUND,
+        };
+        self.metrics.connections.get_or_create(&dir).inc();
+        let open = self.metrics.connections_open.get_or_create(&dir).clone();
+        open.inc();
+        let done = closed.clone();
+        let span = tracing::debug_span!("hbone_out", dst = %req.dst, %addr);
+        tokio::spawn(
+            async move {
+                if let Err(e) = conn.await {
+                    debug!("HBONE connection ended: {e}");
+                }
+                done.store(true, Ordering::Release);
+                open.dec();
+            }
+            .instrument(span),
+        );
+        debug!(src = %req.src.identity(), dst = %req.dst, %addr, "HBONE connection established");
+        Ok(Conn {
+            send,
+            active: Arc::new(AtomicUsize::new(0)),
+            closed,
+            generation,
+        })
+    }
+
+    /// Sends the CONNECT on a reserved slot of `conn` and waits for the answer.
+    async fn open_stream(
+        &self,
+        conn: &Conn,
+        req: &ConnectRequest,
+    ) -> Result<H2Stream, ConnectError> {
+        let addr = req.dst_addr;
+        let release = {
+            let active = conn.active.clone();
+            move || {
+                active.fetch_sub(1, Ordering::AcqRel);
+            }
+        };
+        let h2_err = |source| ConnectError::H2 { addr, source };
+        let mut request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(req.target.to_string());
+        if let Some(src) = req.forwarded_for {
+            request = request.header(http::header::FORWARDED, forwarded_value(src));
+        }
+        if let Some(tp) = &req.traceparent {
+            request = request.header("traceparent", tp.as_str());
+        }
+        let request = request
+            .body(())
+            .expect("a CONNECT to a socket address is a valid request");
+        let sent = async {
+            let mut send = conn.send.clone().ready().await?;
+            send.send_request(request, false)
+        }
+        .await;
+        let (response, send_stream) = match sent {
+            Ok(x) => x,
+            Err(e) => {
+                release();
+                return Err(h2_err(e));
+            }
+        };
+        let timeout = self.config.response_timeout;
+        let response = match tokio::time::timeout(timeout, response).await {
+            Err(_) => {
+                release();
+                return Err(ConnectError::Timeout {
+                    what: "CONNECT response",
+                    addr,
+                    after: timeout,
+                });
+            }
+            Ok(Err(e)) => {
+                release();
+                return Err(h2_err(e));
+            }
+            Ok(Ok(r)) => r,
+        };
+        if response.status() != StatusCode::OK {
+            release();
+            let err = ConnectError::Refused {
+                addr,
+                target: req.target,
+                status: response.status(),
+            };
+            self.metrics.stream_refused(OUTBOUND, err.reason());
+            return Err(err);
+        }
+        let dir = DirectionLabels {
+            direction: OUTBOUND,
+        };
+        self.metrics.streams.get_or_create(&dir).inc();
+        let open = self.metrics.streams_open.get_or_create(&dir).clone();
+        open.inc();
+        Ok(H2Stream::new(
+            send_stream,
+            response.into_body(),
+            Some(Box::new(move || {
+                release();
+                open.dec();
+            })),
+        ))
+    }
+}

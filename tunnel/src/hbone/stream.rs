@@ -1,0 +1,167 @@
+//! One CONNECT stream as a byte stream: `AsyncRead` + `AsyncWrite` over an h2
+//! `SendStream`/`RecvStream` pair.
+//!
+//! Half-close is END_STREAM (`shutdown` sends it, reading it yields EOF). Dropping the
+//! stream closes it like `close(2)` on a socket: what was written is still delivered,
+//! then END_STREAM; if the peer was still sending, h2 follows with RST_STREAM CANCEL.
+//! [`H2Stream::reset`] aborts at once, which the peer reads as `ConnectionReset`.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Runs when the stream is dropped: releases the pool slot and gauges.
+pub(crate) type OnClose = Box<dyn FnOnce() + Send + Sync>;
+
+/// A bidirectional byte stream carried by one HBONE CONNECT.
+pub struct H2Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// The unread rest of the last DATA frame.
+    pending: Bytes,
+    write_closed: bool,
+    on_close: Option<OnClose>,
+}
+
+impl std::fmt::Debug for H2Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Stream")
+            .field("stream_id", &self.send.stream_id())
+            .finish()
+    }
+}
+
+impl H2Stream {
+    pub(crate) fn new(
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+        on_close: Option<OnClose>,
+    ) -> Self {
+        H2Stream {
+            send,
+            recv,
+            pending: Bytes::new(),
+            write_closed: false,
+            on_close,
+        }
+    }
+
+    /// Resets the stream (RST_STREAM CANCEL) instead of ending it cleanly: the peer
+    /// sees a reset connection, as it would for a TCP RST.
+    pub fn reset(mut self) {
+        self.write_closed = true;
+        self.send.send_reset(h2::Reason::CANCEL);
+    }
+}
+
+impl Drop for H2Stream {
+    fn drop(&mut self) {
+        if !self.write_closed {
+            // Fails only if the stream is already reset or closed; nothing to do then.
+            let _ = self.send.send_data(Bytes::new(), true);
+        }
+        if let Some(f) = self.on_close.take() {
+            f();
+        }
+    }
+}
+
+fn h2_to_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("h2 I/O error"));
+    }
+    let kind = match e.reason() {
+        Some(h2::Reason::CANCEL) | Some(h2::Reason::REFUSED_STREAM) => {
+            io::ErrorKind::ConnectionReset
+        }
+        _ if e.is_go_away() || e.is_reset() => io::ErrorKind::ConnectionReset,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, e)
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        while this.pending.is_empty() {
+            match ready!(this.recv.poll_data(cx)) {
+                None => return Poll::Ready(Ok(())),
+                Some(Ok(data)) => {
+                    // Hand the window back as soon as the bytes are ours: we hold at
+                    // most one frame, so the peer's window is the buffering bound.
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    this.pending = data;
+                }
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+            }
+        }
+        let n = this.pending.len().min(buf.remaining());
+        buf.put_slice(&this.pending[..n]);
+        this.pending.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let this = &mut *self;
+        if this.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        this.send
+            .reserve_capacity(buf.len().min(super::SEND_BUFFER));
+        loop {
+            match ready!(this.send.poll_capacity(cx)) {
+                Some(Ok(0)) => continue,
+                Some(Ok(n)) => {
+                    let n = n.min(buf.len());
+                    this.send
+                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                        .map_err(h2_to_io)?;
+                    return Poll::Ready(Ok(n));
+                }
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                // The stream is closed for sending: find out whether it was reset.
+                None => {
+                    return match ready!(this.send.poll_reset(cx)) {
+                        Ok(reason) => Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::ConnectionReset,
+                            format!("stream reset by peer: {reason:?}"),
+                        ))),
+                        Err(e) => Poll::Ready(Err(h2_to_io(e))),
+                    }
+                }
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // h2 writes queued frames as soon as the connection task runs.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.write_closed {
+            self.write_closed = true;
+            self.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}

@@ -1,0 +1,823 @@
+//! HBONE on loopback: payloads, pooling, rotation, key exchange and every refusal.
+#![allow(clippy::unwrap_used)] // a test fails by panicking
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use weft_tunnel::hbone::{
+    ConnectError, ConnectRequest, Forward, H2Stream, Handler, InboundRequest, Pool, PoolConfig,
+    ServerConfig,
+};
+use weft_tunnel::identity::{build_csr, CertificateAuthority, Identity, LEAF_TTL};
+use weft_tunnel::metrics::{Metrics, INBOUND, OUTBOUND};
+use weft_tunnel::testing::{echo_server, fill_pattern, start_server, TestMesh, TestServer};
+use weft_tunnel::tls::{self, TlsIdentity};
+
+fn request(
+    src: &Arc<TlsIdentity>,
+    dst: Identity,
+    hbone: SocketAddr,
+    target: SocketAddr,
+) -> ConnectRequest {
+    ConnectRequest {
+        src: src.clone(),
+        src_addr: None,
+        dst,
+        dst_addr: hbone,
+        target,
+        forwarded_for: None,
+        traceparent: None,
+    }
+}
+
+fn pool() -> Pool {
+    Pool::new(PoolConfig::default(), Metrics::default())
+}
+
+/// Writes `len` pattern bytes, half-closes, and checks the echo byte for byte.
+async fn echo_check(stream: H2Stream, len: u64, seed: u64) {
+    let (mut r, mut w) = tokio::io::split(stream);
+    let writer = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut off = 0u64;
+        while off < len {
+            let n = (len - off).min(buf.len() as u64) as usize;
+            fill_pattern(seed, off, &mut buf[..n]);
+            w.write_all(&buf[..n]).await.expect("write payload");
+            off += n as u64;
+        }
+        w.shutdown().await.expect("half-close");
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut want = vec![0u8; 64 * 1024];
+    let mut off = 0u64;
+    loop {
+        let n = r.read(&mut buf).await.expect("read echo");
+        if n == 0 {
+            break;
+        }
+        fill_pattern(seed, off, &mut want[..n]);
+        assert!(
+            buf[..n] == want[..n],
+            "echo differs within bytes {off}..{}",
+            off + n as u64
+        );
+        off += n as u64;
+    }
+    assert_eq!(off, len, "echo length");
+    writer.await.expect("writer task");
+}
+
+/// Forwards like `Forward`, remembering who connected with which leaf.
+#[derive(Default)]
+struct Recording {
+    seen: Mutex<Vec<(Identity, CertificateDer<'static>)>>,
+}
+
+impl Handler for Recording {
+    async fn handle(&self, request: InboundRequest) {
+        self.seen
+            .lock()
+            .unwrap()
+            .push((request.peer.clone(), (*request.peer_leaf).clone()));
+        Forward::default().handle(request).await
+    }
+}
+
+async fn forward_server(mesh: &TestMesh, config: ServerConfig) -> (Arc<TlsIdentity>, TestServer) {
+    let tls = mesh.workload("shop", "cart");
+    let server = start_server(&tls, config, Arc::new(Forward::default()), None).await;
+    (tls, server)
+}
+
+#[tokio::test]
+async fn payloads_round_trip_byte_exact() {
+    let mesh = TestMesh::new();
+    let (server_tls, server) = forward_server(&mesh, ServerConfig::default()).await;
+    let client = mesh.workload("web", "frontend");
+    let target = echo_server().await;
+    let pool = pool();
+    for (seed, len) in [(1u64, 1u64), (2, 64 * 1024), (3, 256 * 1024 * 1024)] {
+        let req = request(&client, server_tls.identity(), server.addr, target);
+        let stream = pool.connect(&req).await.expect("open stream");
+        echo_check(stream, len, seed).await;
+    }
+    // All three streams rode one pooled connection.
+    assert_eq!(
+        server
+            .metrics
+            .connections
+            .get_or_create(&dir(INBOUND))
+            .get(),
+        1
+    );
+    assert_eq!(server.metrics.streams.get_or_create(&dir(INBOUND)).get(), 3);
+}
+
+fn dir(direction: &'static str) -> weft_tunnel::metrics::DirectionLabels {
+    weft_tunnel::metrics::DirectionLabels { direction }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_concurrent_streams_share_one_connection() {
+    let mesh = TestMesh::new();
+    let (server_tls, server) = forward_server(&mesh, ServerConfig::default()).await;
+    let client = mesh.workload("web", "frontend");
+    let target = echo_server().await;
+    let pool = Arc::new(pool());
+    const N: usize = 1000;
+    let all_open = Arc::new(tokio::sync::Barrier::new(N + 1));
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let (pool, all_open) = (pool.clone(), all_open.clone());
+        let req = request(&client, server_tls.identity(), server.addr, target);
+        tasks.push(tokio::spawn(async move {
+            let mut s = pool.connect(&req).await.expect("open stream");
+            let msg = format!("stream {i}");
+            s.write_all(msg.as_bytes()).await.unwrap();
+            let mut back = vec![0u8; msg.len()];
+            s.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, msg.as_bytes());
+            // Hold the stream until all N are open at once.
+            all_open.wait().await;
+            s
+        }));
+    }
+    all_open.wait().await;
+    assert_eq!(
+        server
+            .metrics
+            .streams_open
+            .get_or_create(&dir(INBOUND))
+            .get(),
+        N as i64,
+        "all streams open concurrently"
+    );
+    assert_eq!(pool.connections(), 1);
+    assert_eq!(
+        server
+            .metrics
+            .connections
+            .get_or_create(&dir(INBOUND))
+            .get(),
+        1
+    );
+    for t in tasks {
+        drop(t.await.unwrap());
+    }
+}
+
+#[tokio::test]
+async fn stream_limit_opens_another_connection() {
+    let mesh = TestMesh::new();
+    let config = ServerConfig {
+        max_streams_per_connection: 10,
+        ..ServerConfig::default()
+    };
+    let (server_tls, server) = forward_server(&mesh, config).await;
+    let client = mesh.workload("web", "frontend");
+    let target = echo_server().await;
+    let pool = pool();
+    let mut streams = Vec::new();
+    for _ in 0..25 {
+        let req = request(&client, server_tls.identity(), server.addr, target);
+        let mut s = pool.connect(&req).await.expect("open stream");
+        s.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        streams.push(s);
+    }
+    assert_eq!(pool.connections(), 3, "25 streams at 10 per connection");
+    assert_eq!(
+        server
+            .metrics
+            .connections
+            .get_or_create(&dir(INBOUND))
+            .get(),
+        3
+    );
+    // Freed slots are reused rather than dialling again.
+    streams.truncate(5);
+    for _ in 0..5 {
+        let req = request(&client, server_tls.identity(), server.addr, target);
+        streams.push(pool.connect(&req).await.expect("reuse slot"));
+    }
+    assert_eq!(
+        server
+            .metrics
+            .connections
+            .get_or_create(&dir(INBOUND))
+            .get(),
+        3
+    );
+}
+
+#[tokio::test]
+async fn dead_connection_is_replaced() {
+    let mesh = TestMesh::new();
+    let (server_tls, server) = forward_server(&mesh, ServerConfig::default()).await;
+    let client = mesh.workload("web", "frontend");
+    let target = echo_server().await;
+    let pool = pool();
+    let req = request(&client, server_tls.identity(), server.addr, target);
+    echo_check(pool.connect(&req).await.unwrap(), 10, 7).await;
+    // Kill the server (drain with nothing open closes every connection), then serve
+    // again on the same address.
+    server.drain.cancel();
+    server.task.await.unwrap();
+    let again = start_server(
+        &server_tls,
+        ServerConfig::default(),
+        Arc::new(Forward::default()),
+        Some(server.addr),
+    )
+    .await;
+    echo_check(
+        pool.connect(&req).await.expect("stream after reconnect"),
+        10,
+        8,
+    )
+    .await;
+    assert_eq!(
+        again.metrics.connections.get_or_create(&dir(INBOUND)).get(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn identities_checked_on_both_sides() {
+    let mesh = TestMesh::new();
+    let server_tls = mesh.workload("shop", "cart");
+    let handler = Arc::new(Recording::default());
+    let server = start_server(&server_tls, ServerConfig::default(), handler.clone(), None).await;
+    let client = mesh.workload("web", "frontend");
+    let target = echo_server().await;
+    let client_metrics = Metrics::default();
+    let pool = Pool::new(PoolConfig::default(), client_metrics.clone());
+
+    // The server learns the client's identity.
+    let req = request(&client, server_tls.identity(), server.addr, target);
+    echo_check(pool.connect(&req).await.unwrap(), 3, 1).await;
+    assert_eq!(handler.seen.lock().unwrap()[0].0, client.identity());
+
+    // The client refuses a server that proves another identity.
+    let imposter = TestMesh::identity("shop", "payments");
+    let req = request(&client, imposter.clone(), server.addr, target);
+    let err = pool.connect(&req).await.expect_err("wrong server identity");
+    let msg = err.to_string();
+    assert!(matches!(err, ConnectError::Tls { .. }), "{err:?}");
+    assert!(
+        msg.contains(imposter.as_str()) && msg.contains(server_tls.identity().as_str()),
+        "error names expected and found identities: {msg}"
+    );
+    assert_eq!(client_metrics.refusals(OUTBOUND, "tls"), 1);
+    wait_for(|| server.metrics.refusals(INBOUND, "peer_rejected_cert") == 1).await;
+}
+
+/// Polls a condition the server updates asynchronously; bounded, never a timing check.
+async fn wait_for(mut cond: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("condition not reached within 5 s");
+}
+
+type ClientCert = (
+    Vec<CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+/// A TLS client config with an arbitrary client certificate (or none) that accepts any
+/// server, for presenting bad credentials.
+fn any_server_config(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    client_cert: Option<ClientCert>,
+) -> rustls::ClientConfig {
+    #[derive(Debug)]
+    struct AnyServer;
+    impl rustls::client::danger::ServerCertVerifier for AnyServer {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            tls::provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer));
+    let mut config = match client_cert {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    config
+}
+
+async fn raw_tls_with(
+    addr: SocketAddr,
+    config: rustls::ClientConfig,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(tls::server_name(addr.ip()), tcp)
+        .await?;
+    // TLS 1.3 client auth failures surface on the first read after the handshake; a
+    // healthy HBONE server sends its HTTP/2 SETTINGS first.
+    let mut b = [0u8; 1];
+    match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut b)).await {
+        Ok(Ok(0)) => Err(std::io::ErrorKind::UnexpectedEof.into()),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(_)) => Ok(tls),
+        Err(_) => panic!("server neither spoke nor closed"),
+    }
+}
+
+async fn raw_tls(
+    addr: SocketAddr,
+    client_cert: Option<ClientCert>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    raw_tls_with(addr, any_server_config(tls::provider(), client_cert)).await
+}
+
+#[tokio::test]
+async fn bad_peers_refused_without_disturbing_others() {
+    let mesh = TestMesh::new();
+    let (server_tls, server) = forward_server(&mesh, ServerConfig::default()).await;
+    let client = mesh.workload("web", "frontend");
+    let target = echo_server().await;
+    let pool = pool();
+    let req = request(&client, server_tls.identity(), server.addr, target);
+    let mut bystander = pool.connect(&req).await.unwrap();
+
+    // Untrusted chain: a leaf from another CA.
+    let other = TestMesh::new().cert("web", "frontend");
+    assert!(raw_tls(server.addr, Some((other.chain, other.key)))
+        .await
+        .is_err());
+    wait_for(|| server.metrics.refusals(INBOUND, "untrusted_chain") == 1).await;
+
+    // Expired leaf from the right CA.
+    let id = TestMesh::identity("web", "frontend");
+    let csr = build_csr(&id).unwrap();
+    let past = std::time::SystemTime::now() - Duration::from_secs(2 * 86400);
+    let chain = mesh
+        .ca
+        .sign_between(&csr.der, &id, past, past + Duration::from_secs(3600))
+        .unwrap();
+    let expired = csr.into_cert(id, chain).unwrap();
+    assert!(raw_tls(server.addr, Some((expired.chain, expired.key)))
+        .await
+        .is_err());
+    wait_for(|| server.metrics.refusals(INBOUND, "expired") == 1).await;
+
+    // A SPIFFE ID of another trust domain, signed by our CA.
+    let foreign_id = Identity::new("other.example", "web", "frontend").unwrap();
+    let foreign = mesh
+        .ca
+        .issue(&foreign_id, Duration::from_secs(3600))
+        .unwrap();
+    assert!(raw_tls(server.addr, Some((foreign.chain, foreign.key)))
+        .await
+        .is_err());
+    wait_for(|| server.metrics.refusals(INBOUND, "wrong_identity") == 1).await;
+
+    // No client certificate.
+    assert!(raw_tls(server.addr, None).await.is_err());
+    wait_for(|| server.metrics.refusals(INBOUND, "no_client_cert") == 1).await;
+
+    // Plaintext HTTP/1 on the HBONE port: closed, never answered in HTTP.
+    let mut plain = TcpStream::connect(server.addr).await.unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer).await;
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "plaintext got an HTTP answer"
+    );
+    wait_for(|| server.metrics.refusals(INBOUND, "not_tls") == 1).await;
+
+    // The established stream was not disturbed.
+    bystander.write_all(b"still here").await.unwrap();
+    let mut back = [0u8; 10];
+    bystander.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still here");
+}
+
+/// An mTLS + HTTP/2 client that can send any request, for malformed CONNECTs.
+async fn raw_h2(
+    client: &Arc<TlsIdentity>,
+    expected: Identity,
+    addr: SocketAddr,
+) -> h2::client::SendRequest<Bytes> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client.client_config(expected))
+        .connect(tls::server_name(addr.ip()), tcp)
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+async fn status_of(send: &h2::client::SendRequest<Bytes>, req: http::Request<()>) -> u16 {
+    let mut send = send.clone().ready().await.unwrap();
+    let (resp, _body) = send.send_request(req, false).unwrap();
+    resp.await.expect("a status, not a reset").status().as_u16()
+}
+
+#[tokio::test]
+async fn malformed_connects_refused() {
+    let mesh = TestMesh::new();
+    let (server_tls, server) = forward_server(&mesh, ServerConfig::default()).await;
+    let client = mesh.workload("web", "frontend");
+    let target = echo_server().await;
+    let send = raw_h2(&client, server_tls.identity(), server.addr).await;
+    let connect = |authority: &str| {
+        http::Request::builder()
+            .method("CONNECT")
+            .uri(authority)
+            .body(())
+            .unwrap()
+    };
+    // Non-CONNECT method.
+    let get = http::Request::builder()
+        .method("GET")
+        .uri(format!("http://{target}/"))
+        .body(())
+        .unwrap();
+    assert_eq!(status_of(&send, get).await, 400);
+    // Authority without a port, and a host name instead of an IP.
+    assert_eq!(status_of(&send, connect("127.0.0.1")).await, 400);
+    assert_eq!(status_of(&send, connect("localhost:8080")).await, 400);
+    // An IP other than the one dialled.
+    assert_eq!(status_of(&send, connect("10.244.9.9:8080")).await, 400);
+    // One of the proxy's own ports.
+    assert_eq!(status_of(&send, connect("127.0.0.1:15006")).await, 503);
+    // Malformed forwarded header.
+    let mut bad_fwd = connect(&target.to_string());
+    bad_fwd
+        .headers_mut()
+        .insert("forwarded", "for=nonsense".parse().unwrap());
+    assert_eq!(status_of(&send, bad_fwd).await, 400);
+    // A well-formed CONNECT with forwarded and trace headers still works.
+    let mut good = connect(&target.to_string());
+    good.headers_mut()
+        .insert("forwarded", "for=\"10.244.0.5:40000\"".parse().unwrap());
+    good.headers_mut().insert(
+        "traceparent",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+            .parse()
+            .unwrap(),
+    );
+    assert_eq!(status_of(&send, good).await, 200);
+
+    let m = &server.metrics;
+    assert_eq!(m.refusals(INBOUND, "bad_method"), 1);
+    assert_eq!(m.refusals(INBOUND, "bad_authority"), 2);
+    assert_eq!(m.refusals(INBOUND, "authority_mismatch"), 1);
+    assert_eq!(m.refusals(INBOUND, "proxy_port"), 1);
+    assert_eq!(m.refusals(INBOUND, "bad_forwarded"), 1);
+
+    // An unreachable target is a prompt 503, not a hang.
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let pool = pool();
+    let req = request(&client, server_tls.identity(), server.addr, closed);
+    let err = pool.connect(&req).await.expect_err("closed port");
+    assert_eq!(err.status().map(|s| s.as_u16()), Some(503), "{err}");
+    assert!(err.to_string().contains("unreachable"), "{err}");
+    wait_for(|| m.refusals(INBOUND, "unreachable") == 1).await;
+}
+
+#[tokio::test]
+async fn rotation_keeps_streams_and_new_streams_use_new_leaf() {
+    let mesh = TestMesh::new();
+    let server_tls = mesh.workload("shop", "cart");
+    let handler = Arc::new(Recording::default());
+    let server = start_server(&server_tls, ServerConfig::default(), handler.clone(), None).await;
+    let client = mesh.workload("web", "frontend");
+    let target = echo_server().await;
+    let pool = pool();
+    let req = request(&client, server_tls.identity(), server.addr, target);
+    let mut old_stream = pool.connect(&req).await.unwrap();
+    old_stream.write_all(b"before").await.unwrap();
+    let mut b = [0u8; 6];
+    old_stream.read_exact(&mut b).await.unwrap();
+
+    let new_client = mesh.cert("web", "frontend");
+    let new_server = mesh.cert("shop", "cart");
+    client.rotate(&new_client).unwrap();
+    server_tls.rotate(&new_server).unwrap();
+
+    // The stream opened before the rotation keeps working.
+    old_stream.write_all(b"after!").await.unwrap();
+    old_stream.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"after!");
+
+    // A new stream goes over a new connection made with the new client leaf.
+    echo_check(pool.connect(&req).await.unwrap(), 100, 9).await;
+    let seen = handler.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    assert_ne!(seen[0].1, seen[1].1, "second stream used a different leaf");
+    assert_eq!(
+        seen[1].1, new_client.chain[0],
+        "second stream used the new leaf"
+    );
+    assert_eq!(
+        server
+            .metrics
+            .connections
+            .get_or_create(&dir(INBOUND))
+            .get(),
+        2
+    );
+
+    // And the server presents its new leaf to new handshakes.
+    let fresh = raw_tls(
+        server.addr,
+        Some((new_client.chain.clone(), new_client.key.clone_key())),
+    )
+    .await
+    .unwrap();
+    let presented = fresh.get_ref().1.peer_certificates().unwrap()[0].clone();
+    assert_eq!(presented, new_server.chain[0]);
+
+    // Rotating to another identity's leaf is refused.
+    let other = mesh.cert("web", "admin");
+    assert!(client.rotate(&other).is_err());
+}
+
+#[tokio::test]
+async fn post_quantum_key_exchange_preferred() {
+    let mesh = TestMesh::new();
+    let (server_tls, server) = forward_server(&mesh, ServerConfig::default()).await;
+    let client = mesh.workload("web", "frontend");
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client.client_config(server_tls.identity()))
+        .connect(tls::server_name(server.addr.ip()), tcp)
+        .await
+        .unwrap();
+    let conn = tls.get_ref().1;
+    assert_eq!(
+        tls::negotiated_group(conn),
+        Some(rustls::NamedGroup::X25519MLKEM768)
+    );
+    assert_eq!(
+        conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    assert_eq!(conn.alpn_protocol(), Some(&b"h2"[..]));
+
+    // A classical peer (X25519 only) still connects, over X25519.
+    let mut classical = (*tls::provider()).clone();
+    classical
+        .kx_groups
+        .retain(|g| g.name() == rustls::NamedGroup::X25519);
+    let cert = mesh.cert("web", "frontend");
+    let config = any_server_config(Arc::new(classical), Some((cert.chain, cert.key)));
+    let fallback = raw_tls_with(server.addr, config).await.unwrap();
+    let conn = fallback.get_ref().1;
+    assert_eq!(
+        tls::negotiated_group(conn),
+        Some(rustls::NamedGroup::X25519)
+    );
+}
+
+#[tokio::test]
+async fn half_close_and_reset_propagate() {
+    let mesh = TestMesh::new();
+    let (server_tls, server) = forward_server(&mesh, ServerConfig::default()).await;
+    let client = mesh.workload("web", "frontend");
+    let pool = pool();
+
+    // A target that reads to EOF, then answers and closes: only works if our
+    // half-close reaches it while its answer can still come back.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let half_close_target = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        s.write_all(format!("got {} bytes", got.len()).as_bytes())
+            .await
+            .unwrap();
+    });
+    let mut s = pool
+        .connect(&request(
+            &client,
+            server_tls.identity(),
+            server.addr,
+            half_close_target,
+        ))
+        .await
+        .unwrap();
+    s.write_all(b"hello").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    assert_eq!(answer, "got 5 bytes");
+
+    // A target that resets: the client sees a reset, not a clean end.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let reset_target = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = [0u8; 1];
+        s.read_exact(&mut buf).await.unwrap();
+        #[allow(deprecated)] // linger 0 never blocks: it is how a test sends a RST
+        s.set_linger(Some(Duration::ZERO)).unwrap();
+        drop(s);
+    });
+    let mut s = pool
+        .connect(&request(
+            &client,
+            server_tls.identity(),
+            server.addr,
+            reset_target,
+        ))
+        .await
+        .unwrap();
+    s.write_all(b"x").await.unwrap();
+    let mut buf = [0u8; 16];
+    let err = s
+        .read(&mut buf)
+        .await
+        .expect_err("reset must surface as an error");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+
+    // A client reset ends the target's connection.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = s.read(&mut buf).await.unwrap();
+        let end = s.read(&mut buf).await;
+        let _ = tx.send((n, end.map_err(|e| e.kind())));
+    });
+    let mut s = pool
+        .connect(&request(
+            &client,
+            server_tls.identity(),
+            server.addr,
+            target,
+        ))
+        .await
+        .unwrap();
+    s.write_all(b"y").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.reset();
+    let (n, end) = tokio::time::timeout(Duration::from_secs(5), rx)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, 1);
+    assert!(
+        matches!(end, Ok(0) | Err(_)),
+        "target connection ended: {end:?}"
+    );
+}
+
+#[tokio::test]
+async fn bundle_with_two_roots_and_an_intermediate() {
+    // Root rotation in progress: the client's leaf is from the old root, the server's
+    // from an intermediate under the new root; both trust both roots.
+    let old = TestMesh::new();
+    let new_root = CertificateAuthority::self_signed("cluster.local").unwrap();
+    let mid = new_root.new_intermediate("cluster.local").unwrap();
+    let bundle = old.bundle.with(new_root.cert_der().clone()).unwrap();
+    assert_eq!(bundle.roots().len(), 2);
+    let server_id = TestMesh::identity("shop", "cart");
+    let server_tls =
+        TlsIdentity::new(&mid.issue(&server_id, LEAF_TTL).unwrap(), bundle.clone()).unwrap();
+    let server = start_server(
+        &server_tls,
+        ServerConfig::default(),
+        Arc::new(Forward::default()),
+        None,
+    )
+    .await;
+    let target = echo_server().await;
+    let client = TlsIdentity::new(&old.cert("web", "frontend"), bundle.clone()).unwrap();
+    let pool = pool();
+    let stream = pool
+        .connect(&request(&client, server_id.clone(), server.addr, target))
+        .await
+        .expect("both roots trusted");
+    echo_check(stream, 1000, 4).await;
+
+    // A client that still trusts only the old root refuses the new chain.
+    let stale = TlsIdentity::new(&old.cert("web", "frontend"), old.bundle.clone()).unwrap();
+    let err = pool
+        .connect(&request(&stale, server_id, server.addr, target))
+        .await
+        .expect_err("new root not trusted yet");
+    assert!(matches!(err, ConnectError::Tls { .. }), "{err}");
+    // Both roots share a subject name, so webpki reports the old root's failed
+    // signature check rather than an unknown issuer.
+    assert!(
+        err.to_string().contains("invalid peer certificate"),
+        "{err}"
+    );
+}
+
+/// Collects formatted log lines.
+#[derive(Clone, Default)]
+struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// Single-threaded, so the test's thread-local subscriber sees the server's tasks.
+#[tokio::test(flavor = "current_thread")]
+async fn refusals_are_logged_with_their_reason() {
+    let logs = LogBuf::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let mesh = TestMesh::new();
+    let (server_tls, server) = forward_server(&mesh, ServerConfig::default()).await;
+    let client = mesh.workload("web", "frontend");
+    let send = raw_h2(&client, server_tls.identity(), server.addr).await;
+    let req = http::Request::builder()
+        .method("CONNECT")
+        .uri("10.244.9.9:8080")
+        .body(())
+        .unwrap();
+    assert_eq!(status_of(&send, req).await, 400);
+    let mut plain = TcpStream::connect(server.addr).await.unwrap();
+    plain.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let _ = plain.read_to_end(&mut Vec::new()).await;
+    wait_for(|| server.metrics.refusals(INBOUND, "not_tls") == 1).await;
+
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let line = |needle: &str| {
+        text.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no log line with {needle:?} in:\n{text}"))
+            .to_owned()
+    };
+    let refused = line("authority_mismatch");
+    assert!(
+        refused.contains("HBONE stream refused")
+            && refused.contains("10.244.9.9:8080")
+            && refused.contains(client.identity().as_str()),
+        "names the peer, the authority and the reason: {refused}"
+    );
+    let not_tls = line("reason=\"not_tls\"");
+    assert!(not_tls.contains("TLS handshake failed"), "{not_tls}");
+}
