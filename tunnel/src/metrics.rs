@@ -101,3 +101,47 @@ impl Metrics {
                 .get()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::encoding::text::encode;
+
+    use super::*;
+
+    #[test]
+    fn series_names_match_the_docs() {
+        let mut registry = Registry::default();
+        let m = Metrics::new(&mut registry);
+        m.connections
+            .get_or_create(&DirectionLabels { direction: INBOUND })
+            .inc();
+        m.connections_open
+            .get_or_create(&DirectionLabels { direction: INBOUND })
+            .inc();
+        m.streams
+            .get_or_create(&DirectionLabels {
+                direction: OUTBOUND,
+            })
+            .inc();
+        m.streams_open
+            .get_or_create(&DirectionLabels {
+                direction: OUTBOUND,
+            })
+            .inc();
+        m.handshake_failed(INBOUND, "not_tls");
+        m.stream_refused(INBOUND, "bad_method");
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        for line in [
+            r#"hbone_connections_total{direction="inbound"} 1"#,
+            r#"hbone_connections_open{direction="inbound"} 1"#,
+            r#"hbone_streams_total{direction="outbound"} 1"#,
+            r#"hbone_streams_open{direction="outbound"} 1"#,
+            r#"hbone_handshake_failures_total{direction="inbound",reason="not_tls"} 1"#,
+            r#"hbone_stream_refusals_total{direction="inbound",reason="bad_method"} 1"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in:\n{text}");
+        }
+        assert_eq!(m.refusals(INBOUND, "not_tls"), 1);
+    }
+}

@@ -248,6 +248,20 @@ pub fn peer_identity(conn: &CommonState) -> Result<Identity, PeerIdentityError> 
     identity_of_leaf(leaf).map_err(|e| PeerIdentityError::Missing(e.to_string()))
 }
 
+/// A readable cause for a failed handshake: the identity mismatch in words when that is
+/// what failed, otherwise what rustls said.
+pub fn describe_handshake_error(e: &std::io::Error) -> String {
+    let Some(tls) = e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
+        return e.to_string();
+    };
+    if let rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) = tls {
+        if let Some(id) = inner.downcast_ref::<PeerIdentityError>() {
+            return id.to_string();
+        }
+    }
+    tls.to_string()
+}
+
 fn identity_error(e: PeerIdentityError) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }

@@ -272,7 +272,11 @@ async fn identities_checked_on_both_sides() {
     let msg = err.to_string();
     assert!(matches!(err, ConnectError::Tls { .. }), "{err:?}");
     assert!(
-        msg.contains(imposter.as_str()) && msg.contains(server_tls.identity().as_str()),
+        msg.ends_with(&format!(
+            "peer is {}, expected {}",
+            server_tls.identity(),
+            imposter
+        )),
         "error names expected and found identities: {msg}"
     );
     assert_eq!(client_metrics.refusals(OUTBOUND, "tls"), 1);
@@ -820,4 +824,78 @@ async fn refusals_are_logged_with_their_reason() {
     );
     let not_tls = line("reason=\"not_tls\"");
     assert!(not_tls.contains("TLS handshake failed"), "{not_tls}");
+}
+
+#[tokio::test]
+async fn idle_connections_close_and_leave_the_pool() {
+    let mesh = TestMesh::new();
+    let (server_tls, server) = forward_server(&mesh, ServerConfig::default()).await;
+    let client = mesh.workload("web", "frontend");
+    let target = echo_server().await;
+    let pool = Pool::new(
+        PoolConfig {
+            idle_timeout: Duration::from_millis(100),
+            ..PoolConfig::default()
+        },
+        Metrics::default(),
+    );
+    let req = request(&client, server_tls.identity(), server.addr, target);
+    let stream = pool.connect(&req).await.unwrap();
+    // Busy connections stay, however long the stream lives.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(pool.connections(), 1);
+    echo_check(stream, 10, 5).await;
+    let open = || {
+        server
+            .metrics
+            .connections_open
+            .get_or_create(&dir(INBOUND))
+            .get()
+    };
+    wait_for(|| pool.connections() == 0 && open() == 0).await;
+    // The next stream simply dials again.
+    echo_check(pool.connect(&req).await.unwrap(), 10, 6).await;
+    assert_eq!(
+        server
+            .metrics
+            .connections
+            .get_or_create(&dir(INBOUND))
+            .get(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn drain_lets_open_streams_finish_then_forces_close() {
+    let mesh = TestMesh::new();
+    let (server_tls, server) = forward_server(&mesh, ServerConfig::default()).await;
+    let client = mesh.workload("web", "frontend");
+    let target = echo_server().await;
+    let pool = pool();
+    let req = request(&client, server_tls.identity(), server.addr, target);
+    let mut open = pool.connect(&req).await.unwrap();
+
+    server.drain.cancel();
+    // The open stream keeps working during the grace period...
+    open.write_all(b"draining").await.unwrap();
+    let mut b = [0u8; 8];
+    open.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"draining");
+    // ...while new streams are turned away (GOAWAY, then the listener is gone).
+    let err = pool.connect(&req).await.expect_err("draining server");
+    assert!(matches!(err, ConnectError::Tcp { .. }), "{err}");
+
+    // After the grace period (200 ms in the test server) the rest is closed.
+    tokio::time::timeout(Duration::from_secs(5), server.task)
+        .await
+        .expect("server finished after its grace period")
+        .unwrap();
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(5), open.read_to_end(&mut rest))
+        .await
+        .expect("the forced close ends the stream");
+    assert!(
+        end.is_err() || rest.is_empty(),
+        "stream was closed: {end:?}"
+    );
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use super::stream::H2Stream;
 use super::{forwarded_value, Refusal};
 use crate::identity::Identity;
 use crate::metrics::{DirectionLabels, Metrics, OUTBOUND};
-use crate::tls::{server_name, TlsIdentity, ALPN_H2};
+use crate::tls::{describe_handshake_error, server_name, TlsIdentity, ALPN_H2};
 
 /// Client limits.
 #[derive(Debug, Clone)]
@@ -29,6 +29,8 @@ pub struct PoolConfig {
     pub connect_timeout: Duration,
     /// The CONNECT answer must arrive within this.
     pub response_timeout: Duration,
+    /// A connection with no streams for this long is closed and leaves the pool.
+    pub idle_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -37,6 +39,7 @@ impl Default for PoolConfig {
             max_streams_per_connection: 1000,
             connect_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -72,7 +75,10 @@ pub enum ConnectError {
         source: io::Error,
     },
     /// The TLS handshake failed (including identity checks).
-    #[error("mTLS handshake with {addr} ({expected}) failed: {source}")]
+    #[error(
+        "mTLS handshake with {addr} ({expected}) failed: {}",
+        describe_handshake_error(source)
+    )]
     Tls {
         /// The HBONE address.
         addr: SocketAddr,
@@ -162,8 +168,12 @@ struct PoolKey {
 
 /// One pooled HTTP/2 connection.
 struct Conn {
+    id: u64,
     send: h2::client::SendRequest<Bytes>,
+    /// Streams open (or being opened) on this connection.
     active: Arc<AtomicUsize>,
+    /// Streams ever reserved; the idle check compares it between ticks.
+    opened: Arc<AtomicU64>,
     closed: Arc<AtomicBool>,
     /// The source credentials' generation when this connection was made; after a
     /// rotation it gets no new streams and closes when its last stream ends.
@@ -177,38 +187,58 @@ impl Conn {
             return false;
         }
         let limit = limit.min(self.send.current_max_send_streams());
-        self.active
+        let reserved = self
+            .active
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < limit).then_some(n + 1)
             })
-            .is_ok()
+            .is_ok();
+        if reserved {
+            self.opened.fetch_add(1, Ordering::Relaxed);
+        }
+        reserved
     }
 }
 
+type DialLock = Arc<tokio::sync::Mutex<()>>;
+
 /// A pool of HBONE connections shared by all streams of a process.
+///
+/// Memory stays bounded by live connections: a connection leaves the pool when it dies
+/// or has been idle for `idle_timeout`, and per-key bookkeeping goes with it.
 pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     config: PoolConfig,
     metrics: Metrics,
     conns: Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>,
     /// One dial at a time per key, so a burst of streams shares one new connection
     /// instead of each opening its own.
-    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    dialing: Mutex<HashMap<PoolKey, DialLock>>,
 }
 
 impl Pool {
     /// An empty pool.
     pub fn new(config: PoolConfig, metrics: Metrics) -> Self {
         Pool {
-            config,
-            metrics,
-            conns: Mutex::new(HashMap::new()),
-            dialing: Mutex::new(HashMap::new()),
+            inner: Arc::new(Inner {
+                config,
+                metrics,
+                conns: Mutex::new(HashMap::new()),
+                dialing: Mutex::new(HashMap::new()),
+            }),
         }
     }
 
     /// Live connections currently in the pool (for tests and the admin dump).
     pub fn connections(&self) -> usize {
-        let conns = self.conns.lock().expect("pool lock is never poisoned");
+        let conns = self
+            .inner
+            .conns
+            .lock()
+            .expect("pool lock is never poisoned");
         conns
             .values()
             .flatten()
@@ -229,8 +259,8 @@ impl Pool {
         // fresh connection covers that without looping on a broken destination.
         let mut retried = false;
         loop {
-            let conn = self.checkout(&key, req).await?;
-            match self.open_stream(&conn, req).await {
+            let conn = self.inner.checkout(&key, req).await?;
+            match self.inner.open_stream(&conn, req).await {
                 Err(ConnectError::H2 { source, .. })
                     if !retried && (source.is_go_away() || source.is_io()) =>
                 {
@@ -241,7 +271,9 @@ impl Pool {
             }
         }
     }
+}
 
+impl Inner {
     fn find(&self, key: &PoolKey, generation: u64) -> Option<Arc<Conn>> {
         let mut conns = self.conns.lock().expect("pool lock is never poisoned");
         let list = conns.get_mut(key)?;
@@ -257,8 +289,19 @@ impl Pool {
         found
     }
 
+    /// Drops a connection from the pool (it died or idled out).
+    fn forget(&self, key: &PoolKey, id: u64) {
+        let mut conns = self.conns.lock().expect("pool lock is never poisoned");
+        if let Some(list) = conns.get_mut(key) {
+            list.retain(|c| c.id != id);
+            if list.is_empty() {
+                conns.remove(key);
+            }
+        }
+    }
+
     async fn checkout(
-        &self,
+        self: &Arc<Self>,
         key: &PoolKey,
         req: &ConnectRequest,
     ) -> Result<Arc<Conn>, ConnectError> {
@@ -274,11 +317,15 @@ impl Pool {
         if let Some(c) = self.find(key, generation) {
             return Ok(c);
         }
-        let result = self.dial(req, generation).await;
+        let result = self.dial(key, req, generation).await;
         {
             let mut dialing = self.dialing.lock().expect("pool lock is never poisoned");
-            // Forget the dial lock once nobody else waits on it, so the map stays bounded.
-            if Arc::strong_count(&lock) <= 2 {
+            // Forget this key's dial lock once nobody else waits on it (the map's copy
+            // and ours are the only ones left), so the map stays bounded.
+            if dialing
+                .get(key)
+                .is_some_and(|l| Arc::ptr_eq(l, &lock) && Arc::strong_count(&lock) <= 2)
+            {
                 dialing.remove(key);
             }
         }
@@ -286,6 +333,7 @@ impl Pool {
         // Reserve before publishing, so the connection that was dialled for this stream
         // cannot be filled by others first.
         conn.active.fetch_add(1, Ordering::AcqRel);
+        conn.opened.fetch_add(1, Ordering::Relaxed);
         self.conns
             .lock()
             .expect("pool lock is never poisoned")
@@ -295,7 +343,12 @@ impl Pool {
         Ok(conn)
     }
 
-    async fn dial(&self, req: &ConnectRequest, generation: u64) -> Result<Conn, ConnectError> {
+    async fn dial(
+        self: &Arc<Self>,
+        key: &PoolKey,
+        req: &ConnectRequest,
+        generation: u64,
+    ) -> Result<Conn, ConnectError> {
         let addr = req.dst_addr;
         let timeout = self.config.connect_timeout;
         let timed_out = |what| ConnectError::Timeout {
@@ -356,32 +409,67 @@ impl Pool {
         .await
         .map_err(|_| timed_out("HTTP/2 handshake"))?
         .map_err(|source| ConnectError::H2 { addr, source })?;
-        let closed = Arc::new(AtomicBool::new(false));
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+        let pooled = Conn {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            send,
+            active: Arc::new(AtomicUsize::new(0)),
+            opened: Arc::new(AtomicU64::new(0)),
+            closed: Arc::new(AtomicBool::new(false)),
+            generation,
+        };
         let dir = DirectionLabels {
             direction: OUTBOUND,
         };
         self.metrics.connections.get_or_create(&dir).inc();
         let open = self.metrics.connections_open.get_or_create(&dir).clone();
         open.inc();
-        let done = closed.clone();
+        let (id, active, opened, closed) = (
+            pooled.id,
+            pooled.active.clone(),
+            pooled.opened.clone(),
+            pooled.closed.clone(),
+        );
+        let (pool, key, idle) = (Arc::downgrade(self), key.clone(), self.config.idle_timeout);
         let span = tracing::debug_span!("hbone_out", dst = %req.dst, %addr);
         tokio::spawn(
             async move {
-                if let Err(e) = conn.await {
-                    debug!("HBONE connection ended: {e}");
+                tokio::pin!(conn);
+                let mut last_opened = u64::MAX;
+                loop {
+                    tokio::select! {
+                        ended = &mut conn => {
+                            if let Err(e) = ended {
+                                debug!("HBONE connection ended: {e}");
+                            }
+                            break;
+                        }
+                        _ = tokio::time::sleep(idle), if !closed.load(Ordering::Acquire) => {
+                            // Idle for a whole period: no stream open now and none
+                            // opened since the last tick. Leaving the pool drops our
+                            // request handle, so h2 closes the connection cleanly.
+                            let now = opened.load(Ordering::Relaxed);
+                            if active.load(Ordering::Acquire) == 0 && now == last_opened {
+                                debug!("HBONE connection idle; closing");
+                                closed.store(true, Ordering::Release);
+                                if let Some(pool) = pool.upgrade() {
+                                    pool.forget(&key, id);
+                                }
+                            }
+                            last_opened = now;
+                        }
+                    }
                 }
-                done.store(true, Ordering::Release);
+                closed.store(true, Ordering::Release);
                 open.dec();
+                if let Some(pool) = pool.upgrade() {
+                    pool.forget(&key, id);
+                }
             }
             .instrument(span),
         );
         debug!(src = %req.src.identity(), dst = %req.dst, %addr, "HBONE connection established");
-        Ok(Conn {
-            send,
-            active: Arc::new(AtomicUsize::new(0)),
-            closed,
-            generation,
-        })
+        Ok(pooled)
     }
 
     /// Sends the CONNECT on a reserved slot of `conn` and waits for the answer.
