@@ -216,6 +216,7 @@ async fn run() {
     let request = ConnectRequest {
         src: client.clone(),
         src_addr: None,
+        socket: None,
         dst: server.identity(),
         dst_addr: hbone.addr,
         // The bench handler serves the stream itself; the target only has to be

@@ -27,6 +27,7 @@ fn request(
     ConnectRequest {
         src: src.clone(),
         src_addr: None,
+        socket: None,
         dst,
         dst_addr: hbone,
         target,

@@ -44,6 +44,16 @@ impl Default for PoolConfig {
     }
 }
 
+/// Makes the socket an HBONE connection is dialled from. The node-proxy creates it inside
+/// the source pod's network namespace, marked so the pod's redirect rules let it pass.
+pub trait SocketFactory: Send + Sync {
+    /// A fresh, unconnected socket for a connection to `dst`.
+    fn socket(&self, dst: SocketAddr) -> BoxFuture<'_, io::Result<TcpSocket>>;
+}
+
+/// A boxed future, as trait objects need.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 /// One stream to open: who we are, whom we reach, and the original destination.
 #[derive(Clone)]
 pub struct ConnectRequest {
@@ -51,6 +61,8 @@ pub struct ConnectRequest {
     pub src: Arc<TlsIdentity>,
     /// The source pod's IP to bind the connection to, if any.
     pub src_addr: Option<IpAddr>,
+    /// Where to make the socket; a plain host socket when `None`.
+    pub socket: Option<Arc<dyn SocketFactory>>,
     /// The identity the destination must prove.
     pub dst: Identity,
     /// Where the destination's HBONE listener is (`pod-ip:15008`).
@@ -357,10 +369,10 @@ impl Inner {
             after: timeout,
         };
         let deadline = tokio::time::Instant::now() + timeout;
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
+        let socket = match &req.socket {
+            Some(factory) => factory.socket(addr).await,
+            None if addr.is_ipv4() => TcpSocket::new_v4(),
+            None => TcpSocket::new_v6(),
         }
         .map_err(|source| ConnectError::Tcp { addr, source })?;
         if let Some(ip) = req.src_addr {

@@ -16,7 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderMap, Method, StatusCode, Uri};
 
-pub use client::{ConnectError, ConnectRequest, Pool, PoolConfig};
+pub use client::{BoxFuture, ConnectError, ConnectRequest, Pool, PoolConfig, SocketFactory};
 pub use server::{Forward, Handler, InboundRequest, Server, ServerConfig};
 pub use stream::H2Stream;
 

@@ -1,0 +1,103 @@
+//! `weftctl debug`: tools for poking at a mesh by hand (and for the end-to-end tests).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tunnel::hbone::{BoxFuture, ConnectRequest, Pool, PoolConfig, SocketFactory};
+use tunnel::identity::{CertificateAuthority, Identity, TrustBundle, LEAF_TTL};
+use tunnel::metrics::Metrics;
+use tunnel::tls::TlsIdentity;
+
+/// Options of `weftctl debug hbone`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HboneArgs {
+    /// CA certificate (PEM) to mint the client leaf from and to trust.
+    #[arg(long)]
+    pub ca_cert: PathBuf,
+    /// CA key (PEM).
+    #[arg(long)]
+    pub ca_key: PathBuf,
+    /// The identity to present.
+    #[arg(long)]
+    pub identity: Identity,
+    /// The identity the server must prove.
+    #[arg(long)]
+    pub peer: Identity,
+    /// The HBONE address (ip:15008).
+    #[arg(long)]
+    pub to: SocketAddr,
+    /// The CONNECT target (ip:port).
+    #[arg(long)]
+    pub target: SocketAddr,
+    /// Socket mark for the connection (0x539 passes a pod's capture rules).
+    #[arg(long, value_parser = parse_mark)]
+    pub mark: Option<u32>,
+}
+
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let (digits, radix) = match s.strip_prefix("0x") {
+        Some(hex) => (hex, 16),
+        None => (s, 10),
+    };
+    u32::from_str_radix(digits, radix).map_err(|e| format!("mark {s:?}: {e}"))
+}
+
+struct Marked(u32);
+
+impl SocketFactory for Marked {
+    fn socket(&self, dst: SocketAddr) -> BoxFuture<'_, std::io::Result<tokio::net::TcpSocket>> {
+        let mark = self.0;
+        Box::pin(async move {
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(dst),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            s.set_mark(mark)?;
+            s.set_nonblocking(true)?;
+            Ok(tokio::net::TcpSocket::from_std_stream(s.into()))
+        })
+    }
+}
+
+/// Opens one HBONE stream presenting `identity`, sends an HTTP/1.0 GET through it and
+/// prints the first line of the answer. Errors (a refusal included) are returned.
+pub async fn hbone(args: HboneArgs) -> anyhow::Result<String> {
+    let read = |p: &PathBuf| {
+        std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+    };
+    let ca_pem = read(&args.ca_cert)?;
+    let ca = CertificateAuthority::from_pem(&ca_pem, &read(&args.ca_key)?)?;
+    let cert = ca.issue(&args.identity, LEAF_TTL)?;
+    let tls = TlsIdentity::new(&cert, TrustBundle::from_pem(&ca_pem)?)?;
+    let pool = Pool::new(PoolConfig::default(), Metrics::default());
+    let request = ConnectRequest {
+        src: tls,
+        src_addr: None,
+        socket: args
+            .mark
+            .map(|m| Arc::new(Marked(m)) as Arc<dyn SocketFactory>),
+        dst: args.peer.clone(),
+        dst_addr: args.to,
+        target: args.target,
+        forwarded_for: None,
+        traceparent: None,
+    };
+    let mut stream = pool.connect(&request).await?;
+    stream
+        .write_all(format!("GET / HTTP/1.0\r\nHost: {}\r\n\r\n", args.target).as_bytes())
+        .await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .context("no answer within 5 s")??;
+    Ok(String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned())
+}

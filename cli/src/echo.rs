@@ -1,0 +1,397 @@
+//! `weftctl echo`: the sandbox's demo application.
+//!
+//! An HTTP/1.1 server that answers every request with who served it (pod, namespace,
+//! version) and what it saw (peer address, method, path, headers), after an injected
+//! latency and with an injected, deterministic failure rate. Tests and benchmarks read its
+//! JSON bodies and grep its one-line-per-request stdout log.
+//!
+//! ```text
+//! accept (bounded) -> http1 connection (keep-alive) -> handle: sleep latency -> 200 | 503
+//!                                     ^ shutdown: graceful_shutdown, in-flight requests finish
+//! ```
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// Most connections served at once; further clients wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 4096;
+
+/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// What the echo server reports about itself and which faults it injects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EchoConfig {
+    /// Pod name reported in bodies and logs.
+    pub pod: String,
+    /// Namespace reported in bodies.
+    pub namespace: String,
+    /// Application version reported in bodies, for traffic-split demos.
+    pub version: String,
+    /// Delay before answering each request (not `/healthz`).
+    pub latency: Duration,
+    /// Fraction of requests, 0.0 to 1.0, answered with 503; spread evenly and
+    /// deterministically over the request sequence.
+    pub failure_rate: f64,
+}
+
+/// Shared by all connections of one server.
+struct Echo {
+    config: EchoConfig,
+    /// Requests counted so far (not `/healthz`), which decides the ones that fail.
+    requests: AtomicU64,
+}
+
+/// Serves echo requests on `listener` until `shutdown` is cancelled.
+///
+/// On shutdown it stops accepting, lets every in-flight request finish, closes idle
+/// keep-alive connections and returns. To bound that drain, wrap the call in
+/// [`tokio::time::timeout`]: dropping the future aborts the remaining connections.
+pub async fn serve(
+    listener: TcpListener,
+    config: EchoConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let echo = Arc::new(Echo {
+        config,
+        requests: AtomicU64::new(0),
+    });
+    serve_shared(listener, echo, shutdown).await
+}
+
+async fn serve_shared(
+    listener: TcpListener,
+    echo: Arc<Echo>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut connections = JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => break,
+            permit = limit.clone().acquire_owned() => permit?,
+        };
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "echo: accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let echo = echo.clone();
+        let shutdown = shutdown.clone();
+        let span = tracing::debug_span!("echo_connection", client = %peer);
+        connections.spawn(
+            async move {
+                let _permit = permit;
+                let service = service_fn(move |req| handle(echo.clone(), peer, req));
+                let conn = http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), service);
+                let mut conn = std::pin::pin!(conn);
+                let result = tokio::select! {
+                    result = conn.as_mut() => result,
+                    () = shutdown.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(error) = result {
+                    tracing::debug!(%error, "echo: connection ended with an error");
+                }
+            }
+            .instrument(span),
+        );
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn handle(
+    echo: Arc<Echo>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let config = &echo.config;
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
+    let (status, content_type, body) = if path == "/healthz" {
+        (StatusCode::OK, "text/plain", Bytes::from_static(b"ok"))
+    } else {
+        let n = echo.requests.fetch_add(1, Ordering::Relaxed);
+        let headers = headers_json(req.headers());
+        // Read the body to its end so the connection can be kept alive.
+        let mut body = req.into_body();
+        while let Some(Ok(_)) = body.frame().await {}
+        tokio::time::sleep(config.latency).await;
+        let status = if fails(n, config.failure_rate) {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::OK
+        };
+        let body = serde_json::json!({
+            "pod": config.pod,
+            "namespace": config.namespace,
+            "version": config.version,
+            "client": peer.to_string(),
+            "method": method,
+            "path": path,
+            "headers": headers,
+        });
+        (status, "application/json", Bytes::from(body.to_string()))
+    };
+    log_request(&config.pod, peer, &method, &path, status);
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    Ok(response)
+}
+
+/// Whether request `n` (from 0) fails: exactly floor(count * rate) of the first `count`
+/// requests fail, evenly spaced, so a rate of 0.5 fails every second request.
+fn fails(n: u64, rate: f64) -> bool {
+    let rate = rate.clamp(0.0, 1.0);
+    ((n + 1) as f64 * rate).floor() > (n as f64 * rate).floor()
+}
+
+/// Headers as a JSON object; repeated headers are joined with ", " as HTTP allows.
+fn headers_json(headers: &HeaderMap) -> BTreeMap<String, String> {
+    let mut map = BTreeMap::<String, String>::new();
+    for (name, value) in headers {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        map.entry(name.as_str().to_owned())
+            .and_modify(|joined| {
+                joined.push_str(", ");
+                joined.push_str(&value);
+            })
+            .or_insert_with(|| value.into_owned());
+    }
+    map
+}
+
+/// One stable line per request for tests to grep. Write errors are ignored: a closed
+/// stdout must not take the server down.
+fn log_request(pod: &str, peer: SocketAddr, method: &str, path: &str, status: StatusCode) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "echo pod={pod} client={peer} method={method} path={path} status={}",
+        status.as_u16()
+    );
+    let _ = out.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use http_body_util::Empty;
+    use hyper::client::conn::http1::SendRequest;
+    use tokio::net::TcpStream;
+    use tokio::task::JoinHandle;
+
+    use super::*;
+
+    fn config(latency: Duration, failure_rate: f64) -> EchoConfig {
+        EchoConfig {
+            pod: "echo-0".into(),
+            namespace: "shop".into(),
+            version: "v2".into(),
+            latency,
+            failure_rate,
+        }
+    }
+
+    struct Server {
+        addr: SocketAddr,
+        echo: Arc<Echo>,
+        shutdown: CancellationToken,
+        task: JoinHandle<anyhow::Result<()>>,
+    }
+
+    async fn start(config: EchoConfig) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let echo = Arc::new(Echo {
+            config,
+            requests: AtomicU64::new(0),
+        });
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve_shared(listener, echo.clone(), shutdown.clone()));
+        Server {
+            addr,
+            echo,
+            shutdown,
+            task,
+        }
+    }
+
+    /// A keep-alive client connection and its local address.
+    async fn connect(addr: SocketAddr) -> (SendRequest<Empty<Bytes>>, SocketAddr) {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let local = stream.local_addr().unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        (sender, local)
+    }
+
+    async fn send(
+        sender: &mut SendRequest<Empty<Bytes>>,
+        req: Request<Empty<Bytes>>,
+    ) -> (StatusCode, String, String) {
+        sender.ready().await.unwrap();
+        let response = sender.send_request(req).await.unwrap();
+        let status = response.status();
+        let content_type = response.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            content_type,
+            String::from_utf8(body.to_vec()).unwrap(),
+        )
+    }
+
+    fn get(path: &str) -> Request<Empty<Bytes>> {
+        Request::get(path)
+            .header(header::HOST, "echo.shop")
+            .body(Empty::new())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn body_reports_identity_request_and_real_peer() {
+        let server = start(config(Duration::ZERO, 0.0)).await;
+        let (mut sender, local) = connect(server.addr).await;
+        let req = Request::post("/cart/items?id=7")
+            .header(header::HOST, "echo.shop")
+            .header("x-weft-test", "a")
+            .header("x-weft-test", "b")
+            .body(Empty::new())
+            .unwrap();
+        let (status, content_type, body) = send(&mut sender, req).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(content_type, "application/json");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "pod": "echo-0",
+                "namespace": "shop",
+                "version": "v2",
+                "client": local.to_string(),
+                "method": "POST",
+                "path": "/cart/items",
+                "headers": {"host": "echo.shop", "x-weft-test": "a, b"},
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn latency_is_honoured() {
+        let latency = Duration::from_millis(200);
+        let server = start(config(latency, 0.0)).await;
+        let (mut sender, _) = connect(server.addr).await;
+        let started = Instant::now();
+        let (status, _, _) = send(&mut sender, get("/")).await;
+        // A lower bound only: the sleep can never end early, however loaded the machine.
+        assert!(started.elapsed() >= latency);
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn half_failure_rate_fails_every_second_request_on_one_connection() {
+        let server = start(config(Duration::ZERO, 0.5)).await;
+        let (mut sender, _) = connect(server.addr).await;
+        let mut statuses = Vec::new();
+        for _ in 0..6 {
+            let (status, content_type, body) = send(&mut sender, get("/")).await;
+            assert_eq!(content_type, "application/json");
+            assert!(body.contains(r#""pod":"echo-0""#), "{body}");
+            statuses.push(status.as_u16());
+        }
+        assert_eq!(statuses, [200, 503, 200, 503, 200, 503]);
+    }
+
+    #[test]
+    fn failure_rate_is_exact_over_any_prefix() {
+        for rate in [0.0, 0.1, 0.25, 1.0 / 3.0, 0.5, 0.9, 1.0] {
+            let failed = (0..1000).filter(|&n| fails(n, rate)).count();
+            assert_eq!(failed, (1000.0 * rate).floor() as usize, "rate {rate}");
+        }
+        assert!(!fails(0, f64::NAN));
+        assert!(fails(0, 7.0));
+    }
+
+    #[tokio::test]
+    async fn healthz_answers_ok_without_latency_or_failures() {
+        let server = start(config(Duration::from_secs(3600), 1.0)).await;
+        let (mut sender, _) = connect(server.addr).await;
+        for _ in 0..2 {
+            let (status, content_type, body) = send(&mut sender, get("/healthz")).await;
+            assert_eq!(
+                (status, content_type.as_str(), body.as_str()),
+                (StatusCode::OK, "text/plain", "ok")
+            );
+        }
+        assert_eq!(server.echo.requests.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn shutdown_finishes_in_flight_requests_and_closes_idle_connections() {
+        let server = start(config(Duration::from_millis(300), 0.0)).await;
+        let (mut idle, _) = connect(server.addr).await;
+        let (status, _, _) = send(&mut idle, get("/healthz")).await;
+        assert_eq!(status, StatusCode::OK);
+
+        let (mut busy, _) = connect(server.addr).await;
+        let in_flight = tokio::spawn(async move { send(&mut busy, get("/slow")).await });
+        while server.echo.requests.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        server.shutdown.cancel();
+
+        let (status, _, body) = in_flight.await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains(r#""path":"/slow""#), "{body}");
+        server.task.await.unwrap().unwrap();
+        // The server closed the idle connection, so a late request on it must fail.
+        let late = async {
+            idle.ready().await?;
+            idle.send_request(get("/")).await
+        };
+        late.await.unwrap_err();
+        TcpStream::connect(server.addr).await.unwrap_err();
+    }
+}

@@ -1,0 +1,1005 @@
+//! Reads the Kubernetes manifests the sandbox runs into a plain [`Cluster`] model.
+//!
+//! ```text
+//! DIR/*.yaml|*.yml (sorted) -> YAML documents -> kind dispatch -> k8s-openapi types
+//!     -> validation (nodeName, command, ports, names, namespaces) -> Cluster
+//! ```
+//!
+//! The sandbox has no scheduler, images or controllers, so it understands only Namespace,
+//! Pod, Deployment and Service, needs `spec.nodeName` to place each pod on a simulated node
+//! and runs each pod's first container `command` as a process.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec as K8sPodSpec, Service};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::Resource;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_yaml::Value;
+
+/// Namespace of objects that name none, created implicitly when used.
+const DEFAULT_NAMESPACE: &str = "default";
+
+/// Everything the sandbox runs, in file and document order.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Cluster {
+    /// Declared namespaces, plus an implicit `default` (first) when objects use it.
+    pub namespaces: Vec<NamespaceSpec>,
+    /// Pods, with each Deployment expanded into its replicas.
+    pub pods: Vec<PodSpec>,
+    /// Services.
+    pub services: Vec<ServiceSpec>,
+}
+
+/// A namespace and the labels that decide, e.g., whether the mesh captures it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamespaceSpec {
+    /// Namespace name.
+    pub name: String,
+    /// `metadata.labels`.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One pod: a process in its own network namespace on a simulated node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodSpec {
+    /// Pod name; `<deployment>-<i>` for the replicas of a Deployment.
+    pub name: String,
+    /// Namespace name.
+    pub namespace: String,
+    /// `spec.nodeName`: the simulated node that runs the pod.
+    pub node: String,
+    /// `spec.serviceAccountName`, `default` when not given.
+    pub service_account: String,
+    /// Pod labels (a Deployment's template labels).
+    pub labels: BTreeMap<String, String>,
+    /// First container's `command` followed by its `args`; never empty.
+    pub command: Vec<String>,
+    /// First container's environment variables with plain values (`valueFrom` is skipped).
+    pub env: Vec<(String, String)>,
+    /// First container's first `containerPort`.
+    pub container_port: Option<u16>,
+}
+
+/// A service: a virtual address in front of the pods its selector matches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceSpec {
+    /// Service name.
+    pub name: String,
+    /// Namespace name.
+    pub namespace: String,
+    /// `spec.selector`.
+    pub selector: BTreeMap<String, String>,
+    /// `spec.ports`, at least one.
+    pub ports: Vec<ServicePortSpec>,
+    /// `spec.clusterIP` when given as an address (not `None`).
+    pub cluster_ip: Option<IpAddr>,
+}
+
+/// One service port.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServicePortSpec {
+    /// Port name, needed when a service has several ports.
+    pub name: Option<String>,
+    /// Port clients connect to.
+    pub port: u16,
+    /// Pod port traffic goes to; `port` when not given.
+    pub target_port: u16,
+}
+
+/// Why a manifest directory cannot run in the sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The directory cannot be listed.
+    #[error(
+        "cannot list manifest directory {dir}: {source} — pass an existing, readable directory"
+    )]
+    ReadDir {
+        /// The directory.
+        dir: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A manifest file cannot be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A file is not valid YAML; the source names line and column.
+    #[error("{file}: invalid YAML: {source}")]
+    Syntax {
+        /// The file.
+        file: PathBuf,
+        /// The parser error, with its location.
+        source: serde_yaml::Error,
+    },
+    /// A document is not a Kubernetes object.
+    #[error(
+        "{file}: document {document} has no kind — every YAML document must be a Kubernetes \
+         object with apiVersion and kind (Namespace, Pod, Deployment or Service)"
+    )]
+    MissingKind {
+        /// The file.
+        file: PathBuf,
+        /// Position of the document in the file, from 1.
+        document: usize,
+    },
+    /// A document's kind is one the sandbox does not run.
+    #[error(
+        "{file}: {object}: kind {kind} is not supported — the sandbox only understands \
+         Namespace, Pod, Deployment and Service; move other objects out of the directory"
+    )]
+    UnsupportedKind {
+        /// The file.
+        file: PathBuf,
+        /// The object, as `Kind namespace/name`.
+        object: String,
+        /// The unsupported kind.
+        kind: String,
+    },
+    /// An object does not match its Kubernetes schema.
+    #[error("{file}: {object}: {source} — fix it to match the Kubernetes schema of its kind")]
+    Schema {
+        /// The file.
+        file: PathBuf,
+        /// The object, as `Kind namespace/name`.
+        object: String,
+        /// The decoding error.
+        source: serde_yaml::Error,
+    },
+    /// A field is missing or holds a value the sandbox cannot run.
+    #[error("{file}: {object}: {field} {problem}")]
+    Invalid {
+        /// The file.
+        file: PathBuf,
+        /// The object, as `Kind namespace/name` (or `Namespace name`).
+        object: String,
+        /// The field path, e.g. `spec.template.spec.nodeName`.
+        field: String,
+        /// What is wrong and what to do about it.
+        problem: String,
+    },
+}
+
+/// Loads every `*.yaml` and `*.yml` file directly in `dir`, in name order.
+pub fn load_dir(dir: &Path) -> Result<Cluster, ManifestError> {
+    let list_error = |source| ManifestError::ReadDir {
+        dir: dir.to_owned(),
+        source,
+    };
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).map_err(list_error)? {
+        let path = entry.map_err(list_error)?.path();
+        let is_yaml = matches!(
+            path.extension().and_then(|ext| ext.to_str()),
+            Some("yaml" | "yml")
+        );
+        if is_yaml && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+
+    let mut loader = Loader::default();
+    for file in &files {
+        let text = fs::read_to_string(file).map_err(|source| ManifestError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        loader.load_file(file, &text)?;
+    }
+    loader.finish()
+}
+
+/// The object a document defines, for error messages.
+struct Object<'a> {
+    file: &'a Path,
+    /// `Kind namespace/name`, or `Namespace name`.
+    label: String,
+}
+
+impl Object<'_> {
+    fn invalid(&self, field: impl Into<String>, problem: impl Into<String>) -> ManifestError {
+        ManifestError::Invalid {
+            file: self.file.to_owned(),
+            object: self.label.clone(),
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+
+    /// Decodes the document from the original text, so errors carry field path and location.
+    fn decode<T: Resource + DeserializeOwned>(
+        &self,
+        value: &Value,
+        document: serde_yaml::Deserializer<'_>,
+    ) -> Result<T, ManifestError> {
+        // Checked here because the decoder reports a wrong apiVersion without naming the field.
+        let api_version = value.get("apiVersion").and_then(Value::as_str);
+        if api_version != Some(T::API_VERSION) {
+            let found = api_version.map_or("missing".to_owned(), |found| format!("{found:?}"));
+            return Err(self.invalid(
+                "apiVersion",
+                format!(
+                    "is {found} — a {} needs apiVersion: {}",
+                    T::KIND,
+                    T::API_VERSION
+                ),
+            ));
+        }
+        T::deserialize(document).map_err(|source| ManifestError::Schema {
+            file: self.file.to_owned(),
+            object: self.label.clone(),
+            source,
+        })
+    }
+}
+
+/// The kinds the sandbox runs.
+enum Kind {
+    Namespace,
+    Pod,
+    Deployment,
+    Service,
+}
+
+/// Where a name was first defined: file and object.
+type Definition = (PathBuf, String);
+
+#[derive(Default)]
+struct Loader {
+    cluster: Cluster,
+    /// First definition of each (kind, namespace, name), to report duplicates.
+    defined: HashMap<(&'static str, String, String), Definition>,
+    /// Objects and the namespace they use, checked once every file is read.
+    uses: Vec<(Definition, String)>,
+}
+
+impl Loader {
+    fn load_file(&mut self, file: &Path, text: &str) -> Result<(), ManifestError> {
+        // Each document is parsed twice: to a `Value` to read its kind and name, then into
+        // its Kubernetes type from the text, so schema errors point into the file.
+        let values = serde_yaml::Deserializer::from_str(text);
+        let documents = serde_yaml::Deserializer::from_str(text);
+        for (index, (value, document)) in values.zip(documents).enumerate() {
+            let value = Value::deserialize(value).map_err(|source| ManifestError::Syntax {
+                file: file.to_owned(),
+                source,
+            })?;
+            if !value.is_null() {
+                self.load_document(file, index + 1, &value, document)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn load_document(
+        &mut self,
+        file: &Path,
+        number: usize,
+        value: &Value,
+        document: serde_yaml::Deserializer<'_>,
+    ) -> Result<(), ManifestError> {
+        let Some(kind) = value.get("kind").and_then(Value::as_str).map(str::to_owned) else {
+            return Err(ManifestError::MissingKind {
+                file: file.to_owned(),
+                document: number,
+            });
+        };
+        let metadata = |key| {
+            value
+                .get("metadata")
+                .and_then(|metadata| metadata.get(key))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        let namespace = metadata("namespace").unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+        let name = metadata("name").filter(|name| !name.is_empty());
+        let shown = name
+            .clone()
+            .unwrap_or_else(|| format!("<document {number}>"));
+        let label = match kind.as_str() {
+            "Namespace" => format!("Namespace {shown}"),
+            _ => format!("{kind} {namespace}/{shown}"),
+        };
+        let object = Object { file, label };
+        let kind = match kind.as_str() {
+            "Namespace" => Kind::Namespace,
+            "Pod" => Kind::Pod,
+            "Deployment" => Kind::Deployment,
+            "Service" => Kind::Service,
+            _ => {
+                return Err(ManifestError::UnsupportedKind {
+                    file: file.to_owned(),
+                    object: object.label,
+                    kind,
+                })
+            }
+        };
+        let Some(name) = name else {
+            return Err(object.invalid("metadata.name", "is missing — give every object a name"));
+        };
+
+        match kind {
+            Kind::Namespace => {
+                let ns: Namespace = object.decode(value, document)?;
+                self.define(&object, "Namespace", "", &name)?;
+                self.cluster.namespaces.push(NamespaceSpec {
+                    name,
+                    labels: ns.metadata.labels.unwrap_or_default(),
+                });
+            }
+            Kind::Pod => {
+                let pod: Pod = object.decode(value, document)?;
+                let spec = pod
+                    .spec
+                    .ok_or_else(|| object.invalid("spec", "is missing — a pod needs containers"))?;
+                let template = pod_template(&object, "spec", spec)?;
+                self.define(&object, "Pod", &namespace, &name)?;
+                self.use_namespace(&object, &namespace);
+                let labels = pod.metadata.labels.unwrap_or_default();
+                self.cluster
+                    .pods
+                    .push(template.into_pod(name, namespace, labels));
+            }
+            Kind::Deployment => {
+                let deployment: Deployment = object.decode(value, document)?;
+                let spec = deployment.spec.ok_or_else(|| {
+                    object.invalid("spec", "is missing — a deployment needs a pod template")
+                })?;
+                let replicas = spec.replicas.unwrap_or(1);
+                let replicas = u32::try_from(replicas).map_err(|_| {
+                    object.invalid("spec.replicas", format!("is {replicas} — use 0 or more"))
+                })?;
+                let pod_spec = spec.template.spec.ok_or_else(|| {
+                    object.invalid(
+                        "spec.template.spec",
+                        "is missing — a deployment needs a pod template with containers",
+                    )
+                })?;
+                let template = pod_template(&object, "spec.template.spec", pod_spec)?;
+                let labels = spec
+                    .template
+                    .metadata
+                    .and_then(|metadata| metadata.labels)
+                    .unwrap_or_default();
+                self.define(&object, "Deployment", &namespace, &name)?;
+                self.use_namespace(&object, &namespace);
+                for i in 0..replicas {
+                    let pod_name = format!("{name}-{i}");
+                    self.define(&object, "Pod", &namespace, &pod_name)?;
+                    let pod =
+                        template
+                            .clone()
+                            .into_pod(pod_name, namespace.clone(), labels.clone());
+                    self.cluster.pods.push(pod);
+                }
+            }
+            Kind::Service => {
+                let service: Service = object.decode(value, document)?;
+                let spec = service.spec.unwrap_or_default();
+                let ports = service_ports(&object, spec.ports.unwrap_or_default())?;
+                let cluster_ip = match spec.cluster_ip.as_deref() {
+                    None | Some("" | "None") => None,
+                    Some(ip) => Some(ip.parse().map_err(|_| {
+                        object.invalid(
+                            "spec.clusterIP",
+                            format!(
+                                "{ip:?} is not an IP address — give one like 10.96.0.10, or \
+                                 leave it out"
+                            ),
+                        )
+                    })?),
+                };
+                self.define(&object, "Service", &namespace, &name)?;
+                self.use_namespace(&object, &namespace);
+                self.cluster.services.push(ServiceSpec {
+                    name,
+                    namespace,
+                    selector: spec.selector.unwrap_or_default(),
+                    ports,
+                    cluster_ip,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Records that `object` defines `kind` `namespace/name`, failing if something already did.
+    fn define(
+        &mut self,
+        object: &Object<'_>,
+        kind: &'static str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<(), ManifestError> {
+        let key = (kind, namespace.to_owned(), name.to_owned());
+        if let Some((first_file, first_object)) = self.defined.get(&key) {
+            return Err(object.invalid(
+                "metadata.name",
+                format!(
+                    "gives {kind} name {name:?}, already defined by {first_object} in {} — \
+                     names must be unique per kind and namespace; rename one of them",
+                    first_file.display()
+                ),
+            ));
+        }
+        let definition = (object.file.to_owned(), object.label.clone());
+        self.defined.insert(key, definition);
+        Ok(())
+    }
+
+    fn use_namespace(&mut self, object: &Object<'_>, namespace: &str) {
+        let definition = (object.file.to_owned(), object.label.clone());
+        self.uses.push((definition, namespace.to_owned()));
+    }
+
+    fn finish(mut self) -> Result<Cluster, ManifestError> {
+        for ((file, label), namespace) in &self.uses {
+            if self
+                .cluster
+                .namespaces
+                .iter()
+                .any(|ns| &ns.name == namespace)
+            {
+                continue;
+            }
+            if namespace == DEFAULT_NAMESPACE {
+                let default = NamespaceSpec {
+                    name: DEFAULT_NAMESPACE.to_owned(),
+                    labels: BTreeMap::new(),
+                };
+                self.cluster.namespaces.insert(0, default);
+                continue;
+            }
+            let object = Object {
+                file,
+                label: label.clone(),
+            };
+            return Err(object.invalid(
+                "metadata.namespace",
+                format!(
+                    "{namespace:?} has no Namespace document — add one (apiVersion: v1, \
+                     kind: Namespace, metadata.name: {namespace}) to the directory"
+                ),
+            ));
+        }
+        Ok(self.cluster)
+    }
+}
+
+/// The parts of a pod shared by all replicas of a Deployment.
+#[derive(Clone)]
+struct PodTemplate {
+    node: String,
+    service_account: String,
+    command: Vec<String>,
+    env: Vec<(String, String)>,
+    container_port: Option<u16>,
+}
+
+impl PodTemplate {
+    fn into_pod(
+        self,
+        name: String,
+        namespace: String,
+        labels: BTreeMap<String, String>,
+    ) -> PodSpec {
+        PodSpec {
+            name,
+            namespace,
+            node: self.node,
+            service_account: self.service_account,
+            labels,
+            command: self.command,
+            env: self.env,
+            container_port: self.container_port,
+        }
+    }
+}
+
+/// Checks a pod spec found at `field` (`spec` or `spec.template.spec`) of `object`.
+fn pod_template(
+    object: &Object<'_>,
+    field: &str,
+    spec: K8sPodSpec,
+) -> Result<PodTemplate, ManifestError> {
+    let node = spec
+        .node_name
+        .filter(|node| !node.is_empty())
+        .ok_or_else(|| {
+            object.invalid(
+                format!("{field}.nodeName"),
+                "is missing — the sandbox needs to know which simulated node runs each pod \
+             (e.g. node-1)",
+            )
+        })?;
+    let Some(container) = spec.containers.into_iter().next() else {
+        return Err(object.invalid(
+            format!("{field}.containers"),
+            "is empty — the sandbox runs the first container's command as a process; add a \
+             container with e.g. command: [weftctl, echo]",
+        ));
+    };
+    let command: Vec<String> = container
+        .command
+        .into_iter()
+        .flatten()
+        .chain(container.args.into_iter().flatten())
+        .collect();
+    if command.is_empty() {
+        return Err(object.invalid(
+            format!("{field}.containers[0].command"),
+            "is missing — the sandbox runs it as a process instead of an image, e.g. \
+             command: [weftctl, echo]",
+        ));
+    }
+    let mut ports = Vec::new();
+    for (i, port) in container.ports.into_iter().flatten().enumerate() {
+        let number = port_number(port.container_port).ok_or_else(|| {
+            object.invalid(
+                format!("{field}.containers[0].ports[{i}].containerPort"),
+                format!("is {} — use a port from 1 to 65535", port.container_port),
+            )
+        })?;
+        ports.push(number);
+    }
+    let env = container
+        .env
+        .into_iter()
+        .flatten()
+        .filter(|var| var.value_from.is_none())
+        .map(|var| (var.name, var.value.unwrap_or_default()))
+        .collect();
+    Ok(PodTemplate {
+        node,
+        service_account: spec
+            .service_account_name
+            .or(spec.service_account)
+            .unwrap_or_else(|| "default".to_owned()),
+        command,
+        env,
+        container_port: ports.first().copied(),
+    })
+}
+
+fn service_ports(
+    object: &Object<'_>,
+    ports: Vec<k8s_openapi::api::core::v1::ServicePort>,
+) -> Result<Vec<ServicePortSpec>, ManifestError> {
+    if ports.is_empty() {
+        return Err(object.invalid(
+            "spec.ports",
+            "is missing — give the service at least one port, e.g. [{port: 80, targetPort: 8080}]",
+        ));
+    }
+    let out_of_range = |field: String, value: i32| {
+        object.invalid(field, format!("is {value} — use a port from 1 to 65535"))
+    };
+    ports
+        .into_iter()
+        .enumerate()
+        .map(|(i, sp)| {
+            let port = port_number(sp.port)
+                .ok_or_else(|| out_of_range(format!("spec.ports[{i}].port"), sp.port))?;
+            let target_port = match sp.target_port {
+                None => port,
+                Some(IntOrString::Int(target)) => port_number(target)
+                    .ok_or_else(|| out_of_range(format!("spec.ports[{i}].targetPort"), target))?,
+                Some(IntOrString::String(name)) => {
+                    return Err(object.invalid(
+                        format!("spec.ports[{i}].targetPort"),
+                        format!(
+                            "is the port name {name:?} — the sandbox does not resolve named \
+                             ports; use the container's port number, e.g. targetPort: 8080"
+                        ),
+                    ))
+                }
+            };
+            Ok(ServicePortSpec {
+                name: sp.name,
+                port,
+                target_port,
+            })
+        })
+        .collect()
+}
+
+/// A TCP port number, 1 to 65535.
+fn port_number(value: i32) -> Option<u16> {
+    u16::try_from(value).ok().filter(|&port| port != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A directory under the system temp dir, unique per test and process, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn with(files: &[(&str, &str)]) -> Self {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "weft-manifest-test-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            fs::create_dir_all(&dir).unwrap();
+            for (name, text) in files {
+                fs::write(dir.join(name), text).unwrap();
+            }
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    const NAMESPACE: &str = "
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels:
+    weft.dev/mesh: enabled
+";
+
+    const APPS: &str = "
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: cart
+  namespace: shop
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: cart}
+  template:
+    metadata:
+      labels: {app: cart, version: v1}
+    spec:
+      nodeName: node-1
+      serviceAccountName: cart
+      containers:
+      - name: cart
+        command: [weftctl, echo]
+        args: [--version, v1]
+        env:
+        - {name: LATENCY, value: 5ms}
+        - name: POD_NAME
+          valueFrom: {fieldRef: {fieldPath: metadata.name}}
+        ports:
+        - containerPort: 8080
+        - containerPort: 9090
+---
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: cart
+  namespace: shop
+spec:
+  selector: {app: cart}
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {port: 9090}
+";
+
+    const CLIENT: &str = "
+apiVersion: v1
+kind: Pod
+metadata:
+  name: client
+  labels: {app: client}
+spec:
+  nodeName: node-2
+  containers:
+  - name: client
+    command: [sleep, infinity]
+";
+
+    /// Loads `text` as the only file, `apps.yaml`, after the shop Namespace, and returns
+    /// the error message.
+    fn error(text: &str) -> String {
+        let dir = TempDir::with(&[("0-namespaces.yaml", NAMESPACE), ("apps.yaml", text)]);
+        let message = load_dir(&dir.0).unwrap_err().to_string();
+        let file = dir.0.join("apps.yaml").display().to_string();
+        assert!(message.starts_with(&file), "{message}");
+        message
+    }
+
+    fn assert_contains(message: &str, parts: &[&str]) {
+        for part in parts {
+            assert!(message.contains(part), "{part:?} not in {message:?}");
+        }
+    }
+
+    #[test]
+    fn golden_cluster() {
+        let dir = TempDir::with(&[
+            ("b-apps.yml", APPS),
+            ("a-namespace.yaml", NAMESPACE),
+            ("c-client.yaml", CLIENT),
+            ("README.md", "kind: Ignored"),
+        ]);
+        fs::create_dir(dir.0.join("nested.yaml")).unwrap();
+        let cart = |i: usize| PodSpec {
+            name: format!("cart-{i}"),
+            namespace: "shop".into(),
+            node: "node-1".into(),
+            service_account: "cart".into(),
+            labels: labels(&[("app", "cart"), ("version", "v1")]),
+            command: ["weftctl", "echo", "--version", "v1"]
+                .map(String::from)
+                .to_vec(),
+            env: vec![("LATENCY".into(), "5ms".into())],
+            container_port: Some(8080),
+        };
+        let expected = Cluster {
+            namespaces: vec![
+                NamespaceSpec {
+                    name: "default".into(),
+                    labels: BTreeMap::new(),
+                },
+                NamespaceSpec {
+                    name: "shop".into(),
+                    labels: labels(&[("weft.dev/mesh", "enabled")]),
+                },
+            ],
+            pods: vec![
+                cart(0),
+                cart(1),
+                PodSpec {
+                    name: "client".into(),
+                    namespace: "default".into(),
+                    node: "node-2".into(),
+                    service_account: "default".into(),
+                    labels: labels(&[("app", "client")]),
+                    command: vec!["sleep".into(), "infinity".into()],
+                    env: vec![],
+                    container_port: None,
+                },
+            ],
+            services: vec![ServiceSpec {
+                name: "cart".into(),
+                namespace: "shop".into(),
+                selector: labels(&[("app", "cart")]),
+                ports: vec![
+                    ServicePortSpec {
+                        name: Some("http".into()),
+                        port: 80,
+                        target_port: 8080,
+                    },
+                    ServicePortSpec {
+                        name: None,
+                        port: 9090,
+                        target_port: 9090,
+                    },
+                ],
+                cluster_ip: Some("10.96.0.10".parse().unwrap()),
+            }],
+        };
+        assert_eq!(load_dir(&dir.0).unwrap(), expected);
+    }
+
+    #[test]
+    fn no_default_namespace_unless_used_and_headless_service() {
+        let dir = TempDir::with(&[(
+            "all.yaml",
+            &format!(
+                "{NAMESPACE}---
+apiVersion: v1
+kind: Service
+metadata: {{name: db, namespace: shop}}
+spec:
+  clusterIP: None
+  ports: [{{port: 5432}}]
+"
+            ),
+        )]);
+        let cluster = load_dir(&dir.0).unwrap();
+        let names: Vec<_> = cluster.namespaces.iter().map(|ns| &ns.name).collect();
+        assert_eq!(names, ["shop"]);
+        assert_eq!(cluster.services[0].cluster_ip, None);
+    }
+
+    #[test]
+    fn missing_node_name() {
+        let text = APPS.replace("      nodeName: node-1\n", "");
+        assert_contains(
+            &error(&text),
+            &[
+                "Deployment shop/cart: spec.template.spec.nodeName is missing",
+                "which simulated node",
+            ],
+        );
+        let text = CLIENT.replace("  nodeName: node-2\n", "");
+        assert_contains(
+            &error(&text),
+            &["Pod default/client: spec.nodeName is missing"],
+        );
+    }
+
+    #[test]
+    fn unsupported_kind() {
+        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg, namespace: shop}\n";
+        assert_contains(
+            &error(text),
+            &[
+                "ConfigMap shop/cfg: kind ConfigMap is not supported",
+                "Namespace, Pod",
+            ],
+        );
+    }
+
+    #[test]
+    fn document_without_kind() {
+        let text = format!("{CLIENT}---\napiVersion: v1\nmetadata: {{name: x}}\n");
+        assert_contains(&error(&text), &["document 2 has no kind"]);
+    }
+
+    #[test]
+    fn yaml_syntax_error_has_location() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: [unclosed\n";
+        assert_contains(&error(text), &["invalid YAML", "line 3"]);
+    }
+
+    #[test]
+    fn schema_error_names_object() {
+        let text = APPS.replace("replicas: 2", "replicas: two");
+        assert_contains(
+            &error(&text),
+            &[
+                "Deployment shop/cart: spec.replicas: invalid type",
+                "line 9",
+            ],
+        );
+        let text = CLIENT.replace("apiVersion: v1", "apiVersion: v2");
+        assert_contains(
+            &error(&text),
+            &["Pod default/client: apiVersion is \"v2\" — a Pod needs apiVersion: v1"],
+        );
+    }
+
+    #[test]
+    fn missing_name() {
+        let text = CLIENT.replace("  name: client\n", "");
+        assert_contains(
+            &error(&text),
+            &["Pod default/<document 1>: metadata.name is missing"],
+        );
+    }
+
+    #[test]
+    fn duplicate_names() {
+        let text = format!("{CLIENT}---{CLIENT}");
+        assert_contains(
+            &error(&text),
+            &[
+                "Pod default/client: metadata.name",
+                "already defined by Pod default/client in",
+            ],
+        );
+        // A Pod may not take the name of a Deployment's replica either.
+        let replica = CLIENT.replacen("name: client\n", "name: cart-1\n  namespace: shop\n", 1);
+        let text = format!("{APPS}---{replica}");
+        assert_contains(
+            &error(&text),
+            &[
+                "Pod shop/cart-1: metadata.name",
+                "already defined by Deployment shop/cart",
+            ],
+        );
+    }
+
+    #[test]
+    fn pod_without_containers_or_command() {
+        let text = CLIENT.replace(
+            "  containers:\n  - name: client\n    command: [sleep, infinity]\n",
+            "  containers: []\n",
+        );
+        assert_contains(
+            &error(&text),
+            &["Pod default/client: spec.containers is empty"],
+        );
+        let text = CLIENT.replace("    command: [sleep, infinity]\n", "    image: busybox\n");
+        assert_contains(
+            &error(&text),
+            &[
+                "Pod default/client: spec.containers[0].command is missing",
+                "as a process",
+            ],
+        );
+    }
+
+    #[test]
+    fn ports_out_of_range() {
+        let text = APPS.replace("containerPort: 9090", "containerPort: 0");
+        assert_contains(
+            &error(&text),
+            &["Deployment shop/cart: spec.template.spec.containers[0].ports[1].containerPort is 0"],
+        );
+        let text = APPS.replace("{port: 9090}", "{port: 70000}");
+        assert_contains(
+            &error(&text),
+            &[
+                "Service shop/cart: spec.ports[1].port is 70000",
+                "1 to 65535",
+            ],
+        );
+        let text = APPS.replace("targetPort: 8080", "targetPort: 0");
+        assert_contains(
+            &error(&text),
+            &["Service shop/cart: spec.ports[0].targetPort is 0"],
+        );
+    }
+
+    #[test]
+    fn named_target_port() {
+        let text = APPS.replace("targetPort: 8080", "targetPort: http");
+        assert_contains(
+            &error(&text),
+            &["Service shop/cart: spec.ports[0].targetPort is the port name \"http\""],
+        );
+    }
+
+    #[test]
+    fn bad_cluster_ip() {
+        let text = APPS.replace("clusterIP: 10.96.0.10", "clusterIP: 10.96.0");
+        assert_contains(
+            &error(&text),
+            &["Service shop/cart: spec.clusterIP \"10.96.0\""],
+        );
+    }
+
+    #[test]
+    fn negative_replicas() {
+        let text = APPS.replace("replicas: 2", "replicas: -1");
+        assert_contains(
+            &error(&text),
+            &["Deployment shop/cart: spec.replicas is -1"],
+        );
+    }
+
+    #[test]
+    fn namespace_without_document() {
+        let text = CLIENT.replacen("name: client\n", "name: client\n  namespace: billing\n", 1);
+        assert_contains(
+            &error(&text),
+            &[
+                "Pod billing/client: metadata.namespace \"billing\" has no Namespace document",
+                "kind: Namespace",
+            ],
+        );
+    }
+
+    #[test]
+    fn missing_directory() {
+        let dir = std::env::temp_dir().join("weft-manifest-test-does-not-exist");
+        let message = load_dir(&dir).unwrap_err().to_string();
+        assert_contains(&message, &["weft-manifest-test-does-not-exist"]);
+    }
+}

@@ -1,0 +1,123 @@
+//! The admin endpoint: `/metrics`, `/healthz`, `/ready`, `/config_dump`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::proxy::{Ctx, Pods};
+
+/// What the admin endpoint reads.
+pub struct Admin {
+    /// Shared proxy state.
+    pub ctx: Arc<Ctx>,
+    /// The pods.
+    pub pods: Arc<Pods>,
+    /// Every metric of the process.
+    pub registry: Registry,
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+impl Admin {
+    async fn route(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        match req.uri().path() {
+            "/metrics" => {
+                let mut text = String::new();
+                match prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+                    Ok(()) => respond(
+                        StatusCode::OK,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        text,
+                    ),
+                    Err(e) => respond(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "text/plain",
+                        e.to_string(),
+                    ),
+                }
+            }
+            "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
+            "/ready" => {
+                let status = self
+                    .ctx
+                    .model_status
+                    .lock()
+                    .expect("status lock is never poisoned")
+                    .clone();
+                if status.loaded {
+                    respond(StatusCode::OK, "text/plain", "ready\n")
+                } else {
+                    let why = status
+                        .last_error
+                        .unwrap_or_else(|| "no model loaded yet".into());
+                    respond(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        format!("not ready: {why}\n"),
+                    )
+                }
+            }
+            "/config_dump" => {
+                let model = self.ctx.model.load();
+                let dump = serde_json::json!({
+                    "node": self.ctx.node,
+                    "modelStatus": *self.ctx.model_status.lock().expect("status lock is never poisoned"),
+                    "model": model.snapshot(),
+                    "pods": self.pods.list().await,
+                });
+                respond(
+                    StatusCode::OK,
+                    "application/json",
+                    serde_json::to_string_pretty(&dump).unwrap_or_default(),
+                )
+            }
+            _ => respond(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found; try /metrics, /healthz, /ready or /config_dump\n",
+            ),
+        }
+    }
+
+    /// Serves until `shutdown`.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        loop {
+            let stream = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let this = this.clone();
+                    async move { Ok::<_, Infallible>(this.route(req).await) }
+                });
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    debug!("admin connection: {e}");
+                }
+            });
+        }
+    }
+}

@@ -1,0 +1,1019 @@
+//! The pod handoff protocol: how a sender (the sandbox in `weftctl`, later the CNI node
+//! agent) hands each enrolled pod and its network namespace to node-proxy.
+//!
+//! node-proxy listens on a `SOCK_SEQPACKET` Unix socket (mode 0600). Each message is one
+//! datagram of at most 64 KiB: a JSON header tagged by `type`, with any file descriptor
+//! attached to the same datagram as `SCM_RIGHTS`. Every message gets exactly one reply,
+//! `{"ok":true}` or `{"ok":false,"error":"..."}`.
+//!
+//! ```text
+//! sender                                    node-proxy
+//!   hello {version}                 -->   ok {version}     (mismatch: error, then close)
+//!   add {pod} + netns fd            -->   ok | error       (one message per pod)
+//!   remove {uid}                    -->   ok | error
+//!   snapshot_start, add.., snapshot_end   at the end, pods not re-added are forgotten
+//! ```
+//!
+//! Malformed input gets an error reply naming the problem and leaves the connection
+//! usable. `docs/handoff.md` is the full specification for other senders.
+
+use std::fmt;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::statfs::{fstatfs, NSFS_MAGIC};
+use serde::{Deserialize, Serialize};
+use socket2::{Domain, SockAddr, Socket, Type};
+use tokio::io::Interest;
+use tokio::net::{UnixListener, UnixStream};
+use tracing::warn;
+
+/// The protocol version both sides state in `hello`.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The largest message, header included.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+/// How long [`HandoffClient`] waits for each reply.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most descriptors Linux attaches to one message (`SCM_MAX_FD`). The receive buffer
+/// has room for all of them: were it truncated, the descriptors that did arrive could not
+/// be listed, so not closed.
+const SCM_MAX_FD: usize = 253;
+
+/// A pod handed to node-proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodInfo {
+    /// The pod's UID, its key in node-proxy.
+    pub uid: String,
+    /// The pod's name.
+    pub name: String,
+    /// The pod's Kubernetes namespace.
+    pub namespace: String,
+    /// The service account its workload identity is issued for.
+    pub service_account: String,
+    /// The pod's IPs; the first is the one it is served on.
+    pub ips: Vec<IpAddr>,
+}
+
+impl PodInfo {
+    /// Checks what serde cannot: no empty names, at least one IP.
+    pub fn validate(&self) -> Result<(), String> {
+        for (field, value) in [
+            ("uid", &self.uid),
+            ("name", &self.name),
+            ("namespace", &self.namespace),
+            ("serviceAccount", &self.service_account),
+        ] {
+            if value.is_empty() {
+                return Err(format!("{field} is empty"));
+            }
+        }
+        if self.ips.is_empty() {
+            return Err("ips is empty; a pod needs at least one IP".into());
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for PodInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A message from sender to node-proxy.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum Message {
+    Hello { version: u32 },
+    Add { pod: PodInfo },
+    Remove { uid: String },
+    // `{}` so that deny_unknown_fields applies to them too.
+    SnapshotStart {},
+    SnapshotEnd {},
+}
+
+/// node-proxy's answer to one message.
+#[derive(Debug, Serialize, Deserialize)]
+struct Reply {
+    ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    version: Option<u32>,
+}
+
+impl Reply {
+    fn encode(result: Result<(), String>, version: Option<u32>) -> Vec<u8> {
+        let (ok, error) = match result {
+            Ok(()) => (true, None),
+            Err(e) => (false, Some(e)),
+        };
+        serde_json::to_vec(&Reply { ok, error, version })
+            .expect("a reply of bools and strings always serializes")
+    }
+
+    fn into_result(self) -> Result<(), HandoffError> {
+        match self.ok {
+            true => Ok(()),
+            false => Err(HandoffError::Rejected(self.error.unwrap_or_default())),
+        }
+    }
+}
+
+/// A request node-proxy must act on and then answer with [`HandoffConn::reply`].
+#[derive(Debug)]
+pub enum Request {
+    /// Serve this pod, whose network namespace is `netns` (checked to be one).
+    Add {
+        /// The pod, validated.
+        pod: PodInfo,
+        /// The pod's network namespace.
+        netns: OwnedFd,
+    },
+    /// Stop serving the pod with this UID.
+    Remove {
+        /// The pod's UID.
+        uid: String,
+    },
+    /// A full list of pods follows as `Add`s.
+    SnapshotStart,
+    /// The list is complete: forget pods not added since `SnapshotStart`.
+    SnapshotEnd,
+}
+
+/// A handoff failure, on either side. Paths are the socket's.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    /// The sender could not connect.
+    #[error("cannot reach node-proxy at {path}: {1} (is node-proxy running for this node?)", path = .0.display())]
+    Connect(PathBuf, #[source] io::Error),
+    /// Sending or receiving failed.
+    #[error("handoff socket {path}: {1}", path = .0.display())]
+    Io(PathBuf, #[source] io::Error),
+    /// node-proxy did not answer within [`REPLY_TIMEOUT`].
+    #[error("node-proxy at {} did not answer within {}s (is it stuck? reconnect and replay a snapshot)", .0.display(), REPLY_TIMEOUT.as_secs())]
+    Timeout(PathBuf),
+    /// node-proxy closed the connection.
+    #[error("node-proxy at {} closed the connection (did it restart? reconnect and replay a snapshot)", .0.display())]
+    Closed(PathBuf),
+    /// The two sides speak different protocol versions.
+    #[error("handoff peer at {} speaks protocol version {theirs}, this side speaks {ours}; upgrade the older of node-proxy and its sender", path.display())]
+    VersionMismatch {
+        /// The socket path.
+        path: PathBuf,
+        /// Our version.
+        ours: u32,
+        /// The peer's version.
+        theirs: u32,
+    },
+    /// node-proxy's reply could not be read.
+    #[error("node-proxy at {path} sent an unreadable reply: {1}", path = .0.display())]
+    BadReply(PathBuf, String),
+    /// The sender was asked to send something invalid; nothing was sent.
+    #[error("cannot send {0}")]
+    Invalid(String),
+    /// An earlier error left the connection out of step with node-proxy.
+    #[error("connection to node-proxy at {} is unusable after an earlier error; reconnect", .0.display())]
+    Broken(PathBuf),
+    /// node-proxy answered with an error, which names the pod and the problem.
+    #[error("node-proxy refused: {0}")]
+    Rejected(String),
+}
+
+/// node-proxy's end: the listening handoff socket.
+///
+/// The seqpacket sockets live in tokio's `UnixListener`/`UnixStream`, used only through
+/// `async_io` with `sendmsg`/`recvmsg`, nothing of which depends on the socket type. The
+/// alternative, `AsyncFd`, has only `unsafe` constructors since tokio 1.54 (the safe ones
+/// are deprecated as unsound), and this crate forbids `unsafe`.
+pub struct HandoffListener {
+    listener: UnixListener,
+    path: Arc<Path>,
+}
+
+impl HandoffListener {
+    /// Listens at `path`, replacing the socket an earlier node-proxy left there (but not a
+    /// file that is not a socket). Must be called inside a tokio runtime.
+    pub fn bind(path: impl AsRef<Path>) -> io::Result<Self> {
+        let path = path.as_ref();
+        let context = |e: io::Error| {
+            io::Error::new(e.kind(), format!("handoff socket {}: {e}", path.display()))
+        };
+        let addr = SockAddr::unix(path).map_err(context)?;
+        remove_stale(path).map_err(context)?;
+        let sock =
+            Socket::new(Domain::UNIX, Type::SEQPACKET.nonblocking(), None).map_err(context)?;
+        sock.bind(&addr).map_err(context)?;
+        // Before listen(), so no sender can connect while the mode is still the umask's.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(context)?;
+        sock.listen(128).map_err(context)?;
+        let listener = std::os::unix::net::UnixListener::from(OwnedFd::from(sock));
+        let listener = UnixListener::from_std(listener).map_err(context)?;
+        Ok(Self {
+            listener,
+            path: path.into(),
+        })
+    }
+
+    /// Accepts the next sender. Cancel-safe. The hello happens on the connection's first
+    /// [`HandoffConn::next`], so a slow sender cannot hold up this loop.
+    pub async fn accept(&self) -> io::Result<HandoffConn> {
+        let (sock, _) = self.listener.accept().await?;
+        Ok(HandoffConn {
+            sock,
+            path: self.path.clone(),
+            buf: vec![0; MAX_MESSAGE],
+            cmsg: nix::cmsg_space!([RawFd; SCM_MAX_FD]),
+            greeted: false,
+            in_snapshot: false,
+            awaiting_reply: false,
+            unsent: None,
+        })
+    }
+}
+
+/// Removes the socket an earlier node-proxy left at `path`. A live one is replaced too:
+/// during a surge rollout the new node-proxy takes over, and each sender moves to it when
+/// the old one exits and it reconnects.
+fn remove_stale(path: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "exists and is not a socket; remove it by hand",
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// One sender's connection, as node-proxy sees it.
+pub struct HandoffConn {
+    sock: UnixStream,
+    path: Arc<Path>,
+    buf: Vec<u8>,
+    cmsg: Vec<u8>,
+    greeted: bool,
+    in_snapshot: bool,
+    awaiting_reply: bool,
+    /// A reply not yet sent, kept so that a cancelled `next` or `reply` loses nothing.
+    unsent: Option<Vec<u8>>,
+}
+
+/// What to do with one received message.
+enum Outcome {
+    Deliver(Request),
+    Answer(Result<(), String>),
+    Mismatch(u32),
+}
+
+impl HandoffConn {
+    /// The next valid request, or `None` once the sender has closed. Answers the hello
+    /// and every malformed message itself. Cancel-safe. Ends with an error only on a
+    /// version mismatch or a socket error.
+    pub async fn next(&mut self) -> Result<Option<Request>, HandoffError> {
+        if std::mem::take(&mut self.awaiting_reply) {
+            warn!("handoff request left unanswered; sending an error reply");
+            self.unsent = Some(Reply::encode(
+                Err("node-proxy did not answer this message".into()),
+                None,
+            ));
+        }
+        loop {
+            match self.flush().await {
+                Err(HandoffError::Io(_, e)) if e.kind() == io::ErrorKind::BrokenPipe => {
+                    return Ok(None)
+                }
+                r => r?,
+            }
+            let fd = self.sock.as_raw_fd();
+            let (len, flags, fds) = self
+                .sock
+                .async_io(Interest::READABLE, || {
+                    recv_datagram(fd, &mut self.buf, &mut self.cmsg)
+                })
+                .await
+                .map_err(|source| self.io(source))?;
+            if len == 0 && !flags.contains(MsgFlags::MSG_TRUNC) {
+                return Ok(None);
+            }
+            match self.interpret(len, flags, fds) {
+                Outcome::Deliver(request) => {
+                    self.awaiting_reply = true;
+                    return Ok(Some(request));
+                }
+                Outcome::Answer(result) => {
+                    let version = result.is_ok().then_some(PROTOCOL_VERSION);
+                    self.unsent = Some(Reply::encode(result, version));
+                }
+                Outcome::Mismatch(theirs) => {
+                    let error = format!(
+                        "hello: protocol version {theirs} is not supported; \
+                         this node-proxy speaks version {PROTOCOL_VERSION}"
+                    );
+                    self.unsent = Some(Reply::encode(Err(error), Some(PROTOCOL_VERSION)));
+                    self.flush().await?;
+                    let (path, ours) = (self.path.to_path_buf(), PROTOCOL_VERSION);
+                    return Err(HandoffError::VersionMismatch { path, ours, theirs });
+                }
+            }
+        }
+    }
+
+    /// Answers the request [`next`](Self::next) returned; an `Err` reaches the sender as
+    /// its error text, so name the pod in it.
+    pub async fn reply(&mut self, result: Result<(), String>) -> Result<(), HandoffError> {
+        if !std::mem::take(&mut self.awaiting_reply) {
+            warn!("handoff reply without a request; not sent");
+            return Ok(());
+        }
+        self.unsent = Some(Reply::encode(result, None));
+        self.flush().await
+    }
+
+    async fn flush(&mut self) -> Result<(), HandoffError> {
+        if let Some(bytes) = &self.unsent {
+            self.sock
+                .async_io(Interest::WRITABLE, || {
+                    send_datagram(self.sock.as_raw_fd(), bytes, &[])
+                })
+                .await
+                .map_err(|source| self.io(source))?;
+            self.unsent = None;
+        }
+        Ok(())
+    }
+
+    fn io(&self, source: io::Error) -> HandoffError {
+        HandoffError::Io(self.path.to_path_buf(), source)
+    }
+
+    fn interpret(&mut self, len: usize, flags: MsgFlags, fds: ReceivedFds) -> Outcome {
+        if flags.contains(MsgFlags::MSG_TRUNC) {
+            let e = format!(
+                "message rejected: larger than the {} KiB limit",
+                MAX_MESSAGE / 1024
+            );
+            return Outcome::Answer(Err(e));
+        }
+        if flags.contains(MsgFlags::MSG_CTRUNC) {
+            return Outcome::Answer(Err("message rejected: too many file descriptors".into()));
+        }
+        let (message, what) = match parse(&self.buf[..len]) {
+            Ok(parsed) => parsed,
+            Err(e) => return Outcome::Answer(Err(e)),
+        };
+        let (nfds, is_add) = (fds.0.len(), matches!(message, Message::Add { .. }));
+        let result = match message {
+            Message::Hello { version } if version != PROTOCOL_VERSION => {
+                return Outcome::Mismatch(version)
+            }
+            _ if nfds != 0 && !is_add => Err(format!("expected no file descriptors, got {nfds}")),
+            Message::Hello { .. } if self.greeted => {
+                Err("already received on this connection".into())
+            }
+            Message::Hello { .. } => {
+                self.greeted = true;
+                return Outcome::Answer(Ok(()));
+            }
+            _ if !self.greeted => Err("expected hello first".into()),
+            Message::Add { pod } => pod
+                .validate()
+                .and_then(|()| take_netns(&fds))
+                .map(|netns| Request::Add { pod, netns }),
+            Message::Remove { uid } if uid.is_empty() => Err("uid is empty".into()),
+            Message::Remove { uid } => Ok(Request::Remove { uid }),
+            Message::SnapshotStart {} if self.in_snapshot => {
+                Err("a snapshot is already in progress; end it with snapshot_end".into())
+            }
+            Message::SnapshotEnd {} if !self.in_snapshot => {
+                Err("no snapshot_start before it".into())
+            }
+            Message::SnapshotStart {} => Ok(Request::SnapshotStart),
+            Message::SnapshotEnd {} => Ok(Request::SnapshotEnd),
+        };
+        match result {
+            Ok(request) => {
+                if let Request::SnapshotStart | Request::SnapshotEnd = request {
+                    self.in_snapshot = matches!(request, Request::SnapshotStart);
+                }
+                Outcome::Deliver(request)
+            }
+            Err(e) => Outcome::Answer(Err(format!("{what}: {e}"))),
+        }
+    }
+}
+
+/// Parses a message, returning it with a description for error texts
+/// ("add for pod shop/cart-1"); the description is found even when parsing fails.
+fn parse(bytes: &[u8]) -> Result<(Message, String), String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("message is not JSON: {e}"))?;
+    let pod = value.get("pod").and_then(|p| {
+        Some(format!(
+            "{}/{}",
+            p.get("namespace")?.as_str()?,
+            p.get("name")?.as_str()?
+        ))
+    });
+    let ty = value.get("type").and_then(|t| t.as_str());
+    // Every version must understand every other's hello, so only its version is read.
+    if let (Some("hello"), Some(v)) = (ty, value.get("version").and_then(|v| v.as_u64())) {
+        let version = u32::try_from(v).unwrap_or(u32::MAX);
+        return Ok((Message::Hello { version }, "hello".into()));
+    }
+    let what = match (ty, pod) {
+        (Some("add"), Some(pod)) => format!("add for pod {pod}"),
+        (Some(ty @ ("hello" | "add" | "remove" | "snapshot_start" | "snapshot_end")), _) => {
+            ty.to_owned()
+        }
+        (Some(ty), _) => format!("message of type {ty:?}"),
+        (None, _) => "message".to_owned(),
+    };
+    match serde_json::from_value(value) {
+        Ok(message) => Ok((message, what)),
+        Err(e) => Err(format!("{what}: {e}")),
+    }
+}
+
+/// Descriptors received with a message; closed on drop.
+struct ReceivedFds(Vec<RawFd>);
+
+impl Drop for ReceivedFds {
+    fn drop(&mut self) {
+        for fd in self.0.drain(..) {
+            let _ = nix::unistd::close(fd);
+        }
+    }
+}
+
+/// The single descriptor of an `add`, if it is a network namespace.
+///
+/// nix gives received descriptors as raw numbers, and adopting one as an `OwnedFd` takes
+/// `unsafe`. Re-opening it through `/proc/self/fd` is safe, and the link is checked first:
+/// it names what the descriptor is ("net:[4026532301]") without opening a FIFO or device.
+fn take_netns(fds: &ReceivedFds) -> Result<OwnedFd, String> {
+    let [fd] = fds.0[..] else {
+        return Err(format!(
+            "expected 1 file descriptor (the pod's network namespace), got {}",
+            fds.0.len()
+        ));
+    };
+    let link = format!("/proc/self/fd/{fd}");
+    let target = std::fs::read_link(&link)
+        .map_err(|e| format!("cannot inspect the file descriptor: {e}"))?;
+    let target = target.to_string_lossy();
+    // An open namespace reads "net:[inode]"; pipes, sockets and other namespaces read
+    // "kind:[...]". A bind-mounted namespace (ip netns, CNI: /run/netns/NAME) reads as
+    // its path: nsfs files are regular files, so anything else (a FIFO, a device) is
+    // refused before it is opened. nsfs is checked below; the namespace type is checked
+    // when node-proxy enters it (setns with CLONE_NEWNET).
+    match target.strip_suffix(']').and_then(|t| t.split_once(":[")) {
+        Some(("net", _)) => {}
+        Some(_) => {
+            return Err(format!(
+                "the file descriptor is not a network namespace (it refers to {target})"
+            ))
+        }
+        None => {
+            let meta = std::fs::metadata(&link)
+                .map_err(|e| format!("cannot inspect the file descriptor: {e}"))?;
+            if !meta.is_file() {
+                return Err(format!(
+                    "the file descriptor is not a network namespace (it refers to {target})"
+                ));
+            }
+        }
+    }
+    let file = std::fs::File::open(&link)
+        .map_err(|e| format!("cannot open the network namespace {target}: {e}"))?;
+    match fstatfs(&file) {
+        Ok(fs) if fs.filesystem_type() == NSFS_MAGIC => Ok(file.into()),
+        Ok(_) => Err(format!(
+            "the file descriptor is not a network namespace (it refers to {target}): it is not on nsfs"
+        )),
+        Err(e) => Err(format!(
+            "cannot inspect the network namespace {target}: {e}"
+        )),
+    }
+}
+
+fn recv_datagram(
+    fd: RawFd,
+    buf: &mut [u8],
+    cmsg: &mut [u8],
+) -> io::Result<(usize, MsgFlags, ReceivedFds)> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(fd, &mut iov, Some(cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut fds = ReceivedFds(Vec::new());
+    for c in msg.cmsgs().into_iter().flatten() {
+        if let ControlMessageOwned::ScmRights(received) = c {
+            fds.0.extend(received);
+        }
+    }
+    Ok((msg.bytes, msg.flags, fds))
+}
+
+/// Sends one datagram. A signal can interrupt a blocking send even under SA_RESTART (the
+/// socket has a timeout); the send is all or nothing, so it is retried.
+fn send_datagram(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let rights = [ControlMessage::ScmRights(fds)];
+    let cmsgs = if fds.is_empty() { &[][..] } else { &rights[..] };
+    let flags = MsgFlags::MSG_NOSIGNAL;
+    loop {
+        match sendmsg::<()>(fd, &[IoSlice::new(bytes)], cmsgs, flags, None) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            r => return r.map(drop).map_err(io::Error::from),
+        }
+    }
+}
+
+/// The sender's end: a blocking connection to node-proxy. Each call waits for its reply
+/// up to [`REPLY_TIMEOUT`]; after a socket error or a timeout, reconnect.
+pub struct HandoffClient {
+    sock: Socket,
+    path: PathBuf,
+    broken: bool,
+    buf: Vec<u8>,
+}
+
+impl HandoffClient {
+    /// Connects to node-proxy at `path` and says hello.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Self, HandoffError> {
+        let path = path.as_ref().to_path_buf();
+        let open = || -> io::Result<Socket> {
+            let sock = Socket::new(Domain::UNIX, Type::SEQPACKET, None)?;
+            sock.set_read_timeout(Some(REPLY_TIMEOUT))?;
+            sock.set_write_timeout(Some(REPLY_TIMEOUT))?;
+            sock.connect(&SockAddr::unix(&path)?)?;
+            Ok(sock)
+        };
+        let sock = open().map_err(|e| HandoffError::Connect(path.clone(), e))?;
+        let mut client = Self {
+            sock,
+            path,
+            broken: false,
+            buf: vec![0; MAX_MESSAGE],
+        };
+        let reply = client.call(
+            "hello",
+            &Message::Hello {
+                version: PROTOCOL_VERSION,
+            },
+            &[],
+        )?;
+        match reply.version {
+            Some(theirs) if theirs != PROTOCOL_VERSION => {
+                let (path, ours) = (client.path, PROTOCOL_VERSION);
+                Err(HandoffError::VersionMismatch { path, ours, theirs })
+            }
+            _ => reply.into_result().map(|()| client),
+        }
+    }
+
+    /// Hands over a pod and its network namespace (a duplicate is sent; `netns` stays
+    /// the caller's).
+    pub fn add(&mut self, pod: &PodInfo, netns: BorrowedFd<'_>) -> Result<(), HandoffError> {
+        let what = format!("add for pod {pod}");
+        pod.validate()
+            .map_err(|e| HandoffError::Invalid(format!("{what}: {e}")))?;
+        let message = Message::Add { pod: pod.clone() };
+        self.call(&what, &message, &[netns.as_raw_fd()])?
+            .into_result()
+    }
+
+    /// Tells node-proxy the pod with this UID is gone.
+    pub fn remove(&mut self, uid: &str) -> Result<(), HandoffError> {
+        let message = Message::Remove {
+            uid: uid.to_owned(),
+        };
+        self.call(&format!("remove for pod uid {uid}"), &message, &[])?
+            .into_result()
+    }
+
+    /// Replays the full list of pods; node-proxy forgets any pod not in it. A refused pod
+    /// does not stop the replay: its error is returned once the replay is complete.
+    pub fn snapshot(&mut self, pods: &[(PodInfo, BorrowedFd<'_>)]) -> Result<(), HandoffError> {
+        self.call("snapshot_start", &Message::SnapshotStart {}, &[])?
+            .into_result()?;
+        let mut first = None;
+        for (pod, netns) in pods {
+            match self.add(pod, *netns) {
+                Err(e @ (HandoffError::Rejected(_) | HandoffError::Invalid(_))) => {
+                    first.get_or_insert(e);
+                }
+                r => r?,
+            }
+        }
+        let end = self
+            .call("snapshot_end", &Message::SnapshotEnd {}, &[])?
+            .into_result();
+        first.map_or(end, Err)
+    }
+
+    /// Sends one message and reads its reply. Marks the connection broken until the
+    /// reply is read, so a late reply is never taken for the next message's.
+    fn call(
+        &mut self,
+        what: &str,
+        message: &Message,
+        fds: &[RawFd],
+    ) -> Result<Reply, HandoffError> {
+        let path = self.path.clone();
+        if self.broken {
+            return Err(HandoffError::Broken(path));
+        }
+        let bytes = serde_json::to_vec(message)
+            .map_err(|e| HandoffError::Invalid(format!("{what}: {e}")))?;
+        if bytes.len() > MAX_MESSAGE {
+            let len = bytes.len();
+            return Err(HandoffError::Invalid(format!(
+                "{what}: {len} bytes, over the {MAX_MESSAGE}-byte limit"
+            )));
+        }
+        self.broken = true;
+        let transport = |e: io::Error| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                HandoffError::Timeout(path.clone())
+            }
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
+                HandoffError::Closed(path.clone())
+            }
+            _ => HandoffError::Io(path.clone(), e),
+        };
+        let fd = self.sock.as_raw_fd();
+        send_datagram(fd, &bytes, fds).map_err(transport)?;
+        let (len, flags) = loop {
+            let mut iov = [IoSliceMut::new(&mut self.buf)];
+            match recvmsg::<()>(fd, &mut iov, None, MsgFlags::empty()) {
+                Ok(m) => break (m.bytes, m.flags),
+                Err(nix::errno::Errno::EINTR) => continue, // as in send_datagram
+                Err(e) => return Err(transport(e.into())),
+            }
+        };
+        if len == 0 {
+            return Err(HandoffError::Closed(path));
+        }
+        if flags.contains(MsgFlags::MSG_TRUNC) {
+            return Err(HandoffError::BadReply(
+                path,
+                format!("larger than {MAX_MESSAGE} bytes"),
+            ));
+        }
+        let reply = serde_json::from_slice(&self.buf[..len])
+            .map_err(|e| HandoffError::BadReply(path, e.to_string()))?;
+        self.broken = false;
+        Ok(reply)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use nix::sys::stat::fstat;
+    use serde_json::{json, Value};
+    use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+    use super::*;
+
+    /// What the test server saw; an `Add`'s namespace as (st_dev, st_ino).
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        Add(PodInfo, (u64, u64)),
+        Remove(String),
+        SnapshotStart,
+        SnapshotEnd,
+        Ended(String),
+    }
+
+    fn ns_id(fd: impl AsFd) -> (u64, u64) {
+        let st = fstat(fd).expect("fstat a namespace fd");
+        (st.st_dev as u64, st.st_ino as u64)
+    }
+
+    fn own_netns() -> std::fs::File {
+        std::fs::File::open("/proc/self/ns/net").expect("open /proc/self/ns/net")
+    }
+
+    fn pod(i: usize) -> PodInfo {
+        PodInfo {
+            uid: format!("uid-{i}"),
+            name: format!("cart-{i}"),
+            namespace: "shop".into(),
+            service_account: "cart".into(),
+            ips: vec![IpAddr::from([10, 244, (i / 200) as u8, (i % 200) as u8])],
+        }
+    }
+
+    /// A node-proxy stand-in in its own directory (removed on drop) that reports every
+    /// request and refuses to remove uid "refuse-me".
+    struct Server {
+        dir: PathBuf,
+        path: PathBuf,
+        seen: UnboundedReceiver<Seen>,
+    }
+
+    impl Server {
+        fn start(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("weft-handoff-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("create test dir");
+            let path = dir.join("handoff.sock");
+            let listener = HandoffListener::bind(&path).expect("bind");
+            let (tx, seen) = unbounded_channel();
+            tokio::spawn(async move {
+                while let Ok(mut conn) = listener.accept().await {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        while let Some(request) = conn.next().await.transpose() {
+                            let (seen, refuse) = match request {
+                                Ok(Request::Add { pod, netns }) => {
+                                    (Seen::Add(pod, ns_id(netns)), false)
+                                }
+                                Ok(Request::Remove { uid }) => {
+                                    (Seen::Remove(uid.clone()), uid == "refuse-me")
+                                }
+                                Ok(Request::SnapshotStart) => (Seen::SnapshotStart, false),
+                                Ok(Request::SnapshotEnd) => (Seen::SnapshotEnd, false),
+                                Err(e) => return drop(tx.send(Seen::Ended(e.to_string()))),
+                            };
+                            let _ = tx.send(seen);
+                            let result = if refuse {
+                                Err("remove: test refusal".into())
+                            } else {
+                                Ok(())
+                            };
+                            conn.reply(result).await.expect("reply");
+                        }
+                    });
+                }
+            });
+            Self { dir, path, seen }
+        }
+
+        /// A raw sender, for datagrams [`HandoffClient`] would never send.
+        fn raw(&self) -> Socket {
+            let sock = Socket::new(Domain::UNIX, Type::SEQPACKET, None).expect("socket");
+            sock.set_read_timeout(Some(REPLY_TIMEOUT)).expect("timeout");
+            sock.connect(&SockAddr::unix(&self.path).expect("addr"))
+                .expect("connect");
+            sock
+        }
+
+        async fn expect(&mut self, seen: impl IntoIterator<Item = Seen>) {
+            for expected in seen {
+                assert_eq!(self.seen.recv().await, Some(expected));
+            }
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// The next reply, `Value::Null` at end of stream.
+    fn raw_recv(sock: &Socket) -> Value {
+        let mut buf = vec![0; MAX_MESSAGE];
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, None, MsgFlags::empty());
+        match msg.expect("recv").bytes {
+            0 => Value::Null,
+            len => serde_json::from_slice(&buf[..len]).expect("reply is JSON"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn round_trip() {
+        let mut server = Server::start("round-trip");
+        let path = server.path.clone();
+        let client = tokio::task::spawn_blocking(move || {
+            let netns = own_netns();
+            let mut client = HandoffClient::connect(&path)?;
+            client.add(&pod(1), netns.as_fd())?;
+            client.remove("uid-1")?;
+            let refused = client.remove("refuse-me").expect_err("refused").to_string();
+            assert_eq!(refused, "node-proxy refused: remove: test refusal");
+            client.snapshot(&[(pod(2), netns.as_fd()), (pod(3), netns.as_fd())])
+        });
+        client.await.expect("client thread").expect("client");
+        let ns = ns_id(own_netns());
+        let removes = [
+            Seen::Remove("uid-1".into()),
+            Seen::Remove("refuse-me".into()),
+        ];
+        server.expect([Seen::Add(pod(1), ns)]).await;
+        server.expect(removes).await;
+        server
+            .expect([
+                Seen::SnapshotStart,
+                Seen::Add(pod(2), ns),
+                Seen::Add(pod(3), ns),
+            ])
+            .await;
+        server.expect([Seen::SnapshotEnd]).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_input_is_answered_and_the_connection_survives() {
+        let mut server = Server::start("bad-input");
+        let (dir, raw) = (server.dir.clone(), server.raw());
+        let sender = tokio::task::spawn_blocking(move || {
+            let check = |message: &str, fds: &[RawFd], want: &str| {
+                send_datagram(raw.as_raw_fd(), message.as_bytes(), fds).expect("send");
+                let reply = raw_recv(&raw);
+                let error = reply["error"].as_str().unwrap_or_default();
+                let ok = reply["ok"] == json!(want.is_empty()) && error.contains(want);
+                assert!(ok, "{message:.60}: got {reply}, want {want:?}");
+            };
+            let netns = own_netns();
+            let ns = netns.as_raw_fd();
+            let file = std::fs::File::create(dir.join("plain")).expect("create file");
+            let user_ns = std::fs::File::open("/proc/self/ns/user").expect("open user ns");
+            let add_with = |field: &str, value: Value| {
+                let mut add = json!({"type": "add", "pod": pod(1)});
+                add["pod"][field] = value;
+                add.to_string()
+            };
+            let add = add_with("uid", json!("uid-1"));
+            let hello = r#"{"type":"hello","version":1}"#;
+            check(&add, &[ns], "add for pod shop/cart-1: expected hello first");
+            check(hello, &[], "");
+            check("{not json", &[], "message is not JSON");
+            check(
+                r#"{"type":"frob"}"#,
+                &[],
+                r#"message of type "frob": unknown variant `frob`"#,
+            );
+            check(
+                &add,
+                &[],
+                "add for pod shop/cart-1: expected 1 file descriptor (the pod's network namespace), got 0",
+            );
+            check(
+                &add,
+                &[ns, ns],
+                "expected 1 file descriptor (the pod's network namespace), got 2",
+            );
+            let plain = format!(
+                "not a network namespace (it refers to {})",
+                dir.join("plain").display()
+            );
+            check(&add, &[file.as_raw_fd()], &plain);
+            check(
+                &add,
+                &[user_ns.as_raw_fd()],
+                "not a network namespace (it refers to user:[",
+            );
+            check(
+                &add_with("ips", json!([])),
+                &[ns],
+                "add for pod shop/cart-1: ips is empty",
+            );
+            check(
+                &add_with("name", json!("")),
+                &[ns],
+                "add for pod shop/: name is empty",
+            );
+            check(
+                &add_with("ips", json!(["10.0.0.300"])),
+                &[ns],
+                "add for pod shop/cart-1: invalid IP",
+            );
+            check(
+                &add_with("color", json!("blue")),
+                &[ns],
+                "unknown field `color`",
+            );
+            check(
+                r#"{"type":"remove","uid":"x"}"#,
+                &[ns],
+                "remove: expected no file descriptors, got 1",
+            );
+            check(r#"{"type":"remove"}"#, &[], "remove: missing field `uid`");
+            check(
+                r#"{"type":"remove","uid":"x","y":1}"#,
+                &[],
+                "remove: unknown field `y`",
+            );
+            check(
+                r#"{"type":"snapshot_end","y":1}"#,
+                &[],
+                "snapshot_end: unknown field `y`",
+            );
+            check(
+                r#"{"type":"snapshot_end"}"#,
+                &[],
+                "snapshot_end: no snapshot_start before it",
+            );
+            check(r#"{"type":"snapshot_start"}"#, &[], "");
+            check(
+                r#"{"type":"snapshot_start"}"#,
+                &[],
+                "snapshot_start: a snapshot is already in",
+            );
+            check(
+                &" ".repeat(MAX_MESSAGE + 1),
+                &[],
+                "larger than the 64 KiB limit",
+            );
+            check(hello, &[], "hello: already received");
+            check(&add, &[ns], "");
+            check(r#"{"type":"snapshot_end"}"#, &[], "");
+        });
+        sender.await.expect("sender thread");
+        let ns = ns_id(own_netns());
+        server
+            .expect([
+                Seen::SnapshotStart,
+                Seen::Add(pod(1), ns),
+                Seen::SnapshotEnd,
+            ])
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn version_mismatch_closes() {
+        let mut server = Server::start("version");
+        let raw = server.raw();
+        let replies = tokio::task::spawn_blocking(move || {
+            let hello = br#"{"type":"hello","version":2,"features":["x"]}"#;
+            send_datagram(raw.as_raw_fd(), hello, &[]).expect("send");
+            (raw_recv(&raw), raw_recv(&raw))
+        });
+        let (reply, after) = replies.await.expect("sender thread");
+        let want = "hello: protocol version 2 is not supported; this node-proxy speaks version 1";
+        assert_eq!(reply, json!({"ok": false, "error": want, "version": 1}));
+        assert_eq!(after, Value::Null, "the connection is closed");
+        let ended = server.seen.recv().await;
+        let want = "speaks protocol version 2, this side speaks 1";
+        assert!(
+            matches!(&ended, Some(Seen::Ended(e)) if e.contains(want)),
+            "{ended:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn snapshot_of_300_pods_arrives_whole() {
+        let mut server = Server::start("snapshot");
+        let path = server.path.clone();
+        let sent = tokio::task::spawn_blocking(move || {
+            let netns = own_netns();
+            let pods: Vec<_> = (0..300).map(|i| (pod(i), netns.as_fd())).collect();
+            HandoffClient::connect(&path)?.snapshot(&pods)
+        });
+        sent.await.expect("client thread").expect("snapshot");
+        let ns = ns_id(own_netns());
+        server.expect([Seen::SnapshotStart]).await;
+        server.expect((0..300).map(|i| Seen::Add(pod(i), ns))).await;
+        server.expect([Seen::SnapshotEnd]).await;
+    }
+
+    #[tokio::test]
+    async fn bind_replaces_a_socket_but_not_a_file() {
+        let server = Server::start("bind");
+        let mode = std::fs::metadata(&server.path)
+            .expect("socket")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let error = |path: &Path| HandoffListener::bind(path).err().map(|e| e.to_string());
+        let stale = server.dir.join("stale.sock");
+        drop(HandoffListener::bind(&stale).expect("first bind"));
+        assert_eq!(error(&stale), None, "a stale socket is replaced");
+        let file = server.dir.join("file");
+        std::fs::write(&file, "x").expect("write");
+        let file = error(&file).unwrap_or_default();
+        assert!(
+            file.ends_with("exists and is not a socket; remove it by hand"),
+            "{file}"
+        );
+    }
+
+    #[test]
+    fn client_errors_name_the_socket_and_the_pod() {
+        let path = std::env::temp_dir().join("weft-handoff-no-such-dir/handoff.sock");
+        let e = HandoffClient::connect(&path)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.starts_with(&format!("cannot reach node-proxy at {}: ", path.display())),
+            "{e}"
+        );
+        assert!(e.ends_with("(is node-proxy running for this node?)"), "{e}");
+        let mut bad = pod(1);
+        bad.service_account.clear();
+        assert_eq!(bad.validate(), Err("serviceAccount is empty".into()));
+    }
+}

@@ -1,0 +1,125 @@
+//! Per-connection series with the mesh's standard labels.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+/// Who talked to whom, as Prometheus labels.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    /// `inbound` (this node served the destination) or `outbound`.
+    pub direction: &'static str,
+    /// Source pod name (`unknown` outside the mesh model).
+    pub source_workload: String,
+    /// Source namespace.
+    pub source_namespace: String,
+    /// Source SPIFFE ID, when proven by mTLS or known from the model.
+    pub source_principal: String,
+    /// Destination pod name.
+    pub destination_workload: String,
+    /// Destination namespace.
+    pub destination_namespace: String,
+    /// Destination SPIFFE ID.
+    pub destination_principal: String,
+    /// The service the client addressed, when it used a service address.
+    pub destination_service: String,
+    /// `mutual_tls` through HBONE, `none` for plaintext.
+    pub connection_security_policy: &'static str,
+}
+
+/// Why an inbound connection was refused, as a label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `identity_mismatch`, `strict_mtls`, `unknown_source`, `unreachable`.
+    pub reason: &'static str,
+}
+
+/// node-proxy's connection series.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    /// TCP connections opened.
+    pub opened: Family<ConnLabels, Counter>,
+    /// TCP connections closed.
+    pub closed: Family<ConnLabels, Counter>,
+    /// Bytes from source to destination.
+    pub sent: Family<ConnLabels, Counter>,
+    /// Bytes from destination to source.
+    pub received: Family<ConnLabels, Counter>,
+    /// Inbound connections refused.
+    pub refused: Family<RefusalLabels, Counter>,
+}
+
+impl Metrics {
+    /// Creates and registers the series under `weft_`.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Metrics::default();
+        let r = registry.sub_registry_with_prefix("weft");
+        r.register(
+            "tcp_connections_opened",
+            "TCP connections opened",
+            m.opened.clone(),
+        );
+        r.register(
+            "tcp_connections_closed",
+            "TCP connections closed",
+            m.closed.clone(),
+        );
+        r.register(
+            "tcp_sent_bytes",
+            "Bytes sent from source to destination",
+            m.sent.clone(),
+        );
+        r.register(
+            "tcp_received_bytes",
+            "Bytes sent from destination back to source",
+            m.received.clone(),
+        );
+        r.register(
+            "inbound_refusals",
+            "Inbound connections refused, by reason",
+            m.refused.clone(),
+        );
+        m
+    }
+
+    /// Counts a refusal.
+    pub fn refuse(&self, reason: &'static str) {
+        self.refused.get_or_create(&RefusalLabels { reason }).inc();
+    }
+
+    /// Counts an opened connection and returns a guard that counts its close and bytes.
+    pub fn open(&self, labels: ConnLabels) -> ConnGuard {
+        self.opened.get_or_create(&labels).inc();
+        ConnGuard {
+            metrics: self.clone(),
+            labels,
+            sent: 0,
+            received: 0,
+        }
+    }
+}
+
+/// Counts a connection's bytes and close when dropped.
+pub struct ConnGuard {
+    metrics: Metrics,
+    labels: ConnLabels,
+    /// Bytes source -> destination.
+    pub sent: u64,
+    /// Bytes destination -> source.
+    pub received: u64,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.metrics
+            .sent
+            .get_or_create(&self.labels)
+            .inc_by(self.sent);
+        self.metrics
+            .received
+            .get_or_create(&self.labels)
+            .inc_by(self.received);
+        self.metrics.closed.get_or_create(&self.labels).inc();
+    }
+}

@@ -1,0 +1,162 @@
+//! Network namespaces: a thread that lives in a pod's netns and makes sockets there.
+//!
+//! A socket belongs to the network namespace it was created in, whichever thread uses it
+//! later. So node-proxy keeps one small thread per pod that has `setns`-ed into the
+//! pod's namespace; it creates listeners and outgoing sockets on request and hands them
+//! to the async runtime, which serves them like any other socket. Child processes
+//! spawned from that thread (e.g. `nft`) also start in the pod's namespace.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::OwnedFd;
+use std::sync::mpsc;
+
+use nix::sched::{setns, CloneFlags};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tokio::sync::oneshot;
+
+/// Socket mark of the proxy's own outgoing connections (HBONE and passthrough): the
+/// pod's redirect rules let marked packets through instead of capturing them again.
+pub const MARK_OUTBOUND: u32 = 0x539;
+/// Socket mark of inbound connections the proxy makes to the application with the
+/// client's source address (transparent). The rules route the application's replies to
+/// these back to the proxy.
+pub const MARK_INBOUND: u32 = 0x53a;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A thread inside one network namespace.
+#[derive(Debug)]
+pub struct Netns {
+    jobs: mpsc::Sender<Job>,
+    name: String,
+}
+
+impl Netns {
+    /// Starts a thread in the namespace `fd` refers to. `name` is for thread names and
+    /// errors (the pod's namespace/name).
+    pub fn enter(fd: OwnedFd, name: &str) -> io::Result<Self> {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("netns {name}"))
+            .spawn(move || {
+                if let Err(e) = setns(&fd, CloneFlags::CLONE_NEWNET) {
+                    let _ = ready_tx.send(Err(io::Error::from(e)));
+                    return;
+                }
+                drop(fd);
+                let _ = ready_tx.send(Ok(()));
+                // Runs until every `Netns` handle is gone.
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("netns thread exited before entering"))?
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot enter the network namespace of {name}: {e}"),
+                )
+            })?;
+        Ok(Netns {
+            jobs,
+            name: name.to_owned(),
+        })
+    }
+
+    /// Runs `f` on the namespace's thread and returns its result.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> io::Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| io::Error::other(format!("netns thread of {} is gone", self.name)))?;
+        rx.await
+            .map_err(|_| io::Error::other(format!("netns thread of {} is gone", self.name)))
+    }
+
+    /// As [`run`](Self::run), for callers outside the runtime.
+    pub fn run_blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> io::Result<T> {
+        let (tx, rx) = mpsc::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| io::Error::other(format!("netns thread of {} is gone", self.name)))?;
+        rx.recv()
+            .map_err(|_| io::Error::other(format!("netns thread of {} is gone", self.name)))
+    }
+
+    /// A non-blocking TCP listener on `addr` in this namespace.
+    pub async fn listen(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+        let std = self.run(move || listener(addr)).await??;
+        tokio::net::TcpListener::from_std(std)
+    }
+
+    /// An unconnected, marked TCP socket in this namespace for an outgoing connection.
+    pub async fn outbound_socket(&self, dst: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
+        let socket = self
+            .run(move || {
+                let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+                s.set_mark(MARK_OUTBOUND)?;
+                s.set_nonblocking(true)?;
+                s.set_tcp_nodelay(true)?;
+                Ok::<_, io::Error>(s)
+            })
+            .await??;
+        Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+    }
+
+    /// An unconnected TCP socket in this namespace bound to `src` (an address that need
+    /// not be local: the original client's), for connecting to the application while
+    /// preserving the client's source address.
+    pub async fn transparent_socket(&self, src: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
+        let socket = self
+            .run(move || {
+                let s = Socket::new(Domain::for_address(src), Type::STREAM, Some(Protocol::TCP))?;
+                s.set_mark(MARK_INBOUND)?;
+                if src.is_ipv4() {
+                    s.set_ip_transparent_v4(true)?;
+                } else {
+                    s.set_ip_transparent_v6(true)?;
+                }
+                s.set_nonblocking(true)?;
+                s.set_tcp_nodelay(true)?;
+                // Port 0: the client's port may already be in use here.
+                s.bind(&SockAddr::from(SocketAddr::new(src.ip(), 0)))?;
+                Ok::<_, io::Error>(s)
+            })
+            .await??;
+        Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+    }
+}
+
+fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&SockAddr::from(addr))?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+/// The destination a redirected connection was originally sent to (SO_ORIGINAL_DST).
+pub fn original_dst(stream: &tokio::net::TcpStream) -> io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let addr = match stream.local_addr()? {
+        SocketAddr::V4(_) => sock.original_dst_v4()?,
+        SocketAddr::V6(_) => sock.original_dst_v6()?,
+    };
+    addr.as_socket()
+        .ok_or_else(|| io::Error::other("original destination is not an IP address"))
+}

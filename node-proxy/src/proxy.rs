@@ -1,0 +1,464 @@
+//! The node-proxy process: pods handed over on the handoff socket, each served by its
+//! own listeners inside its network namespace, the model and certificates shared.
+//!
+//! ```text
+//!  handoff socket --add(pod, netns fd)--> Pods::add --> Netns thread in the pod
+//!                                           +-- 127.0.0.1:15001  outbound::serve
+//!                                           +-- 0.0.0.0:15006    inbound::serve_plaintext
+//!                                           +-- 0.0.0.0:15008    hbone::Server + inbound::Hbone
+//! ```
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+use tunnel::hbone::{BoxFuture, Pool, PoolConfig, Server, ServerConfig, SocketFactory};
+use tunnel::identity::Identity;
+use tunnel::tls::TlsIdentity;
+
+use crate::handoff::{HandoffListener, PodInfo, Request};
+use crate::metrics::Metrics;
+use crate::netns::Netns;
+use crate::state::{Identities, ModelStatus, SharedModel};
+use crate::{inbound, outbound};
+
+/// Ports inside every pod.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Inbound plaintext capture port.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+
+/// Limits and timings.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections one listener serves at once; more wait in the backlog.
+    pub max_connections: usize,
+    /// How long open connections may finish after a drain starts.
+    pub drain_grace: Duration,
+}
+
+/// What every pod's data path shares.
+pub struct Ctx {
+    /// This node's name.
+    pub node: String,
+    /// The SPIFFE trust domain.
+    pub trust_domain: String,
+    /// The mesh model.
+    pub model: SharedModel,
+    /// Whether the model loaded, and its last error.
+    pub model_status: Arc<Mutex<ModelStatus>>,
+    /// Pod credentials.
+    pub identities: Arc<Identities>,
+    /// Outbound HBONE connections.
+    pub pool: Pool,
+    /// HBONE counters.
+    pub tunnel_metrics: tunnel::metrics::Metrics,
+    /// Connection counters.
+    pub metrics: Metrics,
+    /// Limits.
+    pub limits: Limits,
+    /// Round-robin position per service (`namespace/name`).
+    rr: Mutex<HashMap<String, usize>>,
+}
+
+impl Ctx {
+    /// A context; `pool_config` for outbound HBONE.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        node: String,
+        trust_domain: String,
+        model: SharedModel,
+        model_status: Arc<Mutex<ModelStatus>>,
+        identities: Arc<Identities>,
+        tunnel_metrics: tunnel::metrics::Metrics,
+        metrics: Metrics,
+        limits: Limits,
+    ) -> Arc<Self> {
+        Arc::new(Ctx {
+            node,
+            trust_domain,
+            model,
+            model_status,
+            identities,
+            pool: Pool::new(PoolConfig::default(), tunnel_metrics.clone()),
+            tunnel_metrics,
+            metrics,
+            limits,
+            rr: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The next index (of `n`) for a round-robin over a service's endpoints.
+    pub fn next_endpoint(&self, service: &str, n: usize) -> usize {
+        let mut rr = self.rr.lock().expect("rr lock is never poisoned");
+        let i = rr.entry(service.to_owned()).or_default();
+        *i = i.wrapping_add(1);
+        *i % n.max(1)
+    }
+
+    /// The SPIFFE ID of a service account.
+    pub fn identity(&self, namespace: &str, service_account: &str) -> Result<Identity, String> {
+        Identity::new(&self.trust_domain, namespace, service_account).map_err(|e| e.to_string())
+    }
+}
+
+/// A pod served by this node-proxy.
+pub struct Pod {
+    /// Its metadata.
+    pub info: PodInfo,
+    /// Its primary IP.
+    pub ip: IpAddr,
+    /// Its credentials.
+    pub tls: Arc<TlsIdentity>,
+    /// The thread in its namespace.
+    pub netns: Arc<Netns>,
+    /// (device, inode) of the namespace, to tell a recreated pod from a replayed one.
+    netns_id: (u64, u64),
+    drain: CancellationToken,
+    force: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Pod {
+    /// `namespace/name`, for logs.
+    pub fn name(&self) -> String {
+        format!("{}/{}", self.info.namespace, self.info.name)
+    }
+
+    /// Accepts on `listener` until drained, serving each connection with `serve`.
+    fn accept_loop<F, Fut>(self: &Arc<Self>, ctx: &Arc<Ctx>, listener: TcpListener, serve: F)
+    where
+        F: Fn(Arc<Ctx>, Arc<Pod>, tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (pod, ctx) = (self.clone(), ctx.clone());
+        let limit = Arc::new(Semaphore::new(ctx.limits.max_connections));
+        let tasks = self.tasks.clone();
+        self.tasks.spawn(async move {
+            loop {
+                let permit = tokio::select! {
+                    _ = pod.drain.cancelled() => return,
+                    p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                };
+                let stream = tokio::select! {
+                    _ = pod.drain.cancelled() => return,
+                    r = listener.accept() => match r {
+                        Ok((s, _)) => s,
+                        Err(e) => {
+                            warn!(pod = %pod.name(), "accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let fut = serve(ctx.clone(), pod.clone(), stream);
+                let force = pod.force.clone();
+                tasks.spawn(async move {
+                    tokio::select! {
+                        _ = fut => {}
+                        _ = force.cancelled() => {}
+                    }
+                    drop(permit);
+                });
+            }
+        });
+    }
+}
+
+/// Makes outbound sockets inside a pod's namespace.
+struct PodSockets(Arc<Netns>);
+
+impl SocketFactory for PodSockets {
+    fn socket(
+        &self,
+        dst: std::net::SocketAddr,
+    ) -> BoxFuture<'_, std::io::Result<tokio::net::TcpSocket>> {
+        Box::pin(self.0.outbound_socket(dst))
+    }
+}
+
+impl Pod {
+    /// A socket factory for HBONE connections from this pod.
+    pub fn sockets(&self) -> Arc<dyn SocketFactory> {
+        Arc::new(PodSockets(self.netns.clone()))
+    }
+}
+
+/// The pods of this node.
+pub struct Pods {
+    ctx: Arc<Ctx>,
+    pods: tokio::sync::Mutex<HashMap<String, Arc<Pod>>>,
+    /// Pods re-added since the last `snapshot_start`.
+    snapshot: Mutex<Option<HashSet<String>>>,
+}
+
+impl Pods {
+    /// No pods yet.
+    pub fn new(ctx: Arc<Ctx>) -> Arc<Self> {
+        Arc::new(Pods {
+            ctx,
+            pods: tokio::sync::Mutex::new(HashMap::new()),
+            snapshot: Mutex::new(None),
+        })
+    }
+
+    /// The pods, for `/config_dump`.
+    pub async fn list(&self) -> Vec<PodInfo> {
+        self.pods
+            .lock()
+            .await
+            .values()
+            .map(|p| p.info.clone())
+            .collect()
+    }
+
+    /// Starts serving a pod: enters its namespace, fetches its certificate, opens its
+    /// listeners. All or nothing: on error nothing of the pod is left running.
+    pub async fn add(&self, info: PodInfo, netns: OwnedFd) -> Result<(), String> {
+        let name = format!("{}/{}", info.namespace, info.name);
+        if let Some(seen) = self
+            .snapshot
+            .lock()
+            .expect("snapshot lock is never poisoned")
+            .as_mut()
+        {
+            seen.insert(info.uid.clone());
+        }
+        let netns_id = netns_id(&netns).map_err(|e| format!("pod {name}: {e}"))?;
+        let mut pods = self.pods.lock().await;
+        if let Some(existing) = pods.get(&info.uid) {
+            if existing.info == info && existing.netns_id == netns_id {
+                debug!(pod = %name, "pod already served");
+                return Ok(());
+            }
+        }
+        if let Some(old) = pods.remove(&info.uid) {
+            stop(old, Duration::ZERO).await;
+        }
+        let pod = self
+            .start(info, netns, netns_id)
+            .await
+            .map_err(|e| format!("pod {name}: {e}"))?;
+        info!(pod = %name, ip = %pod.ip, identity = %pod.tls.identity(), "pod added");
+        pods.insert(pod.info.uid.clone(), pod);
+        Ok(())
+    }
+
+    async fn start(
+        &self,
+        info: PodInfo,
+        fd: OwnedFd,
+        netns_id: (u64, u64),
+    ) -> Result<Arc<Pod>, String> {
+        let ctx = &self.ctx;
+        let name = format!("{}/{}", info.namespace, info.name);
+        let ip = *info.ips.first().ok_or("it has no IP")?;
+        let netns = Arc::new(Netns::enter(fd, &name).map_err(|e| e.to_string())?);
+        let identity = ctx.identity(&info.namespace, &info.service_account)?;
+        let tls = ctx.identities.get(&identity).await?;
+        let listen = |port| {
+            let netns = netns.clone();
+            async move {
+                netns
+                    .listen((IpAddr::from([0, 0, 0, 0]), port).into())
+                    .await
+                    .map_err(|e| format!("cannot listen on port {port} in its network namespace: {e} (is the pod's IP configured there?)"))
+            }
+        };
+        // Open every listener before serving any, so a failure leaves nothing behind.
+        let outbound_l = netns
+            .listen((IpAddr::from([127, 0, 0, 1]), OUTBOUND_PORT).into())
+            .await
+            .map_err(|e| format!("cannot listen on 127.0.0.1:{OUTBOUND_PORT}: {e}"))?;
+        let plaintext_l = listen(INBOUND_PLAINTEXT_PORT).await?;
+        let hbone_l = listen(tunnel::hbone::PORT).await?;
+        let pod = Arc::new(Pod {
+            info,
+            ip,
+            tls: tls.clone(),
+            netns,
+            netns_id,
+            drain: CancellationToken::new(),
+            force: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        let span = tracing::info_span!("pod", pod = %name);
+        pod.accept_loop(ctx, outbound_l, outbound::serve);
+        pod.accept_loop(ctx, plaintext_l, inbound::serve_plaintext);
+        let server = Arc::new(Server::new(
+            &tls,
+            ServerConfig {
+                max_connections: ctx.limits.max_connections,
+                ..ServerConfig::default()
+            },
+            ctx.tunnel_metrics.clone(),
+        ));
+        let handler = Arc::new(inbound::Hbone {
+            ctx: ctx.clone(),
+            pod: pod.clone(),
+        });
+        pod.tasks.spawn(
+            server
+                .serve(hbone_l, handler, pod.drain.clone(), ctx.limits.drain_grace)
+                .instrument(span),
+        );
+        Ok(pod)
+    }
+
+    /// Stops serving a pod: it stops accepting at once; open connections get the drain
+    /// grace period in the background. Removing an unknown pod is not an error.
+    pub async fn remove(&self, uid: &str) -> Result<(), String> {
+        let pod = self.pods.lock().await.remove(uid);
+        match pod {
+            Some(pod) => {
+                info!(pod = %pod.name(), "pod removed");
+                pod.drain.cancel();
+                tokio::spawn(stop(pod, self.ctx.limits.drain_grace));
+            }
+            None => debug!(uid, "remove for a pod not served here"),
+        }
+        Ok(())
+    }
+
+    /// Waits until every removed pod's connections are gone (tests count tasks/fds).
+    pub async fn served(&self) -> usize {
+        self.pods.lock().await.len()
+    }
+
+    /// Begins a snapshot: pods not re-added before its end are removed.
+    pub fn snapshot_start(&self) {
+        *self
+            .snapshot
+            .lock()
+            .expect("snapshot lock is never poisoned") = Some(HashSet::new());
+    }
+
+    /// Ends a snapshot, removing pods it did not mention.
+    pub async fn snapshot_end(&self) -> Result<(), String> {
+        let seen = self
+            .snapshot
+            .lock()
+            .expect("snapshot lock is never poisoned")
+            .take()
+            .ok_or("snapshot_end without snapshot_start")?;
+        let stale: Vec<String> = self
+            .pods
+            .lock()
+            .await
+            .keys()
+            .filter(|uid| !seen.contains(*uid))
+            .cloned()
+            .collect();
+        for uid in stale {
+            let _ = self.remove(&uid).await;
+        }
+        Ok(())
+    }
+
+    /// Drains every pod at once (SIGTERM): stop accepting everywhere, give open
+    /// connections one grace period, then close the rest.
+    pub async fn drain_all(&self) {
+        let pods: Vec<Arc<Pod>> = self.pods.lock().await.drain().map(|(_, p)| p).collect();
+        for p in &pods {
+            p.drain.cancel();
+            p.tasks.close();
+        }
+        let all = async {
+            for p in &pods {
+                p.tasks.wait().await;
+            }
+        };
+        if tokio::time::timeout(self.ctx.limits.drain_grace, all)
+            .await
+            .is_err()
+        {
+            warn!("drain grace period over; closing remaining connections");
+        }
+        for p in &pods {
+            p.force.cancel();
+        }
+        for p in &pods {
+            p.tasks.wait().await;
+        }
+    }
+}
+
+/// (device, inode) of a namespace file descriptor.
+fn netns_id(fd: &OwnedFd) -> Result<(u64, u64), String> {
+    let st =
+        nix::sys::stat::fstat(fd).map_err(|e| format!("cannot stat its network namespace: {e}"))?;
+    Ok((st.st_dev as u64, st.st_ino as u64))
+}
+
+/// Stop accepting, let connections finish for `grace`, then close the rest.
+async fn stop(pod: Arc<Pod>, grace: Duration) {
+    pod.drain.cancel();
+    pod.tasks.close();
+    if tokio::time::timeout(grace, pod.tasks.wait()).await.is_err() {
+        warn!(pod = %pod.name(), "drain grace period over; closing remaining connections");
+    }
+    pod.force.cancel();
+    pod.tasks.wait().await;
+}
+
+/// Serves the handoff socket: each sender connection's requests in order.
+pub async fn serve_handoff(
+    path: PathBuf,
+    pods: Arc<Pods>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let listener = HandoffListener::bind(&path)?;
+    info!("handoff socket listening at {}", path.display());
+    loop {
+        let mut conn = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            c = listener.accept() => match c {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of fds or similar: back off instead of spinning.
+                    warn!("handoff accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let pods = pods.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let request = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = conn.next() => r,
+                };
+                let result = match request {
+                    Ok(Some(Request::Add { pod, netns })) => pods.add(pod, netns).await,
+                    Ok(Some(Request::Remove { uid })) => pods.remove(&uid).await,
+                    Ok(Some(Request::SnapshotStart)) => {
+                        pods.snapshot_start();
+                        Ok(())
+                    }
+                    Ok(Some(Request::SnapshotEnd)) => pods.snapshot_end().await,
+                    Ok(None) => return,
+                    Err(e) => {
+                        warn!("handoff connection ended: {e}");
+                        return;
+                    }
+                };
+                if let Err(e) = &result {
+                    warn!("handoff request refused: {e}");
+                }
+                if let Err(e) = conn.reply(result).await {
+                    warn!("handoff reply failed: {e}");
+                    return;
+                }
+            }
+        });
+    }
+}

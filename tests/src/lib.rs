@@ -1,0 +1,336 @@
+//! The end-to-end harness: runs `weftctl local up` on a manifest directory as a child
+//! process, waits until the sandbox is ready, and drives it with real clients inside
+//! pod network namespaces. Dropping a [`Sandbox`] stops it and removes every namespace
+//! it created, also when a test fails.
+//!
+//! Tests need root (network namespaces) and the built `weftctl` binary next to the test
+//! executable's directory (`cargo build -p weft-cli` first; `.ci/run` does).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+/// Whether the tests run as root (they need it for network namespaces).
+pub fn is_root() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let root = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        == Some("0");
+    root
+}
+
+/// The `weftctl` binary built alongside the tests.
+pub fn weftctl() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("unexpected test executable location")?;
+    let bin = dir.join("weftctl");
+    if !bin.exists() {
+        bail!(
+            "{} is missing: run `cargo build -p weft-cli` before the end-to-end tests",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A running sandbox.
+pub struct Sandbox {
+    /// Its name.
+    pub name: String,
+    /// Its state directory.
+    pub state_dir: PathBuf,
+    child: Option<Child>,
+    /// Its `state.json`, as read when it became ready.
+    pub state: Value,
+}
+
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+
+impl Sandbox {
+    /// Starts a sandbox named `name` from `manifests`, waiting up to 90 s for it.
+    pub fn up(name: &str, manifests: &Path) -> anyhow::Result<Self> {
+        let state_dir = PathBuf::from("/run/weft/e2e").join(name);
+        // A leftover from a killed run would block the name.
+        let _ = Command::new(weftctl()?)
+            .args(["local", "down", "--name", name, "--state-dir"])
+            .arg(&state_dir)
+            .output();
+        let _ = std::fs::remove_dir_all(&state_dir);
+        std::fs::create_dir_all(&state_dir)?;
+        // Distinct admin ports per sandbox so tests can run side by side.
+        let base = 16000
+            + 10 * (NEXT_PORT.fetch_add(1, Ordering::Relaxed)
+                + (std::process::id() % 100) as u16 * 10);
+        let log = std::fs::File::create(state_dir.with_extension("log"))?;
+        let child = Command::new(weftctl()?)
+            .args(["local", "up"])
+            .arg(manifests)
+            .args([
+                "--name",
+                name,
+                "--summary-every",
+                "0",
+                "--admin-base-port",
+                &base.to_string(),
+            ])
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start weftctl local up")?;
+        let mut sandbox = Sandbox {
+            name: name.to_owned(),
+            state_dir: state_dir.clone(),
+            child: Some(child),
+            state: Value::Null,
+        };
+        let start = Instant::now();
+        loop {
+            if let Ok(text) = std::fs::read_to_string(state_dir.join("state.json")) {
+                if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                    if v["ready"] == Value::Bool(true) {
+                        sandbox.state = v;
+                        break;
+                    }
+                }
+            }
+            if let Some(status) = sandbox
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "weftctl local up exited ({status}):\n{}",
+                    std::fs::read_to_string(state_dir.with_extension("log")).unwrap_or_default()
+                );
+            }
+            if start.elapsed() > Duration::from_secs(90) {
+                bail!("sandbox {name} not ready after 90 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        sandbox.wait_ready()?;
+        Ok(sandbox)
+    }
+
+    /// Waits until every node-proxy reports ready.
+    pub fn wait_ready(&self) -> anyhow::Result<()> {
+        for node in self.nodes() {
+            let start = Instant::now();
+            while http_get(self.admin(&node)?, "/ready").map(|(s, _)| s).ok() != Some(200) {
+                if start.elapsed() > Duration::from_secs(30) {
+                    bail!("node-proxy of {node} not ready");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-reads `state.json` (it changes when a node-proxy is restarted).
+    pub fn refresh(&mut self) -> anyhow::Result<()> {
+        self.state =
+            serde_json::from_str(&std::fs::read_to_string(self.state_dir.join("state.json"))?)?;
+        Ok(())
+    }
+
+    fn pod(&self, pod: &str) -> anyhow::Result<&Value> {
+        self.state["pods"]
+            .as_array()
+            .and_then(|ps| {
+                ps.iter().find(|p| {
+                    format!(
+                        "{}/{}",
+                        p["namespace"].as_str().unwrap_or(""),
+                        p["name"].as_str().unwrap_or("")
+                    ) == pod
+                })
+            })
+            .with_context(|| format!("no pod {pod} in sandbox {}", self.name))
+    }
+
+    /// A pod's IP.
+    pub fn ip(&self, pod: &str) -> anyhow::Result<String> {
+        Ok(self.pod(pod)?["ip"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// A pod's network namespace name.
+    pub fn netns(&self, pod: &str) -> anyhow::Result<String> {
+        Ok(self.pod(pod)?["netns"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
+    }
+
+    /// A pod's log (its process's stdout and stderr).
+    pub fn log(&self, pod: &str) -> anyhow::Result<String> {
+        let path = self.pod(pod)?["log"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        Ok(std::fs::read_to_string(path).unwrap_or_default())
+    }
+
+    /// A node-proxy's log.
+    pub fn node_log(&self, node: &str) -> String {
+        std::fs::read_to_string(
+            self.state_dir
+                .join("logs")
+                .join(format!("node-proxy_{node}.log")),
+        )
+        .unwrap_or_default()
+    }
+
+    /// The node names.
+    pub fn nodes(&self) -> Vec<String> {
+        self.state["nodes"]
+            .as_array()
+            .map(|ns| {
+                ns.iter()
+                    .filter_map(|n| n["name"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A node-proxy's admin address.
+    pub fn admin(&self, node: &str) -> anyhow::Result<SocketAddr> {
+        let n = self.state["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["name"] == node))
+            .with_context(|| format!("no node {node}"))?;
+        Ok(n["admin"].as_str().unwrap_or_default().parse()?)
+    }
+
+    /// A node-proxy's PID.
+    pub fn node_pid(&self, node: &str) -> anyhow::Result<i32> {
+        let n = self.state["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["name"] == node))
+            .with_context(|| format!("no node {node}"))?;
+        Ok(n["pid"].as_i64().unwrap_or_default() as i32)
+    }
+
+    /// A node-proxy's `/metrics`.
+    pub fn metrics(&self, node: &str) -> anyhow::Result<String> {
+        Ok(http_get(self.admin(node)?, "/metrics")?.1)
+    }
+
+    /// Runs a command inside a pod's network namespace.
+    pub fn exec(&self, pod: &str, args: &[&str]) -> anyhow::Result<Output> {
+        let ns = self.netns(pod)?;
+        Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .args(args)
+            .output()
+            .with_context(|| format!("ip netns exec {ns} {args:?}"))
+    }
+
+    /// `curl` from a pod; returns (exit code, body).
+    pub fn curl(&self, pod: &str, url: &str) -> anyhow::Result<(i32, String)> {
+        let out = self.exec(pod, &["curl", "-sS", "--max-time", "5", url])?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ))
+    }
+
+    /// Stops the sandbox (SIGTERM, as Ctrl-C) and waits for its cleanup.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(30) {
+                if child.try_wait()?.is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Belt and braces: whatever the supervisor left.
+        let _ = Command::new(weftctl()?)
+            .args(["local", "down", "--name", &self.name, "--state-dir"])
+            .arg(&self.state_dir)
+            .output();
+        Ok(())
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// `GET path` over HTTP/1.0; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The sum of a metric's samples whose labels contain every `key="value"` in `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// Retries `f` every 100 ms until it returns `Some`, for up to `limit`.
+pub fn eventually<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,425 @@
+//! The L4 mesh end to end: pods in network namespaces on two simulated nodes, captured by
+//! nftables, carried over HBONE between two node-proxy processes, driven by curl.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use weft_e2e::{eventually, is_root, metric_sum, repo_root, weftctl, Sandbox};
+
+fn manifests() -> PathBuf {
+    repo_root().join("tests/manifests/mesh")
+}
+
+macro_rules! root_only {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: end-to-end tests need root (network namespaces)");
+            return;
+        }
+    };
+}
+
+const A: &str = "shop/client";
+const B: &str = "shop/echo";
+
+#[test]
+fn pod_to_pod_by_ip_and_by_service() {
+    root_only!();
+    let sb = Sandbox::up("e2e-ip", &manifests()).unwrap();
+    let (a_ip, b_ip) = (sb.ip(A).unwrap(), sb.ip(B).unwrap());
+
+    let (code, body) = sb.curl(A, &format!("http://{b_ip}:8080/by-ip")).unwrap();
+    assert_eq!(code, 0, "curl by pod IP: {body}");
+    assert!(body.contains("\"pod\":\"echo\""), "{body}");
+    let (code, body) = sb.curl(A, "http://10.96.0.10/by-vip").unwrap();
+    assert_eq!(code, 0, "curl by service VIP: {body}");
+    assert!(body.contains("\"pod\":\"echo\""), "{body}");
+
+    // B sees A's own pod IP as the client, for both requests.
+    let log = sb.log(B).unwrap();
+    for path in ["/by-ip", "/by-vip"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!("client={a_ip}:"))
+                    && l.contains(&format!("path={path}"))),
+            "echo's log shows {a_ip} as the source of {path}:\n{log}"
+        );
+    }
+    // Node 2 saw A's SPIFFE principal over mTLS.
+    let m = sb.metrics("node-2").unwrap();
+    let seen = metric_sum(
+        &m,
+        "weft_tcp_connections_opened_total",
+        &[
+            ("direction", "inbound"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/shop/sa/client",
+            ),
+            ("destination_workload", "echo"),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+    );
+    assert!(
+        seen >= 2.0,
+        "node-2 counts A's connections with its principal:\n{m}"
+    );
+}
+
+#[test]
+fn fabric_capture_shows_tls13_and_no_plaintext() {
+    root_only!();
+    let sb = Sandbox::up("e2e-pcap", &manifests()).unwrap();
+    let b_ip = sb.ip(B).unwrap();
+    let fabric = sb.state["fabric"].as_str().unwrap().to_owned();
+    let pcap = sb.state_dir.join("fabric.pcap");
+    let mut tcpdump = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &fabric,
+            "tcpdump",
+            "--immediate-mode",
+            "-i",
+            "br0",
+            "-U",
+            "-s",
+            "0",
+            "-w",
+        ])
+        .arg(&pcap)
+        .arg("tcp")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tcpdump is installed (.ci/run installs it)");
+    // tcpdump lets nothing in until its filter is attached: warm up with plaintext
+    // requests to a pod outside the mesh (so the tunnel to B is not opened yet) until
+    // the capture file grows past its header.
+    let web_ip = sb.ip("legacy/web").unwrap();
+    eventually(Duration::from_secs(20), || {
+        let _ = sb.curl(A, &format!("http://{web_ip}:8080/warm-up"));
+        std::fs::metadata(&pcap).ok().filter(|m| m.len() > 24)
+    })
+    .expect("tcpdump captures");
+    let marker = "plaintext-must-not-appear-on-the-wire";
+    let (code, body) = sb.curl(A, &format!("http://{b_ip}:8080/{marker}")).unwrap();
+    assert_eq!(code, 0, "{body}");
+    assert!(body.contains(marker), "the request arrived: {body}");
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = Command::new("kill")
+        .arg("-INT")
+        .arg(tcpdump.id().to_string())
+        .status();
+    let _ = tcpdump.wait();
+
+    let bytes = std::fs::read(&pcap).unwrap();
+    assert!(bytes.len() > 24 + 200, "the capture holds packets");
+    assert!(
+        !bytes.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "the request's plaintext crossed the fabric"
+    );
+    // The tunnel is TLS 1.3 to port 15008, as tshark decodes it.
+    let out = Command::new("tshark")
+        .args(["-r"])
+        .arg(&pcap)
+        .args([
+            "-d",
+            "tcp.port==15008,tls",
+            "-Y",
+            "tls.handshake.type == 2",
+            "-T",
+            "fields",
+            "-e",
+            "tcp.srcport",
+            "-e",
+            "tls.handshake.extensions.supported_version",
+        ])
+        .output()
+        .expect("tshark is installed (.ci/run installs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("15008") && l.contains("0x0304")),
+        "a ServerHello from port 15008 negotiating TLS 1.3 (0x0304): {text:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn outside_the_mesh_and_strict_mode() {
+    root_only!();
+    let sb = Sandbox::up("e2e-strict", &manifests()).unwrap();
+    let (b_ip, vault_ip, web_ip) = (
+        sb.ip(B).unwrap(),
+        sb.ip("vault/secrets").unwrap(),
+        sb.ip("legacy/web").unwrap(),
+    );
+    let outsider_ip = sb.ip("legacy/outsider").unwrap();
+
+    // A pod outside the mesh reaches a meshed pod (permissive), with its own address.
+    let (code, body) = sb
+        .curl(
+            "legacy/outsider",
+            &format!("http://{b_ip}:8080/from-outside"),
+        )
+        .unwrap();
+    assert_eq!(code, 0, "{body}");
+    assert!(sb
+        .log(B)
+        .unwrap()
+        .contains(&format!("client={outsider_ip}:")));
+
+    // ...but not one in a STRICT namespace.
+    let (code, body) = sb
+        .curl("legacy/outsider", &format!("http://{vault_ip}:8080/"))
+        .unwrap();
+    assert_ne!(code, 0, "STRICT must refuse plaintext: {body}");
+    let m = sb.metrics("node-2").unwrap();
+    assert!(
+        metric_sum(
+            &m,
+            "weft_inbound_refusals_total",
+            &[("reason", "strict_mtls")]
+        ) >= 1.0,
+        "{m}"
+    );
+    // A meshed client does reach the STRICT pod (over mTLS).
+    let (code, body) = sb.curl(A, &format!("http://{vault_ip}:8080/")).unwrap();
+    assert_eq!(code, 0, "{body}");
+
+    // A meshed pod reaches a pod outside the mesh directly: plain TCP, no tunnel.
+    let (code, body) = sb
+        .curl(A, &format!("http://{web_ip}:8080/to-legacy"))
+        .unwrap();
+    assert_eq!(code, 0, "{body}");
+    let m = sb.metrics("node-1").unwrap();
+    let plain = metric_sum(
+        &m,
+        "weft_tcp_connections_opened_total",
+        &[
+            ("direction", "outbound"),
+            ("destination_workload", "web"),
+            ("connection_security_policy", "none"),
+        ],
+    );
+    assert!(
+        plain >= 1.0,
+        "node-1 passed the connection through in plaintext:\n{m}"
+    );
+    let web_log = sb.log("legacy/web").unwrap();
+    assert!(
+        web_log.contains(&format!("client={}:", sb.ip(A).unwrap())),
+        "{web_log}"
+    );
+}
+
+#[test]
+fn stolen_certificate_is_refused() {
+    root_only!();
+    let sb = Sandbox::up("e2e-steal", &manifests()).unwrap();
+    let b_ip = sb.ip(B).unwrap();
+    let ca_cert = sb.state_dir.join("ca.pem");
+    let ca_key = sb.state_dir.join("ca-key.pem");
+    let weftctl = weftctl().unwrap();
+    let attempt = |identity: &str| {
+        sb.exec(
+            A,
+            &[
+                weftctl.to_str().unwrap(),
+                "debug",
+                "hbone",
+                "--ca-cert",
+                ca_cert.to_str().unwrap(),
+                "--ca-key",
+                ca_key.to_str().unwrap(),
+                "--identity",
+                identity,
+                "--peer",
+                "spiffe://cluster.local/ns/shop/sa/echo",
+                "--to",
+                &format!("{b_ip}:15008"),
+                "--target",
+                &format!("{b_ip}:8080"),
+                // Bypass A's capture, as an attacker with root in the pod could.
+                "--mark",
+                "0x539",
+            ],
+        )
+        .unwrap()
+    };
+    // Control: A's own identity from A's address works.
+    let own = attempt("spiffe://cluster.local/ns/shop/sa/client");
+    assert!(
+        own.status.success(),
+        "{}",
+        String::from_utf8_lossy(&own.stderr)
+    );
+    assert!(String::from_utf8_lossy(&own.stdout).starts_with("HTTP/1.0 200"));
+    // C's valid certificate presented from A's address is refused.
+    let stolen = attempt("spiffe://cluster.local/ns/shop/sa/admin");
+    let err = String::from_utf8_lossy(&stolen.stderr);
+    assert!(!stolen.status.success(), "stolen identity accepted");
+    assert!(err.contains("401"), "refused as a policy denial: {err}");
+    let m = sb.metrics("node-2").unwrap();
+    assert_eq!(
+        metric_sum(
+            &m,
+            "weft_inbound_refusals_total",
+            &[("reason", "identity_mismatch")]
+        ),
+        1.0,
+        "{m}"
+    );
+    let log = sb.node_log("node-2");
+    assert!(
+        log.contains("spiffe://cluster.local/ns/shop/sa/admin")
+            && log.contains("belongs to pod shop/client"),
+        "the refusal is logged with both identities:\n{log}"
+    );
+}
+
+#[test]
+fn node_proxy_restart_under_load() {
+    root_only!();
+    let mut sb = Sandbox::up("e2e-restart", &manifests()).unwrap();
+    let a_ip_before = sb
+        .exec(A, &["ip", "-4", "-o", "addr", "show", "eth0"])
+        .unwrap()
+        .stdout;
+    let weftctl = weftctl().unwrap();
+    let rules = |sb: &Sandbox| {
+        let out = Command::new(&weftctl)
+            .args(["local", "rules", A, "--name", &sb.name, "--state-dir"])
+            .arg(&sb.state_dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let rules_before = rules(&sb);
+    assert!(
+        rules_before.contains("redirect to :15001"),
+        "{rules_before}"
+    );
+
+    // 30 s of requests, one connection each, with node-1's proxy killed 10 s in.
+    let old_pid = sb.node_pid("node-1").unwrap();
+    let start = Instant::now();
+    let mut killed_at = None;
+    let mut results: Vec<(Duration, bool)> = Vec::new();
+    while start.elapsed() < Duration::from_secs(30) {
+        if killed_at.is_none() && start.elapsed() >= Duration::from_secs(10) {
+            Command::new("kill")
+                .args(["-KILL", &old_pid.to_string()])
+                .status()
+                .unwrap();
+            killed_at = Some(start.elapsed());
+        }
+        let out = sb
+            .exec(
+                A,
+                &[
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "--max-time",
+                    "1",
+                    "http://10.96.0.10/load",
+                ],
+            )
+            .unwrap();
+        results.push((start.elapsed(), out.status.success()));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let killed_at = killed_at.unwrap();
+    let before: Vec<_> = results.iter().filter(|(t, _)| *t < killed_at).collect();
+    assert!(
+        before.iter().all(|(_, ok)| *ok),
+        "all requests before the kill succeed"
+    );
+    let first_ok_after = results
+        .iter()
+        .find(|(t, ok)| *t > killed_at && *ok)
+        .map(|(t, _)| *t - killed_at)
+        .expect("requests succeed again after the restart");
+    let after = results
+        .iter()
+        .filter(|(t, _)| *t > killed_at + first_ok_after);
+    assert!(
+        after.clone().all(|(_, ok)| *ok),
+        "every request after recovery succeeds"
+    );
+    sb.refresh().unwrap();
+    assert_ne!(
+        sb.node_pid("node-1").unwrap(),
+        old_pid,
+        "a new node-proxy runs"
+    );
+    eprintln!(
+        "node-proxy restart: requests failed for {:.2} s after the kill (including process start and pod replay)",
+        first_ok_after.as_secs_f64()
+    );
+    // Pods keep their addresses and their rules.
+    assert_eq!(
+        sb.exec(A, &["ip", "-4", "-o", "addr", "show", "eth0"])
+            .unwrap()
+            .stdout,
+        a_ip_before
+    );
+    assert_eq!(rules(&sb), rules_before, "no redirect rule lost");
+}
+
+#[test]
+fn bad_model_file_keeps_the_old_model() {
+    root_only!();
+    let sb = Sandbox::up("e2e-model", &manifests()).unwrap();
+    let model = sb.state_dir.join("model.json");
+    let good = std::fs::read_to_string(&model).unwrap();
+    // A workload IP duplicated: valid JSON, invalid model.
+    let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
+    let first_ip = v["workloads"][0]["ips"][0].clone();
+    v["workloads"][1]["ips"][0] = first_ip;
+    v["version"] = 2.into();
+    std::fs::write(&model, serde_json::to_string(&v).unwrap()).unwrap();
+    let err = eventually(Duration::from_secs(10), || {
+        let dump = weft_e2e::http_get(sb.admin("node-1").ok()?, "/config_dump")
+            .ok()?
+            .1;
+        let dump: serde_json::Value = serde_json::from_str(&dump).ok()?;
+        dump["modelStatus"]["last_error"]
+            .as_str()
+            .map(str::to_owned)
+    })
+    .expect("node-proxy reports the bad model");
+    assert!(
+        err.contains("model.json") && err.contains("ips"),
+        "names file and field: {err}"
+    );
+    // Traffic still flows on the previous model.
+    let (code, body) = sb.curl(A, "http://10.96.0.10/still-works").unwrap();
+    assert_eq!(code, 0, "{body}");
+    // Syntax errors are reported with their location.
+    std::fs::write(&model, "{ \"version\": 3, ").unwrap();
+    let err = eventually(Duration::from_secs(10), || {
+        let dump = weft_e2e::http_get(sb.admin("node-2").ok()?, "/config_dump")
+            .ok()?
+            .1;
+        let dump: serde_json::Value = serde_json::from_str(&dump).ok()?;
+        dump["modelStatus"]["last_error"]
+            .as_str()
+            .filter(|e| e.contains("line"))
+            .map(str::to_owned)
+    })
+    .expect("node-proxy reports the syntax error");
+    assert!(err.contains("model.json"), "{err}");
+    // A good file is picked up again.
+    std::fs::write(&model, good).unwrap();
+    let (code, body) = sb.curl(A, "http://10.96.0.10/again").unwrap();
+    assert_eq!(code, 0, "{body}");
+}
