@@ -74,14 +74,14 @@ impl Handler for Hbone {
         let (src_name, src_ns) = owner.map(|(n, ns, _)| (n, ns)).unwrap_or_default();
         let target = request.target;
         let client = SocketAddr::new(src_ip, request.peer_addr.port());
-        let mut app = match connect_app(pod, client, target).await {
+        let app = match connect_app(pod, client, target).await {
             Ok(s) => s,
             Err(e) => {
                 debug!(%target, "application connect failed: {e}");
                 return request.refuse(Refusal::Unreachable);
             }
         };
-        let Ok(mut stream) = request.accept() else {
+        let Ok(stream) = request.accept() else {
             return;
         };
         let mut guard = ctx.metrics.open(ConnLabels {
@@ -95,16 +95,13 @@ impl Handler for Hbone {
             destination_service: String::new(),
             connection_security_policy: "mutual_tls",
         });
-        match tokio::io::copy_bidirectional(&mut stream, &mut app).await {
-            Ok((sent, received)) => {
-                guard.sent = sent;
-                guard.received = received;
+        match stream.copy_bidirectional(app).await {
+            // The stream's upload is what the client sent.
+            Ok((to_client, from_client)) => {
+                guard.sent = from_client;
+                guard.received = to_client;
             }
-            Err(e) => {
-                debug!(%target, "inbound stream ended: {e}");
-                stream.reset();
-                reset(&app);
-            }
+            Err(e) => debug!(%target, "inbound stream ended: {e}"),
         }
     }
 }

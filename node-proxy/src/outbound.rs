@@ -132,7 +132,7 @@ pub async fn serve(ctx: Arc<Ctx>, pod: Arc<Pod>, mut app: TcpStream) {
                 forwarded_for: src,
                 traceparent: None,
             };
-            let mut upstream = match ctx.pool.connect(&request).await {
+            let upstream = match ctx.pool.connect(&request).await {
                 Ok(s) => s,
                 Err(e) => {
                     info!(%dst, %target, "outbound connection failed: {e}");
@@ -141,16 +141,12 @@ pub async fn serve(ctx: Arc<Ctx>, pod: Arc<Pod>, mut app: TcpStream) {
                 }
             };
             let mut guard = ctx.metrics.open(labels);
-            match tokio::io::copy_bidirectional(&mut app, &mut upstream).await {
+            match upstream.copy_bidirectional(app).await {
                 Ok((sent, received)) => {
                     guard.sent = sent;
                     guard.received = received;
                 }
-                Err(e) => {
-                    debug!(%dst, "outbound stream ended: {e}");
-                    upstream.reset();
-                    reset(&app);
-                }
+                Err(e) => debug!(%dst, "outbound stream ended: {e}"),
             }
         }
         Route::Passthrough {

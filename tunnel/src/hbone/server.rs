@@ -183,15 +183,11 @@ impl Handler for Forward {
                 }
             };
         let _ = upstream.set_nodelay(true);
-        let Ok(mut stream) = request.accept() else {
+        let Ok(stream) = request.accept() else {
             return;
         };
-        let mut upstream = upstream;
-        if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await {
-            // One side was reset: pass the abort on to the other instead of a clean end.
+        if let Err(e) = stream.copy_bidirectional(upstream).await {
             debug!(%target, "stream ended with error: {e}");
-            stream.reset();
-            let _ = socket2::SockRef::from(&upstream).set_linger(Some(Duration::ZERO));
         }
     }
 }

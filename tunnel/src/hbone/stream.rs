@@ -165,3 +165,81 @@ impl AsyncWrite for H2Stream {
         Poll::Ready(Ok(()))
     }
 }
+
+/// Size of one read from the TCP side. Allocated only when the socket is readable, so an
+/// idle connection holds no buffer, and handed to h2 without a copy.
+const READ_CHUNK: usize = 64 * 1024;
+
+impl H2Stream {
+    /// Moves bytes between this stream and `tcp` until both directions end, without a
+    /// buffer per idle connection and without copying DATA frames: TCP reads go into a
+    /// fresh buffer that becomes the frame, received frames are written to TCP as they
+    /// are. Half-closes pass through (EOF <-> END_STREAM); a failure on either side
+    /// resets the other (RST_STREAM CANCEL <-> TCP RST). Returns (bytes TCP -> stream,
+    /// bytes stream -> TCP).
+    pub async fn copy_bidirectional(
+        mut self,
+        tcp: tokio::net::TcpStream,
+    ) -> io::Result<(u64, u64)> {
+        use tokio::io::AsyncWriteExt;
+
+        let (rd, mut wr) = tcp.into_split();
+        let (send, recv, pending) = (
+            &mut self.send,
+            &mut self.recv,
+            std::mem::take(&mut self.pending),
+        );
+        let upload = async {
+            let mut total = 0u64;
+            loop {
+                rd.readable().await?;
+                let mut buf = bytes::BytesMut::with_capacity(READ_CHUNK);
+                match rd.try_read_buf(&mut buf) {
+                    Ok(0) => {
+                        send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
+                        return Ok::<u64, io::Error>(total);
+                    }
+                    Ok(n) => {
+                        total += n as u64;
+                        let mut chunk = buf.freeze();
+                        while !chunk.is_empty() {
+                            send.reserve_capacity(chunk.len());
+                            let cap = std::future::poll_fn(|cx| send.poll_capacity(cx))
+                                .await
+                                .ok_or_else(|| io::Error::from(io::ErrorKind::ConnectionReset))?
+                                .map_err(h2_to_io)?;
+                            let piece = chunk.split_to(cap.min(chunk.len()));
+                            send.send_data(piece, false).map_err(h2_to_io)?;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let download = async {
+            let mut total = pending.len() as u64;
+            if !pending.is_empty() {
+                wr.write_all(&pending).await?;
+            }
+            while let Some(data) = recv.data().await {
+                let data = data.map_err(h2_to_io)?;
+                let _ = recv.flow_control().release_capacity(data.len());
+                total += data.len() as u64;
+                wr.write_all(&data).await?;
+            }
+            wr.shutdown().await?;
+            Ok::<u64, io::Error>(total)
+        };
+        let result = tokio::try_join!(upload, download);
+        self.write_closed = true;
+        if result.is_err() {
+            // One side failed: abort the other instead of ending it cleanly.
+            self.send.send_reset(h2::Reason::CANCEL);
+            if let Ok(tcp) = rd.reunite(wr) {
+                let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
+            }
+        }
+        result
+    }
+}
