@@ -263,13 +263,15 @@ impl Pods {
         let netns = Arc::new(Netns::enter(fd, &name).map_err(|e| e.to_string())?);
         let identity = ctx.identity(&info.namespace, &info.service_account)?;
         let tls = ctx.identities.get(&identity).await?;
+        // Inbound listeners bind the pod's IP: that also proves the namespace is the
+        // pod's and still has its network.
         let listen = |port| {
             let netns = netns.clone();
             async move {
                 netns
-                    .listen((IpAddr::from([0, 0, 0, 0]), port).into())
+                    .listen((ip, port).into())
                     .await
-                    .map_err(|e| format!("cannot listen on port {port} in its network namespace: {e} (is the pod's IP configured there?)"))
+                    .map_err(|e| format!("cannot listen on {ip}:{port} in its network namespace: {e} (is the pod's IP configured there?)"))
             }
         };
         // Open every listener before serving any, so a failure leaves nothing behind.

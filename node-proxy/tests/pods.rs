@@ -1,0 +1,264 @@
+//! node-proxy in-process with real network namespaces: pods handed over, served,
+//! refused and removed, counting file descriptors and tasks. Needs root.
+#![allow(clippy::unwrap_used)] // a test fails by panicking
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use node_proxy::handoff::{HandoffClient, HandoffError, PodInfo};
+use node_proxy::netns::Netns;
+use tokio_util::sync::CancellationToken;
+use tunnel::identity::CertificateAuthority;
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        == Some("0")
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace with eth0 (one end of a veth pair) at `addr`, deleted on drop.
+struct TestNetns(String);
+
+impl TestNetns {
+    fn new(name: &str, addr: Option<&str>) -> Self {
+        let _ = Command::new("ip").args(["netns", "delete", name]).output();
+        ip(&["netns", "add", name]);
+        ip(&["-n", name, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+        ]);
+        ip(&["-n", name, "link", "set", "eth1", "up"]);
+        ip(&["-n", name, "link", "set", "eth0", "up"]);
+        if let Some(addr) = addr {
+            ip(&[
+                "-n",
+                name,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ]);
+        }
+        TestNetns(name.to_owned())
+    }
+
+    fn file(&self) -> File {
+        File::open(Path::new("/run/netns").join(&self.0)).unwrap()
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .output();
+    }
+}
+
+fn pod(uid: &str, ip: &str) -> PodInfo {
+    PodInfo {
+        uid: uid.into(),
+        name: uid.into(),
+        namespace: "shop".into(),
+        service_account: "cart".into(),
+        ips: vec![ip.parse().unwrap()],
+    }
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Starts node-proxy in this process with a fresh CA and an empty model.
+fn start(
+    dir: &Path,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    PathBuf,
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    let ca = CertificateAuthority::self_signed("cluster.local").unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();
+    std::fs::write(dir.join("ca-key.pem"), ca.key_pem()).unwrap();
+    std::fs::write(dir.join("model.json"), r#"{"version": 1}"#).unwrap();
+    let handoff = dir.join("handoff.sock");
+    let config = node_proxy::Config {
+        node: "node-1".into(),
+        handoff: handoff.clone(),
+        model: dir.join("model.json"),
+        ca_cert: dir.join("ca.pem"),
+        ca_key: dir.join("ca-key.pem"),
+        trust_domain: "cluster.local".into(),
+        admin: "127.0.0.1:0".parse().unwrap(),
+        drain_grace: 1,
+        max_connections: 1000,
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(node_proxy::run(config, shutdown.clone()));
+    (shutdown, task, handoff)
+}
+
+fn connect(path: &Path) -> HandoffClient {
+    let start = Instant::now();
+    loop {
+        match HandoffClient::connect(path) {
+            Ok(c) => return c,
+            Err(_) if start.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+fn listening(ns: &TestNetns) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "ss", "-Hltn"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_come_and_go_without_leaks_and_bad_handoffs_leave_nothing() {
+    if !is_root() {
+        eprintln!("skipped: needs root (network namespaces)");
+        return;
+    }
+    let id = std::process::id();
+    let dir = std::env::temp_dir().join(format!("weft-np-{id}"));
+    let (shutdown, task, handoff) = start(&dir);
+    let good = TestNetns::new(&format!("np{id}-good"), Some("10.250.0.2"));
+    let bare = TestNetns::new(&format!("np{id}-bare"), None);
+    let good_file = good.file();
+
+    let mut client = tokio::task::spawn_blocking({
+        let handoff = handoff.clone();
+        move || connect(&handoff)
+    })
+    .await
+    .unwrap();
+    let runtime = tokio::runtime::Handle::current();
+
+    // A pod whose namespace lacks its IP (its network vanished) is refused, by name,
+    // and nothing of it keeps running.
+    let bare_file = bare.file();
+    let (client2, err) = tokio::task::spawn_blocking(move || {
+        let err = client.add(&pod("ghost", "10.250.0.9"), bare_file.as_fd());
+        (client, err)
+    })
+    .await
+    .unwrap();
+    client = client2;
+    match err {
+        Err(HandoffError::Rejected(msg)) => assert!(
+            msg.contains("shop/ghost") && msg.contains("10.250.0.9"),
+            "names the pod and the address: {msg}"
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(
+        !listening(&bare).contains("1500"),
+        "nothing listens in the refused pod"
+    );
+
+    // 21 add/remove cycles with connections in between. The baseline is taken after the
+    // first: it creates what lives as long as the identity does (its certificate and
+    // refresh task), which later cycles reuse.
+    let mut baseline = (0, 0);
+    for round in 0..21 {
+        if round == 1 {
+            // Let the first cycle's background drain finish.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            baseline = (open_fds(), runtime.metrics().num_alive_tasks());
+        }
+        let fd = good_file.try_clone().unwrap();
+        client = tokio::task::spawn_blocking(move || {
+            client.add(&pod("cart", "10.250.0.2"), fd.as_fd()).unwrap();
+            client
+        })
+        .await
+        .unwrap();
+        if round == 0 {
+            let ports = listening(&good);
+            for p in ["127.0.0.1:15001", "10.250.0.2:15006", "10.250.0.2:15008"] {
+                assert!(ports.contains(p), "listening on {p}: {ports}");
+            }
+        }
+        // Connections that end at once: plaintext junk to the HBONE port, and a
+        // connection to the outbound port that was never redirected.
+        let ns = Netns::enter(good.file().into(), "test").unwrap();
+        for port in [15008u16, 15001] {
+            let addr = if port == 15001 {
+                "127.0.0.1"
+            } else {
+                "10.250.0.2"
+            };
+            let addr: std::net::SocketAddr = format!("{addr}:{port}").parse().unwrap();
+            let mut s = ns
+                .outbound_socket(addr)
+                .await
+                .unwrap()
+                .connect(addr)
+                .await
+                .unwrap();
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n").await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut Vec::new())).await;
+        }
+        drop(ns);
+        client = tokio::task::spawn_blocking(move || {
+            client.remove("cart").unwrap();
+            client
+        })
+        .await
+        .unwrap();
+    }
+    // Removal drains in the background (grace 1 s); then everything is back to the
+    // baseline.
+    let settled = async {
+        loop {
+            let now = (open_fds(), runtime.metrics().num_alive_tasks());
+            if now.0 <= baseline.0 && now.1 <= baseline.1 {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let now = tokio::time::timeout(Duration::from_secs(15), settled)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "leak: fds/tasks {:?} after 20 cycles, baseline {baseline:?}",
+                (open_fds(), runtime.metrics().num_alive_tasks())
+            )
+        });
+    eprintln!("fds/tasks: baseline {baseline:?}, after 20 more add/remove cycles {now:?}");
+    assert!(
+        !listening(&good).contains("1500"),
+        "no listener left after remove"
+    );
+
+    drop(client);
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
