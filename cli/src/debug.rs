@@ -101,3 +101,89 @@ pub async fn hbone(args: HboneArgs) -> anyhow::Result<String> {
         .unwrap_or_default()
         .to_owned())
 }
+
+/// Raises this process's open-file limit as far as allowed (the sandbox benchmark holds
+/// tens of thousands of connections).
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        // Root may raise the hard limit too; others get up to their hard limit.
+        let want = hard.max(262_144);
+        if setrlimit(Resource::RLIMIT_NOFILE, want, want).is_err() {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
+/// A TCP echo server: every connection gets back what it sends.
+pub async fn tcp_echo(port: u16) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+        .await
+        .with_context(|| format!("cannot listen on port {port}"))?;
+    loop {
+        let (mut s, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let _ = s.set_nodelay(true);
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+/// One-byte round trips on one connection: returns (p50, p99) in microseconds.
+pub async fn pingpong(to: SocketAddr, rounds: usize) -> anyhow::Result<(f64, f64)> {
+    let mut s = tokio::net::TcpStream::connect(to)
+        .await
+        .with_context(|| format!("connect {to}"))?;
+    s.set_nodelay(true)?;
+    let mut b = [0u8; 1];
+    let mut samples = Vec::with_capacity(rounds);
+    for i in 0..rounds + rounds / 10 {
+        let t = std::time::Instant::now();
+        s.write_all(b"p").await?;
+        s.read_exact(&mut b).await?;
+        if i >= rounds / 10 {
+            samples.push(t.elapsed());
+        }
+    }
+    samples.sort();
+    let q = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
+    Ok((q(0.50).as_secs_f64() * 1e6, q(0.99).as_secs_f64() * 1e6))
+}
+
+/// New connections per second for `seconds`: connect, one byte each way, close.
+pub async fn connrate(to: SocketAddr, seconds: u64) -> anyhow::Result<f64> {
+    let start = std::time::Instant::now();
+    let mut n = 0u64;
+    let mut b = [0u8; 1];
+    while start.elapsed() < Duration::from_secs(seconds) {
+        let mut s = tokio::net::TcpStream::connect(to)
+            .await
+            .with_context(|| format!("connect {to}"))?;
+        s.set_nodelay(true)?;
+        s.write_all(b"c").await?;
+        s.read_exact(&mut b).await?;
+        n += 1;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Opens `count` connections, checks each echoes, prints `holding N`, and keeps them
+/// open until killed.
+pub async fn hold(to: SocketAddr, count: usize) -> anyhow::Result<()> {
+    let mut held = Vec::with_capacity(count);
+    let mut b = [0u8; 1];
+    for i in 0..count {
+        let mut s = tokio::net::TcpStream::connect(to)
+            .await
+            .with_context(|| format!("connection {i} to {to}"))?;
+        s.write_all(b"h").await?;
+        s.read_exact(&mut b).await?;
+        held.push(s);
+    }
+    println!("holding {count}");
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    std::future::pending::<()>().await;
+    Ok(())
+}

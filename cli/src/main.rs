@@ -59,6 +59,39 @@ enum Cmd {
 enum Debug {
     /// Opens one HBONE stream with any identity the CA can mint and prints the answer.
     Hbone(weft_cli::debug::HboneArgs),
+    /// A TCP echo server (benchmark target).
+    TcpEcho {
+        /// Port.
+        #[arg(long, default_value_t = 9000)]
+        port: u16,
+    },
+    /// One-byte ping-pong latency to a TCP echo server; prints p50 and p99 in µs.
+    Pingpong {
+        /// Server address.
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        /// Round trips measured (a tenth more are warm-up).
+        #[arg(long, default_value_t = 10000)]
+        rounds: usize,
+    },
+    /// New connections per second (connect, one byte each way, close).
+    Connrate {
+        /// Server address.
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        /// How long.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// Opens idle connections and holds them until killed.
+    Hold {
+        /// Server address.
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        /// How many.
+        #[arg(long, default_value_t = 10000)]
+        count: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -114,6 +147,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    weft_cli::debug::raise_fd_limit();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(run(cli))
 }
@@ -123,12 +157,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     node_proxy::cancel_on_signals(shutdown.clone())?;
     match cli.command {
         Cmd::NodeProxy { config } => node_proxy::run(config, shutdown).await,
-        Cmd::Debug {
-            command: Debug::Hbone(args),
-        } => {
-            println!("{}", weft_cli::debug::hbone(args).await?);
-            Ok(())
-        }
+        Cmd::Debug { command } => match command {
+            Debug::Hbone(args) => {
+                println!("{}", weft_cli::debug::hbone(args).await?);
+                Ok(())
+            }
+            Debug::TcpEcho { port } => weft_cli::debug::tcp_echo(port).await,
+            Debug::Pingpong { to, rounds } => {
+                let (p50, p99) = weft_cli::debug::pingpong(to, rounds).await?;
+                println!("{{\"p50_us\": {p50:.1}, \"p99_us\": {p99:.1}}}");
+                Ok(())
+            }
+            Debug::Connrate { to, seconds } => {
+                let rate = weft_cli::debug::connrate(to, seconds).await?;
+                println!("{{\"per_second\": {rate:.1}}}");
+                Ok(())
+            }
+            Debug::Hold { to, count } => weft_cli::debug::hold(to, count).await,
+        },
         Cmd::Echo {
             port,
             version,

@@ -74,7 +74,7 @@ impl Handler for Hbone {
         let (src_name, src_ns) = owner.map(|(n, ns, _)| (n, ns)).unwrap_or_default();
         let target = request.target;
         let client = SocketAddr::new(src_ip, request.peer_addr.port());
-        let app = match connect_app(pod, client, target).await {
+        let app = match Box::pin(connect_app(pod, client, target)).await {
             Ok(s) => s,
             Err(e) => {
                 debug!(%target, "application connect failed: {e}");
@@ -111,6 +111,7 @@ pub async fn serve_plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, client: TcpStream) {
     let (Ok(target), Ok(src)) = (original_dst(&client), client.peer_addr()) else {
         return;
     };
+    let _ = client.set_nodelay(true);
     let strict = ctx
         .model
         .load()

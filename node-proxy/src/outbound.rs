@@ -84,25 +84,60 @@ pub fn route(ctx: &Ctx, dst: SocketAddr) -> Route {
     }
 }
 
+/// What a captured connection was connected to.
+enum Upstream {
+    /// An HBONE stream.
+    Tunnel(tunnel::hbone::H2Stream),
+    /// A plain TCP connection.
+    Plain(TcpStream),
+}
+
 /// Serves one captured outbound connection.
-pub async fn serve(ctx: Arc<Ctx>, pod: Arc<Pod>, mut app: TcpStream) {
-    let dst = match original_dst(&app) {
+///
+/// Two phases: deciding and connecting (boxed, freed once connected), then copying. Only
+/// the copy phase lives as long as the connection, which keeps an idle connection's
+/// memory small.
+pub async fn serve(ctx: Arc<Ctx>, pod: Arc<Pod>, app: TcpStream) {
+    let _ = app.set_nodelay(true);
+    let Some((upstream, labels)) = Box::pin(connect(&ctx, &pod, &app)).await else {
+        reset(&app);
+        return;
+    };
+    let mut guard = ctx.metrics.open(labels);
+    let copied = match upstream {
+        Upstream::Tunnel(stream) => stream.copy_bidirectional(app).await,
+        Upstream::Plain(mut upstream) => {
+            let mut app = app;
+            tokio::io::copy_bidirectional(&mut app, &mut upstream).await
+        }
+    };
+    match copied {
+        Ok((sent, received)) => {
+            guard.sent = sent;
+            guard.received = received;
+        }
+        Err(e) => debug!("outbound connection ended: {e}"),
+    }
+}
+
+/// Decides where `app`'s connection goes and connects there; `None` when it cannot be
+/// served (logged here).
+async fn connect(ctx: &Ctx, pod: &Pod, app: &TcpStream) -> Option<(Upstream, ConnLabels)> {
+    let dst = match original_dst(app) {
         Ok(d) => d,
         Err(e) => {
             debug!("outbound connection without original destination: {e}");
-            return;
+            return None;
         }
     };
-    let src = app.peer_addr().ok();
-    let source_principal = pod.tls.identity().to_string();
     let mut labels = ConnLabels {
         direction: "outbound",
         source_workload: pod.info.name.clone(),
         source_namespace: pod.info.namespace.clone(),
-        source_principal,
+        source_principal: pod.tls.identity().to_string(),
         ..ConnLabels::default()
     };
-    match route(&ctx, dst) {
+    match route(ctx, dst) {
         Route::Hbone {
             target,
             namespace,
@@ -114,7 +149,7 @@ pub async fn serve(ctx: Arc<Ctx>, pod: Arc<Pod>, mut app: TcpStream) {
                 Ok(id) => id,
                 Err(e) => {
                     info!(%dst, "cannot reach {namespace}/{name}: {e}");
-                    return;
+                    return None;
                 }
             };
             labels.destination_workload = name;
@@ -129,24 +164,15 @@ pub async fn serve(ctx: Arc<Ctx>, pod: Arc<Pod>, mut app: TcpStream) {
                 dst: dst_id,
                 dst_addr: SocketAddr::new(target.ip(), tunnel::hbone::PORT),
                 target,
-                forwarded_for: src,
+                forwarded_for: app.peer_addr().ok(),
                 traceparent: None,
             };
-            let upstream = match ctx.pool.connect(&request).await {
-                Ok(s) => s,
+            match ctx.pool.connect(&request).await {
+                Ok(s) => Some((Upstream::Tunnel(s), labels)),
                 Err(e) => {
                     info!(%dst, %target, "outbound connection failed: {e}");
-                    reset(&app);
-                    return;
+                    None
                 }
-            };
-            let mut guard = ctx.metrics.open(labels);
-            match upstream.copy_bidirectional(app).await {
-                Ok((sent, received)) => {
-                    guard.sent = sent;
-                    guard.received = received;
-                }
-                Err(e) => debug!(%dst, "outbound stream ended: {e}"),
             }
         }
         Route::Passthrough {
@@ -166,27 +192,18 @@ pub async fn serve(ctx: Arc<Ctx>, pod: Arc<Pod>, mut app: TcpStream) {
                     .await?
                     .connect(target)
                     .await
-            }
-            .await;
-            let mut upstream = match upstream {
-                Ok(s) => s,
+            };
+            match upstream.await {
+                Ok(s) => Some((Upstream::Plain(s), labels)),
                 Err(e) => {
                     debug!(%target, "passthrough connect failed: {e}");
-                    reset(&app);
-                    return;
+                    None
                 }
-            };
-            let mut guard = ctx.metrics.open(labels);
-            if let Ok((sent, received)) =
-                tokio::io::copy_bidirectional(&mut app, &mut upstream).await
-            {
-                guard.sent = sent;
-                guard.received = received;
             }
         }
         Route::NoEndpoints { service } => {
             info!(%dst, "service {service} has no ready endpoint; refusing the connection");
-            reset(&app);
+            None
         }
     }
 }

@@ -29,19 +29,18 @@ pub fn is_root() -> bool {
 
 /// The `weftctl` binary built alongside the tests.
 pub fn weftctl() -> anyhow::Result<PathBuf> {
+    // Tests run from target/<profile>/deps, binaries from target/<profile>.
     let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("unexpected test executable location")?;
-    let bin = dir.join("weftctl");
-    if !bin.exists() {
-        bail!(
-            "{} is missing: run `cargo build -p weft-cli` before the end-to-end tests",
-            bin.display()
-        );
+    let dir = exe.parent().context("unexpected executable location")?;
+    for candidate in [dir.join("weftctl"), dir.join("../weftctl")] {
+        if candidate.exists() {
+            return Ok(candidate);
+        }
     }
-    Ok(bin)
+    bail!(
+        "weftctl is missing next to {}: run `cargo build -p weft-cli` (same profile) first",
+        exe.display()
+    )
 }
 
 /// The repository root.

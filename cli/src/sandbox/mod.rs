@@ -225,6 +225,8 @@ impl Built {
             stop_child(c, Duration::from_secs(8));
         }
         for ns in self.netns.iter().rev() {
+            // Whatever a pod's command left behind (daemons, background jobs).
+            net::kill_netns_pids(ns);
             net::delete_netns(ns);
         }
         let _ = std::fs::remove_file(self.state_dir.join("state.json"));
@@ -606,6 +608,7 @@ pub fn down(name: &str, state_dir: &Path) -> anyhow::Result<()> {
         }
     }
     for ns in net::list_netns(&format!("{name}-")) {
+        net::kill_netns_pids(&ns);
         net::delete_netns(&ns);
     }
     let _ = std::fs::remove_file(&path);

@@ -91,6 +91,21 @@ pub fn create_pod(fabric: &str, netns: &str, port: &str, addr: Ipv4Addr) -> Resu
     Ok(())
 }
 
+/// Kills every process still running in a namespace.
+pub fn kill_netns_pids(netns: &str) {
+    for pid in ip(&["netns", "pids", netns])
+        .unwrap_or_default()
+        .split_whitespace()
+    {
+        if let Ok(pid) = pid.parse::<i32>() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 /// Deletes a namespace; one that is already gone is fine.
 pub fn delete_netns(netns: &str) {
     let _ = ip(&["netns", "delete", netns]);

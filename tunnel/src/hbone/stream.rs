@@ -166,9 +166,13 @@ impl AsyncWrite for H2Stream {
     }
 }
 
-/// Size of one read from the TCP side. Allocated only when the socket is readable, so an
-/// idle connection holds no buffer, and handed to h2 without a copy.
-const READ_CHUNK: usize = 64 * 1024;
+/// Bounds of one read from the TCP side. A buffer is allocated only when the socket is
+/// readable, so an idle connection holds none, and it is handed to h2 without a copy.
+/// Its size adapts: it doubles while reads fill it (bulk transfers: fewer, larger
+/// frames) and halves when they use little of it (request/response: small, cheap
+/// allocations).
+const READ_MIN: usize = 8 * 1024;
+const READ_MAX: usize = 256 * 1024;
 
 impl H2Stream {
     /// Moves bytes between this stream and `tcp` until both directions end, without a
@@ -191,9 +195,10 @@ impl H2Stream {
         );
         let upload = async {
             let mut total = 0u64;
+            let mut size = READ_MIN;
             loop {
                 rd.readable().await?;
-                let mut buf = bytes::BytesMut::with_capacity(READ_CHUNK);
+                let mut buf = bytes::BytesMut::with_capacity(size);
                 match rd.try_read_buf(&mut buf) {
                     Ok(0) => {
                         send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
@@ -201,6 +206,11 @@ impl H2Stream {
                     }
                     Ok(n) => {
                         total += n as u64;
+                        if n == size {
+                            size = (size * 2).min(READ_MAX);
+                        } else if n < size / 4 {
+                            size = (size / 2).max(READ_MIN);
+                        }
                         let mut chunk = buf.freeze();
                         while !chunk.is_empty() {
                             send.reserve_capacity(chunk.len());
