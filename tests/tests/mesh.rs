@@ -365,6 +365,12 @@ fn node_proxy_restart_under_load() {
         "node-proxy restart: requests failed for {:.2} s after the kill (including process start and pod replay)",
         first_ok_after.as_secs_f64()
     );
+    // The acceptance bound. Measured here: ~0.15 s (supervisor poll, process
+    // start, handoff replay), so the margin absorbs a noisy machine.
+    assert!(
+        first_ok_after <= Duration::from_secs(2),
+        "new connections must succeed within 2 s of the kill; took {first_ok_after:?}"
+    );
     // Pods keep their addresses and their rules.
     assert_eq!(
         sb.exec(A, &["ip", "-4", "-o", "addr", "show", "eth0"])

@@ -117,12 +117,22 @@ fn main() -> anyhow::Result<()> {
         .map(|n| sb.node_pid(n))
         .collect::<Result<_, _>>()?;
     let idle: Vec<f64> = pids.iter().map(|p| rss_kib(*p)).collect::<Result<_, _>>()?;
+    // Every pod may reuse TIME_WAIT ports for new outgoing connections, so tens of
+    // thousands of short connections do not slow the kernel's port search in the next
+    // test. In the mesh the proxy's connections to the server app start in the server
+    // pod (from the client's address) and end in TIME_WAIT there, so both ends matter.
+    for client in [
+        "direct/client",
+        "mesh/client",
+        "direct/server",
+        "mesh/server",
+    ] {
+        sb.exec(client, &["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"])?;
+    }
 
-    let direct = measure(&sb, "direct", seconds)?;
-    let mesh = measure(&sb, "mesh", seconds)?;
-    let after_load: Vec<f64> = pids.iter().map(|p| rss_kib(*p)).collect::<Result<_, _>>()?;
-
-    // Idle connections through the mesh, held open.
+    // Idle connections through the mesh first: the connection-rate test leaves tens of
+    // thousands of sockets in TIME_WAIT, which slows the kernel's port search for new
+    // connections.
     let server = sb.ip("mesh/server")?;
     let ns = sb.netns("mesh/client")?;
     let mut holder = Command::new("ip")
@@ -152,6 +162,9 @@ fn main() -> anyhow::Result<()> {
     let _ = holder.kill();
     let _ = holder.wait();
 
+    let direct = measure(&sb, "direct", seconds)?;
+    let mesh = measure(&sb, "mesh", seconds)?;
+    let after_load: Vec<f64> = pids.iter().map(|p| rss_kib(*p)).collect::<Result<_, _>>()?;
     let (cpu, kernel) = (
         std::fs::read_to_string("/proc/cpuinfo")
             .unwrap_or_default()
@@ -205,18 +218,18 @@ fn main() -> anyhow::Result<()> {
         ok(c >= 0.3)
     );
     println!();
-    println!("| node-proxy | RSS idle | RSS after the load above | RSS with {hold} idle connections | per idle connection |");
+    println!("| node-proxy | RSS idle | RSS with {hold} idle connections | per idle connection | RSS after all the load |");
     println!("|---|---:|---:|---:|---:|");
     for (i, node) in nodes.iter().enumerate() {
-        let per = (held[i] - after_load[i].min(held[i])) * 1024.0 / hold as f64;
+        let per = (held[i] - idle[i].min(held[i])) * 1024.0 / hold as f64;
         println!(
-            "| {node} | {:.1} MiB {} | {:.1} MiB | {:.1} MiB | {:.0} B {} |",
+            "| {node} | {:.1} MiB {} | {:.1} MiB | {:.0} B {} | {:.1} MiB |",
             idle[i] / 1024.0,
             ok(idle[i] / 1024.0 <= 15.0),
-            after_load[i] / 1024.0,
             held[i] / 1024.0,
             per,
-            ok(per <= 4096.0)
+            ok(per <= 4096.0),
+            after_load[i] / 1024.0,
         );
     }
     println!();
