@@ -67,19 +67,31 @@ impl Netns {
         })
     }
 
+    /// Queues `f` on the namespace's thread; `reply` carries its result back.
+    fn send<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+        reply: impl FnOnce(T) + Send + 'static,
+    ) -> io::Result<()> {
+        self.jobs
+            .send(Box::new(move || reply(f())))
+            .map_err(|_| self.gone())
+    }
+
+    fn gone(&self) -> io::Error {
+        io::Error::other(format!("netns thread of {} is gone", self.name))
+    }
+
     /// Runs `f` on the namespace's thread and returns its result.
     pub async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> io::Result<T> {
         let (tx, rx) = oneshot::channel();
-        self.jobs
-            .send(Box::new(move || {
-                let _ = tx.send(f());
-            }))
-            .map_err(|_| io::Error::other(format!("netns thread of {} is gone", self.name)))?;
-        rx.await
-            .map_err(|_| io::Error::other(format!("netns thread of {} is gone", self.name)))
+        self.send(f, move |v| {
+            let _ = tx.send(v);
+        })?;
+        rx.await.map_err(|_| self.gone())
     }
 
     /// As [`run`](Self::run), for callers outside the runtime.
@@ -88,13 +100,10 @@ impl Netns {
         f: impl FnOnce() -> T + Send + 'static,
     ) -> io::Result<T> {
         let (tx, rx) = mpsc::channel();
-        self.jobs
-            .send(Box::new(move || {
-                let _ = tx.send(f());
-            }))
-            .map_err(|_| io::Error::other(format!("netns thread of {} is gone", self.name)))?;
-        rx.recv()
-            .map_err(|_| io::Error::other(format!("netns thread of {} is gone", self.name)))
+        self.send(f, move |v| {
+            let _ = tx.send(v);
+        })?;
+        rx.recv().map_err(|_| self.gone())
     }
 
     /// A non-blocking TCP listener on `addr` in this namespace.

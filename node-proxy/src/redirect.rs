@@ -84,10 +84,11 @@ fn run(
     ns: &Netns,
     pod: &str,
     program: &'static str,
-    args: Vec<String>,
+    args: &[&str],
     stdin: Option<String>,
 ) -> Result<String, RedirectError> {
     let command = format!("{program} {}", args.join(" "));
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
     let out = ns
         .run_blocking(move || {
             let mut child = Command::new(program)
@@ -121,115 +122,57 @@ fn run(
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| (*s).to_owned()).collect()
+/// Whether the policy rule sending marked replies to the local table is present.
+fn has_reply_rule(ns: &Netns, pod: &str) -> Result<bool, RedirectError> {
+    let rules = run(ns, pod, "ip", &["rule", "show"], None)?;
+    Ok(rules.contains(&format!("fwmark {MARK_INBOUND:#x} lookup {ROUTE_TABLE}")))
 }
 
 /// Installs (or re-installs) the capture rules in the pod's namespace.
 pub fn install(ns: &Netns, pod: &str) -> Result<(), RedirectError> {
-    run(ns, pod, "nft", strings(&["-f", "-"]), Some(ruleset()))?;
-    let mark = format!("{MARK_INBOUND:#x}");
-    let table = ROUTE_TABLE.to_string();
-    let rules = run(ns, pod, "ip", strings(&["rule", "show"]), None)?;
-    if !rules.contains(&format!("fwmark {mark} lookup {table}")) {
-        run(
-            ns,
-            pod,
-            "ip",
-            vec![
-                "rule".into(),
-                "add".into(),
-                "fwmark".into(),
-                mark,
-                "lookup".into(),
-                table.clone(),
-                "pref".into(),
-                table.clone(),
-            ],
-            None,
-        )?;
+    run(ns, pod, "nft", &["-f", "-"], Some(ruleset()))?;
+    let (mark, table) = (format!("{MARK_INBOUND:#x}"), ROUTE_TABLE.to_string());
+    if !has_reply_rule(ns, pod)? {
+        let args = [
+            "rule", "add", "fwmark", &mark, "lookup", &table, "pref", &table,
+        ];
+        run(ns, pod, "ip", &args, None)?;
     }
-    run(
-        ns,
-        pod,
-        "ip",
-        vec![
-            "route".into(),
-            "replace".into(),
-            "local".into(),
-            "0.0.0.0/0".into(),
-            "dev".into(),
-            "lo".into(),
-            "table".into(),
-            table,
-        ],
-        None,
-    )?;
+    let args = [
+        "route",
+        "replace",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        &table,
+    ];
+    run(ns, pod, "ip", &args, None)?;
     Ok(())
 }
 
 /// Removes the capture rules; removing what is not there is not an error.
 pub fn remove(ns: &Netns, pod: &str) -> Result<(), RedirectError> {
-    run(
-        ns,
-        pod,
-        "nft",
-        strings(&["-f", "-"]),
-        Some(format!("table ip {TABLE}\ndelete table ip {TABLE}\n")),
-    )?;
-    let mark = format!("{MARK_INBOUND:#x}");
-    let table = ROUTE_TABLE.to_string();
-    let rules = run(ns, pod, "ip", strings(&["rule", "show"]), None)?;
-    if rules.contains(&format!("fwmark {mark} lookup {table}")) {
-        run(
-            ns,
-            pod,
-            "ip",
-            vec![
-                "rule".into(),
-                "del".into(),
-                "fwmark".into(),
-                mark,
-                "lookup".into(),
-                table.clone(),
-            ],
-            None,
-        )?;
+    let script = format!("table ip {TABLE}\ndelete table ip {TABLE}\n");
+    run(ns, pod, "nft", &["-f", "-"], Some(script))?;
+    let (mark, table) = (format!("{MARK_INBOUND:#x}"), ROUTE_TABLE.to_string());
+    if has_reply_rule(ns, pod)? {
+        let args = ["rule", "del", "fwmark", &mark, "lookup", &table];
+        run(ns, pod, "ip", &args, None)?;
     }
-    let _ = run(
-        ns,
-        pod,
-        "ip",
-        vec!["route".into(), "flush".into(), "table".into(), table],
-        None,
-    );
+    let _ = run(ns, pod, "ip", &["route", "flush", "table", &table], None);
     Ok(())
 }
 
 /// The rules as installed, for debugging: the nftables table, the policy rule and the
 /// route table.
 pub fn list(ns: &Netns, pod: &str) -> Result<String, RedirectError> {
-    let nft = run(
-        ns,
-        pod,
-        "nft",
-        strings(&["list", "table", "ip", TABLE]),
-        None,
-    )
-    .unwrap_or_else(|e| format!("# no nftables table ip {TABLE}: {e}\n"));
-    let rules = run(ns, pod, "ip", strings(&["rule", "show"]), None)?;
-    let routes = run(
-        ns,
-        pod,
-        "ip",
-        vec![
-            "route".into(),
-            "show".into(),
-            "table".into(),
-            ROUTE_TABLE.to_string(),
-        ],
-        None,
-    )?;
+    let nft = run(ns, pod, "nft", &["list", "table", "ip", TABLE], None)
+        .unwrap_or_else(|e| format!("# no nftables table ip {TABLE}: {e}\n"));
+    let rules = run(ns, pod, "ip", &["rule", "show"], None)?;
+    let table = ROUTE_TABLE.to_string();
+    let routes = run(ns, pod, "ip", &["route", "show", "table", &table], None)?;
     Ok(format!(
         "{nft}\n# ip rule\n{rules}\n# ip route table {ROUTE_TABLE}\n{routes}"
     ))

@@ -212,13 +212,10 @@ async fn pods_come_and_go_without_leaks_and_bad_handoffs_leave_nothing() {
                 "10.250.0.2"
             };
             let addr: std::net::SocketAddr = format!("{addr}:{port}").parse().unwrap();
-            let mut s = ns
-                .outbound_socket(addr)
-                .await
-                .unwrap()
-                .connect(addr)
-                .await
-                .unwrap();
+            // The proxy may reset before connect() returns (it refuses both at once).
+            let Ok(mut s) = ns.outbound_socket(addr).await.unwrap().connect(addr).await else {
+                continue;
+            };
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n").await;
             let _ =

@@ -98,10 +98,13 @@ async fn forward_server(mesh: &TestMesh, config: ServerConfig) -> (Arc<TlsIdenti
 
 #[tokio::test]
 async fn payloads_round_trip_byte_exact() {
-    let mesh = TestMesh::new();
-    let (server_tls, server) = forward_server(&mesh, ServerConfig::default()).await;
-    let client = mesh.workload("web", "frontend");
-    let target = echo_server().await;
+    let Fixture {
+        server_tls,
+        server,
+        client,
+        target,
+        ..
+    } = fixture(ServerConfig::default()).await;
     let pool = pool();
     for (seed, len) in [(1u64, 1u64), (2, 64 * 1024), (3, 256 * 1024 * 1024)] {
         let req = request(&client, server_tls.identity(), server.addr, target);
@@ -109,14 +112,7 @@ async fn payloads_round_trip_byte_exact() {
         echo_check(stream, len, seed).await;
     }
     // All three streams rode one pooled connection.
-    assert_eq!(
-        server
-            .metrics
-            .connections
-            .get_or_create(&dir(INBOUND))
-            .get(),
-        1
-    );
+    assert_eq!(inbound_connections(&server), 1);
     assert_eq!(server.metrics.streams.get_or_create(&dir(INBOUND)).get(), 3);
 }
 
@@ -124,12 +120,47 @@ fn dir(direction: &'static str) -> weft_tunnel::metrics::DirectionLabels {
     weft_tunnel::metrics::DirectionLabels { direction }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn thousand_concurrent_streams_share_one_connection() {
+fn inbound_connections(server: &TestServer) -> u64 {
+    server
+        .metrics
+        .connections
+        .get_or_create(&dir(INBOUND))
+        .get()
+}
+
+/// The usual cast: a CA, a forwarding server as shop/cart, a client as web/frontend,
+/// and an echo target.
+struct Fixture {
+    mesh: TestMesh,
+    server_tls: Arc<TlsIdentity>,
+    server: TestServer,
+    client: Arc<TlsIdentity>,
+    target: SocketAddr,
+}
+
+async fn fixture(config: ServerConfig) -> Fixture {
     let mesh = TestMesh::new();
-    let (server_tls, server) = forward_server(&mesh, ServerConfig::default()).await;
+    let (server_tls, server) = forward_server(&mesh, config).await;
     let client = mesh.workload("web", "frontend");
     let target = echo_server().await;
+    Fixture {
+        mesh,
+        server_tls,
+        server,
+        client,
+        target,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_concurrent_streams_share_one_connection() {
+    let Fixture {
+        server_tls,
+        server,
+        client,
+        target,
+        ..
+    } = fixture(ServerConfig::default()).await;
     let pool = Arc::new(pool());
     const N: usize = 1000;
     let all_open = Arc::new(tokio::sync::Barrier::new(N + 1));
@@ -160,14 +191,7 @@ async fn thousand_concurrent_streams_share_one_connection() {
         "all streams open concurrently"
     );
     assert_eq!(pool.connections(), 1);
-    assert_eq!(
-        server
-            .metrics
-            .connections
-            .get_or_create(&dir(INBOUND))
-            .get(),
-        1
-    );
+    assert_eq!(inbound_connections(&server), 1);
     for t in tasks {
         drop(t.await.unwrap());
     }
@@ -194,36 +218,25 @@ async fn stream_limit_opens_another_connection() {
         streams.push(s);
     }
     assert_eq!(pool.connections(), 3, "25 streams at 10 per connection");
-    assert_eq!(
-        server
-            .metrics
-            .connections
-            .get_or_create(&dir(INBOUND))
-            .get(),
-        3
-    );
+    assert_eq!(inbound_connections(&server), 3);
     // Freed slots are reused rather than dialling again.
     streams.truncate(5);
     for _ in 0..5 {
         let req = request(&client, server_tls.identity(), server.addr, target);
         streams.push(pool.connect(&req).await.expect("reuse slot"));
     }
-    assert_eq!(
-        server
-            .metrics
-            .connections
-            .get_or_create(&dir(INBOUND))
-            .get(),
-        3
-    );
+    assert_eq!(inbound_connections(&server), 3);
 }
 
 #[tokio::test]
 async fn dead_connection_is_replaced() {
-    let mesh = TestMesh::new();
-    let (server_tls, server) = forward_server(&mesh, ServerConfig::default()).await;
-    let client = mesh.workload("web", "frontend");
-    let target = echo_server().await;
+    let Fixture {
+        server_tls,
+        server,
+        client,
+        target,
+        ..
+    } = fixture(ServerConfig::default()).await;
     let pool = pool();
     let req = request(&client, server_tls.identity(), server.addr, target);
     echo_check(pool.connect(&req).await.unwrap(), 10, 7).await;
@@ -244,10 +257,7 @@ async fn dead_connection_is_replaced() {
         8,
     )
     .await;
-    assert_eq!(
-        again.metrics.connections.get_or_create(&dir(INBOUND)).get(),
-        1
-    );
+    assert_eq!(inbound_connections(&again), 1);
 }
 
 #[tokio::test]
@@ -382,10 +392,13 @@ async fn raw_tls(
 
 #[tokio::test]
 async fn bad_peers_refused_without_disturbing_others() {
-    let mesh = TestMesh::new();
-    let (server_tls, server) = forward_server(&mesh, ServerConfig::default()).await;
-    let client = mesh.workload("web", "frontend");
-    let target = echo_server().await;
+    let Fixture {
+        mesh,
+        server_tls,
+        server,
+        client,
+        target,
+    } = fixture(ServerConfig::default()).await;
     let pool = pool();
     let req = request(&client, server_tls.identity(), server.addr, target);
     let mut bystander = pool.connect(&req).await.unwrap();
@@ -471,10 +484,13 @@ async fn status_of(send: &h2::client::SendRequest<Bytes>, req: http::Request<()>
 
 #[tokio::test]
 async fn malformed_connects_refused() {
-    let mesh = TestMesh::new();
-    let (server_tls, server) = forward_server(&mesh, ServerConfig::default()).await;
-    let client = mesh.workload("web", "frontend");
-    let target = echo_server().await;
+    let Fixture {
+        server_tls,
+        server,
+        client,
+        target,
+        ..
+    } = fixture(ServerConfig::default()).await;
     let send = raw_h2(&client, server_tls.identity(), server.addr).await;
     let connect = |authority: &str| {
         http::Request::builder()
@@ -569,14 +585,7 @@ async fn rotation_keeps_streams_and_new_streams_use_new_leaf() {
         seen[1].1, new_client.chain[0],
         "second stream used the new leaf"
     );
-    assert_eq!(
-        server
-            .metrics
-            .connections
-            .get_or_create(&dir(INBOUND))
-            .get(),
-        2
-    );
+    assert_eq!(inbound_connections(&server), 2);
 
     // And the server presents its new leaf to new handshakes.
     let fresh = raw_tls(
@@ -829,10 +838,13 @@ async fn refusals_are_logged_with_their_reason() {
 
 #[tokio::test]
 async fn idle_connections_close_and_leave_the_pool() {
-    let mesh = TestMesh::new();
-    let (server_tls, server) = forward_server(&mesh, ServerConfig::default()).await;
-    let client = mesh.workload("web", "frontend");
-    let target = echo_server().await;
+    let Fixture {
+        server_tls,
+        server,
+        client,
+        target,
+        ..
+    } = fixture(ServerConfig::default()).await;
     let pool = Pool::new(
         PoolConfig {
             idle_timeout: Duration::from_millis(100),
@@ -856,22 +868,18 @@ async fn idle_connections_close_and_leave_the_pool() {
     wait_for(|| pool.connections() == 0 && open() == 0).await;
     // The next stream simply dials again.
     echo_check(pool.connect(&req).await.unwrap(), 10, 6).await;
-    assert_eq!(
-        server
-            .metrics
-            .connections
-            .get_or_create(&dir(INBOUND))
-            .get(),
-        2
-    );
+    assert_eq!(inbound_connections(&server), 2);
 }
 
 #[tokio::test]
 async fn drain_lets_open_streams_finish_then_forces_close() {
-    let mesh = TestMesh::new();
-    let (server_tls, server) = forward_server(&mesh, ServerConfig::default()).await;
-    let client = mesh.workload("web", "frontend");
-    let target = echo_server().await;
+    let Fixture {
+        server_tls,
+        server,
+        client,
+        target,
+        ..
+    } = fixture(ServerConfig::default()).await;
     let pool = pool();
     let req = request(&client, server_tls.identity(), server.addr, target);
     let mut open = pool.connect(&req).await.unwrap();
