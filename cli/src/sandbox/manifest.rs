@@ -20,7 +20,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::Resource;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 
 /// Namespace of objects that name none, created implicitly when used.
 const DEFAULT_NAMESPACE: &str = "default";
@@ -119,7 +119,7 @@ pub enum ManifestError {
         /// The file.
         file: PathBuf,
         /// The parser error, with its location.
-        source: serde_yaml::Error,
+        source: serde_yaml_ng::Error,
     },
     /// A document is not a Kubernetes object.
     #[error(
@@ -153,7 +153,7 @@ pub enum ManifestError {
         /// The object, as `Kind namespace/name`.
         object: String,
         /// The decoding error.
-        source: serde_yaml::Error,
+        source: serde_yaml_ng::Error,
     },
     /// A field is missing or holds a value the sandbox cannot run.
     #[error("{file}: {object}: {field} {problem}")]
@@ -220,7 +220,7 @@ impl Object<'_> {
     fn decode<T: Resource + DeserializeOwned>(
         &self,
         value: &Value,
-        document: serde_yaml::Deserializer<'_>,
+        document: serde_yaml_ng::Deserializer<'_>,
     ) -> Result<T, ManifestError> {
         // Checked here because the decoder reports a wrong apiVersion without naming the field.
         let api_version = value.get("apiVersion").and_then(Value::as_str);
@@ -267,8 +267,8 @@ impl Loader {
     fn load_file(&mut self, file: &Path, text: &str) -> Result<(), ManifestError> {
         // Each document is parsed twice: to a `Value` to read its kind and name, then into
         // its Kubernetes type from the text, so schema errors point into the file.
-        let values = serde_yaml::Deserializer::from_str(text);
-        let documents = serde_yaml::Deserializer::from_str(text);
+        let values = serde_yaml_ng::Deserializer::from_str(text);
+        let documents = serde_yaml_ng::Deserializer::from_str(text);
         for (index, (value, document)) in values.zip(documents).enumerate() {
             let value = Value::deserialize(value).map_err(|source| ManifestError::Syntax {
                 file: file.to_owned(),
@@ -286,7 +286,7 @@ impl Loader {
         file: &Path,
         number: usize,
         value: &Value,
-        document: serde_yaml::Deserializer<'_>,
+        document: serde_yaml_ng::Deserializer<'_>,
     ) -> Result<(), ManifestError> {
         let Some(kind) = value.get("kind").and_then(Value::as_str).map(str::to_owned) else {
             return Err(ManifestError::MissingKind {
