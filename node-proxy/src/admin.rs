@@ -83,6 +83,8 @@ impl Admin {
                     "modelStatus": *self.ctx.model_status.lock().expect("status lock is never poisoned"),
                     "model": model.snapshot(),
                     "pods": self.pods.list().await,
+                    "identitiesHeld": self.ctx.identities.held(),
+                    "hboneConnections": self.ctx.pool.connections(),
                 });
                 respond(
                     StatusCode::OK,

@@ -117,6 +117,8 @@ pub struct Pod {
     pub ip: IpAddr,
     /// Its credentials.
     pub tls: Arc<TlsIdentity>,
+    /// Keeps the credentials (and their refresh) alive while the pod is served.
+    _lease: Arc<crate::state::Lease>,
     /// The thread in its namespace.
     pub netns: Arc<Netns>,
     /// (device, inode) of the namespace, to tell a recreated pod from a replayed one.
@@ -262,7 +264,8 @@ impl Pods {
         let ip = *info.ips.first().ok_or("it has no IP")?;
         let netns = Arc::new(Netns::enter(fd, &name).map_err(|e| e.to_string())?);
         let identity = ctx.identity(&info.namespace, &info.service_account)?;
-        let tls = ctx.identities.get(&identity).await?;
+        let lease = ctx.identities.get(&identity).await?;
+        let tls = lease.tls().clone();
         // Inbound listeners bind the pod's IP: that also proves the namespace is the
         // pod's and still has its network.
         let listen = |port| {
@@ -285,6 +288,7 @@ impl Pods {
             info,
             ip,
             tls: tls.clone(),
+            _lease: lease,
             netns,
             netns_id,
             drain: CancellationToken::new(),

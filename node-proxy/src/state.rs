@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use api::{Model, Snapshot};
@@ -144,10 +144,25 @@ impl CertSource for LocalCa {
     }
 }
 
-/// Credentials of the identities this node's pods run as, refreshed at half-life.
+/// One identity's credentials, held by the pods that run as it. When the last pod
+/// lets go, the credentials are forgotten and their refresh stops.
+pub struct Lease {
+    tls: Arc<TlsIdentity>,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl Lease {
+    /// The credentials.
+    pub fn tls(&self) -> &Arc<TlsIdentity> {
+        &self.tls
+    }
+}
+
+/// Credentials of the identities this node's pods run as, refreshed at half-life and
+/// kept only while some pod uses them.
 pub struct Identities {
     source: Arc<dyn CertSource>,
-    held: Mutex<HashMap<Identity, Arc<TlsIdentity>>>,
+    held: Mutex<HashMap<Identity, Weak<Lease>>>,
     shutdown: CancellationToken,
 }
 
@@ -161,15 +176,17 @@ impl Identities {
         })
     }
 
-    /// The credentials for `identity`, fetching a leaf the first time.
-    pub async fn get(self: &Arc<Self>, identity: &Identity) -> Result<Arc<TlsIdentity>, String> {
-        if let Some(tls) = self
-            .held
-            .lock()
-            .expect("identities lock is never poisoned")
-            .get(identity)
-        {
-            return Ok(tls.clone());
+    /// How many identities are held (for tests and the admin dump).
+    pub fn held(&self) -> usize {
+        let mut held = self.held.lock().expect("identities lock is never poisoned");
+        held.retain(|_, lease| lease.strong_count() > 0);
+        held.len()
+    }
+
+    /// The credentials for `identity`, fetching a leaf unless a pod already holds them.
+    pub async fn get(self: &Arc<Self>, identity: &Identity) -> Result<Arc<Lease>, String> {
+        if let Some(lease) = self.lookup(identity) {
+            return Ok(lease);
         }
         let cert = self
             .source
@@ -177,33 +194,51 @@ impl Identities {
             .await
             .map_err(|e| format!("certificate for {identity}: {e}"))?;
         let tls = TlsIdentity::new(&cert, self.source.bundle()).map_err(|e| e.to_string())?;
-        let tls = {
-            let mut held = self.held.lock().expect("identities lock is never poisoned");
-            // Another pod of the same identity may have won the race; keep one.
-            held.entry(identity.clone()).or_insert(tls).clone()
-        };
-        self.spawn_refresh(identity.clone(), tls.clone(), cert.refresh_at());
-        Ok(tls)
+        let mut held = self.held.lock().expect("identities lock is never poisoned");
+        // Another pod of the same identity may have won the race; keep one.
+        if let Some(lease) = held.get(identity).and_then(Weak::upgrade) {
+            return Ok(lease);
+        }
+        let stop = self.shutdown.child_token();
+        let lease = Arc::new(Lease {
+            tls: tls.clone(),
+            _stop: stop.clone().drop_guard(),
+        });
+        held.retain(|_, l| l.strong_count() > 0);
+        held.insert(identity.clone(), Arc::downgrade(&lease));
+        drop(held);
+        self.spawn_refresh(
+            identity.clone(),
+            Arc::downgrade(&lease),
+            stop,
+            cert.refresh_at(),
+        );
+        Ok(lease)
+    }
+
+    fn lookup(&self, identity: &Identity) -> Option<Arc<Lease>> {
+        let held = self.held.lock().expect("identities lock is never poisoned");
+        held.get(identity).and_then(Weak::upgrade)
     }
 
     fn spawn_refresh(
         self: &Arc<Self>,
         identity: Identity,
-        tls: Arc<TlsIdentity>,
+        lease: Weak<Lease>,
+        stop: CancellationToken,
         mut at: SystemTime,
     ) {
-        let this = Arc::downgrade(self);
-        let shutdown = self.shutdown.clone();
+        let source = self.source.clone();
         tokio::spawn(async move {
             loop {
                 let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                    _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(wait) => {}
                 }
-                let Some(this) = this.upgrade() else { return };
-                match this.source.fetch(&identity).await {
-                    Ok(cert) => match tls.rotate(&cert) {
+                let Some(lease) = lease.upgrade() else { return };
+                match source.fetch(&identity).await {
+                    Ok(cert) => match lease.tls.rotate(&cert) {
                         Ok(()) => {
                             info!(%identity, "certificate rotated");
                             at = cert.refresh_at();

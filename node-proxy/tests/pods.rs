@@ -179,16 +179,10 @@ async fn pods_come_and_go_without_leaks_and_bad_handoffs_leave_nothing() {
         "nothing listens in the refused pod"
     );
 
-    // 21 add/remove cycles with connections in between. The baseline is taken after the
-    // first: it creates what lives as long as the identity does (its certificate and
-    // refresh task), which later cycles reuse.
-    let mut baseline = (0, 0);
-    for round in 0..21 {
-        if round == 1 {
-            // Let the first cycle's background drain finish.
-            tokio::time::sleep(Duration::from_millis(1500)).await;
-            baseline = (open_fds(), runtime.metrics().num_alive_tasks());
-        }
+    // 20 add/remove cycles with connections in between; each removal also releases the
+    // pod's identity (certificate and refresh task).
+    let baseline = (open_fds(), runtime.metrics().num_alive_tasks());
+    for round in 0..20 {
         let fd = good_file.try_clone().unwrap();
         client = tokio::task::spawn_blocking(move || {
             client.add(&pod("cart", "10.250.0.2"), fd.as_fd()).unwrap();
@@ -248,7 +242,7 @@ async fn pods_come_and_go_without_leaks_and_bad_handoffs_leave_nothing() {
                 (open_fds(), runtime.metrics().num_alive_tasks())
             )
         });
-    eprintln!("fds/tasks: baseline {baseline:?}, after 20 more add/remove cycles {now:?}");
+    eprintln!("fds/tasks: baseline {baseline:?}, after 20 add/remove cycles {now:?}");
     assert!(
         !listening(&good).contains("1500"),
         "no listener left after remove"
