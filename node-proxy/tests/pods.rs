@@ -38,6 +38,8 @@ impl TestNetns {
     fn new(name: &str, addr: Option<&str>) -> Self {
         let _ = Command::new("ip").args(["netns", "delete", name]).output();
         ip(&["netns", "add", name]);
+        // From here on, a failed step still removes the namespace.
+        let ns = TestNetns(name.to_owned());
         ip(&["-n", name, "link", "set", "lo", "up"]);
         ip(&[
             "-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
@@ -55,7 +57,7 @@ impl TestNetns {
                 "eth0",
             ]);
         }
-        TestNetns(name.to_owned())
+        ns
     }
 
     fn file(&self) -> File {
