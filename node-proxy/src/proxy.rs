@@ -333,11 +333,6 @@ impl Pods {
         Ok(())
     }
 
-    /// Waits until every removed pod's connections are gone (tests count tasks/fds).
-    pub async fn served(&self) -> usize {
-        self.pods.lock().await.len()
-    }
-
     /// Begins a snapshot: pods not re-added before its end are removed.
     pub fn snapshot_start(&self) {
         *self

@@ -255,3 +255,39 @@ async fn pods_come_and_go_without_leaks_and_bad_handoffs_leave_nothing() {
     task.await.unwrap().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn capture_rules_install_idempotently_and_remove_cleanly() {
+    if !is_root() {
+        eprintln!("skipped: needs root (network namespaces)");
+        return;
+    }
+    let ns = TestNetns::new(
+        &format!("np{}-rules", std::process::id()),
+        Some("10.250.1.2"),
+    );
+    let netns = Netns::enter(ns.file().into(), "shop/rules").unwrap();
+    node_proxy::redirect::install(&netns, "shop/rules").unwrap();
+    let once = node_proxy::redirect::list(&netns, "shop/rules").unwrap();
+    node_proxy::redirect::install(&netns, "shop/rules").unwrap();
+    let twice = node_proxy::redirect::list(&netns, "shop/rules").unwrap();
+    assert_eq!(once, twice, "installing twice leaves one copy");
+    for needle in [
+        "redirect to :15001",
+        "redirect to :15006",
+        "tcp dport 15008 accept",
+        "fwmark 0x53a lookup 100",
+        "local default dev lo",
+    ] {
+        assert!(once.contains(needle), "{needle:?} in:\n{once}");
+    }
+    assert_eq!(once.matches("fwmark 0x53a").count(), 1, "{once}");
+    node_proxy::redirect::remove(&netns, "shop/rules").unwrap();
+    let gone = node_proxy::redirect::list(&netns, "shop/rules").unwrap();
+    assert!(
+        !gone.contains("redirect to") && !gone.contains("fwmark 0x53a"),
+        "{gone}"
+    );
+    // Removing again is not an error.
+    node_proxy::redirect::remove(&netns, "shop/rules").unwrap();
+}
