@@ -107,9 +107,21 @@ impl Netns {
     }
 
     /// A non-blocking TCP listener on `addr` in this namespace.
+    ///
+    /// An address still in use is retried for up to a second: a previous owner (the same
+    /// pod just removed, or a node-proxy that is still exiting) may be letting go of it.
     pub async fn listen(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
-        let std = self.run(move || listener(addr)).await??;
-        tokio::net::TcpListener::from_std(std)
+        let mut tries = 0;
+        loop {
+            match self.run(move || listener(addr)).await? {
+                Ok(std) => return tokio::net::TcpListener::from_std(std),
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse && tries < 40 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// An unconnected, marked TCP socket in this namespace for an outgoing connection.

@@ -125,6 +125,9 @@ pub struct Pod {
     netns_id: (u64, u64),
     drain: CancellationToken,
     force: CancellationToken,
+    /// The accept loops; each drops its listener when it ends.
+    accepting: TaskTracker,
+    /// The connections.
     tasks: TaskTracker,
 }
 
@@ -142,35 +145,41 @@ impl Pod {
     {
         let (pod, ctx) = (self.clone(), ctx.clone());
         let limit = Arc::new(Semaphore::new(ctx.limits.max_connections));
-        let tasks = self.tasks.clone();
-        self.tasks.spawn(async move {
-            loop {
-                let permit = tokio::select! {
-                    _ = pod.drain.cancelled() => return,
-                    p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-                };
-                let stream = tokio::select! {
-                    _ = pod.drain.cancelled() => return,
-                    r = listener.accept() => match r {
-                        Ok((s, _)) => s,
-                        Err(e) => {
-                            warn!(pod = %pod.name(), "accept failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
+        let span = tracing::info_span!("pod", pod = %self.name());
+        self.accepting.spawn(
+            async move {
+                loop {
+                    let permit = tokio::select! {
+                        _ = pod.drain.cancelled() => return,
+                        p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                    };
+                    let stream = tokio::select! {
+                        _ = pod.drain.cancelled() => return,
+                        r = listener.accept() => match r {
+                            Ok((s, _)) => s,
+                            Err(e) => {
+                                warn!("accept failed: {e}");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                continue;
+                            }
+                        },
+                    };
+                    let fut = serve(ctx.clone(), pod.clone(), stream);
+                    let force = pod.force.clone();
+                    pod.tasks.spawn(
+                        async move {
+                            tokio::select! {
+                                _ = fut => {}
+                                _ = force.cancelled() => {}
+                            }
+                            drop(permit);
                         }
-                    },
-                };
-                let fut = serve(ctx.clone(), pod.clone(), stream);
-                let force = pod.force.clone();
-                tasks.spawn(async move {
-                    tokio::select! {
-                        _ = fut => {}
-                        _ = force.cancelled() => {}
-                    }
-                    drop(permit);
-                });
+                        .in_current_span(),
+                    );
+                }
             }
-        });
+            .instrument(span),
+        );
     }
 }
 
@@ -293,28 +302,30 @@ impl Pods {
             netns_id,
             drain: CancellationToken::new(),
             force: CancellationToken::new(),
+            accepting: TaskTracker::new(),
             tasks: TaskTracker::new(),
         });
-        let span = tracing::info_span!("pod", pod = %name);
         pod.accept_loop(ctx, outbound_l, outbound::serve);
         pod.accept_loop(ctx, plaintext_l, inbound::serve_plaintext);
         let server = Arc::new(Server::new(
             &tls,
-            ServerConfig {
-                max_connections: ctx.limits.max_connections,
-                ..ServerConfig::default()
-            },
+            ServerConfig::default(),
             ctx.tunnel_metrics.clone(),
         ));
         let handler = Arc::new(inbound::Hbone {
             ctx: ctx.clone(),
             pod: pod.clone(),
         });
-        pod.tasks.spawn(
-            server
-                .serve(hbone_l, handler, pod.drain.clone(), ctx.limits.drain_grace)
-                .instrument(span),
-        );
+        pod.accept_loop(ctx, hbone_l, move |_, pod, stream| {
+            let (server, handler) = (server.clone(), handler.clone());
+            async move {
+                let Ok(peer) = stream.peer_addr() else { return };
+                let (drain, force) = (pod.drain.clone(), pod.force.clone());
+                server
+                    .serve_connection(stream, peer, handler, drain, force)
+                    .await;
+            }
+        });
         Ok(pod)
     }
 
@@ -325,7 +336,11 @@ impl Pods {
         match pod {
             Some(pod) => {
                 info!(pod = %pod.name(), "pod removed");
+                // Listeners close before the reply, so the pod can be added again at
+                // once; its connections drain in the background.
                 pod.drain.cancel();
+                pod.accepting.close();
+                pod.accepting.wait().await;
                 tokio::spawn(stop(pod, self.ctx.limits.drain_grace));
             }
             None => debug!(uid, "remove for a pod not served here"),
@@ -369,6 +384,7 @@ impl Pods {
         let pods: Vec<Arc<Pod>> = self.pods.lock().await.drain().map(|(_, p)| p).collect();
         for p in &pods {
             p.drain.cancel();
+            p.accepting.close();
             p.tasks.close();
         }
         let all = async {
@@ -386,6 +402,7 @@ impl Pods {
             p.force.cancel();
         }
         for p in &pods {
+            p.accepting.wait().await;
             p.tasks.wait().await;
         }
     }
@@ -401,7 +418,9 @@ fn netns_id(fd: &OwnedFd) -> Result<(u64, u64), String> {
 /// Stop accepting, let connections finish for `grace`, then close the rest.
 async fn stop(pod: Arc<Pod>, grace: Duration) {
     pod.drain.cancel();
+    pod.accepting.close();
     pod.tasks.close();
+    pod.accepting.wait().await;
     if tokio::time::timeout(grace, pod.tasks.wait()).await.is_err() {
         warn!(pod = %pod.name(), "drain grace period over; closing remaining connections");
     }

@@ -187,7 +187,9 @@ async fn pods_come_and_go_without_leaks_and_bad_handoffs_leave_nothing() {
     for round in 0..20 {
         let fd = good_file.try_clone().unwrap();
         client = tokio::task::spawn_blocking(move || {
-            client.add(&pod("cart", "10.250.0.2"), fd.as_fd()).unwrap();
+            if let Err(e) = client.add(&pod("cart", "10.250.0.2"), fd.as_fd()) {
+                panic!("round {round}: {e}");
+            }
             client
         })
         .await
