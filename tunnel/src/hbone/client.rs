@@ -12,6 +12,8 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use tokio::net::TcpSocket;
 use tokio_rustls::TlsConnector;
+
+use super::readahead::ReadAhead;
 use tracing::{debug, Instrument};
 
 use super::stream::H2Stream;
@@ -386,24 +388,31 @@ impl Inner {
             .map_err(|source| ConnectError::Tcp { addr, source })?;
         let _ = tcp.set_nodelay(true);
         let connector = TlsConnector::from(req.src.client_config(req.dst.clone()));
-        let tls =
-            match tokio::time::timeout_at(deadline, connector.connect(server_name(addr.ip()), tcp))
-                .await
-            {
-                Err(_) => {
-                    self.metrics.handshake_failed(OUTBOUND, "timeout");
-                    return Err(timed_out("TLS handshake"));
-                }
-                Ok(Err(source)) => {
-                    self.metrics.handshake_failed(OUTBOUND, "tls");
-                    return Err(ConnectError::Tls {
-                        addr,
-                        expected: req.dst.clone(),
-                        source,
-                    });
-                }
-                Ok(Ok(tls)) => tls,
-            };
+        let tls = match tokio::time::timeout_at(
+            deadline,
+            connector.connect(server_name(addr.ip()), ReadAhead::new(tcp)),
+        )
+        .await
+        {
+            Err(_) => {
+                self.metrics.handshake_failed(OUTBOUND, "timeout");
+                return Err(timed_out("TLS handshake"));
+            }
+            Ok(Err(source)) => {
+                self.metrics.handshake_failed(OUTBOUND, "tls");
+                return Err(ConnectError::Tls {
+                    addr,
+                    expected: req.dst.clone(),
+                    source,
+                });
+            }
+            Ok(Ok(mut tls)) => {
+                tls.get_mut()
+                    .1
+                    .set_buffer_limit(Some(super::TLS_WRITE_BUFFER));
+                tls
+            }
+        };
         if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
             self.metrics.handshake_failed(OUTBOUND, "no_alpn");
             return Err(ConnectError::NoAlpn { addr });

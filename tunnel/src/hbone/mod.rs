@@ -9,6 +9,7 @@
 //! ports).
 
 mod client;
+mod readahead;
 mod server;
 mod stream;
 
@@ -44,6 +45,9 @@ pub(crate) const MAX_FRAME: u32 = 1024 * 1024;
 /// Bytes h2 may buffer per stream before a writer is made to wait. Enough to keep a
 /// full frame queued behind the one being written.
 pub(crate) const SEND_BUFFER: usize = 2 * 1024 * 1024;
+/// TLS records rustls may hold before they are written (its default is 64 KiB): each
+/// write to the socket then carries up to this much, fewer and larger writes per byte.
+pub(crate) const TLS_WRITE_BUFFER: usize = 256 * 1024;
 
 /// Why a CONNECT stream is refused: each maps to the status the peer sees and a
 /// metric label.

@@ -15,6 +15,8 @@ use rustls_pki_types::CertificateDer;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
+
+use super::readahead::ReadAhead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
@@ -312,11 +314,16 @@ impl Server {
         async move {
             let tls = match tokio::time::timeout(
                 self.config.handshake_timeout,
-                self.acceptor.accept(tcp),
+                self.acceptor.accept(ReadAhead::new(tcp)),
             )
             .await
             {
-                Ok(Ok(tls)) => tls,
+                Ok(Ok(mut tls)) => {
+                    tls.get_mut()
+                        .1
+                        .set_buffer_limit(Some(super::TLS_WRITE_BUFFER));
+                    tls
+                }
                 Ok(Err(e)) => {
                     let reason = handshake_reason(&e);
                     self.metrics.handshake_failed(INBOUND, reason);
@@ -372,7 +379,10 @@ impl Server {
     #[allow(clippy::too_many_arguments)]
     async fn drive<H: Handler>(
         &self,
-        mut conn: h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>,
+        mut conn: h2::server::Connection<
+            tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>,
+            Bytes,
+        >,
         peer: (Identity, Arc<CertificateDer<'static>>),
         peer_addr: SocketAddr,
         local_addr: SocketAddr,
