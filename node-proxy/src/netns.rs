@@ -153,6 +153,7 @@ impl Netns {
                 }
                 s.set_nonblocking(true)?;
                 s.set_tcp_nodelay(true)?;
+                pod_local_congestion(&s);
                 // Port 0: the client's port may already be in use here. Choosing it at
                 // connect time (by 4-tuple) instead of at bind keeps connection setup
                 // fast when many ports sit in TIME_WAIT.
@@ -167,6 +168,22 @@ impl Netns {
             .await??;
         Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
     }
+}
+
+/// The congestion control for connections that never leave the pod: the proxy's
+/// connections to and from the application over the pod's loopback.
+pub const POD_LOCAL_CONGESTION: &str = "reno";
+
+/// Sets [`POD_LOCAL_CONGESTION`] on a socket that only carries traffic inside the pod.
+///
+/// A node's default may be BBR, which paces every send with a high-resolution timer.
+/// Across the network that is the operator's choice and the proxy's network sockets
+/// keep it; on loopback there is no path to pace or congest, and the timers cost CPU:
+/// in the sandbox (a VM, where every timer reprogramming traps) they halved the mesh's
+/// bulk throughput. Reno is built into every kernel and may be chosen without
+/// privileges. Best effort: a failure leaves the node's default.
+pub fn pod_local_congestion(socket: &impl std::os::fd::AsFd) {
+    let _ = socket2::SockRef::from(socket).set_tcp_congestion(POD_LOCAL_CONGESTION.as_bytes());
 }
 
 fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -187,4 +204,20 @@ pub fn original_dst(stream: &tokio::net::TcpStream) -> io::Result<SocketAddr> {
     };
     addr.as_socket()
         .ok_or_else(|| io::Error::other("original destination is not an IP address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_local_sockets_do_not_pace() {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        pod_local_congestion(&s);
+        let name = s.tcp_congestion().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&name).trim_end_matches('\0'),
+            POD_LOCAL_CONGESTION
+        );
+    }
 }
