@@ -5,7 +5,9 @@
 //! gigabyte on the receiving node-proxy in the sandbox. [`ReadAhead`] reads up to
 //! [`READ_AHEAD`] bytes at once and serves rustls from memory, which cut those calls
 //! sevenfold. Its buffer exists only while it holds unread bytes, so a quiet connection
-//! keeps none.
+//! keeps none, and its size adapts as in `H2Stream::copy_bidirectional`: it doubles
+//! while reads fill it and halves while they use under a quarter, so small messages
+//! do not pay for a large allocation.
 
 use std::io;
 use std::pin::Pin;
@@ -17,12 +19,15 @@ use tokio::net::TcpStream;
 
 /// The most one read from the socket takes.
 pub(crate) const READ_AHEAD: usize = 256 * 1024;
+/// The least: where the read size starts, and where request/response traffic keeps it.
+const READ_MIN: usize = 16 * 1024;
 
 /// An `AsyncRead + AsyncWrite` that reads ahead in large chunks; writes pass through.
 #[derive(Debug)]
 pub(crate) struct ReadAhead<T> {
     io: T,
     buf: BytesMut,
+    size: usize,
 }
 
 impl<T> ReadAhead<T> {
@@ -30,6 +35,7 @@ impl<T> ReadAhead<T> {
         Self {
             io,
             buf: BytesMut::new(),
+            size: READ_MIN,
         }
     }
 }
@@ -48,10 +54,15 @@ impl AsyncRead for ReadAhead<TcpStream> {
             // Allocate only once the socket is readable, so waiting costs no memory.
             loop {
                 std::task::ready!(this.io.poll_read_ready(cx))?;
-                let mut buf = BytesMut::with_capacity(READ_AHEAD);
+                let mut buf = BytesMut::with_capacity(this.size);
                 match this.io.try_read_buf(&mut buf) {
                     Ok(0) => return Poll::Ready(Ok(())),
-                    Ok(_) => {
+                    Ok(n) => {
+                        if n >= this.size {
+                            this.size = (this.size * 2).min(READ_AHEAD);
+                        } else if n < this.size / 4 {
+                            this.size = (this.size / 2).max(READ_MIN);
+                        }
                         this.buf = buf;
                         break;
                     }
@@ -121,6 +132,7 @@ mod tests {
         let mut at = reader.read(&mut small).await.unwrap();
         got[..at].copy_from_slice(&small[..at]);
         assert!(!reader.buf.is_empty(), "one read took more than was asked");
+        assert!(reader.size > READ_MIN, "a full read grows the next one");
         while at < data.len() {
             let n = reader.read(&mut small).await.unwrap();
             assert!(n > 0);
