@@ -91,9 +91,12 @@ impl Metrics {
     /// Counts an opened connection and returns a guard that counts its close and bytes.
     pub fn open(&self, labels: ConnLabels) -> ConnGuard {
         self.opened.get_or_create(&labels).inc();
+        // The guard keeps the series' counters, not the labels: one copy of the label
+        // strings per series instead of one per open connection.
         ConnGuard {
-            metrics: self.clone(),
-            labels,
+            sent_total: self.sent.get_or_create(&labels).clone(),
+            received_total: self.received.get_or_create(&labels).clone(),
+            closed: self.closed.get_or_create(&labels).clone(),
             sent: 0,
             received: 0,
         }
@@ -102,8 +105,9 @@ impl Metrics {
 
 /// Counts a connection's bytes and close when dropped.
 pub struct ConnGuard {
-    metrics: Metrics,
-    labels: ConnLabels,
+    sent_total: Counter,
+    received_total: Counter,
+    closed: Counter,
     /// Bytes source -> destination.
     pub sent: u64,
     /// Bytes destination -> source.
@@ -112,14 +116,8 @@ pub struct ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.metrics
-            .sent
-            .get_or_create(&self.labels)
-            .inc_by(self.sent);
-        self.metrics
-            .received
-            .get_or_create(&self.labels)
-            .inc_by(self.received);
-        self.metrics.closed.get_or_create(&self.labels).inc();
+        self.sent_total.inc_by(self.sent);
+        self.received_total.inc_by(self.received);
+        self.closed.inc();
     }
 }
