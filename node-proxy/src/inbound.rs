@@ -84,7 +84,7 @@ impl Handler for Hbone {
         let Ok(stream) = request.accept() else {
             return;
         };
-        let mut guard = ctx.metrics.open(ConnLabels {
+        let guard = ctx.metrics.open(ConnLabels {
             direction: "inbound",
             source_workload: src_name,
             source_namespace: src_ns,
@@ -95,13 +95,12 @@ impl Handler for Hbone {
             destination_service: String::new(),
             connection_security_policy: "mutual_tls",
         });
-        match stream.copy_bidirectional(app).await {
-            // The stream's upload is what the client sent.
-            Ok((to_client, from_client)) => {
-                guard.sent = from_client;
-                guard.received = to_client;
-            }
-            Err(e) => debug!(%target, "inbound stream ended: {e}"),
+        // The TCP side is the destination: what the stream delivers is what the client sent.
+        if let Err(e) = stream
+            .copy_bidirectional_counted(app, &guard.tunnel(false))
+            .await
+        {
+            debug!(%target, "inbound stream ended: {e}");
         }
     }
 }
@@ -132,7 +131,7 @@ pub async fn serve_plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, client: TcpStream) {
         .workload_by_ip(src.ip())
         .map(|w| (w.name.clone(), w.namespace.clone()))
         .unwrap_or_default();
-    let mut app = match connect_app(&pod, src, target).await {
+    let app = match connect_app(&pod, src, target).await {
         Ok(s) => s,
         Err(e) => {
             debug!(%target, "application connect failed: {e}");
@@ -140,8 +139,7 @@ pub async fn serve_plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, client: TcpStream) {
             return;
         }
     };
-    let mut client = client;
-    let mut guard = ctx.metrics.open(ConnLabels {
+    let guard = ctx.metrics.open(ConnLabels {
         direction: "inbound",
         source_workload: src_name,
         source_namespace: src_ns,
@@ -152,8 +150,8 @@ pub async fn serve_plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, client: TcpStream) {
         destination_service: String::new(),
         connection_security_policy: "none",
     });
-    if let Ok((sent, received)) = tokio::io::copy_bidirectional(&mut client, &mut app).await {
-        guard.sent = sent;
-        guard.received = received;
+    let (mut client, mut app) = (guard.source(client), guard.destination(app));
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut app).await {
+        debug!(%target, "inbound plaintext connection ended: {e}");
     }
 }

@@ -1,9 +1,15 @@
 //! Per-connection series with the mesh's standard labels.
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tunnel::hbone::Progress;
 
 /// Who talked to whom, as Prometheus labels.
 #[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -88,36 +94,120 @@ impl Metrics {
         self.refused.get_or_create(&RefusalLabels { reason }).inc();
     }
 
-    /// Counts an opened connection and returns a guard that counts its close and bytes.
+    /// Counts an opened connection and returns a guard that counts its bytes as they
+    /// move and its close when dropped.
     pub fn open(&self, labels: ConnLabels) -> ConnGuard {
         self.opened.get_or_create(&labels).inc();
         // The guard keeps the series' counters, not the labels: one copy of the label
         // strings per series instead of one per open connection.
         ConnGuard {
-            sent_total: self.sent.get_or_create(&labels).clone(),
-            received_total: self.received.get_or_create(&labels).clone(),
+            sent: self.sent.get_or_create(&labels).clone(),
+            received: self.received.get_or_create(&labels).clone(),
             closed: self.closed.get_or_create(&labels).clone(),
-            sent: 0,
-            received: 0,
         }
     }
 }
 
-/// Counts a connection's bytes and close when dropped.
+/// One open connection's counters: bytes as they move, its close when dropped.
 pub struct ConnGuard {
-    sent_total: Counter,
-    received_total: Counter,
+    sent: Counter,
+    received: Counter,
     closed: Counter,
-    /// Bytes source -> destination.
-    pub sent: u64,
-    /// Bytes destination -> source.
-    pub received: u64,
+}
+
+impl ConnGuard {
+    /// Counts bytes for a tunnel copy whose TCP side is the connection's source (the
+    /// client application, outbound) or its destination (the server application, inbound).
+    pub fn tunnel(&self, tcp_is_source: bool) -> TunnelBytes<'_> {
+        TunnelBytes {
+            guard: self,
+            tcp_is_source,
+        }
+    }
+
+    /// Counts bytes read from the source as sent.
+    pub fn source<T>(&self, io: T) -> Counted<'_, T> {
+        Counted {
+            io,
+            counter: &self.sent,
+        }
+    }
+
+    /// Counts bytes read from the destination as received.
+    pub fn destination<T>(&self, io: T) -> Counted<'_, T> {
+        Counted {
+            io,
+            counter: &self.received,
+        }
+    }
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.sent_total.inc_by(self.sent);
-        self.received_total.inc_by(self.received);
         self.closed.inc();
+    }
+}
+
+/// A [`Progress`] for an HBONE copy, from [`ConnGuard::tunnel`].
+pub struct TunnelBytes<'a> {
+    guard: &'a ConnGuard,
+    tcp_is_source: bool,
+}
+
+impl Progress for TunnelBytes<'_> {
+    fn tcp_to_stream(&self, n: u64) {
+        let c = if self.tcp_is_source {
+            &self.guard.sent
+        } else {
+            &self.guard.received
+        };
+        c.inc_by(n);
+    }
+
+    fn stream_to_tcp(&self, n: u64) {
+        let c = if self.tcp_is_source {
+            &self.guard.received
+        } else {
+            &self.guard.sent
+        };
+        c.inc_by(n);
+    }
+}
+
+/// A stream whose reads are counted, from [`ConnGuard::source`] or
+/// [`ConnGuard::destination`]; writes pass through.
+pub struct Counted<'a, T> {
+    io: T,
+    counter: &'a Counter,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        self.counter.inc_by((buf.filled().len() - before) as u64);
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<'_, T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

@@ -104,20 +104,20 @@ pub async fn serve(ctx: Arc<Ctx>, pod: Arc<Pod>, app: TcpStream) {
         reset(&app);
         return;
     };
-    let mut guard = ctx.metrics.open(labels);
+    let guard = ctx.metrics.open(labels);
     let copied = match upstream {
-        Upstream::Tunnel(stream) => stream.copy_bidirectional(app).await,
-        Upstream::Plain(mut upstream) => {
-            let mut app = app;
+        Upstream::Tunnel(stream) => {
+            stream
+                .copy_bidirectional_counted(app, &guard.tunnel(true))
+                .await
+        }
+        Upstream::Plain(upstream) => {
+            let (mut app, mut upstream) = (guard.source(app), guard.destination(upstream));
             tokio::io::copy_bidirectional(&mut app, &mut upstream).await
         }
     };
-    match copied {
-        Ok((sent, received)) => {
-            guard.sent = sent;
-            guard.received = received;
-        }
-        Err(e) => debug!("outbound connection ended: {e}"),
+    if let Err(e) = copied {
+        debug!("outbound connection ended: {e}");
     }
 }
 

@@ -68,6 +68,56 @@ fn pod_to_pod_by_ip_and_by_service() {
 }
 
 #[test]
+fn byte_counters_move_while_a_connection_is_open() {
+    root_only!();
+    let sb = Sandbox::up("e2e-bytes", &manifests()).unwrap();
+    let b_ip = sb.ip(B).unwrap();
+    // One connection from A to B's TCP echo: 300,000 bytes out, then held open.
+    let script = format!("exec 3<>/dev/tcp/{b_ip}/9000; head -c 300000 /dev/zero >&3; sleep 30");
+    let mut conn = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &sb.netns(A).unwrap(),
+            "bash",
+            "-c",
+            &script,
+        ])
+        .spawn()
+        .unwrap();
+    let counted = |node: &str, direction: &str, metric: &str| {
+        let m = sb.metrics(node).ok()?;
+        let labels = [("direction", direction), ("destination_workload", "echo")];
+        Some(metric_sum(&m, metric, &labels))
+    };
+    let seen = eventually(Duration::from_secs(15), || {
+        let sent_out = counted("node-1", "outbound", "weft_tcp_sent_bytes_total")?;
+        let sent_in = counted("node-2", "inbound", "weft_tcp_sent_bytes_total")?;
+        let echoed = counted("node-2", "inbound", "weft_tcp_received_bytes_total")?;
+        (sent_out >= 300_000.0 && sent_in >= 300_000.0 && echoed > 0.0)
+            .then_some((sent_out, sent_in, echoed))
+    });
+    let still_open = conn.try_wait().unwrap().is_none();
+    let _ = conn.kill();
+    let _ = conn.wait();
+    assert!(
+        still_open,
+        "the connection must still be open when its bytes are seen"
+    );
+    let m = sb.metrics("node-2").unwrap();
+    assert!(
+        seen.is_some(),
+        "both node-proxies count the open connection's bytes:\n{m}"
+    );
+    let closed = metric_sum(
+        &m,
+        "weft_tcp_connections_closed_total",
+        &[("direction", "inbound"), ("destination_workload", "echo")],
+    );
+    assert_eq!(closed, 0.0, "counted before the close:\n{m}");
+}
+
+#[test]
 fn fabric_capture_shows_tls13_and_no_plaintext() {
     root_only!();
     let sb = Sandbox::up("e2e-pcap", &manifests()).unwrap();

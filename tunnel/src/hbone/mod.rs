@@ -19,7 +19,7 @@ use http::{HeaderMap, Method, StatusCode, Uri};
 
 pub use client::{BoxFuture, ConnectError, ConnectRequest, Pool, PoolConfig, SocketFactory};
 pub use server::{Forward, Handler, InboundRequest, Server, ServerConfig};
-pub use stream::H2Stream;
+pub use stream::{H2Stream, Progress};
 
 /// The port HBONE listens on by convention.
 pub const PORT: u16 = 15008;

@@ -174,16 +174,38 @@ impl AsyncWrite for H2Stream {
 const READ_MIN: usize = 8 * 1024;
 const READ_MAX: usize = 256 * 1024;
 
+/// Told of bytes as [`H2Stream::copy_bidirectional_counted`] moves them, so counters
+/// move while a connection is open, not only when it closes.
+pub trait Progress: Sync {
+    /// `n` bytes went from the TCP side into the stream.
+    fn tcp_to_stream(&self, n: u64);
+    /// `n` bytes went from the stream to the TCP side.
+    fn stream_to_tcp(&self, n: u64);
+}
+
+/// Counts nothing.
+impl Progress for () {
+    fn tcp_to_stream(&self, _: u64) {}
+    fn stream_to_tcp(&self, _: u64) {}
+}
+
 impl H2Stream {
+    /// [`copy_bidirectional_counted`](Self::copy_bidirectional_counted) without a
+    /// [`Progress`].
+    pub async fn copy_bidirectional(self, tcp: tokio::net::TcpStream) -> io::Result<(u64, u64)> {
+        self.copy_bidirectional_counted(tcp, &()).await
+    }
+
     /// Moves bytes between this stream and `tcp` until both directions end, without a
     /// buffer per idle connection and without copying DATA frames: TCP reads go into a
     /// fresh buffer that becomes the frame, received frames are written to TCP as they
     /// are. Half-closes pass through (EOF <-> END_STREAM); a failure on either side
     /// resets the other (RST_STREAM CANCEL <-> TCP RST). Returns (bytes TCP -> stream,
-    /// bytes stream -> TCP).
-    pub async fn copy_bidirectional(
+    /// bytes stream -> TCP), and tells `progress` of them as they move.
+    pub async fn copy_bidirectional_counted(
         mut self,
         tcp: tokio::net::TcpStream,
+        progress: &impl Progress,
     ) -> io::Result<(u64, u64)> {
         use tokio::io::AsyncWriteExt;
 
@@ -219,7 +241,9 @@ impl H2Stream {
                                 .ok_or_else(|| io::Error::from(io::ErrorKind::ConnectionReset))?
                                 .map_err(h2_to_io)?;
                             let piece = chunk.split_to(cap.min(chunk.len()));
+                            let len = piece.len() as u64;
                             send.send_data(piece, false).map_err(h2_to_io)?;
+                            progress.tcp_to_stream(len);
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -231,12 +255,14 @@ impl H2Stream {
             let mut total = pending.len() as u64;
             if !pending.is_empty() {
                 wr.write_all(&pending).await?;
+                progress.stream_to_tcp(pending.len() as u64);
             }
             while let Some(data) = recv.data().await {
                 let data = data.map_err(h2_to_io)?;
                 let _ = recv.flow_control().release_capacity(data.len());
                 total += data.len() as u64;
                 wr.write_all(&data).await?;
+                progress.stream_to_tcp(data.len() as u64);
             }
             wr.shutdown().await?;
             Ok::<u64, io::Error>(total)
