@@ -97,6 +97,8 @@ fn byte_counters_move_while_a_connection_is_open() {
         (sent_out >= 300_000.0 && sent_in >= 300_000.0 && echoed > 0.0)
             .then_some((sent_out, sent_in, echoed))
     });
+    // Read while the connection is still open, then end it.
+    let m = sb.metrics("node-2").unwrap();
     let still_open = conn.try_wait().unwrap().is_none();
     let _ = conn.kill();
     let _ = conn.wait();
@@ -104,7 +106,6 @@ fn byte_counters_move_while_a_connection_is_open() {
         still_open,
         "the connection must still be open when its bytes are seen"
     );
-    let m = sb.metrics("node-2").unwrap();
     assert!(
         seen.is_some(),
         "both node-proxies count the open connection's bytes:\n{m}"

@@ -482,6 +482,14 @@ async fn status_of(send: &h2::client::SendRequest<Bytes>, req: http::Request<()>
     resp.await.expect("a status, not a reset").status().as_u16()
 }
 
+/// Both ends of one loopback TCP connection: (accepted, connecting).
+async fn tcp_pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let near = TcpStream::connect(l.local_addr().unwrap());
+    let (near, accepted) = tokio::join!(near, l.accept());
+    (accepted.unwrap().0, near.unwrap())
+}
+
 #[tokio::test]
 async fn early_connect_sends_at_once_and_reports_refusals_on_the_stream() {
     let Fixture {
@@ -499,12 +507,7 @@ async fn early_connect_sends_at_once_and_reports_refusals_on_the_stream() {
         echo_check(stream, len, seed).await;
     }
     // The same through the TCP copy.
-    let (app, mut far) = {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let near = TcpStream::connect(l.local_addr().unwrap());
-        let (near, accepted) = tokio::join!(near, l.accept());
-        (accepted.unwrap().0, near.unwrap())
-    };
+    let (app, mut far) = tcp_pair().await;
     let req = request(&client, server_tls.identity(), server.addr, target);
     let stream = pool.connect_early(&req).await.expect("send CONNECT");
     let copy = tokio::spawn(stream.copy_bidirectional(app));
@@ -520,12 +523,7 @@ async fn early_connect_sends_at_once_and_reports_refusals_on_the_stream() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         l.local_addr().unwrap()
     };
-    let (app, mut far) = {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let near = TcpStream::connect(l.local_addr().unwrap());
-        let (near, accepted) = tokio::join!(near, l.accept());
-        (accepted.unwrap().0, near.unwrap())
-    };
+    let (app, mut far) = tcp_pair().await;
     let req = request(&client, server_tls.identity(), server.addr, closed);
     let stream = pool.connect_early(&req).await.expect("send CONNECT");
     let copy = tokio::spawn(stream.copy_bidirectional(app));
