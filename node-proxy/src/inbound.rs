@@ -150,8 +150,7 @@ pub async fn serve_plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, client: TcpStream) {
         destination_service: String::new(),
         connection_security_policy: "none",
     });
-    let (mut client, mut app) = (guard.source(client), guard.destination(app));
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut app).await {
+    if let Err(e) = crate::relay::relay(client, app, guard.sent(), guard.received()).await {
         debug!(%target, "inbound plaintext connection ended: {e}");
     }
 }

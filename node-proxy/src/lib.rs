@@ -22,6 +22,7 @@ pub mod netns;
 pub mod outbound;
 pub mod proxy;
 pub mod redirect;
+pub mod relay;
 pub mod state;
 
 use std::net::SocketAddr;

@@ -1,14 +1,9 @@
 //! Per-connection series with the mesh's standard labels.
 
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tunnel::hbone::Progress;
 
 /// Who talked to whom, as Prometheus labels.
@@ -125,20 +120,14 @@ impl ConnGuard {
         }
     }
 
-    /// Counts bytes read from the source as sent.
-    pub fn source<T>(&self, io: T) -> Counted<'_, T> {
-        Counted {
-            io,
-            counter: &self.sent,
-        }
+    /// Bytes from source to destination.
+    pub fn sent(&self) -> &Counter {
+        &self.sent
     }
 
-    /// Counts bytes read from the destination as received.
-    pub fn destination<T>(&self, io: T) -> Counted<'_, T> {
-        Counted {
-            io,
-            counter: &self.received,
-        }
+    /// Bytes from destination to source.
+    pub fn received(&self) -> &Counter {
+        &self.received
     }
 }
 
@@ -171,43 +160,5 @@ impl Progress for TunnelBytes<'_> {
             &self.guard.sent
         };
         c.inc_by(n);
-    }
-}
-
-/// A stream whose reads are counted, from [`ConnGuard::source`] or
-/// [`ConnGuard::destination`]; writes pass through.
-pub struct Counted<'a, T> {
-    io: T,
-    counter: &'a Counter,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        self.counter.inc_by((buf.filled().len() - before) as u64);
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<'_, T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, data)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

@@ -113,8 +113,7 @@ pub async fn serve(ctx: Arc<Ctx>, pod: Arc<Pod>, app: TcpStream) {
                 .await
         }
         Upstream::Plain(upstream) => {
-            let (mut app, mut upstream) = (guard.source(app), guard.destination(upstream));
-            tokio::io::copy_bidirectional(&mut app, &mut upstream).await
+            crate::relay::relay(app, upstream, guard.sent(), guard.received()).await
         }
     };
     match copied {

@@ -1,0 +1,142 @@
+//! Plain TCP to TCP relaying (passthrough and inbound plaintext) without a buffer per
+//! idle connection.
+//!
+//! `tokio::io::copy_bidirectional` keeps an 8 KiB buffer per direction for the life of
+//! the connection: ~20 KiB per idle passthrough connection in the sandbox. Here a buffer
+//! is allocated only when a socket is readable and freed once written, sized like
+//! `H2Stream::copy_bidirectional`'s: it doubles while reads fill it and halves while they
+//! use little of it.
+
+use std::io;
+use std::net::Shutdown;
+
+use bytes::BytesMut;
+use prometheus_client::metrics::counter::Counter;
+use tokio::net::TcpStream;
+
+const READ_MIN: usize = 8 * 1024;
+const READ_MAX: usize = 256 * 1024;
+
+/// Relays bytes between `a` and `b` until both directions end, counting what is read
+/// from each. EOF on one side half-closes the other; an error on either side resets
+/// both (linger 0), as a TCP RST would. Returns (bytes a -> b, bytes b -> a).
+pub async fn relay(
+    a: TcpStream,
+    b: TcpStream,
+    from_a: &Counter,
+    from_b: &Counter,
+) -> io::Result<(u64, u64)> {
+    let result = tokio::try_join!(one_way(&a, &b, from_a), one_way(&b, &a, from_b));
+    if result.is_err() {
+        for s in [&a, &b] {
+            let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
+        }
+    }
+    result
+}
+
+async fn one_way(from: &TcpStream, to: &TcpStream, counter: &Counter) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut size = READ_MIN;
+    loop {
+        from.readable().await?;
+        let mut buf = BytesMut::with_capacity(size);
+        let n = match from.try_read_buf(&mut buf) {
+            Ok(0) => {
+                // Half-close: the other side reads EOF, the reverse direction goes on.
+                match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
+                    Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(e),
+                    _ => return Ok(total),
+                }
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if n == size {
+            size = (size * 2).min(READ_MAX);
+        } else if n < size / 4 {
+            size = (size / 2).max(READ_MIN);
+        }
+        write_all(to, &buf).await?;
+        total += n as u64;
+        counter.inc_by(n as u64);
+    }
+}
+
+async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// (accepted, connecting) ends of one loopback connection.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let near = TcpStream::connect(l.local_addr().unwrap());
+        let (near, accepted) = tokio::join!(near, l.accept());
+        (accepted.unwrap().0, near.unwrap())
+    }
+
+    #[tokio::test]
+    async fn relays_both_ways_counts_and_passes_half_close() {
+        // client <-> [a | relay | b] <-> server
+        let ((a, mut client), (mut server, b)) = (pair().await, pair().await);
+        let (up, down) = (Counter::default(), Counter::default());
+        let counters = (up.clone(), down.clone());
+        let relay = tokio::spawn(async move { relay(a, b, &counters.0, &counters.1).await });
+
+        let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = payload.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert!(got == payload, "server got the client's bytes, then EOF");
+        // Counted while the connection is still open in the other direction.
+        assert_eq!(up.get(), payload.len() as u64);
+        server.write_all(b"done").await.unwrap();
+        drop(server);
+        assert_eq!(writer.await.unwrap(), b"done");
+        assert_eq!(
+            relay.await.unwrap().unwrap(),
+            (payload.len() as u64, 4),
+            "totals"
+        );
+        assert_eq!(down.get(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_reset_on_one_side_resets_the_other() {
+        let ((a, mut client), (server, b)) = (pair().await, pair().await);
+        let relay =
+            tokio::spawn(
+                async move { relay(a, b, &Counter::default(), &Counter::default()).await },
+            );
+        socket2::SockRef::from(&server)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(server);
+        assert!(relay.await.unwrap().is_err(), "the relay sees the reset");
+        let mut buf = [0u8; 1];
+        let read = client.read(&mut buf).await;
+        assert!(read.is_err(), "the client sees a reset, got {read:?}");
+    }
+}
