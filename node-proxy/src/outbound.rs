@@ -5,7 +5,6 @@
 //! destinations are reached over HBONE from this pod's own IP with its own identity;
 //! anything else passes through as plain TCP from the pod's namespace.
 
-use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -116,12 +115,8 @@ pub async fn serve(ctx: Arc<Ctx>, pod: Arc<Pod>, app: TcpStream) {
             crate::relay::relay(app, upstream, guard.sent(), guard.received()).await
         }
     };
-    match copied {
-        Err(e) if matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::TimedOut) => {
-            info!("outbound connection failed: {e}");
-        }
-        Err(e) => debug!("outbound connection ended: {e}"),
-        Ok(_) => {}
+    if let Err(e) = copied {
+        debug!("outbound connection ended: {e}");
     }
 }
 
@@ -172,9 +167,7 @@ async fn connect(ctx: &Ctx, pod: &Pod, app: &TcpStream) -> Option<(Upstream, Con
                 forwarded_for: app.peer_addr().ok(),
                 traceparent: None,
             };
-            // The app's first bytes follow the CONNECT without waiting for the answer;
-            // a refusal then ends the copy (and resets the app) with its reason.
-            match ctx.pool.connect_early(&request).await {
+            match ctx.pool.connect(&request).await {
                 Ok(s) => Some((Upstream::Tunnel(s), labels)),
                 Err(e) => {
                     info!(%dst, %target, "outbound connection failed: {e}");

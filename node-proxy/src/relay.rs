@@ -43,11 +43,10 @@ async fn one_way(from: &TcpStream, to: &TcpStream, counter: &Counter) -> io::Res
         let mut buf = BytesMut::with_capacity(size);
         let n = match from.try_read_buf(&mut buf) {
             Ok(0) => {
-                // Half-close: the other side reads EOF, the reverse direction goes on.
-                match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
-                    Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(e),
-                    _ => return Ok(total),
-                }
+                // Half-close: the other side reads EOF, the reverse direction goes on. A
+                // failure here (the other side was reset) resets both.
+                socket2::SockRef::from(to).shutdown(Shutdown::Write)?;
+                return Ok(total);
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

@@ -482,61 +482,6 @@ async fn status_of(send: &h2::client::SendRequest<Bytes>, req: http::Request<()>
     resp.await.expect("a status, not a reset").status().as_u16()
 }
 
-/// Both ends of one loopback TCP connection: (accepted, connecting).
-async fn tcp_pair() -> (TcpStream, TcpStream) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let near = TcpStream::connect(l.local_addr().unwrap());
-    let (near, accepted) = tokio::join!(near, l.accept());
-    (accepted.unwrap().0, near.unwrap())
-}
-
-#[tokio::test]
-async fn early_connect_sends_at_once_and_reports_refusals_on_the_stream() {
-    let Fixture {
-        server_tls,
-        server,
-        client,
-        target,
-        ..
-    } = fixture(ServerConfig::default()).await;
-    let pool = pool();
-    // Bytes written before the answer arrive, and come back.
-    for (seed, len) in [(7u64, 1u64), (8, 300_000)] {
-        let req = request(&client, server_tls.identity(), server.addr, target);
-        let stream = pool.connect_early(&req).await.expect("send CONNECT");
-        echo_check(stream, len, seed).await;
-    }
-    // The same through the TCP copy.
-    let (app, mut far) = tcp_pair().await;
-    let req = request(&client, server_tls.identity(), server.addr, target);
-    let stream = pool.connect_early(&req).await.expect("send CONNECT");
-    let copy = tokio::spawn(stream.copy_bidirectional(app));
-    far.write_all(b"ping").await.unwrap();
-    let mut pong = [0u8; 4];
-    far.read_exact(&mut pong).await.unwrap();
-    assert_eq!(&pong, b"ping");
-    drop(far);
-    copy.await.unwrap().expect("clean copy");
-
-    // A refusal arrives on the stream, with the server's reason.
-    let closed = {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        l.local_addr().unwrap()
-    };
-    let (app, mut far) = tcp_pair().await;
-    let req = request(&client, server_tls.identity(), server.addr, closed);
-    let stream = pool.connect_early(&req).await.expect("send CONNECT");
-    let copy = tokio::spawn(stream.copy_bidirectional(app));
-    let _ = far.write_all(&[0u8; 100_000]).await;
-    let err = copy.await.unwrap().expect_err("refused");
-    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
-    assert!(err.to_string().contains("unreachable"), "{err}");
-    // The application side is reset, as a refused connection would be.
-    let mut rest = Vec::new();
-    let read = far.read_to_end(&mut rest).await;
-    assert!(read.is_err(), "the application sees a reset, got {read:?}");
-}
-
 #[tokio::test]
 async fn malformed_connects_refused() {
     let Fixture {

@@ -147,17 +147,6 @@ fn reason(status: StatusCode) -> &'static str {
 }
 
 impl ConnectError {
-    /// As an I/O error of the matching kind, keeping this message.
-    pub fn into_io(self) -> io::Error {
-        let kind = match self {
-            ConnectError::Refused { .. } => io::ErrorKind::ConnectionRefused,
-            ConnectError::Timeout { .. } => io::ErrorKind::TimedOut,
-            ConnectError::H2 { .. } => io::ErrorKind::ConnectionReset,
-            _ => io::ErrorKind::Other,
-        };
-        io::Error::new(kind, self)
-    }
-
     /// Whether this is the server's answer rather than a transport failure.
     pub fn status(&self) -> Option<StatusCode> {
         match self {
@@ -272,21 +261,8 @@ impl Pool {
     }
 
     /// Opens a stream to `req.target` through `req.dst_addr`, reusing a pooled
-    /// connection when one has room, and waits for the server's answer.
+    /// connection when one has room.
     pub async fn connect(&self, req: &ConnectRequest) -> Result<H2Stream, ConnectError> {
-        self.open(req, false).await
-    }
-
-    /// As [`connect`](Self::connect), but returns as soon as the CONNECT is sent:
-    /// writes go out right behind it and reads wait for the answer, so a new connection
-    /// does not spend a round trip to the destination's node before its first byte. A
-    /// refusal (or no answer within the response timeout) then surfaces on the stream as
-    /// an I/O error carrying the [`ConnectError`] (`ConnectionRefused`, `TimedOut`).
-    pub async fn connect_early(&self, req: &ConnectRequest) -> Result<H2Stream, ConnectError> {
-        self.open(req, true).await
-    }
-
-    async fn open(&self, req: &ConnectRequest, early: bool) -> Result<H2Stream, ConnectError> {
         let key = PoolKey {
             src: req.src.identity(),
             src_addr: req.src_addr,
@@ -298,7 +274,7 @@ impl Pool {
         let mut retried = false;
         loop {
             let conn = self.inner.checkout(&key, req).await?;
-            match self.inner.open_stream(&conn, req, early).await {
+            match self.inner.open_stream(&conn, req).await {
                 Err(ConnectError::H2 { source, .. })
                     if !retried && (source.is_go_away() || source.is_io()) =>
                 {
@@ -522,7 +498,6 @@ impl Inner {
         &self,
         conn: &Conn,
         req: &ConnectRequest,
-        early: bool,
     ) -> Result<H2Stream, ConnectError> {
         let addr = req.dst_addr;
         let release = {
@@ -531,7 +506,7 @@ impl Inner {
                 active.fetch_sub(1, Ordering::AcqRel);
             }
         };
-        let h2_err = move |source| ConnectError::H2 { addr, source };
+        let h2_err = |source| ConnectError::H2 { addr, source };
         let mut request = Request::builder()
             .method(Method::CONNECT)
             .uri(req.target.to_string());
@@ -557,56 +532,40 @@ impl Inner {
             }
         };
         let timeout = self.config.response_timeout;
-        let (metrics, target) = (self.metrics.clone(), req.target);
-        let answer = async move {
-            let response = match tokio::time::timeout(timeout, response).await {
-                Err(_) => {
-                    return Err(ConnectError::Timeout {
-                        what: "CONNECT response",
-                        addr,
-                        after: timeout,
-                    })
-                }
-                Ok(Err(e)) => return Err(h2_err(e)),
-                Ok(Ok(r)) => r,
-            };
-            if response.status() != StatusCode::OK {
-                let err = ConnectError::Refused {
+        let response = match tokio::time::timeout(timeout, response).await {
+            Err(_) => {
+                release();
+                return Err(ConnectError::Timeout {
+                    what: "CONNECT response",
                     addr,
-                    target,
-                    status: response.status(),
-                };
-                metrics.stream_refused(OUTBOUND, err.reason());
-                return Err(err);
+                    after: timeout,
+                });
             }
-            Ok(response.into_body())
+            Ok(Err(e)) => {
+                release();
+                return Err(h2_err(e));
+            }
+            Ok(Ok(r)) => r,
         };
+        if response.status() != StatusCode::OK {
+            release();
+            let err = ConnectError::Refused {
+                addr,
+                target: req.target,
+                status: response.status(),
+            };
+            self.metrics.stream_refused(OUTBOUND, err.reason());
+            return Err(err);
+        }
         let dir = DirectionLabels {
             direction: OUTBOUND,
-        };
-        if early {
-            self.metrics.streams.get_or_create(&dir).inc();
-            let open = self.metrics.streams_open.get_or_create(&dir).clone();
-            open.inc();
-            let on_close = Box::new(move || {
-                release();
-                open.dec();
-            });
-            return Ok(H2Stream::waiting(send_stream, Box::pin(answer), on_close));
-        }
-        let recv = match answer.await {
-            Ok(recv) => recv,
-            Err(e) => {
-                release();
-                return Err(e);
-            }
         };
         self.metrics.streams.get_or_create(&dir).inc();
         let open = self.metrics.streams_open.get_or_create(&dir).clone();
         open.inc();
         Ok(H2Stream::new(
             send_stream,
-            recv,
+            response.into_body(),
             Some(Box::new(move || {
                 release();
                 open.dec();

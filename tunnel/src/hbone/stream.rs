@@ -6,7 +6,6 @@
 //! then END_STREAM; if the peer was still sending, h2 follows with RST_STREAM CANCEL.
 //! [`H2Stream::reset`] aborts at once, which the peer reads as `ConnectionReset`.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -18,44 +17,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Runs when the stream is dropped: releases the pool slot and gauges.
 pub(crate) type OnClose = Box<dyn FnOnce() + Send + Sync>;
 
-/// The answer to a CONNECT that was sent without waiting for it.
-pub(crate) type Answer =
-    Pin<Box<dyn Future<Output = Result<RecvStream, super::ConnectError>> + Send>>;
-
-/// The receiving half: open, or still waiting for the CONNECT's answer.
-enum Recv {
-    Waiting(Answer),
-    Open(RecvStream),
-    /// The answer was a refusal or never came; it has been reported.
-    Failed,
-}
-
-impl Recv {
-    /// The receiving half once the answer is in; the refusal as an error otherwise.
-    fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<&mut RecvStream>> {
-        if let Recv::Waiting(answer) = self {
-            *self = match ready!(answer.as_mut().poll(cx)) {
-                Ok(recv) => Recv::Open(recv),
-                Err(e) => {
-                    *self = Recv::Failed;
-                    return Poll::Ready(Err(e.into_io()));
-                }
-            };
-        }
-        match self {
-            Recv::Open(recv) => Poll::Ready(Ok(recv)),
-            _ => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionRefused,
-                "the CONNECT was refused",
-            ))),
-        }
-    }
-}
-
 /// A bidirectional byte stream carried by one HBONE CONNECT.
 pub struct H2Stream {
     send: SendStream<Bytes>,
-    recv: Recv,
+    recv: RecvStream,
     /// The unread rest of the last DATA frame.
     pending: Bytes,
     write_closed: bool,
@@ -78,22 +43,10 @@ impl H2Stream {
     ) -> Self {
         H2Stream {
             send,
-            recv: Recv::Open(recv),
+            recv,
             pending: Bytes::new(),
             write_closed: false,
             on_close,
-        }
-    }
-
-    /// A stream whose CONNECT is on its way: bytes may be written at once, and reads
-    /// wait for the answer (a refusal reads as `ConnectionRefused`).
-    pub(crate) fn waiting(send: SendStream<Bytes>, answer: Answer, on_close: OnClose) -> Self {
-        H2Stream {
-            send,
-            recv: Recv::Waiting(answer),
-            pending: Bytes::new(),
-            write_closed: false,
-            on_close: Some(on_close),
         }
     }
 
@@ -141,13 +94,12 @@ impl AsyncRead for H2Stream {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         while this.pending.is_empty() {
-            let recv = ready!(this.recv.poll_open(cx))?;
-            match ready!(recv.poll_data(cx)) {
+            match ready!(this.recv.poll_data(cx)) {
                 None => return Poll::Ready(Ok(())),
                 Some(Ok(data)) => {
                     // Hand the window back as soon as the bytes are ours: we hold at
                     // most one frame, so the peer's window is the buffering bound.
-                    let _ = recv.flow_control().release_capacity(data.len());
+                    let _ = this.recv.flow_control().release_capacity(data.len());
                     this.pending = data;
                 }
                 Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
@@ -305,10 +257,6 @@ impl H2Stream {
                 wr.write_all(&pending).await?;
                 progress.stream_to_tcp(pending.len() as u64);
             }
-            std::future::poll_fn(|cx| recv.poll_open(cx).map_ok(|_| ())).await?;
-            let Recv::Open(recv) = recv else {
-                return Err(io::ErrorKind::ConnectionRefused.into());
-            };
             while let Some(data) = recv.data().await {
                 let data = data.map_err(h2_to_io)?;
                 let _ = recv.flow_control().release_capacity(data.len());
@@ -319,16 +267,9 @@ impl H2Stream {
             wr.shutdown().await?;
             Ok::<u64, io::Error>(total)
         };
-        let mut result = tokio::try_join!(upload, download);
+        let result = tokio::try_join!(upload, download);
         self.write_closed = true;
         if result.is_err() {
-            // A refused early CONNECT can also reset the upload; report the refusal.
-            if let Recv::Waiting(answer) = &mut self.recv {
-                let mut cx = Context::from_waker(std::task::Waker::noop());
-                if let Poll::Ready(Err(refusal)) = answer.as_mut().poll(&mut cx) {
-                    result = Err(refusal.into_io());
-                }
-            }
             // One side failed: abort the other instead of ending it cleanly.
             self.send.send_reset(h2::Reason::CANCEL);
             if let Ok(tcp) = rd.reunite(wr) {
