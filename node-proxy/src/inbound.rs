@@ -28,16 +28,25 @@ pub struct Hbone {
 }
 
 /// Connects to the application at `target` from `client`'s address.
+/// How long the connection to the application may take. Shorter than the client side's
+/// wait for a CONNECT answer (10 s), so a full accept queue is answered with a 503
+/// instead of holding the stream until the kernel gives up (~2 minutes).
+const APP_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn connect_app(
     pod: &Pod,
     client: SocketAddr,
     target: SocketAddr,
 ) -> std::io::Result<TcpStream> {
-    pod.netns
-        .transparent_socket(client)
-        .await?
-        .connect(target)
+    let socket = pod.netns.transparent_socket(client).await?;
+    tokio::time::timeout(APP_CONNECT_TIMEOUT, socket.connect(target))
         .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer from {target} within {APP_CONNECT_TIMEOUT:?}"),
+            )
+        })?
 }
 
 impl Handler for Hbone {
