@@ -99,7 +99,6 @@ enum Upstream {
 /// memory small.
 pub async fn serve(ctx: Arc<Ctx>, pod: Arc<Pod>, app: TcpStream) {
     let _ = app.set_nodelay(true);
-    crate::netns::pod_local_congestion(&app);
     let Some((upstream, labels)) = Box::pin(connect(&ctx, &pod, &app)).await else {
         reset(&app);
         return;

@@ -291,6 +291,9 @@ impl Pods {
             .listen((IpAddr::from([127, 0, 0, 1]), OUTBOUND_PORT).into())
             .await
             .map_err(|e| format!("cannot listen on 127.0.0.1:{OUTBOUND_PORT}: {e}"))?;
+        // Captured application connections never leave the pod; accepted sockets inherit
+        // the listener's congestion control, so this is set once, not per connection.
+        crate::netns::pod_local_congestion(&outbound_l);
         let plaintext_l = listen(INBOUND_PLAINTEXT_PORT).await?;
         let hbone_l = listen(tunnel::hbone::PORT).await?;
         let pod = Arc::new(Pod {
