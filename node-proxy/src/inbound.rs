@@ -38,7 +38,7 @@ async fn connect_app(
     client: SocketAddr,
     target: SocketAddr,
 ) -> std::io::Result<TcpStream> {
-    let socket = pod.netns.transparent_socket(client).await?;
+    let socket = pod.netns.transparent_socket(client)?;
     tokio::time::timeout(APP_CONNECT_TIMEOUT, socket.connect(target))
         .await
         .map_err(|_| {

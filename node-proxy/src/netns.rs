@@ -2,9 +2,11 @@
 //!
 //! A socket belongs to the network namespace it was created in, whichever thread uses it
 //! later. So node-proxy keeps one small thread per pod that has `setns`-ed into the
-//! pod's namespace; it creates listeners and outgoing sockets on request and hands them
-//! to the async runtime, which serves them like any other socket. Child processes
-//! spawned from that thread (e.g. `nft`) also start in the pod's namespace.
+//! pod's namespace; it creates listeners on request and hands them to the async
+//! runtime, which serves them like any other socket. Child processes spawned from that
+//! thread (e.g. `nft`) also start in the pod's namespace. Sockets made per connection
+//! are made on the runtime's own thread, which steps into the pod's namespace for the
+//! few system calls that takes and straight back.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -30,6 +32,8 @@ type Job = Box<dyn FnOnce() + Send>;
 pub struct Netns {
     jobs: mpsc::Sender<Job>,
     name: String,
+    /// The namespace itself, for making sockets there from the calling thread.
+    fd: OwnedFd,
 }
 
 impl Netns {
@@ -38,6 +42,7 @@ impl Netns {
     pub fn enter(fd: OwnedFd, name: &str) -> io::Result<Self> {
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel();
+        let keep = fd.try_clone()?;
         std::thread::Builder::new()
             .name(format!("netns {name}"))
             .spawn(move || {
@@ -64,6 +69,7 @@ impl Netns {
         Ok(Netns {
             jobs,
             name: name.to_owned(),
+            fd: keep,
         })
     }
 
@@ -106,6 +112,49 @@ impl Netns {
         rx.recv().map_err(|_| self.gone())
     }
 
+    /// Runs `f` on the calling thread, inside this namespace for its duration.
+    ///
+    /// For making a socket without a round trip to the namespace's thread (two thread
+    /// wake-ups per connection, and a wait behind whatever that thread is running, such
+    /// as `nft`). `f` must not await or block: it runs on a runtime worker that no other
+    /// task can use meanwhile, and must not leave it in the pod's namespace.
+    fn here<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        thread_local! {
+            /// The namespace this thread returns to: the one it was in at first use.
+            static HOME: Option<OwnedFd> = std::fs::File::open("/proc/thread-self/ns/net")
+                .ok()
+                .map(OwnedFd::from);
+        }
+        /// Puts the thread back, also if `f` panics.
+        struct Back<'a>(&'a OwnedFd);
+        impl Drop for Back<'_> {
+            fn drop(&mut self) {
+                if setns(self.0, CloneFlags::CLONE_NEWNET).is_err() {
+                    // A worker left in a pod's namespace would make every later socket
+                    // there; stopping is the only safe outcome (it cannot happen while
+                    // the process keeps CAP_SYS_ADMIN and the descriptor).
+                    eprintln!("node-proxy: cannot return a thread to its network namespace");
+                    std::process::abort();
+                }
+            }
+        }
+        HOME.with(|home| {
+            let home = home.as_ref().ok_or_else(|| {
+                io::Error::other(
+                    "cannot open this thread's network namespace (/proc/thread-self/ns/net)",
+                )
+            })?;
+            setns(&self.fd, CloneFlags::CLONE_NEWNET).map_err(|e| {
+                io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!("cannot enter the network namespace of {}: {e}", self.name),
+                )
+            })?;
+            let _back = Back(home);
+            f()
+        })
+    }
+
     /// A non-blocking TCP listener on `addr` in this namespace.
     ///
     /// An address still in use is retried for up to a second: a previous owner (the same
@@ -125,47 +174,43 @@ impl Netns {
     }
 
     /// An unconnected, marked TCP socket in this namespace for an outgoing connection.
-    pub async fn outbound_socket(&self, dst: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
-        let socket = self
-            .run(move || {
-                let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
-                s.set_mark(MARK_OUTBOUND)?;
-                s.set_nonblocking(true)?;
-                s.set_tcp_nodelay(true)?;
-                Ok::<_, io::Error>(s)
-            })
-            .await??;
+    pub fn outbound_socket(&self, dst: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
+        let socket = self.here(move || {
+            let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+            s.set_mark(MARK_OUTBOUND)?;
+            s.set_nonblocking(true)?;
+            s.set_tcp_nodelay(true)?;
+            Ok(s)
+        })?;
         Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
     }
 
     /// An unconnected TCP socket in this namespace bound to `src` (an address that need
     /// not be local: the original client's), for connecting to the application while
     /// preserving the client's source address.
-    pub async fn transparent_socket(&self, src: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
-        let socket = self
-            .run(move || {
-                let s = Socket::new(Domain::for_address(src), Type::STREAM, Some(Protocol::TCP))?;
-                s.set_mark(MARK_INBOUND)?;
-                if src.is_ipv4() {
-                    s.set_ip_transparent_v4(true)?;
-                } else {
-                    s.set_ip_transparent_v6(true)?;
-                }
-                s.set_nonblocking(true)?;
-                s.set_tcp_nodelay(true)?;
-                pod_local_congestion(&s);
-                // Port 0: the client's port may already be in use here. Choosing it at
-                // connect time (by 4-tuple) instead of at bind keeps connection setup
-                // fast when many ports sit in TIME_WAIT.
-                nix::sys::socket::setsockopt(
-                    &s,
-                    nix::sys::socket::sockopt::IpBindAddressNoPort,
-                    &true,
-                )?;
-                s.bind(&SockAddr::from(SocketAddr::new(src.ip(), 0)))?;
-                Ok::<_, io::Error>(s)
-            })
-            .await??;
+    pub fn transparent_socket(&self, src: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
+        let socket = self.here(move || {
+            let s = Socket::new(Domain::for_address(src), Type::STREAM, Some(Protocol::TCP))?;
+            s.set_mark(MARK_INBOUND)?;
+            if src.is_ipv4() {
+                s.set_ip_transparent_v4(true)?;
+            } else {
+                s.set_ip_transparent_v6(true)?;
+            }
+            s.set_nonblocking(true)?;
+            s.set_tcp_nodelay(true)?;
+            pod_local_congestion(&s);
+            // Port 0: the client's port may already be in use here. Choosing it at
+            // connect time (by 4-tuple) instead of at bind keeps connection setup
+            // fast when many ports sit in TIME_WAIT.
+            nix::sys::socket::setsockopt(
+                &s,
+                nix::sys::socket::sockopt::IpBindAddressNoPort,
+                &true,
+            )?;
+            s.bind(&SockAddr::from(SocketAddr::new(src.ip(), 0)))?;
+            Ok(s)
+        })?;
         Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
     }
 }
@@ -209,6 +254,63 @@ pub fn original_dst(stream: &tokio::net::TcpStream) -> io::Result<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn netns_link() -> String {
+        std::fs::read_link("/proc/thread-self/ns/net")
+            .unwrap()
+            .display()
+            .to_string()
+    }
+
+    /// A fresh network namespace with loopback up, as a pod's would be.
+    fn fresh_netns() -> OwnedFd {
+        std::thread::spawn(|| {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).unwrap();
+            let up = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status()
+                .unwrap();
+            assert!(up.success());
+            OwnedFd::from(std::fs::File::open("/proc/thread-self/ns/net").unwrap())
+        })
+        .join()
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn per_connection_sockets_are_made_in_the_pod_and_the_thread_comes_back() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root (network namespaces)");
+            return;
+        }
+        let ns = Netns::enter(fresh_netns(), "shop/cart").unwrap();
+        // The same address listens in the pod and on the host: the connection must
+        // arrive at the pod's.
+        let pod = ns.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = pod.local_addr().unwrap();
+        let host = std::net::TcpListener::bind(addr).unwrap();
+        host.set_nonblocking(true).unwrap();
+        let home = netns_link();
+        let socket = ns.outbound_socket(addr).unwrap();
+        assert_eq!(netns_link(), home, "the thread is back in its namespace");
+        let _conn = socket.connect(addr).await.unwrap();
+        let accepted = tokio::time::timeout(std::time::Duration::from_secs(5), pod.accept()).await;
+        assert!(
+            accepted.is_ok(),
+            "the connection reached the pod's listener"
+        );
+        assert!(
+            host.accept().is_err(),
+            "nothing reached the host's listener"
+        );
+        // A later socket made on this thread without the pod lands on the host.
+        let own = tokio::net::TcpSocket::new_v4().unwrap();
+        let _conn = own.connect(addr).await.unwrap();
+        assert!(
+            host.accept().is_ok(),
+            "the thread makes sockets on the host again"
+        );
+    }
 
     #[test]
     fn pod_local_sockets_do_not_pace() {

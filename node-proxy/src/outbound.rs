@@ -185,13 +185,7 @@ async fn connect(ctx: &Ctx, pod: &Pod, app: &TcpStream) -> Option<(Upstream, Con
             }
             labels.destination_service = service.unwrap_or_default();
             labels.connection_security_policy = "none";
-            let upstream = async {
-                pod.netns
-                    .outbound_socket(target)
-                    .await?
-                    .connect(target)
-                    .await
-            };
+            let upstream = async { pod.netns.outbound_socket(target)?.connect(target).await };
             match upstream.await {
                 Ok(s) => Some((Upstream::Plain(s), labels)),
                 Err(e) => {

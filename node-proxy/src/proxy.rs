@@ -191,7 +191,7 @@ impl SocketFactory for PodSockets {
         &self,
         dst: std::net::SocketAddr,
     ) -> BoxFuture<'_, std::io::Result<tokio::net::TcpSocket>> {
-        Box::pin(self.0.outbound_socket(dst))
+        Box::pin(std::future::ready(self.0.outbound_socket(dst)))
     }
 }
 

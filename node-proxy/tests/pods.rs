@@ -211,7 +211,7 @@ async fn pods_come_and_go_without_leaks_and_bad_handoffs_leave_nothing() {
             };
             let addr: std::net::SocketAddr = format!("{addr}:{port}").parse().unwrap();
             // The proxy may reset before connect() returns (it refuses both at once).
-            let Ok(mut s) = ns.outbound_socket(addr).await.unwrap().connect(addr).await else {
+            let Ok(mut s) = ns.outbound_socket(addr).unwrap().connect(addr).await else {
                 continue;
             };
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
