@@ -119,6 +119,60 @@ fn byte_counters_move_while_a_connection_is_open() {
 }
 
 #[test]
+fn an_application_that_never_answers_is_given_up_on() {
+    root_only!();
+    let sb = Sandbox::up("e2e-silent", &manifests()).unwrap();
+    let b_ip = sb.ip(B).unwrap();
+    // B's TCP echo stops answering: its SYNs vanish, as with a full accept queue.
+    let drop_syn = "add table inet weft-test
+        add chain inet weft-test in { type filter hook input priority 0; }
+        add rule inet weft-test in tcp dport 9000 tcp flags syn drop";
+    let out = sb.exec(B, &["nft", drop_syn]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = sb
+        .exec(
+            A,
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "60",
+                &format!("http://{b_ip}:9000/"),
+            ],
+        )
+        .unwrap();
+    let code = out.status.code().unwrap_or(-1);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // 52: empty reply, 56: connection reset. Not 28: curl's own time limit.
+    assert!(
+        code == 52 || code == 56,
+        "the client's connection ends with an error instead of hanging (curl exit {code}): {stderr}"
+    );
+    // node-2 gave up on the application and said so: a 503 counted as `unreachable`,
+    // not the client side's own wait for an answer running out.
+    let m = sb.metrics("node-2").unwrap();
+    let refused = metric_sum(
+        &m,
+        "hbone_stream_refusals_total",
+        &[("direction", "inbound"), ("reason", "unreachable")],
+    );
+    assert!(
+        refused >= 1.0,
+        "node-2 counts the unreachable application:\n{m}"
+    );
+    let log = sb.node_log("node-2");
+    assert!(
+        log.contains("HBONE stream refused") && log.contains(&format!("{b_ip}:9000")),
+        "node-2 logs the refusal with its target:\n{log}"
+    );
+}
+
+#[test]
 fn fabric_capture_shows_tls13_and_no_plaintext() {
     root_only!();
     let sb = Sandbox::up("e2e-pcap", &manifests()).unwrap();
