@@ -15,6 +15,21 @@ use tracing::debug;
 
 use crate::proxy::{Ctx, Pods};
 
+/// Listens on `addr` for the admin endpoint. The port is shared (`SO_REUSEPORT`) so a
+/// replacement node-proxy on the same network (the sandbox's nodes share the host's)
+/// can start while the one it replaces drains; requests meanwhile reach either.
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(128)
+}
+
 /// What the admin endpoint reads.
 pub struct Admin {
     /// Shared proxy state.

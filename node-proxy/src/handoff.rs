@@ -545,6 +545,14 @@ pub struct HandoffClient {
 }
 
 impl HandoffClient {
+    /// The process at the other end (`SO_PEERCRED`): while one node-proxy replaces
+    /// another, the path may still lead to the old one.
+    pub fn peer_pid(&self) -> Option<u32> {
+        nix::sys::socket::getsockopt(&self.sock, nix::sys::socket::sockopt::PeerCredentials)
+            .ok()
+            .and_then(|c| u32::try_from(c.pid()).ok())
+    }
+
     /// Connects to node-proxy at `path` and says hello.
     pub fn connect(path: impl AsRef<Path>) -> Result<Self, HandoffError> {
         let path = path.as_ref().to_path_buf();

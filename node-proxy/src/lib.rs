@@ -115,8 +115,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     );
     let pods = Pods::new(ctx.clone());
 
-    let admin_listener = tokio::net::TcpListener::bind(config.admin)
-        .await
+    let admin_listener = admin::listen(config.admin)
         .with_context(|| format!("cannot listen on admin address {}", config.admin))?;
     let admin = Arc::new(admin::Admin {
         ctx: ctx.clone(),

@@ -157,8 +157,9 @@ impl Netns {
 
     /// A non-blocking TCP listener on `addr` in this namespace.
     ///
-    /// An address still in use is retried for up to a second: a previous owner (the same
-    /// pod just removed, or a node-proxy that is still exiting) may be letting go of it.
+    /// Listeners share the port with a node-proxy that is being replaced (see
+    /// [`listener`]). An address held by a socket without `SO_REUSEPORT` is retried for
+    /// up to a second: its owner may be letting go of it.
     pub async fn listen(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
         let mut tries = 0;
         loop {
@@ -231,9 +232,26 @@ pub fn pod_local_congestion(socket: &impl std::os::fd::AsFd) {
     let _ = socket2::SockRef::from(socket).set_tcp_congestion(POD_LOCAL_CONGESTION.as_bytes());
 }
 
+/// Where the kernel is told to hand a closing listener's queued connections to another
+/// listener on the same port; per network namespace, Linux 5.14 and later.
+const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+/// Turns on [`MIGRATE_REQ`] in the calling thread's network namespace (run it on a
+/// [`Netns`]'s thread). With it, connections a closing listener had not yet accepted
+/// move to another listener in its `SO_REUSEPORT` group instead of being reset: while
+/// a node-proxy is replaced, the old one closes its listeners after the new one opened
+/// its own, and no connection in between is refused.
+pub fn migrate_queued_connections() -> io::Result<()> {
+    std::fs::write(MIGRATE_REQ, "1")
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot enable {MIGRATE_REQ}: {e}")))
+}
+
+/// A listener that shares its port with the next node-proxy's (`SO_REUSEPORT`): both
+/// listen while one replaces the other. Only a process of the same user can join.
 fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
     s.set_nonblocking(true)?;
     s.bind(&SockAddr::from(addr))?;
     s.listen(1024)?;

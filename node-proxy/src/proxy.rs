@@ -272,6 +272,11 @@ impl Pods {
         let name = format!("{}/{}", info.namespace, info.name);
         let ip = *info.ips.first().ok_or("it has no IP")?;
         let netns = Arc::new(Netns::enter(fd, &name).map_err(|e| e.to_string())?);
+        match netns.run(crate::netns::migrate_queued_connections).await {
+            Ok(Ok(())) => {}
+            // Older kernels: a replacement may reset connections queued at the switch.
+            Ok(Err(e)) | Err(e) => warn!(pod = %name, "{e}"),
+        }
         let identity = ctx.identity(&info.namespace, &info.service_account)?;
         let lease = ctx.identities.get(&identity).await?;
         let tls = lease.tls().clone();
