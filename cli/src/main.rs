@@ -125,6 +125,17 @@ enum Local {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// Replaces every node-proxy of a running sandbox with a new process (of the weftctl
+    /// binary the sandbox was started from, as rebuilt since), one node at a time, without
+    /// refusing a connection; waits until the old ones have drained and exited.
+    Upgrade {
+        /// Sandbox name.
+        #[arg(long, default_value = "weft")]
+        name: String,
+        /// State directory (default /run/weft/sandbox/<name>).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
     /// Prints the capture rules installed in a pod (namespace/name).
     Rules {
         /// The pod.
@@ -216,6 +227,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Local::Down { name, state_dir } => {
                 let dir = state_dir.unwrap_or_else(|| sandbox::default_state_dir(&name));
                 sandbox::down(&name, &dir)
+            }
+            Local::Upgrade { name, state_dir } => {
+                let dir = state_dir.unwrap_or_else(|| sandbox::default_state_dir(&name));
+                sandbox::upgrade(&dir)
             }
             Local::Rules {
                 pod,

@@ -487,6 +487,117 @@ fn node_proxy_restart_under_load() {
 }
 
 #[test]
+fn node_proxy_upgrade_refuses_no_connection() {
+    root_only!();
+    let mut sb = Sandbox::up("e2e-upgrade", &manifests()).unwrap();
+    let old = [
+        sb.node_pid("node-1").unwrap(),
+        sb.node_pid("node-2").unwrap(),
+    ];
+    // A connection held open keeps each old node-proxy draining for its grace (2 s in
+    // the sandbox), so old and new overlap for that long.
+    let b_ip = sb.ip(B).unwrap();
+    let script = format!("exec 3<>/dev/tcp/{b_ip}/9000; sleep 60");
+    let mut held = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &sb.netns(A).unwrap(),
+            "bash",
+            "-c",
+            &script,
+        ])
+        .spawn()
+        .unwrap();
+    // Requests from A (node-1) to B's service (node-2), one connection each, while both
+    // node-proxies are replaced: the outbound, inbound and HBONE sides all change hands.
+    let upgrade = {
+        let (weftctl, name, dir) = (weftctl().unwrap(), sb.name.clone(), sb.state_dir.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(2));
+            let started = Instant::now();
+            let out = Command::new(weftctl)
+                .args(["local", "upgrade", "--name", &name, "--state-dir"])
+                .arg(dir)
+                .output()
+                .unwrap();
+            (started, Instant::now(), out)
+        })
+    };
+    let mut results: Vec<(Instant, bool)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut done_at = None;
+    while Instant::now() < deadline
+        && done_at.is_none_or(|t: Instant| t.elapsed() < Duration::from_secs(2))
+    {
+        let out = sb
+            .exec(
+                A,
+                &[
+                    "curl",
+                    "-sf",
+                    "-o",
+                    "/dev/null",
+                    "--max-time",
+                    "5",
+                    "http://10.96.0.10/upgrade",
+                ],
+            )
+            .unwrap();
+        results.push((Instant::now(), out.status.success()));
+        if done_at.is_none() && upgrade.is_finished() {
+            done_at = Some(Instant::now());
+        }
+    }
+    let (started, finished, out) = upgrade.join().unwrap();
+    let _ = held.kill();
+    let _ = held.wait();
+    assert!(
+        out.status.success(),
+        "weftctl local upgrade: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let during = results
+        .iter()
+        .filter(|(t, _)| *t > started && *t < finished)
+        .count();
+    let failed = results.iter().filter(|(_, ok)| !ok).count();
+    eprintln!(
+        "upgrade took {:.2} s; {} requests, {during} during it, {failed} failed",
+        (finished - started).as_secs_f64(),
+        results.len()
+    );
+    assert!(during >= 10, "requests ran during the upgrade ({during})");
+    assert_eq!(
+        failed, 0,
+        "no request fails while node-proxies are replaced"
+    );
+    sb.refresh().unwrap();
+    for (node, old) in ["node-1", "node-2"].iter().zip(old) {
+        assert_ne!(
+            sb.node_pid(node).unwrap(),
+            old,
+            "{node} runs a new node-proxy"
+        );
+        assert!(
+            !std::path::Path::new(&format!("/proc/{old}")).exists(),
+            "{node}'s old node-proxy has exited"
+        );
+    }
+    // Connections a closing listener had queued move to the new one, in every pod.
+    for pod in [A, B] {
+        let out = sb
+            .exec(pod, &["cat", "/proc/sys/net/ipv4/tcp_migrate_req"])
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1", "{pod}");
+    }
+    // The old node-2 told node-1 to move on (GOAWAY); the new one carries the traffic.
+    let (code, body) = sb.curl(A, "http://10.96.0.10/after").unwrap();
+    assert_eq!(code, 0, "{body}");
+}
+
+#[test]
 fn bad_model_file_keeps_the_old_model() {
     root_only!();
     let sb = Sandbox::up("e2e-model", &manifests()).unwrap();

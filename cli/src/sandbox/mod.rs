@@ -213,6 +213,8 @@ struct Built {
     netns: Vec<String>,
     children: Vec<Child>,
     node_children: BTreeMap<String, Child>,
+    /// Replaced node-proxies still draining: (node, process).
+    retiring: Vec<(String, Child)>,
     state_dir: PathBuf,
 }
 
@@ -222,6 +224,9 @@ impl Built {
             stop_child(c, Duration::from_secs(2));
         }
         for c in self.node_children.values_mut() {
+            stop_child(c, Duration::from_secs(8));
+        }
+        for (_, c) in self.retiring.iter_mut() {
             stop_child(c, Duration::from_secs(8));
         }
         for ns in self.netns.iter().rev() {
@@ -287,13 +292,60 @@ fn pod_info(p: &PodState) -> PodInfo {
     }
 }
 
-/// Hands a node's enrolled pods to its node-proxy as one snapshot, waiting up to
-/// `timeout` for the proxy's socket.
-fn hand_over(node: &NodeState, pods: &[(PodState, File)], timeout: Duration) -> anyhow::Result<()> {
+/// Replaces a node's node-proxy without refusing a connection, as a DaemonSet's surge
+/// rollout would: the new process starts while the old one still serves, takes over the
+/// handoff socket, receives the pods and opens its listeners beside the old ones
+/// (`SO_REUSEPORT`); only then is the old one told to drain (SIGTERM). It stops
+/// accepting at once (the kernel moves its not-yet-accepted connections to the new
+/// listeners) and finishes open connections within its drain grace.
+fn replace_node_proxy(
+    opts: &UpOptions,
+    built: &mut Built,
+    node: &mut NodeState,
+    pods: &[(PodState, File)],
+) -> anyhow::Result<()> {
+    let mut child = spawn_node_proxy(opts, node, &opts.state_dir)?;
+    if let Err(e) = hand_over(node, child.id(), pods, Duration::from_secs(20)) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+    let new_pid = child.id();
+    if let Some(old) = built.node_children.insert(node.name.clone(), child) {
+        let pid = nix::unistd::Pid::from_raw(old.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        eprintln!(
+            "node-proxy of {} replaced: pid {} serves, pid {} drains",
+            node.name,
+            new_pid,
+            old.id()
+        );
+        built.retiring.push((node.name.clone(), old));
+    }
+    node.pid = new_pid;
+    Ok(())
+}
+
+/// Hands a node's enrolled pods to its node-proxy (process `pid`) as one snapshot,
+/// waiting up to `timeout` for it to listen. Until it does, the socket's path may still
+/// lead to a node-proxy it replaces.
+fn hand_over(
+    node: &NodeState,
+    pid: u32,
+    pods: &[(PodState, File)],
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let start = Instant::now();
     let mut client = loop {
         match HandoffClient::connect(&node.handoff) {
-            Ok(c) => break c,
+            Ok(c) if c.peer_pid() == Some(pid) => break c,
+            Ok(_) if start.elapsed() < timeout => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(_) => bail!(
+                "node-proxy of {} (pid {pid}) did not take over its handoff socket",
+                node.name
+            ),
             Err(e) if start.elapsed() < timeout => {
                 tracing::debug!("waiting for node-proxy {}: {e}", node.name);
                 std::thread::sleep(Duration::from_millis(50));
@@ -401,6 +453,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
         netns: Vec::new(),
         children: Vec::new(),
         node_children: BTreeMap::new(),
+        retiring: Vec::new(),
         state_dir: state_dir.clone(),
     };
     let result = build_and_run(
@@ -450,7 +503,7 @@ async fn build_and_run(
         built.node_children.insert(node.name.clone(), child);
     }
     for node in nodes.iter() {
-        hand_over(node, &netns_files, Duration::from_secs(20))?;
+        hand_over(node, node.pid, &netns_files, Duration::from_secs(20))?;
     }
     let exe_dir = opts.exe.parent().map(Path::to_path_buf).unwrap_or_default();
     let path_env = format!(
@@ -525,17 +578,38 @@ async fn build_and_run(
 
     let start = Instant::now();
     let mut last_summary = Instant::now();
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot watch for SIGHUP")?;
     loop {
+        let mut replace = false;
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = hangup.recv() => replace = true,
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
         if opts.duration.is_some_and(|d| start.elapsed() >= d) {
             break;
         }
+        let mut changed = false;
+        if replace {
+            for node in state.nodes.iter_mut() {
+                replace_node_proxy(opts, built, node, &netns_files)?;
+            }
+            changed = true;
+        }
+        built.retiring.retain_mut(|(node, c)| match c.try_wait() {
+            Ok(None) => true,
+            Ok(Some(status)) => {
+                eprintln!(
+                    "replaced node-proxy of {node} (pid {}) drained and exited ({status})",
+                    c.id()
+                );
+                false
+            }
+            Err(_) => false,
+        });
         // A node-proxy that died is restarted and given its pods again, as a
         // DaemonSet and the CNI node agent would.
-        let mut changed = false;
         for node in state.nodes.iter_mut() {
             let Some(child) = built.node_children.get_mut(&node.name) else {
                 continue;
@@ -548,7 +622,7 @@ async fn build_and_run(
                 let child = spawn_node_proxy(opts, node, state_dir)?;
                 node.pid = child.id();
                 built.node_children.insert(node.name.clone(), child);
-                hand_over(node, &netns_files, Duration::from_secs(20))?;
+                hand_over(node, node.pid, &netns_files, Duration::from_secs(20))?;
                 changed = true;
             }
         }
@@ -613,6 +687,62 @@ pub fn down(name: &str, state_dir: &Path) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&path);
     Ok(())
+}
+
+/// Asks a running sandbox to replace its node-proxies (SIGHUP to its `up` process) and
+/// waits until every node runs a new one and the old ones have exited.
+pub fn upgrade(state_dir: &Path) -> anyhow::Result<()> {
+    require_root("weftctl local upgrade")?;
+    let path = state_dir.join("state.json");
+    let read = || -> anyhow::Result<State> {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("no running sandbox: cannot read {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let before = read()?;
+    let alive = |pid: u32| {
+        // A reaped process is gone; an unreaped one is a zombie, done with its work.
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    };
+    let supervisor = nix::unistd::Pid::from_raw(before.supervisor_pid as i32);
+    nix::sys::signal::kill(supervisor, nix::sys::signal::Signal::SIGHUP).with_context(|| {
+        format!(
+            "cannot signal the sandbox's `up` process (pid {})",
+            before.supervisor_pid
+        )
+    })?;
+    let start = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = read()?;
+        let replaced = before.nodes.iter().all(|old| {
+            now.nodes
+                .iter()
+                .any(|n| n.name == old.name && n.pid != old.pid && alive(n.pid))
+                && !alive(old.pid)
+        });
+        if replaced {
+            for (old, new) in before.nodes.iter().zip(&now.nodes) {
+                println!("{}: node-proxy {} -> {}", new.name, old.pid, new.pid);
+            }
+            return Ok(());
+        }
+        if !alive(now.supervisor_pid) {
+            bail!("the sandbox stopped during the upgrade");
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "node-proxies not replaced within 60 s; see the node logs under {}",
+                state_dir.display()
+            );
+        }
+    }
 }
 
 /// The capture rules installed in a pod's namespace, for debugging.
