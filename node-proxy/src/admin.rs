@@ -15,19 +15,16 @@ use tracing::debug;
 
 use crate::proxy::{Ctx, Pods};
 
-/// Listens on `addr` for the admin endpoint. The port is shared (`SO_REUSEPORT`) so a
-/// replacement node-proxy on the same network (the sandbox's nodes share the host's)
-/// can start while the one it replaces drains; requests meanwhile reach either.
-pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    socket.listen(128)
+/// The admin listener handed over by the node-proxy this one replaces; it must be
+/// bound to `addr`, the address this process is configured with.
+pub fn adopt(fd: std::os::fd::OwnedFd, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    let socket = socket2::Socket::from(fd);
+    let local = socket.local_addr().ok().and_then(|a| a.as_socket());
+    if local != Some(addr) || !socket.is_listener().unwrap_or(false) {
+        anyhow::bail!("the admin listener handed over is bound to {local:?}, not {addr}");
+    }
+    socket.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(socket.into())?)
 }
 
 /// What the admin endpoint reads.

@@ -12,6 +12,10 @@
 //!   add {pod} + netns fd            -->   ok | error       (one message per pod)
 //!   remove {uid}                    -->   ok | error
 //!   snapshot_start, add.., snapshot_end   at the end, pods not re-added are forgotten
+//!
+//! a new node-proxy                           the node-proxy it replaces
+//!   takeover                        -->   admin + listener fd, pod {pod} + 4 fds (one
+//!                                         message each), then ok; it then drains
 //! ```
 //!
 //! Malformed input gets an error reply naming the problem and leaves the connection
@@ -97,6 +101,37 @@ enum Message {
     // `{}` so that deny_unknown_fields applies to them too.
     SnapshotStart {},
     SnapshotEnd {},
+    Takeover {},
+}
+
+/// One part of a takeover answer, with its descriptors attached.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum Handed {
+    /// The admin listener.
+    Admin {},
+    /// A pod: its namespace, then its outbound, inbound plaintext and HBONE listeners.
+    Pod { pod: PodInfo },
+}
+
+/// What a node-proxy hands to the one replacing it.
+#[derive(Debug, Default)]
+pub struct Takeover {
+    /// Its admin endpoint's listener.
+    pub admin: Option<OwnedFd>,
+    /// Its pods, each with its network namespace and listeners.
+    pub pods: Vec<HandedPod>,
+}
+
+/// A pod as handed over in a [`Takeover`].
+#[derive(Debug)]
+pub struct HandedPod {
+    /// The pod.
+    pub pod: PodInfo,
+    /// Its network namespace.
+    pub netns: OwnedFd,
+    /// Its listeners: outbound, inbound plaintext, inbound HBONE.
+    pub listeners: [OwnedFd; 3],
 }
 
 /// node-proxy's answer to one message.
@@ -146,6 +181,8 @@ pub enum Request {
     SnapshotStart,
     /// The list is complete: forget pods not added since `SnapshotStart`.
     SnapshotEnd,
+    /// A new node-proxy takes over: answer with [`HandoffConn::hand_over`], then drain.
+    Takeover,
 }
 
 /// A handoff failure, on either side. Paths are the socket's.
@@ -338,6 +375,41 @@ impl HandoffConn {
         self.flush().await
     }
 
+    /// Answers a [`Request::Takeover`]: the admin listener and every pod with its
+    /// namespace and listeners (duplicates are sent; the caller keeps its own), one
+    /// message each, then `ok`. The caller should stop accepting and drain right after.
+    pub async fn hand_over(
+        &mut self,
+        admin: Option<BorrowedFd<'_>>,
+        pods: &[(PodInfo, [BorrowedFd<'_>; 4])],
+    ) -> Result<(), HandoffError> {
+        if !std::mem::take(&mut self.awaiting_reply) {
+            warn!("takeover answer without a request; not sent");
+            return Ok(());
+        }
+        let encode = |h: &Handed| {
+            serde_json::to_vec(h).map_err(|e| HandoffError::Invalid(format!("takeover: {e}")))
+        };
+        let mut parts: Vec<(Vec<u8>, Vec<RawFd>)> = Vec::new();
+        if let Some(fd) = admin {
+            parts.push((encode(&Handed::Admin {})?, vec![fd.as_raw_fd()]));
+        }
+        for (pod, fds) in pods {
+            let bytes = encode(&Handed::Pod { pod: pod.clone() })?;
+            parts.push((bytes, fds.iter().map(|f| f.as_raw_fd()).collect()));
+        }
+        for (bytes, fds) in &parts {
+            self.sock
+                .async_io(Interest::WRITABLE, || {
+                    send_datagram(self.sock.as_raw_fd(), bytes, fds)
+                })
+                .await
+                .map_err(|source| self.io(source))?;
+        }
+        self.unsent = Some(Reply::encode(Ok(()), None));
+        self.flush().await
+    }
+
     async fn flush(&mut self) -> Result<(), HandoffError> {
         if let Some(bytes) = &self.unsent {
             self.sock
@@ -398,6 +470,7 @@ impl HandoffConn {
             }
             Message::SnapshotStart {} => Ok(Request::SnapshotStart),
             Message::SnapshotEnd {} => Ok(Request::SnapshotEnd),
+            Message::Takeover {} => Ok(Request::Takeover),
         };
         match result {
             Ok(request) => {
@@ -431,9 +504,12 @@ fn parse(bytes: &[u8]) -> Result<(Message, String), String> {
     }
     let what = match (ty, pod) {
         (Some("add"), Some(pod)) => format!("add for pod {pod}"),
-        (Some(ty @ ("hello" | "add" | "remove" | "snapshot_start" | "snapshot_end")), _) => {
-            ty.to_owned()
-        }
+        (
+            Some(
+                ty @ ("hello" | "add" | "remove" | "snapshot_start" | "snapshot_end" | "takeover"),
+            ),
+            _,
+        ) => ty.to_owned(),
         (Some(ty), _) => format!("message of type {ty:?}"),
         (None, _) => "message".to_owned(),
     };
@@ -535,6 +611,19 @@ fn send_datagram(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
     }
 }
 
+/// Maps a blocking socket's error to what it means for the sender.
+fn transport_error(path: &Path) -> impl Fn(io::Error) -> HandoffError + '_ {
+    move |e: io::Error| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            HandoffError::Timeout(path.to_path_buf())
+        }
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
+            HandoffError::Closed(path.to_path_buf())
+        }
+        _ => HandoffError::Io(path.to_path_buf(), e),
+    }
+}
+
 /// The sender's end: a blocking connection to node-proxy. Each call waits for its reply
 /// up to [`REPLY_TIMEOUT`]; after a socket error or a timeout, reconnect.
 pub struct HandoffClient {
@@ -626,6 +715,84 @@ impl HandoffClient {
         first.map_or(end, Err)
     }
 
+    /// Asks the node-proxy at the other end to hand over its admin listener and its pods
+    /// with their listeners, for a new node-proxy replacing it. It starts draining once
+    /// it has answered. A node-proxy that does not know `takeover` answers an error.
+    pub fn take_over(&mut self) -> Result<Takeover, HandoffError> {
+        let path = self.path.clone();
+        if self.broken {
+            return Err(HandoffError::Broken(path));
+        }
+        let bytes = serde_json::to_vec(&Message::Takeover {})
+            .map_err(|e| HandoffError::Invalid(format!("takeover: {e}")))?;
+        self.broken = true;
+        let transport = transport_error(&path);
+        send_datagram(self.sock.as_raw_fd(), &bytes, &[]).map_err(&transport)?;
+        let mut handed = Takeover::default();
+        loop {
+            let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+            let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
+            let mut iov = [IoSliceMut::new(&mut self.buf)];
+            let msg = loop {
+                match rustix::net::recvmsg(
+                    &self.sock,
+                    &mut iov,
+                    &mut control,
+                    rustix::net::RecvFlags::CMSG_CLOEXEC,
+                ) {
+                    Err(rustix::io::Errno::INTR) => continue,
+                    r => break r.map_err(|e| transport(e.into()))?,
+                }
+            };
+            let mut fds: Vec<OwnedFd> = Vec::new();
+            for m in control.drain() {
+                if let rustix::net::RecvAncillaryMessage::ScmRights(received) = m {
+                    fds.extend(received);
+                }
+            }
+            let len = msg.bytes;
+            if len == 0 {
+                return Err(HandoffError::Closed(path.clone()));
+            }
+            if msg
+                .flags
+                .contains(rustix::net::ReturnFlags::TRUNC | rustix::net::ReturnFlags::CTRUNC)
+            {
+                return Err(HandoffError::BadReply(
+                    path.clone(),
+                    "truncated takeover message".into(),
+                ));
+            }
+            let text = &self.buf[..len];
+            if let Ok(reply) = serde_json::from_slice::<Reply>(text) {
+                self.broken = false;
+                return reply.into_result().map(|()| handed);
+            }
+            let part: Handed = serde_json::from_slice(text)
+                .map_err(|e| HandoffError::BadReply(path.clone(), e.to_string()))?;
+            let bad = |what: &str, n: usize| {
+                HandoffError::BadReply(path.clone(), format!("{what} with {n} file descriptors"))
+            };
+            match part {
+                Handed::Admin {} => {
+                    let n = fds.len();
+                    let [fd] = <[OwnedFd; 1]>::try_from(fds).map_err(|_| bad("admin", n))?;
+                    handed.admin = Some(fd);
+                }
+                Handed::Pod { pod } => {
+                    let n = fds.len();
+                    let [netns, outbound, plaintext, hbone] =
+                        <[OwnedFd; 4]>::try_from(fds).map_err(|_| bad("pod", n))?;
+                    handed.pods.push(HandedPod {
+                        pod,
+                        netns,
+                        listeners: [outbound, plaintext, hbone],
+                    });
+                }
+            }
+        }
+    }
+
     /// Sends one message and reads its reply. Marks the connection broken until the
     /// reply is read, so a late reply is never taken for the next message's.
     fn call(
@@ -647,17 +814,9 @@ impl HandoffClient {
             )));
         }
         self.broken = true;
-        let transport = |e: io::Error| match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                HandoffError::Timeout(path.clone())
-            }
-            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
-                HandoffError::Closed(path.clone())
-            }
-            _ => HandoffError::Io(path.clone(), e),
-        };
+        let transport = transport_error(&path);
         let fd = self.sock.as_raw_fd();
-        send_datagram(fd, &bytes, fds).map_err(transport)?;
+        send_datagram(fd, &bytes, fds).map_err(&transport)?;
         let (len, flags) = loop {
             let mut iov = [IoSliceMut::new(&mut self.buf)];
             match recvmsg::<()>(fd, &mut iov, None, MsgFlags::empty()) {
@@ -666,6 +825,7 @@ impl HandoffClient {
                 Err(e) => return Err(transport(e.into())),
             }
         };
+        drop(transport);
         if len == 0 {
             return Err(HandoffError::Closed(path));
         }
@@ -699,6 +859,7 @@ mod tests {
         Remove(String),
         SnapshotStart,
         SnapshotEnd,
+        Takeover,
         Ended(String),
     }
 
@@ -752,6 +913,21 @@ mod tests {
                                 }
                                 Ok(Request::SnapshotStart) => (Seen::SnapshotStart, false),
                                 Ok(Request::SnapshotEnd) => (Seen::SnapshotEnd, false),
+                                Ok(Request::Takeover) => {
+                                    let _ = tx.send(Seen::Takeover);
+                                    // An admin listener and one pod with three; all are
+                                    // closed here once sent.
+                                    let bind = || std::net::TcpListener::bind("127.0.0.1:0");
+                                    let admin = bind().expect("bind");
+                                    let l = [bind(), bind(), bind()].map(|l| l.expect("bind"));
+                                    let ns = own_netns();
+                                    let fds =
+                                        [ns.as_fd(), l[0].as_fd(), l[1].as_fd(), l[2].as_fd()];
+                                    conn.hand_over(Some(admin.as_fd()), &[(pod(7), fds)])
+                                        .await
+                                        .expect("hand over");
+                                    continue;
+                                }
                                 Err(e) => return drop(tx.send(Seen::Ended(e.to_string()))),
                             };
                             let _ = tx.send(seen);
@@ -798,6 +974,42 @@ mod tests {
         match msg.expect("recv").bytes {
             0 => Value::Null,
             len => serde_json::from_slice(&buf[..len]).expect("reply is JSON"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn takeover_hands_over_live_listeners() {
+        let mut server = Server::start("takeover");
+        let path = server.path.clone();
+        let handed = tokio::task::spawn_blocking(move || {
+            let mut client = HandoffClient::connect(&path)?;
+            let handed = client.take_over()?;
+            // The connection stays usable after the takeover's answer.
+            client.remove("uid-1")?;
+            Ok::<_, HandoffError>(handed)
+        })
+        .await
+        .expect("client thread")
+        .expect("takeover");
+        server
+            .expect([Seen::Takeover, Seen::Remove("uid-1".into())])
+            .await;
+        let [p] = &handed.pods[..] else {
+            panic!("one pod handed over: {handed:?}")
+        };
+        assert_eq!(p.pod, pod(7));
+        assert_eq!(ns_id(&p.netns), ns_id(own_netns()));
+        // The sockets are the sender's own, still listening after it closed its copies:
+        // a connection made now waits in the queue and is accepted here.
+        let admin = handed.admin.expect("admin listener");
+        for fd in std::iter::once(admin).chain(p.listeners.iter().map(|l| l.try_clone().unwrap())) {
+            let listener = std::net::TcpListener::from(fd);
+            let addr = listener.local_addr().expect("bound");
+            let _client = std::net::TcpStream::connect(addr).expect("connect");
+            let (_, peer) = listener
+                .accept()
+                .expect("accepted from the handed-over queue");
+            assert_eq!(peer.ip(), addr.ip());
         }
     }
 

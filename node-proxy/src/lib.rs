@@ -33,8 +33,10 @@ use std::time::Duration;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use prometheus_client::registry::Registry;
+use std::os::fd::AsFd;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+
+use tracing::{debug, info, warn};
 
 use crate::proxy::{Ctx, Limits, Pods};
 use crate::state::{Identities, LocalCa, ModelFile, ModelSource, ModelStatus};
@@ -104,7 +106,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config.node.clone(),
         config.trust_domain.clone(),
         model,
-        status,
+        status.clone(),
         identities,
         tunnel_metrics,
         metrics,
@@ -115,8 +117,42 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     );
     let pods = Pods::new(ctx.clone());
 
-    let admin_listener = admin::listen(config.admin)
-        .with_context(|| format!("cannot listen on admin address {}", config.admin))?;
+    // Serve nothing before the model is known: with an empty one, inbound identities
+    // would not match their source and services would not resolve.
+    let waited = tokio::time::timeout(Duration::from_secs(5), async {
+        while !status.lock().expect("status lock is never poisoned").loaded {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    if waited.is_err() {
+        warn!(
+            "no model loaded from {} after 5 s; starting without one",
+            config.model.display()
+        );
+    }
+    // A node-proxy already serving this node hands over its listeners and drains.
+    let handed = {
+        let path = config.handoff.clone();
+        tokio::task::spawn_blocking(move || take_over(&path))
+            .await
+            .context("takeover task")?
+    };
+    let adopted = handed.admin.and_then(|fd| {
+        admin::adopt(fd, config.admin)
+            .map_err(|e| warn!("{e}; opening {} instead", config.admin))
+            .ok()
+    });
+    let admin_listener = match adopted {
+        Some(l) => l,
+        None => tokio::net::TcpListener::bind(config.admin)
+            .await
+            .with_context(|| format!("cannot listen on admin address {}", config.admin))?,
+    };
+    let admin_fd = admin_listener
+        .as_fd()
+        .try_clone_to_owned()
+        .context("cannot duplicate the admin listener")?;
     let admin = Arc::new(admin::Admin {
         ctx: ctx.clone(),
         pods: pods.clone(),
@@ -126,9 +162,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     if let Some(dir) = config.handoff.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
+    for p in handed.pods {
+        let name = p.pod.to_string();
+        if let Err(e) = pods.adopt(p.pod, p.netns, p.listeners).await {
+            warn!("pod {name} handed over by the previous node-proxy: {e}");
+        }
+    }
     let handoff = tokio::spawn(proxy::serve_handoff(
         config.handoff.clone(),
         pods.clone(),
+        Some(admin_fd),
         shutdown.clone(),
     ));
     info!(node = %config.node, admin = %config.admin, "node-proxy started");
@@ -138,6 +181,34 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     match handoff.await {
         Ok(Err(e)) => Err(e).context(format!("handoff socket {}", config.handoff.display())),
         _ => Ok(()),
+    }
+}
+
+/// Takes over from a node-proxy listening at the handoff socket `path`, if one is:
+/// its admin listener and its pods with their listeners, so no connection waits on a
+/// closed port while one process replaces the other. Nothing there (a first start, or
+/// a stale socket after a crash) is a fresh start; a refusal is logged and ignored.
+fn take_over(path: &std::path::Path) -> handoff::Takeover {
+    let mut client = match handoff::HandoffClient::connect(path) {
+        Ok(c) => c,
+        Err(e) => {
+            debug!("no node-proxy to take over from: {e}");
+            return handoff::Takeover::default();
+        }
+    };
+    match client.take_over() {
+        Ok(handed) => {
+            info!(
+                pods = handed.pods.len(),
+                pid = client.peer_pid(),
+                "took over from the running node-proxy"
+            );
+            handed
+        }
+        Err(e) => {
+            warn!("the running node-proxy did not hand over (it may predate takeovers): {e}");
+            handoff::Takeover::default()
+        }
     }
 }
 

@@ -115,51 +115,54 @@ impl Netns {
     /// Runs `f` on the calling thread, inside this namespace for its duration.
     ///
     /// For making a socket without a round trip to the namespace's thread (two thread
-    /// wake-ups per connection, and a wait behind whatever that thread is running, such
-    /// as `nft`). `f` must not await or block: it runs on a runtime worker that no other
-    /// task can use meanwhile, and must not leave it in the pod's namespace.
+    /// wake-ups per connection, and a wait behind any other job queued there). `f` must
+    /// not await, block or call `here` again: it runs on a runtime worker that no other
+    /// task can use meanwhile, and the thread returns to where it was when `f` ends.
     fn here<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
-        thread_local! {
-            /// The namespace this thread returns to: the one it was in at first use.
-            static HOME: Option<OwnedFd> = std::fs::File::open("/proc/thread-self/ns/net")
-                .ok()
-                .map(OwnedFd::from);
-        }
         /// Puts the thread back, also if `f` panics.
-        struct Back<'a>(&'a OwnedFd);
-        impl Drop for Back<'_> {
+        struct Back(OwnedFd);
+        impl Drop for Back {
             fn drop(&mut self) {
-                if setns(self.0, CloneFlags::CLONE_NEWNET).is_err() {
-                    // A worker left in a pod's namespace would make every later socket
-                    // there; stopping is the only safe outcome (it cannot happen while
-                    // the process keeps CAP_SYS_ADMIN and the descriptor).
-                    eprintln!("node-proxy: cannot return a thread to its network namespace");
-                    std::process::abort();
+                // setns allocates; retry a transient failure before giving up.
+                for _ in 0..3 {
+                    if setns(&self.0, CloneFlags::CLONE_NEWNET).is_ok() {
+                        return;
+                    }
                 }
+                // A worker left in a pod's namespace would make every later socket
+                // there; stopping is the only safe outcome.
+                eprintln!("node-proxy: cannot return a thread to its network namespace");
+                std::process::abort();
             }
         }
-        HOME.with(|home| {
-            let home = home.as_ref().ok_or_else(|| {
-                io::Error::other(
-                    "cannot open this thread's network namespace (/proc/thread-self/ns/net)",
-                )
-            })?;
-            setns(&self.fd, CloneFlags::CLONE_NEWNET).map_err(|e| {
-                io::Error::new(
-                    io::Error::from(e).kind(),
-                    format!("cannot enter the network namespace of {}: {e}", self.name),
-                )
-            })?;
-            let _back = Back(home);
-            f()
-        })
+        // Opened per call (one more system call), so nothing is held per thread and a
+        // failure affects only this connection.
+        let home = std::fs::File::open("/proc/thread-self/ns/net").map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot open this thread's network namespace: {e}"),
+            )
+        })?;
+        setns(&self.fd, CloneFlags::CLONE_NEWNET).map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!("cannot enter the network namespace of {}: {e}", self.name),
+            )
+        })?;
+        let _back = Back(home.into());
+        f()
+    }
+
+    /// The namespace, for handing it to another process.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
     }
 
     /// A non-blocking TCP listener on `addr` in this namespace.
     ///
-    /// Listeners share the port with a node-proxy that is being replaced (see
-    /// [`listener`]). An address held by a socket without `SO_REUSEPORT` is retried for
-    /// up to a second: its owner may be letting go of it.
+    /// An address still in use is retried for up to a second: a previous owner (the same
+    /// pod just removed, or a node-proxy that is still exiting) may be letting go of it.
     pub async fn listen(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
         let mut tries = 0;
         loop {
@@ -232,26 +235,9 @@ pub fn pod_local_congestion(socket: &impl std::os::fd::AsFd) {
     let _ = socket2::SockRef::from(socket).set_tcp_congestion(POD_LOCAL_CONGESTION.as_bytes());
 }
 
-/// Where the kernel is told to hand a closing listener's queued connections to another
-/// listener on the same port; per network namespace, Linux 5.14 and later.
-const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
-
-/// Turns on [`MIGRATE_REQ`] in the calling thread's network namespace (run it on a
-/// [`Netns`]'s thread). With it, connections a closing listener had not yet accepted
-/// move to another listener in its `SO_REUSEPORT` group instead of being reset: while
-/// a node-proxy is replaced, the old one closes its listeners after the new one opened
-/// its own, and no connection in between is refused.
-pub fn migrate_queued_connections() -> io::Result<()> {
-    std::fs::write(MIGRATE_REQ, "1")
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot enable {MIGRATE_REQ}: {e}")))
-}
-
-/// A listener that shares its port with the next node-proxy's (`SO_REUSEPORT`): both
-/// listen while one replaces the other. Only a process of the same user can join.
 fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
     s.set_nonblocking(true)?;
     s.bind(&SockAddr::from(addr))?;
     s.listen(1024)?;

@@ -9,8 +9,8 @@
 //! ```
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
-use std::os::fd::OwnedFd;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -123,6 +123,9 @@ pub struct Pod {
     pub netns: Arc<Netns>,
     /// (device, inode) of the namespace, to tell a recreated pod from a replayed one.
     netns_id: (u64, u64),
+    /// Duplicates of its listeners (outbound, inbound plaintext, HBONE), for handing
+    /// them to a node-proxy that replaces this one.
+    listeners: [OwnedFd; 3],
     drain: CancellationToken,
     force: CancellationToken,
     /// The accept loops; each drops its listener when it ends.
@@ -233,6 +236,44 @@ impl Pods {
     /// Starts serving a pod: enters its namespace, fetches its certificate, opens its
     /// listeners. All or nothing: on error nothing of the pod is left running.
     pub async fn add(&self, info: PodInfo, netns: OwnedFd) -> Result<(), String> {
+        self.add_with(info, netns, None).await
+    }
+
+    /// As [`add`](Self::add), serving listeners a node-proxy it replaces handed over
+    /// (outbound, inbound plaintext, HBONE) instead of opening new ones: connections
+    /// waiting in their queues are accepted here, none is refused.
+    pub async fn adopt(
+        &self,
+        info: PodInfo,
+        netns: OwnedFd,
+        listeners: [OwnedFd; 3],
+    ) -> Result<(), String> {
+        self.add_with(info, netns, Some(listeners)).await
+    }
+
+    /// Every pod with duplicates of its namespace and listeners, for a takeover.
+    pub async fn export(&self) -> std::io::Result<Vec<(PodInfo, [OwnedFd; 4])>> {
+        let pods = self.pods.lock().await;
+        let mut out = Vec::with_capacity(pods.len());
+        for p in pods.values() {
+            let [a, b, c] = &p.listeners;
+            let fds = [
+                p.netns.fd().try_clone_to_owned()?,
+                a.try_clone()?,
+                b.try_clone()?,
+                c.try_clone()?,
+            ];
+            out.push((p.info.clone(), fds));
+        }
+        Ok(out)
+    }
+
+    async fn add_with(
+        &self,
+        info: PodInfo,
+        netns: OwnedFd,
+        listeners: Option<[OwnedFd; 3]>,
+    ) -> Result<(), String> {
         let name = format!("{}/{}", info.namespace, info.name);
         if let Some(seen) = self
             .snapshot
@@ -254,7 +295,7 @@ impl Pods {
             stop(old, Duration::ZERO).await;
         }
         let pod = self
-            .start(info, netns, netns_id)
+            .start(info, netns, netns_id, listeners)
             .await
             .map_err(|e| format!("pod {name}: {e}"))?;
         info!(pod = %name, ip = %pod.ip, identity = %pod.tls.identity(), "pod added");
@@ -267,16 +308,12 @@ impl Pods {
         info: PodInfo,
         fd: OwnedFd,
         netns_id: (u64, u64),
+        handed: Option<[OwnedFd; 3]>,
     ) -> Result<Arc<Pod>, String> {
         let ctx = &self.ctx;
         let name = format!("{}/{}", info.namespace, info.name);
         let ip = *info.ips.first().ok_or("it has no IP")?;
         let netns = Arc::new(Netns::enter(fd, &name).map_err(|e| e.to_string())?);
-        match netns.run(crate::netns::migrate_queued_connections).await {
-            Ok(Ok(())) => {}
-            // Older kernels: a replacement may reset connections queued at the switch.
-            Ok(Err(e)) | Err(e) => warn!(pod = %name, "{e}"),
-        }
         let identity = ctx.identity(&info.namespace, &info.service_account)?;
         let lease = ctx.identities.get(&identity).await?;
         let tls = lease.tls().clone();
@@ -291,16 +328,32 @@ impl Pods {
                     .map_err(|e| format!("cannot listen on {ip}:{port} in its network namespace: {e} (is the pod's IP configured there?)"))
             }
         };
-        // Open every listener before serving any, so a failure leaves nothing behind.
-        let outbound_l = netns
-            .listen((IpAddr::from([127, 0, 0, 1]), OUTBOUND_PORT).into())
-            .await
-            .map_err(|e| format!("cannot listen on 127.0.0.1:{OUTBOUND_PORT}: {e}"))?;
+        let outbound_addr = SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT));
+        let (outbound_l, plaintext_l, hbone_l) = match handed {
+            Some([outbound, plaintext, hbone]) => (
+                adopt_listener(outbound, outbound_addr)?,
+                adopt_listener(plaintext, (ip, INBOUND_PLAINTEXT_PORT).into())?,
+                adopt_listener(hbone, (ip, tunnel::hbone::PORT).into())?,
+            ),
+            // Open every listener before serving any, so a failure leaves nothing behind.
+            None => (
+                netns
+                    .listen(outbound_addr)
+                    .await
+                    .map_err(|e| format!("cannot listen on 127.0.0.1:{OUTBOUND_PORT}: {e}"))?,
+                listen(INBOUND_PLAINTEXT_PORT).await?,
+                listen(tunnel::hbone::PORT).await?,
+            ),
+        };
         // Captured application connections never leave the pod; accepted sockets inherit
         // the listener's congestion control, so this is set once, not per connection.
         crate::netns::pod_local_congestion(&outbound_l);
-        let plaintext_l = listen(INBOUND_PLAINTEXT_PORT).await?;
-        let hbone_l = listen(tunnel::hbone::PORT).await?;
+        let dup = |l: &TcpListener| {
+            l.as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| format!("cannot duplicate a listener: {e}"))
+        };
+        let listeners = [dup(&outbound_l)?, dup(&plaintext_l)?, dup(&hbone_l)?];
         let pod = Arc::new(Pod {
             info,
             ip,
@@ -308,6 +361,7 @@ impl Pods {
             _lease: lease,
             netns,
             netns_id,
+            listeners,
             drain: CancellationToken::new(),
             force: CancellationToken::new(),
             accepting: TaskTracker::new(),
@@ -436,12 +490,33 @@ async fn stop(pod: Arc<Pod>, grace: Duration) {
     pod.tasks.wait().await;
 }
 
-/// Serves the handoff socket: each sender connection's requests in order.
+/// A listener handed over by the node-proxy this one replaces, checked to be a TCP
+/// listener on `addr` (the pod's port it is served as).
+fn adopt_listener(fd: OwnedFd, addr: SocketAddr) -> Result<TcpListener, String> {
+    let socket = socket2::Socket::from(fd);
+    let local = socket.local_addr().ok().and_then(|a| a.as_socket());
+    let listening = socket.is_listener().unwrap_or(false);
+    if local != Some(addr) || !listening {
+        return Err(format!(
+            "the listener handed over for {addr} is not one (it is bound to {local:?}, listening: {listening})"
+        ));
+    }
+    socket
+        .set_nonblocking(true)
+        .and_then(|()| TcpListener::from_std(socket.into()))
+        .map_err(|e| format!("cannot serve the listener handed over for {addr}: {e}"))
+}
+
+/// Serves the handoff socket: each sender connection's requests in order. A `takeover`
+/// from a node-proxy replacing this one is answered with `admin` (a duplicate of the
+/// admin listener) and every pod, then `shutdown` is cancelled: this process drains.
 pub async fn serve_handoff(
     path: PathBuf,
     pods: Arc<Pods>,
+    admin: Option<OwnedFd>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let admin = admin.map(Arc::new);
     let listener = HandoffListener::bind(&path)?;
     info!("handoff socket listening at {}", path.display());
     loop {
@@ -459,6 +534,7 @@ pub async fn serve_handoff(
         };
         let pods = pods.clone();
         let shutdown = shutdown.clone();
+        let admin = admin.clone();
         tokio::spawn(async move {
             loop {
                 let request = tokio::select! {
@@ -473,6 +549,31 @@ pub async fn serve_handoff(
                         Ok(())
                     }
                     Ok(Some(Request::SnapshotEnd)) => pods.snapshot_end().await,
+                    Ok(Some(Request::Takeover)) => {
+                        let handed = match pods.export().await {
+                            Ok(handed) => handed,
+                            Err(e) => {
+                                let _ = conn.reply(Err(format!("takeover: {e}"))).await;
+                                continue;
+                            }
+                        };
+                        let borrowed: Vec<_> = handed
+                            .iter()
+                            .map(|(pod, fds)| (pod.clone(), fds.each_ref().map(|f| f.as_fd())))
+                            .collect();
+                        let admin = admin.as_ref().map(|a| a.as_fd());
+                        match conn.hand_over(admin, &borrowed).await {
+                            Ok(()) => {
+                                info!(
+                                    pods = handed.len(),
+                                    "handed over to a new node-proxy; draining"
+                                );
+                                shutdown.cancel();
+                            }
+                            Err(e) => warn!("takeover failed, serving on: {e}"),
+                        }
+                        return;
+                    }
                     Ok(None) => return,
                     Err(e) => {
                         warn!("handoff connection ended: {e}");

@@ -585,12 +585,18 @@ fn node_proxy_upgrade_refuses_no_connection() {
             "{node}'s old node-proxy has exited"
         );
     }
-    // Connections a closing listener had queued move to the new one, in every pod.
-    for pod in [A, B] {
-        let out = sb
-            .exec(pod, &["cat", "/proc/sys/net/ipv4/tcp_migrate_req"])
-            .unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1", "{pod}");
+    // Each new node-proxy was handed its predecessor's listeners (its two pods'), and
+    // each old one said it drained.
+    for node in ["node-1", "node-2"] {
+        let log = sb.node_log(node);
+        assert!(
+            log.contains("took over from the running node-proxy") && log.contains("pods=2"),
+            "{node}'s new node-proxy took over the listeners:\n{log}"
+        );
+        assert!(
+            log.contains("handed over to a new node-proxy; draining"),
+            "{node}'s old node-proxy handed over:\n{log}"
+        );
     }
     // The old node-2 told node-1 to move on (GOAWAY); the new one carries the traffic.
     let (code, body) = sb.curl(A, "http://10.96.0.10/after").unwrap();

@@ -95,6 +95,9 @@ pub struct NodeState {
     pub handoff: PathBuf,
     /// Its node-proxy's PID (changes when restarted).
     pub pid: u32,
+    /// Replaced node-proxies still draining.
+    #[serde(default)]
+    pub draining: Vec<u32>,
     /// Its node-proxy's log.
     pub log: PathBuf,
 }
@@ -293,11 +296,10 @@ fn pod_info(p: &PodState) -> PodInfo {
 }
 
 /// Replaces a node's node-proxy without refusing a connection, as a DaemonSet's surge
-/// rollout would: the new process starts while the old one still serves, takes over the
-/// handoff socket, receives the pods and opens its listeners beside the old ones
-/// (`SO_REUSEPORT`); only then is the old one told to drain (SIGTERM). It stops
-/// accepting at once (the kernel moves its not-yet-accepted connections to the new
-/// listeners) and finishes open connections within its drain grace.
+/// rollout would: the new process takes over from the old one through the handoff
+/// socket (its admin listener, and each pod's namespace and listeners, passed as file
+/// descriptors), so the ports never close; the old one stops accepting and drains.
+/// `up` then replays the pods to the new one, which already serves them.
 fn replace_node_proxy(
     opts: &UpOptions,
     built: &mut Built,
@@ -312,6 +314,7 @@ fn replace_node_proxy(
     }
     let new_pid = child.id();
     if let Some(old) = built.node_children.insert(node.name.clone(), child) {
+        // It drains already, having handed over; the signal covers one that did not.
         let pid = nix::unistd::Pid::from_raw(old.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         eprintln!(
@@ -368,6 +371,10 @@ fn hand_over(
 /// Runs the sandbox until Ctrl-C, SIGTERM or `opts.duration`, then removes it.
 pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
     require_root("weftctl local up")?;
+    // `weftctl local upgrade` asks for node-proxies to be replaced with SIGUSR1; watched
+    // from the start, so one sent early is kept, not fatal.
+    let upgrade = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        .context("cannot watch for SIGUSR1")?;
     let cluster = manifest::load_dir(&opts.dir)?;
     let state_dir = opts.state_dir.clone();
     if state_dir.join("state.json").exists() {
@@ -428,6 +435,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
             admin: SocketAddr::from(([127, 0, 0, 1], opts.admin_base_port + i as u16)),
             handoff: state_dir.join(n).join("handoff.sock"),
             pid: 0,
+            draining: Vec::new(),
             log: state_dir.join("logs").join(format!("node-proxy_{n}.log")),
         })
         .collect();
@@ -457,7 +465,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
         state_dir: state_dir.clone(),
     };
     let result = build_and_run(
-        &opts, &mut built, &fabric, &mut pods, &services, &mut nodes, shutdown,
+        &opts, &mut built, &fabric, &mut pods, &services, &mut nodes, shutdown, upgrade,
     )
     .await;
     eprintln!("stopping sandbox {:?}...", opts.name);
@@ -474,6 +482,7 @@ async fn build_and_run(
     services: &[ServiceState],
     nodes: &mut [NodeState],
     shutdown: CancellationToken,
+    mut upgrade: tokio::signal::unix::Signal,
 ) -> anyhow::Result<()> {
     let state_dir = &opts.state_dir;
     net::create_fabric(fabric)?;
@@ -578,13 +587,11 @@ async fn build_and_run(
 
     let start = Instant::now();
     let mut last_summary = Instant::now();
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("cannot watch for SIGHUP")?;
     loop {
         let mut replace = false;
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = hangup.recv() => replace = true,
+            _ = upgrade.recv() => replace = true,
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
         if opts.duration.is_some_and(|d| start.elapsed() >= d) {
@@ -592,11 +599,26 @@ async fn build_and_run(
         }
         let mut changed = false;
         if replace {
-            for node in state.nodes.iter_mut() {
-                replace_node_proxy(opts, built, node, &netns_files)?;
+            // One node at a time; a failure leaves that node's node-proxy serving (or,
+            // if it had already handed over, restarted below once it has drained).
+            for i in 0..state.nodes.len() {
+                let node = &mut state.nodes[i];
+                if let Err(e) = replace_node_proxy(opts, built, node, &netns_files) {
+                    eprintln!("upgrade of node-proxy of {} failed: {e:#}", node.name);
+                }
+                node.draining = built
+                    .retiring
+                    .iter()
+                    .filter(|(n, _)| *n == node.name)
+                    .map(|(_, c)| c.id())
+                    .collect();
+                write_atomic(
+                    &state_dir.join("state.json"),
+                    &serde_json::to_vec_pretty(&state)?,
+                )?;
             }
-            changed = true;
         }
+        let before = built.retiring.len();
         built.retiring.retain_mut(|(node, c)| match c.try_wait() {
             Ok(None) => true,
             Ok(Some(status)) => {
@@ -606,8 +628,19 @@ async fn build_and_run(
                 );
                 false
             }
-            Err(_) => false,
+            Err(_) => {
+                let _ = c.kill();
+                let _ = c.wait();
+                false
+            }
         });
+        if built.retiring.len() != before {
+            for node in state.nodes.iter_mut() {
+                node.draining
+                    .retain(|pid| built.retiring.iter().any(|(_, c)| c.id() == *pid));
+            }
+            changed = true;
+        }
         // A node-proxy that died is restarted and given its pods again, as a
         // DaemonSet and the CNI node agent would.
         for node in state.nodes.iter_mut() {
@@ -676,6 +709,7 @@ pub fn down(name: &str, state_dir: &Path) -> anyhow::Result<()> {
                 .iter()
                 .map(|p| p.pid)
                 .chain(state.nodes.iter().map(|n| n.pid))
+                .chain(state.nodes.iter().flat_map(|n| n.draining.clone()))
             {
                 signal(pid, nix::sys::signal::Signal::SIGKILL);
             }
@@ -689,7 +723,7 @@ pub fn down(name: &str, state_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Asks a running sandbox to replace its node-proxies (SIGHUP to its `up` process) and
+/// Asks a running sandbox to replace its node-proxies (SIGUSR1 to its `up` process) and
 /// waits until every node runs a new one and the old ones have exited.
 pub fn upgrade(state_dir: &Path) -> anyhow::Result<()> {
     require_root("weftctl local upgrade")?;
@@ -711,7 +745,7 @@ pub fn upgrade(state_dir: &Path) -> anyhow::Result<()> {
         })
     };
     let supervisor = nix::unistd::Pid::from_raw(before.supervisor_pid as i32);
-    nix::sys::signal::kill(supervisor, nix::sys::signal::Signal::SIGHUP).with_context(|| {
+    nix::sys::signal::kill(supervisor, nix::sys::signal::Signal::SIGUSR1).with_context(|| {
         format!(
             "cannot signal the sandbox's `up` process (pid {})",
             before.supervisor_pid
