@@ -86,8 +86,7 @@ impl Handler for Hbone {
         let app = match Box::pin(connect_app(pod, client, target)).await {
             Ok(s) => s,
             Err(e) => {
-                debug!(%target, "application connect failed: {e}");
-                return request.refuse(Refusal::Unreachable);
+                return request.refuse_because(Refusal::Unreachable, Some(&e.to_string()));
             }
         };
         let Ok(stream) = request.accept() else {

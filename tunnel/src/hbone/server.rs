@@ -123,8 +123,21 @@ impl InboundRequest {
     }
 
     /// Answers with the refusal's status, logs and counts it.
-    pub fn refuse(mut self, refusal: Refusal) {
-        info!(peer = %self.peer, target = %self.target, reason = refusal.reason(), "HBONE stream refused: {refusal}");
+    pub fn refuse(self, refusal: Refusal) {
+        self.refuse_because(refusal, None)
+    }
+
+    /// As [`refuse`](Self::refuse), with what went wrong for the log ("connection
+    /// refused", "no answer within 5s"); the peer sees only the status.
+    pub fn refuse_because(mut self, refusal: Refusal, cause: Option<&str>) {
+        match cause {
+            Some(cause) => {
+                info!(peer = %self.peer, target = %self.target, reason = refusal.reason(), "HBONE stream refused: {refusal}: {cause}")
+            }
+            None => {
+                info!(peer = %self.peer, target = %self.target, reason = refusal.reason(), "HBONE stream refused: {refusal}")
+            }
+        }
         self.metrics.stream_refused(INBOUND, refusal.reason());
         let _ = self
             .respond
@@ -176,12 +189,10 @@ impl Handler for Forward {
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(target)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    debug!(%target, "connect to target failed: {e}");
-                    return request.refuse(Refusal::Unreachable);
+                    return request.refuse_because(Refusal::Unreachable, Some(&e.to_string()));
                 }
                 Err(_) => {
-                    debug!(%target, "connect to target timed out");
-                    return request.refuse(Refusal::Unreachable);
+                    return request.refuse_because(Refusal::Unreachable, Some("connect timed out"));
                 }
             };
         let _ = upstream.set_nodelay(true);
