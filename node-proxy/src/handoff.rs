@@ -15,7 +15,9 @@
 //!
 //! a new node-proxy                           the node-proxy it replaces
 //!   takeover                        -->   admin + listener fd, pod {pod} + 4 fds (one
-//!                                         message each), then ok; it then drains
+//!                                         message each), then ok; it keeps serving
+//!   takeover_done                   -->   ok; now it drains (a connection closed before
+//!                                         this leaves it serving)
 //! ```
 //!
 //! Malformed input gets an error reply naming the problem and leaves the connection
@@ -102,6 +104,7 @@ enum Message {
     SnapshotStart {},
     SnapshotEnd {},
     Takeover {},
+    TakeoverDone {},
 }
 
 /// One part of a takeover answer, with its descriptors attached.
@@ -181,8 +184,12 @@ pub enum Request {
     SnapshotStart,
     /// The list is complete: forget pods not added since `SnapshotStart`.
     SnapshotEnd,
-    /// A new node-proxy takes over: answer with [`HandoffConn::hand_over`], then drain.
+    /// A new node-proxy asks for the listeners: answer with [`HandoffConn::hand_over`]
+    /// and keep serving until `TakeoverDone` on the same connection.
     Takeover,
+    /// The new node-proxy serves everything it was handed: reply, then drain. If the
+    /// connection ends before this, the takeover was abandoned: keep serving.
+    TakeoverDone,
 }
 
 /// A handoff failure, on either side. Paths are the socket's.
@@ -471,6 +478,7 @@ impl HandoffConn {
             Message::SnapshotStart {} => Ok(Request::SnapshotStart),
             Message::SnapshotEnd {} => Ok(Request::SnapshotEnd),
             Message::Takeover {} => Ok(Request::Takeover),
+            Message::TakeoverDone {} => Ok(Request::TakeoverDone),
         };
         match result {
             Ok(request) => {
@@ -506,7 +514,8 @@ fn parse(bytes: &[u8]) -> Result<(Message, String), String> {
         (Some("add"), Some(pod)) => format!("add for pod {pod}"),
         (
             Some(
-                ty @ ("hello" | "add" | "remove" | "snapshot_start" | "snapshot_end" | "takeover"),
+                ty @ ("hello" | "add" | "remove" | "snapshot_start" | "snapshot_end" | "takeover"
+                | "takeover_done"),
             ),
             _,
         ) => ty.to_owned(),
@@ -756,7 +765,7 @@ impl HandoffClient {
             }
             if msg
                 .flags
-                .contains(rustix::net::ReturnFlags::TRUNC | rustix::net::ReturnFlags::CTRUNC)
+                .intersects(rustix::net::ReturnFlags::TRUNC | rustix::net::ReturnFlags::CTRUNC)
             {
                 return Err(HandoffError::BadReply(
                     path.clone(),
@@ -791,6 +800,14 @@ impl HandoffClient {
                 }
             }
         }
+    }
+
+    /// Tells the node-proxy that handed over (see [`take_over`](Self::take_over)) that
+    /// this one now serves everything: it drains and exits. Until this, it keeps serving,
+    /// and keeps serving if this connection closes first.
+    pub fn takeover_done(&mut self) -> Result<(), HandoffError> {
+        self.call("takeover_done", &Message::TakeoverDone {}, &[])?
+            .into_result()
     }
 
     /// Sends one message and reads its reply. Marks the connection broken until the
@@ -860,6 +877,7 @@ mod tests {
         SnapshotStart,
         SnapshotEnd,
         Takeover,
+        TakeoverDone,
         Ended(String),
     }
 
@@ -928,6 +946,7 @@ mod tests {
                                         .expect("hand over");
                                     continue;
                                 }
+                                Ok(Request::TakeoverDone) => (Seen::TakeoverDone, false),
                                 Err(e) => return drop(tx.send(Seen::Ended(e.to_string()))),
                             };
                             let _ = tx.send(seen);
@@ -984,6 +1003,7 @@ mod tests {
         let handed = tokio::task::spawn_blocking(move || {
             let mut client = HandoffClient::connect(&path)?;
             let handed = client.take_over()?;
+            client.takeover_done()?;
             // The connection stays usable after the takeover's answer.
             client.remove("uid-1")?;
             Ok::<_, HandoffError>(handed)
@@ -992,7 +1012,11 @@ mod tests {
         .expect("client thread")
         .expect("takeover");
         server
-            .expect([Seen::Takeover, Seen::Remove("uid-1".into())])
+            .expect([
+                Seen::Takeover,
+                Seen::TakeoverDone,
+                Seen::Remove("uid-1".into()),
+            ])
             .await;
         let [p] = &handed.pods[..] else {
             panic!("one pod handed over: {handed:?}")
@@ -1011,6 +1035,43 @@ mod tests {
                 .expect("accepted from the handed-over queue");
             assert_eq!(peer.ip(), addr.ip());
         }
+    }
+
+    #[test]
+    fn a_takeover_part_with_too_many_descriptors_is_refused() {
+        let dir = std::env::temp_dir().join(format!("weft-handoff-{}-ctrunc", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create test dir");
+        let path = dir.join("handoff.sock");
+        let listener = Socket::new(Domain::UNIX, Type::SEQPACKET, None).expect("socket");
+        listener
+            .bind(&SockAddr::unix(&path).expect("addr"))
+            .expect("bind");
+        listener.listen(2).expect("listen");
+        // 5: one more than a pod part has; 9: more than the receive buffer holds.
+        let counts = [5, 9];
+        // A peer that answers hello, then sends a pod part with `count` descriptors.
+        let peer = std::thread::spawn(move || {
+            for count in counts {
+                let (conn, _) = listener.accept().expect("accept");
+                let _hello = raw_recv(&conn);
+                send_datagram(conn.as_raw_fd(), br#"{"ok":true,"version":1}"#, &[]).expect("send");
+                let _takeover = raw_recv(&conn);
+                let ns = own_netns();
+                let part =
+                    serde_json::to_vec(&json!({"type": "pod", "pod": pod(1)})).expect("json");
+                let fds = vec![ns.as_raw_fd(); count];
+                send_datagram(conn.as_raw_fd(), &part, &fds).expect("send");
+                let _ = raw_recv(&conn); // until the client hangs up
+            }
+        });
+        for count in counts {
+            let mut client = HandoffClient::connect(&path).expect("connect");
+            let err = client.take_over().expect_err("refused");
+            assert!(matches!(&err, HandoffError::BadReply(..)), "{count}: {err}");
+        }
+        peer.join().expect("peer");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -117,34 +117,39 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     );
     let pods = Pods::new(ctx.clone());
 
+    if let Some(dir) = config.handoff.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
     // Serve nothing before the model is known: with an empty one, inbound identities
     // would not match their source and services would not resolve.
-    let waited = tokio::time::timeout(Duration::from_secs(5), async {
+    let loaded = tokio::time::timeout(Duration::from_secs(5), async {
         while !status.lock().expect("status lock is never poisoned").loaded {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
-    .await;
-    if waited.is_err() {
+    .await
+    .is_ok();
+    // A node-proxy already serving this node hands over its listeners. It keeps serving
+    // until this one confirms (`takeover_done`), so any failure before that point only
+    // ends this process and leaves the node served.
+    let takeover = {
+        let path = config.handoff.clone();
+        tokio::task::spawn_blocking(move || take_over(&path, loaded))
+            .await
+            .context("takeover task")??
+    };
+    if !loaded {
         warn!(
             "no model loaded from {} after 5 s; starting without one",
             config.model.display()
         );
     }
-    // A node-proxy already serving this node hands over its listeners and drains.
-    let handed = {
-        let path = config.handoff.clone();
-        tokio::task::spawn_blocking(move || take_over(&path))
-            .await
-            .context("takeover task")?
+    let (mut predecessor, handed) = match takeover {
+        Some((client, handed)) => (Some(client), handed),
+        None => (None, handoff::Takeover::default()),
     };
-    let adopted = handed.admin.and_then(|fd| {
-        admin::adopt(fd, config.admin)
-            .map_err(|e| warn!("{e}; opening {} instead", config.admin))
-            .ok()
-    });
-    let admin_listener = match adopted {
-        Some(l) => l,
+    let admin_listener = match handed.admin {
+        Some(fd) => admin::adopt(fd, config.admin)?,
         None => tokio::net::TcpListener::bind(config.admin)
             .await
             .with_context(|| format!("cannot listen on admin address {}", config.admin))?,
@@ -153,27 +158,38 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .as_fd()
         .try_clone_to_owned()
         .context("cannot duplicate the admin listener")?;
+    for p in handed.pods {
+        let name = p.pod.to_string();
+        pods.adopt(p.pod, p.netns, p.listeners).await.map_err(|e| {
+            anyhow::anyhow!(
+                "pod {name} handed over by the running node-proxy: {e}; it keeps serving"
+            )
+        })?;
+    }
+    let handoff_listener = handoff::HandoffListener::bind(&config.handoff)?;
+    info!("handoff socket listening at {}", config.handoff.display());
     let admin = Arc::new(admin::Admin {
         ctx: ctx.clone(),
         pods: pods.clone(),
         registry,
     });
     tokio::spawn(admin.serve(admin_listener, shutdown.clone()));
-    if let Some(dir) = config.handoff.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    for p in handed.pods {
-        let name = p.pod.to_string();
-        if let Err(e) = pods.adopt(p.pod, p.netns, p.listeners).await {
-            warn!("pod {name} handed over by the previous node-proxy: {e}");
-        }
-    }
     let handoff = tokio::spawn(proxy::serve_handoff(
-        config.handoff.clone(),
+        handoff_listener,
         pods.clone(),
         Some(admin_fd),
         shutdown.clone(),
     ));
+    if let Some(mut client) = predecessor.take() {
+        // Both processes accept on the same sockets until the old one hears this. If it
+        // is lost, both keep serving, which is harmless.
+        let done = tokio::task::spawn_blocking(move || client.takeover_done()).await;
+        match done {
+            Ok(Ok(())) => info!("the previous node-proxy drains"),
+            Ok(Err(e)) => warn!("could not confirm the takeover to the previous node-proxy: {e}"),
+            Err(e) => warn!("takeover confirmation task: {e}"),
+        }
+    }
     info!(node = %config.node, admin = %config.admin, "node-proxy started");
     shutdown.cancelled().await;
     info!("draining");
@@ -184,32 +200,44 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
 }
 
-/// Takes over from a node-proxy listening at the handoff socket `path`, if one is:
-/// its admin listener and its pods with their listeners, so no connection waits on a
-/// closed port while one process replaces the other. Nothing there (a first start, or
-/// a stale socket after a crash) is a fresh start; a refusal is logged and ignored.
-fn take_over(path: &std::path::Path) -> handoff::Takeover {
+/// Asks a node-proxy listening at the handoff socket `path`, if one is, for its admin
+/// listener and its pods with their listeners; returns the connection to confirm on.
+/// Nothing there (a first start, or a stale socket after a crash) is a fresh start. A
+/// node-proxy that answers but does not hand over, or a model that has not loaded, is an
+/// error: starting anyway would fight the running one for its ports, or serve its pods
+/// without a model.
+fn take_over(
+    path: &std::path::Path,
+    model_loaded: bool,
+) -> anyhow::Result<Option<(handoff::HandoffClient, handoff::Takeover)>> {
     let mut client = match handoff::HandoffClient::connect(path) {
         Ok(c) => c,
         Err(e) => {
             debug!("no node-proxy to take over from: {e}");
-            return handoff::Takeover::default();
+            return Ok(None);
         }
     };
-    match client.take_over() {
-        Ok(handed) => {
-            info!(
-                pods = handed.pods.len(),
-                pid = client.peer_pid(),
-                "took over from the running node-proxy"
-            );
-            handed
-        }
-        Err(e) => {
-            warn!("the running node-proxy did not hand over (it may predate takeovers): {e}");
-            handoff::Takeover::default()
-        }
+    let pid = client
+        .peer_pid()
+        .map_or_else(|| "?".to_owned(), |p| p.to_string());
+    if !model_loaded {
+        anyhow::bail!(
+            "a node-proxy (pid {pid}) serves this node, and this one has no model yet; \
+             not taking over from it"
+        );
     }
+    let handed = client.take_over().with_context(|| {
+        format!(
+            "a node-proxy (pid {pid}) serves this node at {} but did not hand over its \
+             listeners (it may predate takeovers: stop it first)",
+            path.display()
+        )
+    })?;
+    info!(
+        pods = handed.pods.len(),
+        pid, "took over the running node-proxy's listeners"
+    );
+    Ok(Some((client, handed)))
 }
 
 /// Cancels `token` on SIGTERM or SIGINT.

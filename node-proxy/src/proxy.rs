@@ -11,7 +11,6 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -124,8 +123,9 @@ pub struct Pod {
     /// (device, inode) of the namespace, to tell a recreated pod from a replayed one.
     netns_id: (u64, u64),
     /// Duplicates of its listeners (outbound, inbound plaintext, HBONE), for handing
-    /// them to a node-proxy that replaces this one.
-    listeners: [OwnedFd; 3],
+    /// them to a node-proxy that replaces this one; dropped when it stops accepting, so
+    /// the ports close with the accept loops.
+    listeners: Mutex<Option<[OwnedFd; 3]>>,
     drain: CancellationToken,
     force: CancellationToken,
     /// The accept loops; each drops its listener when it ends.
@@ -135,6 +135,16 @@ pub struct Pod {
 }
 
 impl Pod {
+    /// Stops its accept loops and lets go of its listeners; open connections go on.
+    fn stop_accepting(&self) {
+        self.drain.cancel();
+        self.accepting.close();
+        self.listeners
+            .lock()
+            .expect("listeners lock is never poisoned")
+            .take();
+    }
+
     /// `namespace/name`, for logs.
     pub fn name(&self) -> String {
         format!("{}/{}", self.info.namespace, self.info.name)
@@ -256,7 +266,13 @@ impl Pods {
         let pods = self.pods.lock().await;
         let mut out = Vec::with_capacity(pods.len());
         for p in pods.values() {
-            let [a, b, c] = &p.listeners;
+            let listeners = p
+                .listeners
+                .lock()
+                .expect("listeners lock is never poisoned");
+            let Some([a, b, c]) = listeners.as_ref() else {
+                continue;
+            };
             let fds = [
                 p.netns.fd().try_clone_to_owned()?,
                 a.try_clone()?,
@@ -361,7 +377,7 @@ impl Pods {
             _lease: lease,
             netns,
             netns_id,
-            listeners,
+            listeners: Mutex::new(Some(listeners)),
             drain: CancellationToken::new(),
             force: CancellationToken::new(),
             accepting: TaskTracker::new(),
@@ -400,8 +416,7 @@ impl Pods {
                 info!(pod = %pod.name(), "pod removed");
                 // Listeners close before the reply, so the pod can be added again at
                 // once; its connections drain in the background.
-                pod.drain.cancel();
-                pod.accepting.close();
+                pod.stop_accepting();
                 pod.accepting.wait().await;
                 tokio::spawn(stop(pod, self.ctx.limits.drain_grace));
             }
@@ -445,8 +460,7 @@ impl Pods {
     pub async fn drain_all(&self) {
         let pods: Vec<Arc<Pod>> = self.pods.lock().await.drain().map(|(_, p)| p).collect();
         for p in &pods {
-            p.drain.cancel();
-            p.accepting.close();
+            p.stop_accepting();
             p.tasks.close();
         }
         let all = async {
@@ -479,8 +493,7 @@ fn netns_id(fd: &OwnedFd) -> Result<(u64, u64), String> {
 
 /// Stop accepting, let connections finish for `grace`, then close the rest.
 async fn stop(pod: Arc<Pod>, grace: Duration) {
-    pod.drain.cancel();
-    pod.accepting.close();
+    pod.stop_accepting();
     pod.tasks.close();
     pod.accepting.wait().await;
     if tokio::time::timeout(grace, pod.tasks.wait()).await.is_err() {
@@ -509,16 +522,16 @@ fn adopt_listener(fd: OwnedFd, addr: SocketAddr) -> Result<TcpListener, String> 
 
 /// Serves the handoff socket: each sender connection's requests in order. A `takeover`
 /// from a node-proxy replacing this one is answered with `admin` (a duplicate of the
-/// admin listener) and every pod, then `shutdown` is cancelled: this process drains.
+/// admin listener) and every pod; this process keeps serving (both accept on the same
+/// sockets) until `takeover_done` on that connection, then cancels `shutdown` and
+/// drains. A takeover connection that ends without it leaves this process serving.
 pub async fn serve_handoff(
-    path: PathBuf,
+    listener: HandoffListener,
     pods: Arc<Pods>,
     admin: Option<OwnedFd>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let admin = admin.map(Arc::new);
-    let listener = HandoffListener::bind(&path)?;
-    info!("handoff socket listening at {}", path.display());
     loop {
         let mut conn = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -536,6 +549,7 @@ pub async fn serve_handoff(
         let shutdown = shutdown.clone();
         let admin = admin.clone();
         tokio::spawn(async move {
+            let mut handed_over = false;
             loop {
                 let request = tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -549,6 +563,18 @@ pub async fn serve_handoff(
                         Ok(())
                     }
                     Ok(Some(Request::SnapshotEnd)) => pods.snapshot_end().await,
+                    Ok(Some(Request::TakeoverDone)) if handed_over => {
+                        let _ = conn.reply(Ok(())).await;
+                        info!("a new node-proxy serves this node's pods; draining");
+                        shutdown.cancel();
+                        return;
+                    }
+                    Ok(Some(Request::TakeoverDone)) => {
+                        Err("takeover_done: no takeover on this connection".into())
+                    }
+                    Ok(Some(Request::Takeover)) if handed_over => {
+                        Err("takeover: already handed over on this connection".into())
+                    }
                     Ok(Some(Request::Takeover)) => {
                         let handed = match pods.export().await {
                             Ok(handed) => handed,
@@ -566,12 +592,19 @@ pub async fn serve_handoff(
                             Ok(()) => {
                                 info!(
                                     pods = handed.len(),
-                                    "handed over to a new node-proxy; draining"
+                                    "listeners handed to a new node-proxy; serving until it confirms"
                                 );
-                                shutdown.cancel();
+                                handed_over = true;
+                                continue;
                             }
-                            Err(e) => warn!("takeover failed, serving on: {e}"),
+                            Err(e) => {
+                                warn!("takeover failed, serving on: {e}");
+                                return;
+                            }
                         }
+                    }
+                    Ok(None) if handed_over => {
+                        warn!("the new node-proxy gave up its takeover; serving on");
                         return;
                     }
                     Ok(None) => return,

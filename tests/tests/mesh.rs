@@ -588,21 +588,62 @@ fn node_proxy_upgrade_refuses_no_connection() {
         );
     }
     // Each new node-proxy was handed its predecessor's listeners (its two pods'), and
-    // each old one said it drained.
+    // each old one drained only once the new one confirmed.
     for node in ["node-1", "node-2"] {
         let log = sb.node_log(node);
         assert!(
-            log.contains("took over from the running node-proxy") && log.contains("pods=2"),
+            log.lines().any(
+                |l| l.contains("took over the running node-proxy's listeners")
+                    && l.contains("pods=2")
+            ),
             "{node}'s new node-proxy took over the listeners:\n{log}"
         );
         assert!(
-            log.contains("handed over to a new node-proxy; draining"),
-            "{node}'s old node-proxy handed over:\n{log}"
+            log.contains("a new node-proxy serves this node's pods; draining"),
+            "{node}'s old node-proxy drained after the confirmation:\n{log}"
         );
+        assert!(!log.contains("gave up its takeover"), "{log}");
     }
     // The old node-2 told node-1 to move on (GOAWAY); the new one carries the traffic.
     let (code, body) = sb.curl(A, "http://10.96.0.10/after").unwrap();
     assert_eq!(code, 0, "{body}");
+
+    // An upgrade that cannot succeed changes nothing: with a model file the new
+    // node-proxies cannot read, they refuse to take over and the running ones serve on.
+    let serving = [
+        sb.node_pid("node-1").unwrap(),
+        sb.node_pid("node-2").unwrap(),
+    ];
+    std::fs::write(sb.state_dir.join("model.json"), "{ not json").unwrap();
+    let out = Command::new(weftctl().unwrap())
+        .args(["local", "upgrade", "--name", &sb.name, "--state-dir"])
+        .arg(&sb.state_dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the upgrade reports failure");
+    assert!(
+        stderr.contains("node-1") && stderr.contains("exited"),
+        "it names the node and what happened: {stderr}"
+    );
+    sb.refresh().unwrap();
+    for (node, pid) in ["node-1", "node-2"].iter().zip(serving) {
+        assert_eq!(
+            sb.node_pid(node).unwrap(),
+            pid,
+            "{node} keeps its node-proxy"
+        );
+    }
+    let (code, body) = sb
+        .curl(A, "http://10.96.0.10/after-failed-upgrade")
+        .unwrap();
+    assert_eq!(code, 0, "{body}");
+    assert!(
+        sb.node_log("node-1")
+            .contains("has no model yet; not taking over"),
+        "the new node-proxy says why it stopped:\n{}",
+        sb.node_log("node-1")
+    );
 }
 
 #[test]

@@ -81,6 +81,12 @@ pub struct State {
     pub services: Vec<ServiceState>,
     /// Everything is up.
     pub ready: bool,
+    /// Upgrades (`weftctl local upgrade`) carried out so far.
+    #[serde(default)]
+    pub upgrades: u64,
+    /// What failed in the last upgrade, per node; empty if it succeeded.
+    #[serde(default)]
+    pub upgrade_errors: Vec<String>,
 }
 
 /// A simulated node.
@@ -217,7 +223,7 @@ struct Built {
     children: Vec<Child>,
     node_children: BTreeMap<String, Child>,
     /// Replaced node-proxies still draining: (node, process).
-    retiring: Vec<(String, Child)>,
+    retiring: Vec<(String, Child, Instant)>,
     state_dir: PathBuf,
 }
 
@@ -229,7 +235,7 @@ impl Built {
         for c in self.node_children.values_mut() {
             stop_child(c, Duration::from_secs(8));
         }
-        for (_, c) in self.retiring.iter_mut() {
+        for (_, c, _) in self.retiring.iter_mut() {
             stop_child(c, Duration::from_secs(8));
         }
         for ns in self.netns.iter().rev() {
@@ -295,11 +301,16 @@ fn pod_info(p: &PodState) -> PodInfo {
     }
 }
 
+/// How long a replaced node-proxy may take to hear it was replaced and drain (its drain
+/// grace is 2 s in the sandbox) before `up` stops it.
+const RETIRE_AFTER: Duration = Duration::from_secs(30);
+
 /// Replaces a node's node-proxy without refusing a connection, as a DaemonSet's surge
-/// rollout would: the new process takes over from the old one through the handoff
+/// rollout would. The new process takes over from the old one through the handoff
 /// socket (its admin listener, and each pod's namespace and listeners, passed as file
-/// descriptors), so the ports never close; the old one stops accepting and drains.
-/// `up` then replays the pods to the new one, which already serves them.
+/// descriptors), so the ports never close; once it serves them and owns the socket's
+/// path it tells the old one, which then drains. `up` replays the pods to it (already
+/// served: nothing changes). If the new process fails before that, the old one serves on.
 fn replace_node_proxy(
     opts: &UpOptions,
     built: &mut Built,
@@ -307,26 +318,44 @@ fn replace_node_proxy(
     pods: &[(PodState, File)],
 ) -> anyhow::Result<()> {
     let mut child = spawn_node_proxy(opts, node, &opts.state_dir)?;
-    if let Err(e) = hand_over(node, child.id(), pods, Duration::from_secs(20)) {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(e);
-    }
     let new_pid = child.id();
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!(
+                "the new node-proxy exited ({status}) before taking over; the old one serves on (see {})",
+                node.log.display()
+            );
+        }
+        let owner = HandoffClient::connect(&node.handoff)
+            .ok()
+            .and_then(|c| c.peer_pid());
+        if owner == Some(new_pid) {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the new node-proxy did not take over within 20 s; the old one serves on");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // From here the new process serves the node: keep it whatever the replay says.
+    let replayed = hand_over(node, new_pid, pods, Duration::from_secs(20));
     if let Some(old) = built.node_children.insert(node.name.clone(), child) {
-        // It drains already, having handed over; the signal covers one that did not.
-        let pid = nix::unistd::Pid::from_raw(old.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        // It drains once the new one has confirmed (a lost confirmation: see RETIRE_AFTER).
         eprintln!(
             "node-proxy of {} replaced: pid {} serves, pid {} drains",
             node.name,
             new_pid,
             old.id()
         );
-        built.retiring.push((node.name.clone(), old));
+        built
+            .retiring
+            .push((node.name.clone(), old, Instant::now()));
     }
     node.pid = new_pid;
-    Ok(())
+    replayed
 }
 
 /// Hands a node's enrolled pods to its node-proxy (process `pid`) as one snapshot,
@@ -548,6 +577,8 @@ async fn build_and_run(
         pods: pods.to_vec(),
         services: services.to_vec(),
         ready: true,
+        upgrades: 0,
+        upgrade_errors: Vec::new(),
     };
     write_atomic(
         &state_dir.join("state.json"),
@@ -601,43 +632,59 @@ async fn build_and_run(
         if replace {
             // One node at a time; a failure leaves that node's node-proxy serving (or,
             // if it had already handed over, restarted below once it has drained).
+            state.upgrade_errors.clear();
             for i in 0..state.nodes.len() {
                 let node = &mut state.nodes[i];
                 if let Err(e) = replace_node_proxy(opts, built, node, &netns_files) {
                     eprintln!("upgrade of node-proxy of {} failed: {e:#}", node.name);
+                    let error = format!("{}: {e:#}", node.name);
+                    state.upgrade_errors.push(error);
                 }
                 node.draining = built
                     .retiring
                     .iter()
-                    .filter(|(n, _)| *n == node.name)
-                    .map(|(_, c)| c.id())
+                    .filter(|(n, _, _)| *n == node.name)
+                    .map(|(_, c, _)| c.id())
                     .collect();
                 write_atomic(
                     &state_dir.join("state.json"),
                     &serde_json::to_vec_pretty(&state)?,
                 )?;
             }
+            state.upgrades += 1;
+            changed = true;
         }
         let before = built.retiring.len();
-        built.retiring.retain_mut(|(node, c)| match c.try_wait() {
-            Ok(None) => true,
-            Ok(Some(status)) => {
-                eprintln!(
-                    "replaced node-proxy of {node} (pid {}) drained and exited ({status})",
-                    c.id()
-                );
-                false
-            }
-            Err(_) => {
-                let _ = c.kill();
-                let _ = c.wait();
-                false
-            }
-        });
+        built
+            .retiring
+            .retain_mut(|(node, c, since)| match c.try_wait() {
+                Ok(None) if since.elapsed() < RETIRE_AFTER => true,
+                Ok(None) => {
+                    eprintln!(
+                        "replaced node-proxy of {node} (pid {}) still runs after {} s; stopping it",
+                        c.id(),
+                        RETIRE_AFTER.as_secs()
+                    );
+                    stop_child(c, Duration::from_secs(5));
+                    false
+                }
+                Ok(Some(status)) => {
+                    eprintln!(
+                        "replaced node-proxy of {node} (pid {}) drained and exited ({status})",
+                        c.id()
+                    );
+                    false
+                }
+                Err(_) => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    false
+                }
+            });
         if built.retiring.len() != before {
             for node in state.nodes.iter_mut() {
                 node.draining
-                    .retain(|pid| built.retiring.iter().any(|(_, c)| c.id() == *pid));
+                    .retain(|pid| built.retiring.iter().any(|(_, c, _)| c.id() == *pid));
             }
             changed = true;
         }
@@ -752,29 +799,38 @@ pub fn upgrade(state_dir: &Path) -> anyhow::Result<()> {
         )
     })?;
     let start = Instant::now();
+    let mut reported: Option<State> = None;
     loop {
         std::thread::sleep(Duration::from_millis(100));
         let now = read()?;
-        let replaced = before.nodes.iter().all(|old| {
-            now.nodes
-                .iter()
-                .any(|n| n.name == old.name && n.pid != old.pid && alive(n.pid))
-                && !alive(old.pid)
-        });
-        if replaced {
-            for (old, new) in before.nodes.iter().zip(&now.nodes) {
-                println!("{}: node-proxy {} -> {}", new.name, old.pid, new.pid);
-            }
-            return Ok(());
-        }
         if !alive(now.supervisor_pid) {
             bail!("the sandbox stopped during the upgrade");
         }
-        if start.elapsed() > Duration::from_secs(60) {
+        // Each node: up to 20 s to take over, then its drain grace.
+        let limit = Duration::from_secs(30 + 30 * before.nodes.len() as u64);
+        if start.elapsed() > limit {
             bail!(
-                "node-proxies not replaced within 60 s; see the node logs under {}",
+                "node-proxies not replaced within {} s; see the node logs under {}",
+                limit.as_secs(),
                 state_dir.display()
             );
+        }
+        if now.upgrades <= before.upgrades {
+            continue;
+        }
+        if !now.upgrade_errors.is_empty() {
+            bail!(
+                "upgrade failed; the nodes named keep their node-proxy:\n  {}",
+                now.upgrade_errors.join("\n  ")
+            );
+        }
+        let report = reported.get_or_insert(now);
+        // Done once every old node-proxy has drained and exited.
+        if before.nodes.iter().all(|old| !alive(old.pid)) {
+            for (old, new) in before.nodes.iter().zip(&report.nodes) {
+                println!("{}: node-proxy {} -> {}", new.name, old.pid, new.pid);
+            }
+            return Ok(());
         }
     }
 }
