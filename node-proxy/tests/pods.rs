@@ -219,6 +219,15 @@ async fn pods_come_and_go_without_leaks_and_bad_handoffs_leave_nothing() {
             let _ =
                 tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut Vec::new())).await;
         }
+        // A connection still open (an HBONE client that has not started its handshake)
+        // when the pod is removed: the ports must close at once all the same.
+        let hbone: std::net::SocketAddr = "10.250.0.2:15008".parse().unwrap();
+        let idle = ns
+            .outbound_socket(hbone)
+            .unwrap()
+            .connect(hbone)
+            .await
+            .unwrap();
         drop(ns);
         client = tokio::task::spawn_blocking(move || {
             client.remove("cart").unwrap();
@@ -226,6 +235,14 @@ async fn pods_come_and_go_without_leaks_and_bad_handoffs_leave_nothing() {
         })
         .await
         .unwrap();
+        if round == 0 {
+            let ports = listening(&good);
+            assert!(
+                !ports.contains(":1500"),
+                "a removed pod's ports close before remove answers, whatever is still open: {ports}"
+            );
+        }
+        drop(idle);
     }
     // Removal drains in the background (grace 1 s); then everything is back to the
     // baseline.
