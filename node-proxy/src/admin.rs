@@ -20,7 +20,9 @@ use crate::proxy::{Ctx, Pods};
 pub fn adopt(fd: std::os::fd::OwnedFd, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
     let socket = socket2::Socket::from(fd);
     let local = socket.local_addr().ok().and_then(|a| a.as_socket());
-    if local != Some(addr) || !socket.is_listener().unwrap_or(false) {
+    // Port 0 in the configuration means any port.
+    let matches = local.is_some_and(|l| l == addr || (addr.port() == 0 && l.ip() == addr.ip()));
+    if !matches || !socket.is_listener().unwrap_or(false) {
         anyhow::bail!("the admin listener handed over is bound to {local:?}, not {addr}");
     }
     socket.set_nonblocking(true)?;

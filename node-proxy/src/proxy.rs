@@ -221,7 +221,13 @@ pub struct Pods {
     pods: tokio::sync::Mutex<HashMap<String, Arc<Pod>>>,
     /// Pods re-added since the last `snapshot_start`.
     snapshot: Mutex<Option<HashSet<String>>>,
+    /// The pods are being handed to a new node-proxy: changes would not reach it.
+    handing_over: std::sync::atomic::AtomicBool,
 }
+
+/// Refusal of a change while the pods are handed to a new node-proxy.
+const HANDING_OVER: &str = "node-proxy is handing its pods to a new node-proxy; \
+                            reconnect and send the change (or a snapshot) to the new one";
 
 impl Pods {
     /// No pods yet.
@@ -230,6 +236,7 @@ impl Pods {
             ctx,
             pods: tokio::sync::Mutex::new(HashMap::new()),
             snapshot: Mutex::new(None),
+            handing_over: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -261,9 +268,41 @@ impl Pods {
         self.add_with(info, netns, Some(listeners)).await
     }
 
-    /// Every pod with duplicates of its namespace and listeners, for a takeover.
+    /// Every pod with duplicates of its namespace and listeners, for a takeover. From
+    /// here until [`end_handover`](Self::end_handover) changes to the pods are refused,
+    /// as is a second takeover.
     pub async fn export(&self) -> std::io::Result<Vec<(PodInfo, [OwnedFd; 4])>> {
+        use std::sync::atomic::Ordering;
         let pods = self.pods.lock().await;
+        if self.handing_over.swap(true, Ordering::SeqCst) {
+            return Err(std::io::Error::other(
+                "another node-proxy is already taking over",
+            ));
+        }
+        let exported = self.export_locked(&pods);
+        if exported.is_err() {
+            self.handing_over.store(false, Ordering::SeqCst);
+        }
+        exported
+    }
+
+    /// The takeover was abandoned: accept changes again.
+    pub fn end_handover(&self) {
+        self.handing_over
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn handing_over(&self) -> Result<(), String> {
+        match self.handing_over.load(std::sync::atomic::Ordering::SeqCst) {
+            true => Err(HANDING_OVER.to_owned()),
+            false => Ok(()),
+        }
+    }
+
+    fn export_locked(
+        &self,
+        pods: &HashMap<String, Arc<Pod>>,
+    ) -> std::io::Result<Vec<(PodInfo, [OwnedFd; 4])>> {
         let mut out = Vec::with_capacity(pods.len());
         for p in pods.values() {
             let listeners = p
@@ -301,6 +340,8 @@ impl Pods {
         }
         let netns_id = netns_id(&netns).map_err(|e| format!("pod {name}: {e}"))?;
         let mut pods = self.pods.lock().await;
+        self.handing_over()
+            .map_err(|e| format!("add for pod {name}: {e}"))?;
         if let Some(existing) = pods.get(&info.uid) {
             if existing.info == info && existing.netns_id == netns_id {
                 debug!(pod = %name, "pod already served");
@@ -410,7 +451,11 @@ impl Pods {
     /// Stops serving a pod: it stops accepting at once; open connections get the drain
     /// grace period in the background. Removing an unknown pod is not an error.
     pub async fn remove(&self, uid: &str) -> Result<(), String> {
-        let pod = self.pods.lock().await.remove(uid);
+        let pod = {
+            let mut pods = self.pods.lock().await;
+            self.handing_over()?;
+            pods.remove(uid)
+        };
         match pod {
             Some(pod) => {
                 info!(pod = %pod.name(), "pod removed");
@@ -426,15 +471,18 @@ impl Pods {
     }
 
     /// Begins a snapshot: pods not re-added before its end are removed.
-    pub fn snapshot_start(&self) {
+    pub fn snapshot_start(&self) -> Result<(), String> {
+        self.handing_over()?;
         *self
             .snapshot
             .lock()
             .expect("snapshot lock is never poisoned") = Some(HashSet::new());
+        Ok(())
     }
 
     /// Ends a snapshot, removing pods it did not mention.
     pub async fn snapshot_end(&self) -> Result<(), String> {
+        self.handing_over()?;
         let seen = self
             .snapshot
             .lock()
@@ -558,10 +606,7 @@ pub async fn serve_handoff(
                 let result = match request {
                     Ok(Some(Request::Add { pod, netns })) => pods.add(pod, netns).await,
                     Ok(Some(Request::Remove { uid })) => pods.remove(&uid).await,
-                    Ok(Some(Request::SnapshotStart)) => {
-                        pods.snapshot_start();
-                        Ok(())
-                    }
+                    Ok(Some(Request::SnapshotStart)) => pods.snapshot_start(),
                     Ok(Some(Request::SnapshotEnd)) => pods.snapshot_end().await,
                     Ok(Some(Request::TakeoverDone)) if handed_over => {
                         let _ = conn.reply(Ok(())).await;
@@ -599,17 +644,22 @@ pub async fn serve_handoff(
                             }
                             Err(e) => {
                                 warn!("takeover failed, serving on: {e}");
+                                pods.end_handover();
                                 return;
                             }
                         }
                     }
                     Ok(None) if handed_over => {
                         warn!("the new node-proxy gave up its takeover; serving on");
+                        pods.end_handover();
                         return;
                     }
                     Ok(None) => return,
                     Err(e) => {
                         warn!("handoff connection ended: {e}");
+                        if handed_over {
+                            pods.end_handover();
+                        }
                         return;
                     }
                 };

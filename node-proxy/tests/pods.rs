@@ -100,6 +100,17 @@ fn start(
     std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();
     std::fs::write(dir.join("ca-key.pem"), ca.key_pem()).unwrap();
     std::fs::write(dir.join("model.json"), r#"{"version": 1}"#).unwrap();
+    let (shutdown, task) = run_in(dir);
+    (shutdown, task, dir.join("handoff.sock"))
+}
+
+/// Starts (another) node-proxy in this process on the files in `dir`.
+fn run_in(
+    dir: &Path,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
     let handoff = dir.join("handoff.sock");
     let config = node_proxy::Config {
         node: "node-1".into(),
@@ -114,7 +125,7 @@ fn start(
     };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(node_proxy::run(config, shutdown.clone()));
-    (shutdown, task, handoff)
+    (shutdown, task)
 }
 
 fn connect(path: &Path) -> HandoffClient {
@@ -309,4 +320,86 @@ fn capture_rules_install_idempotently_and_remove_cleanly() {
     );
     // Removing again is not an error.
     node_proxy::redirect::remove(&netns, "shop/rules").unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_node_proxy_takes_over_the_listeners() {
+    if !is_root() {
+        eprintln!("skipped: needs root (network namespaces)");
+        return;
+    }
+    let id = std::process::id();
+    let dir = std::env::temp_dir().join(format!("weft-np-takeover-{id}"));
+    let (_shutdown_a, task_a, handoff) = start(&dir);
+    let ns = TestNetns::new(&format!("np{id}-take"), Some("10.250.2.2"));
+    let ns_file = ns.file();
+    let client = tokio::task::spawn_blocking({
+        let handoff = handoff.clone();
+        move || {
+            let mut client = connect(&handoff);
+            client
+                .add(&pod("cart", "10.250.2.2"), ns_file.as_fd())
+                .unwrap();
+            client
+        }
+    })
+    .await
+    .unwrap();
+    let ports = |ns: &TestNetns| {
+        let l = listening(ns);
+        ["127.0.0.1:15001", "10.250.2.2:15006", "10.250.2.2:15008"]
+            .iter()
+            .all(|p| l.contains(p))
+    };
+    assert!(ports(&ns), "{}", listening(&ns));
+
+    // A takeover that is abandoned: changes are refused while it lasts, then accepted.
+    let client = tokio::task::spawn_blocking({
+        let handoff = handoff.clone();
+        move || {
+            let mut client = client;
+            let mut taker = connect(&handoff);
+            let handed = taker.take_over().unwrap();
+            assert_eq!(handed.pods.len(), 1);
+            let refused = client.remove("no-such-uid").unwrap_err().to_string();
+            assert!(refused.contains("handing its pods"), "{refused}");
+            drop((taker, handed));
+            let start = Instant::now();
+            while let Err(e) = client.remove("no-such-uid") {
+                assert!(
+                    start.elapsed() < Duration::from_secs(5),
+                    "still refused: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            client
+        }
+    })
+    .await
+    .unwrap();
+    drop(client);
+
+    // A real one: a second node-proxy on the same files. The first drains and ends by
+    // itself; the pod's ports never stop listening, now held by the second.
+    let (shutdown_b, task_b) = run_in(&dir);
+    let ended = tokio::time::timeout(Duration::from_secs(20), task_a).await;
+    assert!(
+        matches!(ended, Ok(Ok(Ok(())))),
+        "the first node-proxy drains and exits once the second confirms: {ended:?}"
+    );
+    assert!(ports(&ns), "still listening: {}", listening(&ns));
+    // The second one serves the pod already: a replayed add changes nothing.
+    let ns_file = ns.file();
+    tokio::task::spawn_blocking(move || {
+        let mut client = connect(&handoff);
+        client
+            .add(&pod("cart", "10.250.2.2"), ns_file.as_fd())
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    assert!(ports(&ns), "{}", listening(&ns));
+    shutdown_b.cancel();
+    task_b.await.unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }
