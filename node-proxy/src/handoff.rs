@@ -266,6 +266,14 @@ impl HandoffListener {
         })
     }
 
+    /// Moves the socket to `path` (a rename: senders connecting there from now on reach
+    /// this listener), replacing what was there.
+    pub fn publish(&mut self, path: &Path) -> io::Result<()> {
+        std::fs::rename(&*self.path, path)?;
+        self.path = path.into();
+        Ok(())
+    }
+
     /// Accepts the next sender. Cancel-safe. The hello happens on the connection's first
     /// [`HandoffConn::next`], so a slow sender cannot hold up this loop.
     pub async fn accept(&self) -> io::Result<HandoffConn> {
@@ -384,7 +392,7 @@ impl HandoffConn {
 
     /// Answers a [`Request::Takeover`]: the admin listener and every pod with its
     /// namespace and listeners (duplicates are sent; the caller keeps its own), one
-    /// message each, then `ok`. The caller should stop accepting and drain right after.
+    /// message each, then `ok`. The caller keeps serving until `takeover_done`.
     pub async fn hand_over(
         &mut self,
         admin: Option<BorrowedFd<'_>>,
@@ -725,8 +733,10 @@ impl HandoffClient {
     }
 
     /// Asks the node-proxy at the other end to hand over its admin listener and its pods
-    /// with their listeners, for a new node-proxy replacing it. It starts draining once
-    /// it has answered. A node-proxy that does not know `takeover` answers an error.
+    /// with their listeners, for a new node-proxy replacing it. It keeps serving until
+    /// [`takeover_done`](Self::takeover_done) on this connection, and serves on if the
+    /// connection closes first. A node-proxy that does not know `takeover` answers an
+    /// error.
     pub fn take_over(&mut self) -> Result<Takeover, HandoffError> {
         let path = self.path.clone();
         if self.broken {
@@ -1038,7 +1048,7 @@ mod tests {
     }
 
     #[test]
-    fn a_takeover_part_with_too_many_descriptors_is_refused() {
+    fn a_takeover_part_with_the_wrong_descriptors_is_refused() {
         let dir = std::env::temp_dir().join(format!("weft-handoff-{}-ctrunc", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create test dir");
@@ -1047,9 +1057,10 @@ mod tests {
         listener
             .bind(&SockAddr::unix(&path).expect("addr"))
             .expect("bind");
-        listener.listen(2).expect("listen");
-        // 5: one more than a pod part has; 9: more than the receive buffer holds.
-        let counts = [5, 9];
+        listener.listen(3).expect("listen");
+        // 3: one fewer than a pod part has, 5: one more; 9: more than the receive
+        // buffer holds (truncated).
+        let counts = [3, 5, 9];
         // A peer that answers hello, then sends a pod part with `count` descriptors.
         let peer = std::thread::spawn(move || {
             for count in counts {

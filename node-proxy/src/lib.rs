@@ -122,16 +122,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     // Serve nothing before the model is known: with an empty one, inbound identities
     // would not match their source and services would not resolve.
-    let loaded = tokio::time::timeout(Duration::from_secs(5), async {
-        while !status.lock().expect("status lock is never poisoned").loaded {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .is_ok();
+    let loaded = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        waited = tokio::time::timeout(Duration::from_secs(5), async {
+            while !status.lock().expect("status lock is never poisoned").loaded {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }) => waited.is_ok(),
+    };
     // A node-proxy already serving this node hands over its listeners. It keeps serving
-    // until this one confirms (`takeover_done`), so any failure before that point only
-    // ends this process and leaves the node served.
+    // and keeps the handoff socket's path until this one confirms (`takeover_done`), so
+    // any failure before that ends only this process and leaves the node served; this
+    // one's handoff socket waits at a staging path until then.
     let takeover = {
         let path = config.handoff.clone();
         tokio::task::spawn_blocking(move || take_over(&path, loaded))
@@ -144,30 +146,69 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             config.model.display()
         );
     }
-    let (mut predecessor, handed) = match takeover {
+    let (predecessor, handed) = match takeover {
         Some((client, handed)) => (Some(client), handed),
         None => (None, handoff::Takeover::default()),
     };
-    let admin_listener = match handed.admin {
-        Some(fd) => admin::adopt(fd, config.admin)?,
-        None => tokio::net::TcpListener::bind(config.admin)
-            .await
-            .with_context(|| format!("cannot listen on admin address {}", config.admin))?,
+    let bind_at = match predecessor {
+        Some(_) => staging_path(&config.handoff),
+        None => config.handoff.clone(),
     };
+    let unstage = |path: &std::path::Path| {
+        if *path != *config.handoff {
+            let _ = std::fs::remove_file(path);
+        }
+    };
+    let (admin_listener, mut handoff_listener) =
+        match start_serving(&config, &pods, handed, &bind_at).await {
+            Ok(started) => started,
+            Err(e) => {
+                // Connections the adopted pods accepted meanwhile are finished, not reset.
+                pods.drain_all().await;
+                unstage(&bind_at);
+                return Err(e);
+            }
+        };
+    if let Some(mut client) = predecessor {
+        if shutdown.is_cancelled() {
+            info!("stopped while taking over; the running node-proxy serves on");
+            drop(client);
+            pods.drain_all().await;
+            unstage(&bind_at);
+            return Ok(());
+        }
+        let old_pid = client.peer_pid().filter(|p| *p > 0);
+        match tokio::task::spawn_blocking(move || client.takeover_done()).await {
+            Ok(Ok(())) => info!("the previous node-proxy drains"),
+            failed => {
+                // This process serves every pod already; two serving the same sockets
+                // would let removals and identity changes reach only one of them.
+                let e = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                    Ok(Ok(())) => String::new(),
+                };
+                warn!(
+                    pid = old_pid,
+                    "could not confirm the takeover ({e}); stopping the previous node-proxy"
+                );
+                if let Some(pid) = old_pid.and_then(|p| i32::try_from(p).ok()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGTERM,
+                    );
+                }
+            }
+        }
+        handoff_listener
+            .publish(&config.handoff)
+            .with_context(|| format!("handoff socket {}", config.handoff.display()))?;
+    }
+    info!("handoff socket listening at {}", config.handoff.display());
     let admin_fd = admin_listener
         .as_fd()
         .try_clone_to_owned()
         .context("cannot duplicate the admin listener")?;
-    for p in handed.pods {
-        let name = p.pod.to_string();
-        pods.adopt(p.pod, p.netns, p.listeners).await.map_err(|e| {
-            anyhow::anyhow!(
-                "pod {name} handed over by the running node-proxy: {e}; it keeps serving"
-            )
-        })?;
-    }
-    let handoff_listener = handoff::HandoffListener::bind(&config.handoff)?;
-    info!("handoff socket listening at {}", config.handoff.display());
     let admin = Arc::new(admin::Admin {
         ctx: ctx.clone(),
         pods: pods.clone(),
@@ -180,16 +221,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Some(admin_fd),
         shutdown.clone(),
     ));
-    if let Some(mut client) = predecessor.take() {
-        // Both processes accept on the same sockets until the old one hears this. If it
-        // is lost, both keep serving, which is harmless.
-        let done = tokio::task::spawn_blocking(move || client.takeover_done()).await;
-        match done {
-            Ok(Ok(())) => info!("the previous node-proxy drains"),
-            Ok(Err(e)) => warn!("could not confirm the takeover to the previous node-proxy: {e}"),
-            Err(e) => warn!("takeover confirmation task: {e}"),
-        }
-    }
     info!(node = %config.node, admin = %config.admin, "node-proxy started");
     shutdown.cancelled().await;
     info!("draining");
@@ -198,6 +229,41 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Ok(Err(e)) => Err(e).context(format!("handoff socket {}", config.handoff.display())),
         _ => Ok(()),
     }
+}
+
+/// Where a node-proxy that takes over binds its handoff socket until the predecessor
+/// has been told; then it is renamed over the real path.
+fn staging_path(path: &std::path::Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{}", std::process::id()));
+    PathBuf::from(name)
+}
+
+/// The admin listener (handed over or opened), every handed-over pod served, and the
+/// handoff socket bound at `bind_at`. All or nothing: an error leaves the caller to
+/// drain the pods adopted so far.
+async fn start_serving(
+    config: &Config,
+    pods: &Arc<Pods>,
+    handed: handoff::Takeover,
+    bind_at: &std::path::Path,
+) -> anyhow::Result<(tokio::net::TcpListener, handoff::HandoffListener)> {
+    let admin_listener = match handed.admin {
+        Some(fd) => admin::adopt(fd, config.admin)?,
+        None => tokio::net::TcpListener::bind(config.admin)
+            .await
+            .with_context(|| format!("cannot listen on admin address {}", config.admin))?,
+    };
+    for p in handed.pods {
+        let name = p.pod.to_string();
+        pods.adopt(p.pod, p.netns, p.listeners).await.map_err(|e| {
+            anyhow::anyhow!(
+                "pod {name} handed over by the running node-proxy: {e}; it keeps serving"
+            )
+        })?;
+    }
+    let handoff_listener = handoff::HandoffListener::bind(bind_at)?;
+    Ok((admin_listener, handoff_listener))
 }
 
 /// Asks a node-proxy listening at the handoff socket `path`, if one is, for its admin

@@ -498,7 +498,7 @@ impl Pods {
             .cloned()
             .collect();
         for uid in stale {
-            let _ = self.remove(&uid).await;
+            self.remove(&uid).await?;
         }
         Ok(())
     }
@@ -551,6 +551,22 @@ async fn stop(pod: Arc<Pod>, grace: Duration) {
     pod.tasks.wait().await;
 }
 
+/// A takeover answered on one handoff connection: if the connection ends (or its task
+/// fails) before `takeover_done`, the refusal of pod changes is lifted.
+struct Handover {
+    pods: Arc<Pods>,
+    armed: bool,
+}
+
+impl Drop for Handover {
+    fn drop(&mut self) {
+        if self.armed {
+            warn!("the new node-proxy gave up its takeover; serving on");
+            self.pods.end_handover();
+        }
+    }
+}
+
 /// A listener handed over by the node-proxy this one replaces, checked to be a TCP
 /// listener on `addr` (the pod's port it is served as).
 fn adopt_listener(fd: OwnedFd, addr: SocketAddr) -> Result<TcpListener, String> {
@@ -597,7 +613,10 @@ pub async fn serve_handoff(
         let shutdown = shutdown.clone();
         let admin = admin.clone();
         tokio::spawn(async move {
-            let mut handed_over = false;
+            let mut handover = Handover {
+                pods: pods.clone(),
+                armed: false,
+            };
             loop {
                 let request = tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -608,7 +627,8 @@ pub async fn serve_handoff(
                     Ok(Some(Request::Remove { uid })) => pods.remove(&uid).await,
                     Ok(Some(Request::SnapshotStart)) => pods.snapshot_start(),
                     Ok(Some(Request::SnapshotEnd)) => pods.snapshot_end().await,
-                    Ok(Some(Request::TakeoverDone)) if handed_over => {
+                    Ok(Some(Request::TakeoverDone)) if handover.armed => {
+                        handover.armed = false;
                         let _ = conn.reply(Ok(())).await;
                         info!("a new node-proxy serves this node's pods; draining");
                         shutdown.cancel();
@@ -617,7 +637,7 @@ pub async fn serve_handoff(
                     Ok(Some(Request::TakeoverDone)) => {
                         Err("takeover_done: no takeover on this connection".into())
                     }
-                    Ok(Some(Request::Takeover)) if handed_over => {
+                    Ok(Some(Request::Takeover)) if handover.armed => {
                         Err("takeover: already handed over on this connection".into())
                     }
                     Ok(Some(Request::Takeover)) => {
@@ -639,7 +659,7 @@ pub async fn serve_handoff(
                                     pods = handed.len(),
                                     "listeners handed to a new node-proxy; serving until it confirms"
                                 );
-                                handed_over = true;
+                                handover.armed = true;
                                 continue;
                             }
                             Err(e) => {
@@ -649,17 +669,9 @@ pub async fn serve_handoff(
                             }
                         }
                     }
-                    Ok(None) if handed_over => {
-                        warn!("the new node-proxy gave up its takeover; serving on");
-                        pods.end_handover();
-                        return;
-                    }
                     Ok(None) => return,
                     Err(e) => {
                         warn!("handoff connection ended: {e}");
-                        if handed_over {
-                            pods.end_handover();
-                        }
                         return;
                     }
                 };

@@ -363,6 +363,8 @@ async fn a_new_node_proxy_takes_over_the_listeners() {
             assert_eq!(handed.pods.len(), 1);
             let refused = client.remove("no-such-uid").unwrap_err().to_string();
             assert!(refused.contains("handing its pods"), "{refused}");
+            let second = connect(&handoff).take_over().unwrap_err().to_string();
+            assert!(second.contains("already taking over"), "{second}");
             drop((taker, handed));
             let start = Instant::now();
             while let Err(e) = client.remove("no-such-uid") {

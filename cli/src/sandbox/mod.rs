@@ -806,8 +806,10 @@ pub fn upgrade(state_dir: &Path) -> anyhow::Result<()> {
         if !alive(now.supervisor_pid) {
             bail!("the sandbox stopped during the upgrade");
         }
-        // Each node: up to 20 s to take over, then its drain grace.
-        let limit = Duration::from_secs(30 + 30 * before.nodes.len() as u64);
+        // Each node: up to 20 s to take over and 20 s to replay, then its drain (bounded
+        // by RETIRE_AFTER).
+        let limit = Duration::from_secs(30)
+            + (Duration::from_secs(40) + RETIRE_AFTER) * before.nodes.len() as u32;
         if start.elapsed() > limit {
             bail!(
                 "node-proxies not replaced within {} s; see the node logs under {}",
@@ -820,7 +822,7 @@ pub fn upgrade(state_dir: &Path) -> anyhow::Result<()> {
         }
         if !now.upgrade_errors.is_empty() {
             bail!(
-                "upgrade failed; the nodes named keep their node-proxy:\n  {}",
+                "upgrade failed on these nodes (see `up`'s output and the node logs):\n  {}",
                 now.upgrade_errors.join("\n  ")
             );
         }
