@@ -382,7 +382,23 @@ async fn a_new_node_proxy_takes_over_the_listeners() {
     drop(client);
 
     // A real one: a second node-proxy on the same files. The first drains and ends by
-    // itself; the pod's ports never stop listening, now held by the second.
+    // itself; the pod's ports never stop listening, now held by the second: the very
+    // same sockets (inodes), not new ones.
+    let sockets = |ns: &TestNetns| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns.0, "ss", "-Hltne"])
+            .output()
+            .unwrap();
+        let mut inodes: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter(|w| w.starts_with("ino:"))
+            .map(str::to_owned)
+            .collect();
+        inodes.sort();
+        inodes
+    };
+    let before = sockets(&ns);
+    assert_eq!(before.len(), 3, "{before:?}");
     let (shutdown_b, task_b) = run_in(&dir);
     let ended = tokio::time::timeout(Duration::from_secs(20), task_a).await;
     assert!(
@@ -390,6 +406,7 @@ async fn a_new_node_proxy_takes_over_the_listeners() {
         "the first node-proxy drains and exits once the second confirms: {ended:?}"
     );
     assert!(ports(&ns), "still listening: {}", listening(&ns));
+    assert_eq!(sockets(&ns), before, "the same listening sockets");
     // The second one serves the pod already: a replayed add changes nothing.
     let ns_file = ns.file();
     tokio::task::spawn_blocking(move || {
@@ -400,7 +417,7 @@ async fn a_new_node_proxy_takes_over_the_listeners() {
     })
     .await
     .unwrap();
-    assert!(ports(&ns), "{}", listening(&ns));
+    assert_eq!(sockets(&ns), before, "a replay opens no new listeners");
     shutdown_b.cancel();
     task_b.await.unwrap().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
