@@ -178,16 +178,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             return Ok(());
         }
         let old_pid = client.peer_pid().filter(|p| *p > 0);
-        match tokio::task::spawn_blocking(move || client.takeover_done()).await {
-            Ok(Ok(())) => info!("the previous node-proxy drains"),
-            failed => {
+        let confirmed = match tokio::task::spawn_blocking(move || client.takeover_done()).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match confirmed {
+            Ok(()) => info!("the previous node-proxy drains"),
+            Err(e) => {
                 // This process serves every pod already; two serving the same sockets
                 // would let removals and identity changes reach only one of them.
-                let e = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    Err(e) => e.to_string(),
-                    Ok(Ok(())) => String::new(),
-                };
                 warn!(
                     pid = old_pid,
                     "could not confirm the takeover ({e}); stopping the previous node-proxy"

@@ -243,6 +243,26 @@ impl Sandbox {
             .with_context(|| format!("ip netns exec {ns} {args:?}"))
     }
 
+    /// Starts a command inside a pod's network namespace, in the background.
+    pub fn spawn(&self, pod: &str, args: &[&str]) -> anyhow::Result<std::process::Child> {
+        let ns = self.netns(pod)?;
+        Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .args(args)
+            .spawn()
+            .with_context(|| format!("ip netns exec {ns} {args:?}"))
+    }
+
+    /// `weftctl local <args> --name <this sandbox> --state-dir <its state>`, to run.
+    pub fn local(&self, args: &[&str]) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(weftctl()?);
+        cmd.arg("local")
+            .args(args)
+            .args(["--name", &self.name, "--state-dir"])
+            .arg(&self.state_dir);
+        Ok(cmd)
+    }
+
     /// `curl` from a pod; returns (exit code, body).
     pub fn curl(&self, pod: &str, url: &str) -> anyhow::Result<(i32, String)> {
         let out = self.exec(pod, &["curl", "-sS", "--max-time", "5", url])?;

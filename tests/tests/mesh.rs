@@ -74,17 +74,7 @@ fn byte_counters_move_while_a_connection_is_open() {
     let b_ip = sb.ip(B).unwrap();
     // One connection from A to B's TCP echo: 300,000 bytes out, then held open.
     let script = format!("exec 3<>/dev/tcp/{b_ip}/9000; head -c 300000 /dev/zero >&3; sleep 30");
-    let mut conn = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &sb.netns(A).unwrap(),
-            "bash",
-            "-c",
-            &script,
-        ])
-        .spawn()
-        .unwrap();
+    let mut conn = sb.spawn(A, &["bash", "-c", &script]).unwrap();
     let counted = |node: &str, direction: &str, metric: &str| {
         let m = sb.metrics(node).ok()?;
         let labels = [("direction", direction), ("destination_workload", "echo")];
@@ -500,29 +490,15 @@ fn node_proxy_upgrade_refuses_no_connection() {
     // the sandbox), so old and new overlap for that long.
     let b_ip = sb.ip(B).unwrap();
     let script = format!("exec 3<>/dev/tcp/{b_ip}/9000; sleep 60");
-    let mut held = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &sb.netns(A).unwrap(),
-            "bash",
-            "-c",
-            &script,
-        ])
-        .spawn()
-        .unwrap();
+    let mut held = sb.spawn(A, &["bash", "-c", &script]).unwrap();
     // Requests from A (node-1) to B's service (node-2), one connection each, while both
     // node-proxies are replaced: the outbound, inbound and HBONE sides all change hands.
     let upgrade = {
-        let (weftctl, name, dir) = (weftctl().unwrap(), sb.name.clone(), sb.state_dir.clone());
+        let mut command = sb.local(&["upgrade"]).unwrap();
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_secs(2));
             let started = Instant::now();
-            let out = Command::new(weftctl)
-                .args(["local", "upgrade", "--name", &name, "--state-dir"])
-                .arg(dir)
-                .output()
-                .unwrap();
+            let out = command.output().unwrap();
             (started, Instant::now(), out)
         })
     };
@@ -615,11 +591,7 @@ fn node_proxy_upgrade_refuses_no_connection() {
         sb.node_pid("node-2").unwrap(),
     ];
     std::fs::write(sb.state_dir.join("model.json"), "{ not json").unwrap();
-    let out = Command::new(weftctl().unwrap())
-        .args(["local", "upgrade", "--name", &sb.name, "--state-dir"])
-        .arg(&sb.state_dir)
-        .output()
-        .unwrap();
+    let out = sb.local(&["upgrade"]).unwrap().output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the upgrade reports failure");
     assert!(
