@@ -11,7 +11,7 @@ use std::sync::Arc;
 use api::Workload;
 use tokio::net::TcpStream;
 use tracing::{debug, info};
-use tunnel::hbone::ConnectRequest;
+use tunnel::hbone::{ConnectRequest, Progress};
 
 use crate::metrics::ConnLabels;
 use crate::netns::original_dst;
@@ -86,8 +86,9 @@ pub fn route(ctx: &Ctx, dst: SocketAddr) -> Route {
 
 /// What a captured connection was connected to.
 enum Upstream {
-    /// An HBONE stream.
-    Tunnel(tunnel::hbone::H2Stream),
+    /// An HBONE stream, and how many bytes of the application's went on it before the
+    /// CONNECT was answered.
+    Tunnel(tunnel::hbone::H2Stream, u64),
     /// A plain TCP connection.
     Plain(TcpStream),
 }
@@ -105,10 +106,10 @@ pub async fn serve(ctx: Arc<Ctx>, pod: Arc<Pod>, app: TcpStream) {
     };
     let guard = ctx.metrics.open(labels);
     let copied = match upstream {
-        Upstream::Tunnel(stream) => {
-            stream
-                .copy_bidirectional_counted(app, &guard.tunnel(true))
-                .await
+        Upstream::Tunnel(stream, early) => {
+            let progress = guard.tunnel(true);
+            progress.tcp_to_stream(early);
+            stream.copy_bidirectional_counted(app, &progress).await
         }
         Upstream::Plain(upstream) => {
             crate::relay::relay(app, upstream, guard.sent(), guard.received()).await
@@ -166,8 +167,8 @@ async fn connect(ctx: &Ctx, pod: &Pod, app: &TcpStream) -> Option<(Upstream, Con
                 forwarded_for: app.peer_addr().ok(),
                 traceparent: None,
             };
-            match ctx.pool.connect(&request).await {
-                Ok(s) => Some((Upstream::Tunnel(s), labels)),
+            match ctx.pool.connect_sending(&request, app).await {
+                Ok((s, early)) => Some((Upstream::Tunnel(s, early), labels)),
                 Err(e) => {
                     info!(%dst, %target, "outbound connection failed: {e}");
                     None

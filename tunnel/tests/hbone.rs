@@ -908,3 +908,176 @@ async fn drain_lets_open_streams_finish_then_forces_close() {
         "stream was closed: {end:?}"
     );
 }
+
+/// A bare HBONE server for early-data tests: on each connection it accepts one CONNECT
+/// and reads `before` bytes of its body *before* answering. On the first connection it
+/// hangs up instead of answering when `hang_up_first`; otherwise it answers 200 and
+/// echoes what it read and everything after, until the client ends the stream. Yields
+/// what each connection read before answering.
+async fn reading_server(
+    tls: Arc<TlsIdentity>,
+    before: usize,
+    hang_up_first: bool,
+) -> (SocketAddr, tokio::task::JoinHandle<Vec<Vec<u8>>>) {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        for n in 0..1 + usize::from(hang_up_first) {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let tls = tokio_rustls::TlsAcceptor::from(tls.server_config())
+                .accept(tcp)
+                .await
+                .unwrap();
+            let mut conn = h2::server::handshake(tls).await.unwrap();
+            let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+            // Keep the connection's frames moving while this stream is read.
+            let driver = tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            let mut body = req.into_body();
+            let mut read = Vec::new();
+            while read.len() < before {
+                let data = body.data().await.expect("body ended early").unwrap();
+                let _ = body.flow_control().release_capacity(data.len());
+                read.extend_from_slice(&data);
+            }
+            seen.push(read.clone());
+            if hang_up_first && n == 0 {
+                driver.abort();
+                continue;
+            }
+            let mut send = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            send.send_data(Bytes::from(read), false).unwrap();
+            while let Some(data) = body.data().await {
+                let data = data.unwrap();
+                let _ = body.flow_control().release_capacity(data.len());
+                send.send_data(data, false).unwrap();
+            }
+            // The detached driver flushes the end and lives as long as the client
+            // keeps the connection.
+            send.send_data(Bytes::new(), true).unwrap();
+        }
+        seen
+    });
+    (addr, task)
+}
+
+/// A connected pair on loopback: (the application's end, the proxy's end).
+async fn app_pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let app = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (proxy, _) = listener.accept().await.unwrap();
+    (app, proxy)
+}
+
+#[tokio::test]
+async fn bytes_sent_before_the_answer_are_forwarded_at_once() {
+    let mesh = TestMesh::new();
+    let server_tls = mesh.workload("shop", "cart");
+    let client = mesh.workload("web", "frontend");
+    // The server answers only once it has the request's first bytes: without early
+    // data both sides would wait for each other.
+    let (addr, server) = reading_server(server_tls.clone(), 5, false).await;
+    let (mut app, proxy) = app_pair().await;
+    app.write_all(b"hello").await.unwrap();
+    let req = request(&client, server_tls.identity(), addr, addr);
+    let pool = pool();
+    let (stream, early) =
+        tokio::time::timeout(Duration::from_secs(10), pool.connect_sending(&req, &proxy))
+            .await
+            .expect("the CONNECT was answered")
+            .unwrap();
+    assert_eq!(early, 5, "bytes forwarded before the answer");
+    let relay = tokio::spawn(stream.copy_bidirectional(proxy));
+    app.write_all(b" world").await.unwrap();
+    app.shutdown().await.unwrap();
+    let mut echoed = Vec::new();
+    app.read_to_end(&mut echoed).await.unwrap();
+    assert_eq!(echoed, b"hello world", "each byte once, in order");
+    assert_eq!(relay.await.unwrap().unwrap(), (6, 11));
+    assert_eq!(server.await.unwrap(), vec![b"hello".to_vec()]);
+}
+
+#[tokio::test]
+async fn early_data_is_bounded_and_the_rest_follows_in_order() {
+    let mesh = TestMesh::new();
+    let server_tls = mesh.workload("shop", "cart");
+    let client = mesh.workload("web", "frontend");
+    let (addr, server) = reading_server(server_tls.clone(), 1, false).await;
+    let (app, proxy) = app_pair().await;
+    let (mut app_rd, mut app_wr) = app.into_split();
+    // Far more than the bound, written before and while the CONNECT is in flight.
+    const LEN: u64 = 1024 * 1024;
+    let writer = tokio::spawn(async move {
+        let mut buf = vec![0u8; LEN as usize];
+        fill_pattern(11, 0, &mut buf);
+        app_wr.write_all(&buf).await.unwrap();
+        app_wr.shutdown().await.unwrap();
+    });
+    // Let the application's bytes pile up in the socket first.
+    wait_for(|| {
+        let mut b = [0u8; 1];
+        std::net::TcpStream::from(proxy_peek_dup(&proxy))
+            .peek(&mut b)
+            .is_ok_and(|n| n == 1)
+    })
+    .await;
+    let req = request(&client, server_tls.identity(), addr, addr);
+    let pool = pool();
+    let (stream, early) = pool.connect_sending(&req, &proxy).await.unwrap();
+    assert!(
+        early as usize <= weft_tunnel::hbone::EARLY_DATA_MAX,
+        "{early} bytes forwarded before the answer"
+    );
+    assert!(early >= 1);
+    let relay = tokio::spawn(stream.copy_bidirectional(proxy));
+    let mut echoed = Vec::new();
+    app_rd.read_to_end(&mut echoed).await.unwrap();
+    let mut want = vec![0u8; LEN as usize];
+    fill_pattern(11, 0, &mut want);
+    assert_eq!(echoed.len(), want.len());
+    assert!(echoed == want, "the echo differs from what was sent");
+    writer.await.unwrap();
+    let (up, down) = relay.await.unwrap().unwrap();
+    assert_eq!((up + early, down), (LEN, LEN));
+    server.await.unwrap();
+}
+
+/// A blocking handle on the same socket, only for peeking.
+fn proxy_peek_dup(s: &TcpStream) -> std::os::fd::OwnedFd {
+    use std::os::fd::AsFd;
+    s.as_fd().try_clone_to_owned().unwrap()
+}
+
+#[tokio::test]
+async fn early_data_goes_again_when_the_stream_is_retried() {
+    let mesh = TestMesh::new();
+    let server_tls = mesh.workload("shop", "cart");
+    let client = mesh.workload("web", "frontend");
+    // The first connection takes the CONNECT and its bytes, then hangs up unanswered;
+    // the pool opens the stream again on a new connection, which needs the same bytes.
+    let (addr, server) = reading_server(server_tls.clone(), 5, true).await;
+    let (mut app, proxy) = app_pair().await;
+    app.write_all(b"hello").await.unwrap();
+    let req = request(&client, server_tls.identity(), addr, addr);
+    let pool = pool();
+    let (stream, early) =
+        tokio::time::timeout(Duration::from_secs(10), pool.connect_sending(&req, &proxy))
+            .await
+            .expect("the CONNECT was answered")
+            .unwrap();
+    assert_eq!(early, 5);
+    let relay = tokio::spawn(stream.copy_bidirectional(proxy));
+    app.shutdown().await.unwrap();
+    let mut echoed = Vec::new();
+    app.read_to_end(&mut echoed).await.unwrap();
+    assert_eq!(echoed, b"hello");
+    relay.await.unwrap().unwrap();
+    assert_eq!(
+        server.await.unwrap(),
+        vec![b"hello".to_vec(), b"hello".to_vec()]
+    );
+}

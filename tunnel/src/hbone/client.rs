@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use tokio::net::TcpSocket;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 
 use super::readahead::ReadAhead;
@@ -38,7 +38,7 @@ pub struct PoolConfig {
 impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
-            max_streams_per_connection: 1000,
+            max_streams_per_connection: MAX_STREAMS_PER_CONNECTION,
             connect_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
@@ -172,6 +172,92 @@ impl ConnectError {
     }
 }
 
+/// Most bytes forwarded before the CONNECT is answered: enough for a request's headers
+/// and a small body; a larger upload waits for the answer.
+///
+/// The server holds early data unread until it has dialled the target, and meanwhile
+/// it counts against the shared connection window. Bounded like this, even a full
+/// connection of streams all waiting on slow targets cannot use up that window and
+/// stall the connection's other streams.
+pub const EARLY_DATA_MAX: usize = 16 * 1024;
+
+const _: () = assert!(
+    EARLY_DATA_MAX * MAX_STREAMS_PER_CONNECTION <= super::CONNECTION_WINDOW as usize,
+    "early data of every stream must fit in the connection window"
+);
+
+/// The default for [`PoolConfig::max_streams_per_connection`].
+const MAX_STREAMS_PER_CONNECTION: usize = 1000;
+
+/// Bytes the application sent before the CONNECT was answered. Kept until the answer,
+/// so that a retry on a fresh connection sends them again.
+struct EarlyData<'a> {
+    source: Option<&'a TcpStream>,
+    sent: Vec<Bytes>,
+    len: usize,
+    /// Whether the socket was read without waiting for readiness yet.
+    asked: bool,
+}
+
+/// One early read's size.
+const EARLY_READ: usize = 16 * 1024;
+
+impl EarlyData<'_> {
+    fn none() -> Self {
+        EarlyData {
+            source: None,
+            sent: Vec::new(),
+            len: 0,
+            asked: false,
+        }
+    }
+
+    /// Reads what the application has sent, up to the limit. `None` once there is
+    /// nothing more to forward early: the limit is reached, or the socket is at EOF or
+    /// failed (the relay reads that again and handles it).
+    async fn next(&mut self) -> Option<Bytes> {
+        let source = self.source?;
+        loop {
+            let room = EARLY_DATA_MAX - self.len;
+            if room == 0 {
+                self.source = None;
+                return None;
+            }
+            let read = if !self.asked {
+                // The first read goes to the socket directly: a just-accepted socket's
+                // readiness is unknown to Tokio until its next poll of epoll, and by
+                // then the CONNECT would have been written alone.
+                self.asked = true;
+                let mut buf = bytes::BytesMut::zeroed(room.min(EARLY_READ));
+                std::io::Read::read(&mut &*socket2::SockRef::from(source), &mut buf).map(|n| {
+                    buf.truncate(n);
+                    buf
+                })
+            } else {
+                if source.readable().await.is_err() {
+                    self.source = None;
+                    return None;
+                }
+                let mut buf = bytes::BytesMut::with_capacity(room.min(EARLY_READ));
+                source.try_read_buf(&mut buf).map(|_| buf)
+            };
+            match read {
+                Ok(buf) if !buf.is_empty() => {
+                    let chunk = buf.freeze();
+                    self.len += chunk.len();
+                    self.sent.push(chunk.clone());
+                    return Some(chunk);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                _ => {
+                    self.source = None;
+                    return None;
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PoolKey {
     src: Identity,
@@ -263,6 +349,36 @@ impl Pool {
     /// Opens a stream to `req.target` through `req.dst_addr`, reusing a pooled
     /// connection when one has room.
     pub async fn connect(&self, req: &ConnectRequest) -> Result<H2Stream, ConnectError> {
+        let mut early = EarlyData::none();
+        self.open(req, &mut early).await
+    }
+
+    /// Like [`connect`](Self::connect), for a stream that will carry `app`'s bytes: while
+    /// the CONNECT waits for its answer, whatever `app` has sent (up to
+    /// [`EARLY_DATA_MAX`] bytes) is forwarded on the stream at once instead of after the
+    /// answer, which takes one round trip between the proxies off a client-speaks-first
+    /// connection. Returns the stream and how many bytes were forwarded early; on an
+    /// error those bytes are gone with the refused stream, as the connection is.
+    pub async fn connect_sending(
+        &self,
+        req: &ConnectRequest,
+        app: &TcpStream,
+    ) -> Result<(H2Stream, u64), ConnectError> {
+        let mut early = EarlyData {
+            source: Some(app),
+            sent: Vec::new(),
+            len: 0,
+            asked: false,
+        };
+        let stream = self.open(req, &mut early).await?;
+        Ok((stream, early.len as u64))
+    }
+
+    async fn open(
+        &self,
+        req: &ConnectRequest,
+        early: &mut EarlyData<'_>,
+    ) -> Result<H2Stream, ConnectError> {
         let key = PoolKey {
             src: req.src.identity(),
             src_addr: req.src_addr,
@@ -274,7 +390,7 @@ impl Pool {
         let mut retried = false;
         loop {
             let conn = self.inner.checkout(&key, req).await?;
-            match self.inner.open_stream(&conn, req).await {
+            match self.inner.open_stream(&conn, req, early).await {
                 Err(ConnectError::H2 { source, .. })
                     if !retried && (source.is_go_away() || source.is_io()) =>
                 {
@@ -493,11 +609,13 @@ impl Inner {
         Ok(pooled)
     }
 
-    /// Sends the CONNECT on a reserved slot of `conn` and waits for the answer.
+    /// Sends the CONNECT on a reserved slot of `conn` and waits for the answer,
+    /// forwarding `early` data meanwhile.
     async fn open_stream(
         &self,
         conn: &Conn,
         req: &ConnectRequest,
+        early: &mut EarlyData<'_>,
     ) -> Result<H2Stream, ConnectError> {
         let addr = req.dst_addr;
         let release = {
@@ -524,15 +642,32 @@ impl Inner {
             send.send_request(request, false)
         }
         .await;
-        let (response, send_stream) = match sent {
+        let (response, mut send_stream) = match sent {
             Ok(x) => x,
             Err(e) => {
                 release();
                 return Err(h2_err(e));
             }
         };
+        // h2 buffers DATA beyond the peer's window, and early data is bounded, so
+        // these sends never wait. On a retry, what the first stream took goes again.
+        let mut sending = Ok(());
+        for chunk in &early.sent {
+            sending = sending.and(send_stream.send_data(chunk.clone(), false));
+        }
         let timeout = self.config.response_timeout;
-        let response = match tokio::time::timeout(timeout, response).await {
+        let answer = async {
+            sending?;
+            let mut response = std::pin::pin!(response);
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut response => return r,
+                    Some(chunk) = early.next() => send_stream.send_data(chunk, false)?,
+                }
+            }
+        };
+        let response = match tokio::time::timeout(timeout, answer).await {
             Err(_) => {
                 release();
                 return Err(ConnectError::Timeout {

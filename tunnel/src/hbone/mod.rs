@@ -17,7 +17,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderMap, Method, StatusCode, Uri};
 
-pub use client::{BoxFuture, ConnectError, ConnectRequest, Pool, PoolConfig, SocketFactory};
+pub use client::{
+    BoxFuture, ConnectError, ConnectRequest, Pool, PoolConfig, SocketFactory, EARLY_DATA_MAX,
+};
 pub use server::{Forward, Handler, InboundRequest, Server, ServerConfig};
 pub use stream::{H2Stream, Progress};
 
