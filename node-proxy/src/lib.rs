@@ -254,10 +254,10 @@ async fn start_serving(
             .with_context(|| format!("cannot listen on admin address {}", config.admin))?,
     };
     for p in handed.pods {
-        let name = p.pod.to_string();
+        // The error names the pod already.
         pods.adopt(p.pod, p.netns, p.listeners).await.map_err(|e| {
             anyhow::anyhow!(
-                "pod {name} handed over by the running node-proxy: {e}; it keeps serving"
+                "cannot serve a pod the running node-proxy handed over: {e}; it keeps serving"
             )
         })?;
     }

@@ -261,6 +261,35 @@ fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(s.into())
 }
 
+/// Inodes of the TCP sockets listening in the calling thread's network namespace (from
+/// `/proc/thread-self/net/tcp` and `tcp6`), read line by line. Run it on a namespace's
+/// own thread ([`Netns::run`]) to list that namespace's.
+pub fn listening_inodes() -> io::Result<std::collections::HashSet<u64>> {
+    use std::io::BufRead;
+    const LISTEN: &str = "0A";
+    let mut inodes = std::collections::HashSet::new();
+    for table in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
+        let file = match std::fs::File::open(table) {
+            Ok(f) => f,
+            // No IPv6 in this kernel: nothing listens there.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for line in std::io::BufReader::new(file).lines().skip(1) {
+            let line = line?;
+            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
+            let mut fields = line.split_whitespace();
+            if fields.nth(3) != Some(LISTEN) {
+                continue;
+            }
+            if let Some(inode) = fields.nth(5).and_then(|f| f.parse().ok()) {
+                inodes.insert(inode);
+            }
+        }
+    }
+    Ok(inodes)
+}
+
 /// The destination a redirected connection was originally sent to (SO_ORIGINAL_DST).
 pub fn original_dst(stream: &tokio::net::TcpStream) -> io::Result<SocketAddr> {
     let sock = socket2::SockRef::from(stream);

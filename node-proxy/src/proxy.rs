@@ -387,11 +387,15 @@ impl Pods {
         };
         let outbound_addr = SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT));
         let (outbound_l, plaintext_l, hbone_l) = match handed {
-            Some([outbound, plaintext, hbone]) => (
-                adopt_listener(outbound, outbound_addr)?,
-                adopt_listener(plaintext, (ip, INBOUND_PLAINTEXT_PORT).into())?,
-                adopt_listener(hbone, (ip, tunnel::hbone::PORT).into())?,
-            ),
+            Some([outbound, plaintext, hbone]) => {
+                let adopted = (
+                    adopt_listener(outbound, outbound_addr)?,
+                    adopt_listener(plaintext, (ip, INBOUND_PLAINTEXT_PORT).into())?,
+                    adopt_listener(hbone, (ip, tunnel::hbone::PORT).into())?,
+                );
+                in_namespace(&netns, [&adopted.0, &adopted.1, &adopted.2]).await?;
+                adopted
+            }
             // Open every listener before serving any, so a failure leaves nothing behind.
             None => (
                 netns
@@ -582,6 +586,30 @@ fn adopt_listener(fd: OwnedFd, addr: SocketAddr) -> Result<TcpListener, String> 
         .set_nonblocking(true)
         .and_then(|()| TcpListener::from_std(socket.into()))
         .map_err(|e| format!("cannot serve the listener handed over for {addr}: {e}"))
+}
+
+/// Checks that listeners handed over for a pod are in that pod's network namespace.
+/// The address alone does not tell: 127.0.0.1:15001 is the same in every pod, and
+/// serving another pod's under this pod's identity would give that pod's connections
+/// this one's.
+async fn in_namespace(netns: &Netns, listeners: [&TcpListener; 3]) -> Result<(), String> {
+    let here = netns
+        .run(crate::netns::listening_inodes)
+        .await
+        .and_then(|r| r)
+        .map_err(|e| format!("cannot list the listening sockets in its network namespace: {e}"))?;
+    for listener in listeners {
+        let inode = nix::sys::stat::fstat(listener)
+            .map_err(|e| format!("cannot inspect a listener handed over: {e}"))?
+            .st_ino;
+        if !here.contains(&inode) {
+            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            return Err(format!(
+                "the listener handed over for {addr} is not in its network namespace (it belongs to another pod or namespace)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Serves the handoff socket: each sender connection's requests in order. A `takeover`

@@ -98,6 +98,15 @@ fn open_fds() -> usize {
         .count()
 }
 
+/// A fresh CA and an empty model in `dir`, for a node-proxy to start on.
+fn files(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let ca = CertificateAuthority::self_signed("cluster.local").unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();
+    std::fs::write(dir.join("ca-key.pem"), ca.key_pem()).unwrap();
+    std::fs::write(dir.join("model.json"), r#"{"version": 1}"#).unwrap();
+}
+
 /// Starts node-proxy in this process with a fresh CA and an empty model.
 fn start(
     dir: &Path,
@@ -106,11 +115,7 @@ fn start(
     tokio::task::JoinHandle<anyhow::Result<()>>,
     PathBuf,
 ) {
-    std::fs::create_dir_all(dir).unwrap();
-    let ca = CertificateAuthority::self_signed("cluster.local").unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();
-    std::fs::write(dir.join("ca-key.pem"), ca.key_pem()).unwrap();
-    std::fs::write(dir.join("model.json"), r#"{"version": 1}"#).unwrap();
+    files(dir);
     let (shutdown, task) = run_in(dir);
     (shutdown, task, dir.join("handoff.sock"))
 }
@@ -431,5 +436,134 @@ async fn a_new_node_proxy_takes_over_the_listeners() {
     assert_eq!(sockets(&ns), before, "a replay opens no new listeners");
     shutdown_b.cancel();
     task_b.await.unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Plays a running node-proxy on `path` for one takeover: answers `hello`, then
+/// `takeover` with the admin listener and one pod part carrying `fds` (namespace and
+/// three listeners), and returns the types of the messages that follow until the
+/// taker hangs up.
+fn fake_old_node_proxy(
+    path: &Path,
+    pod: PodInfo,
+    fds: [std::os::fd::RawFd; 4],
+) -> std::thread::JoinHandle<Vec<String>> {
+    use nix::sys::socket::{recv, sendmsg, ControlMessage, MsgFlags};
+    use socket2::{Domain, SockAddr, Socket, Type};
+    use std::os::fd::AsRawFd;
+    let _ = std::fs::remove_file(path);
+    let listener = Socket::new(Domain::UNIX, Type::SEQPACKET, None).unwrap();
+    listener.bind(&SockAddr::unix(path).unwrap()).unwrap();
+    listener.listen(1).unwrap();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        let fd = conn.as_raw_fd();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut next = || -> Option<serde_json::Value> {
+            let n = recv(fd, &mut buf, MsgFlags::empty()).unwrap();
+            (n > 0).then(|| serde_json::from_slice(&buf[..n]).unwrap())
+        };
+        let send = |message: serde_json::Value, fds: &[std::os::fd::RawFd]| {
+            let bytes = serde_json::to_vec(&message).unwrap();
+            let rights = [ControlMessage::ScmRights(fds)];
+            let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+            sendmsg::<()>(
+                fd,
+                &[std::io::IoSlice::new(&bytes)],
+                cmsgs,
+                MsgFlags::empty(),
+                None,
+            )
+            .unwrap();
+        };
+        assert_eq!(next().unwrap()["type"], "hello");
+        send(serde_json::json!({"ok": true, "version": 1}), &[]);
+        assert_eq!(next().unwrap()["type"], "takeover");
+        send(serde_json::json!({"type": "admin"}), &[admin.as_raw_fd()]);
+        send(serde_json::json!({"type": "pod", "pod": pod}), &fds);
+        send(serde_json::json!({"ok": true}), &[]);
+        let mut seen = Vec::new();
+        while let Some(message) = next() {
+            seen.push(message["type"].as_str().unwrap_or_default().to_owned());
+            send(serde_json::json!({"ok": true}), &[]);
+        }
+        seen
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_of_another_pod_is_not_taken_over() {
+    use std::os::fd::AsRawFd;
+    if !is_root() {
+        eprintln!("skipped: needs root (network namespaces)");
+        return;
+    }
+    let id = std::process::id();
+    let dir = std::env::temp_dir().join(format!("weft-np-mixed-{id}"));
+    files(&dir);
+    let a = TestNetns::new(&format!("np{id}-mixa"), Some("10.250.3.2"));
+    let b = TestNetns::new(&format!("np{id}-mixb"), Some("10.250.3.3"));
+    let (in_a, in_b) = (
+        Netns::enter(a.file().into(), "shop/a").unwrap(),
+        Netns::enter(b.file().into(), "shop/b").unwrap(),
+    );
+    async fn listen(ns: &Netns, addr: &str) -> std::net::TcpListener {
+        let listener = ns.listen(addr.parse().unwrap()).await.unwrap();
+        listener.into_std().unwrap()
+    }
+    let a_outbound = listen(&in_a, "127.0.0.1:15001").await;
+    let b_outbound = listen(&in_b, "127.0.0.1:15001").await;
+    let a_plaintext = listen(&in_a, "10.250.3.2:15006").await;
+    let a_hbone = listen(&in_a, "10.250.3.2:15008").await;
+    let a_file = a.file();
+    let path = dir.join("handoff.sock");
+
+    // Pod a handed over with b's 127.0.0.1:15001: same address, other pod. Serving it
+    // would give b's applications a's identity; the taker must give up instead.
+    let fake = fake_old_node_proxy(
+        &path,
+        pod("a", "10.250.3.2"),
+        [
+            a_file.as_raw_fd(),
+            b_outbound.as_raw_fd(),
+            a_plaintext.as_raw_fd(),
+            a_hbone.as_raw_fd(),
+        ],
+    );
+    let (_shutdown, task) = run_in(&dir);
+    let ended = tokio::time::timeout(Duration::from_secs(30), task).await;
+    let err = match ended {
+        Ok(Ok(Err(e))) => format!("{e:#}"),
+        other => panic!("the takeover must fail: {other:?}"),
+    };
+    assert!(
+        err.contains("127.0.0.1:15001 is not in its network namespace") && err.contains("shop/a"),
+        "{err}"
+    );
+    let seen = tokio::task::spawn_blocking(move || fake.join().unwrap())
+        .await
+        .unwrap();
+    assert!(!seen.contains(&"takeover_done".to_owned()), "{seen:?}");
+
+    // The same with a's own listener is taken over and confirmed.
+    let fake = fake_old_node_proxy(
+        &path,
+        pod("a", "10.250.3.2"),
+        [
+            a_file.as_raw_fd(),
+            a_outbound.as_raw_fd(),
+            a_plaintext.as_raw_fd(),
+            a_hbone.as_raw_fd(),
+        ],
+    );
+    let (shutdown, task) = run_in(&dir);
+    let seen = tokio::task::spawn_blocking(move || fake.join().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(seen, ["takeover_done"]);
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    drop((in_a, in_b));
     let _ = std::fs::remove_dir_all(&dir);
 }
