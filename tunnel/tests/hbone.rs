@@ -973,25 +973,35 @@ async fn app_pair() -> (TcpStream, TcpStream) {
     (app, proxy)
 }
 
-#[tokio::test]
-async fn bytes_sent_before_the_answer_are_forwarded_at_once() {
+type Relay = tokio::task::JoinHandle<std::io::Result<(u64, u64)>>;
+type Seen = tokio::task::JoinHandle<Vec<Vec<u8>>>;
+
+/// The application writes "hello", then a stream is opened for it to a
+/// [`reading_server`] that answers only once it has those 5 bytes: without early data
+/// both sides would wait for each other. Returns the application's end, the relay
+/// between it and the stream, and the server.
+async fn hello_before_the_answer(hang_up_first: bool) -> (TcpStream, Relay, Seen) {
     let mesh = TestMesh::new();
     let server_tls = mesh.workload("shop", "cart");
     let client = mesh.workload("web", "frontend");
-    // The server answers only once it has the request's first bytes: without early
-    // data both sides would wait for each other.
-    let (addr, server) = reading_server(server_tls.clone(), 5, false).await;
+    let (addr, server) = reading_server(server_tls.clone(), 5, hang_up_first).await;
     let (mut app, proxy) = app_pair().await;
     app.write_all(b"hello").await.unwrap();
     let req = request(&client, server_tls.identity(), addr, addr);
-    let pool = pool();
-    let (stream, early) =
-        tokio::time::timeout(Duration::from_secs(10), pool.connect_sending(&req, &proxy))
-            .await
-            .expect("the CONNECT was answered")
-            .unwrap();
+    let (stream, early) = tokio::time::timeout(
+        Duration::from_secs(10),
+        pool().connect_sending(&req, &proxy),
+    )
+    .await
+    .expect("the CONNECT was answered")
+    .unwrap();
     assert_eq!(early, 5, "bytes forwarded before the answer");
-    let relay = tokio::spawn(stream.copy_bidirectional(proxy));
+    (app, tokio::spawn(stream.copy_bidirectional(proxy)), server)
+}
+
+#[tokio::test]
+async fn bytes_sent_before_the_answer_are_forwarded_at_once() {
+    let (mut app, relay, server) = hello_before_the_answer(false).await;
     app.write_all(b" world").await.unwrap();
     app.shutdown().await.unwrap();
     let mut echoed = Vec::new();
@@ -1054,23 +1064,9 @@ fn proxy_peek_dup(s: &TcpStream) -> std::os::fd::OwnedFd {
 
 #[tokio::test]
 async fn early_data_goes_again_when_the_stream_is_retried() {
-    let mesh = TestMesh::new();
-    let server_tls = mesh.workload("shop", "cart");
-    let client = mesh.workload("web", "frontend");
     // The first connection takes the CONNECT and its bytes, then hangs up unanswered;
     // the pool opens the stream again on a new connection, which needs the same bytes.
-    let (addr, server) = reading_server(server_tls.clone(), 5, true).await;
-    let (mut app, proxy) = app_pair().await;
-    app.write_all(b"hello").await.unwrap();
-    let req = request(&client, server_tls.identity(), addr, addr);
-    let pool = pool();
-    let (stream, early) =
-        tokio::time::timeout(Duration::from_secs(10), pool.connect_sending(&req, &proxy))
-            .await
-            .expect("the CONNECT was answered")
-            .unwrap();
-    assert_eq!(early, 5);
-    let relay = tokio::spawn(stream.copy_bidirectional(proxy));
+    let (mut app, relay, server) = hello_before_the_answer(true).await;
     app.shutdown().await.unwrap();
     let mut echoed = Vec::new();
     app.read_to_end(&mut echoed).await.unwrap();

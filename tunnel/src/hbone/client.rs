@@ -194,7 +194,6 @@ const MAX_STREAMS_PER_CONNECTION: usize = 1000;
 struct EarlyData<'a> {
     source: Option<&'a TcpStream>,
     sent: Vec<Bytes>,
-    len: usize,
     /// Whether the socket was read without waiting for readiness yet.
     asked: bool,
 }
@@ -202,14 +201,18 @@ struct EarlyData<'a> {
 /// One early read's size.
 const EARLY_READ: usize = 16 * 1024;
 
-impl EarlyData<'_> {
-    fn none() -> Self {
+impl<'a> EarlyData<'a> {
+    fn from(source: Option<&'a TcpStream>) -> Self {
         EarlyData {
-            source: None,
+            source,
             sent: Vec::new(),
-            len: 0,
             asked: false,
         }
+    }
+
+    /// Bytes read so far.
+    fn len(&self) -> usize {
+        self.sent.iter().map(Bytes::len).sum()
     }
 
     /// Reads what the application has sent, up to the limit. `None` once there is
@@ -218,7 +221,7 @@ impl EarlyData<'_> {
     async fn next(&mut self) -> Option<Bytes> {
         let source = self.source?;
         loop {
-            let room = EARLY_DATA_MAX - self.len;
+            let room = EARLY_DATA_MAX - self.len();
             if room == 0 {
                 self.source = None;
                 return None;
@@ -244,7 +247,6 @@ impl EarlyData<'_> {
             match read {
                 Ok(buf) if !buf.is_empty() => {
                     let chunk = buf.freeze();
-                    self.len += chunk.len();
                     self.sent.push(chunk.clone());
                     return Some(chunk);
                 }
@@ -349,8 +351,7 @@ impl Pool {
     /// Opens a stream to `req.target` through `req.dst_addr`, reusing a pooled
     /// connection when one has room.
     pub async fn connect(&self, req: &ConnectRequest) -> Result<H2Stream, ConnectError> {
-        let mut early = EarlyData::none();
-        self.open(req, &mut early).await
+        self.open(req, &mut EarlyData::from(None)).await
     }
 
     /// Like [`connect`](Self::connect), for a stream that will carry `app`'s bytes: while
@@ -364,14 +365,9 @@ impl Pool {
         req: &ConnectRequest,
         app: &TcpStream,
     ) -> Result<(H2Stream, u64), ConnectError> {
-        let mut early = EarlyData {
-            source: Some(app),
-            sent: Vec::new(),
-            len: 0,
-            asked: false,
-        };
+        let mut early = EarlyData::from(Some(app));
         let stream = self.open(req, &mut early).await?;
-        Ok((stream, early.len as u64))
+        Ok((stream, early.len() as u64))
     }
 
     async fn open(
@@ -651,10 +647,10 @@ impl Inner {
         };
         // h2 buffers DATA beyond the peer's window, and early data is bounded, so
         // these sends never wait. On a retry, what the first stream took goes again.
-        let mut sending = Ok(());
-        for chunk in &early.sent {
-            sending = sending.and(send_stream.send_data(chunk.clone(), false));
-        }
+        let sending = early
+            .sent
+            .iter()
+            .try_for_each(|chunk| send_stream.send_data(chunk.clone(), false));
         let timeout = self.config.response_timeout;
         let answer = async {
             sending?;
