@@ -1,21 +1,45 @@
-//! The mesh model the controller computes and every proxy consumes.
+//! The mesh model the controller computes and every proxy consumes, and the gRPC
+//! contract that carries it.
 //!
 //! ```text
-//!  controller: cluster objects or manifests --translate--> Snapshot (one version)
-//!      |                                                        |
-//!      | stream over gRPC                          Model::new validates and indexes
-//!      v                                                        v
-//!  node-proxy / waypoint: Arc<Model> --> workload_by_ip, service_by_vip, endpoints
+//!  controller: cluster objects --translate--> Resources (keyed, typed)
+//!      |  encode + hash (resource::to_proto)          Subscribe (proto::mesh_config_*)
+//!      v                                                   |
+//!  Update { upserts, removals, version } ==== gRPC ====> Model::apply -> new Model
+//!                                                          |  (persistent maps: the old
+//!  node-proxy / waypoint hot path: Arc<Model> lookups  <---+   model stays valid)
 //! ```
 //!
-//! - [`model`]: the serde types of one [`Snapshot`] and the validated, indexed [`Model`].
-//!
-//! Later this crate also carries the protobuf messages and the gRPC service that stream
-//! snapshots and their deltas from the controller to the proxies.
+//! - [`proto`]: the generated protobuf messages and tonic services (`mesh.proto`).
+//! - [`resource`]: typed resources, [`Key`]s, and their conversion from and to protobuf;
+//!   conversion from protobuf validates, so a proxy refuses a bad resource by name.
+//! - [`model`]: the indexed store proxies query, updated by keyed upserts and removals.
+//! - [`authz`]: the L4 authorization decision, a pure function of policies and a
+//!   connection.
+//! - [`digest`]: content hashes and bucket digests that let a proxy resume without a
+//!   full resend.
 
+pub mod authz;
+pub mod digest;
 pub mod model;
+pub mod resource;
 
-pub use model::{
-    Model, ModelError, MtlsMode, Namespace, ObjectKind, ObjectRef, Service, ServicePort, Snapshot,
-    Workload,
+/// The demo application's gRPC service (`proto/weft/echo/v1/echo.proto`), served by
+/// `weftctl echo --grpc-port` and called by `weftctl debug grpc`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod echo_proto {
+    include!(concat!(env!("OUT_DIR"), "/weft.echo.v1.rs"));
+}
+
+/// The protobuf messages and services, generated from `proto/weft/mesh/v1alpha1/mesh.proto`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod proto {
+    include!(concat!(env!("OUT_DIR"), "/weft.mesh.v1alpha1.rs"));
+}
+
+pub use model::{Applied, Model, Target};
+pub use resource::{
+    Action, AppProtocol, AuthorizationPolicy, Endpoint, Key, Kind, MtlsMode, Namespace, ObjectName,
+    Operation, Pattern, PortMapping, Resource, ResourceError, Rule, Scope, Service, ServiceBinding,
+    ServicePort, Source, TrustBundle, Waypoint, Workload,
 };

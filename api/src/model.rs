@@ -1,877 +1,952 @@
-//! The typed mesh model: namespaces, workloads and services of one [`Snapshot`], and the
-//! [`Model`] index proxies query on the hot path.
+//! The model a proxy holds: every resource it was sent, indexed for the data path, and
+//! updated by keyed upserts and removals.
 //!
-//! A snapshot is plain data, as the controller computed it and as it travels; field names
-//! are camelCase on the wire and unknown fields are refused so a typo fails loudly instead
-//! of silently dropping configuration. [`Model::new`] checks the invariants lookups rely on
-//! (unique pod IPs, unique service VIP and port, known namespaces, ...) and builds the
-//! indexes once, so every lookup afterwards is a hash-map hit.
+//! The maps are persistent (`imbl`): [`Model::apply`] makes a new model that shares
+//! everything it did not change with the old one, in time proportional to the change,
+//! so a proxy can publish each version as an immutable `Arc<Model>` while connections
+//! keep reading the one they loaded. A resource that fails validation, or would break
+//! an index invariant (two workloads on one IP, two services on one VIP and port), is
+//! refused alone: the proxy keeps its previous version of that key, applies the rest
+//! and reports the refusal.
 
-use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fmt;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-/// One immutable version of the mesh model, as the controller publishes it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Snapshot {
-    /// Monotonic version; proxies acknowledge or reject updates by it.
-    pub version: u64,
-    /// Every namespace workloads and services may live in.
-    #[serde(default)]
-    pub namespaces: Vec<Namespace>,
-    /// Every workload (pod) known to the mesh, enrolled or not.
-    #[serde(default)]
-    pub workloads: Vec<Workload>,
-    /// Every service, with its virtual IPs and ports.
-    #[serde(default)]
-    pub services: Vec<Service>,
+use crate::digest::{self, Digests, BUCKETS};
+use crate::proto;
+use crate::resource::{
+    AuthorizationPolicy, Key, Kind, Namespace, ObjectName, Resource, Scope, Service, ServicePort,
+    TrustBundle, Waypoint, Workload,
+};
+
+/// One endpoint a connection to a service port can go to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The workload, unless the endpoint is a plain address.
+    pub workload: Option<Arc<Workload>>,
+    /// Its address and port.
+    pub addr: SocketAddr,
 }
 
-/// A Kubernetes namespace and the mesh settings that apply to everything in it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Namespace {
-    /// Namespace name.
-    pub name: String,
-    /// Whether the namespace carries `weft.dev/mesh=enabled`.
-    pub enrolled: bool,
-    /// What inbound traffic from outside the mesh is allowed.
-    #[serde(default)]
-    pub mtls_mode: MtlsMode,
+/// A service's endpoints, per service port, in a stable order (by workload UID, then
+/// plain addresses).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Endpoints {
+    by_port: Vec<(u16, Vec<Target>)>,
 }
 
-/// Whether enrolled workloads accept plaintext from sources outside the mesh.
-///
-/// Serialized as `Permissive` / `Strict`, the Kubernetes convention for enum values.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum MtlsMode {
-    /// Plaintext from non-mesh sources is allowed, mesh peers still use mTLS.
-    #[default]
-    Permissive,
-    /// Plaintext from non-mesh sources is refused.
-    Strict,
-}
-
-/// A pod, with what proxies need to capture, identify and reach it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Workload {
-    /// Pod UID, the key the CNI plugin hands to the node-proxy.
-    pub uid: String,
-    /// Pod name.
-    pub name: String,
-    /// Namespace the pod lives in; must be listed in [`Snapshot::namespaces`].
-    pub namespace: String,
-    /// Service account, which determines the workload's SPIFFE identity.
-    pub service_account: String,
-    /// Name of the node the pod is scheduled on.
-    pub node: String,
-    /// Pod IPs (one per family); each belongs to this workload alone.
-    #[serde(default)]
-    pub ips: Vec<IpAddr>,
-    /// Pod labels, matched against service selectors.
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// Whether the pod is in the mesh (enrolled namespace and not opted out).
-    pub enrolled: bool,
-    /// Whether the pod is ready to receive traffic.
-    pub ready: bool,
-}
-
-impl Workload {
-    /// The workload's identity, `spiffe://<trust_domain>/ns/<namespace>/sa/<service account>`.
-    pub fn spiffe_id(&self, trust_domain: &str) -> String {
-        format!(
-            "spiffe://{trust_domain}/ns/{}/sa/{}",
-            self.namespace, self.service_account
-        )
+impl Endpoints {
+    /// The endpoints serving `port` of the service.
+    pub fn for_port(&self, port: u16) -> &[Target] {
+        self.by_port
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map_or(&[], |(_, targets)| targets.as_slice())
     }
 }
 
-/// A Kubernetes service: virtual IPs, ports and the selector that picks its endpoints.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Service {
-    /// Service name.
-    pub name: String,
-    /// Namespace the service lives in; must be listed in [`Snapshot::namespaces`].
-    pub namespace: String,
-    /// Cluster IPs (one per family); empty for a headless service.
-    #[serde(default)]
-    pub vips: Vec<IpAddr>,
-    /// Ports served on every VIP.
-    #[serde(default)]
-    pub ports: Vec<ServicePort>,
-    /// Labels a workload must all carry to be an endpoint; empty selects nothing, as in
-    /// Kubernetes, where selector-less services have their endpoints managed elsewhere.
-    #[serde(default)]
-    pub selector: BTreeMap<String, String>,
-}
-
-impl Service {
-    /// The service's cluster DNS name, `<name>.<namespace>.svc.cluster.local`.
-    pub fn hostname(&self) -> String {
-        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
-    }
-}
-
-/// One port of a [`Service`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ServicePort {
-    /// Port name, required by Kubernetes when a service has several ports.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// Port clients connect to on the VIP.
-    pub port: u16,
-    /// Port the endpoints listen on.
-    pub target_port: u16,
-}
-
-/// A validated [`Snapshot`] with O(1) lookups for the proxies' data path.
+/// The indexed model.
 #[derive(Debug, Clone)]
 pub struct Model {
-    snapshot: Snapshot,
-    namespaces: HashMap<String, usize>,
-    workloads_by_ip: HashMap<IpAddr, usize>,
-    workloads_by_namespace: HashMap<String, Vec<usize>>,
-    services_by_vip: HashMap<SocketAddr, (usize, usize)>,
+    epoch: u64,
+    version: u64,
+    hashes: imbl::HashMap<Key, u64>,
+    digests: Digests,
+    namespaces: imbl::HashMap<String, Arc<Namespace>>,
+    workloads: imbl::HashMap<String, Arc<Workload>>,
+    by_ip: imbl::HashMap<IpAddr, Arc<Workload>>,
+    services: imbl::HashMap<ObjectName, Arc<Service>>,
+    by_vip: imbl::HashMap<SocketAddr, Arc<Service>>,
+    members: imbl::HashMap<ObjectName, imbl::OrdSet<String>>,
+    endpoints: imbl::HashMap<ObjectName, Arc<Endpoints>>,
+    policies: imbl::HashMap<ObjectName, Arc<AuthorizationPolicy>>,
+    namespace_policies: imbl::HashMap<String, imbl::OrdSet<ObjectName>>,
+    waypoints: imbl::HashMap<ObjectName, Arc<Waypoint>>,
+    routes: imbl::HashMap<Key, Arc<proto::Route>>,
+    traffic_policies: imbl::HashMap<ObjectName, Arc<proto::TrafficPolicy>>,
+    trust_bundle: Option<Arc<TrustBundle>>,
 }
 
+impl Default for Model {
+    fn default() -> Self {
+        Model {
+            epoch: 0,
+            version: 0,
+            hashes: imbl::HashMap::new(),
+            digests: [0; BUCKETS],
+            namespaces: imbl::HashMap::new(),
+            workloads: imbl::HashMap::new(),
+            by_ip: imbl::HashMap::new(),
+            services: imbl::HashMap::new(),
+            by_vip: imbl::HashMap::new(),
+            members: imbl::HashMap::new(),
+            endpoints: imbl::HashMap::new(),
+            policies: imbl::HashMap::new(),
+            namespace_policies: imbl::HashMap::new(),
+            waypoints: imbl::HashMap::new(),
+            routes: imbl::HashMap::new(),
+            traffic_policies: imbl::HashMap::new(),
+            trust_bundle: None,
+        }
+    }
+}
+
+/// The result of [`Model::apply`].
+#[derive(Debug)]
+pub struct Applied {
+    /// The new model.
+    pub model: Model,
+    /// Resources refused, with the reason; the proxy keeps its previous version of each.
+    pub rejected: Vec<(Key, String)>,
+    /// Keys whose content changed (upserted with new content, or removed).
+    pub changed: Vec<Key>,
+}
+
+impl Applied {
+    /// The acknowledgement of the update this is the result of.
+    pub fn ack(&self) -> proto::Ack {
+        proto::Ack {
+            epoch: self.model.epoch,
+            version: self.model.version,
+            rejected: self
+                .rejected
+                .iter()
+                .map(|(key, reason)| proto::Rejection {
+                    key: Some(key.to_proto()),
+                    reason: reason.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether a key of `kind` changed.
+    pub fn changed_kind(&self, kind: Kind) -> bool {
+        self.changed.iter().any(|k| k.kind == kind)
+    }
+}
+
+/// At most this many refusals are listed in one acknowledgement; the rest are counted.
+const MAX_REJECTIONS: usize = 100;
+
 impl Model {
-    /// Validates `snapshot` and indexes it; the error names the first offending object.
-    pub fn new(snapshot: Snapshot) -> Result<Self, ModelError> {
-        let mut namespaces = HashMap::with_capacity(snapshot.namespaces.len());
-        for (index, namespace) in snapshot.namespaces.iter().enumerate() {
-            let object = ObjectRef::namespace(namespace);
-            require(&object, index, "name", &namespace.name)?;
-            if namespaces.insert(namespace.name.clone(), index).is_some() {
-                return Err(ModelError::DuplicateName { object });
-            }
-        }
-
-        let mut workloads_by_namespace: HashMap<String, Vec<usize>> = namespaces
-            .keys()
-            .map(|name| (name.clone(), Vec::new()))
-            .collect();
-        let mut workloads_by_ip = HashMap::new();
-        let mut workload_names = HashSet::new();
-        for (index, workload) in snapshot.workloads.iter().enumerate() {
-            let object = ObjectRef::workload(workload);
-            require(&object, index, "uid", &workload.uid)?;
-            require(&object, index, "name", &workload.name)?;
-            require(&object, index, "namespace", &workload.namespace)?;
-            require(&object, index, "serviceAccount", &workload.service_account)?;
-            let Some(members) = workloads_by_namespace.get_mut(&workload.namespace) else {
-                return Err(ModelError::UnknownNamespace { object });
-            };
-            if !workload_names.insert((&workload.namespace, &workload.name)) {
-                return Err(ModelError::DuplicateName { object });
-            }
-            members.push(index);
-            for &ip in &workload.ips {
-                // A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d; key on the
-                // canonical form so both spellings find the same workload.
-                match workloads_by_ip.entry(ip.to_canonical()) {
-                    Entry::Vacant(slot) => {
-                        slot.insert(index);
-                    }
-                    Entry::Occupied(taken) => {
-                        let other =
-                            Box::new(ObjectRef::workload(&snapshot.workloads[*taken.get()]));
-                        return Err(ModelError::DuplicateIp { object, ip, other });
-                    }
-                }
-            }
-        }
-
-        let mut services_by_vip = HashMap::new();
-        let mut service_names = HashSet::new();
-        for (index, service) in snapshot.services.iter().enumerate() {
-            let object = ObjectRef::service(service);
-            require(&object, index, "name", &service.name)?;
-            require(&object, index, "namespace", &service.namespace)?;
-            if !namespaces.contains_key(&service.namespace) {
-                return Err(ModelError::UnknownNamespace { object });
-            }
-            if !service_names.insert((&service.namespace, &service.name)) {
-                return Err(ModelError::DuplicateName { object });
-            }
-            for (port_index, port) in service.ports.iter().enumerate() {
-                for (value, field) in [(port.port, "port"), (port.target_port, "targetPort")] {
-                    if value == 0 {
-                        let field = format!("ports[{port_index}].{field}");
-                        return Err(ModelError::ZeroPort { object, field });
-                    }
-                }
-            }
-            for vip in &service.vips {
-                for (port_index, port) in service.ports.iter().enumerate() {
-                    let addr = SocketAddr::new(vip.to_canonical(), port.port);
-                    match services_by_vip.entry(addr) {
-                        Entry::Vacant(slot) => {
-                            slot.insert((index, port_index));
-                        }
-                        Entry::Occupied(taken) => {
-                            let other =
-                                Box::new(ObjectRef::service(&snapshot.services[taken.get().0]));
-                            return Err(ModelError::DuplicateVip {
-                                object,
-                                addr,
-                                other,
-                            });
-                        }
-                    }
-                }
-            }
-        }
-
-        Ok(Self {
-            snapshot,
-            namespaces,
-            workloads_by_ip,
-            workloads_by_namespace,
-            services_by_vip,
-        })
+    /// The controller instance the model came from.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
-    /// The snapshot's version.
+    /// The version applied last; 0 before the first update.
     pub fn version(&self) -> u64 {
-        self.snapshot.version
+        self.version
     }
 
-    /// The validated snapshot this model indexes.
-    pub fn snapshot(&self) -> &Snapshot {
-        &self.snapshot
+    /// How many resources it holds.
+    pub fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
+    }
+
+    /// Where this model stands, to resume a subscription from.
+    pub fn position(&self) -> proto::Position {
+        proto::Position {
+            epoch: self.epoch,
+            version: self.version,
+            buckets: digest::to_wire(&self.digests),
+        }
     }
 
     /// The namespace called `name`.
-    pub fn namespace(&self, name: &str) -> Option<&Namespace> {
-        let &index = self.namespaces.get(name)?;
-        Some(&self.snapshot.namespaces[index])
+    pub fn namespace(&self, name: &str) -> Option<&Arc<Namespace>> {
+        self.namespaces.get(name)
+    }
+
+    /// The workload with pod UID `uid`.
+    pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.workloads.get(uid)
     }
 
     /// The workload that owns `ip`; IPv4-mapped IPv6 addresses match their IPv4 form.
-    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
-        let &index = self.workloads_by_ip.get(&ip.to_canonical())?;
-        Some(&self.snapshot.workloads[index])
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip.to_canonical())
     }
 
-    /// The service and port a connection to `addr` (a VIP and service port) is meant for.
-    pub fn service_by_vip(&self, addr: SocketAddr) -> Option<(&Service, &ServicePort)> {
+    /// The service called `name`.
+    pub fn service(&self, name: &ObjectName) -> Option<&Arc<Service>> {
+        self.services.get(name)
+    }
+
+    /// The service and port a connection to `addr` (a VIP and service port) is for.
+    pub fn service_by_vip(&self, addr: SocketAddr) -> Option<(&Arc<Service>, &ServicePort)> {
         let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
-        let &(service, port) = self.services_by_vip.get(&addr)?;
-        let service = &self.snapshot.services[service];
-        Some((service, &service.ports[port]))
+        let service = self.by_vip.get(&addr)?;
+        let port = service.ports.iter().find(|p| p.port == addr.port())?;
+        Some((service, port))
     }
 
-    /// The ready workloads in `service`'s namespace whose labels contain every pair of
-    /// its selector, in snapshot order; none for an empty selector.
-    pub fn endpoints<'a>(
+    /// The endpoints of `service` for `port`, in a stable order.
+    pub fn endpoints(&self, service: &ObjectName, port: u16) -> &[Target] {
+        self.endpoints
+            .get(service)
+            .map_or(&[], |e| e.for_port(port))
+    }
+
+    /// The authorization policies that apply to `workload`: its namespace's
+    /// namespace-wide ones and the selector-scoped ones that select it.
+    pub fn policies_for<'a>(
         &'a self,
-        service: &'a Service,
-    ) -> impl Iterator<Item = &'a Workload> + 'a {
-        let members = if service.selector.is_empty() {
-            None
-        } else {
-            self.workloads_by_namespace.get(&service.namespace)
-        };
-        members
+        workload: &'a Workload,
+    ) -> impl Iterator<Item = &'a Arc<AuthorizationPolicy>> + 'a {
+        let wide = self
+            .namespace_policies
+            .get(&workload.namespace)
             .into_iter()
-            .flatten()
-            .map(|&index| &self.snapshot.workloads[index])
-            .filter(|workload| {
-                workload.ready
-                    && service
-                        .selector
-                        .iter()
-                        .all(|(key, value)| workload.labels.get(key) == Some(value))
+            .flatten();
+        wide.chain(workload.authorization_policies.iter())
+            .filter_map(|name| self.policies.get(name))
+    }
+
+    /// The policy called `name`.
+    pub fn policy(&self, name: &ObjectName) -> Option<&Arc<AuthorizationPolicy>> {
+        self.policies.get(name)
+    }
+
+    /// The waypoint called `name`.
+    pub fn waypoint(&self, name: &ObjectName) -> Option<&Arc<Waypoint>> {
+        self.waypoints.get(name)
+    }
+
+    /// The trust bundle, once sent.
+    pub fn trust_bundle(&self) -> Option<&Arc<TrustBundle>> {
+        self.trust_bundle.as_ref()
+    }
+
+    /// Every workload, in no particular order.
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.values()
+    }
+
+    /// Every service, in no particular order.
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.values()
+    }
+
+    /// Every HTTPRoute and GRPCRoute, in no particular order.
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<proto::Route>> {
+        self.routes.values()
+    }
+
+    /// The TrafficPolicy that tunes `service`, if any (the oldest by name when several
+    /// target it).
+    pub fn traffic_policy(&self, service: &ObjectName) -> Option<&Arc<proto::TrafficPolicy>> {
+        let wanted = service.to_string();
+        self.traffic_policies
+            .iter()
+            .filter(|(_, t)| t.service == wanted)
+            .min_by(|a, b| a.0.cmp(b.0))
+            .map(|(_, t)| t)
+    }
+
+    /// Every waypoint, in no particular order.
+    pub fn waypoints(&self) -> impl Iterator<Item = &Arc<Waypoint>> {
+        self.waypoints.values()
+    }
+
+    /// Whether `ip` is an endpoint of a waypoint's Service: a proxy that may speak
+    /// for the clients it forwards.
+    pub fn is_waypoint_ip(&self, ip: IpAddr) -> bool {
+        self.waypoints.values().any(|w| {
+            self.endpoints.get(&w.service).is_some_and(|e| {
+                e.by_port
+                    .iter()
+                    .any(|(_, ts)| ts.iter().any(|t| t.addr.ip() == ip))
             })
-    }
-}
-
-fn require(
-    object: &ObjectRef,
-    index: usize,
-    field: &'static str,
-    value: &str,
-) -> Result<(), ModelError> {
-    if value.is_empty() {
-        return Err(ModelError::Empty {
-            object: object.clone(),
-            index,
-            field,
-        });
-    }
-    Ok(())
-}
-
-/// Kinds of objects a [`Snapshot`] holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ObjectKind {
-    /// A [`Namespace`].
-    Namespace,
-    /// A [`Workload`].
-    Workload,
-    /// A [`Service`].
-    Service,
-}
-
-impl ObjectKind {
-    /// The [`Snapshot`] field that lists objects of this kind.
-    pub fn list(self) -> &'static str {
-        match self {
-            Self::Namespace => "namespaces",
-            Self::Workload => "workloads",
-            Self::Service => "services",
-        }
-    }
-}
-
-impl fmt::Display for ObjectKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Namespace => "namespace",
-            Self::Workload => "workload",
-            Self::Service => "service",
         })
     }
-}
 
-/// Names one object of a [`Snapshot`], so errors can be reported where it came from.
-///
-/// Displays as `workload shop/cart-7d9` or `namespace shop`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ObjectRef {
-    /// What kind of object it is.
-    pub kind: ObjectKind,
-    /// Its namespace; `None` for cluster-scoped kinds.
-    pub namespace: Option<String>,
-    /// Its name.
-    pub name: String,
-}
-
-impl ObjectRef {
-    fn namespace(namespace: &Namespace) -> Self {
-        Self {
-            kind: ObjectKind::Namespace,
-            namespace: None,
-            name: namespace.name.clone(),
-        }
+    /// The keys held and their hashes.
+    pub fn hashes(&self) -> impl Iterator<Item = (&Key, &u64)> {
+        self.hashes.iter()
     }
 
-    fn workload(workload: &Workload) -> Self {
-        Self {
-            kind: ObjectKind::Workload,
-            namespace: Some(workload.namespace.clone()),
-            name: workload.name.clone(),
-        }
-    }
+    /// Applies one update, returning the new model; `self` is unchanged.
+    pub fn apply(&self, update: &proto::Update) -> Applied {
+        let kind = proto::UpdateKind::try_from(update.kind).unwrap_or(proto::UpdateKind::Full);
+        let mut next = match kind {
+            proto::UpdateKind::Full => Model::default(),
+            _ => self.clone(),
+        };
+        next.epoch = update.epoch;
+        next.version = update.version;
+        let mut work = Work::default();
 
-    fn service(service: &Service) -> Self {
-        Self {
-            kind: ObjectKind::Service,
-            namespace: Some(service.namespace.clone()),
-            name: service.name.clone(),
-        }
-    }
-}
-
-impl fmt::Display for ObjectRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fn shown(part: &str) -> &str {
-            if part.is_empty() {
-                "<empty>"
-            } else {
-                part
+        if kind == proto::UpdateKind::Resync {
+            let buckets: HashSet<u32> = update.buckets.iter().copied().collect();
+            let stale: Vec<Key> = next
+                .hashes
+                .keys()
+                .filter(|k| buckets.contains(&(digest::bucket(k) as u32)))
+                .cloned()
+                .collect();
+            for key in stale {
+                next.remove(&key, &mut work);
             }
         }
-        write!(f, "{} ", self.kind)?;
-        if let Some(namespace) = &self.namespace {
-            write!(f, "{}/", shown(namespace))?;
+        for removal in &update.removals {
+            if let Some(key) = Key::from_proto(removal) {
+                next.remove(&key, &mut work);
+            }
         }
-        f.write_str(shown(&self.name))
+
+        let mut parsed = Vec::with_capacity(update.upserts.len());
+        for wire in &update.upserts {
+            match Resource::from_proto(wire) {
+                Ok(Some((key, resource))) => {
+                    if next.hashes.get(&key) != Some(&wire.hash) {
+                        parsed.push((key, resource, wire.hash));
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let key = match &e {
+                        crate::ResourceError::Empty { key }
+                        | crate::ResourceError::KeyMismatch { key, .. }
+                        | crate::ResourceError::Field { key, .. } => key.clone(),
+                    };
+                    work.rejected.push((key, e.to_string()));
+                }
+            }
+        }
+        // Everything upserted leaves its indexes first, so values that trade places in
+        // one update (an IP moving from one pod to another) do not collide.
+        let mut previous = HashMap::new();
+        for (key, _, _) in &parsed {
+            if let Some(old) = next.remove(key, &mut work) {
+                previous.insert(key.clone(), old);
+            }
+        }
+        for (key, resource, hash) in parsed {
+            if let Err(reason) = next.insert(&key, resource, hash, &mut work) {
+                if let Some((old, old_hash)) = previous.remove(&key) {
+                    let _ = next.insert(&key, old, old_hash, &mut work);
+                }
+                work.rejected.push((key, reason));
+            }
+        }
+        for name in std::mem::take(&mut work.services) {
+            next.rebuild_endpoints(&name);
+        }
+        let mut rejected = work.rejected;
+        if rejected.len() > MAX_REJECTIONS {
+            let more = rejected.len() - MAX_REJECTIONS;
+            rejected.truncate(MAX_REJECTIONS);
+            if let Some((key, reason)) = rejected.last_mut() {
+                *reason = format!("{reason} (and {more} more refusals not listed)");
+                let _ = key;
+            }
+        }
+        let changed = work
+            .changed
+            .into_iter()
+            .filter(|k| self.hashes.get(k) != next.hashes.get(k))
+            .collect();
+        Applied {
+            model: next,
+            rejected,
+            changed,
+        }
+    }
+
+    /// Removes `key`, returning what it held.
+    fn remove(&mut self, key: &Key, work: &mut Work) -> Option<(Resource, u64)> {
+        let hash = self.hashes.remove(key)?;
+        digest::toggle(&mut self.digests, key, hash);
+        work.changed.insert(key.clone());
+        let resource = match key.kind {
+            Kind::Namespace => Resource::Namespace((*self.namespaces.remove(&key.name)?).clone()),
+            Kind::Workload => {
+                let w = self.workloads.remove(&key.name)?;
+                for ip in &w.ips {
+                    let ip = ip.to_canonical();
+                    if self.by_ip.get(&ip).is_some_and(|o| o.uid == w.uid) {
+                        self.by_ip.remove(&ip);
+                    }
+                }
+                for binding in &w.services {
+                    if let Some(set) = self.members.get_mut(&binding.service) {
+                        set.remove(&w.uid);
+                    }
+                    work.services.insert(binding.service.clone());
+                }
+                Resource::Workload((*w).clone())
+            }
+            Kind::Service => {
+                let name: ObjectName = key.name.parse().ok()?;
+                let s = self.services.remove(&name)?;
+                for addr in vip_addrs(&s) {
+                    if self
+                        .by_vip
+                        .get(&addr)
+                        .is_some_and(|o| o.object_name() == name)
+                    {
+                        self.by_vip.remove(&addr);
+                    }
+                }
+                work.services.insert(name);
+                Resource::Service((*s).clone())
+            }
+            Kind::AuthorizationPolicy => {
+                let name: ObjectName = key.name.parse().ok()?;
+                let p = self.policies.remove(&name)?;
+                if let Some(set) = self.namespace_policies.get_mut(&p.namespace) {
+                    set.remove(&name);
+                }
+                Resource::AuthorizationPolicy((*p).clone())
+            }
+            Kind::Waypoint => {
+                let name: ObjectName = key.name.parse().ok()?;
+                Resource::Waypoint((*self.waypoints.remove(&name)?).clone())
+            }
+            Kind::HttpRoute | Kind::GrpcRoute => {
+                Resource::Route((*self.routes.remove(key)?).clone())
+            }
+            Kind::TrafficPolicy => {
+                let name: ObjectName = key.name.parse().ok()?;
+                Resource::TrafficPolicy((*self.traffic_policies.remove(&name)?).clone())
+            }
+            Kind::TrustBundle => Resource::TrustBundle((*self.trust_bundle.take()?).clone()),
+        };
+        Some((resource, hash))
+    }
+
+    /// Inserts a resource whose key is free; refuses one that would break an index.
+    fn insert(
+        &mut self,
+        key: &Key,
+        resource: Resource,
+        hash: u64,
+        work: &mut Work,
+    ) -> Result<(), String> {
+        match resource {
+            Resource::Namespace(n) => {
+                self.namespaces.insert(n.name.clone(), Arc::new(n));
+            }
+            Resource::Workload(w) => {
+                for ip in &w.ips {
+                    if let Some(other) = self.by_ip.get(&ip.to_canonical()) {
+                        return Err(format!(
+                            "field `ips`: {ip} is already used by workload {} (uid {}); a pod IP belongs to one workload at a time",
+                            other.object_name(),
+                            other.uid
+                        ));
+                    }
+                }
+                let w = Arc::new(w);
+                for ip in &w.ips {
+                    self.by_ip.insert(ip.to_canonical(), w.clone());
+                }
+                for binding in &w.services {
+                    self.members
+                        .entry(binding.service.clone())
+                        .or_default()
+                        .insert(w.uid.clone());
+                    work.services.insert(binding.service.clone());
+                }
+                self.workloads.insert(w.uid.clone(), w);
+            }
+            Resource::Service(s) => {
+                let name = s.object_name();
+                let addrs: Vec<SocketAddr> = vip_addrs(&s).collect();
+                let unique: BTreeSet<&SocketAddr> = addrs.iter().collect();
+                if unique.len() != addrs.len() {
+                    return Err("field `ports`: two ports share a number".into());
+                }
+                for addr in &addrs {
+                    if let Some(other) = self.by_vip.get(addr) {
+                        return Err(format!(
+                            "field `vips`: {addr} is already served by service {}",
+                            other.object_name()
+                        ));
+                    }
+                }
+                let s = Arc::new(s);
+                for addr in addrs {
+                    self.by_vip.insert(addr, s.clone());
+                }
+                self.services.insert(name.clone(), s);
+                work.services.insert(name);
+            }
+            Resource::AuthorizationPolicy(p) => {
+                let name = p.object_name();
+                if p.scope == Scope::NamespaceWide {
+                    self.namespace_policies
+                        .entry(p.namespace.clone())
+                        .or_default()
+                        .insert(name.clone());
+                }
+                self.policies.insert(name, Arc::new(p));
+            }
+            Resource::Waypoint(w) => {
+                let name = ObjectName::new(&w.namespace, &w.name);
+                self.waypoints.insert(name, Arc::new(w));
+            }
+            Resource::Route(r) => {
+                self.routes.insert(key.clone(), Arc::new(r));
+            }
+            Resource::TrafficPolicy(t) => {
+                let name = ObjectName::new(&t.namespace, &t.name);
+                self.traffic_policies.insert(name, Arc::new(t));
+            }
+            Resource::TrustBundle(b) => self.trust_bundle = Some(Arc::new(b)),
+        }
+        self.hashes.insert(key.clone(), hash);
+        digest::toggle(&mut self.digests, key, hash);
+        work.changed.insert(key.clone());
+        Ok(())
+    }
+
+    fn rebuild_endpoints(&mut self, name: &ObjectName) {
+        let Some(service) = self.services.get(name).cloned() else {
+            self.endpoints.remove(name);
+            return;
+        };
+        let members = self.members.get(name).cloned().unwrap_or_default();
+        if members.is_empty() {
+            self.members.remove(name);
+        }
+        let by_port = service
+            .ports
+            .iter()
+            .map(|port| {
+                let mut targets = Vec::new();
+                for uid in &members {
+                    let Some(w) = self.workloads.get(uid) else {
+                        continue;
+                    };
+                    let Some(ip) = w.ips.first() else { continue };
+                    let mapping = w
+                        .services
+                        .iter()
+                        .find(|b| &b.service == name)
+                        .and_then(|b| b.ports.iter().find(|m| m.service_port == port.port));
+                    if let Some(m) = mapping {
+                        targets.push(Target {
+                            workload: Some(w.clone()),
+                            addr: SocketAddr::new(*ip, m.target_port),
+                        });
+                    }
+                }
+                for e in &service.addresses {
+                    if let Some(m) = e.ports.iter().find(|m| m.service_port == port.port) {
+                        targets.push(Target {
+                            workload: None,
+                            addr: SocketAddr::new(e.ip, m.target_port),
+                        });
+                    }
+                }
+                (port.port, targets)
+            })
+            .collect();
+        self.endpoints
+            .insert(name.clone(), Arc::new(Endpoints { by_port }));
     }
 }
 
-/// Why a [`Snapshot`] was refused by [`Model::new`]; each names the object and field.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum ModelError {
-    /// A required field is empty.
-    #[error(
-        "{object} (item {index} of `{list}`): field `{field}` is empty; set it",
-        list = .object.kind.list()
-    )]
-    Empty {
-        /// The offending object.
-        object: ObjectRef,
-        /// Its position in its [`Snapshot`] list, since its name may be the empty field.
-        index: usize,
-        /// The empty field, as spelled on the wire.
-        field: &'static str,
-    },
-    /// Two objects of one kind share a name in one namespace.
-    #[error(
-        "{object}: field `name`: an earlier entry of `{list}` has the same name; rename or remove one of them",
-        list = .object.kind.list()
-    )]
-    DuplicateName {
-        /// The later of the two objects.
-        object: ObjectRef,
-    },
-    /// An object lives in a namespace the snapshot does not list.
-    #[error(
-        "{object}: field `namespace`: {namespace:?} is not listed in `namespaces`; add the namespace or correct the field",
-        namespace = .object.namespace.as_deref().unwrap_or_default()
-    )]
-    UnknownNamespace {
-        /// The offending object.
-        object: ObjectRef,
-    },
-    /// Two workloads claim the same pod IP.
-    #[error(
-        "{object}: field `ips`: {ip} is already used by {other}; a pod IP belongs to one workload at a time, drop the stale entry"
-    )]
-    DuplicateIp {
-        /// The later workload.
-        object: ObjectRef,
-        /// The shared IP.
-        ip: IpAddr,
-        /// The earlier workload holding the IP (boxed to keep the error small).
-        other: Box<ObjectRef>,
-    },
-    /// Two services, or two ports of one service, claim the same VIP and port.
-    #[error(
-        "{object}: field `vips`: {addr} is already served by {other}; give each service its own VIP or port"
-    )]
-    DuplicateVip {
-        /// The later service.
-        object: ObjectRef,
-        /// The shared VIP and port.
-        addr: SocketAddr,
-        /// The earlier service holding the address (boxed to keep the error small).
-        other: Box<ObjectRef>,
-    },
-    /// A service port or target port is 0.
-    #[error("{object}: field `{field}` is 0; use a port from 1 to 65535")]
-    ZeroPort {
-        /// The offending service.
-        object: ObjectRef,
-        /// The field, e.g. `ports[0].targetPort`.
-        field: String,
-    },
+fn vip_addrs(s: &Service) -> impl Iterator<Item = SocketAddr> + '_ {
+    s.vips.iter().flat_map(move |vip| {
+        s.ports
+            .iter()
+            .map(move |p| SocketAddr::new(vip.to_canonical(), p.port))
+    })
+}
+
+#[derive(Default)]
+struct Work {
+    rejected: Vec<(Key, String)>,
+    changed: BTreeSet<Key>,
+    services: BTreeSet<ObjectName>,
+}
+
+/// What `/config_dump` shows of a model.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Dump<'a> {
+    epoch: String,
+    version: u64,
+    resources: usize,
+    namespaces: Vec<&'a Namespace>,
+    workloads: Vec<&'a Workload>,
+    services: Vec<&'a Service>,
+    authorization_policies: Vec<&'a AuthorizationPolicy>,
+    waypoints: Vec<&'a Waypoint>,
+    routes: usize,
+    traffic_policies: usize,
+    trust_bundle_roots: usize,
+}
+
+fn sorted<'a, T: 'a + ?Sized, K: Ord>(
+    values: impl Iterator<Item = &'a Arc<T>>,
+    key: impl Fn(&T) -> K,
+) -> Vec<&'a T> {
+    let mut v: Vec<&T> = values.map(|a| &**a).collect();
+    v.sort_by_key(|t| key(t));
+    v
+}
+
+impl Serialize for Model {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        Dump {
+            epoch: format!("{:016x}", self.epoch),
+            version: self.version,
+            resources: self.hashes.len(),
+            namespaces: sorted(self.namespaces.values(), |n| n.name.clone()),
+            workloads: sorted(self.workloads.values(), Workload::object_name),
+            services: sorted(self.services.values(), Service::object_name),
+            authorization_policies: sorted(
+                self.policies.values(),
+                AuthorizationPolicy::object_name,
+            ),
+            waypoints: sorted(self.waypoints.values(), |w| {
+                (w.namespace.clone(), w.name.clone())
+            }),
+            routes: self.routes.len(),
+            traffic_policies: self.traffic_policies.len(),
+            trust_bundle_roots: self.trust_bundle.as_ref().map_or(0, |b| b.roots.len()),
+        }
+        .serialize(serializer)
+    }
+}
+
+/// The digests a model with exactly `hashes` would have; for the controller, which
+/// computes what a subscriber should hold without building its model.
+pub fn digests_of<'a>(hashes: impl IntoIterator<Item = (&'a Key, u64)>) -> Digests {
+    let mut d = [0; BUCKETS];
+    for (key, hash) in hashes {
+        digest::toggle(&mut d, key, hash);
+    }
+    d
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::resource::{MtlsMode, PortMapping, ServiceBinding};
 
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("literal")
+    }
+
+    fn workload(uid: &str, ipv4: &str, services: &[(&str, u16, u16)]) -> Workload {
+        Workload {
+            uid: uid.into(),
+            name: format!("pod-{uid}"),
+            namespace: "demo".into(),
+            service_account: "echo".into(),
+            node: "node-1".into(),
+            ips: vec![ip(ipv4)],
+            enrolled: true,
+            ready: true,
+            services: services
+                .iter()
+                .map(|(svc, port, target)| ServiceBinding {
+                    service: ObjectName::new("demo", *svc),
+                    ports: vec![PortMapping {
+                        service_port: *port,
+                        target_port: *target,
+                    }],
+                })
+                .collect(),
+            authorization_policies: vec![],
+            waypoint: None,
+        }
+    }
+
+    fn service(name: &str, vip: &str, ports: &[u16]) -> Service {
+        Service {
+            namespace: "demo".into(),
+            name: name.into(),
+            vips: vec![ip(vip)],
+            ports: ports
+                .iter()
+                .map(|p| ServicePort {
+                    name: None,
+                    port: *p,
+                    target_port: None,
+                    protocol: crate::resource::AppProtocol::Unknown,
+                })
+                .collect(),
+            waypoint: None,
+            addresses: vec![],
+        }
+    }
+
+    fn update(
+        version: u64,
+        kind: proto::UpdateKind,
+        upserts: Vec<Resource>,
+        removals: Vec<Key>,
+    ) -> proto::Update {
+        proto::Update {
+            epoch: 7,
+            version,
+            kind: kind as i32,
+            buckets: vec![],
+            upserts: upserts.iter().map(Resource::to_proto).collect(),
+            removals: removals.iter().map(Key::to_proto).collect(),
+        }
+    }
+
+    fn delta(version: u64, upserts: Vec<Resource>, removals: Vec<Key>) -> proto::Update {
+        update(version, proto::UpdateKind::Delta, upserts, removals)
+    }
+
+    fn base() -> Model {
+        let applied = Model::default().apply(&update(
+            1,
+            proto::UpdateKind::Full,
+            vec![
+                Resource::Namespace(Namespace {
+                    name: "demo".into(),
+                    enrolled: true,
+                    mtls_mode: MtlsMode::Strict,
+                }),
+                Resource::Service(service("echo", "10.96.0.10", &[80])),
+                Resource::Workload(workload("a", "10.244.1.1", &[("echo", 80, 8080)])),
+                Resource::Workload(workload("b", "10.244.1.2", &[("echo", 80, 8081)])),
+            ],
+            vec![],
+        ));
+        assert!(applied.rejected.is_empty(), "{:?}", applied.rejected);
+        applied.model
+    }
+
+    fn addrs(model: &Model, svc: &str, port: u16) -> Vec<String> {
+        model
+            .endpoints(&ObjectName::new("demo", svc), port)
             .iter()
-            .map(|(key, value)| (key.to_string(), value.to_string()))
+            .map(|t| t.addr.to_string())
             .collect()
     }
 
-    fn ip(text: &str) -> IpAddr {
-        text.parse().expect("test IPs are valid literals")
-    }
-
-    fn addr(text: &str) -> SocketAddr {
-        text.parse()
-            .expect("test socket addresses are valid literals")
-    }
-
-    fn workload(namespace: &str, name: &str, ips: &[&str], app: &str, ready: bool) -> Workload {
-        Workload {
-            uid: format!("uid-{name}"),
-            name: name.into(),
-            namespace: namespace.into(),
-            service_account: app.into(),
-            node: "node-a".into(),
-            ips: ips.iter().map(|text| ip(text)).collect(),
-            labels: labels(&[("app", app)]),
-            enrolled: namespace == "shop",
-            ready,
-        }
-    }
-
-    /// Two namespaces, three workloads, one service: `cart-7d9` is its only endpoint, since
-    /// `cart-2x1` is not ready and `legacy/cart` lives in another namespace.
-    fn sample() -> Snapshot {
-        Snapshot {
-            version: 7,
-            namespaces: vec![
-                Namespace {
-                    name: "shop".into(),
-                    enrolled: true,
-                    mtls_mode: MtlsMode::Strict,
-                },
-                Namespace {
-                    name: "legacy".into(),
-                    enrolled: false,
-                    mtls_mode: MtlsMode::Permissive,
-                },
-            ],
-            workloads: vec![
-                workload("shop", "cart-7d9", &["10.244.1.7", "fd00::7"], "cart", true),
-                workload("shop", "cart-2x1", &["10.244.2.9"], "cart", false),
-                workload("legacy", "cart", &["10.244.3.3"], "cart", true),
-            ],
-            services: vec![Service {
-                name: "cart".into(),
-                namespace: "shop".into(),
-                vips: vec![ip("10.96.0.10")],
-                ports: vec![
-                    ServicePort {
-                        name: Some("http".into()),
-                        port: 80,
-                        target_port: 8080,
-                    },
-                    ServicePort {
-                        name: Some("grpc".into()),
-                        port: 9090,
-                        target_port: 9090,
-                    },
-                ],
-                selector: labels(&[("app", "cart")]),
-            }],
-        }
-    }
-
-    /// `sample()` as it looks on the wire.
-    const SAMPLE_JSON: &str = r#"{
-      "version": 7,
-      "namespaces": [
-        {"name": "shop", "enrolled": true, "mtlsMode": "Strict"},
-        {"name": "legacy", "enrolled": false, "mtlsMode": "Permissive"}
-      ],
-      "workloads": [
-        {"uid": "uid-cart-7d9", "name": "cart-7d9", "namespace": "shop", "serviceAccount": "cart",
-         "node": "node-a", "ips": ["10.244.1.7", "fd00::7"], "labels": {"app": "cart"},
-         "enrolled": true, "ready": true},
-        {"uid": "uid-cart-2x1", "name": "cart-2x1", "namespace": "shop", "serviceAccount": "cart",
-         "node": "node-a", "ips": ["10.244.2.9"], "labels": {"app": "cart"},
-         "enrolled": true, "ready": false},
-        {"uid": "uid-cart", "name": "cart", "namespace": "legacy", "serviceAccount": "cart",
-         "node": "node-a", "ips": ["10.244.3.3"], "labels": {"app": "cart"},
-         "enrolled": false, "ready": true}
-      ],
-      "services": [
-        {"name": "cart", "namespace": "shop", "vips": ["10.96.0.10"],
-         "ports": [{"name": "http", "port": 80, "targetPort": 8080},
-                   {"name": "grpc", "port": 9090, "targetPort": 9090}],
-         "selector": {"app": "cart"}}
-      ]
-    }"#;
-
-    fn model() -> Model {
-        Model::new(sample()).expect("the sample snapshot is valid")
-    }
-
-    fn name(workload: Option<&Workload>) -> Option<&str> {
-        workload.map(|workload| workload.name.as_str())
-    }
-
     #[test]
-    fn lookups_on_sample() {
-        let model = model();
-        assert_eq!(model.version(), 7);
-        assert_eq!(model.snapshot(), &sample());
-
-        let shop = model.namespace("shop").expect("shop is listed");
-        assert_eq!((shop.enrolled, shop.mtls_mode), (true, MtlsMode::Strict));
+    fn full_state_is_indexed() {
+        let m = base();
+        assert_eq!((m.epoch(), m.version(), m.len()), (7, 1, 4));
         assert_eq!(
-            model.namespace("legacy").map(|ns| ns.mtls_mode),
-            Some(MtlsMode::Permissive)
-        );
-        assert_eq!(model.namespace("kube-system"), None);
-
-        assert_eq!(
-            name(model.workload_by_ip(ip("10.244.1.7"))),
-            Some("cart-7d9")
-        );
-        assert_eq!(name(model.workload_by_ip(ip("fd00::7"))), Some("cart-7d9"));
-        assert_eq!(
-            name(model.workload_by_ip(ip("::ffff:10.244.1.7"))),
-            Some("cart-7d9")
+            m.workload_by_ip(ip("10.244.1.1")).map(|w| w.uid.as_str()),
+            Some("a")
         );
         assert_eq!(
-            name(model.workload_by_ip(ip("10.244.2.9"))),
-            Some("cart-2x1")
+            m.workload_by_ip(ip("::ffff:10.244.1.2"))
+                .map(|w| w.uid.as_str()),
+            Some("b")
         );
-        assert_eq!(name(model.workload_by_ip(ip("10.244.3.3"))), Some("cart"));
-        assert_eq!(name(model.workload_by_ip(ip("10.244.9.9"))), None);
-
-        let (service, port) = model
-            .service_by_vip(addr("10.96.0.10:80"))
-            .expect("VIP and port 80 belong to shop/cart");
-        assert_eq!(service.hostname(), "cart.shop.svc.cluster.local");
+        let (svc, port) = m
+            .service_by_vip("10.96.0.10:80".parse().expect("literal"))
+            .expect("VIP");
+        assert_eq!((svc.name.as_str(), port.port), ("echo", 80));
+        assert!(m
+            .service_by_vip("10.96.0.10:81".parse().expect("literal"))
+            .is_none());
         assert_eq!(
-            (port.name.as_deref(), port.target_port),
-            (Some("http"), 8080)
+            addrs(&m, "echo", 80),
+            ["10.244.1.1:8080", "10.244.1.2:8081"]
         );
-        let (_, port) = model
-            .service_by_vip(addr("[::ffff:10.96.0.10]:9090"))
-            .expect("mapped VIP and port 9090 belong to shop/cart");
-        assert_eq!(port.name.as_deref(), Some("grpc"));
-        assert!(model.service_by_vip(addr("10.96.0.10:8080")).is_none());
-        assert!(model.service_by_vip(addr("10.96.0.11:80")).is_none());
-
-        let endpoints: Vec<_> = model.endpoints(service).map(|w| w.name.as_str()).collect();
-        assert_eq!(endpoints, ["cart-7d9"]);
-        let endpoint = model.endpoints(service).next().expect("one endpoint");
         assert_eq!(
-            endpoint.spiffe_id("cluster.local"),
-            "spiffe://cluster.local/ns/shop/sa/cart"
+            m.namespace("demo").map(|n| n.mtls_mode),
+            Some(MtlsMode::Strict)
         );
     }
 
     #[test]
-    fn empty_selector_selects_nothing() {
-        let mut snapshot = sample();
-        snapshot.services[0].selector.clear();
-        let model = Model::new(snapshot).expect("a selector-less service is valid");
-        assert_eq!(model.endpoints(&model.snapshot().services[0]).count(), 0);
-    }
-
-    #[test]
-    fn selector_needs_every_pair() {
-        let model = model();
-        let mut service = model.snapshot().services[0].clone();
-        service.selector.insert("version".into(), "v2".into());
-        assert_eq!(model.endpoints(&service).count(), 0);
-    }
-
-    /// Applies `mutate` to the sample and checks the refusal mentions every fragment.
-    fn assert_refused(mutate: impl FnOnce(&mut Snapshot), fragments: &[&str]) {
-        let mut snapshot = sample();
-        mutate(&mut snapshot);
-        let message = Model::new(snapshot)
-            .expect_err("the mutated snapshot is invalid")
-            .to_string();
-        for fragment in fragments {
-            assert!(message.contains(fragment), "{message:?} lacks {fragment:?}");
-        }
-    }
-
-    #[test]
-    fn refuses_duplicate_workload_ip() {
-        assert_refused(
-            |s| s.workloads[1].ips.push(ip("10.244.1.7")),
-            &[
-                "workload shop/cart-2x1: field `ips`: 10.244.1.7 is already used by workload shop/cart-7d9",
-            ],
-        );
-    }
-
-    #[test]
-    fn refuses_duplicate_workload_ip_in_mapped_form() {
-        assert_refused(
-            |s| s.workloads[2].ips = vec![ip("::ffff:10.244.2.9")],
-            &[
-                "workload legacy/cart: field `ips`",
-                "workload shop/cart-2x1",
-            ],
-        );
-    }
-
-    #[test]
-    fn refuses_duplicate_vip_and_port() {
-        assert_refused(
-            |s| {
-                let mut other = s.services[0].clone();
-                other.name = "cart-v2".into();
-                other.ports.remove(0);
-                s.services.push(other);
-            },
-            &[
-                "service shop/cart-v2: field `vips`: 10.96.0.10:9090 is already served by service shop/cart",
-            ],
-        );
-    }
-
-    #[test]
-    fn refuses_duplicate_port_within_service() {
-        assert_refused(
-            |s| s.services[0].ports[1].port = 80,
-            &[
-                "service shop/cart: field `vips`: 10.96.0.10:80",
-                "by service shop/cart;",
-            ],
-        );
-    }
-
-    #[test]
-    fn refuses_duplicate_workload_name() {
-        assert_refused(
-            |s| s.workloads[1].name = "cart-7d9".into(),
-            &[
-                "workload shop/cart-7d9: field `name`",
-                "`workloads`",
-                "rename",
-            ],
-        );
-    }
-
-    #[test]
-    fn allows_same_workload_name_in_other_namespace() {
-        let mut snapshot = sample();
-        snapshot.workloads[2].name = "cart-7d9".into();
-        assert!(Model::new(snapshot).is_ok());
-    }
-
-    #[test]
-    fn refuses_duplicate_service_name() {
-        assert_refused(
-            |s| {
-                let mut other = s.services[0].clone();
-                other.vips = vec![ip("10.96.0.11")];
-                s.services.push(other);
-            },
-            &["service shop/cart: field `name`", "`services`"],
-        );
-    }
-
-    #[test]
-    fn refuses_duplicate_namespace() {
-        assert_refused(
-            |s| s.namespaces[1].name = "shop".into(),
-            &["namespace shop: field `name`", "`namespaces`"],
-        );
-    }
-
-    #[test]
-    fn refuses_empty_namespace_name() {
-        assert_refused(
-            |s| s.namespaces[1].name.clear(),
-            &["namespace <empty> (item 1 of `namespaces`): field `name` is empty"],
-        );
-    }
-
-    #[test]
-    fn refuses_empty_workload_name() {
-        assert_refused(
-            |s| s.workloads[2].name.clear(),
-            &["workload legacy/<empty> (item 2 of `workloads`): field `name` is empty"],
-        );
-    }
-
-    #[test]
-    fn refuses_empty_workload_namespace() {
-        assert_refused(
-            |s| s.workloads[0].namespace.clear(),
-            &["workload <empty>/cart-7d9 (item 0 of `workloads`): field `namespace` is empty"],
-        );
-    }
-
-    #[test]
-    fn refuses_empty_service_account() {
-        assert_refused(
-            |s| s.workloads[1].service_account.clear(),
-            &["workload shop/cart-2x1 (item 1 of `workloads`): field `serviceAccount` is empty"],
-        );
-    }
-
-    #[test]
-    fn refuses_empty_uid() {
-        assert_refused(
-            |s| s.workloads[1].uid.clear(),
-            &["workload shop/cart-2x1", "field `uid` is empty"],
-        );
-    }
-
-    #[test]
-    fn refuses_empty_service_name() {
-        assert_refused(
-            |s| s.services[0].name.clear(),
-            &["service shop/<empty> (item 0 of `services`): field `name` is empty"],
-        );
-    }
-
-    #[test]
-    fn refuses_empty_service_namespace() {
-        assert_refused(
-            |s| s.services[0].namespace.clear(),
-            &["service <empty>/cart", "field `namespace` is empty"],
-        );
-    }
-
-    #[test]
-    fn refuses_service_port_zero() {
-        assert_refused(
-            |s| s.services[0].ports[1].port = 0,
-            &["service shop/cart: field `ports[1].port` is 0"],
-        );
-    }
-
-    #[test]
-    fn refuses_service_target_port_zero() {
-        assert_refused(
-            |s| s.services[0].ports[0].target_port = 0,
-            &["service shop/cart: field `ports[0].targetPort` is 0"],
-        );
-    }
-
-    #[test]
-    fn refuses_workload_in_unknown_namespace() {
-        assert_refused(
-            |s| s.workloads[0].namespace = "shoop".into(),
-            &[
-                "workload shoop/cart-7d9: field `namespace`: \"shoop\" is not listed in `namespaces`",
-            ],
-        );
-    }
-
-    #[test]
-    fn refuses_service_in_unknown_namespace() {
-        assert_refused(
-            |s| s.services[0].namespace = "legacyy".into(),
-            &["service legacyy/cart: field `namespace`: \"legacyy\" is not listed"],
-        );
-    }
-
-    #[test]
-    fn serde_round_trip_matches_wire_format() {
-        let decoded: Snapshot = serde_json::from_str(SAMPLE_JSON).expect("SAMPLE_JSON parses");
-        assert_eq!(decoded, sample());
-
-        let encoded = serde_json::to_value(sample()).expect("snapshots serialize");
-        let golden: serde_json::Value =
-            serde_json::from_str(SAMPLE_JSON).expect("SAMPLE_JSON is JSON");
-        assert_eq!(encoded, golden);
-
-        let text = serde_json::to_string(&sample()).expect("snapshots serialize");
-        let back: Snapshot = serde_json::from_str(&text).expect("own output parses");
-        assert_eq!(back, sample());
-    }
-
-    #[test]
-    fn serde_defaults_optional_fields() {
-        let namespace: Namespace =
-            serde_json::from_str(r#"{"name": "shop", "enrolled": true}"#).expect("parses");
-        assert_eq!(namespace.mtls_mode, MtlsMode::Permissive);
-        let snapshot: Snapshot = serde_json::from_str(r#"{"version": 1}"#).expect("parses");
+    fn deltas_upsert_and_remove_and_leave_the_old_model_alone() {
+        let m1 = base();
+        let applied = m1.apply(&delta(
+            2,
+            vec![Resource::Workload(workload(
+                "c",
+                "10.244.1.3",
+                &[("echo", 80, 8080)],
+            ))],
+            vec![Key::new(Kind::Workload, "a")],
+        ));
+        assert!(applied.rejected.is_empty());
+        let m2 = applied.model;
         assert_eq!(
-            snapshot,
-            Snapshot {
-                version: 1,
-                ..Snapshot::default()
+            addrs(&m2, "echo", 80),
+            ["10.244.1.2:8081", "10.244.1.3:8080"]
+        );
+        assert!(m2.workload_by_ip(ip("10.244.1.1")).is_none());
+        // The previous version is untouched.
+        assert_eq!(
+            addrs(&m1, "echo", 80),
+            ["10.244.1.1:8080", "10.244.1.2:8081"]
+        );
+        assert_eq!(
+            applied.changed,
+            [Key::new(Kind::Workload, "a"), Key::new(Kind::Workload, "c")]
+        );
+    }
+
+    #[test]
+    fn a_bad_resource_is_refused_alone_and_the_old_value_kept() {
+        let m1 = base();
+        // b claims a's IP; c is fine.
+        let applied = m1.apply(&delta(
+            2,
+            vec![
+                Resource::Workload(workload("b", "10.244.1.1", &[])),
+                Resource::Workload(workload("c", "10.244.1.3", &[])),
+            ],
+            vec![],
+        ));
+        assert_eq!(applied.rejected.len(), 1);
+        let (key, reason) = &applied.rejected[0];
+        assert_eq!(key, &Key::new(Kind::Workload, "b"));
+        assert!(
+            reason.contains("10.244.1.1 is already used by workload demo/pod-a"),
+            "{reason}"
+        );
+        let m2 = applied.model;
+        assert_eq!(m2.workload("b").map(|w| w.ips[0]), Some(ip("10.244.1.2")));
+        assert!(m2.workload("c").is_some());
+        let ack = applied_ack(&m1, &m2);
+        assert_eq!(ack, (7, 2));
+    }
+
+    fn applied_ack(_: &Model, m: &Model) -> (u64, u64) {
+        (m.epoch(), m.version())
+    }
+
+    #[test]
+    fn ips_can_trade_places_in_one_update() {
+        let applied = base().apply(&delta(
+            2,
+            vec![
+                Resource::Workload(workload("a", "10.244.1.2", &[])),
+                Resource::Workload(workload("b", "10.244.1.1", &[])),
+            ],
+            vec![],
+        ));
+        assert!(applied.rejected.is_empty(), "{:?}", applied.rejected);
+        assert_eq!(
+            applied
+                .model
+                .workload_by_ip(ip("10.244.1.1"))
+                .map(|w| w.uid.as_str()),
+            Some("b")
+        );
+    }
+
+    #[test]
+    fn duplicate_vip_is_refused() {
+        let applied = base().apply(&delta(
+            2,
+            vec![Resource::Service(service("other", "10.96.0.10", &[80]))],
+            vec![],
+        ));
+        assert_eq!(applied.rejected.len(), 1);
+        assert!(applied.rejected[0]
+            .1
+            .contains("10.96.0.10:80 is already served by service demo/echo"));
+        assert!(applied
+            .model
+            .service(&ObjectName::new("demo", "other"))
+            .is_none());
+    }
+
+    #[test]
+    fn an_unchanged_upsert_changes_nothing() {
+        let m1 = base();
+        let applied = m1.apply(&delta(
+            2,
+            vec![Resource::Workload(workload(
+                "a",
+                "10.244.1.1",
+                &[("echo", 80, 8080)],
+            ))],
+            vec![],
+        ));
+        assert!(applied.changed.is_empty());
+        assert_eq!(applied.model.version(), 2);
+    }
+
+    #[test]
+    fn digests_follow_the_content() {
+        let m1 = base();
+        let expected = digests_of(m1.hashes().map(|(k, h)| (k, *h)));
+        assert_eq!(m1.position().buckets, expected.to_vec());
+        let m2 = m1
+            .apply(&delta(2, vec![], vec![Key::new(Kind::Workload, "a")]))
+            .model;
+        assert_ne!(m2.position().buckets, m1.position().buckets);
+        let m3 = m2
+            .apply(&delta(
+                3,
+                vec![Resource::Workload(workload(
+                    "a",
+                    "10.244.1.1",
+                    &[("echo", 80, 8080)],
+                ))],
+                vec![],
+            ))
+            .model;
+        assert_eq!(m3.position().buckets, m1.position().buckets);
+    }
+
+    #[test]
+    fn resync_replaces_only_the_buckets_named() {
+        let m1 = base();
+        let key_a = Key::new(Kind::Workload, "a");
+        let bucket_a = digest::bucket(&key_a) as u32;
+        // The resync names a's bucket and does not resend a: a is gone, the rest stays
+        // unless it shares the bucket.
+        let mut u = update(2, proto::UpdateKind::Resync, vec![], vec![]);
+        u.buckets = vec![bucket_a];
+        let m2 = m1.apply(&u).model;
+        assert!(m2.workload("a").is_none());
+        for (key, _) in m1.hashes() {
+            if digest::bucket(key) as u32 != bucket_a {
+                assert!(m2.hashes.contains_key(key), "{key} kept");
             }
-        );
+        }
     }
 
     #[test]
-    fn serde_rejects_unknown_field() {
-        let typo = SAMPLE_JSON.replacen("\"serviceAccount\"", "\"serviceAcount\"", 1);
-        let error = serde_json::from_str::<Snapshot>(&typo)
-            .expect_err("a misspelt field is refused")
-            .to_string();
-        assert!(error.contains("unknown field `serviceAcount`"), "{error}");
+    fn policies_for_a_workload() {
+        use crate::resource::{Action, Rule};
+        let policy = |name: &str, scope| {
+            Resource::AuthorizationPolicy(AuthorizationPolicy {
+                namespace: "demo".into(),
+                name: name.into(),
+                scope,
+                action: Action::Deny,
+                rules: vec![Rule::default()],
+            })
+        };
+        let mut selected = workload("s", "10.244.1.9", &[]);
+        selected.authorization_policies = vec![ObjectName::new("demo", "chosen")];
+        let m = base()
+            .apply(&delta(
+                2,
+                vec![
+                    policy("wide", Scope::NamespaceWide),
+                    policy("chosen", Scope::Selector),
+                    policy("other", Scope::Selector),
+                    Resource::Workload(selected.clone()),
+                ],
+                vec![],
+            ))
+            .model;
+        let names: Vec<_> = m.policies_for(&selected).map(|p| p.name.clone()).collect();
+        assert_eq!(names, ["wide", "chosen"]);
+        let plain = m.workload("a").expect("a").clone();
+        let names: Vec<_> = m.policies_for(&plain).map(|p| p.name.clone()).collect();
+        assert_eq!(names, ["wide"]);
     }
 }

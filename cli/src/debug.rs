@@ -86,6 +86,7 @@ pub async fn hbone(args: HboneArgs) -> anyhow::Result<String> {
         target: args.target,
         forwarded_for: None,
         traceparent: None,
+        on_behalf_of: None,
     };
     let mut stream = pool.connect(&request).await?;
     stream
@@ -100,6 +101,56 @@ pub async fn hbone(args: HboneArgs) -> anyhow::Result<String> {
         .next()
         .unwrap_or_default()
         .to_owned())
+}
+
+/// Options of `weftctl debug certificate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CertificateArgs {
+    /// The controller (host:port).
+    #[arg(long)]
+    pub controller: String,
+    /// The name in the controller's certificate.
+    #[arg(long, default_value = "weft-controller.weft-system.svc")]
+    pub controller_name: String,
+    /// The roots (PEM) the controller's certificate chains to.
+    #[arg(long)]
+    pub controller_ca: PathBuf,
+    /// The node token to ask with.
+    #[arg(long)]
+    pub token_file: PathBuf,
+    /// The identity to ask for.
+    #[arg(long)]
+    pub identity: Identity,
+}
+
+/// Asks the controller's CA for a leaf as a node-proxy would (a fresh key, a CSR, the
+/// node's token) and says what came back: whether a node may have that identity.
+pub async fn certificate(args: CertificateArgs) -> anyhow::Result<String> {
+    use node_proxy::state::CertSource;
+    let config = node_proxy::config_client::ControllerConfig {
+        addr: args.controller,
+        server_name: args.controller_name,
+        roots: args.controller_ca,
+        token: args.token_file,
+        node: String::new(),
+        waypoint: None,
+    };
+    let ca = node_proxy::config_client::CaClient::new(
+        config.clone(),
+        node_proxy::config_client::channel(&config),
+    );
+    let (cert, bundle) = ca.fetch(&args.identity).await?;
+    let left = cert
+        .not_after
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    Ok(format!(
+        "signed: {} (valid for {} s more; trust bundle of {} root{})",
+        cert.identity,
+        left.as_secs(),
+        bundle.roots().len(),
+        if bundle.roots().len() == 1 { "" } else { "s" }
+    ))
 }
 
 /// Raises this process's open-file limit as far as allowed (the sandbox benchmark holds

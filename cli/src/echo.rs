@@ -51,6 +51,8 @@ pub struct EchoConfig {
     /// Fraction of requests, 0.0 to 1.0, answered with 503; spread evenly and
     /// deterministically over the request sequence.
     pub failure_rate: f64,
+    /// While this file exists every request is answered 503.
+    pub fail_flag: Option<std::path::PathBuf>,
 }
 
 /// Shared by all connections of one server.
@@ -110,7 +112,8 @@ async fn serve_shared(
                 let service = service_fn(move |req| handle(echo.clone(), peer, req));
                 let conn = http1::Builder::new()
                     .keep_alive(true)
-                    .serve_connection(TokioIo::new(stream), service);
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades();
                 let mut conn = std::pin::pin!(conn);
                 let result = tokio::select! {
                     result = conn.as_mut() => result,
@@ -139,6 +142,11 @@ async fn handle(
     let config = &echo.config;
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();
+    if path == "/ws" {
+        let response = websocket(req);
+        log_request(&config.pod, peer, &method, &path, response.status());
+        return Ok(response);
+    }
     let (status, content_type, body) = if path == "/healthz" {
         (StatusCode::OK, "text/plain", Bytes::from_static(b"ok"))
     } else {
@@ -148,7 +156,8 @@ async fn handle(
         let mut body = req.into_body();
         while let Some(Ok(_)) = body.frame().await {}
         tokio::time::sleep(config.latency).await;
-        let status = if fails(n, config.failure_rate) {
+        let flagged = config.fail_flag.as_ref().is_some_and(|f| f.exists());
+        let status = if flagged || fails(n, config.failure_rate) {
             StatusCode::SERVICE_UNAVAILABLE
         } else {
             StatusCode::OK
@@ -172,6 +181,65 @@ async fn handle(
         header::HeaderValue::from_static(content_type),
     );
     Ok(response)
+}
+
+/// `/ws`: a WebSocket echo (RFC 6455 handshake, then every text or binary message is
+/// sent back as it came). 400 for a request that is not a WebSocket upgrade.
+fn websocket(mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let key = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|k| derive_accept_key(k.as_bytes()));
+    let upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    let (Some(accept), true) = (key, upgrade) else {
+        let mut r = Response::new(Full::new(Bytes::from_static(
+            b"a WebSocket upgrade is expected\n",
+        )));
+        *r.status_mut() = StatusCode::BAD_REQUEST;
+        return r;
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        use futures::{SinkExt, StreamExt};
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.is_text() || msg.is_binary() {
+                if ws.send(msg).await.is_err() {
+                    break;
+                }
+            } else if msg.is_close() {
+                break;
+            }
+        }
+    });
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(
+        header::UPGRADE,
+        header::HeaderValue::from_static("websocket"),
+    );
+    h.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("Upgrade"),
+    );
+    if let Ok(v) = header::HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    r
 }
 
 /// Whether request `n` (from 0) fails: exactly floor(count * rate) of the first `count`
@@ -226,6 +294,7 @@ mod tests {
             version: "v2".into(),
             latency,
             failure_rate,
+            fail_flag: None,
         }
     }
 

@@ -1,5 +1,10 @@
-//! weftctl: the local sandbox, the demo echo app, and node-proxy for the sandbox.
+//! weftctl: the local sandbox, `weftctl check`, the demo echo app, and node-proxy and
+//! the controller for the sandbox.
 
+pub mod check;
+pub mod cni;
 pub mod debug;
 pub mod echo;
+pub mod grpc;
+pub mod prometheus;
 pub mod sandbox;

@@ -1,4 +1,5 @@
-//! weftctl: runs the local sandbox, the demo echo app, and (for the sandbox) node-proxy.
+//! weftctl: runs the local sandbox, checks manifests, runs the demo echo app, and (for
+//! the sandbox) node-proxy and the controller.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -41,11 +42,28 @@ enum Cmd {
         /// Fraction of requests answered 503 (0.0 to 1.0).
         #[arg(long, default_value_t = 0.0)]
         failure_rate: f64,
+        /// Answer every request 503 while the file `<DIR>/<pod name>` exists, so a test
+        /// can make one replica fail and recover.
+        #[arg(long, value_name = "DIR")]
+        fail_while_exists: Option<std::path::PathBuf>,
+        /// Also serve the gRPC service weft.echo.v1.Echo (plaintext HTTP/2) on this port.
+        #[arg(long)]
+        grpc_port: Option<u16>,
     },
     /// Tools for poking at a mesh by hand.
     Debug {
         #[command(subcommand)]
         command: Debug,
+    },
+    /// Checks manifest directories as the controller reads them: prints every problem
+    /// (file, object, field, reason) and exits non-zero if there is any.
+    Check {
+        /// Directories of manifests (a later one overrides objects of earlier ones).
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// The SPIFFE trust domain.
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
     },
     /// Runs node-proxy (the sandbox starts it this way).
     #[command(hide = true)]
@@ -53,17 +71,54 @@ enum Cmd {
         #[command(flatten)]
         config: node_proxy::Config,
     },
+    /// Runs the controller (the sandbox starts it this way).
+    #[command(hide = true)]
+    Controller {
+        #[command(flatten)]
+        config: controller::Config,
+    },
+    /// Runs a waypoint (the sandbox starts it this way, for each Gateway of class
+    /// weft-waypoint).
+    #[command(hide = true)]
+    Waypoint {
+        #[command(flatten)]
+        config: waypoint::Config,
+    },
 }
 
 #[derive(Subcommand)]
 enum Debug {
     /// Opens one HBONE stream with any identity the CA can mint and prints the answer.
     Hbone(weft_cli::debug::HboneArgs),
+    /// Asks the controller for a workload certificate as a node-proxy would.
+    Certificate(weft_cli::debug::CertificateArgs),
     /// A TCP echo server (benchmark target).
     TcpEcho {
         /// Port.
         #[arg(long, default_value_t = 9000)]
         port: u16,
+    },
+    /// One gRPC call to weft.echo.v1.Echo (unary, or server-streaming with --stream N);
+    /// prints the replies or the status as JSON.
+    Grpc {
+        /// The server, e.g. http://echo:9090.
+        #[arg(long)]
+        to: String,
+        /// The message ("fail:<code>" makes the server answer that status).
+        #[arg(long, default_value = "hello")]
+        message: String,
+        /// Replies to ask for in one server-streaming call; 0 makes a unary call.
+        #[arg(long, default_value_t = 0)]
+        stream: u32,
+    },
+    /// A WebSocket client: sends text messages and checks each comes back; prints JSON.
+    Websocket {
+        /// e.g. ws://echo/ws.
+        #[arg(long)]
+        to: String,
+        /// Messages to send.
+        #[arg(long, default_value_t = 10)]
+        messages: u32,
     },
     /// One-byte ping-pong latency to a TCP echo server; prints p50 and p99 in µs.
     Pingpong {
@@ -115,6 +170,30 @@ enum Local {
         /// Stop after this many seconds (default: run until Ctrl-C).
         #[arg(long)]
         duration: Option<u64>,
+        /// Lifetime of workload certificates, e.g. 24h or 30s (renewed at half-life).
+        #[arg(long)]
+        leaf_ttl: Option<String>,
+        /// Waypoints export a span per request to this OTLP/gRPC endpoint, e.g.
+        /// http://127.0.0.1:4317.
+        #[arg(long)]
+        otlp_endpoint: Option<String>,
+        /// Runs Prometheus (Debian's `prometheus`) scraping the sandbox every second and
+        /// prints its URL; `--prometheus=127.0.0.1:9090` picks its address (default: a
+        /// free loopback port).
+        #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "127.0.0.1:0")]
+        prometheus: Option<std::net::SocketAddr>,
+    },
+    /// Stops or starts a running sandbox's controller (the mesh serves on meanwhile).
+    Controller {
+        /// `stop` or `start`.
+        #[arg(value_parser = ["stop", "start"])]
+        action: String,
+        /// Sandbox name.
+        #[arg(long, default_value = "weft")]
+        name: String,
+        /// State directory (default /run/weft/sandbox/<name>).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// Removes a sandbox (also one whose `up` was killed).
     Down {
@@ -161,7 +240,12 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     weft_cli::debug::raise_fd_limit();
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Cmd::Waypoint { config } = &cli.command {
+        builder.worker_threads(config.worker_threads.max(1));
+    }
+    let runtime = builder.build().context("cannot start the async runtime")?;
     runtime.block_on(run(cli))
 }
 
@@ -170,9 +254,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     node_proxy::cancel_on_signals(shutdown.clone())?;
     match cli.command {
         Cmd::NodeProxy { config } => node_proxy::run(config, shutdown).await,
+        Cmd::Controller { config } => controller::run(config, shutdown).await,
+        Cmd::Waypoint { config } => waypoint::run(config, shutdown).await,
+        Cmd::Check { dirs, trust_domain } => {
+            let problems = weft_cli::check::check(&dirs, &trust_domain)?;
+            if problems > 0 {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Cmd::Debug { command } => match command {
             Debug::Hbone(args) => {
                 println!("{}", weft_cli::debug::hbone(args).await?);
+                Ok(())
+            }
+            Debug::Certificate(args) => {
+                println!("{}", weft_cli::debug::certificate(args).await?);
                 Ok(())
             }
             Debug::TcpEcho { port } => weft_cli::debug::tcp_echo(port).await,
@@ -187,23 +284,52 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
             Debug::Hold { to, count } => weft_cli::debug::hold(to, count).await,
+            Debug::Websocket { to, messages } => {
+                println!("{}", weft_cli::grpc::websocket(&to, messages).await?);
+                Ok(())
+            }
+            Debug::Grpc {
+                to,
+                message,
+                stream,
+            } => {
+                println!("{}", weft_cli::grpc::call(&to, &message, stream).await?);
+                Ok(())
+            }
         },
         Cmd::Echo {
             port,
             version,
             latency_ms,
             failure_rate,
+            fail_while_exists,
+            grpc_port,
         } => {
             let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
                 .await
                 .with_context(|| format!("cannot listen on port {port}"))?;
+            let pod = std::env::var("POD_NAME").unwrap_or_else(|_| "echo".into());
             let config = EchoConfig {
-                pod: std::env::var("POD_NAME").unwrap_or_else(|_| "echo".into()),
+                fail_flag: fail_while_exists.map(|dir| dir.join(&pod)),
+                pod,
                 namespace: std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into()),
                 version,
                 latency: Duration::from_millis(latency_ms),
                 failure_rate,
             };
+            if let Some(port) = grpc_port {
+                let grpc = weft_cli::grpc::GrpcEcho {
+                    pod: config.pod.clone(),
+                    version: config.version.clone(),
+                };
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    let addr = std::net::SocketAddr::from(([0, 0, 0, 0], port));
+                    if let Err(e) = weft_cli::grpc::serve(addr, grpc, shutdown).await {
+                        tracing::error!("gRPC echo on port {port} stopped: {e}");
+                    }
+                });
+            }
             weft_cli::echo::serve(listener, config, shutdown).await
         }
         Cmd::Local { command } => match command {
@@ -214,6 +340,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 admin_base_port,
                 summary_every,
                 duration,
+                leaf_ttl,
+                otlp_endpoint,
+                prometheus,
             } => {
                 let opts = sandbox::UpOptions {
                     state_dir: state_dir.unwrap_or_else(|| sandbox::default_state_dir(&name)),
@@ -223,12 +352,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     summary_every: (summary_every > 0).then(|| Duration::from_secs(summary_every)),
                     duration: duration.map(Duration::from_secs),
                     exe: std::env::current_exe().context("cannot find weftctl's own path")?,
+                    leaf_ttl,
+                    otlp_endpoint,
+                    prometheus,
                 };
                 sandbox::up(opts, shutdown).await
             }
             Local::Down { name, state_dir } => {
                 let dir = state_dir.unwrap_or_else(|| sandbox::default_state_dir(&name));
                 sandbox::down(&name, &dir)
+            }
+            Local::Controller {
+                action,
+                name,
+                state_dir,
+            } => {
+                let dir = state_dir.unwrap_or_else(|| sandbox::default_state_dir(&name));
+                sandbox::controller(&dir, action == "start")
             }
             Local::Upgrade { name, state_dir } => {
                 let dir = state_dir.unwrap_or_else(|| sandbox::default_state_dir(&name));

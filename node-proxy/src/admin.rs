@@ -78,7 +78,11 @@ impl Admin {
                     .expect("status lock is never poisoned")
                     .clone();
                 if status.loaded {
-                    respond(StatusCode::OK, "text/plain", "ready\n")
+                    respond(
+                        StatusCode::OK,
+                        "text/plain",
+                        format!("ready: model version {}\n", status.version),
+                    )
                 } else {
                     let why = status
                         .last_error
@@ -95,7 +99,7 @@ impl Admin {
                 let dump = serde_json::json!({
                     "node": self.ctx.node,
                     "modelStatus": *self.ctx.model_status.lock().expect("status lock is never poisoned"),
-                    "model": model.snapshot(),
+                    "model": &**model,
                     "pods": self.pods.list().await,
                     "identitiesHeld": self.ctx.identities.held(),
                     "hboneConnections": self.ctx.pool.connections(),

@@ -44,8 +44,9 @@ use tracing::warn;
 pub const PROTOCOL_VERSION: u32 = 1;
 /// The largest message, header included.
 pub const MAX_MESSAGE: usize = 64 * 1024;
-/// How long [`HandoffClient`] waits for each reply.
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`HandoffClient`] waits for each reply: longer than node-proxy waits for a
+/// pod's workload to reach the model (10 s by default).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 /// The most descriptors Linux attaches to one message (`SCM_MAX_FD`). The receive buffer
 /// has room for all of them: were it truncated, the descriptors that did arrive could not
 /// be listed, so not closed.

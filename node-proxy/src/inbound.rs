@@ -1,20 +1,22 @@
 //! Inbound: HBONE streams on 15008 and plaintext connections captured on 15006, both
-//! delivered to the application with the client's own source address.
+//! checked against authorization policy and delivered to the application with the
+//! client's own source address.
 //!
 //! HBONE binds identity to address: the certificate the peer proved must belong to the
 //! workload that owns the connection's source IP, so a certificate stolen from one pod
 //! is useless from another. Plaintext from outside the mesh is allowed unless the pod's
-//! namespace is in STRICT mode.
+//! namespace is in STRICT mode. Allowed connections stay registered with the pod, so a
+//! policy change that no longer allows one closes it ([`crate::authz`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use api::MtlsMode;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 use tunnel::hbone::{Handler, InboundRequest, Refusal};
 
-use crate::metrics::ConnLabels;
+use crate::authz::{self, Peer};
+use crate::metrics::{Close, ConnLabels, PolicyLabels};
 use crate::netns::original_dst;
 use crate::outbound::reset;
 use crate::proxy::{Ctx, Pod};
@@ -27,12 +29,12 @@ pub struct Hbone {
     pub pod: Arc<Pod>,
 }
 
-/// Connects to the application at `target` from `client`'s address.
 /// How long the connection to the application may take. Shorter than the client side's
 /// wait for a CONNECT answer (10 s), so a full accept queue is answered with a 503
 /// instead of holding the stream until the kernel gives up (~2 minutes).
 const APP_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Connects to the application at `target` from `client`'s address.
 async fn connect_app(
     pod: &Pod,
     client: SocketAddr,
@@ -47,6 +49,31 @@ async fn connect_app(
                 format!("no answer from {target} within {APP_CONNECT_TIMEOUT:?}"),
             )
         })?
+}
+
+/// Logs and counts a connection authorization refused.
+fn denied(ctx: &Ctx, pod: &Pod, peer: &Peer, why: &authz::Refused, when: &'static str) {
+    let source = peer.source;
+    let principal = peer
+        .identity
+        .as_ref()
+        .map_or_else(|| "plaintext".to_owned(), ToString::to_string);
+    match when {
+        "connect" => {
+            info!(pod = %pod.name(), %source, %principal, port = peer.port, policy = %why.policy(), "connection denied: {why}")
+        }
+        _ => {
+            info!(pod = %pod.name(), %source, %principal, port = peer.port, policy = %why.policy(), "open connection closed: {why}")
+        }
+    }
+    ctx.metrics
+        .denied
+        .get_or_create(&PolicyLabels {
+            policy: why.policy(),
+            reason: why.reason(),
+            when,
+        })
+        .inc();
 }
 
 impl Handler for Hbone {
@@ -80,9 +107,46 @@ impl Handler for Hbone {
             ctx.metrics.refuse("identity_mismatch");
             return request.refuse(Refusal::Denied);
         }
-        let (src_name, src_ns) = owner.map(|(n, ns, _)| (n, ns)).unwrap_or_default();
-        let target = request.target;
+        let Some(_permits) = pod.stream_permits(ctx) else {
+            ctx.metrics.refuse("limit");
+            return request.refuse_because(Refusal::Unreachable, Some("connection limit reached"));
+        };
         let client = SocketAddr::new(src_ip, request.peer_addr.port());
+        let target = request.target;
+        // A waypoint forwards for its clients: authorization and metrics see the client
+        // it names, which it proved to the waypoint. Anyone else's claim is ignored.
+        let behalf = match &request.on_behalf_of {
+            Some(claim) if ctx.model.load().is_waypoint_ip(src_ip) => {
+                match claim.parse::<tunnel::identity::Identity>() {
+                    Ok(id) => Some(id),
+                    Err(e) => {
+                        warn!(pod = %pod.name(), %peer, "waypoint sent an invalid source principal: {e}");
+                        ctx.metrics.refuse("bad_source_principal");
+                        return request.refuse(Refusal::Denied);
+                    }
+                }
+            }
+            _ => None,
+        };
+        let via_waypoint = behalf.is_some();
+        let who = Peer {
+            identity: Some(behalf.unwrap_or_else(|| peer.clone())),
+            source: client,
+            port: target.port(),
+            via_waypoint,
+        };
+        let principal = who
+            .identity
+            .as_ref()
+            .map_or_else(String::new, ToString::to_string);
+        let decision = authz::decide(&ctx.model.load(), &pod.info.uid, &pod.info.namespace, &who);
+        if let Err(why) = decision {
+            denied(ctx, pod, &who, &why, "connect");
+            ctx.metrics.refuse("denied");
+            return request.refuse(Refusal::Denied);
+        }
+        let registered = pod.conns.register(who);
+        let (src_name, src_ns) = owner.map(|(n, ns, _)| (n, ns)).unwrap_or_default();
         let app = match Box::pin(connect_app(pod, client, target)).await {
             Ok(s) => s,
             Err(e) => {
@@ -92,24 +156,33 @@ impl Handler for Hbone {
         let Ok(stream) = request.accept() else {
             return;
         };
-        let guard = ctx.metrics.open(ConnLabels {
-            direction: "inbound",
-            source_workload: src_name,
-            source_namespace: src_ns,
-            source_principal: peer.to_string(),
-            destination_workload: pod.info.name.clone(),
-            destination_namespace: pod.info.namespace.clone(),
-            destination_principal: pod.tls.identity().to_string(),
-            destination_service: String::new(),
-            connection_security_policy: "mutual_tls",
-        });
+        let guard = ctx.metrics.open(
+            ConnLabels {
+                direction: "inbound",
+                source_workload: src_name,
+                source_namespace: src_ns,
+                source_principal: principal,
+                destination_workload: pod.info.name.clone(),
+                destination_namespace: pod.info.namespace.clone(),
+                destination_principal: pod.tls.identity().to_string(),
+                destination_service: String::new(),
+                connection_security_policy: "mutual_tls",
+            },
+            client,
+            target,
+        );
         // The TCP side is the destination: what the stream delivers is what the client sent.
-        if let Err(e) = stream
-            .copy_bidirectional_counted(app, &guard.tunnel(false))
-            .await
-        {
-            debug!(%target, "inbound stream ended: {e}");
-        }
+        let progress = guard.tunnel(false);
+        let close = tokio::select! {
+            copied = stream.copy_bidirectional_counted(app, &progress) => {
+                if let Err(e) = &copied {
+                    debug!(%target, "inbound stream ended: {e}");
+                }
+                Close::of(&copied)
+            }
+            _ = registered.closed() => Close::Denied,
+        };
+        guard.finish(close);
     }
 }
 
@@ -118,21 +191,28 @@ pub async fn serve_plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, client: TcpStream) {
     let (Ok(target), Ok(src)) = (original_dst(&client), client.peer_addr()) else {
         return;
     };
-    let _ = client.set_nodelay(true);
-    let strict = ctx
-        .model
-        .load()
-        .namespace(&pod.info.namespace)
-        .is_some_and(|ns| ns.mtls_mode == MtlsMode::Strict);
-    if strict {
-        info!(
-            pod = %pod.name(), source = %src, %target,
-            "plaintext connection refused: namespace {} requires mTLS (STRICT)", pod.info.namespace
-        );
-        ctx.metrics.refuse("strict_mtls");
+    // Not redirected (made to 15006 itself): delivering it would loop back here.
+    if client.local_addr().ok() == Some(target) {
         reset(&client);
         return;
     }
+    let _ = client.set_nodelay(true);
+    let who = Peer {
+        identity: None,
+        source: src,
+        port: target.port(),
+        via_waypoint: false,
+    };
+    if let Err(why) = authz::decide(&ctx.model.load(), &pod.info.uid, &pod.info.namespace, &who) {
+        denied(&ctx, &pod, &who, &why, "connect");
+        ctx.metrics.refuse(match why {
+            authz::Refused::StrictMtls => "strict_mtls",
+            authz::Refused::Policy(_) => "denied",
+        });
+        reset(&client);
+        return;
+    }
+    let registered = pod.conns.register(who);
     let (src_name, src_ns) = ctx
         .model
         .load()
@@ -147,18 +227,45 @@ pub async fn serve_plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, client: TcpStream) {
             return;
         }
     };
-    let guard = ctx.metrics.open(ConnLabels {
-        direction: "inbound",
-        source_workload: src_name,
-        source_namespace: src_ns,
-        source_principal: String::new(),
-        destination_workload: pod.info.name.clone(),
-        destination_namespace: pod.info.namespace.clone(),
-        destination_principal: pod.tls.identity().to_string(),
-        destination_service: String::new(),
-        connection_security_policy: "none",
-    });
-    if let Err(e) = crate::relay::relay(client, app, guard.sent(), guard.received()).await {
-        debug!(%target, "inbound plaintext connection ended: {e}");
+    let guard = ctx.metrics.open(
+        ConnLabels {
+            direction: "inbound",
+            source_workload: src_name,
+            source_namespace: src_ns,
+            source_principal: String::new(),
+            destination_workload: pod.info.name.clone(),
+            destination_namespace: pod.info.namespace.clone(),
+            destination_principal: pod.tls.identity().to_string(),
+            destination_service: String::new(),
+            connection_security_policy: "none",
+        },
+        src,
+        target,
+    );
+    // The client is the source.
+    let progress = guard.tunnel(true);
+    let close = tokio::select! {
+        relayed = crate::relay::relay(client, app, &progress) => {
+            if let Err(e) = &relayed {
+                debug!(%target, "inbound plaintext connection ended: {e}");
+            }
+            Close::of(&relayed)
+        }
+        _ = registered.closed() => Close::Denied,
+    };
+    guard.finish(close);
+}
+
+/// Re-checks every open inbound connection of `pods` against the current model and
+/// closes those it no longer allows.
+pub fn recheck(ctx: &Ctx, pods: &[Arc<Pod>]) {
+    let model = ctx.model.load();
+    for pod in pods {
+        for (peer, why) in pod
+            .conns
+            .recheck(&model, &pod.info.uid, &pod.info.namespace)
+        {
+            denied(ctx, pod, &peer, &why, "recheck");
+        }
     }
 }

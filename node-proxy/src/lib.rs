@@ -10,11 +10,19 @@
 //!  non-mesh client --> 15006 plaintext --(refused in STRICT)--> app
 //! ```
 //!
+//! The model and certificates come from the controller ([`config_client`]): one
+//! subscription keeps the model current (served from the last good one while the
+//! controller is away), and each pod identity's leaf is signed by the controller's CA.
+//! node-proxy holds no CA key.
+//!
 //! Modules follow the data path: [`handoff`] (pods in), [`netns`] and [`redirect`]
-//! (namespaces and capture rules), [`outbound`], [`inbound`], [`state`] (model and
-//! certificates), [`metrics`], [`admin`], and [`proxy`] tying them together.
+//! (namespaces and capture rules), [`outbound`], [`inbound`] and [`authz`] (policy),
+//! [`state`] (model and certificates), [`config_client`] (the controller),
+//! [`metrics`], [`admin`], and [`proxy`] tying them together.
 
 pub mod admin;
+pub mod authz;
+pub mod config_client;
 pub mod handoff;
 pub mod inbound;
 pub mod metrics;
@@ -39,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::proxy::{Ctx, Limits, Pods};
-use crate::state::{Identities, LocalCa, ModelFile, ModelSource, ModelStatus};
+use crate::state::{Identities, ModelStatus};
 
 /// node-proxy's configuration, from flags or environment variables.
 #[derive(Debug, Clone, clap::Args)]
@@ -54,15 +62,34 @@ pub struct Config {
         default_value = "/run/weft/handoff.sock"
     )]
     pub handoff: PathBuf,
-    /// The mesh model file (JSON), re-read when it changes.
-    #[arg(long, env = "WEFT_MODEL")]
-    pub model: PathBuf,
-    /// The CA certificate (PEM) that signs workload leaves.
-    #[arg(long, env = "WEFT_CA_CERT")]
-    pub ca_cert: PathBuf,
-    /// The CA private key (PEM).
-    #[arg(long, env = "WEFT_CA_KEY")]
-    pub ca_key: PathBuf,
+    /// The controller (host:port), for the mesh model and certificates.
+    #[arg(
+        long,
+        env = "WEFT_CONTROLLER",
+        default_value = "weft-controller.weft-system.svc:15012"
+    )]
+    pub controller: String,
+    /// The name the controller's certificate carries.
+    #[arg(
+        long,
+        env = "WEFT_CONTROLLER_NAME",
+        default_value = "weft-controller.weft-system.svc"
+    )]
+    pub controller_name: String,
+    /// The roots (PEM) the controller's certificate chains to: the mesh root, public.
+    #[arg(
+        long,
+        env = "WEFT_CONTROLLER_CA",
+        default_value = "/var/run/weft/root.pem"
+    )]
+    pub controller_ca: PathBuf,
+    /// The token this node authenticates to the controller with (re-read on use).
+    #[arg(
+        long,
+        env = "WEFT_TOKEN_FILE",
+        default_value = "/var/run/secrets/weft/token"
+    )]
+    pub token_file: PathBuf,
     /// The SPIFFE trust domain.
     #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
@@ -72,50 +99,86 @@ pub struct Config {
     /// Seconds open connections may finish after SIGTERM.
     #[arg(long, env = "WEFT_DRAIN_GRACE", default_value_t = 5)]
     pub drain_grace: u64,
-    /// Connections one listener serves at once.
+    /// Connections one listener serves at once (for HBONE: proxied streams).
     #[arg(long, env = "WEFT_MAX_CONNECTIONS", default_value_t = 65536)]
     pub max_connections: usize,
+    /// Proxied connections the whole node-proxy serves at once.
+    #[arg(long, env = "WEFT_MAX_NODE_CONNECTIONS", default_value_t = 262_144)]
+    pub max_node_connections: usize,
+    /// Seconds a pod handed over waits for its workload to reach the model.
+    #[arg(long, env = "WEFT_POD_WAIT", default_value_t = 10)]
+    pub pod_wait: u64,
+    /// Access-log lines (one per connection on close, JSON on stdout) written per second
+    /// at most; lines over the rate are dropped and counted. 0 switches the log off.
+    #[arg(long, env = "WEFT_ACCESS_LOG_RATE", default_value_t = 1000)]
+    pub access_log_rate: u32,
 }
+
+/// How long node-proxy waits for its first model before taking over or serving.
+const FIRST_MODEL_WAIT: Duration = Duration::from_secs(10);
 
 /// Runs node-proxy until `shutdown`, then drains.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let read = |p: &PathBuf| {
-        std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
-    };
-    let ca_cert = read(&config.ca_cert)?;
-    let ca = LocalCa::from_pem(&ca_cert, &read(&config.ca_key)?, &ca_cert)
-        .map_err(|e| anyhow::anyhow!("CA from {}: {e}", config.ca_cert.display()))?;
-
     let mut registry = Registry::default();
     let tunnel_metrics = tunnel::metrics::Metrics::new(&mut registry);
-    let metrics = metrics::Metrics::new(&mut registry);
+    let log = match config.access_log_rate {
+        0 => tunnel::access_log::LogWriter::off(),
+        rate => tunnel::access_log::LogWriter::start(rate)
+            .context("cannot start the access log's writer")?,
+    };
+    let metrics = metrics::Metrics::new(&mut registry, log);
+    let config_metrics = config_client::ConfigMetrics::new(&mut registry);
 
     let status = Arc::new(Mutex::new(ModelStatus::default()));
-    let source = ModelFile {
-        path: config.model.clone(),
-        interval: Duration::from_millis(250),
-        status: status.clone(),
+    let model = Arc::new(ArcSwap::from_pointee(api::Model::default()));
+    let controller = config_client::ControllerConfig {
+        addr: config.controller.clone(),
+        server_name: config.controller_name.clone(),
+        roots: config.controller_ca.clone(),
+        token: config.token_file.clone(),
+        node: config.node.clone(),
+        waypoint: None,
     };
-    let model = Arc::new(ArcSwap::from_pointee(
-        api::Model::new(api::Snapshot::default()).context("empty model")?,
-    ));
-    tokio::spawn(Box::new(source).run(model.clone(), shutdown.clone()));
-
+    let channel = config_client::channel(&controller);
+    let ca = config_client::CaClient::new(controller.clone(), channel.clone());
     let identities = Identities::new(Arc::new(ca), shutdown.clone());
+    registry.register(
+        "weft_certificate_rotations",
+        "Workload certificates renewed before expiry",
+        identities.rotations.clone(),
+    );
+    registry.register_collector(Box::new(state::ExpiryCollector(identities.clone())));
+    registry.register_collector(Box::new(tunnel::process::ProcessCollector));
+    let (changed_tx, changed_rx) = tokio::sync::watch::channel(config_client::Changed::default());
+    let subscription = config_client::Subscription {
+        config: controller,
+        channel,
+        model: model.clone(),
+        status: status.clone(),
+        changed: changed_tx,
+        identities: identities.clone(),
+        metrics: config_metrics,
+    };
+    tokio::spawn(subscription.run(shutdown.clone()));
+
     let ctx = Ctx::new(
         config.node.clone(),
         config.trust_domain.clone(),
         model,
         status.clone(),
+        changed_rx,
         identities,
         tunnel_metrics,
         metrics,
         Limits {
             max_connections: config.max_connections,
+            max_node_connections: config.max_node_connections,
             drain_grace: Duration::from_secs(config.drain_grace),
+            pod_wait: Duration::from_secs(config.pod_wait),
         },
     );
     let pods = Pods::new(ctx.clone());
+    tokio::spawn(pods.clone().enforce_changes(shutdown.clone()));
 
     if let Some(dir) = config.handoff.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -124,7 +187,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // would not match their source and services would not resolve.
     let loaded = tokio::select! {
         _ = shutdown.cancelled() => return Ok(()),
-        waited = tokio::time::timeout(Duration::from_secs(5), async {
+        waited = tokio::time::timeout(FIRST_MODEL_WAIT, async {
             while !status.lock().expect("status lock is never poisoned").loaded {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -142,8 +205,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     if !loaded {
         warn!(
-            "no model loaded from {} after 5 s; starting without one",
-            config.model.display()
+            controller = %config.controller,
+            "no model from the controller after {} s; starting without one (pods wait for it)",
+            FIRST_MODEL_WAIT.as_secs()
         );
     }
     let (predecessor, handed) = match takeover {

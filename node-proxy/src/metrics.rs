@@ -1,9 +1,21 @@
-//! Per-connection series with the mesh's standard labels.
+//! Per-connection series with the mesh's standard labels, and the connection access log.
+//!
+//! Byte counters read as Istio's standard metrics do: `weft_tcp_sent_bytes_total` is the
+//! response direction (destination to source), `weft_tcp_received_bytes_total` the
+//! request direction, so queries written for `istio_tcp_*_bytes_total` read the same.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tunnel::access_log::{rfc3339, LogWriter};
 use tunnel::hbone::Progress;
 
 /// Who talked to whom, as Prometheus labels.
@@ -32,29 +44,101 @@ pub struct ConnLabels {
 /// Why an inbound connection was refused, as a label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabels {
-    /// `identity_mismatch`, `strict_mtls`, `unknown_source`, `unreachable`.
+    /// `identity_mismatch`, `strict_mtls`, `denied`, `limit`.
     pub reason: &'static str,
 }
 
+/// One label, `kind`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// What kind.
+    pub kind: String,
+}
+
+/// Counts one `kind` in `family`.
+pub fn count(family: &Family<KindLabels, Counter>, kind: &str) {
+    family
+        .get_or_create(&KindLabels {
+            kind: kind.to_owned(),
+        })
+        .inc();
+}
+
+/// An authorization outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    /// `namespace/name` of the policy that decided.
+    pub policy: String,
+    /// `deny_policy` or `no_allow_match`.
+    pub reason: &'static str,
+    /// `connect` (refused when opened) or `recheck` (closed when a policy changed).
+    pub when: &'static str,
+}
+
 /// node-proxy's connection series.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone)]
 pub struct Metrics {
     /// TCP connections opened.
     pub opened: Family<ConnLabels, Counter>,
     /// TCP connections closed.
     pub closed: Family<ConnLabels, Counter>,
-    /// Bytes from source to destination.
+    /// Bytes of the response direction, destination to source (Istio's
+    /// `istio_tcp_sent_bytes_total`).
     pub sent: Family<ConnLabels, Counter>,
-    /// Bytes from destination to source.
+    /// Bytes of the request direction, source to destination (Istio's
+    /// `istio_tcp_received_bytes_total`).
     pub received: Family<ConnLabels, Counter>,
     /// Inbound connections refused.
     pub refused: Family<RefusalLabels, Counter>,
+    /// Connections denied by authorization policy, when opened or later.
+    pub denied: Family<PolicyLabels, Counter>,
+    /// Pod handoffs refused, by reason.
+    pub pod_refusals: Family<KindLabels, Counter>,
+    /// Connections refused because a connection limit was reached, by limit.
+    pub limited: Family<KindLabels, Counter>,
+    /// One line per connection on close.
+    pub log: LogWriter,
+    /// Each series' labels and counters, shared by the connections of that series: an
+    /// open connection holds one `Arc`, not a copy of its label strings. Grows with the
+    /// series, as the families do.
+    series: Arc<Mutex<HashMap<ConnLabels, Arc<Series>>>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::with_log(LogWriter::off())
+    }
+}
+
+/// One series: its labels and its counters.
+struct Series {
+    labels: ConnLabels,
+    sent: Counter,
+    received: Counter,
+    closed: Counter,
 }
 
 impl Metrics {
-    /// Creates and registers the series under `weft_`.
-    pub fn new(registry: &mut Registry) -> Self {
-        let m = Metrics::default();
+    /// Series that log nothing (tests, tools).
+    fn with_log(log: LogWriter) -> Self {
+        Metrics {
+            opened: Family::default(),
+            closed: Family::default(),
+            sent: Family::default(),
+            received: Family::default(),
+            refused: Family::default(),
+            denied: Family::default(),
+            pod_refusals: Family::default(),
+            limited: Family::default(),
+            log,
+            series: Arc::default(),
+        }
+    }
+
+    /// Creates and registers the series under `weft_`, with `log` as the access log.
+    pub fn new(registry: &mut Registry, log: LogWriter) -> Self {
+        let m = Metrics::with_log(log);
+        m.log.register(registry);
         let r = registry.sub_registry_with_prefix("weft");
         r.register(
             "tcp_connections_opened",
@@ -68,18 +152,33 @@ impl Metrics {
         );
         r.register(
             "tcp_sent_bytes",
-            "Bytes sent from source to destination",
+            "Bytes of the response direction, destination to source (as istio_tcp_sent_bytes_total)",
             m.sent.clone(),
         );
         r.register(
             "tcp_received_bytes",
-            "Bytes sent from destination back to source",
+            "Bytes of the request direction, source to destination (as istio_tcp_received_bytes_total)",
             m.received.clone(),
         );
         r.register(
             "inbound_refusals",
             "Inbound connections refused, by reason",
             m.refused.clone(),
+        );
+        r.register(
+            "authorization_denials",
+            "Connections denied by authorization policy, by policy, reason and when",
+            m.denied.clone(),
+        );
+        r.register(
+            "pod_refusals",
+            "Pods handed over that node-proxy refused to serve, by reason",
+            m.pod_refusals.clone(),
+        );
+        r.register(
+            "connection_limit_refusals",
+            "Connections refused at a connection limit, by limit (listener, node)",
+            m.limited.clone(),
         );
         m
     }
@@ -89,30 +188,83 @@ impl Metrics {
         self.refused.get_or_create(&RefusalLabels { reason }).inc();
     }
 
-    /// Counts an opened connection and returns a guard that counts its bytes as they
-    /// move and its close when dropped.
-    pub fn open(&self, labels: ConnLabels) -> ConnGuard {
+    /// Counts an opened connection from `source` to `destination` and returns a guard
+    /// that counts its bytes as they move, and its close (with an access-log line) when
+    /// finished or dropped.
+    pub fn open(
+        &self,
+        labels: ConnLabels,
+        source: SocketAddr,
+        destination: SocketAddr,
+    ) -> ConnGuard {
         self.opened.get_or_create(&labels).inc();
-        // The guard keeps the series' counters, not the labels: one copy of the label
-        // strings per series instead of one per open connection.
+        let series = {
+            let mut all = self.series.lock().unwrap_or_else(|e| e.into_inner());
+            match all.get(&labels) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = Arc::new(Series {
+                        sent: self.sent.get_or_create(&labels).clone(),
+                        received: self.received.get_or_create(&labels).clone(),
+                        closed: self.closed.get_or_create(&labels).clone(),
+                        labels: labels.clone(),
+                    });
+                    all.insert(labels, s.clone());
+                    s
+                }
+            }
+        };
         ConnGuard {
-            sent: self.sent.get_or_create(&labels).clone(),
-            received: self.received.get_or_create(&labels).clone(),
-            closed: self.closed.get_or_create(&labels).clone(),
+            series,
+            log: self.log.clone(),
+            source,
+            destination,
+            started: Instant::now(),
+            request: AtomicU64::new(0),
+            response: AtomicU64::new(0),
+            reason: None,
         }
     }
 }
 
-/// One open connection's counters: bytes as they move, its close when dropped.
+/// One open connection: its bytes as they move, its close and access-log line when
+/// finished (or dropped, reason `aborted`).
 pub struct ConnGuard {
-    sent: Counter,
-    received: Counter,
-    closed: Counter,
+    series: Arc<Series>,
+    log: LogWriter,
+    source: SocketAddr,
+    destination: SocketAddr,
+    started: Instant,
+    request: AtomicU64,
+    response: AtomicU64,
+    reason: Option<Close>,
+}
+
+/// Why a connection ended, for the access log.
+#[derive(Debug, Clone)]
+pub enum Close {
+    /// Both sides finished.
+    Done,
+    /// A side failed; the error.
+    Error(String),
+    /// An authorization policy changed and no longer allows it.
+    Denied,
+}
+
+impl Close {
+    /// How a copy's result ended the connection.
+    pub fn of<T>(result: &std::io::Result<T>) -> Self {
+        match result {
+            Ok(_) => Close::Done,
+            Err(e) => Close::Error(e.to_string()),
+        }
+    }
 }
 
 impl ConnGuard {
-    /// Counts bytes for a tunnel copy whose TCP side is the connection's source (the
-    /// client application, outbound) or its destination (the server application, inbound).
+    /// Counts bytes for a copy whose TCP side (in [`Progress`]' terms) is the
+    /// connection's source (the client application, outbound) or its destination (the
+    /// server application, inbound).
     pub fn tunnel(&self, tcp_is_source: bool) -> TunnelBytes<'_> {
         TunnelBytes {
             guard: self,
@@ -120,24 +272,89 @@ impl ConnGuard {
         }
     }
 
-    /// Bytes from source to destination.
-    pub fn sent(&self) -> &Counter {
-        &self.sent
+    /// Counts `n` bytes from source to destination.
+    pub fn request_bytes(&self, n: u64) {
+        self.request.fetch_add(n, Ordering::Relaxed);
+        self.series.received.inc_by(n);
     }
 
-    /// Bytes from destination to source.
-    pub fn received(&self) -> &Counter {
-        &self.received
+    /// Counts `n` bytes from destination to source.
+    pub fn response_bytes(&self, n: u64) {
+        self.response.fetch_add(n, Ordering::Relaxed);
+        self.series.sent.inc_by(n);
     }
+
+    /// Ends the connection for `reason`: counts its close and writes its log line.
+    pub fn finish(mut self, reason: Close) {
+        self.reason = Some(reason);
+    }
+}
+
+/// One access-log line: a connection, on close.
+#[derive(Serialize)]
+struct ConnLog<'a> {
+    start_time: String,
+    direction: &'a str,
+    source_address: String,
+    source_workload: &'a str,
+    source_namespace: &'a str,
+    source_principal: &'a str,
+    destination_address: String,
+    destination_workload: &'a str,
+    destination_namespace: &'a str,
+    destination_principal: &'a str,
+    destination_service: &'a str,
+    connection_security_policy: &'a str,
+    /// The response direction, as `weft_tcp_sent_bytes_total`.
+    bytes_sent: u64,
+    /// The request direction, as `weft_tcp_received_bytes_total`.
+    bytes_received: u64,
+    duration_ms: f64,
+    reason: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.closed.inc();
+        self.series.closed.inc();
+        if !self.log.admit() {
+            return;
+        }
+        let l = &self.series.labels;
+        let elapsed = self.started.elapsed();
+        let (reason, error) = match &self.reason {
+            Some(Close::Done) => ("closed", None),
+            Some(Close::Error(e)) => ("error", Some(e.as_str())),
+            Some(Close::Denied) => ("denied", None),
+            None => ("aborted", None),
+        };
+        let line = ConnLog {
+            start_time: rfc3339(SystemTime::now() - elapsed),
+            direction: l.direction,
+            source_address: self.source.to_string(),
+            source_workload: &l.source_workload,
+            source_namespace: &l.source_namespace,
+            source_principal: &l.source_principal,
+            destination_address: self.destination.to_string(),
+            destination_workload: &l.destination_workload,
+            destination_namespace: &l.destination_namespace,
+            destination_principal: &l.destination_principal,
+            destination_service: &l.destination_service,
+            connection_security_policy: l.connection_security_policy,
+            bytes_sent: self.response.load(Ordering::Relaxed),
+            bytes_received: self.request.load(Ordering::Relaxed),
+            duration_ms: elapsed.as_secs_f64() * 1e3,
+            reason,
+            error,
+        };
+        if let Ok(bytes) = serde_json::to_vec(&line) {
+            self.log.send(bytes);
+        }
     }
 }
 
-/// A [`Progress`] for an HBONE copy, from [`ConnGuard::tunnel`].
+/// A [`Progress`] for a copy, from [`ConnGuard::tunnel`].
 pub struct TunnelBytes<'a> {
     guard: &'a ConnGuard,
     tcp_is_source: bool,
@@ -145,20 +362,18 @@ pub struct TunnelBytes<'a> {
 
 impl Progress for TunnelBytes<'_> {
     fn tcp_to_stream(&self, n: u64) {
-        let c = if self.tcp_is_source {
-            &self.guard.sent
+        if self.tcp_is_source {
+            self.guard.request_bytes(n);
         } else {
-            &self.guard.received
-        };
-        c.inc_by(n);
+            self.guard.response_bytes(n);
+        }
     }
 
     fn stream_to_tcp(&self, n: u64) {
-        let c = if self.tcp_is_source {
-            &self.guard.received
+        if self.tcp_is_source {
+            self.guard.response_bytes(n);
         } else {
-            &self.guard.sent
-        };
-        c.inc_by(n);
+            self.guard.request_bytes(n);
+        }
     }
 }

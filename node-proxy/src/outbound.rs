@@ -1,19 +1,19 @@
 //! Outbound: connections the application makes, captured on 127.0.0.1:15001.
 //!
 //! The original destination (SO_ORIGINAL_DST) is looked up in the model: a service
-//! address picks one ready endpoint round-robin; a pod address is that pod. Meshed
+//! address picks one of the endpoints the controller computed, round-robin; a pod
+//! address is that pod. Meshed
 //! destinations are reached over HBONE from this pod's own IP with its own identity;
 //! anything else passes through as plain TCP from the pod's namespace.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use api::Workload;
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 use tunnel::hbone::{ConnectRequest, Progress};
 
-use crate::metrics::ConnLabels;
+use crate::metrics::{Close, ConnLabels};
 use crate::netns::original_dst;
 use crate::proxy::{Ctx, Pod};
 
@@ -47,27 +47,75 @@ pub enum Route {
         /// The service.
         service: String,
     },
+    /// Over HBONE to the waypoint of the service, which picks the endpoint.
+    Waypoint {
+        /// The waypoint pod's IP.
+        ip: std::net::IpAddr,
+        /// The waypoint pod's name.
+        pod: String,
+        /// The waypoint's identity: its namespace and service account.
+        namespace: String,
+        /// Its service account.
+        service_account: String,
+        /// The service addressed (`namespace/name`), whose address is sent as the target.
+        service: String,
+        /// The waypoint, `namespace/name`.
+        waypoint: String,
+    },
+    /// The service names a waypoint that is missing or has no ready pod: refused
+    /// rather than sent around the policies the waypoint enforces.
+    NoWaypoint {
+        /// The service.
+        service: String,
+        /// The waypoint it names.
+        waypoint: String,
+    },
 }
 
 /// Decides where a connection to `dst` goes.
 pub fn route(ctx: &Ctx, dst: SocketAddr) -> Route {
     let model = ctx.model.load();
-    let (workload, target, service): (Option<&Workload>, SocketAddr, Option<String>) =
-        match model.service_by_vip(dst) {
-            Some((svc, port)) => {
-                let name = format!("{}/{}", svc.namespace, svc.name);
-                let endpoints: Vec<&Workload> = model.endpoints(svc).collect();
-                if endpoints.is_empty() {
-                    return Route::NoEndpoints { service: name };
-                }
-                let wl = endpoints[ctx.next_endpoint(&name, endpoints.len())];
-                let Some(ip) = wl.ips.first() else {
-                    return Route::NoEndpoints { service: name };
+    let (workload, target, service) = match model.service_by_vip(dst) {
+        Some((svc, port)) => {
+            let name = svc.object_name();
+            if let Some(wp) = &svc.waypoint {
+                let pods = model
+                    .waypoint(wp)
+                    .map(|w| model.endpoints(&w.service, tunnel::hbone::PORT))
+                    .unwrap_or_default();
+                let chosen = match pods.len() {
+                    0 => None,
+                    n => {
+                        let t = &pods[ctx.next_endpoint(wp, n)];
+                        t.workload.as_ref().map(|w| (t.addr.ip(), w))
+                    }
                 };
-                (Some(wl), SocketAddr::new(*ip, port.target_port), Some(name))
+                return match chosen {
+                    Some((ip, w)) => Route::Waypoint {
+                        ip,
+                        pod: w.name.clone(),
+                        namespace: w.namespace.clone(),
+                        service_account: w.service_account.clone(),
+                        service: name.to_string(),
+                        waypoint: wp.to_string(),
+                    },
+                    None => Route::NoWaypoint {
+                        service: name.to_string(),
+                        waypoint: wp.to_string(),
+                    },
+                };
             }
-            None => (model.workload_by_ip(dst.ip()), dst, None),
-        };
+            let targets = model.endpoints(&name, port.port);
+            if targets.is_empty() {
+                return Route::NoEndpoints {
+                    service: name.to_string(),
+                };
+            }
+            let t = &targets[ctx.next_endpoint(&name, targets.len())];
+            (t.workload.clone(), t.addr, Some(name.to_string()))
+        }
+        None => (model.workload_by_ip(dst.ip()).cloned(), dst, None),
+    };
     match workload {
         Some(wl) if wl.enrolled => Route::Hbone {
             target,
@@ -100,29 +148,35 @@ enum Upstream {
 /// memory small.
 pub async fn serve(ctx: Arc<Ctx>, pod: Arc<Pod>, app: TcpStream) {
     let _ = app.set_nodelay(true);
-    let Some((upstream, labels)) = Box::pin(connect(&ctx, &pod, &app)).await else {
+    let Some((upstream, labels, destination)) = Box::pin(connect(&ctx, &pod, &app)).await else {
         reset(&app);
         return;
     };
-    let guard = ctx.metrics.open(labels);
+    let source = app
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let guard = ctx.metrics.open(labels, source, destination);
     let copied = match upstream {
         Upstream::Tunnel(stream, early) => {
             let progress = guard.tunnel(true);
             progress.tcp_to_stream(early);
             stream.copy_bidirectional_counted(app, &progress).await
         }
-        Upstream::Plain(upstream) => {
-            crate::relay::relay(app, upstream, guard.sent(), guard.received()).await
-        }
+        Upstream::Plain(upstream) => crate::relay::relay(app, upstream, &guard.tunnel(true)).await,
     };
-    if let Err(e) = copied {
+    if let Err(e) = &copied {
         debug!("outbound connection ended: {e}");
     }
+    guard.finish(Close::of(&copied));
 }
 
 /// Decides where `app`'s connection goes and connects there; `None` when it cannot be
 /// served (logged here).
-async fn connect(ctx: &Ctx, pod: &Pod, app: &TcpStream) -> Option<(Upstream, ConnLabels)> {
+async fn connect(
+    ctx: &Ctx,
+    pod: &Pod,
+    app: &TcpStream,
+) -> Option<(Upstream, ConnLabels, SocketAddr)> {
     let dst = match original_dst(app) {
         Ok(d) => d,
         Err(e) => {
@@ -130,6 +184,12 @@ async fn connect(ctx: &Ctx, pod: &Pod, app: &TcpStream) -> Option<(Upstream, Con
             return None;
         }
     };
+    // Not redirected (someone connected to 15001 itself): relaying it would connect
+    // node-proxy to its own listener, over and over.
+    if app.local_addr().ok() == Some(dst) {
+        debug!(%dst, "connection made to the outbound port itself; refused");
+        return None;
+    }
     let mut labels = ConnLabels {
         direction: "outbound",
         source_workload: pod.info.name.clone(),
@@ -145,35 +205,22 @@ async fn connect(ctx: &Ctx, pod: &Pod, app: &TcpStream) -> Option<(Upstream, Con
             service_account,
             service,
         } => {
-            let dst_id = match ctx.identity(&namespace, &service_account) {
-                Ok(id) => id,
-                Err(e) => {
-                    info!(%dst, "cannot reach {namespace}/{name}: {e}");
-                    return None;
-                }
-            };
-            labels.destination_workload = name;
-            labels.destination_namespace = namespace;
-            labels.destination_principal = dst_id.to_string();
+            labels.destination_workload = name.clone();
             labels.destination_service = service.unwrap_or_default();
-            labels.connection_security_policy = "mutual_tls";
-            let request = ConnectRequest {
-                src: pod.tls.clone(),
-                src_addr: Some(pod.ip),
-                socket: Some(pod.sockets()),
-                dst: dst_id,
-                dst_addr: SocketAddr::new(target.ip(), tunnel::hbone::PORT),
+            let to = format!("{namespace}/{name}");
+            tunnel(
+                ctx,
+                pod,
+                app,
+                dst,
+                &to,
+                &namespace,
+                &service_account,
+                target.ip(),
                 target,
-                forwarded_for: app.peer_addr().ok(),
-                traceparent: None,
-            };
-            match ctx.pool.connect_sending(&request, app).await {
-                Ok((s, early)) => Some((Upstream::Tunnel(s, early), labels)),
-                Err(e) => {
-                    info!(%dst, %target, "outbound connection failed: {e}");
-                    None
-                }
-            }
+                labels,
+            )
+            .await
         }
         Route::Passthrough {
             target,
@@ -188,15 +235,90 @@ async fn connect(ctx: &Ctx, pod: &Pod, app: &TcpStream) -> Option<(Upstream, Con
             labels.connection_security_policy = "none";
             let upstream = async { pod.netns.outbound_socket(target)?.connect(target).await };
             match upstream.await {
-                Ok(s) => Some((Upstream::Plain(s), labels)),
+                Ok(s) => Some((Upstream::Plain(s), labels, dst)),
                 Err(e) => {
                     debug!(%target, "passthrough connect failed: {e}");
                     None
                 }
             }
         }
+        Route::Waypoint {
+            ip,
+            pod: waypoint_pod,
+            namespace,
+            service_account,
+            service,
+            waypoint,
+        } => {
+            labels.destination_service = service;
+            labels.destination_workload = waypoint_pod;
+            let to = format!("waypoint {waypoint}");
+            tunnel(
+                ctx,
+                pod,
+                app,
+                dst,
+                &to,
+                &namespace,
+                &service_account,
+                ip,
+                dst,
+                labels,
+            )
+            .await
+        }
+        Route::NoWaypoint { service, waypoint } => {
+            info!(%dst, "service {service} uses waypoint {waypoint}, which has no ready pod; refusing the connection");
+            None
+        }
         Route::NoEndpoints { service } => {
             info!(%dst, "service {service} has no ready endpoint; refusing the connection");
+            None
+        }
+    }
+}
+
+/// Opens the HBONE stream for `app`'s connection to `dst`: to `hbone_ip`:15008, which
+/// must prove `namespace`/`service_account`, with `target` as the CONNECT authority.
+/// `to` names the destination in logs.
+#[allow(clippy::too_many_arguments)]
+async fn tunnel(
+    ctx: &Ctx,
+    pod: &Pod,
+    app: &TcpStream,
+    dst: SocketAddr,
+    to: &str,
+    namespace: &str,
+    service_account: &str,
+    hbone_ip: std::net::IpAddr,
+    target: SocketAddr,
+    mut labels: ConnLabels,
+) -> Option<(Upstream, ConnLabels, SocketAddr)> {
+    let dst_id = match ctx.identity(namespace, service_account) {
+        Ok(id) => id,
+        Err(e) => {
+            info!(%dst, "cannot reach {to}: {e}");
+            return None;
+        }
+    };
+    labels.destination_namespace = namespace.to_owned();
+    labels.destination_principal = dst_id.to_string();
+    labels.connection_security_policy = "mutual_tls";
+    let request = ConnectRequest {
+        src: pod.tls.clone(),
+        src_addr: Some(pod.ip),
+        socket: Some(pod.sockets()),
+        dst: dst_id,
+        dst_addr: SocketAddr::new(hbone_ip, tunnel::hbone::PORT),
+        target,
+        forwarded_for: app.peer_addr().ok(),
+        traceparent: None,
+        on_behalf_of: None,
+    };
+    match ctx.pool.connect_sending(&request, app).await {
+        Ok((s, early)) => Some((Upstream::Tunnel(s, early), labels, dst)),
+        Err(e) => {
+            info!(%dst, %target, "connection to {to} failed: {e}");
             None
         }
     }

@@ -21,6 +21,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 use tunnel::hbone::{BoxFuture, Pool, PoolConfig, Server, ServerConfig, SocketFactory};
 use tunnel::identity::Identity;
+
+use crate::config_client::Changed;
 use tunnel::tls::TlsIdentity;
 
 use crate::handoff::{HandoffListener, PodInfo, Request};
@@ -37,10 +39,15 @@ pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 /// Limits and timings.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Connections one listener serves at once; more wait in the backlog.
+    /// Connections one listener serves at once (for the HBONE listener: streams, each
+    /// one proxied connection); more wait in the backlog, or are refused with a 503.
     pub max_connections: usize,
+    /// Proxied connections the whole node-proxy serves at once.
+    pub max_node_connections: usize,
     /// How long open connections may finish after a drain starts.
     pub drain_grace: Duration,
+    /// How long a pod handed over waits for its workload to reach the model.
+    pub pod_wait: Duration,
 }
 
 /// What every pod's data path shares.
@@ -63,8 +70,12 @@ pub struct Ctx {
     pub metrics: Metrics,
     /// Limits.
     pub limits: Limits,
-    /// Round-robin position per service (`namespace/name`).
-    rr: Mutex<HashMap<String, usize>>,
+    /// Proxied connections of the whole node, at most `limits.max_node_connections`.
+    pub node_permits: Arc<Semaphore>,
+    /// Told after every model update.
+    pub changed: tokio::sync::watch::Receiver<crate::config_client::Changed>,
+    /// Round-robin position per service.
+    rr: Mutex<HashMap<api::ObjectName, usize>>,
 }
 
 impl Ctx {
@@ -75,6 +86,7 @@ impl Ctx {
         trust_domain: String,
         model: SharedModel,
         model_status: Arc<Mutex<ModelStatus>>,
+        changed: tokio::sync::watch::Receiver<crate::config_client::Changed>,
         identities: Arc<Identities>,
         tunnel_metrics: tunnel::metrics::Metrics,
         metrics: Metrics,
@@ -89,15 +101,20 @@ impl Ctx {
             pool: Pool::new(PoolConfig::default(), tunnel_metrics.clone()),
             tunnel_metrics,
             metrics,
+            node_permits: Arc::new(Semaphore::new(limits.max_node_connections)),
             limits,
+            changed,
             rr: Mutex::new(HashMap::new()),
         })
     }
 
     /// The next index (of `n`) for a round-robin over a service's endpoints.
-    pub fn next_endpoint(&self, service: &str, n: usize) -> usize {
+    pub fn next_endpoint(&self, service: &api::ObjectName, n: usize) -> usize {
         let mut rr = self.rr.lock().expect("rr lock is never poisoned");
-        let i = rr.entry(service.to_owned()).or_default();
+        let i = match rr.get_mut(service) {
+            Some(i) => i,
+            None => rr.entry(service.clone()).or_default(),
+        };
         *i = i.wrapping_add(1);
         *i % n.max(1)
     }
@@ -132,6 +149,10 @@ pub struct Pod {
     accepting: TaskTracker,
     /// The connections.
     tasks: TaskTracker,
+    /// Open inbound connections, for authorization re-checks.
+    pub conns: Arc<crate::authz::Conns>,
+    /// HBONE streams of this pod, at most `limits.max_connections`.
+    stream_limit: Arc<Semaphore>,
 }
 
 impl Pod {
@@ -151,8 +172,15 @@ impl Pod {
     }
 
     /// Accepts on `listener` until drained, serving each connection with `serve`.
-    fn accept_loop<F, Fut>(self: &Arc<Self>, ctx: &Arc<Ctx>, listener: TcpListener, serve: F)
-    where
+    /// A connection holds a permit of the listener's limit and, when `node_limited`,
+    /// one of the node's (HBONE connections do not: each of their streams does).
+    fn accept_loop<F, Fut>(
+        self: &Arc<Self>,
+        ctx: &Arc<Ctx>,
+        listener: TcpListener,
+        node_limited: bool,
+        serve: F,
+    ) where
         F: Fn(Arc<Ctx>, Arc<Pod>, tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
@@ -162,9 +190,10 @@ impl Pod {
         self.accepting.spawn(
             async move {
                 loop {
+                    // Past the listener's limit, connections wait in its backlog.
                     let permit = tokio::select! {
                         _ = pod.drain.cancelled() => return,
-                        p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                        p = acquire(&limit, &ctx, "listener") => match p { Some(p) => p, None => return },
                     };
                     let stream = tokio::select! {
                         _ = pod.drain.cancelled() => return,
@@ -178,14 +207,28 @@ impl Pod {
                         },
                     };
                     let fut = serve(ctx.clone(), pod.clone(), stream);
-                    let force = pod.force.clone();
+                    let (force, ctx) = (pod.force.clone(), ctx.clone());
                     pod.tasks.spawn(
                         async move {
+                            // The node's limit is taken once accepted, not while waiting
+                            // to accept: idle listeners must not hold the node's permits.
+                            // Past it, the connection waits here (its listener's limit
+                            // bounds how many do).
+                            let node_permit = match node_limited {
+                                false => None,
+                                true => tokio::select! {
+                                    _ = force.cancelled() => return,
+                                    p = acquire(&ctx.node_permits, &ctx, "node") => match p {
+                                        Some(p) => Some(p),
+                                        None => return,
+                                    },
+                                },
+                            };
                             tokio::select! {
                                 _ = fut => {}
                                 _ = force.cancelled() => {}
                             }
-                            drop(permit);
+                            drop((permit, node_permit));
                         }
                         .in_current_span(),
                     );
@@ -196,8 +239,50 @@ impl Pod {
     }
 }
 
+/// A permit of `limit`, counting (as `which`) when one had to be waited for.
+async fn acquire(
+    limit: &Arc<Semaphore>,
+    ctx: &Ctx,
+    which: &str,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    match limit.clone().try_acquire_owned() {
+        Ok(p) => Some(p),
+        Err(tokio::sync::TryAcquireError::Closed) => None,
+        Err(tokio::sync::TryAcquireError::NoPermits) => {
+            crate::metrics::count(&ctx.metrics.limited, which);
+            limit.clone().acquire_owned().await.ok()
+        }
+    }
+}
+
+impl Pod {
+    /// Permits for one more HBONE stream (the pod's and the node's); `None` at a limit.
+    pub fn stream_permits(
+        &self,
+        ctx: &Ctx,
+    ) -> Option<(
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::OwnedSemaphorePermit,
+    )> {
+        let pod = match self.stream_limit.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                crate::metrics::count(&ctx.metrics.limited, "listener");
+                return None;
+            }
+        };
+        match ctx.node_permits.clone().try_acquire_owned() {
+            Ok(node) => Some((pod, node)),
+            Err(_) => {
+                crate::metrics::count(&ctx.metrics.limited, "node");
+                None
+            }
+        }
+    }
+}
+
 /// Makes outbound sockets inside a pod's namespace.
-struct PodSockets(Arc<Netns>);
+pub struct PodSockets(pub Arc<Netns>);
 
 impl SocketFactory for PodSockets {
     fn socket(
@@ -225,6 +310,101 @@ pub struct Pods {
     handing_over: std::sync::atomic::AtomicBool,
 }
 
+/// Why a pod handed over is not served.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    /// The handoff gave no IP.
+    #[error("pod {pod}: it has no IP")]
+    NoIp {
+        /// The pod.
+        pod: String,
+    },
+    /// The controller has not sent the pod's workload.
+    #[error("pod {pod} (uid {uid}) is not in the mesh model after {secs} s: the controller has not sent it (is the controller reachable? is the pod scheduled on this node? see /config_dump)")]
+    NotInModel {
+        /// The pod.
+        pod: String,
+        /// Its UID.
+        uid: String,
+        /// How long it was waited for.
+        secs: u64,
+    },
+    /// The model says the pod is not in the mesh.
+    #[error("pod {pod} is not in the mesh after {secs} s: its namespace is not labelled weft.dev/mesh=enabled, or the pod opted out")]
+    NotEnrolled {
+        /// The pod.
+        pod: String,
+        /// How long it was waited for.
+        secs: u64,
+    },
+    /// The handoff and the model disagree.
+    #[error("pod {pod}: the handoff says {field} {handed:?} but the mesh model says {model:?}; node-proxy serves pods only as the controller knows them")]
+    Mismatch {
+        /// The pod.
+        pod: String,
+        /// The field.
+        field: &'static str,
+        /// What the handoff said.
+        handed: String,
+        /// What the model says.
+        model: String,
+    },
+    /// The pod runs on another node.
+    #[error("pod {pod} is scheduled on node {theirs}, not on this node ({ours})")]
+    OtherNode {
+        /// The pod.
+        pod: String,
+        /// Its node.
+        theirs: String,
+        /// This node.
+        ours: String,
+    },
+    /// No certificate could be had.
+    #[error("pod {pod}: no certificate for {identity}: {source}")]
+    Certificate {
+        /// The pod.
+        pod: String,
+        /// The identity.
+        identity: String,
+        /// Why.
+        source: crate::state::CertError,
+    },
+    /// Its namespace or listeners could not be set up.
+    #[error("pod {pod}: {why}")]
+    Setup {
+        /// The pod.
+        pod: String,
+        /// Why.
+        why: String,
+    },
+    /// The pods are being handed to a new node-proxy.
+    #[error("add for pod {pod}: {HANDING_OVER}")]
+    HandingOver {
+        /// The pod.
+        pod: String,
+    },
+}
+
+impl PodError {
+    /// A metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            PodError::NoIp { .. } => "no_ip",
+            PodError::NotInModel { .. } => "not_in_model",
+            PodError::NotEnrolled { .. } => "not_enrolled",
+            PodError::Mismatch { .. } => "mismatch",
+            PodError::OtherNode { .. } => "other_node",
+            PodError::Certificate { source, .. } => match source.label() {
+                "refused" => "certificate_refused",
+                "unavailable" => "certificate_unavailable",
+                _ => "certificate_invalid",
+            },
+            PodError::Setup { .. } => "setup",
+            PodError::HandingOver { .. } => "handing_over",
+        }
+    }
+}
+
 /// Refusal of a change while the pods are handed to a new node-proxy.
 const HANDING_OVER: &str = "node-proxy is handing its pods to a new node-proxy; \
                             reconnect and send the change (or a snapshot) to the new one";
@@ -250,9 +430,10 @@ impl Pods {
             .collect()
     }
 
-    /// Starts serving a pod: enters its namespace, fetches its certificate, opens its
-    /// listeners. All or nothing: on error nothing of the pod is left running.
-    pub async fn add(&self, info: PodInfo, netns: OwnedFd) -> Result<(), String> {
+    /// Starts serving a pod: waits (bounded) for its workload in the model, fetches
+    /// its certificate, enters its namespace, opens its listeners. All or nothing: on
+    /// error nothing of the pod is left running.
+    pub async fn add(&self, info: PodInfo, netns: OwnedFd) -> Result<(), PodError> {
         self.add_with(info, netns, None).await
     }
 
@@ -264,7 +445,7 @@ impl Pods {
         info: PodInfo,
         netns: OwnedFd,
         listeners: [OwnedFd; 3],
-    ) -> Result<(), String> {
+    ) -> Result<(), PodError> {
         self.add_with(info, netns, Some(listeners)).await
     }
 
@@ -328,8 +509,23 @@ impl Pods {
         info: PodInfo,
         netns: OwnedFd,
         listeners: Option<[OwnedFd; 3]>,
-    ) -> Result<(), String> {
-        let name = format!("{}/{}", info.namespace, info.name);
+    ) -> Result<(), PodError> {
+        let pod = info.to_string();
+        let result = self.try_add(info, netns, listeners).await;
+        if let Err(e) = &result {
+            crate::metrics::count(&self.ctx.metrics.pod_refusals, e.label());
+            warn!(%pod, "pod refused: {e}");
+        }
+        result
+    }
+
+    async fn try_add(
+        &self,
+        info: PodInfo,
+        netns: OwnedFd,
+        listeners: Option<[OwnedFd; 3]>,
+    ) -> Result<(), PodError> {
+        let pod = info.to_string();
         if let Some(seen) = self
             .snapshot
             .lock()
@@ -338,26 +534,103 @@ impl Pods {
         {
             seen.insert(info.uid.clone());
         }
-        let netns_id = netns_id(&netns).map_err(|e| format!("pod {name}: {e}"))?;
+        let setup = |why: String| PodError::Setup {
+            pod: pod.clone(),
+            why,
+        };
+        let netns_id = netns_id(&netns).map_err(setup)?;
+        if self.served(&info, netns_id).await {
+            debug!(%pod, "pod already served");
+            return Ok(());
+        }
+        // Neither the wait for the model nor the certificate holds the pod lock, so a
+        // slow controller delays this pod only.
+        let identity = self.admit(&info).await?;
+        let lease =
+            self.ctx
+                .identities
+                .get(&identity)
+                .await
+                .map_err(|source| PodError::Certificate {
+                    pod: pod.clone(),
+                    identity: identity.to_string(),
+                    source,
+                })?;
         let mut pods = self.pods.lock().await;
-        self.handing_over()
-            .map_err(|e| format!("add for pod {name}: {e}"))?;
+        if self.handing_over().is_err() {
+            return Err(PodError::HandingOver { pod });
+        }
         if let Some(existing) = pods.get(&info.uid) {
             if existing.info == info && existing.netns_id == netns_id {
-                debug!(pod = %name, "pod already served");
+                debug!(%pod, "pod already served");
                 return Ok(());
             }
         }
         if let Some(old) = pods.remove(&info.uid) {
             stop(old, Duration::ZERO).await;
         }
-        let pod = self
-            .start(info, netns, netns_id, listeners)
+        let served = self
+            .start(info, netns, netns_id, listeners, lease)
             .await
-            .map_err(|e| format!("pod {name}: {e}"))?;
-        info!(pod = %name, ip = %pod.ip, identity = %pod.tls.identity(), "pod added");
-        pods.insert(pod.info.uid.clone(), pod);
+            .map_err(setup)?;
+        info!(%pod, ip = %served.ip, identity = %served.tls.identity(), "pod added");
+        pods.insert(served.info.uid.clone(), served);
         Ok(())
+    }
+
+    async fn served(&self, info: &PodInfo, netns_id: (u64, u64)) -> bool {
+        let pods = self.pods.lock().await;
+        pods.get(&info.uid)
+            .is_some_and(|p| p.info == *info && p.netns_id == netns_id)
+    }
+
+    /// Waits (bounded) for the pod's workload to reach the model and checks that the
+    /// handoff agrees with it; the identity to serve the pod as is the model's.
+    async fn admit(&self, info: &PodInfo) -> Result<Identity, PodError> {
+        let ctx = &self.ctx;
+        let pod = info.to_string();
+        if info.ips.is_empty() {
+            return Err(PodError::NoIp { pod });
+        }
+        let mut changed = ctx.changed.clone();
+        let found =
+            crate::config_client::wait_for(&ctx.model, &mut changed, ctx.limits.pod_wait, |m| {
+                m.workload(&info.uid).filter(|w| w.enrolled).cloned()
+            })
+            .await;
+        let Some(w) = found else {
+            let secs = ctx.limits.pod_wait.as_secs();
+            return Err(match ctx.model.load().workload(&info.uid) {
+                None => PodError::NotInModel {
+                    pod,
+                    uid: info.uid.clone(),
+                    secs,
+                },
+                Some(_) => PodError::NotEnrolled { pod, secs },
+            });
+        };
+        for (field, handed, model) in [
+            ("namespace", &info.namespace, &w.namespace),
+            ("serviceAccount", &info.service_account, &w.service_account),
+        ] {
+            if handed != model {
+                return Err(PodError::Mismatch {
+                    pod,
+                    field,
+                    handed: handed.clone(),
+                    model: model.clone(),
+                });
+            }
+        }
+        if w.node != ctx.node {
+            return Err(PodError::OtherNode {
+                pod,
+                theirs: w.node.clone(),
+                ours: ctx.node.clone(),
+            });
+        }
+        ctx.identity(&w.namespace, &w.service_account)
+            .map_err(|why| PodError::Setup { pod, why })
     }
 
     async fn start(
@@ -366,13 +639,12 @@ impl Pods {
         fd: OwnedFd,
         netns_id: (u64, u64),
         handed: Option<[OwnedFd; 3]>,
+        lease: Arc<crate::state::Lease>,
     ) -> Result<Arc<Pod>, String> {
         let ctx = &self.ctx;
         let name = format!("{}/{}", info.namespace, info.name);
         let ip = *info.ips.first().ok_or("it has no IP")?;
         let netns = Arc::new(Netns::enter(fd, &name).map_err(|e| e.to_string())?);
-        let identity = ctx.identity(&info.namespace, &info.service_account)?;
-        let lease = ctx.identities.get(&identity).await?;
         let tls = lease.tls().clone();
         // Inbound listeners bind the pod's IP: that also proves the namespace is the
         // pod's and still has its network.
@@ -427,9 +699,11 @@ impl Pods {
             force: CancellationToken::new(),
             accepting: TaskTracker::new(),
             tasks: TaskTracker::new(),
+            conns: Arc::default(),
+            stream_limit: Arc::new(Semaphore::new(ctx.limits.max_connections)),
         });
-        pod.accept_loop(ctx, outbound_l, outbound::serve);
-        pod.accept_loop(ctx, plaintext_l, inbound::serve_plaintext);
+        pod.accept_loop(ctx, outbound_l, true, outbound::serve);
+        pod.accept_loop(ctx, plaintext_l, true, inbound::serve_plaintext);
         let server = Arc::new(Server::new(
             &tls,
             ServerConfig::default(),
@@ -439,7 +713,7 @@ impl Pods {
             ctx: ctx.clone(),
             pod: pod.clone(),
         });
-        pod.accept_loop(ctx, hbone_l, move |_, pod, stream| {
+        pod.accept_loop(ctx, hbone_l, false, move |_, pod, stream| {
             let (server, handler) = (server.clone(), handler.clone());
             async move {
                 let Ok(peer) = stream.peer_addr() else { return };
@@ -505,6 +779,25 @@ impl Pods {
             self.remove(&uid).await?;
         }
         Ok(())
+    }
+
+    /// Until `shutdown`: after every model update that changed policies, namespaces or
+    /// this node's workloads, checks every open inbound connection again and closes
+    /// those no longer allowed.
+    pub async fn enforce_changes(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut changed = self.ctx.changed.clone();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = changed.changed() => if r.is_err() { return },
+            }
+            let Changed { authorization, .. } = *changed.borrow_and_update();
+            if !authorization {
+                continue;
+            }
+            let pods: Vec<Arc<Pod>> = self.pods.lock().await.values().cloned().collect();
+            inbound::recheck(&self.ctx, &pods);
+        }
     }
 
     /// Drains every pod at once (SIGTERM): stop accepting everywhere, give open
@@ -651,7 +944,9 @@ pub async fn serve_handoff(
                     r = conn.next() => r,
                 };
                 let result = match request {
-                    Ok(Some(Request::Add { pod, netns })) => pods.add(pod, netns).await,
+                    Ok(Some(Request::Add { pod, netns })) => {
+                        pods.add(pod, netns).await.map_err(|e| e.to_string())
+                    }
                     Ok(Some(Request::Remove { uid })) => pods.remove(&uid).await,
                     Ok(Some(Request::SnapshotStart)) => pods.snapshot_start(),
                     Ok(Some(Request::SnapshotEnd)) => pods.snapshot_end().await,

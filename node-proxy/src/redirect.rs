@@ -177,3 +177,52 @@ pub fn list(ns: &Netns, pod: &str) -> Result<String, RedirectError> {
         "{nft}\n# ip rule\n{rules}\n# ip route table {ROUTE_TABLE}\n{routes}"
     ))
 }
+
+/// Which parts of the capture rules a pod's namespace holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Installed {
+    /// The parts in place.
+    pub present: Vec<String>,
+    /// The parts missing: empty when the rules are complete.
+    pub missing: Vec<String>,
+}
+
+/// Which parts of the capture rules are in the pod's namespace, for the CNI plugin's
+/// CHECK (all of them?) and DEL (any of them?): the nftables table and its chains, the
+/// policy rule for replies to transparent inbound connections, and its route.
+pub fn installed(ns: &Netns, pod: &str) -> Result<Installed, RedirectError> {
+    let mut parts = Installed::default();
+    let mut note = |there: bool, part: String| match there {
+        true => parts.present.push(part),
+        false => parts.missing.push(part),
+    };
+    match run(ns, pod, "nft", &["list", "table", "ip", TABLE], None) {
+        Ok(table) => {
+            for chain in ["prerouting", "output", "mark_replies"] {
+                let there = table.contains(&format!("chain {chain} {{"));
+                note(there, format!("nftables chain ip {TABLE} {chain}"));
+            }
+        }
+        // nft fails for a table that does not exist; one that cannot run is an error.
+        Err(RedirectError::Failed { .. }) => note(false, format!("nftables table ip {TABLE}")),
+        Err(e) => return Err(e),
+    }
+    let rule = has_reply_rule(ns, pod)?;
+    note(
+        rule,
+        format!("ip rule fwmark {MARK_INBOUND:#x} lookup {ROUTE_TABLE}"),
+    );
+    let table = ROUTE_TABLE.to_string();
+    // `ip route show` fails for a table that was never made: no route.
+    let routes = match run(ns, pod, "ip", &["route", "show", "table", &table], None) {
+        Ok(routes) => routes,
+        Err(RedirectError::Failed { .. }) => String::new(),
+        Err(e) => return Err(e),
+    };
+    let route = routes.contains("local default dev lo");
+    note(
+        route,
+        format!("ip route local default dev lo table {ROUTE_TABLE}"),
+    );
+    Ok(parts)
+}

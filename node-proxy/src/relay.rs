@@ -11,22 +11,21 @@ use std::io;
 use std::net::Shutdown;
 
 use bytes::BytesMut;
-use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
+use tunnel::hbone::Progress;
 
 const READ_MIN: usize = 8 * 1024;
 const READ_MAX: usize = 256 * 1024;
 
-/// Relays bytes between `a` and `b` until both directions end, counting what is read
-/// from each. EOF on one side half-closes the other; an error on either side resets
+/// Relays bytes between `a` and `b` until both directions end, counting what moves as
+/// it moves: `a` plays the TCP side of [`Progress`] (`tcp_to_stream` is a -> b), `b` the
+/// stream side. EOF on one side half-closes the other; an error on either side resets
 /// both (linger 0), as a TCP RST would. Returns (bytes a -> b, bytes b -> a).
-pub async fn relay(
-    a: TcpStream,
-    b: TcpStream,
-    from_a: &Counter,
-    from_b: &Counter,
-) -> io::Result<(u64, u64)> {
-    let result = tokio::try_join!(one_way(&a, &b, from_a), one_way(&b, &a, from_b));
+pub async fn relay(a: TcpStream, b: TcpStream, progress: &impl Progress) -> io::Result<(u64, u64)> {
+    let result = tokio::try_join!(
+        one_way(&a, &b, |n| progress.tcp_to_stream(n)),
+        one_way(&b, &a, |n| progress.stream_to_tcp(n))
+    );
     if result.is_err() {
         for s in [&a, &b] {
             let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
@@ -35,7 +34,7 @@ pub async fn relay(
     result
 }
 
-async fn one_way(from: &TcpStream, to: &TcpStream, counter: &Counter) -> io::Result<u64> {
+async fn one_way(from: &TcpStream, to: &TcpStream, count: impl Fn(u64)) -> io::Result<u64> {
     let mut total = 0u64;
     let mut size = READ_MIN;
     loop {
@@ -59,7 +58,7 @@ async fn one_way(from: &TcpStream, to: &TcpStream, counter: &Counter) -> io::Res
         }
         write_all(to, &buf).await?;
         total += n as u64;
-        counter.inc_by(n as u64);
+        count(n as u64);
     }
 }
 
@@ -78,7 +77,21 @@ async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Bytes a -> b and b -> a.
+    #[derive(Default)]
+    struct Counted(AtomicU64, AtomicU64);
+
+    impl Progress for Counted {
+        fn tcp_to_stream(&self, n: u64) {
+            self.0.fetch_add(n, Ordering::Relaxed);
+        }
+        fn stream_to_tcp(&self, n: u64) {
+            self.1.fetch_add(n, Ordering::Relaxed);
+        }
+    }
     use tokio::net::TcpListener;
 
     /// (accepted, connecting) ends of one loopback connection.
@@ -93,9 +106,9 @@ mod tests {
     async fn relays_both_ways_counts_and_passes_half_close() {
         // client <-> [a | relay | b] <-> server
         let ((a, mut client), (mut server, b)) = (pair().await, pair().await);
-        let (up, down) = (Counter::default(), Counter::default());
-        let counters = (up.clone(), down.clone());
-        let relay = tokio::spawn(async move { relay(a, b, &counters.0, &counters.1).await });
+        let counted = std::sync::Arc::new(Counted::default());
+        let c = counted.clone();
+        let relay = tokio::spawn(async move { relay(a, b, &*c).await });
 
         let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
         let sent = payload.clone();
@@ -110,7 +123,7 @@ mod tests {
         server.read_to_end(&mut got).await.unwrap();
         assert!(got == payload, "server got the client's bytes, then EOF");
         // Counted while the connection is still open in the other direction.
-        assert_eq!(up.get(), payload.len() as u64);
+        assert_eq!(counted.0.load(Ordering::Relaxed), payload.len() as u64);
         server.write_all(b"done").await.unwrap();
         drop(server);
         assert_eq!(writer.await.unwrap(), b"done");
@@ -119,16 +132,13 @@ mod tests {
             (payload.len() as u64, 4),
             "totals"
         );
-        assert_eq!(down.get(), 4);
+        assert_eq!(counted.1.load(Ordering::Relaxed), 4);
     }
 
     #[tokio::test]
     async fn a_reset_on_one_side_resets_the_other() {
         let ((a, mut client), (server, b)) = (pair().await, pair().await);
-        let relay =
-            tokio::spawn(
-                async move { relay(a, b, &Counter::default(), &Counter::default()).await },
-            );
+        let relay = tokio::spawn(async move { relay(a, b, &Counted::default()).await });
         socket2::SockRef::from(&server)
             .set_linger(Some(std::time::Duration::ZERO))
             .unwrap();

@@ -6,21 +6,13 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use controller::testing::{namespace_yaml, pod_yaml, TestController};
 use node_proxy::handoff::{HandoffClient, HandoffError, PodInfo};
 use node_proxy::netns::Netns;
 use tokio_util::sync::CancellationToken;
-use tunnel::identity::CertificateAuthority;
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        == Some("0")
-}
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().unwrap();
@@ -98,31 +90,56 @@ fn open_fds() -> usize {
         .count()
 }
 
-/// A fresh CA and an empty model in `dir`, for a node-proxy to start on.
-fn files(dir: &Path) {
+/// A real controller in `dir/controller` whose model holds the pods `(uid, ip)` of the
+/// enrolled namespace shop, on node-1, running as service account cart.
+async fn controller(dir: &Path, pods: &[(&str, &str)]) -> TestController {
     std::fs::create_dir_all(dir).unwrap();
-    let ca = CertificateAuthority::self_signed("cluster.local").unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();
-    std::fs::write(dir.join("ca-key.pem"), ca.key_pem()).unwrap();
-    std::fs::write(dir.join("model.json"), r#"{"version": 1}"#).unwrap();
+    let mut files = vec![("namespaces.yaml".to_owned(), namespace_yaml("shop", true))];
+    for (uid, ip) in pods {
+        files.push((
+            format!("pod-{uid}.yaml"),
+            pod_yaml("shop", uid, uid, "node-1", "cart", ip, &[]),
+        ));
+    }
+    let files: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.as_str()))
+        .collect();
+    TestController::start(&dir.join("controller"), &["node-1"], &files)
+        .await
+        .unwrap()
 }
 
-/// Starts node-proxy in this process with a fresh CA and an empty model.
+/// Starts node-proxy in this process, served by `controller`.
 fn start(
     dir: &Path,
+    controller: &TestController,
 ) -> (
     CancellationToken,
     tokio::task::JoinHandle<anyhow::Result<()>>,
     PathBuf,
 ) {
-    files(dir);
-    let (shutdown, task) = run_in(dir);
+    let (shutdown, task) = run_in(dir, controller);
     (shutdown, task, dir.join("handoff.sock"))
 }
 
-/// Starts (another) node-proxy in this process on the files in `dir`.
+/// Starts (another) node-proxy in this process with its handoff socket in `dir`.
 fn run_in(
     dir: &Path,
+    controller: &TestController,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    run_limited(dir, controller, 1000, 10_000)
+}
+
+/// As [`run_in`], with connection limits per listener and for the node.
+fn run_limited(
+    dir: &Path,
+    controller: &TestController,
+    max_connections: usize,
+    max_node_connections: usize,
 ) -> (
     CancellationToken,
     tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -131,13 +148,17 @@ fn run_in(
     let config = node_proxy::Config {
         node: "node-1".into(),
         handoff: handoff.clone(),
-        model: dir.join("model.json"),
-        ca_cert: dir.join("ca.pem"),
-        ca_key: dir.join("ca-key.pem"),
+        controller: controller.grpc.to_string(),
+        controller_name: controller::testing::SERVER_NAME.into(),
+        controller_ca: controller.root.clone(),
+        token_file: controller.token("node-1"),
         trust_domain: "cluster.local".into(),
         admin: "127.0.0.1:0".parse().unwrap(),
         drain_grace: 1,
-        max_connections: 1000,
+        max_connections,
+        max_node_connections,
+        pod_wait: 2,
+        access_log_rate: 1000,
     };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(node_proxy::run(config, shutdown.clone()));
@@ -165,15 +186,13 @@ fn listening(ns: &TestNetns) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+#[ignore = "needs root"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_come_and_go_without_leaks_and_bad_handoffs_leave_nothing() {
-    if !is_root() {
-        eprintln!("skipped: needs root (network namespaces)");
-        return;
-    }
     let id = std::process::id();
     let dir = std::env::temp_dir().join(format!("weft-np-{id}"));
-    let (shutdown, task, handoff) = start(&dir);
+    let control = controller(&dir, &[("ghost", "10.250.0.9"), ("cart", "10.250.0.2")]).await;
+    let (shutdown, task, handoff) = start(&dir, &control);
     let good = TestNetns::new(&format!("np{id}-good"), Some("10.250.0.2"));
     let bare = TestNetns::new(&format!("np{id}-bare"), None);
     let good_file = good.file();
@@ -302,12 +321,9 @@ async fn pods_come_and_go_without_leaks_and_bad_handoffs_leave_nothing() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[ignore = "needs root"]
 #[test]
 fn capture_rules_install_idempotently_and_remove_cleanly() {
-    if !is_root() {
-        eprintln!("skipped: needs root (network namespaces)");
-        return;
-    }
     let ns = TestNetns::new(
         &format!("np{}-rules", std::process::id()),
         Some("10.250.1.2"),
@@ -338,15 +354,13 @@ fn capture_rules_install_idempotently_and_remove_cleanly() {
     node_proxy::redirect::remove(&netns, "shop/rules").unwrap();
 }
 
+#[ignore = "needs root"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_node_proxy_takes_over_the_listeners() {
-    if !is_root() {
-        eprintln!("skipped: needs root (network namespaces)");
-        return;
-    }
     let id = std::process::id();
     let dir = std::env::temp_dir().join(format!("weft-np-takeover-{id}"));
-    let (_shutdown_a, task_a, handoff) = start(&dir);
+    let control = controller(&dir, &[("cart", "10.250.2.2")]).await;
+    let (_shutdown_a, task_a, handoff) = start(&dir, &control);
     let ns = TestNetns::new(&format!("np{id}-take"), Some("10.250.2.2"));
     let ns_file = ns.file();
     let client = tokio::task::spawn_blocking({
@@ -415,7 +429,7 @@ async fn a_new_node_proxy_takes_over_the_listeners() {
     };
     let before = sockets(&ns);
     assert_eq!(before.len(), 3, "{before:?}");
-    let (shutdown_b, task_b) = run_in(&dir);
+    let (shutdown_b, task_b) = run_in(&dir, &control);
     let ended = tokio::time::timeout(Duration::from_secs(20), task_a).await;
     assert!(
         matches!(ended, Ok(Ok(Ok(())))),
@@ -492,16 +506,13 @@ fn fake_old_node_proxy(
     })
 }
 
+#[ignore = "needs root"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_of_another_pod_is_not_taken_over() {
     use std::os::fd::AsRawFd;
-    if !is_root() {
-        eprintln!("skipped: needs root (network namespaces)");
-        return;
-    }
     let id = std::process::id();
     let dir = std::env::temp_dir().join(format!("weft-np-mixed-{id}"));
-    files(&dir);
+    let control = controller(&dir, &[("a", "10.250.3.2")]).await;
     let a = TestNetns::new(&format!("np{id}-mixa"), Some("10.250.3.2"));
     let b = TestNetns::new(&format!("np{id}-mixb"), Some("10.250.3.3"));
     let (in_a, in_b) = (
@@ -531,7 +542,7 @@ async fn a_listener_of_another_pod_is_not_taken_over() {
             a_hbone.as_raw_fd(),
         ],
     );
-    let (_shutdown, task) = run_in(&dir);
+    let (_shutdown, task) = run_in(&dir, &control);
     let ended = tokio::time::timeout(Duration::from_secs(30), task).await;
     let err = match ended {
         Ok(Ok(Err(e))) => format!("{e:#}"),
@@ -557,7 +568,7 @@ async fn a_listener_of_another_pod_is_not_taken_over() {
             a_hbone.as_raw_fd(),
         ],
     );
-    let (shutdown, task) = run_in(&dir);
+    let (shutdown, task) = run_in(&dir, &control);
     let seen = tokio::task::spawn_blocking(move || fake.join().unwrap())
         .await
         .unwrap();
@@ -565,5 +576,147 @@ async fn a_listener_of_another_pod_is_not_taken_over() {
     shutdown.cancel();
     task.await.unwrap().unwrap();
     drop((in_a, in_b));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Opens a connection from inside `ns` as its application would (no mark, so the
+/// capture rules apply) and holds it.
+async fn app_connect(ns: &Netns, to: &str) -> std::net::TcpStream {
+    let to: std::net::SocketAddr = to.parse().unwrap();
+    ns.run(move || std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[ignore = "needs root"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limits_hold_connections_back_per_listener_and_per_node() {
+    let id = std::process::id();
+    for (case, per_listener, per_node) in [("listener", 2, 100), ("node", 100, 2)] {
+        let dir = std::env::temp_dir().join(format!("weft-np-limit-{case}-{id}"));
+        let control = controller(&dir, &[("lim", "10.250.5.2")]).await;
+        let (shutdown, task) = run_limited(&dir, &control, per_listener, per_node);
+        let ns = TestNetns::new(&format!("np{id}-lim{}", &case[..1]), Some("10.250.5.2"));
+        // A destination outside the mesh, across the veth in a namespace of its own,
+        // that holds the connections it accepts.
+        let far = TestNetns::new(&format!("np{id}-far{}", &case[..1]), None);
+        ip(&["-n", &far.0, "link", "del", "eth0"]);
+        ip(&["-n", &ns.0, "link", "set", "eth1", "netns", &far.0]);
+        ip(&["-n", &far.0, "addr", "add", "10.250.5.99/24", "dev", "eth1"]);
+        ip(&["-n", &far.0, "link", "set", "eth1", "up"]);
+        let far_ns = Netns::enter(far.file().into(), "far").unwrap();
+        let server = far_ns
+            .listen("10.250.5.99:7000".parse().unwrap())
+            .await
+            .unwrap();
+        let netns = Netns::enter(ns.file().into(), "shop/lim").unwrap();
+        node_proxy::redirect::install(&netns, "shop/lim").unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = server.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                // Held until the client hangs up, then closed.
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let _ = s.read_to_end(&mut Vec::new()).await;
+                });
+            }
+        });
+        let handoff = dir.join("handoff.sock");
+        let file = ns.file();
+        tokio::task::spawn_blocking(move || {
+            connect(&handoff)
+                .add(&pod("lim", "10.250.5.2"), file.as_fd())
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let seen = |n: usize| {
+            let accepted = accepted.clone();
+            async move {
+                for _ in 0..100 {
+                    if accepted.load(std::sync::atomic::Ordering::SeqCst) >= n {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                false
+            }
+        };
+        // Three application connections, each relayed through node-proxy to the server:
+        // only two are let through; the third waits in the listener's backlog.
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            clients.push(app_connect(&netns, "10.250.5.99:7000").await);
+        }
+        assert!(seen(2).await, "{case}: two connections are relayed");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "{case} limit of 2: the third connection is held back"
+        );
+        // One ends: the third goes through.
+        drop(clients.remove(0));
+        assert!(
+            seen(3).await,
+            "{case}: the held-back connection is served once one ends"
+        );
+        drop(clients);
+        drop(netns);
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+        control.stop().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[ignore = "needs root"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_handed_over_before_the_model_knows_it_waits_for_it() {
+    let id = std::process::id();
+    let dir = std::env::temp_dir().join(format!("weft-np-late-{id}"));
+    let control = controller(&dir, &[]).await;
+    let (shutdown, task, handoff) = start(&dir, &control);
+    let late = TestNetns::new(&format!("np{id}-late"), Some("10.250.6.2"));
+    let file = late.file();
+    let path = handoff.clone();
+    let added = tokio::task::spawn_blocking(move || {
+        connect(&path).add(&pod("late", "10.250.6.2"), file.as_fd())
+    });
+    // The handoff came first (the CNI plugin runs before the controller has seen the
+    // pod); its workload reaches the model a moment later.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    control
+        .write(
+            "pod-late.yaml",
+            &pod_yaml("shop", "late", "late", "node-1", "cart", "10.250.6.2", &[]),
+        )
+        .unwrap();
+    added
+        .await
+        .unwrap()
+        .expect("the pod is served once its workload arrives");
+    assert!(listening(&late).contains("10.250.6.2:15008"));
+    // One the controller never sends is refused after the wait, saying why.
+    let never = TestNetns::new(&format!("np{id}-never"), Some("10.250.6.3"));
+    let file = never.file();
+    let refused = tokio::task::spawn_blocking(move || {
+        connect(&handoff).add(&pod("never", "10.250.6.3"), file.as_fd())
+    })
+    .await
+    .unwrap();
+    match refused {
+        Err(HandoffError::Rejected(msg)) => assert!(
+            msg.contains("shop/never") && msg.contains("not in the mesh model after 2 s"),
+            "{msg}"
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    control.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

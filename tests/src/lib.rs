@@ -64,6 +64,11 @@ static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
 impl Sandbox {
     /// Starts a sandbox named `name` from `manifests`, waiting up to 90 s for it.
     pub fn up(name: &str, manifests: &Path) -> anyhow::Result<Self> {
+        Self::up_with(name, manifests, &[])
+    }
+
+    /// As [`up`](Self::up), with more `weftctl local up` flags.
+    pub fn up_with(name: &str, manifests: &Path, extra: &[&str]) -> anyhow::Result<Self> {
         let state_dir = PathBuf::from("/run/weft/e2e").join(name);
         // A leftover from a killed run would block the name.
         let _ = Command::new(weftctl()?)
@@ -73,8 +78,9 @@ impl Sandbox {
         let _ = std::fs::remove_dir_all(&state_dir);
         std::fs::create_dir_all(&state_dir)?;
         // Distinct admin ports per sandbox so tests can run side by side.
+        // Node-proxies take base, base + 1, ...; the controller base + 12 and + 14.
         let base = 16000
-            + 10 * (NEXT_PORT.fetch_add(1, Ordering::Relaxed)
+            + 20 * (NEXT_PORT.fetch_add(1, Ordering::Relaxed)
                 + (std::process::id() % 100) as u16 * 10);
         let log = std::fs::File::create(state_dir.with_extension("log"))?;
         let child = Command::new(weftctl()?)
@@ -90,6 +96,7 @@ impl Sandbox {
             ])
             .arg("--state-dir")
             .arg(&state_dir)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -219,6 +226,24 @@ impl Sandbox {
         Ok(n["admin"].as_str().unwrap_or_default().parse()?)
     }
 
+    /// The controller's admin address.
+    pub fn controller_admin(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.state["controller"]["admin"]
+            .as_str()
+            .unwrap_or_default()
+            .parse()?)
+    }
+
+    /// The controller's PID (0 while stopped).
+    pub fn controller_pid(&self) -> i32 {
+        self.state["controller"]["pid"].as_i64().unwrap_or_default() as i32
+    }
+
+    /// The controller's `/metrics`.
+    pub fn controller_metrics(&self) -> anyhow::Result<String> {
+        Ok(http_get(self.controller_admin()?, "/metrics")?.1)
+    }
+
     /// A node-proxy's PID.
     pub fn node_pid(&self, node: &str) -> anyhow::Result<i32> {
         let n = self.state["nodes"]
@@ -231,6 +256,50 @@ impl Sandbox {
     /// A node-proxy's `/metrics`.
     pub fn metrics(&self, node: &str) -> anyhow::Result<String> {
         Ok(http_get(self.admin(node)?, "/metrics")?.1)
+    }
+
+    /// A pod's process ID.
+    pub fn pid(&self, pod: &str) -> anyhow::Result<i32> {
+        self.pod(pod)?["pid"]
+            .as_i64()
+            .and_then(|p| i32::try_from(p).ok())
+            .with_context(|| format!("pod {pod} has no process"))
+    }
+
+    /// A waypoint pod's `/metrics`.
+    pub fn waypoint_metrics(&self, pod: &str) -> anyhow::Result<String> {
+        let admin: SocketAddr = self.pod(pod)?["admin"]
+            .as_str()
+            .with_context(|| format!("pod {pod} is not a waypoint"))?
+            .parse()?;
+        Ok(http_get(admin, "/metrics")?.1)
+    }
+
+    /// `h2load` from a pod (`args` after the program name); its summary lines.
+    pub fn h2load(&self, pod: &str, args: &[&str]) -> anyhow::Result<H2load> {
+        let mut all = vec!["h2load"];
+        all.extend_from_slice(args);
+        let out = self.exec(pod, &all)?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let count = |line: &str, what: &str| -> u64 {
+            text.lines()
+                .find(|l| l.starts_with(line))
+                .and_then(|l| {
+                    l.split(',')
+                        .find(|part| part.trim_end().ends_with(what))
+                        .and_then(|p| p.split_whitespace().rev().nth(1))
+                        .and_then(|n| n.parse().ok())
+                })
+                .unwrap_or(0)
+        };
+        Ok(H2load {
+            succeeded: count("requests:", "succeeded"),
+            failed: count("requests:", "failed"),
+            status_2xx: count("status codes:", "2xx"),
+            status_4xx: count("status codes:", "4xx"),
+            status_5xx: count("status codes:", "5xx"),
+            text,
+        })
     }
 
     /// Runs a command inside a pod's network namespace.
@@ -308,6 +377,65 @@ impl Drop for Sandbox {
     }
 }
 
+/// A copy of a manifest directory that a test may edit, removed on drop.
+pub struct TempManifests(PathBuf);
+
+impl TempManifests {
+    /// Copies the YAML files of `from`.
+    pub fn copy(from: &Path) -> anyhow::Result<Self> {
+        static NEXT: AtomicU16 = AtomicU16::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "weft-e2e-manifests-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        for entry in std::fs::read_dir(from)? {
+            let path = entry?.path();
+            if let Some(name) = path.file_name() {
+                std::fs::copy(&path, dir.join(name))?;
+            }
+        }
+        Ok(TempManifests(dir))
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Writes (replaces) a file atomically, as an editor saving it would.
+    pub fn write(&self, name: &str, text: &str) -> std::io::Result<()> {
+        let tmp = self.0.join(format!(".{name}.swp"));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(tmp, self.0.join(name))
+    }
+}
+
+impl Drop for TempManifests {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What an `h2load` run reported.
+#[derive(Debug, Clone)]
+pub struct H2load {
+    /// Requests that got a response.
+    pub succeeded: u64,
+    /// Requests that did not.
+    pub failed: u64,
+    /// Responses by class.
+    pub status_2xx: u64,
+    /// 4xx responses.
+    pub status_4xx: u64,
+    /// 5xx responses.
+    pub status_5xx: u64,
+    /// Its whole output.
+    pub text: String,
+}
+
 /// `GET path` over HTTP/1.0; returns (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
@@ -351,5 +479,87 @@ pub fn eventually<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
             return None;
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A load loop: `curl` from a pod to a URL, one request per connection, every
+/// `interval`, until stopped (or `limit` passed), recording every outcome.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<(Instant, bool, String)>>>,
+}
+
+impl Load {
+    /// Starts the loop in `netns`; bounded by `limit` in any case.
+    pub fn start(netns: &str, url: &str, interval: Duration, limit: Duration) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (netns, url, flag) = (netns.to_owned(), url.to_owned(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut results = Vec::new();
+            while !flag.load(Ordering::Relaxed)
+                && started.elapsed() < limit
+                && results.len() < 100_000
+            {
+                let out = Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &netns,
+                        "curl",
+                        "-sS",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "--max-time",
+                        "5",
+                        &url,
+                    ])
+                    .output();
+                let (ok, why) = match out {
+                    Ok(o) => {
+                        let code = String::from_utf8_lossy(&o.stdout).into_owned();
+                        (
+                            o.status.success() && code == "200",
+                            format!("{code} {}", String::from_utf8_lossy(&o.stderr).trim()),
+                        )
+                    }
+                    Err(e) => (false, e.to_string()),
+                };
+                results.push((Instant::now(), ok, why));
+                std::thread::sleep(interval);
+            }
+            results
+        });
+        Load {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the loop: (requests, the failed ones with why).
+    pub fn stop(mut self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let results = self
+            .thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        let failed = results
+            .iter()
+            .filter(|(_, ok, _)| !ok)
+            .map(|(_, _, why)| why.clone())
+            .collect();
+        (results.len(), failed)
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }

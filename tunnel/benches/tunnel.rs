@@ -224,6 +224,7 @@ async fn run() {
         target: SocketAddr::new(hbone.addr.ip(), 9),
         forwarded_for: None,
         traceparent: None,
+        on_behalf_of: None,
     };
 
     let tcp = measure(

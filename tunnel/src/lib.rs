@@ -10,10 +10,14 @@
 //! - [`tls`]: rustls configs that check SPIFFE IDs, with swappable credentials.
 //! - [`hbone`]: HTTP/2 CONNECT server, client pool and the stream type.
 //! - [`metrics`]: counters for connections, streams and refusals.
+//! - [`process`]: the standard `process_*` series (CPU, memory) every component exports.
+//! - [`access_log`]: the rate-capped JSON access log node-proxy and the waypoint write.
 
+pub mod access_log;
 pub mod hbone;
 pub mod identity;
 pub mod metrics;
+pub mod process;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tls;

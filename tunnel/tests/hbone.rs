@@ -33,6 +33,7 @@ fn request(
         target,
         forwarded_for: None,
         traceparent: None,
+        on_behalf_of: None,
     }
 }
 

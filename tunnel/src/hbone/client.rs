@@ -75,6 +75,10 @@ pub struct ConnectRequest {
     pub forwarded_for: Option<SocketAddr>,
     /// W3C trace context to pass on.
     pub traceparent: Option<String>,
+    /// For a waypoint: the SPIFFE ID of the client it forwards for, sent as
+    /// [`SOURCE_PRINCIPAL`](super::SOURCE_PRINCIPAL). The destination believes it only
+    /// from a waypoint.
+    pub on_behalf_of: Option<String>,
 }
 
 /// Why a stream could not be opened. Messages name the address and suggest a cause.
@@ -626,6 +630,9 @@ impl Inner {
             .uri(req.target.to_string());
         if let Some(src) = req.forwarded_for {
             request = request.header(http::header::FORWARDED, forwarded_value(src));
+        }
+        if let Some(id) = &req.on_behalf_of {
+            request = request.header(super::SOURCE_PRINCIPAL, id.as_str());
         }
         if let Some(tp) = &req.traceparent {
             request = request.header("traceparent", tp.as_str());

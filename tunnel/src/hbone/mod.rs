@@ -105,6 +105,9 @@ impl Refusal {
     }
 }
 
+/// The CONNECT header in which a waypoint names the client it forwards for.
+pub const SOURCE_PRINCIPAL: &str = "weft-source-principal";
+
 /// What a well-formed CONNECT asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connect {

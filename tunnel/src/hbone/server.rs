@@ -79,6 +79,9 @@ pub struct InboundRequest {
     pub forwarded_for: Option<SocketAddr>,
     /// W3C trace context, passed through untouched.
     pub traceparent: Option<HeaderValue>,
+    /// The client a waypoint says it forwards for ([`SOURCE_PRINCIPAL`](super::SOURCE_PRINCIPAL)),
+    /// when sent as text; to be believed only from a waypoint's identity.
+    pub on_behalf_of: Option<String>,
     /// W3C baggage, passed through untouched.
     pub baggage: Option<HeaderValue>,
     respond: SendResponse<Bytes>,
@@ -458,6 +461,11 @@ impl Server {
                 target: c.target,
                 forwarded_for: c.forwarded_for,
                 traceparent: parts.headers.get("traceparent").cloned(),
+                on_behalf_of: parts
+                    .headers
+                    .get(super::SOURCE_PRINCIPAL)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
                 baggage: parts.headers.get("baggage").cloned(),
                 respond,
                 recv,

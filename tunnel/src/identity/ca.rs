@@ -104,6 +104,8 @@ pub struct WorkloadCert {
     /// When the leaf stops being valid.
     pub not_after: SystemTime,
     not_before: SystemTime,
+    /// When this value was made from the certificate.
+    received: SystemTime,
 }
 
 impl Clone for WorkloadCert {
@@ -114,6 +116,7 @@ impl Clone for WorkloadCert {
             key: self.key.clone_key(),
             not_after: self.not_after,
             not_before: self.not_before,
+            received: self.received,
         }
     }
 }
@@ -142,16 +145,19 @@ impl WorkloadCert {
             key: PrivateKeyDer::Pkcs8(pkcs8_key.into()),
             not_before,
             not_after,
+            received: SystemTime::now(),
         })
     }
 
-    /// When this leaf should be replaced: half-way through its validity.
+    /// When this leaf should be replaced: half-way through what is left of its validity
+    /// from when it started being usable. A CA backdates leaves by a few minutes for
+    /// clock skew; counting from `notBefore` would put the half-way point of a
+    /// short-lived leaf in the past, so the clock starts at the later of `notBefore` and
+    /// receipt.
     pub fn refresh_at(&self) -> SystemTime {
-        let life = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default();
-        self.not_before + life / 2
+        let start = self.not_before.max(self.received);
+        let life = self.not_after.duration_since(start).unwrap_or_default();
+        start + life / 2
     }
 }
 
@@ -324,6 +330,65 @@ impl CertificateAuthority {
         Ok(chain)
     }
 
+    /// Whether this CA is a self-signed root (else an intermediate).
+    pub fn is_root(&self) -> bool {
+        self.self_signed
+    }
+
+    /// The roots this CA's leaves chain to, as far as it knows them: itself when it is
+    /// a root, else the self-signed certificates given above it.
+    pub fn roots(&self) -> Vec<CertificateDer<'static>> {
+        if self.self_signed {
+            return vec![self.cert.clone()];
+        }
+        self.chain
+            .iter()
+            .filter(|c| {
+                X509Certificate::from_der(c)
+                    .map(|(_, p)| p.subject() == p.issuer())
+                    .unwrap_or(false)
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// A TLS server certificate for DNS `names` (the controller's own), with a fresh
+    /// ECDSA P-256 key: the chain (leaf first) and the PKCS#8 key.
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        if let Some(first) = names.first() {
+            params.distinguished_name.push(DnType::CommonName, first);
+        }
+        params.subject_alt_names = names
+            .iter()
+            .map(|n| match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => Ok(SanType::DnsName(n.as_str().try_into()?)),
+            })
+            .collect::<Result<_, rcgen::Error>>()?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - CLOCK_SKEW;
+        params.not_after = now + ttl;
+        params.serial_number = Some(random_serial());
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let mut chain = vec![cert.der().clone()];
+        if !self.self_signed {
+            chain.push(self.cert.clone());
+            chain.extend(self.chain.iter().cloned());
+        }
+        Ok((chain, PrivateKeyDer::Pkcs8(key.serialize_der().into())))
+    }
+
     /// Generates a key, a CSR and a leaf for `identity` in one step.
     ///
     /// For callers that hold the CA in-process (the local sandbox and tests); it runs
@@ -448,8 +513,23 @@ mod tests {
         assert!(eku.server_auth && eku.client_auth);
         let lifetime = cert.not_after.duration_since(cert.not_before).unwrap();
         assert_eq!(lifetime, LEAF_TTL + CLOCK_SKEW);
-        let half = cert.refresh_at().duration_since(cert.not_before).unwrap();
-        assert_eq!(half, lifetime / 2);
+        // Refreshed half-way through what is left once received, not from the
+        // backdated notBefore: for a short leaf that would be in the past.
+        let now = SystemTime::now();
+        let until = cert.refresh_at().duration_since(now).unwrap();
+        assert!(
+            until.abs_diff(LEAF_TTL / 2) < Duration::from_secs(2),
+            "{until:?}"
+        );
+        let short = ca.issue(&id("cart"), Duration::from_secs(8)).unwrap();
+        let until = short
+            .refresh_at()
+            .duration_since(SystemTime::now())
+            .unwrap();
+        assert!(
+            (Duration::from_secs(3)..=Duration::from_secs(4)).contains(&until),
+            "{until:?}"
+        );
         // Signed by the root, with a P-256 key.
         let root = parse(ca.cert_der());
         leaf.verify_signature(Some(root.public_key())).unwrap();

@@ -1,0 +1,456 @@
+//! `weft-cni install` / `uninstall`: puts the plugin on a node. Copies the binary into
+//! the runtime's plugin directory and appends a `weft-cni` entry to the node's chained
+//! configuration (the first `*.conflist`, which the cluster's network plugin wrote),
+//! rewriting that file atomically. Installing again replaces the entry, so there is
+//! always at most one; uninstalling removes the entry and the binary.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use super::config::{LookupSource, SUPPORTED_VERSIONS};
+
+/// The plugin's name: its binary's and its entry's `type`.
+pub const PLUGIN: &str = "weft-cni";
+
+/// Why installing or uninstalling failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// The configuration directory holds no chained configuration to join.
+    #[error("no *.conflist in {0}: weft-cni is a chained plugin; install the cluster's network plugin first (it writes one)")]
+    NoConflist(PathBuf),
+    /// The file the runtime reads is not a chained configuration.
+    #[error("the runtime reads {first} first (the lexically first .conf, .conflist or .json), and it is not a .conflist; weft-cni can only join a chained configuration")]
+    NotAConflist {
+        /// The file.
+        first: PathBuf,
+    },
+    /// A file could not be read or written.
+    #[error("{path}: {source}", path = .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The configuration is not what a runtime would accept.
+    #[error("{path}: {reason}", path = .path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
+    move |source| InstallError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What the installer writes into the chained configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Where the plugin looks pods up.
+    pub source: LookupSource,
+    /// node-proxy's handoff socket, when not the default.
+    pub socket: Option<PathBuf>,
+}
+
+impl Entry {
+    /// The entry as JSON.
+    pub fn to_json(&self) -> Value {
+        let mut entry = Map::new();
+        entry.insert("type".into(), PLUGIN.into());
+        let (key, path) = match &self.source {
+            LookupSource::Kubeconfig(p) => ("kubeconfig", p),
+            LookupSource::Manifests(p) => ("manifests", p),
+        };
+        entry.insert(key.into(), path.display().to_string().into());
+        if let Some(socket) = &self.socket {
+            entry.insert("socket".into(), socket.display().to_string().into());
+        }
+        Value::Object(entry)
+    }
+}
+
+/// The chained configuration the runtime reads in `conf_dir`: as libcni picks it, the
+/// lexically first file ending in `.conf`, `.conflist` or `.json`, which must be a
+/// `.conflist` (weft-cni joins a chain; it does not start one).
+pub fn primary_conflist(conf_dir: &Path) -> Result<PathBuf, InstallError> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(conf_dir).map_err(io(conf_dir))? {
+        let path = entry.map_err(io(conf_dir))?.path();
+        let ext = path.extension().and_then(|e| e.to_str());
+        if matches!(ext, Some("conf" | "conflist" | "json")) && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    match files.into_iter().next() {
+        None => Err(InstallError::NoConflist(conf_dir.to_owned())),
+        Some(p) if p.extension().and_then(|e| e.to_str()) == Some("conflist") => Ok(p),
+        Some(first) => Err(InstallError::NotAConflist { first }),
+    }
+}
+
+/// The conflist's fields, and apart from them its plugins.
+fn parse(path: &Path, text: &str) -> Result<(Map<String, Value>, Vec<Value>), InstallError> {
+    let invalid = |reason: String| InstallError::Invalid {
+        path: path.to_owned(),
+        reason,
+    };
+    let value: Value = serde_json::from_str(text).map_err(|e| invalid(format!("not JSON: {e}")))?;
+    let Value::Object(mut list) = value else {
+        return Err(invalid("not a JSON object".into()));
+    };
+    match list.remove("plugins") {
+        Some(Value::Array(plugins)) => Ok((list, plugins)),
+        _ => Err(invalid("has no \"plugins\" list".into())),
+    }
+}
+
+fn is_ours(plugin: &Value) -> bool {
+    plugin.get("type").and_then(Value::as_str) == Some(PLUGIN)
+}
+
+/// `text` (a conflist) with `entry` as its last plugin and no other weft-cni entry;
+/// `None` if it already is exactly that.
+pub fn with_entry(path: &Path, text: &str, entry: &Entry) -> Result<Option<String>, InstallError> {
+    let (mut list, mut plugins) = parse(path, text)?;
+    let version = list
+        .get("cniVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if !SUPPORTED_VERSIONS.contains(&version) {
+        // The runtime hands each plugin the list's version: weft-cni must speak it.
+        return Err(InstallError::Invalid {
+            path: path.to_owned(),
+            reason: format!(
+                "cniVersion {version:?} is not one weft-cni speaks ({})",
+                SUPPORTED_VERSIONS.join(", ")
+            ),
+        });
+    }
+    let before = plugins.clone();
+    plugins.retain(|p| !is_ours(p));
+    if plugins.is_empty() {
+        return Err(InstallError::Invalid {
+            path: path.to_owned(),
+            reason: "lists no plugin but weft-cni; the chain needs the network plugin first".into(),
+        });
+    }
+    plugins.push(entry.to_json());
+    if plugins == before {
+        return Ok(None);
+    }
+    list.insert("plugins".into(), Value::Array(plugins));
+    Ok(Some(render(&list)))
+}
+
+/// `text` (a conflist) without weft-cni entries; `None` if it has none.
+pub fn without_entry(path: &Path, text: &str) -> Result<Option<String>, InstallError> {
+    let (mut list, mut plugins) = parse(path, text)?;
+    let before = plugins.len();
+    plugins.retain(|p| !is_ours(p));
+    if plugins.len() == before {
+        return Ok(None);
+    }
+    list.insert("plugins".into(), Value::Array(plugins));
+    Ok(Some(render(&list)))
+}
+
+fn render(list: &Map<String, Value>) -> String {
+    let mut text = serde_json::to_string_pretty(list).expect("a JSON map always serializes");
+    text.push('\n');
+    text
+}
+
+/// Writes `contents` to `path` by renaming a finished file over it, with `mode`, so a
+/// runtime reading the directory sees the old file or the new one, never a part. The
+/// staging file's name is hidden and ends in neither `.conf`, `.conflist` nor `.json`.
+fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), InstallError> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.weft-cni-tmp"));
+    let written = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(contents)?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(path)(e));
+    }
+    Ok(())
+}
+
+/// What an install or uninstall did, one line each.
+pub type Report = Vec<String>;
+
+/// Copies `binary` to `<bin_dir>/weft-cni` and adds `entry` to the node's chained
+/// configuration in `conf_dir`.
+pub fn install(
+    binary: &Path,
+    bin_dir: &Path,
+    conf_dir: &Path,
+    entry: &Entry,
+) -> Result<Report, InstallError> {
+    let mut report = Vec::new();
+    // The configuration first: a directory without a chain to join fails before the
+    // binary is copied.
+    let conflist = primary_conflist(conf_dir)?;
+    let text = std::fs::read_to_string(&conflist).map_err(io(&conflist))?;
+    let updated = with_entry(&conflist, &text, entry)?;
+    std::fs::create_dir_all(bin_dir).map_err(io(bin_dir))?;
+    let target = bin_dir.join(PLUGIN);
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if !same(binary, &target) {
+        let bytes = std::fs::read(binary).map_err(io(binary))?;
+        write_atomic(&target, &bytes, 0o755)?;
+        report.push(format!(
+            "copied {} to {}",
+            binary.display(),
+            target.display()
+        ));
+    }
+    match updated {
+        Some(text) => {
+            let mode = std::fs::metadata(&conflist)
+                .map_err(io(&conflist))?
+                .permissions()
+                .mode()
+                & 0o7777;
+            write_atomic(&conflist, text.as_bytes(), mode)?;
+            report.push(format!("added weft-cni to {}", conflist.display()));
+        }
+        None => report.push(format!("{} already chains weft-cni", conflist.display())),
+    }
+    Ok(report)
+}
+
+/// Removes weft-cni from every chained configuration in `conf_dir` and its binary from
+/// `bin_dir`; what is already gone is not an error.
+pub fn uninstall(bin_dir: &Path, conf_dir: &Path) -> Result<Report, InstallError> {
+    let mut report = Vec::new();
+    let entries = match std::fs::read_dir(conf_dir) {
+        Ok(entries) => entries
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(io(conf_dir))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(io(conf_dir)(e)),
+    };
+    let mut lists: Vec<PathBuf> = entries
+        .into_iter()
+        .map(|e| e.path())
+        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("conflist"))
+        .collect();
+    lists.sort();
+    for conflist in lists {
+        let text = std::fs::read_to_string(&conflist).map_err(io(&conflist))?;
+        if let Some(text) = without_entry(&conflist, &text)? {
+            let mode = std::fs::metadata(&conflist)
+                .map_err(io(&conflist))?
+                .permissions()
+                .mode()
+                & 0o7777;
+            write_atomic(&conflist, text.as_bytes(), mode)?;
+            report.push(format!("removed weft-cni from {}", conflist.display()));
+        }
+    }
+    let target = bin_dir.join(PLUGIN);
+    match std::fs::remove_file(&target) {
+        Ok(()) => report.push(format!("removed {}", target.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(&target)(e)),
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// A scratch directory, removed on drop.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir()
+                .join(format!("weft-cni-install-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(dir.join("net.d")).expect("create test dir");
+            Dir(dir)
+        }
+        fn conf(&self) -> PathBuf {
+            self.0.join("net.d")
+        }
+        fn bin(&self) -> PathBuf {
+            self.0.join("bin")
+        }
+        fn write(&self, name: &str, text: &str) -> PathBuf {
+            let p = self.conf().join(name);
+            std::fs::write(&p, text).expect("write");
+            p
+        }
+        /// A stand-in for the plugin binary.
+        fn binary(&self) -> PathBuf {
+            let p = self.0.join("weft-cni-build");
+            std::fs::write(&p, "#!/bin/sh\n").expect("write");
+            p
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const BRIDGE: &str = r#"{
+  "cniVersion": "1.0.0",
+  "name": "k8s-pod-network",
+  "plugins": [
+    {"type": "bridge", "bridge": "cni0", "ipam": {"type": "host-local", "subnet": "10.244.1.0/24"}},
+    {"type": "portmap", "capabilities": {"portMappings": true}}
+  ]
+}"#;
+
+    fn entry() -> Entry {
+        Entry {
+            source: LookupSource::Manifests("/etc/weft/manifests".into()),
+            socket: None,
+        }
+    }
+
+    fn plugins(path: &Path) -> Vec<Value> {
+        let v: Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("JSON");
+        v["plugins"].as_array().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn install_twice_leaves_one_entry_and_uninstall_removes_it() {
+        let d = Dir::new("twice");
+        let list = d.write("10-bridge.conflist", BRIDGE);
+        d.write("99-other.conflist", BRIDGE);
+        let binary = d.binary();
+        let first = install(&binary, &d.bin(), &d.conf(), &entry()).expect("install");
+        assert_eq!(first.len(), 2, "{first:?}");
+        let after_first = std::fs::read_to_string(&list).expect("read");
+        let second = install(&binary, &d.bin(), &d.conf(), &entry()).expect("install again");
+        assert!(
+            second.iter().any(|l| l.contains("already chains")),
+            "{second:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&list).expect("read"),
+            after_first,
+            "unchanged"
+        );
+        let p = plugins(&list);
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[0]["type"], "bridge", "the chain keeps its order");
+        assert_eq!(p[0]["ipam"]["subnet"], "10.244.1.0/24", "and its fields");
+        assert_eq!(
+            p[2],
+            json!({"type": "weft-cni", "manifests": "/etc/weft/manifests"})
+        );
+        assert_eq!(
+            plugins(&d.conf().join("99-other.conflist")).len(),
+            2,
+            "only the first list"
+        );
+        let bin = d.bin().join(PLUGIN);
+        assert_eq!(
+            std::fs::metadata(&bin)
+                .expect("copied")
+                .permissions()
+                .mode()
+                & 0o777,
+            0o755
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(d.conf())
+            .expect("list")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "no staging files: {leftovers:?}");
+
+        // New options replace the entry.
+        let other = Entry {
+            source: LookupSource::Kubeconfig("/etc/weft/kubeconfig".into()),
+            socket: Some("/run/weft/other.sock".into()),
+        };
+        install(&binary, &d.bin(), &d.conf(), &other).expect("reinstall");
+        let p = plugins(&list);
+        assert_eq!(p.len(), 3);
+        assert_eq!(
+            p[2],
+            json!({"type": "weft-cni", "kubeconfig": "/etc/weft/kubeconfig", "socket": "/run/weft/other.sock"})
+        );
+
+        let removed = uninstall(&d.bin(), &d.conf()).expect("uninstall");
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert_eq!(plugins(&list).len(), 2);
+        assert!(!bin.exists());
+        let again = uninstall(&d.bin(), &d.conf()).expect("uninstall again");
+        assert!(again.is_empty(), "{again:?}");
+    }
+
+    #[test]
+    fn install_refuses_what_it_cannot_join() {
+        let d = Dir::new("refuse");
+        let binary = d.binary();
+        let err = |d: &Dir| {
+            install(&binary, &d.bin(), &d.conf(), &entry())
+                .expect_err("refused")
+                .to_string()
+        };
+        assert!(err(&d).starts_with("no *.conflist in"), "{}", err(&d));
+        let conf = d.write(
+            "05-single.conf",
+            r#"{"cniVersion":"1.0.0","name":"n","type":"bridge"}"#,
+        );
+        d.write("10-bridge.conflist", BRIDGE);
+        assert!(err(&d).contains("05-single.conf first"), "{}", err(&d));
+        std::fs::remove_file(conf).expect("rm");
+        let list = d.write("10-bridge.conflist", "{not json");
+        assert!(err(&d).contains("not JSON"), "{}", err(&d));
+        d.write("10-bridge.conflist", r#"{"cniVersion":"1.0.0","name":"n"}"#);
+        assert!(err(&d).contains("has no \"plugins\" list"), "{}", err(&d));
+        d.write(
+            "10-bridge.conflist",
+            r#"{"cniVersion":"0.2.0","name":"n","plugins":[{"type":"bridge"}]}"#,
+        );
+        assert!(
+            err(&d).contains("\"0.2.0\" is not one weft-cni speaks"),
+            "{}",
+            err(&d)
+        );
+        d.write(
+            "10-bridge.conflist",
+            r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"weft-cni"}]}"#,
+        );
+        assert!(
+            err(&d).contains("needs the network plugin first"),
+            "{}",
+            err(&d)
+        );
+        assert!(!d.bin().join(PLUGIN).exists(), "nothing copied on failure");
+        assert_eq!(plugins(&list).len(), 1, "the file is left as it was");
+    }
+}

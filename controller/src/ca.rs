@@ -1,0 +1,321 @@
+//! The mesh CA: the root (created on first start and persisted, or provided by the
+//! operator), leaves signed from node-proxies' CSRs, and the controller's own serving
+//! certificate. Leaves are never written anywhere.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer};
+use tracing::info;
+use tunnel::identity::{CaError, CertificateAuthority, Identity};
+
+/// Why the CA could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum CaSetupError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The certificate or key is unusable.
+    #[error("{path}: {source}")]
+    Ca {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: CaError,
+    },
+    /// The root directory holds a certificate without its key, or the reverse.
+    #[error("{dir} holds {present} but not {missing}; restore the missing file or remove both to create a new root (every workload certificate will then be reissued)")]
+    HalfRoot {
+        /// The directory.
+        dir: PathBuf,
+        /// The file present.
+        present: &'static str,
+        /// The file missing.
+        missing: &'static str,
+    },
+    /// No root is known for an intermediate.
+    #[error("the CA certificate in {0} is an intermediate and no root was given; add the root after it in the same file, or pass --ca-bundle")]
+    NoRoot(PathBuf),
+    /// A bundle file holds no certificate.
+    #[error("{0}: no certificate found")]
+    EmptyBundle(PathBuf),
+    /// Kubernetes did not store or return the root Secret.
+    #[error("root Secret {name}: {reason}")]
+    Secret {
+        /// `namespace/name`.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// Kubernetes did not store the ConfigMap the roots are published in.
+    #[error("roots ConfigMap {name}: {reason} (node-proxies trust the controller with the roots it holds)")]
+    RootsConfigMap {
+        /// `namespace/name`.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The root certificate's file in a CA directory.
+pub const ROOT_CERT: &str = "root.pem";
+/// The root key's file (mode 0600).
+pub const ROOT_KEY: &str = "root-key.pem";
+
+/// The mesh CA.
+pub struct Ca {
+    authority: CertificateAuthority,
+    bundle: Vec<CertificateDer<'static>>,
+    trust_domain: String,
+    leaf_ttl: Duration,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("trust_domain", &self.trust_domain)
+            .field("roots", &self.bundle.len())
+            .finish()
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CaSetupError + '_ {
+    move |source| CaSetupError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), CaSetupError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::options()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(contents.as_bytes()).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+impl Ca {
+    /// A CA from a held authority; `bundle` defaults to the authority's roots.
+    pub fn new(
+        authority: CertificateAuthority,
+        bundle: Vec<CertificateDer<'static>>,
+        trust_domain: &str,
+        leaf_ttl: Duration,
+    ) -> Self {
+        let bundle = if bundle.is_empty() {
+            authority.roots()
+        } else {
+            bundle
+        };
+        Ca {
+            authority,
+            bundle,
+            trust_domain: trust_domain.to_owned(),
+            leaf_ttl,
+        }
+    }
+
+    /// The root in `dir` (`root.pem`, `root-key.pem`), created on first use.
+    pub fn from_dir(
+        dir: &Path,
+        trust_domain: &str,
+        leaf_ttl: Duration,
+    ) -> Result<Self, CaSetupError> {
+        let (cert, key) = (dir.join(ROOT_CERT), dir.join(ROOT_KEY));
+        match (cert.exists(), key.exists()) {
+            (true, true) => {
+                let c = std::fs::read_to_string(&cert).map_err(io(&cert))?;
+                let k = std::fs::read_to_string(&key).map_err(io(&key))?;
+                let authority =
+                    CertificateAuthority::from_pem(&c, &k).map_err(|source| CaSetupError::Ca {
+                        path: cert.clone(),
+                        source,
+                    })?;
+                info!("mesh root loaded from {}", cert.display());
+                Ok(Ca::new(authority, Vec::new(), trust_domain, leaf_ttl))
+            }
+            (false, false) => {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(io(dir))?;
+                let authority =
+                    CertificateAuthority::self_signed(trust_domain).map_err(|source| {
+                        CaSetupError::Ca {
+                            path: cert.clone(),
+                            source,
+                        }
+                    })?;
+                // The key first: a crash between the two leaves a key without a
+                // certificate, which the next start reports instead of overwriting.
+                write_file(&key, authority.key_pem(), 0o600)?;
+                write_file(&cert, &authority.cert_pem(), 0o644)?;
+                info!("mesh root created in {}", dir.display());
+                Ok(Ca::new(authority, Vec::new(), trust_domain, leaf_ttl))
+            }
+            (true, false) => Err(CaSetupError::HalfRoot {
+                dir: dir.to_owned(),
+                present: ROOT_CERT,
+                missing: ROOT_KEY,
+            }),
+            (false, true) => Err(CaSetupError::HalfRoot {
+                dir: dir.to_owned(),
+                present: ROOT_KEY,
+                missing: ROOT_CERT,
+            }),
+        }
+    }
+
+    /// An operator-provided root or intermediate: `cert` (the CA certificate, then any
+    /// above it), `key`, and optionally a `bundle` of roots to distribute.
+    pub fn from_files(
+        cert: &Path,
+        key: &Path,
+        bundle: Option<&Path>,
+        trust_domain: &str,
+        leaf_ttl: Duration,
+    ) -> Result<Self, CaSetupError> {
+        let c = std::fs::read_to_string(cert).map_err(io(cert))?;
+        let k = std::fs::read_to_string(key).map_err(io(key))?;
+        let authority =
+            CertificateAuthority::from_pem(&c, &k).map_err(|source| CaSetupError::Ca {
+                path: cert.to_owned(),
+                source,
+            })?;
+        let roots = match bundle {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(io(path))?;
+                let b = tunnel::identity::TrustBundle::from_pem(&text)
+                    .map_err(|_| CaSetupError::EmptyBundle(path.to_owned()))?;
+                b.roots().to_vec()
+            }
+            None => authority.roots(),
+        };
+        if roots.is_empty() {
+            return Err(CaSetupError::NoRoot(cert.to_owned()));
+        }
+        Ok(Ca::new(authority, roots, trust_domain, leaf_ttl))
+    }
+
+    /// The roots every certificate chains to.
+    pub fn bundle(&self) -> &[CertificateDer<'static>] {
+        &self.bundle
+    }
+
+    /// The bundle as PEM (what node-proxies are given to trust the controller).
+    pub fn bundle_pem(&self) -> String {
+        self.bundle
+            .iter()
+            .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec())))
+            .collect()
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// How long leaves live.
+    pub fn leaf_ttl(&self) -> Duration {
+        self.leaf_ttl
+    }
+
+    /// Signs a leaf for `identity` from `csr`.
+    pub fn sign(
+        &self,
+        identity: &Identity,
+        csr: &[u8],
+    ) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        let csr = CertificateSigningRequestDer::from(csr.to_vec());
+        self.authority.sign(&csr, identity, self.leaf_ttl)
+    }
+
+    /// A serving certificate for the controller's own `names`.
+    pub fn serving_cert(
+        &self,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
+        self.authority.issue_server(names, ttl)
+    }
+
+    /// The authority (to persist it in a Secret).
+    pub fn authority(&self) -> &CertificateAuthority {
+        &self.authority
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_root_is_created_once_then_loaded() {
+        let dir = std::env::temp_dir().join(format!("weft-ca-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let first = Ca::from_dir(&dir, "cluster.local", Duration::from_secs(60)).expect("created");
+        let again = Ca::from_dir(&dir, "cluster.local", Duration::from_secs(60)).expect("loaded");
+        assert_eq!(first.bundle(), again.bundle());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join(ROOT_KEY))
+            .expect("key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "the key is private: {mode:o}");
+        std::fs::remove_file(dir.join(ROOT_CERT)).expect("remove");
+        let e =
+            Ca::from_dir(&dir, "cluster.local", Duration::from_secs(60)).expect_err("half a root");
+        assert!(
+            e.to_string()
+                .contains("holds root-key.pem but not root.pem"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_intermediate_needs_its_root() {
+        let dir = std::env::temp_dir().join(format!("weft-ca-int-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let root = CertificateAuthority::self_signed("cluster.local").expect("root");
+        let int = root
+            .new_intermediate("cluster.local")
+            .expect("intermediate");
+        let (cert, key, with_root) = (
+            dir.join("int.pem"),
+            dir.join("int-key.pem"),
+            dir.join("chain.pem"),
+        );
+        std::fs::write(&cert, int.cert_pem()).expect("write");
+        std::fs::write(&key, int.key_pem()).expect("write");
+        std::fs::write(&with_root, int.cert_pem() + &root.cert_pem()).expect("write");
+        let e = Ca::from_files(&cert, &key, None, "cluster.local", Duration::from_secs(60))
+            .expect_err("no root");
+        assert!(matches!(e, CaSetupError::NoRoot(_)), "{e}");
+        let ca = Ca::from_files(
+            &with_root,
+            &key,
+            None,
+            "cluster.local",
+            Duration::from_secs(60),
+        )
+        .expect("root found in the chain");
+        assert_eq!(ca.bundle(), &[root.cert_der().clone()]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

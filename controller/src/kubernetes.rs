@@ -1,0 +1,626 @@
+//! The API-server side: one reflector per kind feeding the same translation as the
+//! manifest source, the root kept in a Secret (its certificates published in a
+//! ConfigMap for node-proxies), node-proxy tokens checked with TokenReview, and status
+//! conditions written back on the objects.
+//!
+//! ```text
+//!  watch per kind --(strip managedFields)--> reflector store --notify--> translate
+//!  a kind whose CRD is not installed counts as empty (retried with backoff)
+//!  DesiredStatus (changed only) --> PATCH .../status (merge; other controllers' parents kept)
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use gateway_api::experimental::httproutes::HttpRoute;
+use gateway_api::gateways::Gateway;
+use gateway_api::grpcroutes::GrpcRoute;
+use gateway_api::referencegrants::ReferenceGrant;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::ByteString;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Client, Resource, ResourceExt as _};
+use serde::de::DeserializeOwned;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use tunnel::identity::CertificateAuthority;
+
+use crate::auth::{AuthError, Authenticator, Caller};
+use crate::ca::{Ca, CaSetupError};
+use crate::crd::{AuthorizationPolicy, TrafficPolicy};
+use crate::metrics::Metrics;
+use crate::objects::{AnyObject, ObjectKind, Objects, Origin};
+use crate::source::{Snapshot, Source};
+use crate::translate::{DesiredStatus, CONTROLLER_NAME};
+
+/// The Secret the root is kept in.
+pub const ROOT_SECRET: &str = "weft-root-ca";
+/// The ConfigMap the roots (certificates only, no key) are published in, beside the
+/// Secret: node-proxies mount it to trust the controller with, and so never see the key.
+pub const ROOTS_CONFIGMAP: &str = "weft-root-ca";
+/// The ConfigMap's key holding the roots (PEM).
+pub const ROOTS_KEY: &str = "root.pem";
+
+/// One kind's reflector.
+struct Kind<K: Resource + 'static>
+where
+    K::DynamicType: Hash + Eq + Clone,
+{
+    store: Store<K>,
+    /// Listed at least once, or known not to be served (CRD not installed).
+    ready: Arc<AtomicBool>,
+}
+
+fn reflect<K>(
+    client: &Client,
+    kind: ObjectKind,
+    changed: Arc<Notify>,
+    shutdown: CancellationToken,
+) -> Kind<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Hash + Eq + Clone + Send + Sync,
+{
+    let api: Api<K> = Api::all(client.clone());
+    let (store, writer) = reflector::store::<K>();
+    let ready = Arc::new(AtomicBool::new(false));
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        // managedFields are most of a big object's size and nothing reads them.
+        .modify(|o: &mut K| o.managed_fields_mut().clear());
+    let stream = reflector::reflector(writer, stream);
+    let flag = ready.clone();
+    tokio::spawn(async move {
+        tokio::pin!(stream);
+        let mut absent_logged = false;
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                e = stream.next() => e,
+            };
+            match event {
+                None => return,
+                Some(Ok(watcher::Event::InitDone)) => {
+                    flag.store(true, Ordering::SeqCst);
+                    changed.notify_one();
+                }
+                Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
+                Some(Ok(_)) => changed.notify_one(),
+                Some(Err(e)) => {
+                    let missing = matches!(&e, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.is_not_found());
+                    if missing {
+                        // The kind's CRD is not installed: nothing of it exists.
+                        if !absent_logged {
+                            warn!("{} is not served by the API server (CRD not installed?); treating it as empty", kind.kind());
+                            absent_logged = true;
+                        }
+                        if !flag.swap(true, Ordering::SeqCst) {
+                            changed.notify_one();
+                        }
+                    } else {
+                        warn!("watching {}: {e}; retrying", kind.kind());
+                    }
+                }
+            }
+        }
+    });
+    Kind { store, ready }
+}
+
+/// Every kind's reflector, as a [`Source`].
+pub struct KubeSource {
+    namespaces: Kind<Namespace>,
+    pods: Kind<Pod>,
+    services: Kind<Service>,
+    endpoint_slices: Kind<EndpointSlice>,
+    gateways: Kind<Gateway>,
+    http_routes: Kind<HttpRoute>,
+    grpc_routes: Kind<GrpcRoute>,
+    reference_grants: Kind<ReferenceGrant>,
+    authorization_policies: Kind<AuthorizationPolicy>,
+    traffic_policies: Kind<TrafficPolicy>,
+}
+
+impl KubeSource {
+    /// Starts watching every kind; `changed` is notified on every event.
+    pub fn start(client: Client, changed: Arc<Notify>, shutdown: CancellationToken) -> Arc<Self> {
+        let (c, n, s) = (&client, changed, shutdown);
+        Arc::new(KubeSource {
+            namespaces: reflect(c, ObjectKind::Namespace, n.clone(), s.clone()),
+            pods: reflect(c, ObjectKind::Pod, n.clone(), s.clone()),
+            services: reflect(c, ObjectKind::Service, n.clone(), s.clone()),
+            endpoint_slices: reflect(c, ObjectKind::EndpointSlice, n.clone(), s.clone()),
+            gateways: reflect(c, ObjectKind::Gateway, n.clone(), s.clone()),
+            http_routes: reflect(c, ObjectKind::HttpRoute, n.clone(), s.clone()),
+            grpc_routes: reflect(c, ObjectKind::GrpcRoute, n.clone(), s.clone()),
+            reference_grants: reflect(c, ObjectKind::ReferenceGrant, n.clone(), s.clone()),
+            authorization_policies: reflect(
+                c,
+                ObjectKind::AuthorizationPolicy,
+                n.clone(),
+                s.clone(),
+            ),
+            traffic_policies: reflect(c, ObjectKind::TrafficPolicy, n, s),
+        })
+    }
+
+    fn ready(&self) -> bool {
+        [
+            &self.namespaces.ready,
+            &self.pods.ready,
+            &self.services.ready,
+            &self.endpoint_slices.ready,
+            &self.gateways.ready,
+            &self.http_routes.ready,
+            &self.grpc_routes.ready,
+            &self.reference_grants.ready,
+            &self.authorization_policies.ready,
+            &self.traffic_policies.ready,
+        ]
+        .iter()
+        .all(|r| r.load(Ordering::SeqCst))
+    }
+}
+
+impl Source for KubeSource {
+    fn snapshot(&self) -> Snapshot {
+        let mut objects = Objects::default();
+        fn add<K: Resource + Clone + 'static>(
+            objects: &mut Objects,
+            store: &Store<K>,
+            wrap: fn(Arc<K>) -> AnyObject,
+        ) where
+            K::DynamicType: Hash + Eq + Clone,
+        {
+            for o in store.state() {
+                let _ = objects.insert(wrap(o), Origin::Cluster, true);
+            }
+        }
+        add(&mut objects, &self.namespaces.store, AnyObject::Namespace);
+        add(&mut objects, &self.pods.store, AnyObject::Pod);
+        add(&mut objects, &self.services.store, AnyObject::Service);
+        add(
+            &mut objects,
+            &self.endpoint_slices.store,
+            AnyObject::EndpointSlice,
+        );
+        add(&mut objects, &self.gateways.store, AnyObject::Gateway);
+        add(&mut objects, &self.http_routes.store, AnyObject::HttpRoute);
+        add(&mut objects, &self.grpc_routes.store, AnyObject::GrpcRoute);
+        add(
+            &mut objects,
+            &self.reference_grants.store,
+            AnyObject::ReferenceGrant,
+        );
+        add(
+            &mut objects,
+            &self.authorization_policies.store,
+            AnyObject::AuthorizationPolicy,
+        );
+        add(
+            &mut objects,
+            &self.traffic_policies.store,
+            AnyObject::TrafficPolicy,
+        );
+        Snapshot {
+            objects: Arc::new(objects),
+            problems: Vec::new(),
+            ready: self.ready(),
+        }
+    }
+}
+
+/// The mesh root from the Secret `ROOT_SECRET` in `namespace`, created there on
+/// first start. Two controllers starting at once agree: the one whose create loses
+/// reads the winner's.
+pub async fn root_ca(
+    client: Client,
+    namespace: &str,
+    trust_domain: &str,
+    leaf_ttl: Duration,
+) -> Result<Ca, CaSetupError> {
+    let api: Api<Secret> = Api::namespaced(client, namespace);
+    let name = format!("{namespace}/{ROOT_SECRET}");
+    let fail = |reason: String| CaSetupError::Secret {
+        name: name.clone(),
+        reason,
+    };
+    let load = |secret: &Secret| -> Result<Ca, CaSetupError> {
+        let data = secret.data.clone().unwrap_or_default();
+        let field = |k: &str| {
+            data.get(k)
+                .and_then(|b| String::from_utf8(b.0.clone()).ok())
+                .ok_or_else(|| fail(format!("has no {k}")))
+        };
+        let authority = CertificateAuthority::from_pem(&field("ca.crt")?, &field("ca.key")?)
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(Ca::new(authority, Vec::new(), trust_domain, leaf_ttl))
+    };
+    if let Some(s) = api
+        .get_opt(ROOT_SECRET)
+        .await
+        .map_err(|e| fail(e.to_string()))?
+    {
+        info!("mesh root loaded from Secret {name}");
+        return load(&s);
+    }
+    let authority =
+        CertificateAuthority::self_signed(trust_domain).map_err(|e| fail(e.to_string()))?;
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(ROOT_SECRET.into()),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([
+            (
+                "ca.crt".to_owned(),
+                ByteString(authority.cert_pem().into_bytes()),
+            ),
+            (
+                "ca.key".to_owned(),
+                ByteString(authority.key_pem().as_bytes().to_vec()),
+            ),
+        ])),
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            info!("mesh root created in Secret {name}");
+            Ok(Ca::new(authority, Vec::new(), trust_domain, leaf_ttl))
+        }
+        Err(kube::Error::Api(s)) if s.is_already_exists() => {
+            let s = api
+                .get(ROOT_SECRET)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            load(&s)
+        }
+        Err(e) => Err(fail(e.to_string())),
+    }
+}
+
+/// Publishes `roots_pem` (the roots proxies trust, public) in the ConfigMap
+/// `ROOTS_CONFIGMAP` of `namespace`: created if absent, replaced if it holds other roots,
+/// left alone if it is current.
+pub async fn publish_roots(
+    client: Client,
+    namespace: &str,
+    roots_pem: &str,
+) -> Result<(), CaSetupError> {
+    let api: Api<ConfigMap> = Api::namespaced(client, namespace);
+    let name = format!("{namespace}/{ROOTS_CONFIGMAP}");
+    let fail = |reason: String| CaSetupError::RootsConfigMap {
+        name: name.clone(),
+        reason,
+    };
+    let data = BTreeMap::from([(ROOTS_KEY.to_owned(), roots_pem.to_owned())]);
+    let wanted = |metadata: kube::api::ObjectMeta| ConfigMap {
+        metadata,
+        data: Some(data.clone()),
+        ..Default::default()
+    };
+    // Two tries: a create that loses to another replica's is followed by a replace.
+    for _ in 0..2 {
+        match api
+            .get_opt(ROOTS_CONFIGMAP)
+            .await
+            .map_err(|e| fail(e.to_string()))?
+        {
+            Some(current) if current.data.as_ref() == Some(&data) => return Ok(()),
+            Some(current) => {
+                // The resourceVersion makes the replace fail rather than overwrite a
+                // concurrent change; the next try reads it.
+                match api
+                    .replace(
+                        ROOTS_CONFIGMAP,
+                        &PostParams::default(),
+                        &wanted(current.metadata),
+                    )
+                    .await
+                {
+                    Ok(_) => {
+                        info!("mesh roots published in ConfigMap {name}");
+                        return Ok(());
+                    }
+                    Err(kube::Error::Api(s)) if s.is_conflict() => continue,
+                    Err(e) => return Err(fail(e.to_string())),
+                }
+            }
+            None => {
+                let metadata = kube::api::ObjectMeta {
+                    name: Some(ROOTS_CONFIGMAP.into()),
+                    namespace: Some(namespace.into()),
+                    ..Default::default()
+                };
+                match api.create(&PostParams::default(), &wanted(metadata)).await {
+                    Ok(_) => {
+                        info!("mesh roots published in ConfigMap {name}");
+                        return Ok(());
+                    }
+                    Err(kube::Error::Api(s)) if s.is_already_exists() => continue,
+                    Err(e) => return Err(fail(e.to_string())),
+                }
+            }
+        }
+    }
+    Err(fail(
+        "it kept changing while being written; is another controller with other roots running?"
+            .into(),
+    ))
+}
+
+/// Node-proxy tokens checked with TokenReview. The node comes from the token's
+/// bound node name, or from the pod it is bound to. Results are kept for a minute so a
+/// reconnect storm does not become a TokenReview storm.
+pub struct TokenReviewer {
+    client: Client,
+    audience: String,
+    username: String,
+    cache: Mutex<HashMap<[u8; 32], (Caller, Instant)>>,
+}
+
+const REVIEW_CACHE: Duration = Duration::from_secs(60);
+
+impl TokenReviewer {
+    /// A reviewer expecting tokens of `username` (`system:serviceaccount:<ns>:<sa>`)
+    /// for `audience`.
+    pub fn new(client: Client, audience: String, username: String) -> Self {
+        TokenReviewer {
+            client,
+            audience,
+            username,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn review(&self, token: &str) -> Result<Caller, AuthError> {
+        let api: Api<TokenReview> = Api::all(self.client.clone());
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: token.to_owned(),
+                audiences: Some(vec![self.audience.clone()]),
+            },
+            ..Default::default()
+        };
+        let done = api
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
+        let status = done.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            return Err(AuthError::Invalid(
+                status.error.unwrap_or_else(|| "not authenticated".into()),
+            ));
+        }
+        if let Some(auds) = &status.audiences {
+            if !auds.contains(&self.audience) {
+                return Err(AuthError::Invalid(format!(
+                    "the token is not for audience {}",
+                    self.audience
+                )));
+            }
+        }
+        let user = status.user.unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        if username != self.username {
+            // Another service account: a workload (a waypoint) asking for itself.
+            let mut parts = username.splitn(4, ':');
+            return match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                (Some("system"), Some("serviceaccount"), Some(ns), Some(sa)) => {
+                    Ok(Caller::Workload {
+                        namespace: ns.to_owned(),
+                        service_account: sa.to_owned(),
+                    })
+                }
+                _ => Err(AuthError::NotNodeProxy(format!(
+                    "it belongs to {username}, not {} or another service account",
+                    self.username
+                ))),
+            };
+        }
+        let extra = user.extra.unwrap_or_default();
+        let first = |k: &str| extra.get(k).and_then(|v| v.first()).cloned();
+        if let Some(node) = first("authentication.kubernetes.io/node-name") {
+            return Ok(Caller::Node(node));
+        }
+        let Some(pod) = first("authentication.kubernetes.io/pod-name") else {
+            return Err(AuthError::NotNodeProxy(
+                "it is not bound to a pod; use a projected service-account token".into(),
+            ));
+        };
+        let namespace = username.split(':').nth(2).unwrap_or_default().to_owned();
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &namespace);
+        let pod = pods.get(&pod).await.map_err(|e| {
+            AuthError::Unavailable(format!("cannot read pod {namespace}/{pod}: {e}"))
+        })?;
+        let node = pod
+            .spec
+            .and_then(|s| s.node_name)
+            .ok_or_else(|| AuthError::NotNodeProxy("its pod is not scheduled on a node".into()))?;
+        Ok(Caller::Node(node))
+    }
+}
+
+fn token_hash(token: &str) -> [u8; 32] {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+impl Authenticator for TokenReviewer {
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Caller, AuthError>> {
+        Box::pin(async move {
+            let hash = token_hash(token);
+            {
+                let cache = self
+                    .cache
+                    .lock()
+                    .expect("review cache lock is never poisoned");
+                if let Some((caller, at)) = cache.get(&hash) {
+                    if at.elapsed() < REVIEW_CACHE {
+                        return Ok(caller.clone());
+                    }
+                }
+            }
+            let caller = self.review(token).await?;
+            let mut cache = self
+                .cache
+                .lock()
+                .expect("review cache lock is never poisoned");
+            cache.retain(|_, (_, at)| at.elapsed() < REVIEW_CACHE);
+            cache.insert(hash, (caller.clone(), Instant::now()));
+            Ok(caller)
+        })
+    }
+}
+
+/// Writes status conditions in the background: only what changed since the last
+/// write, latest translation wins.
+pub struct StatusWriter {
+    tx: watch::Sender<Arc<Vec<DesiredStatus>>>,
+}
+
+impl StatusWriter {
+    /// A writer patching through `client`.
+    pub fn new(client: Client, metrics: Metrics) -> Self {
+        let (tx, rx) = watch::channel(Arc::new(Vec::new()));
+        tokio::spawn(write_loop(client, metrics, rx));
+        StatusWriter { tx }
+    }
+
+    /// The statuses of the latest translation.
+    pub fn write(&self, statuses: Vec<DesiredStatus>) {
+        self.tx.send_replace(Arc::new(statuses));
+    }
+}
+
+/// Now, as Kubernetes writes times (RFC 3339, UTC, seconds).
+fn now_rfc3339() -> String {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    now.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// The JSON merge patch that sets `status` as desired, keeping other controllers'
+/// route parents (`current` is the object's present status).
+pub fn status_patch(
+    desired: &DesiredStatus,
+    current: Option<&serde_json::Value>,
+) -> serde_json::Value {
+    let condition = |c: &crate::translate::Condition| {
+        serde_json::json!({
+            "type": c.type_,
+            "status": if c.status { "True" } else { "False" },
+            "reason": c.reason,
+            "message": c.message,
+            "observedGeneration": desired.generation.unwrap_or(0),
+            "lastTransitionTime": now_rfc3339(),
+        })
+    };
+    match desired.object.kind {
+        ObjectKind::HttpRoute | ObjectKind::GrpcRoute => {
+            let mut parents: Vec<serde_json::Value> = current
+                .and_then(|s| s.get("parents"))
+                .and_then(|p| p.as_array())
+                .map(|ps| {
+                    ps.iter()
+                        .filter(|p| {
+                            p.get("controllerName").and_then(|c| c.as_str())
+                                != Some(CONTROLLER_NAME)
+                        })
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            for (parent, conditions) in &desired.parents {
+                parents.push(serde_json::json!({
+                    "parentRef": parent.clone().unwrap_or_default(),
+                    "controllerName": CONTROLLER_NAME,
+                    "conditions": conditions.iter().map(condition).collect::<Vec<_>>(),
+                }));
+            }
+            serde_json::json!({ "status": { "parents": parents } })
+        }
+        _ => {
+            let conditions: Vec<serde_json::Value> = desired
+                .parents
+                .iter()
+                .flat_map(|(_, cs)| cs.iter().map(condition))
+                .collect();
+            serde_json::json!({ "status": { "conditions": conditions } })
+        }
+    }
+}
+
+async fn patch_one(client: &Client, desired: &DesiredStatus) -> Result<(), kube::Error> {
+    let name = desired.object.name.clone();
+    let ns = desired.object.namespace.clone().unwrap_or_default();
+    let params = PatchParams::default();
+    macro_rules! patch {
+        ($t:ty) => {{
+            let api: Api<$t> = Api::namespaced(client.clone(), &ns);
+            let current = api.get_status(&name).await?;
+            let status = serde_json::to_value(&current)
+                .ok()
+                .and_then(|v| v.get("status").cloned());
+            let patch = status_patch(desired, status.as_ref());
+            api.patch_status(&name, &params, &Patch::Merge(&patch))
+                .await?;
+        }};
+    }
+    match desired.object.kind {
+        ObjectKind::HttpRoute => patch!(HttpRoute),
+        ObjectKind::GrpcRoute => patch!(GrpcRoute),
+        ObjectKind::AuthorizationPolicy => patch!(AuthorizationPolicy),
+        ObjectKind::TrafficPolicy => patch!(TrafficPolicy),
+        _ => {}
+    }
+    Ok(())
+}
+
+async fn write_loop(
+    client: Client,
+    metrics: Metrics,
+    mut rx: watch::Receiver<Arc<Vec<DesiredStatus>>>,
+) {
+    // What was written last, per object; a failed write is retried on the next round.
+    let mut written: HashMap<crate::objects::ObjectRef, DesiredStatus> = HashMap::new();
+    loop {
+        if rx.changed().await.is_err() {
+            return;
+        }
+        let desired = rx.borrow_and_update().clone();
+        let present: std::collections::HashSet<_> =
+            desired.iter().map(|d| d.object.clone()).collect();
+        written.retain(|k, _| present.contains(k));
+        for d in desired.iter() {
+            if written.get(&d.object) == Some(d) {
+                continue;
+            }
+            match patch_one(&client, d).await {
+                Ok(()) => {
+                    debug!(object = %d.object, "status written");
+                    Metrics::count(&metrics.status_writes, "ok");
+                    written.insert(d.object.clone(), d.clone());
+                }
+                Err(e) => {
+                    warn!(object = %d.object, "cannot write status: {e}");
+                    Metrics::count(&metrics.status_writes, "error");
+                }
+            }
+        }
+    }
+}

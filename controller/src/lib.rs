@@ -1,0 +1,372 @@
+//! The Weft controller: the only component that reads Kubernetes. It translates the
+//! cluster into the mesh model, streams the model to every proxy as versioned deltas,
+//! and is the mesh CA.
+//!
+//! ```text
+//!  source (API server | --manifests DIR) --changed--> debounce --> translate (pure)
+//!      --> store (keyed, versioned, history) --> one stream per proxy (filtered per node)
+//!  node-proxy --Sign(CSR) + token--> CA: only identities of pods on the caller's node
+//!  problems --> status conditions (cluster) | logs and `weftctl check` (manifests)
+//! ```
+//!
+//! Modules: [`crd`] (Weft's CRDs), [`objects`] (the typed object set), [`source`],
+//! [`manifests`] and [`kubernetes`] (the two sources), [`translate`], [`store`],
+//! [`server`] (gRPC distribution) over [`tls`], [`ca`] and [`auth`] (certificates and
+//! who asks for them), [`metrics`], [`admin`].
+
+pub mod admin;
+pub mod auth;
+pub mod ca;
+pub mod crd;
+pub mod kubernetes;
+pub mod manifests;
+pub mod metrics;
+pub mod objects;
+pub mod server;
+pub mod source;
+pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod tls;
+pub mod translate;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::objects::Problem;
+use crate::server::Shared;
+use crate::source::Source;
+use crate::translate::{DesiredStatus, Settings};
+
+/// A duration flag, written like Gateway API durations (`24h`, `90s`, `500ms`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    use std::str::FromStr;
+    gateway_api::Duration::from_str(text).map(|d| Duration::from_millis(d.as_millis() as u64))
+}
+
+/// The controller's configuration, from flags or environment variables.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Read these manifest directories instead of the API server (repeatable; objects
+    /// in a later directory override the same objects in an earlier one).
+    #[arg(long = "manifests", env = "WEFT_MANIFESTS", value_delimiter = ',')]
+    pub manifests: Vec<PathBuf>,
+    /// Where proxies connect (gRPC over TLS: the model and certificates).
+    #[arg(long, env = "WEFT_LISTEN", default_value = "0.0.0.0:15012")]
+    pub listen: SocketAddr,
+    /// Admin endpoint (metrics, health, debug views).
+    #[arg(long, env = "WEFT_ADMIN", default_value = "0.0.0.0:15014")]
+    pub admin: SocketAddr,
+    /// The SPIFFE trust domain.
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Directory of the mesh root (`root.pem`, `root-key.pem`), created on first start.
+    /// Manifest mode; in the cluster the root lives in a Secret.
+    #[arg(long, env = "WEFT_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// An operator-provided CA certificate (PEM: the CA first, then any above it).
+    #[arg(long, env = "WEFT_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// The private key of `--ca-cert`.
+    #[arg(long, env = "WEFT_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// The roots to distribute, when `--ca-cert` is an intermediate without its root.
+    #[arg(long, env = "WEFT_CA_BUNDLE")]
+    pub ca_bundle: Option<PathBuf>,
+    /// Directory of per-node tokens (`<node>.token`) node-proxies authenticate with
+    /// (manifest mode).
+    #[arg(long, env = "WEFT_NODE_TOKENS")]
+    pub node_tokens: Option<PathBuf>,
+    /// Names (DNS or IP) in the controller's serving certificate.
+    #[arg(
+        long = "server-name",
+        env = "WEFT_SERVER_NAMES",
+        value_delimiter = ',',
+        default_value = "weft-controller.weft-system.svc"
+    )]
+    pub server_names: Vec<String>,
+    /// Lifetime of workload certificates; node-proxies renew them at half-life.
+    #[arg(long, env = "WEFT_LEAF_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub leaf_ttl: Duration,
+    /// How long to wait after a change for more before translating.
+    #[arg(long, env = "WEFT_DEBOUNCE", default_value = "5ms", value_parser = parse_duration)]
+    pub debounce: Duration,
+    /// The controller's namespace in the cluster (it keeps the root Secret there).
+    #[arg(long, env = "WEFT_NAMESPACE", default_value = "weft-system")]
+    pub namespace: String,
+    /// The audience node-proxies' tokens must have.
+    #[arg(long, env = "WEFT_TOKEN_AUDIENCE", default_value = "weft-controller")]
+    pub token_audience: String,
+    /// The service account node-proxies run as (in `--namespace`).
+    #[arg(
+        long,
+        env = "WEFT_NODE_PROXY_SERVICE_ACCOUNT",
+        default_value = "weft-node-proxy"
+    )]
+    pub node_proxy_service_account: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            manifests: Vec::new(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            trust_domain: "cluster.local".into(),
+            ca_dir: None,
+            ca_cert: None,
+            ca_key: None,
+            ca_bundle: None,
+            node_tokens: None,
+            server_names: vec!["weft-controller.weft-system.svc".into()],
+            leaf_ttl: Duration::from_secs(24 * 60 * 60),
+            debounce: Duration::from_millis(5),
+            namespace: "weft-system".into(),
+            token_audience: "weft-controller".into(),
+            node_proxy_service_account: "weft-node-proxy".into(),
+        }
+    }
+}
+
+/// A controller that is listening, before it runs.
+pub struct Controller {
+    /// Where proxies connect.
+    pub grpc_addr: SocketAddr,
+    /// The admin endpoint.
+    pub admin_addr: SocketAddr,
+    /// Shared state (for tests).
+    pub shared: Arc<Shared>,
+    grpc: TcpListener,
+    admin: TcpListener,
+    registry: Registry,
+    source: Arc<dyn Source>,
+    changed: Arc<Notify>,
+    settings: Settings,
+    debounce: Duration,
+    statuses: Option<kubernetes::StatusWriter>,
+    server_names: Vec<String>,
+}
+
+fn random_epoch() -> u64 {
+    let mut bytes = [0u8; 8];
+    let _ = aws_lc_rs::rand::fill(&mut bytes);
+    u64::from_le_bytes(bytes) | 1
+}
+
+impl Controller {
+    /// Sets the controller up: CA, source, listeners. Errors here (a bad flag, an
+    /// unreadable directory, an address in use) stop it before it serves anything.
+    pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(tunnel::process::ProcessCollector));
+        let metrics = metrics::Metrics::new(&mut registry);
+        let changed = Arc::new(Notify::new());
+        let (ca, auth, source, statuses): (
+            ca::Ca,
+            Arc<dyn auth::Authenticator>,
+            Arc<dyn Source>,
+            _,
+        ) = if !config.manifests.is_empty() {
+            let ca = match (&config.ca_cert, &config.ca_key, &config.ca_dir) {
+                (Some(cert), Some(key), _) => ca::Ca::from_files(cert, key, config.ca_bundle.as_deref(), &config.trust_domain, config.leaf_ttl)?,
+                (_, _, Some(dir)) => ca::Ca::from_dir(dir, &config.trust_domain, config.leaf_ttl)?,
+                _ => anyhow::bail!("manifest mode needs --ca-dir (where the mesh root is kept) or --ca-cert and --ca-key"),
+            };
+            let tokens = config
+                .node_tokens
+                .as_ref()
+                .context("manifest mode needs --node-tokens: the directory of each node's token")?;
+            let auth = auth::NodeTokens::new(tokens)
+                .with_context(|| format!("cannot read node tokens in {}", tokens.display()))?;
+            let source = manifests::ManifestSource::new(config.manifests.clone())?;
+            tokio::spawn(source.clone().watch(changed.clone(), shutdown.clone()));
+            (ca, Arc::new(auth), source, None)
+        } else {
+            let client = kube::Client::try_default().await.context(
+                "no --manifests given and no Kubernetes API reachable (in-cluster or kubeconfig)",
+            )?;
+            let ca = match (&config.ca_cert, &config.ca_key) {
+                (Some(cert), Some(key)) => ca::Ca::from_files(
+                    cert,
+                    key,
+                    config.ca_bundle.as_deref(),
+                    &config.trust_domain,
+                    config.leaf_ttl,
+                )?,
+                _ => {
+                    kubernetes::root_ca(
+                        client.clone(),
+                        &config.namespace,
+                        &config.trust_domain,
+                        config.leaf_ttl,
+                    )
+                    .await?
+                }
+            };
+            kubernetes::publish_roots(client.clone(), &config.namespace, &ca.bundle_pem()).await?;
+            let auth = kubernetes::TokenReviewer::new(
+                client.clone(),
+                config.token_audience.clone(),
+                format!(
+                    "system:serviceaccount:{}:{}",
+                    config.namespace, config.node_proxy_service_account
+                ),
+            );
+            let source =
+                kubernetes::KubeSource::start(client.clone(), changed.clone(), shutdown.clone());
+            let statuses = kubernetes::StatusWriter::new(client, metrics.clone());
+            (ca, Arc::new(auth), source, Some(statuses))
+        };
+        let settings = Settings {
+            trust_domain: config.trust_domain.clone(),
+            trust_bundle: ca.bundle().iter().map(|c| c.to_vec()).collect(),
+        };
+        let shared = Shared::new(random_epoch(), Arc::new(ca), auth, metrics, shutdown);
+        let grpc = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let admin = TcpListener::bind(config.admin)
+            .await
+            .with_context(|| format!("cannot listen on admin address {}", config.admin))?;
+        Ok(Controller {
+            grpc_addr: grpc.local_addr()?,
+            admin_addr: admin.local_addr()?,
+            shared,
+            grpc,
+            admin,
+            registry,
+            source,
+            changed,
+            settings,
+            debounce: config.debounce,
+            statuses,
+            server_names: config.server_names,
+        })
+    }
+
+    /// The roots (PEM) proxies must trust the controller with.
+    pub fn root_pem(&self) -> String {
+        self.shared.ca.bundle_pem()
+    }
+
+    /// Serves until shutdown.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let problems = Arc::new(Mutex::new(Vec::new()));
+        let shutdown = self.shared.shutdown.clone();
+        tokio::spawn(translate_loop(
+            self.shared.clone(),
+            self.source,
+            self.changed,
+            self.settings,
+            self.debounce,
+            problems.clone(),
+            self.statuses,
+        ));
+        let admin = Arc::new(admin::Admin {
+            shared: self.shared.clone(),
+            registry: self.registry,
+            problems,
+        });
+        tokio::spawn(admin.serve(self.admin, shutdown.clone()));
+        info!(grpc = %self.grpc_addr, admin = %self.admin_addr, "controller started");
+        server::serve(self.shared, self.grpc, self.server_names).await
+    }
+}
+
+/// Runs a controller until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    Controller::start(config, shutdown).await?.run().await
+}
+
+/// Reads, translates and publishes on every change, at most once per `debounce`.
+async fn translate_loop(
+    shared: Arc<Shared>,
+    source: Arc<dyn Source>,
+    changed: Arc<Notify>,
+    settings: Settings,
+    debounce: Duration,
+    problems_out: Arc<Mutex<Vec<Problem>>>,
+    statuses: Option<kubernetes::StatusWriter>,
+) {
+    let mut reported: BTreeSet<String> = BTreeSet::new();
+    let settings = Arc::new(settings);
+    loop {
+        let started = Instant::now();
+        let snapshot = source.snapshot();
+        if snapshot.ready {
+            let (objects, settings2) = (snapshot.objects.clone(), settings.clone());
+            let Ok(translation) =
+                tokio::task::spawn_blocking(move || translate::translate(&objects, &settings2))
+                    .await
+            else {
+                warn!("translation panicked; keeping the published model");
+                continue;
+            };
+            let mut problems = snapshot.problems;
+            problems.extend(translation.problems);
+            let published = {
+                let mut store = shared.store.write().expect("store lock is never poisoned");
+                let p = store.publish(translation.entries);
+                shared.metrics.resources.set(store.len() as i64);
+                p
+            };
+            shared.identities.store(Arc::new(translation.identities));
+            if let Some(p) = published {
+                shared.version.send_replace(p.version);
+                shared.metrics.model_version.set(p.version as i64);
+                info!(
+                    version = p.version,
+                    changed = p.changed,
+                    objects = snapshot.objects.len(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "model published"
+                );
+            }
+            shared.metrics.translations.inc();
+            shared
+                .metrics
+                .translation_seconds
+                .observe(started.elapsed().as_secs_f64());
+            shared.metrics.problems.set(problems.len() as i64);
+            report(&mut reported, &problems);
+            if let Some(writer) = &statuses {
+                writer.write(translation.statuses);
+            }
+            *problems_out
+                .lock()
+                .expect("problems lock is never poisoned") = problems;
+        }
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = changed.notified() => {}
+        }
+        // More changes usually follow the first (a file written twice, a rollout):
+        // they are taken together.
+        tokio::time::sleep(debounce).await;
+    }
+}
+
+/// Logs problems that are new since the last translation, and those that are gone.
+fn report(reported: &mut BTreeSet<String>, problems: &[Problem]) {
+    let now: BTreeSet<String> = problems.iter().map(ToString::to_string).collect();
+    for p in now.difference(reported) {
+        warn!("{p}");
+    }
+    for p in reported.difference(&now) {
+        info!("resolved: {p}");
+    }
+    *reported = now;
+}
+
+/// Statuses the translation wants written (unused in manifest mode).
+pub type Statuses = Vec<DesiredStatus>;

@@ -1,0 +1,1 @@
+//! Golden translation tests.

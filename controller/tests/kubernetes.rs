@@ -1,0 +1,587 @@
+//! The Kubernetes side against a scripted API server (`tower_test::mock`): the initial
+//! list of every kind, watch events, a watch that fails with 410 and is relisted, a
+//! kind whose CRD is not installed, the status patches written for an invalid HTTPRoute
+//! and an invalid AuthorizationPolicy, TokenReview, and the root kept in a Secret.
+
+#![allow(clippy::unwrap_used)] // a test fails by panicking
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use controller::auth::Authenticator;
+use controller::kubernetes::{KubeSource, StatusWriter, TokenReviewer};
+use controller::source::Source;
+use controller::translate::{translate, Settings};
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
+use kube::client::Body;
+use prometheus_client::registry::Registry;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+type ResponseBody = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// The kinds' collection paths, their list kinds, and what they hold.
+struct Kind {
+    list_kind: &'static str,
+    api_version: &'static str,
+    items: Vec<Value>,
+    /// Not served (a CRD not installed).
+    missing: bool,
+    watches: Vec<mpsc::UnboundedSender<Bytes>>,
+    lists: usize,
+}
+
+#[derive(Default)]
+struct Fake {
+    kinds: HashMap<&'static str, Kind>,
+    rv: u64,
+    /// (method, path, body) of every write.
+    writes: Vec<(String, String, Value)>,
+    secrets: HashMap<String, Value>,
+    configmaps: HashMap<String, Value>,
+}
+
+const PATHS: [(&str, &str, &str); 10] = [
+    ("/api/v1/namespaces", "NamespaceList", "v1"),
+    ("/api/v1/pods", "PodList", "v1"),
+    ("/api/v1/services", "ServiceList", "v1"),
+    (
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "EndpointSliceList",
+        "discovery.k8s.io/v1",
+    ),
+    (
+        "/apis/gateway.networking.k8s.io/v1/gateways",
+        "GatewayList",
+        "gateway.networking.k8s.io/v1",
+    ),
+    (
+        "/apis/gateway.networking.k8s.io/v1/httproutes",
+        "HTTPRouteList",
+        "gateway.networking.k8s.io/v1",
+    ),
+    (
+        "/apis/gateway.networking.k8s.io/v1/grpcroutes",
+        "GRPCRouteList",
+        "gateway.networking.k8s.io/v1",
+    ),
+    (
+        "/apis/gateway.networking.k8s.io/v1beta1/referencegrants",
+        "ReferenceGrantList",
+        "gateway.networking.k8s.io/v1beta1",
+    ),
+    (
+        "/apis/weft.dev/v1alpha1/authorizationpolicies",
+        "AuthorizationPolicyList",
+        "weft.dev/v1alpha1",
+    ),
+    (
+        "/apis/weft.dev/v1alpha1/trafficpolicies",
+        "TrafficPolicyList",
+        "weft.dev/v1alpha1",
+    ),
+];
+
+fn full(status: StatusCode, body: Value) -> Response<ResponseBody> {
+    let bytes = Bytes::from(serde_json::to_vec(&body).unwrap());
+    let mut r = Response::new(
+        Full::new(bytes)
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r
+}
+
+fn not_found(what: &str) -> Response<ResponseBody> {
+    full(
+        StatusCode::NOT_FOUND,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": format!("{what} not found"), "reason": "NotFound", "code": 404}),
+    )
+}
+
+impl Fake {
+    fn new() -> Arc<Mutex<Self>> {
+        let mut f = Fake {
+            rv: 1,
+            ..Fake::default()
+        };
+        for (path, list_kind, api_version) in PATHS {
+            f.kinds.insert(
+                path,
+                Kind {
+                    list_kind,
+                    api_version,
+                    items: Vec::new(),
+                    missing: false,
+                    watches: Vec::new(),
+                    lists: 0,
+                },
+            );
+        }
+        Arc::new(Mutex::new(f))
+    }
+
+    fn kind(&mut self, path: &str) -> &mut Kind {
+        self.kinds.get_mut(path).unwrap()
+    }
+
+    /// Sends a watch event to the watchers of a kind.
+    fn event(&mut self, path: &str, type_: &str, object: Value) {
+        self.rv += 1;
+        let mut object = object;
+        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        let line = Bytes::from(format!("{}\n", json!({"type": type_, "object": object})));
+        let kind = self.kind(path);
+        kind.watches.retain(|w| w.send(line.clone()).is_ok());
+    }
+
+    async fn serve(
+        state: Arc<Mutex<Self>>,
+        mut handle: tower_test::mock::Handle<Request<Body>, Response<ResponseBody>>,
+    ) {
+        while let Some((request, send)) = handle.next_request().await {
+            let method = request.method().to_string();
+            let path = request.uri().path().to_owned();
+            let query = request.uri().query().unwrap_or_default().to_owned();
+            let body = request
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let response = state.lock().unwrap().answer(&method, &path, &query, body);
+            send.send_response(response);
+        }
+    }
+
+    fn answer(
+        &mut self,
+        method: &str,
+        path: &str,
+        query: &str,
+        body: Value,
+    ) -> Response<ResponseBody> {
+        if let Some(kind) = self.kinds.get_mut(path) {
+            if kind.missing {
+                return not_found(path);
+            }
+            if query.contains("watch=true") {
+                let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+                kind.watches.push(tx);
+                let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+                use futures::StreamExt;
+                let body = StreamBody::new(
+                    stream.map(|b| Ok::<_, std::io::Error>(hyper::body::Frame::data(b))),
+                );
+                return Response::new(body.boxed_unsync());
+            }
+            kind.lists += 1;
+            let list = json!({
+                "kind": kind.list_kind,
+                "apiVersion": kind.api_version,
+                "metadata": {"resourceVersion": self.rv.to_string()},
+                "items": kind.items,
+            });
+            return full(StatusCode::OK, list);
+        }
+        // Status subresources: /apis/<group>/<version>/namespaces/<ns>/<plural>/<name>/status
+        if let Some(rest) = path.strip_suffix("/status") {
+            let parts: Vec<&str> = rest.split('/').collect();
+            let (plural, name) = (parts[parts.len() - 2], parts[parts.len() - 1]);
+            let found = self
+                .kinds
+                .iter()
+                .find(|(p, _)| p.ends_with(&format!("/{plural}")))
+                .and_then(|(_, k)| {
+                    k.items
+                        .iter()
+                        .find(|i| i["metadata"]["name"] == name)
+                        .cloned()
+                });
+            let Some(object) = found else {
+                return not_found(path);
+            };
+            if method == "PATCH" {
+                self.writes.push((method.to_owned(), path.to_owned(), body));
+            }
+            return full(StatusCode::OK, object);
+        }
+        if path == "/apis/authentication.k8s.io/v1/tokenreviews" {
+            let token = body["spec"]["token"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            self.writes.push((method.to_owned(), path.to_owned(), body));
+            let status = match token.as_str() {
+                "node-1-token" => {
+                    json!({"authenticated": true, "audiences": ["weft-controller"], "user": {
+                    "username": "system:serviceaccount:weft-system:weft-node-proxy",
+                    "extra": {"authentication.kubernetes.io/node-name": ["node-1"]}}})
+                }
+                "other-sa" => {
+                    json!({"authenticated": true, "audiences": ["weft-controller"], "user": {"username": "system:serviceaccount:demo:waypoint"}})
+                }
+                "a-person" => {
+                    json!({"authenticated": true, "audiences": ["weft-controller"], "user": {"username": "alice@example.com"}})
+                }
+                _ => json!({"authenticated": false, "error": "invalid bearer token"}),
+            };
+            return full(
+                StatusCode::CREATED,
+                json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {}, "status": status}),
+            );
+        }
+        if let Some(name) = path.strip_prefix("/api/v1/namespaces/weft-system/secrets/") {
+            return match self.secrets.get(name) {
+                Some(s) => full(StatusCode::OK, s.clone()),
+                None => not_found(path),
+            };
+        }
+        if path == "/api/v1/namespaces/weft-system/configmaps" && method == "POST" {
+            let name = body["metadata"]["name"].as_str().unwrap_or_default();
+            self.configmaps.insert(name.to_owned(), body.clone());
+            self.writes
+                .push((method.to_owned(), path.to_owned(), body.clone()));
+            return full(StatusCode::CREATED, body);
+        }
+        if let Some(name) = path.strip_prefix("/api/v1/namespaces/weft-system/configmaps/") {
+            if method == "PUT" {
+                self.configmaps.insert(name.to_owned(), body.clone());
+                self.writes
+                    .push((method.to_owned(), path.to_owned(), body.clone()));
+                return full(StatusCode::OK, body);
+            }
+            return match self.configmaps.get(name) {
+                Some(c) => full(StatusCode::OK, c.clone()),
+                None => not_found(path),
+            };
+        }
+        if path == "/api/v1/namespaces/weft-system/secrets" && method == "POST" {
+            let name = body["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            self.secrets.insert(name, body.clone());
+            self.writes
+                .push((method.to_owned(), path.to_owned(), body.clone()));
+            return full(StatusCode::CREATED, body);
+        }
+        not_found(path)
+    }
+}
+
+fn client(state: &Arc<Mutex<Fake>>) -> kube::Client {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<ResponseBody>>();
+    tokio::spawn(Fake::serve(state.clone(), handle));
+    kube::Client::new(service, "default")
+}
+
+fn pod(name: &str, uid: &str, node: &str, ip: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "demo", "uid": uid, "labels": {"app": name},
+        "managedFields": [{"manager": "kubelet", "operation": "Update"}]},
+        "spec": {"nodeName": node, "serviceAccountName": "sa", "containers": [{"name": "main"}]},
+        "status": {"phase": "Running", "podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}})
+}
+
+/// Waits until the source's snapshot satisfies `ok`.
+async fn until(
+    source: &KubeSource,
+    what: &str,
+    ok: impl Fn(&controller::source::Snapshot) -> bool,
+) -> controller::source::Snapshot {
+    for _ in 0..200 {
+        let s = source.snapshot();
+        if ok(&s) {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{what}: never");
+}
+
+#[tokio::test]
+async fn lists_watches_relists_and_writes_status() {
+    let state = Fake::new();
+    {
+        let mut f = state.lock().unwrap();
+        f.kind("/api/v1/namespaces").items.push(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo", "labels": {"weft.dev/mesh": "enabled"}}}));
+        f.kind("/api/v1/pods")
+            .items
+            .push(pod("a", "uid-a", "node-1", "10.244.1.2"));
+        f.kind("/api/v1/services").items.push(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": "demo"},
+            "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "b"}, "ports": [{"port": 80, "targetPort": 8080}]}}));
+        // An HTTPRoute with a regular expression that does not compile.
+        f.kind("/apis/gateway.networking.k8s.io/v1/httproutes").items.push(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "bad-route", "namespace": "demo", "generation": 4},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "echo"}],
+                     "rules": [{"matches": [{"path": {"type": "RegularExpression", "value": "/("}}], "backendRefs": [{"name": "echo", "port": 80}]}]},
+            "status": {"parents": [{"controllerName": "example.com/other", "parentRef": {"name": "gw"}, "conditions": []}]}}));
+        // An AuthorizationPolicy with a selector operator that does not exist.
+        f.kind("/apis/weft.dev/v1alpha1/authorizationpolicies").items.push(json!({"apiVersion": "weft.dev/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "bad-policy", "namespace": "demo", "generation": 2},
+            "spec": {"selector": {"matchExpressions": [{"key": "app", "operator": "Equals", "values": ["b"]}]}, "action": "DENY", "rules": [{}]}}));
+        // TrafficPolicy's CRD is not installed.
+        f.kind("/apis/weft.dev/v1alpha1/trafficpolicies").missing = true;
+    }
+    let kube = client(&state);
+    let changed = Arc::new(Notify::new());
+    let shutdown = CancellationToken::new();
+    let source = KubeSource::start(kube.clone(), changed.clone(), shutdown.clone());
+
+    // Initial lists: ready once every kind is listed or known not to be served.
+    let s = until(&source, "initial list", |s| s.ready).await;
+    assert_eq!(s.objects.pods.len(), 1);
+    assert!(
+        s.objects.pods.values().all(|p| p
+            .value
+            .metadata
+            .managed_fields
+            .as_ref()
+            .is_none_or(Vec::is_empty)),
+        "managedFields are dropped"
+    );
+
+    // A watch event: pod b added.
+    state.lock().unwrap().event(
+        "/api/v1/pods",
+        "ADDED",
+        pod("b", "uid-b", "node-2", "10.244.1.3"),
+    );
+    let s = until(&source, "watch ADDED", |s| s.objects.pods.len() == 2).await;
+    let t = translate(&s.objects, &Settings::default());
+    assert!(
+        t.entries.keys().any(|k| k.name == "uid-b"),
+        "pod b reached the model"
+    );
+
+    // The pod watch fails (410 Gone); the watcher lists again and finds what changed
+    // meanwhile: a deleted, c added.
+    let lists_before = {
+        let mut f = state.lock().unwrap();
+        let pods = f.kind("/api/v1/pods");
+        pods.items = vec![
+            pod("b", "uid-b", "node-2", "10.244.1.3"),
+            pod("c", "uid-c", "node-1", "10.244.1.4"),
+        ];
+        let lists = pods.lists;
+        f.event(
+            "/api/v1/pods",
+            "ERROR",
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "too old resource version", "reason": "Expired", "code": 410}),
+        );
+        lists
+    };
+    let s = until(&source, "relist after 410", |s| {
+        let names: Vec<&str> = s.objects.pods.keys().map(|n| n.name.as_str()).collect();
+        names == ["b", "c"]
+    })
+    .await;
+    assert!(
+        state.lock().unwrap().kind("/api/v1/pods").lists > lists_before,
+        "the pods were listed again"
+    );
+
+    // Status for the invalid route and policy.
+    let t = translate(&s.objects, &Settings::default());
+    let mut registry = Registry::default();
+    let writer = StatusWriter::new(
+        kube.clone(),
+        controller::metrics::Metrics::new(&mut registry),
+    );
+    writer.write(t.statuses.clone());
+    let mut writes = Vec::new();
+    for _ in 0..200 {
+        writes = state.lock().unwrap().writes.clone();
+        if writes.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let route = writes
+        .iter()
+        .find(|(m, p, _)| m == "PATCH" && p == "/apis/gateway.networking.k8s.io/v1/namespaces/demo/httproutes/bad-route/status")
+        .unwrap_or_else(|| panic!("a status patch for the route: {writes:?}"));
+    let parents = route.2["status"]["parents"].as_array().unwrap();
+    assert_eq!(
+        parents.len(),
+        2,
+        "the other controller's parent is kept: {parents:?}"
+    );
+    let ours = parents
+        .iter()
+        .find(|p| p["controllerName"] == "weft.dev/controller")
+        .unwrap();
+    let accepted = ours["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Accepted")
+        .unwrap();
+    assert_eq!(accepted["status"], "False");
+    assert_eq!(accepted["reason"], "UnsupportedValue");
+    assert_eq!(accepted["observedGeneration"], 4);
+    assert!(
+        accepted["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a valid regular expression"),
+        "{accepted}"
+    );
+    let policy = writes
+        .iter()
+        .find(|(m, p, _)| m == "PATCH" && p == "/apis/weft.dev/v1alpha1/namespaces/demo/authorizationpolicies/bad-policy/status")
+        .unwrap_or_else(|| panic!("a status patch for the policy: {writes:?}"));
+    let condition = &policy.2["status"]["conditions"][0];
+    assert_eq!(
+        (
+            condition["type"].as_str(),
+            condition["status"].as_str(),
+            condition["reason"].as_str()
+        ),
+        (Some("Accepted"), Some("False"), Some("Invalid"))
+    );
+    assert!(
+        condition["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.selector.matchExpressions[0].operator"),
+        "{condition}"
+    );
+    // Written once: the same statuses again write nothing.
+    writer.write(t.statuses);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let patches = state
+        .lock()
+        .unwrap()
+        .writes
+        .iter()
+        .filter(|(m, _, _)| m == "PATCH")
+        .count();
+    assert_eq!(patches, 2, "unchanged statuses are not written again");
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn token_review_names_the_node_or_the_service_account_and_refuses_other_tokens() {
+    let state = Fake::new();
+    let reviewer = TokenReviewer::new(
+        client(&state),
+        "weft-controller".into(),
+        "system:serviceaccount:weft-system:weft-node-proxy".into(),
+    );
+    let caller = reviewer.authenticate("node-1-token").await.unwrap();
+    assert_eq!(caller, controller::auth::Caller::Node("node-1".into()));
+    // Cached: a second check asks the API server nothing.
+    reviewer.authenticate("node-1-token").await.unwrap();
+    let reviews = state
+        .lock()
+        .unwrap()
+        .writes
+        .iter()
+        .filter(|(_, p, _)| p.ends_with("tokenreviews"))
+        .count();
+    assert_eq!(reviews, 1);
+    let sent = state.lock().unwrap().writes[0].2.clone();
+    assert_eq!(
+        sent["spec"]["audiences"],
+        json!(["weft-controller"]),
+        "the audience is checked by the API server"
+    );
+    // Another service account is a workload, which may ask only for itself.
+    assert_eq!(
+        reviewer.authenticate("other-sa").await.unwrap(),
+        controller::auth::Caller::Workload {
+            namespace: "demo".into(),
+            service_account: "waypoint".into()
+        }
+    );
+    assert_eq!(
+        reviewer.authenticate("a-person").await.unwrap_err().label(),
+        "not_node_proxy"
+    );
+    assert_eq!(
+        reviewer.authenticate("garbage").await.unwrap_err().label(),
+        "invalid"
+    );
+}
+
+#[tokio::test]
+async fn the_root_is_created_once_in_a_secret() {
+    let state = Fake::new();
+    let ttl = Duration::from_secs(3600);
+    let first =
+        controller::kubernetes::root_ca(client(&state), "weft-system", "cluster.local", ttl)
+            .await
+            .unwrap();
+    let created = state
+        .lock()
+        .unwrap()
+        .writes
+        .iter()
+        .filter(|(m, p, _)| m == "POST" && p.ends_with("/secrets"))
+        .count();
+    assert_eq!(created, 1);
+    let again =
+        controller::kubernetes::root_ca(client(&state), "weft-system", "cluster.local", ttl)
+            .await
+            .unwrap();
+    assert_eq!(
+        first.bundle(),
+        again.bundle(),
+        "a restart loads the same root"
+    );
+    let created = state
+        .lock()
+        .unwrap()
+        .writes
+        .iter()
+        .filter(|(m, p, _)| m == "POST" && p.ends_with("/secrets"))
+        .count();
+    assert_eq!(created, 1, "and creates nothing");
+}
+
+#[tokio::test]
+async fn the_roots_are_published_in_a_configmap_without_the_key() {
+    let state = Fake::new();
+    let publish = |pem: &'static str| {
+        let kube = client(&state);
+        async move { controller::kubernetes::publish_roots(kube, "weft-system", pem).await }
+    };
+    let writes = |state: &Arc<Mutex<Fake>>| -> Vec<(String, String)> {
+        let f = state.lock().unwrap();
+        f.writes
+            .iter()
+            .filter(|(_, p, _)| p.contains("/configmaps"))
+            .map(|(m, p, _)| (m.clone(), p.clone()))
+            .collect()
+    };
+    publish("ROOT-1").await.unwrap();
+    publish("ROOT-1").await.unwrap();
+    assert_eq!(
+        writes(&state),
+        [(
+            "POST".to_owned(),
+            "/api/v1/namespaces/weft-system/configmaps".to_owned()
+        )],
+        "created once; the same roots again write nothing"
+    );
+    publish("ROOT-2").await.unwrap();
+    let stored = state.lock().unwrap().configmaps["weft-root-ca"].clone();
+    assert_eq!(
+        stored["data"],
+        json!({"root.pem": "ROOT-2"}),
+        "only the roots, no key"
+    );
+    assert_eq!(
+        writes(&state).last().unwrap().0,
+        "PUT",
+        "other roots are replaced"
+    );
+}

@@ -1,0 +1,288 @@
+//! Connections from the waypoint to endpoints: HBONE (with the waypoint's identity,
+//! naming the client it forwards for) to meshed endpoints, plain TCP from the
+//! waypoint's namespace to the others; HTTP/1.1 or HTTP/2 on top, kept alive.
+//!
+//! Connections are pooled by (client principal, endpoint, HTTP version): the
+//! destination node-proxy authorizes each HBONE stream as the client named on it, so
+//! requests of different clients never share one. An HTTP/1.1 connection returns to
+//! the pool once its response has been read to the end; an HTTP/2 one is shared.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use api::model::Target;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use node_proxy::netns::Netns;
+use node_proxy::proxy::PodSockets;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::debug;
+use tunnel::hbone::{ConnectRequest, Pool};
+use tunnel::identity::Identity;
+use tunnel::tls::TlsIdentity;
+
+/// Errors of bodies the waypoint forwards.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body of every request and response the waypoint sends.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// A byte stream to an endpoint.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// Why a request did not get a response from the endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The endpoint could not be reached (HBONE refused, TCP refused, handshake).
+    #[error("cannot connect to {addr}: {why}")]
+    Connect {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// Why.
+        why: String,
+    },
+    /// The connection broke before a response arrived.
+    #[error("{addr} did not answer: {source}")]
+    Request {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// Why.
+        source: hyper::Error,
+    },
+}
+
+type Key = (String, SocketAddr, bool);
+/// Idle HTTP/1.1 connections, since when.
+type Idle = Vec<(Instant, http1::SendRequest<Body>)>;
+
+/// Idle HTTP/1.1 connections kept per key, and for how long.
+const IDLE_PER_KEY: usize = 64;
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Connects to endpoints and pools the connections.
+pub struct Upstreams {
+    /// The waypoint's credentials.
+    pub tls: Arc<TlsIdentity>,
+    /// The waypoint pod's IP, the source of its connections.
+    pub pod_ip: IpAddr,
+    /// The waypoint pod's namespace, where its sockets are made.
+    pub netns: Arc<Netns>,
+    /// The HBONE client.
+    pub pool: Pool,
+    /// The trust domain, for endpoint identities.
+    pub trust_domain: String,
+    idle: Mutex<HashMap<Key, Idle>>,
+    shared: Mutex<HashMap<Key, http2::SendRequest<Body>>>,
+}
+
+impl Upstreams {
+    /// A pool with nothing in it.
+    pub fn new(
+        tls: Arc<TlsIdentity>,
+        pod_ip: IpAddr,
+        netns: Arc<Netns>,
+        pool: Pool,
+        trust_domain: String,
+    ) -> Arc<Self> {
+        Arc::new(Upstreams {
+            tls,
+            pod_ip,
+            netns,
+            pool,
+            trust_domain,
+            idle: Mutex::new(HashMap::new()),
+            shared: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A byte stream to `target`, on behalf of `principal` (empty: plaintext client).
+    pub async fn dial(
+        &self,
+        target: &Target,
+        principal: &str,
+        forwarded_for: Option<SocketAddr>,
+    ) -> Result<Pin<Box<dyn Io>>, UpstreamError> {
+        let addr = target.addr;
+        let fail = |why: String| UpstreamError::Connect { addr, why };
+        match &target.workload {
+            Some(w) if w.enrolled => {
+                let dst = Identity::new(&self.trust_domain, &w.namespace, &w.service_account)
+                    .map_err(|e| fail(e.to_string()))?;
+                let request = ConnectRequest {
+                    src: self.tls.clone(),
+                    src_addr: Some(self.pod_ip),
+                    socket: Some(Arc::new(PodSockets(self.netns.clone()))),
+                    dst,
+                    dst_addr: SocketAddr::new(addr.ip(), tunnel::hbone::PORT),
+                    target: addr,
+                    forwarded_for,
+                    traceparent: None,
+                    on_behalf_of: (!principal.is_empty()).then(|| principal.to_owned()),
+                };
+                let stream = self
+                    .pool
+                    .connect(&request)
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                Ok(Box::pin(stream))
+            }
+            _ => {
+                let socket = self
+                    .netns
+                    .outbound_socket(addr)
+                    .map_err(|e| fail(e.to_string()))?;
+                let tcp = socket
+                    .connect(addr)
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                Ok(Box::pin(tcp))
+            }
+        }
+    }
+
+    /// Sends `req` to `target` over a pooled connection of the request's HTTP version.
+    pub async fn send(
+        self: &Arc<Self>,
+        target: &Target,
+        principal: &str,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let addr = target.addr;
+        let h2 = req.version() == http::Version::HTTP_2;
+        let key: Key = (principal.to_owned(), addr, h2);
+        if h2 {
+            let mut sender = self.h2_sender(&key, target, principal).await?;
+            return sender
+                .send_request(req)
+                .await
+                .map_err(|source| UpstreamError::Request { addr, source });
+        }
+        let mut sender = match self.checkout(&key) {
+            Some(s) => s,
+            None => self.http1(target, principal, false).await?,
+        };
+        let response = sender
+            .send_request(req)
+            .await
+            .map_err(|source| UpstreamError::Request { addr, source })?;
+        // Back to the pool once the response body has been read.
+        let this = self.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                let mut idle = this.idle.lock().expect("idle lock");
+                let list = idle.entry(key).or_default();
+                if list.len() < IDLE_PER_KEY {
+                    list.push((Instant::now(), sender));
+                }
+            }
+        });
+        Ok(response)
+    }
+
+    /// Sends an HTTP/1.1 upgrade request (WebSocket) on a connection of its own.
+    pub async fn send_upgrade(
+        &self,
+        target: &Target,
+        principal: &str,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let addr = target.addr;
+        let mut sender = self.http1(target, principal, true).await?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|source| UpstreamError::Request { addr, source })
+    }
+
+    /// A new HTTP/1.1 connection to `target`, its connection task spawned (serving
+    /// upgrades when `upgrades`).
+    async fn http1(
+        &self,
+        target: &Target,
+        principal: &str,
+        upgrades: bool,
+    ) -> Result<http1::SendRequest<Body>, UpstreamError> {
+        let addr = target.addr;
+        let io = self.dial(target, principal, None).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| UpstreamError::Connect {
+                addr,
+                why: e.to_string(),
+            })?;
+        tokio::spawn(async move {
+            let ended = match upgrades {
+                true => conn.with_upgrades().await,
+                false => conn.await,
+            };
+            if let Err(e) = ended {
+                debug!(%addr, "upstream connection ended: {e}");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn checkout(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
+        let mut idle = self.idle.lock().expect("idle lock");
+        let list = idle.get_mut(key)?;
+        let now = Instant::now();
+        while let Some((since, sender)) = list.pop() {
+            if now.duration_since(since) < IDLE_TIMEOUT && sender.is_ready() {
+                return Some(sender);
+            }
+        }
+        idle.remove(key);
+        None
+    }
+
+    async fn h2_sender(
+        &self,
+        key: &Key,
+        target: &Target,
+        principal: &str,
+    ) -> Result<http2::SendRequest<Body>, UpstreamError> {
+        if let Some(s) = self.shared.lock().expect("shared lock").get(key) {
+            if !s.is_closed() {
+                return Ok(s.clone());
+            }
+        }
+        let addr = target.addr;
+        let io = self.dial(target, principal, None).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| UpstreamError::Connect {
+                addr,
+                why: e.to_string(),
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%addr, "upstream h2 connection ended: {e}");
+            }
+        });
+        let mut shared = self.shared.lock().expect("shared lock");
+        shared.retain(|_, s| !s.is_closed());
+        shared.insert(key.clone(), sender.clone());
+        Ok(sender)
+    }
+
+    /// Idle HTTP/1.1 connections and shared HTTP/2 ones, for `/config_dump`.
+    pub fn pooled(&self) -> (usize, usize) {
+        let idle = self
+            .idle
+            .lock()
+            .expect("idle lock")
+            .values()
+            .map(Vec::len)
+            .sum();
+        (idle, self.shared.lock().expect("shared lock").len())
+    }
+}
