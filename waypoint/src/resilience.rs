@@ -10,11 +10,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use api::model::Target;
 use api::proto;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+// tokio's clock, which is the system's outside tests, so tests can run on paused time.
+use tokio::time::Instant;
 
 /// Defaults when a TrafficPolicy leaves a field at 0.
 const DEFAULT_EJECTION: Duration = Duration::from_secs(30);
@@ -473,7 +475,9 @@ mod tests {
         assert_eq!(out, 1);
     }
 
-    #[tokio::test]
+    // On paused time: each sleep takes exactly what it says, so the latencies the
+    // balancer sees are the ones the test chose, however busy the machine is.
+    #[tokio::test(start_paused = true)]
     async fn p2c_shares_equal_endpoints_and_prefers_the_faster() {
         let b = Backend::new(None);
         let ts = targets(2);
