@@ -65,6 +65,17 @@ enum Cmd {
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
     },
+    /// Prints the manifests that install Weft on a cluster:
+    /// `weftctl install | kubectl apply -f -` (docs/install.md).
+    Install {
+        #[command(flatten)]
+        options: InstallArgs,
+    },
+    /// Prints what removes Weft from a cluster: `weftctl uninstall | kubectl delete -f -`.
+    Uninstall {
+        #[command(flatten)]
+        options: InstallArgs,
+    },
     /// Runs node-proxy (the sandbox starts it this way).
     #[command(hide = true)]
     NodeProxy {
@@ -147,6 +158,35 @@ enum Debug {
         #[arg(long, default_value_t = 10000)]
         count: usize,
     },
+}
+
+/// The flags of `weftctl install` (and `uninstall`, which must be given the same
+/// `--namespace`).
+#[derive(clap::Args)]
+struct InstallArgs {
+    /// The namespace Weft runs in.
+    #[arg(long, default_value = "weft-system")]
+    namespace: String,
+    /// The SPIFFE trust domain of workload identities.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// The image with weftctl and weft-cni (see the Dockerfile).
+    #[arg(long, default_value_t = controller::install::Options::default().image)]
+    image: String,
+    /// The log filter of every component (RUST_LOG syntax).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+impl From<InstallArgs> for controller::install::Options {
+    fn from(a: InstallArgs) -> Self {
+        controller::install::Options {
+            namespace: a.namespace,
+            trust_domain: a.trust_domain,
+            image: a.image,
+            log_level: a.log_level,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -256,6 +296,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::NodeProxy { config } => node_proxy::run(config, shutdown).await,
         Cmd::Controller { config } => controller::run(config, shutdown).await,
         Cmd::Waypoint { config } => waypoint::run(config, shutdown).await,
+        Cmd::Install { options } => {
+            print!("{}", controller::install::yaml(&options.into())?);
+            Ok(())
+        }
+        Cmd::Uninstall { options } => {
+            print!("{}", controller::install::uninstall_yaml(&options.into())?);
+            Ok(())
+        }
         Cmd::Check { dirs, trust_domain } => {
             let problems = weft_cli::check::check(&dirs, &trust_domain)?;
             if problems > 0 {

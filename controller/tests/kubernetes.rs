@@ -24,6 +24,9 @@ use tokio_util::sync::CancellationToken;
 
 type ResponseBody = UnsyncBoxBody<Bytes, std::io::Error>;
 
+/// Every request any fake API server of this file answered: (method, path, query).
+static CALLS: Mutex<Vec<(String, String, String)>> = Mutex::new(Vec::new());
+
 /// The kinds' collection paths, their list kinds, and what they hold.
 struct Kind {
     list_kind: &'static str,
@@ -70,9 +73,9 @@ const PATHS: [(&str, &str, &str); 10] = [
         "gateway.networking.k8s.io/v1",
     ),
     (
-        "/apis/gateway.networking.k8s.io/v1beta1/referencegrants",
+        "/apis/gateway.networking.k8s.io/v1/referencegrants",
         "ReferenceGrantList",
-        "gateway.networking.k8s.io/v1beta1",
+        "gateway.networking.k8s.io/v1",
     ),
     (
         "/apis/weft.dev/v1alpha1/authorizationpolicies",
@@ -148,6 +151,10 @@ impl Fake {
             let method = request.method().to_string();
             let path = request.uri().path().to_owned();
             let query = request.uri().query().unwrap_or_default().to_owned();
+            CALLS
+                .lock()
+                .unwrap()
+                .push((method.clone(), path.clone(), query.clone()));
             let body = request
                 .into_body()
                 .collect()
@@ -224,6 +231,11 @@ impl Fake {
                     "username": "system:serviceaccount:weft-system:weft-node-proxy",
                     "extra": {"authentication.kubernetes.io/node-name": ["node-1"]}}})
                 }
+                "pod-bound" => {
+                    json!({"authenticated": true, "audiences": ["weft-controller"], "user": {
+                    "username": "system:serviceaccount:weft-system:weft-node-proxy",
+                    "extra": {"authentication.kubernetes.io/pod-name": ["weft-node-proxy-x1"]}}})
+                }
                 "other-sa" => {
                     json!({"authenticated": true, "audiences": ["weft-controller"], "user": {"username": "system:serviceaccount:demo:waypoint"}})
                 }
@@ -235,6 +247,13 @@ impl Fake {
             return full(
                 StatusCode::CREATED,
                 json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {}, "status": status}),
+            );
+        }
+        if path == "/api/v1/namespaces/weft-system/pods/weft-node-proxy-x1" {
+            return full(
+                StatusCode::OK,
+                json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "weft-node-proxy-x1", "namespace": "weft-system"},
+                    "spec": {"nodeName": "node-2", "containers": [{"name": "node-proxy"}]}}),
             );
         }
         if let Some(name) = path.strip_prefix("/api/v1/namespaces/weft-system/secrets/") {
@@ -494,6 +513,11 @@ async fn token_review_names_the_node_or_the_service_account_and_refuses_other_to
         json!(["weft-controller"]),
         "the audience is checked by the API server"
     );
+    // A token bound to a pod (older API servers name no node): its pod's node.
+    assert_eq!(
+        reviewer.authenticate("pod-bound").await.unwrap(),
+        controller::auth::Caller::Node("node-2".into())
+    );
     // Another service account is a workload, which may ask only for itself.
     assert_eq!(
         reviewer.authenticate("other-sa").await.unwrap(),
@@ -584,4 +608,156 @@ async fn the_roots_are_published_in_a_configmap_without_the_key() {
         "PUT",
         "other roots are replaced"
     );
+}
+
+/// One API call as RBAC sees it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Call {
+    verb: &'static str,
+    group: String,
+    /// `plural` or `plural/subresource`.
+    resource: String,
+    namespace: Option<String>,
+    name: Option<String>,
+}
+
+fn call(method: &str, path: &str, query: &str) -> Call {
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (group, rest) = match segs.as_slice() {
+        ["api", _version, rest @ ..] => (String::new(), rest),
+        ["apis", group, _version, rest @ ..] => ((*group).to_owned(), rest),
+        _ => panic!("not an API path: {path}"),
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some((*ns).to_owned()), rest),
+        rest => (None, rest),
+    };
+    let resource = match rest {
+        [plural, _name, sub] => format!("{plural}/{sub}"),
+        [plural, ..] => (*plural).to_owned(),
+        [] => panic!("no resource in {path}"),
+    };
+    let name = rest.get(1).map(|n| (*n).to_owned());
+    let verb = match (method, name.is_some()) {
+        ("GET", true) => "get",
+        ("GET", false) if query.contains("watch=true") => "watch",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", _) => "delete",
+        _ => panic!("unexpected {method} {path}"),
+    };
+    Call {
+        verb,
+        group,
+        resource,
+        namespace,
+        name,
+    }
+}
+
+fn allows(rule: &k8s_openapi::api::rbac::v1::PolicyRule, c: &Call) -> bool {
+    let has = |list: &Option<Vec<String>>, x: &str| {
+        list.as_ref().is_some_and(|l| l.iter().any(|v| v == x))
+    };
+    has(&rule.api_groups, &c.group)
+        && has(&rule.resources, &c.resource)
+        && rule.verbs.iter().any(|v| v == c.verb)
+        && match &rule.resource_names {
+            None => true,
+            Some(names) => c.name.as_ref().is_some_and(|n| names.contains(n)),
+        }
+}
+
+/// The controller's RBAC in `weftctl install` is exactly what its code calls: every
+/// request the scenarios above make is allowed (the namespaced Role only in Weft's
+/// namespace), and every verb on every resource the rules grant is used by one.
+#[test]
+fn the_rbac_rules_are_what_the_code_calls() {
+    lists_watches_relists_and_writes_status();
+    token_review_names_the_node_or_the_service_account_and_refuses_other_tokens();
+    the_root_is_created_once_in_a_secret();
+    the_roots_are_published_in_a_configmap_without_the_key();
+    // Every kind served: the source lists and then watches each; the status of a
+    // GRPCRoute and a TrafficPolicy (the scenarios above write the other kinds').
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let state = Fake::new();
+        {
+            let mut f = state.lock().unwrap();
+            f.kind("/api/v1/namespaces").items.push(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}}));
+            f.kind("/api/v1/services").items.push(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": "demo"},
+                "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "b"}, "ports": [{"port": 80}]}}));
+            f.kind("/apis/gateway.networking.k8s.io/v1/grpcroutes").items.push(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+                "metadata": {"name": "rpc", "namespace": "demo", "generation": 1},
+                "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "echo"}], "rules": [{"backendRefs": [{"name": "echo", "port": 80}]}]}}));
+            f.kind("/apis/weft.dev/v1alpha1/trafficpolicies").items.push(json!({"apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy",
+                "metadata": {"name": "tp", "namespace": "demo", "generation": 1},
+                "spec": {"targetRef": {"group": "", "kind": "Service", "name": "echo"}}}));
+        }
+        let kube = client(&state);
+        let shutdown = CancellationToken::new();
+        let source = KubeSource::start(kube.clone(), Arc::new(Notify::new()), shutdown.clone());
+        let s = until(&source, "initial list", |s| s.ready).await;
+        let t = translate(&s.objects, &Settings::default());
+        let mut registry = Registry::default();
+        let writer = StatusWriter::new(kube, controller::metrics::Metrics::new(&mut registry));
+        writer.write(t.statuses.clone());
+        for _ in 0..400 {
+            let done = {
+                let f = state.lock().unwrap();
+                let patched = |plural: &str| {
+                    f.writes
+                        .iter()
+                        .any(|(m, p, _)| m == "PATCH" && p.contains(plural))
+                };
+                f.kinds.values().all(|k| !k.watches.is_empty())
+                    && patched("/grpcroutes/")
+                    && patched("/trafficpolicies/")
+            };
+            if done {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        shutdown.cancel();
+    });
+    let calls: std::collections::BTreeSet<Call> = CALLS
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(m, p, q)| call(m, p, q))
+        .collect();
+    let cluster = controller::install::controller_cluster_rules();
+    let namespaced = controller::install::controller_namespace_rules();
+    let own = |c: &Call| c.namespace.as_deref() == Some("weft-system");
+    for c in &calls {
+        let ok = cluster.iter().any(|r| allows(r, c))
+            || (own(c) && namespaced.iter().any(|r| allows(r, c)));
+        assert!(
+            ok,
+            "the controller calls {c:?}, which its RBAC does not allow"
+        );
+    }
+    for (rules, scope) in [(&cluster, "ClusterRole"), (&namespaced, "Role")] {
+        for rule in rules.iter() {
+            for group in rule.api_groups.iter().flatten() {
+                for resource in rule.resources.iter().flatten() {
+                    for verb in &rule.verbs {
+                        let used = calls.iter().any(|c| {
+                            &c.group == group
+                                && &c.resource == resource
+                                && c.verb == verb
+                                && allows(rule, c)
+                                && (scope == "ClusterRole" || own(c))
+                        });
+                        assert!(
+                            used,
+                            "the {scope} grants {verb} on {group}/{resource}, which no code path calls"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

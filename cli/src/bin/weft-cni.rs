@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use weft_cli::cni::cluster;
 use weft_cli::cni::config::{LookupSource, ProcessEnv};
 use weft_cli::cni::error::CniError;
 use weft_cli::cni::install::{self, Entry};
@@ -37,13 +38,25 @@ enum Cmd {
         /// Look pods up in this manifest directory (the sandbox, tests).
         #[arg(
             long,
-            conflicts_with = "kubeconfig",
-            required_unless_present = "kubeconfig"
+            conflicts_with_all = ["kubeconfig", "in_cluster_kubeconfig"],
+            required_unless_present_any = ["kubeconfig", "in_cluster_kubeconfig"]
         )]
         manifests: Option<PathBuf>,
         /// Look pods up through the API server with this kubeconfig.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "in_cluster_kubeconfig")]
         kubeconfig: Option<PathBuf>,
+        /// In a pod: write a kubeconfig from this pod's service account into --conf-dir
+        /// under this path's file name, and have the plugin read it at this (host) path.
+        #[arg(long)]
+        in_cluster_kubeconfig: Option<PathBuf>,
+        /// In a pod: stay running (refreshing the kubeconfig's token) until stopped,
+        /// then remove the plugin if DaemonSet NAMESPACE/NAME is gone or being deleted.
+        #[arg(
+            long,
+            value_name = "NAMESPACE/NAME",
+            requires = "in_cluster_kubeconfig"
+        )]
+        until_removed: Option<String>,
         /// node-proxy's handoff socket (default: /run/weft/handoff.sock).
         #[arg(long)]
         socket: Option<PathBuf>,
@@ -78,20 +91,18 @@ fn main() -> ExitCode {
             conf_dir,
             manifests,
             kubeconfig,
+            in_cluster_kubeconfig,
+            until_removed,
             socket,
-        } => {
-            let source = match (manifests, kubeconfig) {
-                (Some(dir), _) => Ok(LookupSource::Manifests(dir)),
-                (None, Some(path)) => Ok(LookupSource::Kubeconfig(path)),
-                (None, None) => Err("give --manifests DIR or --kubeconfig PATH".to_owned()),
-            };
-            let exe = std::env::current_exe()
-                .map_err(|e| format!("cannot find this binary to copy: {e}"));
-            source.and_then(|source| {
-                let entry = Entry { source, socket };
-                install::install(&exe?, &bin_dir, &conf_dir, &entry).map_err(|e| e.to_string())
-            })
-        }
+        } => install_command(
+            bin_dir,
+            conf_dir,
+            manifests,
+            kubeconfig.or(in_cluster_kubeconfig.clone()),
+            in_cluster_kubeconfig.is_some(),
+            until_removed,
+            socket,
+        ),
         Cmd::Uninstall { bin_dir, conf_dir } => {
             install::uninstall(&bin_dir, &conf_dir).map_err(|e| e.to_string())
         }
@@ -108,6 +119,78 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn install_command(
+    bin_dir: PathBuf,
+    conf_dir: PathBuf,
+    manifests: Option<PathBuf>,
+    kubeconfig: Option<PathBuf>,
+    in_cluster: bool,
+    until_removed: Option<String>,
+    socket: Option<PathBuf>,
+) -> Result<install::Report, String> {
+    let source = match (manifests, kubeconfig.clone()) {
+        (Some(dir), _) => LookupSource::Manifests(dir),
+        (None, Some(path)) => LookupSource::Kubeconfig(path),
+        (None, None) => return Err("give --manifests DIR or --kubeconfig PATH".to_owned()),
+    };
+    let daemonset = match until_removed.as_deref().map(|s| s.split_once('/')) {
+        None => None,
+        Some(Some((ns, name))) if !ns.is_empty() && !name.is_empty() => Some((ns, name)),
+        Some(_) => {
+            return Err(format!(
+                "--until-removed {:?}: give the DaemonSet as NAMESPACE/NAME",
+                until_removed.unwrap_or_default()
+            ))
+        }
+    };
+    let mut report = Vec::new();
+    // In a pod: the kubeconfig is written into the mounted conf dir under the file name
+    // the plugin will read on the host.
+    let written = match (
+        in_cluster,
+        kubeconfig.as_deref().and_then(|p| p.file_name()),
+    ) {
+        (true, Some(file)) => {
+            let server = cluster::api_server_from_env().map_err(|e| e.to_string())?;
+            let path = conf_dir.join(file);
+            let text =
+                cluster::kubeconfig(&server, std::path::Path::new(cluster::SERVICE_ACCOUNT_DIR))
+                    .map_err(|e| e.to_string())?;
+            cluster::write_kubeconfig(&path, &text).map_err(|e| e.to_string())?;
+            report.push(format!("wrote {}", path.display()));
+            Some((path, server))
+        }
+        (true, None) => return Err("--in-cluster-kubeconfig needs a file path".to_owned()),
+        (false, _) => None,
+    };
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find this binary to copy: {e}"))?;
+    let entry = Entry { source, socket };
+    report.extend(install::install(&exe, &bin_dir, &conf_dir, &entry).map_err(|e| e.to_string())?);
+    let (Some(daemonset), Some((written, server))) = (daemonset, written) else {
+        return Ok(report);
+    };
+    for line in report.drain(..) {
+        println!("{line}");
+    }
+    println!(
+        "staying until stopped; the plugin is removed if DaemonSet {}/{} goes",
+        daemonset.0, daemonset.1
+    );
+    let (decision, why) =
+        cluster::wait_until_stopped(&written, &server, daemonset).map_err(|e| e.to_string())?;
+    report.push(format!("stopping: {why}"));
+    if decision == cluster::OnStop::Uninstall {
+        report.extend(install::uninstall(&bin_dir, &conf_dir).map_err(|e| e.to_string())?);
+        match std::fs::remove_file(&written) {
+            Ok(()) => report.push(format!("removed {}", written.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: {e}", written.display())),
+        }
+    }
+    Ok(report)
 }
 
 /// One CNI invocation: the result or the error JSON on stdout.

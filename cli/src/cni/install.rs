@@ -173,7 +173,7 @@ fn render(list: &Map<String, Value>) -> String {
 /// Writes `contents` to `path` by renaming a finished file over it, with `mode`, so a
 /// runtime reading the directory sees the old file or the new one, never a part. The
 /// staging file's name is hidden and ends in neither `.conf`, `.conflist` nor `.json`.
-fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), InstallError> {
+pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), InstallError> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -17,6 +17,7 @@
 //! [`config`] parses the environment and stdin, [`lookup`] reads the pod and its
 //! namespace, [`install`] puts the plugin into a node's chained configuration.
 
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod install;

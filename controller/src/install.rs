@@ -1,0 +1,852 @@
+//! What `weftctl install` renders: every object of an installation, built as typed
+//! Kubernetes objects from one place, so the manifests in `deploy/weft.yaml`, the
+//! command and its tests cannot drift apart. The RBAC rules live here beside the
+//! controller's code that needs them (`controller/tests/kubernetes.rs` checks they are
+//! exactly what that code calls).
+//!
+//! ```text
+//!  Options ──> objects() ──> [Namespace, CRDs, ServiceAccounts, RBAC, Service,
+//!                             controller Deployment, node-proxy DaemonSet, GatewayClass]
+//!                   └──> yaml()            (install: kubectl apply -f -)
+//!                   └──> uninstall_yaml()  (the same objects, reversed, names only)
+//! ```
+
+use std::collections::BTreeMap;
+
+use gateway_api::gatewayclasses::{GatewayClass, GatewayClassSpec};
+use k8s_openapi::api::apps::v1::{
+    DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, Deployment, DeploymentSpec,
+    RollingUpdateDaemonSet,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, HostPathVolumeSource, Namespace, ObjectFieldSelector, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SecurityContext,
+    Service, ServiceAccount, ServiceAccountTokenProjection, ServicePort, ServiceSpec, Toleration,
+    Volume, VolumeMount, VolumeProjection,
+};
+use k8s_openapi::api::rbac::v1::{
+    ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::ObjectMeta;
+use kube::CustomResourceExt;
+use serde::Serialize;
+
+use crate::crd::{AuthorizationPolicy, TrafficPolicy};
+use crate::kubernetes::{ROOTS_CONFIGMAP, ROOTS_KEY, ROOT_SECRET};
+use crate::translate::{CONTROLLER_NAME, WAYPOINT_CLASS};
+
+/// The controller's name: its ServiceAccount, RBAC, Deployment and Service.
+pub const CONTROLLER: &str = "weft-controller";
+/// The node-proxy's name: its ServiceAccount, RBAC and DaemonSet.
+pub const NODE_PROXY: &str = "weft-node-proxy";
+/// The audience of node-proxies' projected tokens (the controller checks it).
+pub const TOKEN_AUDIENCE: &str = "weft-controller";
+/// The controller's gRPC port (model and certificates) and admin port (metrics).
+pub const GRPC_PORT: i32 = 15012;
+/// The controller's admin port.
+pub const ADMIN_PORT: i32 = 15014;
+/// node-proxy's admin port (loopback of the node: metrics, `/ready`).
+pub const NODE_PROXY_ADMIN_PORT: i32 = 15000;
+/// Where node-proxies' projected token is mounted.
+pub const TOKEN_DIR: &str = "/var/run/secrets/weft";
+/// Where node-proxies mount the published roots. Not under `/var/run`, which is
+/// `/run` in the image, where the handoff directory is a hostPath.
+pub const ROOTS_DIR: &str = "/etc/weft/roots";
+/// The host directory of the handoff socket (shared with the CNI plugin).
+pub const HANDOFF_DIR: &str = "/run/weft";
+/// The runtime's CNI directories on the host.
+pub const CNI_BIN_DIR: &str = "/opt/cni/bin";
+/// The runtime's CNI configuration directory on the host.
+pub const CNI_CONF_DIR: &str = "/etc/cni/net.d";
+
+/// What `weftctl install` takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// The namespace Weft runs in.
+    pub namespace: String,
+    /// The SPIFFE trust domain.
+    pub trust_domain: String,
+    /// The image holding `weftctl` and `weft-cni` (see the Dockerfile).
+    pub image: String,
+    /// The log filter of every component (`info`, `debug`, `weft=debug,info`, ...).
+    pub log_level: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            namespace: "weft-system".into(),
+            trust_domain: "cluster.local".into(),
+            image: format!("weft:{}", env!("CARGO_PKG_VERSION")),
+            log_level: "info".into(),
+        }
+    }
+}
+
+/// Why the options cannot be rendered.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OptionsError {
+    /// A value Kubernetes or the mesh would refuse.
+    #[error("--{flag} {value:?}: {reason}")]
+    Invalid {
+        /// The flag.
+        flag: &'static str,
+        /// What was given.
+        value: String,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+}
+
+/// An RFC 1123 label, as Kubernetes wants for namespace names.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+impl Options {
+    /// Refuses values that would render objects the API server or the mesh refuses.
+    pub fn validate(&self) -> Result<(), OptionsError> {
+        let invalid = |flag, value: &str, reason| {
+            Err(OptionsError::Invalid {
+                flag,
+                value: value.to_owned(),
+                reason,
+            })
+        };
+        if !is_dns_label(&self.namespace) {
+            return invalid(
+                "namespace",
+                &self.namespace,
+                "not a namespace name (lower-case letters, digits and '-', at most 63)",
+            );
+        }
+        let td_ok = !self.trust_domain.is_empty()
+            && self.trust_domain.split('.').all(|l| {
+                !l.is_empty()
+                    && l.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
+                    })
+            });
+        if !td_ok {
+            return invalid(
+                "trust-domain",
+                &self.trust_domain,
+                "not a SPIFFE trust domain (dot-separated lower-case letters, digits, '-', '_')",
+            );
+        }
+        if self.image.is_empty() || self.image.chars().any(char::is_whitespace) {
+            return invalid("image", &self.image, "not an image reference");
+        }
+        if self.log_level.is_empty() || self.log_level.chars().any(char::is_whitespace) {
+            return invalid(
+                "log-level",
+                &self.log_level,
+                "not a log filter (info, debug, weft=debug,info, ...)",
+            );
+        }
+        Ok(())
+    }
+
+    /// The controller's name in its serving certificate and in node-proxies' flags.
+    pub fn controller_host(&self) -> String {
+        format!("{CONTROLLER}.{}.svc", self.namespace)
+    }
+}
+
+/// One object of an installation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+#[allow(missing_docs)]
+#[allow(clippy::large_enum_variant)] // a score of objects, rendered once per command
+pub enum Object {
+    Namespace(Namespace),
+    CustomResourceDefinition(Box<CustomResourceDefinition>),
+    ServiceAccount(ServiceAccount),
+    ClusterRole(ClusterRole),
+    ClusterRoleBinding(ClusterRoleBinding),
+    Role(Role),
+    RoleBinding(RoleBinding),
+    Service(Service),
+    Deployment(Box<Deployment>),
+    DaemonSet(Box<DaemonSet>),
+    GatewayClass(GatewayClass),
+}
+
+impl Object {
+    /// The object's `kind`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Object::Namespace(_) => "Namespace",
+            Object::CustomResourceDefinition(_) => "CustomResourceDefinition",
+            Object::ServiceAccount(_) => "ServiceAccount",
+            Object::ClusterRole(_) => "ClusterRole",
+            Object::ClusterRoleBinding(_) => "ClusterRoleBinding",
+            Object::Role(_) => "Role",
+            Object::RoleBinding(_) => "RoleBinding",
+            Object::Service(_) => "Service",
+            Object::Deployment(_) => "Deployment",
+            Object::DaemonSet(_) => "DaemonSet",
+            Object::GatewayClass(_) => "GatewayClass",
+        }
+    }
+
+    /// The object as JSON, with its `apiVersion` and `kind`.
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("Kubernetes objects serialize")
+    }
+
+    /// Parses a rendered object back into its type (by its `kind`).
+    pub fn from_value(value: serde_json::Value) -> Result<Object, serde_json::Error> {
+        use serde::de::Error as _;
+        let kind = value
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        let v = value;
+        Ok(match kind.as_str() {
+            "Namespace" => Object::Namespace(serde_json::from_value(v)?),
+            "CustomResourceDefinition" => {
+                Object::CustomResourceDefinition(Box::new(serde_json::from_value(v)?))
+            }
+            "ServiceAccount" => Object::ServiceAccount(serde_json::from_value(v)?),
+            "ClusterRole" => Object::ClusterRole(serde_json::from_value(v)?),
+            "ClusterRoleBinding" => Object::ClusterRoleBinding(serde_json::from_value(v)?),
+            "Role" => Object::Role(serde_json::from_value(v)?),
+            "RoleBinding" => Object::RoleBinding(serde_json::from_value(v)?),
+            "Service" => Object::Service(serde_json::from_value(v)?),
+            "Deployment" => Object::Deployment(Box::new(serde_json::from_value(v)?)),
+            "DaemonSet" => Object::DaemonSet(Box::new(serde_json::from_value(v)?)),
+            "GatewayClass" => Object::GatewayClass(serde_json::from_value(v)?),
+            other => return Err(serde_json::Error::custom(format!("unknown kind {other:?}"))),
+        })
+    }
+}
+
+fn labels(component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), component.to_owned()),
+        ("app.kubernetes.io/part-of".to_owned(), "weft".to_owned()),
+        (
+            "app.kubernetes.io/version".to_owned(),
+            env!("CARGO_PKG_VERSION").to_owned(),
+        ),
+    ])
+}
+
+fn selector(component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([("app.kubernetes.io/name".to_owned(), component.to_owned())])
+}
+
+fn meta(name: &str, namespace: Option<&str>, component: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: namespace.map(str::to_owned),
+        labels: Some(labels(component)),
+        ..Default::default()
+    }
+}
+
+fn strings(items: &[&str]) -> Option<Vec<String>> {
+    Some(items.iter().map(|s| (*s).to_owned()).collect())
+}
+
+fn rule(group: &str, resources: &[&str], verbs: &[&str]) -> PolicyRule {
+    PolicyRule {
+        api_groups: strings(&[group]),
+        resources: strings(resources),
+        verbs: verbs.iter().map(|s| (*s).to_owned()).collect(),
+        ..Default::default()
+    }
+}
+
+fn named_rule(group: &str, resources: &[&str], names: &[&str], verbs: &[&str]) -> PolicyRule {
+    PolicyRule {
+        resource_names: strings(names),
+        ..rule(group, resources, verbs)
+    }
+}
+
+/// The controller's cluster-wide rules: watch what it translates, write the status of
+/// routes and Weft's policies, review node-proxies' tokens.
+pub fn controller_cluster_rules() -> Vec<PolicyRule> {
+    vec![
+        rule("", &["namespaces", "services"], &["list", "watch"]),
+        rule("", &["pods"], &["list", "watch"]),
+        rule("discovery.k8s.io", &["endpointslices"], &["list", "watch"]),
+        rule(
+            "gateway.networking.k8s.io",
+            &["gateways", "httproutes", "grpcroutes", "referencegrants"],
+            &["list", "watch"],
+        ),
+        rule(
+            "gateway.networking.k8s.io",
+            &["httproutes/status", "grpcroutes/status"],
+            &["get", "patch"],
+        ),
+        rule(
+            "weft.dev",
+            &["authorizationpolicies", "trafficpolicies"],
+            &["list", "watch"],
+        ),
+        rule(
+            "weft.dev",
+            &["authorizationpolicies/status", "trafficpolicies/status"],
+            &["get", "patch"],
+        ),
+        rule("authentication.k8s.io", &["tokenreviews"], &["create"]),
+    ]
+}
+
+/// The controller's rules in its own namespace: the root's Secret, the ConfigMap its
+/// certificates are published in (`create` cannot be limited to a name), and the
+/// node-proxy pod a token is bound to when the token names no node.
+pub fn controller_namespace_rules() -> Vec<PolicyRule> {
+    vec![
+        rule("", &["pods"], &["get"]),
+        named_rule("", &["secrets"], &[ROOT_SECRET], &["get"]),
+        rule("", &["secrets"], &["create"]),
+        named_rule("", &["configmaps"], &[ROOTS_CONFIGMAP], &["get", "update"]),
+        rule("", &["configmaps"], &["create"]),
+    ]
+}
+
+/// node-proxies' cluster-wide rules: the CNI plugin (running as the node-proxy's
+/// service account) reads a new pod and its namespace to decide whether to capture it.
+pub fn node_proxy_cluster_rules() -> Vec<PolicyRule> {
+    vec![rule("", &["namespaces", "pods"], &["get"])]
+}
+
+/// node-proxies' rules in Weft's namespace: the CNI installer reads its DaemonSet on
+/// shutdown, to remove the plugin from the node only when Weft is being uninstalled.
+pub fn node_proxy_namespace_rules() -> Vec<PolicyRule> {
+    vec![named_rule("apps", &["daemonsets"], &[NODE_PROXY], &["get"])]
+}
+
+fn subject(name: &str, namespace: &str) -> Option<Vec<Subject>> {
+    Some(vec![Subject {
+        kind: "ServiceAccount".into(),
+        name: name.into(),
+        namespace: Some(namespace.into()),
+        ..Default::default()
+    }])
+}
+
+fn role_ref(kind: &str, name: &str) -> RoleRef {
+    RoleRef {
+        api_group: Some("rbac.authorization.k8s.io".into()),
+        kind: kind.into(),
+        name: name.into(),
+    }
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: read_only.then_some(true),
+        ..Default::default()
+    }
+}
+
+fn host_path(name: &str, path: &str, type_: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        host_path: Some(HostPathVolumeSource {
+            path: path.into(),
+            type_: Some(type_.into()),
+        }),
+        ..Default::default()
+    }
+}
+
+fn resources(cpu: &str, memory: &str, memory_limit: &str) -> Option<ResourceRequirements> {
+    Some(ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_owned(), Quantity(cpu.into())),
+            ("memory".to_owned(), Quantity(memory.into())),
+        ])),
+        limits: Some(BTreeMap::from([(
+            "memory".to_owned(),
+            Quantity(memory_limit.into()),
+        )])),
+        ..Default::default()
+    })
+}
+
+fn http_probe(path: &str, port: i32, host: Option<&str>) -> Option<Probe> {
+    Some(Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(port),
+            host: host.map(str::to_owned),
+            ..Default::default()
+        }),
+        period_seconds: Some(5),
+        ..Default::default()
+    })
+}
+
+fn controller_deployment(o: &Options) -> Deployment {
+    let ns = o.namespace.as_str();
+    let container = Container {
+        name: "controller".into(),
+        image: Some(o.image.clone()),
+        args: strings(&[
+            "controller",
+            "--namespace",
+            ns,
+            "--trust-domain",
+            &o.trust_domain,
+            "--server-name",
+            &o.controller_host(),
+        ]),
+        env: Some(vec![env("RUST_LOG", &o.log_level)]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("grpc".into()),
+                container_port: GRPC_PORT,
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("admin".into()),
+                container_port: ADMIN_PORT,
+                ..Default::default()
+            },
+        ]),
+        readiness_probe: http_probe("/ready", ADMIN_PORT, None),
+        liveness_probe: http_probe("/healthz", ADMIN_PORT, None),
+        resources: resources("100m", "128Mi", "1Gi"),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: strings(&["ALL"]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Deployment {
+        metadata: meta(CONTROLLER, Some(ns), CONTROLLER),
+        spec: Some(DeploymentSpec {
+            replicas: Some(1),
+            selector: LabelSelector {
+                match_labels: Some(selector(CONTROLLER)),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(CONTROLLER)),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(CONTROLLER.into()),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        run_as_group: Some(65532),
+                        ..Default::default()
+                    }),
+                    containers: vec![container],
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn node_proxy_daemonset(o: &Options) -> DaemonSet {
+    let ns = o.namespace.as_str();
+    let node_name = EnvVar {
+        name: "WEFT_NODE".into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "spec.nodeName".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let controller = format!("{}:{GRPC_PORT}", o.controller_host());
+    let node_proxy = Container {
+        name: "node-proxy".into(),
+        image: Some(o.image.clone()),
+        args: strings(&[
+            "node-proxy",
+            "--controller",
+            &controller,
+            "--controller-name",
+            &o.controller_host(),
+            "--trust-domain",
+            &o.trust_domain,
+        ]),
+        env: Some(vec![
+            node_name,
+            env("RUST_LOG", &o.log_level),
+            env("WEFT_CONTROLLER_CA", &format!("{ROOTS_DIR}/{ROOTS_KEY}")),
+            env("WEFT_TOKEN_FILE", &format!("{TOKEN_DIR}/token")),
+        ]),
+        readiness_probe: http_probe("/ready", NODE_PROXY_ADMIN_PORT, Some("127.0.0.1")),
+        resources: resources("100m", "128Mi", "2Gi"),
+        security_context: Some(SecurityContext {
+            // Root with two capabilities: NET_ADMIN for the capture rules and listeners
+            // in pods' namespaces, SYS_ADMIN to enter those namespaces (setns).
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                add: strings(&["NET_ADMIN", "SYS_ADMIN"]),
+                drop: strings(&["ALL"]),
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![
+            mount("handoff", HANDOFF_DIR, false),
+            mount("token", TOKEN_DIR, true),
+            mount("roots", ROOTS_DIR, true),
+        ]),
+        ..Default::default()
+    };
+    let kubeconfig = format!("{CNI_CONF_DIR}/weft-cni.kubeconfig");
+    let install_cni = Container {
+        name: "install-cni".into(),
+        image: Some(o.image.clone()),
+        command: strings(&["/usr/local/bin/weft-cni"]),
+        args: strings(&[
+            "install",
+            "--bin-dir",
+            "/host/opt/cni/bin",
+            "--conf-dir",
+            "/host/etc/cni/net.d",
+            "--in-cluster-kubeconfig",
+            &kubeconfig,
+            "--until-removed",
+            &format!("{ns}/{NODE_PROXY}"),
+        ]),
+        env: Some(vec![env("WEFT_CNI_LOG", &o.log_level)]),
+        resources: resources("10m", "16Mi", "128Mi"),
+        security_context: Some(SecurityContext {
+            // Writes into the host's CNI directories (root-owned), nothing more.
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                add: strings(&["CHOWN", "DAC_OVERRIDE", "FOWNER"]),
+                drop: strings(&["ALL"]),
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![
+            mount("cni-bin", "/host/opt/cni/bin", false),
+            mount("cni-conf", "/host/etc/cni/net.d", false),
+        ]),
+        ..Default::default()
+    };
+    let token = Volume {
+        name: "token".into(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(TOKEN_AUDIENCE.into()),
+                    expiration_seconds: Some(3600),
+                    path: "token".into(),
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let roots = Volume {
+        name: "roots".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: ROOTS_CONFIGMAP.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    DaemonSet {
+        metadata: meta(NODE_PROXY, Some(ns), NODE_PROXY),
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector {
+                match_labels: Some(selector(NODE_PROXY)),
+                ..Default::default()
+            },
+            // The new node-proxy starts beside the old one and takes its listeners
+            // over (docs/handoff.md), so a node is never without one.
+            update_strategy: Some(DaemonSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDaemonSet {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(NODE_PROXY)),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(NODE_PROXY.into()),
+                    host_network: Some(true),
+                    dns_policy: Some("ClusterFirstWithHostNet".into()),
+                    priority_class_name: Some("system-node-critical".into()),
+                    termination_grace_period_seconds: Some(30),
+                    tolerations: Some(vec![Toleration {
+                        operator: Some("Exists".into()),
+                        ..Default::default()
+                    }]),
+                    containers: vec![node_proxy, install_cni],
+                    volumes: Some(vec![
+                        host_path("handoff", HANDOFF_DIR, "DirectoryOrCreate"),
+                        host_path("cni-bin", CNI_BIN_DIR, "DirectoryOrCreate"),
+                        host_path("cni-conf", CNI_CONF_DIR, "DirectoryOrCreate"),
+                        token,
+                        roots,
+                    ]),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Every object of an installation, in the order they are applied.
+pub fn objects(o: &Options) -> Result<Vec<Object>, OptionsError> {
+    o.validate()?;
+    let ns = o.namespace.as_str();
+    let mut crds = [AuthorizationPolicy::crd(), TrafficPolicy::crd()];
+    for crd in &mut crds {
+        crd.metadata.labels = Some(labels("weft-crds"));
+    }
+    let mut out = vec![Object::Namespace(Namespace {
+        metadata: meta(ns, None, "weft"),
+        ..Default::default()
+    })];
+    out.extend(
+        crds.into_iter()
+            .map(|c| Object::CustomResourceDefinition(Box::new(c))),
+    );
+    for (name, cluster_rules, namespace_rules) in [
+        (
+            CONTROLLER,
+            controller_cluster_rules(),
+            controller_namespace_rules(),
+        ),
+        (
+            NODE_PROXY,
+            node_proxy_cluster_rules(),
+            node_proxy_namespace_rules(),
+        ),
+    ] {
+        out.push(Object::ServiceAccount(ServiceAccount {
+            metadata: meta(name, Some(ns), name),
+            ..Default::default()
+        }));
+        // Cluster-scoped names carry the namespace, so two installations do not clash.
+        let cluster_name = format!("{name}-{ns}");
+        out.push(Object::ClusterRole(ClusterRole {
+            metadata: meta(&cluster_name, None, name),
+            rules: Some(cluster_rules),
+            ..Default::default()
+        }));
+        out.push(Object::ClusterRoleBinding(ClusterRoleBinding {
+            metadata: meta(&cluster_name, None, name),
+            role_ref: role_ref("ClusterRole", &cluster_name),
+            subjects: subject(name, ns),
+        }));
+        out.push(Object::Role(Role {
+            metadata: meta(name, Some(ns), name),
+            rules: Some(namespace_rules),
+        }));
+        out.push(Object::RoleBinding(RoleBinding {
+            metadata: meta(name, Some(ns), name),
+            role_ref: role_ref("Role", name),
+            subjects: subject(name, ns),
+        }));
+    }
+    out.push(Object::Service(Service {
+        metadata: meta(CONTROLLER, Some(ns), CONTROLLER),
+        spec: Some(ServiceSpec {
+            selector: Some(selector(CONTROLLER)),
+            ports: Some(vec![
+                ServicePort {
+                    name: Some("grpc".into()),
+                    port: GRPC_PORT,
+                    target_port: Some(IntOrString::String("grpc".into())),
+                    ..Default::default()
+                },
+                ServicePort {
+                    name: Some("admin".into()),
+                    port: ADMIN_PORT,
+                    target_port: Some(IntOrString::String("admin".into())),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }));
+    out.push(Object::Deployment(Box::new(controller_deployment(o))));
+    out.push(Object::DaemonSet(Box::new(node_proxy_daemonset(o))));
+    out.push(Object::GatewayClass(GatewayClass {
+        metadata: meta(WAYPOINT_CLASS, None, CONTROLLER),
+        spec: GatewayClassSpec {
+            controller_name: CONTROLLER_NAME.into(),
+            description: Some("Weft waypoints: L7 proxies for the services that use them".into()),
+            parameters_ref: None,
+        },
+        status: None,
+    }));
+    Ok(out)
+}
+
+fn documents(header: &str, values: impl Iterator<Item = serde_json::Value>) -> String {
+    let mut out = String::from(header);
+    for v in values {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml_ng::to_string(&v).expect("JSON values serialize as YAML"));
+    }
+    out
+}
+
+/// The installation as YAML documents, for `kubectl apply -f -`.
+pub fn yaml(o: &Options) -> Result<String, OptionsError> {
+    let objects = objects(o)?;
+    Ok(documents(
+        "# Weft, rendered by `weftctl install`; docs/install.md describes each object.\n",
+        objects.iter().map(Object::to_value),
+    ))
+}
+
+/// What removes the installation, for `kubectl delete -f -`: the same objects, named
+/// only, in reverse order (the DaemonSet goes before the namespace, so node-proxies'
+/// CNI installers see it gone and take the plugin off their nodes).
+pub fn uninstall_yaml(o: &Options) -> Result<String, OptionsError> {
+    let objects = objects(o)?;
+    Ok(documents(
+        "# Removes Weft, rendered by `weftctl uninstall`; docs/install.md.\n",
+        objects.iter().rev().map(|obj| {
+            let v = obj.to_value();
+            let mut m = serde_json::Map::new();
+            for k in ["apiVersion", "kind"] {
+                if let Some(x) = v.get(k) {
+                    m.insert(k.into(), x.clone());
+                }
+            }
+            let mut md = serde_json::Map::new();
+            for k in ["name", "namespace"] {
+                if let Some(x) = v.get("metadata").and_then(|md| md.get(k)) {
+                    md.insert(k.into(), x.clone());
+                }
+            }
+            m.insert("metadata".into(), md.into());
+            serde_json::Value::Object(m)
+        }),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each rendered object parses back into its Kubernetes type and serializes to the
+    /// same JSON: a field the type does not know would be dropped on the way and show.
+    #[test]
+    fn every_object_round_trips_through_its_type_without_unknown_fields() {
+        let rendered = yaml(&Options::default()).unwrap();
+        let mut kinds = Vec::new();
+        for doc in serde_yaml_ng::Deserializer::from_str(&rendered) {
+            let value = serde_json::to_value(
+                <serde_yaml_ng::Value as serde::Deserialize>::deserialize(doc).unwrap(),
+            )
+            .unwrap();
+            let parsed = Object::from_value(value.clone()).unwrap();
+            assert_eq!(parsed.to_value(), value, "{} changed", parsed.kind());
+            kinds.push(parsed.kind());
+        }
+        assert!(kinds.contains(&"DaemonSet") && kinds.contains(&"GatewayClass"));
+        // A field no type has is noticed.
+        let mut bad = Object::Namespace(Namespace::default()).to_value();
+        bad["spec"] = serde_json::json!({"finalizerz": ["x"]});
+        let parsed = Object::from_value(bad.clone()).unwrap();
+        assert_ne!(parsed.to_value(), bad);
+    }
+
+    #[test]
+    fn invalid_options_are_refused_naming_the_flag() {
+        for (o, flag) in [
+            (
+                Options {
+                    namespace: "Weft_System".into(),
+                    ..Options::default()
+                },
+                "--namespace",
+            ),
+            (
+                Options {
+                    trust_domain: "a..b".into(),
+                    ..Options::default()
+                },
+                "--trust-domain",
+            ),
+            (
+                Options {
+                    image: "".into(),
+                    ..Options::default()
+                },
+                "--image",
+            ),
+            (
+                Options {
+                    log_level: "de bug".into(),
+                    ..Options::default()
+                },
+                "--log-level",
+            ),
+        ] {
+            let e = yaml(&o).unwrap_err().to_string();
+            assert!(e.starts_with(flag), "{e}");
+        }
+    }
+
+    /// `deploy/weft.yaml` is what `weftctl install` renders by default.
+    #[test]
+    fn deploy_weft_yaml_is_in_sync() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/weft.yaml");
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        let generated = yaml(&Options::default()).unwrap();
+        assert!(
+            committed == generated,
+            "deploy/weft.yaml is out of date with controller/src/install.rs; regenerate it:\n  \
+             cargo run -p weft-cli --bin weftctl -- install > deploy/weft.yaml"
+        );
+    }
+}
