@@ -8,3 +8,4 @@ pub mod echo;
 pub mod grpc;
 pub mod prometheus;
 pub mod sandbox;
+pub mod status;

@@ -55,15 +55,43 @@ enum Cmd {
         #[command(subcommand)]
         command: Debug,
     },
-    /// Checks manifest directories as the controller reads them: prints every problem
-    /// (file, object, field, reason) and exits non-zero if there is any.
+    /// Checks manifest directories as the controller reads them (every problem: file,
+    /// object, field, reason), a running sandbox (--local: controller reachable, every
+    /// node-proxy synced, certificates valid), or a node before install (--pre); exits
+    /// non-zero if anything is wrong.
     Check {
         /// Directories of manifests (a later one overrides objects of earlier ones).
-        #[arg(required = true)]
+        #[arg(required_unless_present_any = ["local", "pre"])]
         dirs: Vec<PathBuf>,
         /// The SPIFFE trust domain.
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
+        /// Check the running sandbox of this name, through its admin ports.
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["dirs", "pre"])]
+        local: Option<String>,
+        /// The sandbox's state directory (default: /run/weft/sandbox/NAME).
+        #[arg(long, requires = "local")]
+        state_dir: Option<PathBuf>,
+        /// Check this machine before installing: kernel, nftables, CNI configuration.
+        #[arg(long, conflicts_with = "dirs")]
+        pre: bool,
+        /// The CNI configuration directory, for --pre.
+        #[arg(long, default_value = "/etc/cni/net.d", requires = "pre")]
+        cni_conf_dir: PathBuf,
+    },
+    /// Shows each node-proxy of a running sandbox: version, state (synced, stale,
+    /// offline, down), the model applied, pods, certificates and their earliest expiry.
+    Status {
+        /// The sandbox's name. (Reading a cluster through the API server is not built
+        /// yet.)
+        #[arg(long, value_name = "NAME")]
+        local: String,
+        /// The sandbox's state directory (default: /run/weft/sandbox/NAME).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Prints the manifests that install Weft on a cluster:
     /// `weftctl install | kubectl apply -f -` (docs/install.md).
@@ -304,10 +332,61 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", controller::install::uninstall_yaml(&options.into())?);
             Ok(())
         }
-        Cmd::Check { dirs, trust_domain } => {
-            let problems = weft_cli::check::check(&dirs, &trust_domain)?;
-            if problems > 0 {
+        Cmd::Check {
+            dirs,
+            trust_domain,
+            local,
+            state_dir,
+            pre,
+            cni_conf_dir,
+        } => {
+            let failed = if pre {
+                let checks = weft_cli::check::preflight(&cni_conf_dir);
+                for c in &checks {
+                    match &c.result {
+                        Ok(found) => println!("ok    {}: {found}", c.what),
+                        Err(why) => println!("FAIL  {}: {why}", c.what),
+                    }
+                }
+                checks.iter().filter(|c| c.result.is_err()).count()
+            } else if let Some(name) = local {
+                let dir = state_dir.unwrap_or_else(|| sandbox::default_state_dir(&name));
+                let targets = weft_cli::status::Targets::sandbox(&dir)?;
+                let report = weft_cli::status::gather(&targets).await;
+                let problems = weft_cli::status::problems(&report, weft_cli::status::now());
+                for p in &problems {
+                    println!("{}: {}", p.subject, p.what);
+                }
+                eprintln!(
+                    "controller and {} node-proxies checked, {} problem{}",
+                    report.nodes.len(),
+                    problems.len(),
+                    if problems.len() == 1 { "" } else { "s" }
+                );
+                problems.len()
+            } else {
+                weft_cli::check::check(&dirs, &trust_domain)?
+            };
+            if failed > 0 {
                 std::process::exit(1);
+            }
+            Ok(())
+        }
+        Cmd::Status {
+            local,
+            state_dir,
+            json,
+        } => {
+            let dir = state_dir.unwrap_or_else(|| sandbox::default_state_dir(&local));
+            let targets = weft_cli::status::Targets::sandbox(&dir)?;
+            let report = weft_cli::status::gather(&targets).await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!(
+                    "{}",
+                    weft_cli::status::table(&report, weft_cli::status::now())
+                );
             }
             Ok(())
         }

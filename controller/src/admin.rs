@@ -67,6 +67,17 @@ impl Admin {
                 }
             }
             "/debug/subscribers" => json(&self.shared.subscribers()),
+            // What `weftctl status` and `check` read: this build, the model's epoch
+            // and version (as node-proxies report theirs), and each subscriber.
+            "/debug/status" => {
+                let epoch = self.shared.store.read().expect("store lock is never poisoned").epoch();
+                json(&serde_json::json!({
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "epoch": format!("{epoch:016x}"),
+                    "modelVersion": *self.shared.version.borrow(),
+                    "subscribers": self.shared.subscribers(),
+                }))
+            }
             "/debug/problems" => {
                 let problems = self.problems.lock().expect("problems lock is never poisoned").clone();
                 json(&problems)
@@ -86,7 +97,7 @@ impl Admin {
             _ => respond(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found; try /metrics, /healthz, /ready, /debug/model, /debug/subscribers or /debug/problems\n",
+                "not found; try /metrics, /healthz, /ready, /debug/status, /debug/model, /debug/subscribers or /debug/problems\n",
             ),
         }
     }

@@ -96,8 +96,22 @@ impl Admin {
             }
             "/config_dump" => {
                 let model = self.ctx.model.load();
+                let certificates: Vec<_> = self
+                    .ctx
+                    .identities
+                    .expiries()
+                    .into_iter()
+                    .map(|(id, not_after)| {
+                        let secs = not_after
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs());
+                        serde_json::json!({"identity": id.to_string(), "notAfter": secs})
+                    })
+                    .collect();
                 let dump = serde_json::json!({
                     "node": self.ctx.node,
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "certificates": certificates,
                     "modelStatus": *self.ctx.model_status.lock().expect("status lock is never poisoned"),
                     "model": &**model,
                     "pods": self.pods.list().await,
