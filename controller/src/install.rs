@@ -278,7 +278,8 @@ fn named_rule(group: &str, resources: &[&str], names: &[&str], verbs: &[&str]) -
 }
 
 /// The controller's cluster-wide rules: watch what it translates, write the status of
-/// routes and Weft's policies, review node-proxies' tokens.
+/// routes and Weft's policies, review node-proxies' tokens, and apply each waypoint's
+/// ServiceAccount, Deployment, Service and roots ConfigMap in its Gateway's namespace.
 pub fn controller_cluster_rules() -> Vec<PolicyRule> {
     vec![
         rule("", &["namespaces", "services"], &["list", "watch"]),
@@ -305,6 +306,13 @@ pub fn controller_cluster_rules() -> Vec<PolicyRule> {
             &["get", "patch"],
         ),
         rule("authentication.k8s.io", &["tokenreviews"], &["create"]),
+        // Each waypoint's objects, by server-side apply (which creates what is absent).
+        rule(
+            "",
+            &["serviceaccounts", "services", "configmaps"],
+            &["create", "patch"],
+        ),
+        rule("apps", &["deployments"], &["create", "patch"]),
     ]
 }
 
@@ -418,6 +426,8 @@ fn controller_deployment(o: &Options) -> Deployment {
             &o.trust_domain,
             "--server-name",
             &o.controller_host(),
+            "--waypoint-image",
+            &o.image,
         ]),
         env: Some(vec![env("RUST_LOG", &o.log_level)]),
         ports: Some(vec![

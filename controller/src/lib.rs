@@ -30,6 +30,7 @@ pub mod store;
 pub mod testing;
 pub mod tls;
 pub mod translate;
+pub mod waypoints;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -115,6 +116,17 @@ pub struct Config {
         default_value = "weft-node-proxy"
     )]
     pub node_proxy_service_account: String,
+    /// In a cluster: the image waypoints run (`weftctl waypoint`); the controller
+    /// creates a Deployment and Service for each Gateway of class weft-waypoint. Not
+    /// given: it creates none.
+    #[arg(long, env = "WEFT_WAYPOINT_IMAGE")]
+    pub waypoint_image: Option<String>,
+}
+
+/// What the controller writes back to the API server.
+struct ClusterWriters {
+    statuses: kubernetes::StatusWriter,
+    waypoints: Option<waypoints::Deployer>,
 }
 
 impl Default for Config {
@@ -135,6 +147,7 @@ impl Default for Config {
             namespace: "weft-system".into(),
             token_audience: "weft-controller".into(),
             node_proxy_service_account: "weft-node-proxy".into(),
+            waypoint_image: None,
         }
     }
 }
@@ -154,7 +167,7 @@ pub struct Controller {
     changed: Arc<Notify>,
     settings: Settings,
     debounce: Duration,
-    statuses: Option<kubernetes::StatusWriter>,
+    cluster: Option<ClusterWriters>,
     server_names: Vec<String>,
 }
 
@@ -225,8 +238,35 @@ impl Controller {
             );
             let source =
                 kubernetes::KubeSource::start(client.clone(), changed.clone(), shutdown.clone());
+            let waypoints = match &config.waypoint_image {
+                Some(image) => {
+                    let host = config.server_names.first().cloned().unwrap_or_default();
+                    Some(waypoints::Deployer::new(
+                        client.clone(),
+                        waypoints::Settings {
+                            image: image.clone(),
+                            controller: format!("{host}:{}", config.listen.port()),
+                            controller_name: host,
+                            trust_domain: config.trust_domain.clone(),
+                            roots_pem: ca.bundle_pem(),
+                        },
+                    ))
+                }
+                None => {
+                    info!("no --waypoint-image: Gateways of class weft-waypoint are not deployed by the controller");
+                    None
+                }
+            };
             let statuses = kubernetes::StatusWriter::new(client, metrics.clone());
-            (ca, Arc::new(auth), source, Some(statuses))
+            (
+                ca,
+                Arc::new(auth),
+                source,
+                Some(ClusterWriters {
+                    statuses,
+                    waypoints,
+                }),
+            )
         };
         let settings = Settings {
             trust_domain: config.trust_domain.clone(),
@@ -250,7 +290,7 @@ impl Controller {
             changed,
             settings,
             debounce: config.debounce,
-            statuses,
+            cluster: statuses,
             server_names: config.server_names,
         })
     }
@@ -271,7 +311,7 @@ impl Controller {
             self.settings,
             self.debounce,
             problems.clone(),
-            self.statuses,
+            self.cluster,
         ));
         let admin = Arc::new(admin::Admin {
             shared: self.shared.clone(),
@@ -297,7 +337,7 @@ async fn translate_loop(
     settings: Settings,
     debounce: Duration,
     problems_out: Arc<Mutex<Vec<Problem>>>,
-    statuses: Option<kubernetes::StatusWriter>,
+    cluster: Option<ClusterWriters>,
 ) {
     let mut reported: BTreeSet<String> = BTreeSet::new();
     let settings = Arc::new(settings);
@@ -340,8 +380,18 @@ async fn translate_loop(
                 .observe(started.elapsed().as_secs_f64());
             shared.metrics.problems.set(problems.len() as i64);
             report(&mut reported, &problems);
-            if let Some(writer) = &statuses {
-                writer.write(translation.statuses);
+            if let Some(cluster) = &cluster {
+                cluster.statuses.write(translation.statuses);
+                if let Some(deployer) = &cluster.waypoints {
+                    deployer.write(
+                        snapshot
+                            .objects
+                            .gateways
+                            .values()
+                            .map(|g| g.value.clone())
+                            .collect(),
+                    );
+                }
             }
             *problems_out
                 .lock()

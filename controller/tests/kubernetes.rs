@@ -174,6 +174,12 @@ impl Fake {
         query: &str,
         body: Value,
     ) -> Response<ResponseBody> {
+        // Server-side apply (the waypoints' objects): taken as given.
+        if method == "PATCH" && query.contains("fieldManager=") {
+            self.writes
+                .push((method.to_owned(), path.to_owned(), body.clone()));
+            return full(StatusCode::OK, body);
+        }
         if let Some(kind) = self.kinds.get_mut(path) {
             if kind.missing {
                 return not_found(path);
@@ -610,6 +616,76 @@ async fn the_roots_are_published_in_a_configmap_without_the_key() {
     );
 }
 
+#[tokio::test]
+async fn a_waypoint_gateway_is_deployed_by_server_side_apply_once() {
+    let state = Fake::new();
+    let deployer = controller::waypoints::Deployer::new(
+        client(&state),
+        controller::waypoints::Settings {
+            image: "weft:test".into(),
+            controller: "weft-controller.weft-system.svc:15012".into(),
+            controller_name: "weft-controller.weft-system.svc".into(),
+            trust_domain: "cluster.local".into(),
+            roots_pem: "ROOTS".into(),
+        },
+    );
+    let gateway = |class: &str, name: &str| -> Arc<gateway_api::gateways::Gateway> {
+        Arc::new(
+            serde_json::from_value(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                "metadata": {"name": name, "namespace": "demo", "uid": format!("uid-{name}")},
+                "spec": {"gatewayClassName": class, "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}))
+            .unwrap(),
+        )
+    };
+    let applies = |state: &Arc<Mutex<Fake>>| -> Vec<(String, Value)> {
+        state
+            .lock()
+            .unwrap()
+            .writes
+            .iter()
+            .filter(|(m, _, _)| m == "PATCH")
+            .map(|(_, p, b)| (p.clone(), b.clone()))
+            .collect()
+    };
+    let gateways = vec![
+        gateway("weft-waypoint", "wp"),
+        gateway("other-class", "edge"),
+    ];
+    deployer.write(gateways.clone());
+    for _ in 0..200 {
+        if applies(&state).len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let done = applies(&state);
+    let paths: Vec<&str> = done.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/api/v1/namespaces/demo/serviceaccounts/wp",
+            "/api/v1/namespaces/demo/configmaps/weft-root-ca",
+            "/apis/apps/v1/namespaces/demo/deployments/wp",
+            "/api/v1/namespaces/demo/services/wp",
+        ],
+        "the waypoint's objects, and nothing for a Gateway of another class"
+    );
+    let deployment = &done[2].1;
+    assert_eq!(deployment["kind"], "Deployment");
+    assert_eq!(
+        deployment["metadata"]["ownerReferences"][0]["uid"],
+        "uid-wp"
+    );
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["containers"][0]["image"],
+        "weft:test"
+    );
+    // The same Gateways again: nothing is sent again.
+    deployer.write(gateways);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(applies(&state).len(), 4);
+}
+
 /// One API call as RBAC sees it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Call {
@@ -619,6 +695,20 @@ struct Call {
     resource: String,
     namespace: Option<String>,
     name: Option<String>,
+}
+
+/// The calls RBAC authorizes for one request: a server-side apply is a patch, and a
+/// create when the object is absent.
+fn calls(method: &str, path: &str, query: &str) -> Vec<Call> {
+    let c = call(method, path, query);
+    if method == "PATCH" && query.contains("fieldManager=") {
+        let create = Call {
+            verb: "create",
+            ..c.clone()
+        };
+        return vec![c, create];
+    }
+    vec![c]
 }
 
 fn call(method: &str, path: &str, query: &str) -> Call {
@@ -679,6 +769,7 @@ fn the_rbac_rules_are_what_the_code_calls() {
     token_review_names_the_node_or_the_service_account_and_refuses_other_tokens();
     the_root_is_created_once_in_a_secret();
     the_roots_are_published_in_a_configmap_without_the_key();
+    a_waypoint_gateway_is_deployed_by_server_side_apply_once();
     // Every kind served: the source lists and then watches each; the status of a
     // GRPCRoute and a TrafficPolicy (the scenarios above write the other kinds').
     tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -726,7 +817,7 @@ fn the_rbac_rules_are_what_the_code_calls() {
         .lock()
         .unwrap()
         .iter()
-        .map(|(m, p, q)| call(m, p, q))
+        .flat_map(|(m, p, q)| calls(m, p, q))
         .collect();
     let cluster = controller::install::controller_cluster_rules();
     let namespaced = controller::install::controller_namespace_rules();
