@@ -61,7 +61,8 @@ enum Cmd {
     /// non-zero if anything is wrong.
     Check {
         /// Directories of manifests (a later one overrides objects of earlier ones).
-        #[arg(required_unless_present_any = ["local", "pre"])]
+        /// Without any (and without --local or --pre): check the cluster of the current
+        /// kubeconfig through its API server.
         dirs: Vec<PathBuf>,
         /// The SPIFFE trust domain.
         #[arg(long, default_value = "cluster.local")]
@@ -78,14 +79,21 @@ enum Cmd {
         /// The CNI configuration directory, for --pre.
         #[arg(long, default_value = "/etc/cni/net.d", requires = "pre")]
         cni_conf_dir: PathBuf,
+        /// Weft's namespace, for a cluster.
+        #[arg(long, default_value = "weft-system")]
+        namespace: String,
     },
-    /// Shows each node-proxy of a running sandbox: version, state (synced, stale,
-    /// offline, down), the model applied, pods, certificates and their earliest expiry.
+    /// Shows each node-proxy: version, state (synced, stale, offline, down), the model
+    /// applied, and for a sandbox its pods and certificates with their earliest expiry.
+    /// Reads the cluster of the current kubeconfig through its API server, or a sandbox
+    /// through its admin ports (--local).
     Status {
-        /// The sandbox's name. (Reading a cluster through the API server is not built
-        /// yet.)
+        /// The sandbox's name.
         #[arg(long, value_name = "NAME")]
-        local: String,
+        local: Option<String>,
+        /// Weft's namespace, for a cluster.
+        #[arg(long, default_value = "weft-system", conflicts_with = "local")]
+        namespace: String,
         /// The sandbox's state directory (default: /run/weft/sandbox/NAME).
         #[arg(long)]
         state_dir: Option<PathBuf>,
@@ -339,6 +347,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             state_dir,
             pre,
             cni_conf_dir,
+            namespace,
         } => {
             let failed = if pre {
                 let checks = weft_cli::check::preflight(&cni_conf_dir);
@@ -349,10 +358,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
                 checks.iter().filter(|c| c.result.is_err()).count()
-            } else if let Some(name) = local {
-                let dir = state_dir.unwrap_or_else(|| sandbox::default_state_dir(&name));
-                let targets = weft_cli::status::Targets::sandbox(&dir)?;
-                let report = weft_cli::status::gather(&targets).await;
+            } else if local.is_some() || dirs.is_empty() {
+                let report = match local {
+                    Some(name) => {
+                        let dir = state_dir.unwrap_or_else(|| sandbox::default_state_dir(&name));
+                        let targets = weft_cli::status::Targets::sandbox(&dir)?;
+                        weft_cli::status::gather(&targets).await
+                    }
+                    None => {
+                        let client = kube::Client::try_default().await.context(
+                            "no manifest directories, --local or --pre given, and no cluster reachable through a kubeconfig",
+                        )?;
+                        weft_cli::status::gather_cluster(&client, &namespace).await
+                    }
+                };
                 let problems = weft_cli::status::problems(&report, weft_cli::status::now());
                 for p in &problems {
                     println!("{}: {}", p.subject, p.what);
@@ -374,12 +393,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Status {
             local,
+            namespace,
             state_dir,
             json,
         } => {
-            let dir = state_dir.unwrap_or_else(|| sandbox::default_state_dir(&local));
-            let targets = weft_cli::status::Targets::sandbox(&dir)?;
-            let report = weft_cli::status::gather(&targets).await;
+            let report = match local {
+                Some(name) => {
+                    let dir = state_dir.unwrap_or_else(|| sandbox::default_state_dir(&name));
+                    let targets = weft_cli::status::Targets::sandbox(&dir)?;
+                    weft_cli::status::gather(&targets).await
+                }
+                None => {
+                    let client = kube::Client::try_default().await.context(
+                        "no --local sandbox given and no cluster reachable through a kubeconfig",
+                    )?;
+                    weft_cli::status::gather_cluster(&client, &namespace).await
+                }
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

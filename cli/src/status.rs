@@ -205,6 +205,137 @@ pub async fn gather(targets: &Targets) -> Report {
     Report { controller, nodes }
 }
 
+/// The controller's `/debug/status` through the API server's service proxy
+/// (`services/proxy` on `weft-controller:admin`).
+async fn controller_via_api(client: &kube::Client, namespace: &str) -> Result<Value, String> {
+    let path = format!(
+        "/api/v1/namespaces/{namespace}/services/{}:admin/proxy/debug/status",
+        controller::install::CONTROLLER
+    );
+    let request = http::Request::get(&path)
+        .body(Vec::new())
+        .map_err(|e| e.to_string())?;
+    let text = tokio::time::timeout(ANSWER_BUDGET * 5, client.request_text(request))
+        .await
+        .map_err(|_| "no answer from the API server within 10 s".to_owned())?
+        .map_err(|e| format!("through the API server ({path}): {e}"))?;
+    serde_json::from_str(&text).map_err(|e| format!("{path} is not JSON: {e}"))
+}
+
+/// Reads a cluster through the API server: the node-proxy DaemonSet's pods in
+/// `namespace` (where one should run, ready or not) and the controller's status with
+/// each node-proxy's subscription (its build and the model version it acknowledged).
+/// The certificates node-proxies hold are not visible this way (their admin port is
+/// the node's loopback), so they are not reported.
+pub async fn gather_cluster(client: &kube::Client, namespace: &str) -> Report {
+    use k8s_openapi::api::core::v1::Pod;
+    let admin: SocketAddr = ([0, 0, 0, 0], 0).into();
+    let (status, pods) = futures::join!(controller_via_api(client, namespace), async {
+        let api: kube::Api<Pod> = kube::Api::namespaced(client.clone(), namespace);
+        let params = kube::api::ListParams::default().labels(&format!(
+            "app.kubernetes.io/name={}",
+            controller::install::NODE_PROXY
+        ));
+        api.list(&params).await.map_err(|e| e.to_string())
+    });
+    let controller = match &status {
+        Ok(v) => ControllerStatus {
+            admin,
+            error: None,
+            version: string(v, "version"),
+            epoch: string(v, "epoch"),
+            model_version: v.get("modelVersion").and_then(Value::as_u64),
+        },
+        Err(e) => ControllerStatus {
+            admin,
+            error: Some(e.clone()),
+            version: None,
+            epoch: None,
+            model_version: None,
+        },
+    };
+    let subscribers: Vec<Value> = status
+        .as_ref()
+        .ok()
+        .and_then(|v| v["subscribers"].as_array().cloned())
+        .unwrap_or_default();
+    let nodes = match pods {
+        Err(e) => vec![NodeStatus {
+            node: "(all)".into(),
+            admin,
+            error: Some(format!("cannot list the node-proxy pods: {e}")),
+            version: None,
+            connected: false,
+            epoch: None,
+            model_version: 0,
+            last_error: None,
+            pods: 0,
+            earliest_expiry: None,
+            certificates: 0,
+        }],
+        Ok(list) => {
+            let mut nodes: Vec<NodeStatus> = list
+                .items
+                .iter()
+                .map(|pod| {
+                    let node = pod
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.node_name.clone())
+                        .unwrap_or_default();
+                    let name = pod.metadata.name.clone().unwrap_or_default();
+                    let ready = pod
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|cs| {
+                            cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                        });
+                    let sub = subscribers
+                        .iter()
+                        .find(|s| s["node"].as_str() == Some(node.as_str()));
+                    let mut n = NodeStatus {
+                        node: node.clone(),
+                        admin,
+                        error: None,
+                        version: None,
+                        connected: false,
+                        epoch: None,
+                        model_version: 0,
+                        last_error: None,
+                        pods: 0,
+                        earliest_expiry: None,
+                        certificates: 0,
+                    };
+                    match sub {
+                        Some(sub) => {
+                            n.connected = true;
+                            n.version = string(sub, "proxyVersion").filter(|v| !v.is_empty());
+                            // A subscription is to this controller, so of its epoch.
+                            n.epoch = controller.epoch.clone();
+                            n.model_version = sub["ackedVersion"].as_u64().unwrap_or(0);
+                            n.last_error = string(sub, "lastRejection");
+                        }
+                        None if !ready => {
+                            n.error = Some(format!("pod {namespace}/{name} is not ready"));
+                        }
+                        None if controller.error.is_none() => {
+                            n.error = Some(format!(
+                                "pod {namespace}/{name} is not subscribed to the controller"
+                            ));
+                        }
+                        None => {}
+                    }
+                    n
+                })
+                .collect();
+            nodes.sort_by(|a, b| a.node.cmp(&b.node));
+            nodes
+        }
+    };
+    Report { controller, nodes }
+}
+
 /// A problem `check` reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Problem {
@@ -221,6 +352,16 @@ pub fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// " at <addr>" for an admin endpoint read directly; nothing when read through the API
+/// server (port 0).
+fn at(admin: SocketAddr) -> String {
+    if admin.port() == 0 {
+        String::new()
+    } else {
+        format!(" at {admin}")
+    }
+}
+
 /// What is wrong in `report` at time `now` (seconds since the epoch).
 pub fn problems(report: &Report, now: u64) -> Vec<Problem> {
     let mut out = Vec::new();
@@ -230,7 +371,7 @@ pub fn problems(report: &Report, now: u64) -> Vec<Problem> {
         what,
     };
     if let Some(e) = &c.error {
-        out.push(controller(format!("not reachable at {}: {e}", c.admin)));
+        out.push(controller(format!("not reachable{}: {e}", at(c.admin))));
     } else if c.model_version == Some(0) {
         out.push(controller(
             "has not read the cluster yet (model version 0)".into(),
@@ -243,8 +384,8 @@ pub fn problems(report: &Report, now: u64) -> Vec<Problem> {
         };
         if let Some(e) = &n.error {
             out.push(problem(format!(
-                "not reachable at {}: {e}; the node's pods get no new connections captured",
-                n.admin
+                "not reachable{}: {e}; the node's pods get no new connections captured",
+                at(n.admin)
             )));
             continue;
         }
@@ -295,11 +436,14 @@ pub fn problems(report: &Report, now: u64) -> Vec<Problem> {
 /// The report as a table, one line per node-proxy.
 pub fn table(report: &Report, now: u64) -> String {
     let c = &report.controller;
+    let name = match c.admin.port() {
+        0 => "controller (through the API server)".to_owned(),
+        _ => format!("controller {}", c.admin),
+    };
     let mut out = match &c.error {
-        Some(e) => format!("controller {}: unreachable: {e}\n", c.admin),
+        Some(e) => format!("{name}: unreachable: {e}\n"),
         None => format!(
-            "controller {}: version {}, model {}/{}\n",
-            c.admin,
+            "{name}: version {}, model {}/{}\n",
             c.version.as_deref().unwrap_or("?"),
             c.epoch.as_deref().unwrap_or("-"),
             c.model_version.unwrap_or(0)
@@ -376,6 +520,90 @@ mod tests {
             },
             nodes: vec![node("node-1"), node("node-2")],
         }
+    }
+
+    /// A scripted API server: the node-proxy pods and the controller's status through
+    /// the service proxy.
+    fn api_server(pods: Value, status: Option<Value>) -> kube::Client {
+        use http_body_util::{combinators::UnsyncBoxBody, Full};
+        type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+        let (service, mut handle) =
+            tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<Body>>();
+        tokio::spawn(async move {
+            while let Some((request, send)) = handle.next_request().await {
+                let path = request.uri().path().to_owned();
+                let query = request.uri().query().unwrap_or_default().to_owned();
+                let (code, body) = if path == "/api/v1/namespaces/weft-system/pods" {
+                    assert!(query.contains("labelSelector"), "{query}");
+                    (200, pods.clone())
+                } else if path
+                    == "/api/v1/namespaces/weft-system/services/weft-controller:admin/proxy/debug/status"
+                {
+                    match &status {
+                        Some(s) => (200, s.clone()),
+                        None => (503, serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": "no endpoints available for service \"weft-controller:admin\"", "reason": "ServiceUnavailable", "code": 503})),
+                    }
+                } else {
+                    (404, serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": "not found", "reason": "NotFound", "code": 404}))
+                };
+                let bytes = Bytes::from(serde_json::to_vec(&body).unwrap());
+                let mut response = http::Response::new(
+                    Full::new(bytes)
+                        .map_err(|never| match never {})
+                        .boxed_unsync(),
+                );
+                *response.status_mut() = http::StatusCode::from_u16(code).unwrap();
+                send.send_response(response);
+            }
+        });
+        kube::Client::new(service, "default")
+    }
+
+    fn pod(name: &str, node: &str, ready: bool) -> Value {
+        serde_json::json!({"metadata": {"name": name, "namespace": "weft-system"},
+            "spec": {"nodeName": node, "containers": [{"name": "node-proxy"}]},
+            "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}})
+    }
+
+    #[tokio::test]
+    async fn a_cluster_is_read_through_the_api_server() {
+        let pods = serde_json::json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": [
+            pod("np-a", "node-a", true), pod("np-b", "node-b", true), pod("np-c", "node-c", false), pod("np-d", "node-d", true)]});
+        let status = serde_json::json!({"version": "0.1.0", "epoch": "00000000000000aa", "modelVersion": 9, "subscribers": [
+            {"node": "node-a", "ackedVersion": 9, "proxyVersion": "0.1.0"},
+            {"node": "node-b", "ackedVersion": 8, "proxyVersion": "0.0.9", "lastRejection": "workload/x: bad port"},
+            {"node": "waypoint shop/wp", "ackedVersion": 9, "proxyVersion": "0.1.0"}]});
+        let report = gather_cluster(&api_server(pods.clone(), Some(status)), "weft-system").await;
+        assert_eq!(report.controller.model_version, Some(9));
+        let nodes: Vec<&str> = report.nodes.iter().map(|n| n.node.as_str()).collect();
+        assert_eq!(nodes, ["node-a", "node-b", "node-c", "node-d"]);
+        let p = problems(&report, now());
+        let about = |node: &str| -> Vec<&str> {
+            p.iter()
+                .filter(|x| x.subject == format!("node-proxy on {node}"))
+                .map(|x| x.what.as_str())
+                .collect()
+        };
+        assert!(about("node-a").is_empty(), "{p:?}");
+        let b = about("node-b");
+        assert!(b.iter().any(|w| w.contains("runs version 0.0.9")), "{b:?}");
+        assert!(
+            b.iter()
+                .any(|w| w.contains("stale") && w.contains("bad port")),
+            "{b:?}"
+        );
+        assert!(about("node-c")[0].contains("np-c is not ready"), "{p:?}");
+        assert!(
+            about("node-d")[0].contains("np-d is not subscribed"),
+            "{p:?}"
+        );
+        assert!(table(&report, now()).contains("through the API server"));
+
+        // The controller has no ready endpoint: said so, with the API server's words.
+        let report = gather_cluster(&api_server(pods, None), "weft-system").await;
+        let p = problems(&report, now());
+        assert_eq!(p[0].subject, "controller");
+        assert!(p[0].what.contains("no endpoints available"), "{p:?}");
     }
 
     #[test]

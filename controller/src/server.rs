@@ -65,6 +65,8 @@ pub struct SubscriberStatus {
     pub sent_version: u64,
     /// The version last acknowledged.
     pub acked_version: u64,
+    /// The proxy's build, as its hello said.
+    pub proxy_version: String,
     /// Resources it refused, in all.
     pub rejected: u64,
     /// The last refusal, as `key: reason`.
@@ -495,6 +497,7 @@ impl MeshConfig for MeshConfigService {
                     start: "",
                     sent_version: 0,
                     acked_version: 0,
+                    proxy_version: hello.proxy_version.clone(),
                     rejected: 0,
                     last_rejection: None,
                 },
