@@ -95,6 +95,47 @@ pub struct NodeStatus {
     pub certificates: usize,
 }
 
+impl ControllerStatus {
+    /// What the controller's `/debug/status` (`read`) shows, or why it could not be read.
+    fn from_read(admin: SocketAddr, read: Result<&Value, &String>) -> Self {
+        match read {
+            Ok(v) => ControllerStatus {
+                admin,
+                error: None,
+                version: string(v, "version"),
+                epoch: string(v, "epoch"),
+                model_version: v.get("modelVersion").and_then(Value::as_u64),
+            },
+            Err(e) => ControllerStatus {
+                admin,
+                error: Some(e.clone()),
+                version: None,
+                epoch: None,
+                model_version: None,
+            },
+        }
+    }
+}
+
+impl NodeStatus {
+    /// A node-proxy nothing is known of yet.
+    fn unknown(node: String, admin: SocketAddr) -> Self {
+        NodeStatus {
+            node,
+            admin,
+            error: None,
+            version: None,
+            connected: false,
+            epoch: None,
+            model_version: 0,
+            last_error: None,
+            pods: 0,
+            earliest_expiry: None,
+            certificates: 0,
+        }
+    }
+}
+
 /// Everything `status` shows.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Report {
@@ -152,38 +193,11 @@ fn string(v: &Value, key: &str) -> Option<String> {
 /// Reads the controller and every node-proxy, all at once.
 pub async fn gather(targets: &Targets) -> Report {
     let controller = async {
-        let addr = targets.controller;
-        match get_json(addr, "/debug/status").await {
-            Ok(v) => ControllerStatus {
-                admin: addr,
-                error: None,
-                version: string(&v, "version"),
-                epoch: string(&v, "epoch"),
-                model_version: v.get("modelVersion").and_then(Value::as_u64),
-            },
-            Err(e) => ControllerStatus {
-                admin: addr,
-                error: Some(e),
-                version: None,
-                epoch: None,
-                model_version: None,
-            },
-        }
+        let read = get_json(targets.controller, "/debug/status").await;
+        ControllerStatus::from_read(targets.controller, read.as_ref())
     };
     let nodes = futures::future::join_all(targets.nodes.iter().map(|(node, addr)| async move {
-        let mut status = NodeStatus {
-            node: node.clone(),
-            admin: *addr,
-            error: None,
-            version: None,
-            connected: false,
-            epoch: None,
-            model_version: 0,
-            last_error: None,
-            pods: 0,
-            earliest_expiry: None,
-            certificates: 0,
-        };
+        let mut status = NodeStatus::unknown(node.clone(), *addr);
         match get_json(*addr, "/config_dump").await {
             Ok(v) => {
                 let m = &v["modelStatus"];
@@ -238,22 +252,7 @@ pub async fn gather_cluster(client: &kube::Client, namespace: &str) -> Report {
         ));
         api.list(&params).await.map_err(|e| e.to_string())
     });
-    let controller = match &status {
-        Ok(v) => ControllerStatus {
-            admin,
-            error: None,
-            version: string(v, "version"),
-            epoch: string(v, "epoch"),
-            model_version: v.get("modelVersion").and_then(Value::as_u64),
-        },
-        Err(e) => ControllerStatus {
-            admin,
-            error: Some(e.clone()),
-            version: None,
-            epoch: None,
-            model_version: None,
-        },
-    };
+    let controller = ControllerStatus::from_read(admin, status.as_ref());
     let subscribers: Vec<Value> = status
         .as_ref()
         .ok()
@@ -261,17 +260,8 @@ pub async fn gather_cluster(client: &kube::Client, namespace: &str) -> Report {
         .unwrap_or_default();
     let nodes = match pods {
         Err(e) => vec![NodeStatus {
-            node: "(all)".into(),
-            admin,
             error: Some(format!("cannot list the node-proxy pods: {e}")),
-            version: None,
-            connected: false,
-            epoch: None,
-            model_version: 0,
-            last_error: None,
-            pods: 0,
-            earliest_expiry: None,
-            certificates: 0,
+            ..NodeStatus::unknown("(all)".into(), admin)
         }],
         Ok(list) => {
             let mut nodes: Vec<NodeStatus> = list
@@ -294,19 +284,7 @@ pub async fn gather_cluster(client: &kube::Client, namespace: &str) -> Report {
                     let sub = subscribers
                         .iter()
                         .find(|s| s["node"].as_str() == Some(node.as_str()));
-                    let mut n = NodeStatus {
-                        node: node.clone(),
-                        admin,
-                        error: None,
-                        version: None,
-                        connected: false,
-                        epoch: None,
-                        model_version: 0,
-                        last_error: None,
-                        pods: 0,
-                        earliest_expiry: None,
-                        certificates: 0,
-                    };
+                    let mut n = NodeStatus::unknown(node.clone(), admin);
                     match sub {
                         Some(sub) => {
                             n.connected = true;
