@@ -359,19 +359,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 checks.iter().filter(|c| c.result.is_err()).count()
             } else if local.is_some() || dirs.is_empty() {
-                let report = match local {
-                    Some(name) => {
-                        let dir = state_dir.unwrap_or_else(|| sandbox::default_state_dir(&name));
-                        let targets = weft_cli::status::Targets::sandbox(&dir)?;
-                        weft_cli::status::gather(&targets).await
-                    }
-                    None => {
-                        let client = kube::Client::try_default().await.context(
-                            "no manifest directories, --local or --pre given, and no cluster reachable through a kubeconfig",
-                        )?;
-                        weft_cli::status::gather_cluster(&client, &namespace).await
-                    }
-                };
+                let report =
+                    weft_cli::status::read(local.as_deref(), state_dir.as_deref(), &namespace)
+                        .await?;
                 let problems = weft_cli::status::problems(&report, weft_cli::status::now());
                 for p in &problems {
                     println!("{}: {}", p.subject, p.what);
@@ -397,19 +387,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             state_dir,
             json,
         } => {
-            let report = match local {
-                Some(name) => {
-                    let dir = state_dir.unwrap_or_else(|| sandbox::default_state_dir(&name));
-                    let targets = weft_cli::status::Targets::sandbox(&dir)?;
-                    weft_cli::status::gather(&targets).await
-                }
-                None => {
-                    let client = kube::Client::try_default().await.context(
-                        "no --local sandbox given and no cluster reachable through a kubeconfig",
-                    )?;
-                    weft_cli::status::gather_cluster(&client, &namespace).await
-                }
-            };
+            let report =
+                weft_cli::status::read(local.as_deref(), state_dir.as_deref(), &namespace).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -314,6 +314,30 @@ pub async fn gather_cluster(client: &kube::Client, namespace: &str) -> Report {
     Report { controller, nodes }
 }
 
+/// The report `status` and `check` show: of the sandbox `local` (its state in
+/// `state_dir`, or the default directory for its name), or else of the cluster of the
+/// current kubeconfig, Weft running in `namespace`.
+pub async fn read(
+    local: Option<&str>,
+    state_dir: Option<&Path>,
+    namespace: &str,
+) -> anyhow::Result<Report> {
+    match local {
+        Some(name) => {
+            let dir = state_dir
+                .map(Path::to_owned)
+                .unwrap_or_else(|| crate::sandbox::default_state_dir(name));
+            Ok(gather(&Targets::sandbox(&dir)?).await)
+        }
+        None => {
+            let client = kube::Client::try_default().await.context(
+                "no --local sandbox given, and no cluster reachable through a kubeconfig",
+            )?;
+            Ok(gather_cluster(&client, namespace).await)
+        }
+    }
+}
+
 /// A problem `check` reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Problem {

@@ -413,6 +413,38 @@ fn http_probe(path: &str, port: i32, host: Option<&str>) -> Option<Probe> {
     })
 }
 
+/// The pod security of Weft's unprivileged pods (the controller, waypoints): the
+/// image's non-root user.
+pub(crate) fn non_root() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(65532),
+        run_as_group: Some(65532),
+        ..Default::default()
+    }
+}
+
+/// The volume `token` holding a projected service-account token for the controller
+/// (audience [`TOKEN_AUDIENCE`], an hour, rotated by the kubelet): how node-proxies and
+/// waypoints authenticate.
+pub(crate) fn token_volume() -> Volume {
+    Volume {
+        name: "token".into(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(TOKEN_AUDIENCE.into()),
+                    expiration_seconds: Some(3600),
+                    path: "token".into(),
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 fn controller_deployment(o: &Options) -> Deployment {
     let ns = o.namespace.as_str();
     let container = Container {
@@ -471,12 +503,7 @@ fn controller_deployment(o: &Options) -> Deployment {
                 }),
                 spec: Some(PodSpec {
                     service_account_name: Some(CONTROLLER.into()),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(65532),
-                        run_as_group: Some(65532),
-                        ..Default::default()
-                    }),
+                    security_context: Some(non_root()),
                     containers: vec![container],
                     ..Default::default()
                 }),
@@ -577,21 +604,7 @@ fn node_proxy_daemonset(o: &Options) -> DaemonSet {
         ]),
         ..Default::default()
     };
-    let token = Volume {
-        name: "token".into(),
-        projected: Some(ProjectedVolumeSource {
-            sources: Some(vec![VolumeProjection {
-                service_account_token: Some(ServiceAccountTokenProjection {
-                    audience: Some(TOKEN_AUDIENCE.into()),
-                    expiration_seconds: Some(3600),
-                    path: "token".into(),
-                }),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let token = token_volume();
     let roots = Volume {
         name: "roots".into(),
         config_map: Some(ConfigMapVolumeSource {

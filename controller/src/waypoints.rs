@@ -19,9 +19,8 @@ use gateway_api::gateways::Gateway;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ProjectedVolumeSource, SecurityContext, Service, ServiceAccount, ServiceAccountTokenProjection,
-    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
+    HTTPGetAction, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, SecurityContext, Service,
+    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -198,29 +197,10 @@ pub fn desired(gateway: &Gateway, s: &Settings) -> Option<Vec<(&'static str, Val
                 }),
                 spec: Some(PodSpec {
                     service_account_name: Some(name.clone()),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(65532),
-                        run_as_group: Some(65532),
-                        ..Default::default()
-                    }),
+                    security_context: Some(crate::install::non_root()),
                     containers: vec![container],
                     volumes: Some(vec![
-                        Volume {
-                            name: "token".into(),
-                            projected: Some(ProjectedVolumeSource {
-                                sources: Some(vec![VolumeProjection {
-                                    service_account_token: Some(ServiceAccountTokenProjection {
-                                        audience: Some(crate::install::TOKEN_AUDIENCE.into()),
-                                        expiration_seconds: Some(3600),
-                                        path: "token".into(),
-                                    }),
-                                    ..Default::default()
-                                }]),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        },
+                        crate::install::token_volume(),
                         Volume {
                             name: "roots".into(),
                             config_map: Some(ConfigMapVolumeSource {
