@@ -358,10 +358,26 @@ fn role_ref(kind: &str, name: &str) -> RoleRef {
     }
 }
 
-fn env(name: &str, value: &str) -> EnvVar {
+/// An environment variable with a value.
+pub(crate) fn env(name: &str, value: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
         value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+/// An environment variable from a field of the pod (the downward API).
+pub(crate) fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -516,17 +532,6 @@ fn controller_deployment(o: &Options) -> Deployment {
 
 fn node_proxy_daemonset(o: &Options) -> DaemonSet {
     let ns = o.namespace.as_str();
-    let node_name = EnvVar {
-        name: "WEFT_NODE".into(),
-        value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector {
-                field_path: "spec.nodeName".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
     let controller = format!("{}:{GRPC_PORT}", o.controller_host());
     let node_proxy = Container {
         name: "node-proxy".into(),
@@ -541,7 +546,7 @@ fn node_proxy_daemonset(o: &Options) -> DaemonSet {
             &o.trust_domain,
         ]),
         env: Some(vec![
-            node_name,
+            field_env("WEFT_NODE", "spec.nodeName"),
             env("RUST_LOG", &o.log_level),
             env("WEFT_CONTROLLER_CA", &format!("{ROOTS_DIR}/{ROOTS_KEY}")),
             env("WEFT_TOKEN_FILE", &format!("{TOKEN_DIR}/token")),

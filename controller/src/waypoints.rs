@@ -18,9 +18,9 @@ use std::time::Duration;
 use gateway_api::gateways::Gateway;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, SecurityContext, Service,
-    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
+    PodSpec, PodTemplateSpec, Probe, SecurityContext, Service, ServiceAccount, ServicePort,
+    ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -30,6 +30,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::install::{env, field_env};
 use crate::kubernetes::{ROOTS_CONFIGMAP, ROOTS_KEY};
 use crate::translate::WAYPOINT_CLASS;
 
@@ -55,28 +56,6 @@ pub struct Settings {
     pub trust_domain: String,
     /// The roots (PEM) proxies trust the controller with.
     pub roots_pem: String,
-}
-
-fn env(name: &str, value: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        ..Default::default()
-    }
-}
-
-fn field_env(name: &str, path: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector {
-                field_path: path.into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }
 
 /// A Deployment, Service and ServiceAccount for `gateway`, and the roots ConfigMap of its
