@@ -563,7 +563,11 @@ impl Source for ManifestSource {
             // A later directory overrides the objects of earlier ones (the sandbox adds
             // what an API server would: UIDs, addresses); within one, a second definition
             // is an error.
-            let mut here = Objects::default();
+            // The first directory's objects go straight into the set (nothing is
+            // there to override): most sources have one, and this is their cost.
+            let first = objects.is_empty();
+            let mut later = Objects::default();
+            let here = if first { &mut objects } else { &mut later };
             for (path, state) in dir {
                 if let Some(e) = &state.error {
                     problems.push(Problem {
@@ -601,7 +605,9 @@ impl Source for ManifestSource {
                     }
                 }
             }
-            merge(&mut objects, here);
+            if !first {
+                merge(&mut objects, later);
+            }
         }
         Snapshot {
             objects: Arc::new(objects),

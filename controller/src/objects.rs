@@ -328,15 +328,21 @@ impl Objects {
             origin: Origin,
             replace: bool,
         ) -> Result<(), Duplicate> {
-            if !replace {
-                if let Some(first) = map.get(&key) {
-                    return Err(Duplicate {
-                        first: first.origin.clone(),
-                    });
+            use std::collections::btree_map::Entry;
+            // One search of the map, not two: a snapshot inserts every object.
+            match map.entry(key) {
+                Entry::Occupied(first) if !replace => Err(Duplicate {
+                    first: first.get().origin.clone(),
+                }),
+                Entry::Occupied(mut e) => {
+                    e.insert(Obj { value, origin });
+                    Ok(())
+                }
+                Entry::Vacant(e) => {
+                    e.insert(Obj { value, origin });
+                    Ok(())
                 }
             }
-            map.insert(key, Obj { value, origin });
-            Ok(())
         }
         let r = object.reference();
         let name = r.object_name();
