@@ -48,6 +48,7 @@ use tracing::{info, warn};
 use crate::objects::Problem;
 use crate::server::Shared;
 use crate::source::Source;
+use crate::translate::incremental::{Entries, Translator};
 use crate::translate::{DesiredStatus, Settings};
 
 /// A duration flag, written like Gateway API durations (`24h`, `90s`, `500ms`).
@@ -340,28 +341,41 @@ async fn translate_loop(
     cluster: Option<ClusterWriters>,
 ) {
     let mut reported: BTreeSet<String> = BTreeSet::new();
-    let settings = Arc::new(settings);
+    let mut translator = Some(Translator::new(settings.clone()));
     loop {
         let started = Instant::now();
         let snapshot = source.snapshot();
+        let read = started.elapsed();
         if snapshot.ready {
-            let (objects, settings2) = (snapshot.objects.clone(), settings.clone());
-            let Ok(translation) =
-                tokio::task::spawn_blocking(move || translate::translate(&objects, &settings2))
-                    .await
+            let objects = snapshot.objects.clone();
+            let mut t = translator
+                .take()
+                .unwrap_or_else(|| Translator::new(settings.clone()));
+            let Ok((t, output)) = tokio::task::spawn_blocking(move || {
+                let output = t.translate(&objects);
+                (t, output)
+            })
+            .await
             else {
+                // The translator is lost with its state: the next translation is full.
                 warn!("translation panicked; keeping the published model");
                 continue;
             };
+            translator = Some(t);
+            let translated = started.elapsed();
+            let incremental = output.incremental();
             let mut problems = snapshot.problems;
-            problems.extend(translation.problems);
+            problems.extend(output.problems);
             let published = {
                 let mut store = shared.store.write().expect("store lock is never poisoned");
-                let p = store.publish(translation.entries);
+                let p = match output.entries {
+                    Entries::Full(entries) => store.publish(entries),
+                    Entries::Changed { upserts, removals } => store.apply(upserts, removals),
+                };
                 shared.metrics.resources.set(store.len() as i64);
                 p
             };
-            shared.identities.store(Arc::new(translation.identities));
+            shared.identities.store(output.identities);
             if let Some(p) = published {
                 shared.version.send_replace(p.version);
                 shared.metrics.model_version.set(p.version as i64);
@@ -369,9 +383,15 @@ async fn translate_loop(
                     version = p.version,
                     changed = p.changed,
                     objects = snapshot.objects.len(),
+                    incremental,
+                    read_ms = read.as_millis() as u64,
+                    translated_ms = translated.as_millis() as u64,
                     took_ms = started.elapsed().as_millis() as u64,
                     "model published"
                 );
+            }
+            if incremental {
+                shared.metrics.incremental_translations.inc();
             }
             shared.metrics.translations.inc();
             shared
@@ -381,7 +401,7 @@ async fn translate_loop(
             shared.metrics.problems.set(problems.len() as i64);
             report(&mut reported, &problems);
             if let Some(cluster) = &cluster {
-                cluster.statuses.write(translation.statuses);
+                cluster.statuses.write(output.statuses);
                 if let Some(deployer) = &cluster.waypoints {
                     deployer.write(
                         snapshot

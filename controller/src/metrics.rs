@@ -40,6 +40,8 @@ pub struct Metrics {
     pub subscribe_refusals: Family<ReasonLabel, Counter>,
     /// Translations run.
     pub translations: Counter,
+    /// Translations of only the pods that changed (the rest of the model kept).
+    pub incremental_translations: Counter,
     /// Time one translation and publication takes.
     pub translation_seconds: Histogram,
     /// The model's current version.
@@ -68,6 +70,7 @@ impl Metrics {
             rejections: Family::default(),
             subscribe_refusals: Family::default(),
             translations: Counter::default(),
+            incremental_translations: Counter::default(),
             translation_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             model_version: Gauge::default(),
             resources: Gauge::default(),
@@ -112,6 +115,11 @@ impl Metrics {
             "translations",
             "Translations of the cluster into the model",
             m.translations.clone(),
+        );
+        r.register(
+            "incremental_translations",
+            "Translations of only the pods that changed, the rest of the model kept",
+            m.incremental_translations.clone(),
         );
         r.register(
             "translation_seconds",

@@ -131,34 +131,7 @@ impl Store {
         let round = self.round;
         let mut changed = Vec::new();
         for (key, entry) in entries {
-            match self.entries.get_mut(&key) {
-                Some(old) if old.resource == entry.resource && old.audience == entry.audience => {
-                    old.round = round;
-                }
-                Some(old) => {
-                    // Content unchanged, audience changed: the same wire form reaches
-                    // other subscribers.
-                    if old.resource != entry.resource {
-                        old.wire = Arc::new(entry.resource.to_proto());
-                        old.resource = entry.resource;
-                    }
-                    old.audience = entry.audience;
-                    old.round = round;
-                    changed.push(key);
-                }
-                None => {
-                    self.entries.insert(
-                        key.clone(),
-                        Stored {
-                            wire: Arc::new(entry.resource.to_proto()),
-                            audience: entry.audience,
-                            resource: entry.resource,
-                            round,
-                        },
-                    );
-                    changed.push(key);
-                }
-            }
+            self.upsert(key, entry, &mut changed);
         }
         self.entries.retain(|key, s| {
             let kept = s.round == round;
@@ -167,6 +140,68 @@ impl Store {
             }
             kept
         });
+        self.commit(changed)
+    }
+
+    /// Changes only the resources named, upserting `upserts` and removing `removals`,
+    /// leaving the rest as it is; a new version if anything changed. This is how an
+    /// incremental translation is published: the cost is that of the change, not of
+    /// the model.
+    pub fn apply(
+        &mut self,
+        upserts: impl IntoIterator<Item = (Key, Entry)>,
+        removals: impl IntoIterator<Item = Key>,
+    ) -> Option<Published> {
+        let mut changed = Vec::new();
+        for (key, entry) in upserts {
+            // Marked as seen by the last full publication, so a later one keeps it.
+            self.upsert(key, entry, &mut changed);
+        }
+        for key in removals {
+            if self.entries.remove(&key).is_some() {
+                changed.push(key);
+            }
+        }
+        self.commit(changed)
+    }
+
+    /// Puts one resource in, marking it seen by the current round; records its key in
+    /// `changed` when its content or audience is new.
+    fn upsert(&mut self, key: Key, entry: Entry, changed: &mut Vec<Key>) {
+        let round = self.round;
+        match self.entries.get_mut(&key) {
+            Some(old) if old.resource == entry.resource && old.audience == entry.audience => {
+                old.round = round;
+            }
+            Some(old) => {
+                // Content unchanged, audience changed: the same wire form reaches other
+                // subscribers.
+                if old.resource != entry.resource {
+                    old.wire = Arc::new(entry.resource.to_proto());
+                    old.resource = entry.resource;
+                }
+                old.audience = entry.audience;
+                old.round = round;
+                changed.push(key);
+            }
+            None => {
+                self.entries.insert(
+                    key.clone(),
+                    Stored {
+                        wire: Arc::new(entry.resource.to_proto()),
+                        audience: entry.audience,
+                        resource: entry.resource,
+                        round,
+                    },
+                );
+                changed.push(key);
+            }
+        }
+    }
+
+    /// A new version holding `changed`, unless it is empty (the first publication
+    /// always makes version 1, even of an empty model).
+    fn commit(&mut self, changed: Vec<Key>) -> Option<Published> {
         if changed.is_empty() && self.version != 0 {
             return None;
         }
@@ -356,6 +391,27 @@ mod tests {
         assert!(d2.upserts.iter().all(
             |r| r.key.as_ref().map(|k| k.kind) != Some(proto::Kind::AuthorizationPolicy as i32)
         ));
+    }
+
+    #[test]
+    fn applying_changes_touches_only_the_keys_named() {
+        let mut s = Store::new(9);
+        s.publish([ns("a", false), ns("b", false), ns("c", false)]);
+        let (key_a, strict_a) = ns("a", true);
+        let (key_b, _) = ns("b", false);
+        let p = s
+            .apply([(key_a.clone(), strict_a.clone())], [key_b.clone()])
+            .expect("a change");
+        assert_eq!((p.version, p.changed), (2, 2));
+        assert_eq!(
+            s.changed_since(1),
+            Some(BTreeSet::from([key_a.clone(), key_b]))
+        );
+        assert_eq!(s.len(), 2, "c is kept, b is gone");
+        // The same content again is no new version.
+        assert_eq!(s.apply([(key_a, strict_a)], []), None);
+        // A full publication after it agrees with it: nothing changed.
+        assert_eq!(s.publish([ns("a", true), ns("c", false)]), None);
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! with it as its [`Audience`].
 
 pub mod enrollment;
+pub mod incremental;
 mod policies;
 mod routes;
 mod selector;
@@ -129,6 +130,9 @@ pub struct Translation {
     /// The identities (SPIFFE IDs) of the enrolled pods of each node: what a node may
     /// get certificates for.
     pub identities: HashMap<String, BTreeSet<String>>,
+    /// Pods rejected for a UID or IP another pod holds: whether they are workloads
+    /// depends on other pods.
+    pub collisions: usize,
 }
 
 /// Collects problems for one object.

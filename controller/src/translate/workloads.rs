@@ -212,6 +212,7 @@ pub(super) fn pods<'a>(
             continue;
         }
         if let Some(other) = uids.get(uid) {
+            out.collisions += 1;
             report.reject(
                 "metadata.uid",
                 format!("{uid} is also the UID of pod {other}; UIDs are unique"),
@@ -222,6 +223,7 @@ pub(super) fn pods<'a>(
             continue;
         };
         if let Some((ip, other)) = ips.iter().find_map(|ip| owners.get(ip).map(|o| (ip, o))) {
+            out.collisions += 1;
             report.reject(
                 "status.podIP",
                 format!("{ip} is also the IP of pod {other}; a pod IP belongs to one running pod at a time"),
