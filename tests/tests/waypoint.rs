@@ -99,6 +99,32 @@ fn canary_split_by_weight_then_reweighted_live_without_a_failed_request() {
         ) >= 1.0,
         "{m}"
     );
+    // Upstream connections are kept alive and reused: 10,000 requests on 4 client
+    // connections open a handful of streams to each endpoint, not one per request.
+    let nodes: Vec<String> = ["node-1", "node-2"]
+        .iter()
+        .map(|n| sb.metrics(n).unwrap())
+        .collect();
+    for endpoint in ["echo-v1-0", "echo-v2-0"] {
+        let opened: f64 = nodes
+            .iter()
+            .map(|m| {
+                metric_sum(
+                    m,
+                    "weft_tcp_connections_opened_total",
+                    &[
+                        ("direction", "inbound"),
+                        ("source_workload", "waypoint-0"),
+                        ("destination_workload", endpoint),
+                    ],
+                )
+            })
+            .sum();
+        assert!(
+            (1.0..=16.0).contains(&opened),
+            "{opened} streams from the waypoint to {endpoint}"
+        );
+    }
 
     // 50/50 while a client keeps calling: no request fails, and the new weights apply.
     let load = Load::start(

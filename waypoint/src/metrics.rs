@@ -1,11 +1,14 @@
 //! The waypoint's request metrics and access log.
 
+use std::net::SocketAddr;
+
+use opentelemetry::trace::TraceId;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 pub use tunnel::access_log::{rfc3339, LogWriter};
 
 /// Labels of a request series.
@@ -93,7 +96,8 @@ pub struct AccessLog<'a> {
     /// RFC 3339 time the request arrived (UTC, milliseconds).
     pub start_time: String,
     /// The client's address.
-    pub source_address: String,
+    #[serde(serialize_with = "display")]
+    pub source_address: SocketAddr,
     /// The client's SPIFFE ID.
     pub source_principal: &'a str,
     /// Method.
@@ -112,24 +116,45 @@ pub struct AccessLog<'a> {
     pub route: &'a str,
     /// The backend service chosen.
     pub upstream_service: &'a str,
-    /// The endpoint that answered.
-    pub upstream_host: String,
+    /// The endpoint that answered ("" when none did).
+    #[serde(serialize_with = "display_or_empty")]
+    pub upstream_host: Option<SocketAddr>,
     /// Attempts made (1 without retries).
     pub attempts: u32,
     /// Milliseconds to the response's head.
     pub duration_ms: f64,
     /// The W3C trace id.
-    pub trace_id: &'a str,
+    #[serde(serialize_with = "display")]
+    pub trace_id: TraceId,
     /// The policy that denied the request, if one did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub denied_by: Option<&'a str>,
 }
 
+/// A line's usual size: written into one allocation.
+const LINE: usize = 512;
+
 impl AccessLog<'_> {
     /// Hands the line to the log writer (see [`LogWriter`] for what bounds it).
     pub fn emit(&self, log: &LogWriter) {
-        if let Ok(line) = serde_json::to_vec(self) {
+        let mut line = Vec::with_capacity(LINE);
+        if serde_json::to_writer(&mut line, self).is_ok() {
             log.send(line);
         }
+    }
+}
+
+/// Serializes a value as its `Display` string, formatted straight into the line.
+fn display<T: std::fmt::Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+fn display_or_empty<T: std::fmt::Display, S: Serializer>(
+    v: &Option<T>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.collect_str(v),
+        None => s.serialize_str(""),
     }
 }

@@ -15,6 +15,7 @@
 //!       TCP:  endpoint of the service -> copy both ways
 //! ```
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 use api::authz;
 use api::model::Target;
 use api::proto::{self, route_filter::Filter};
-use api::{Model, ObjectName, Service};
+use api::{Model, ObjectName, Workload};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -34,6 +35,8 @@ use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry::KeyValue;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::io::AsyncReadExt;
 use tracing::{debug, info, warn};
 use tunnel::hbone::{Handler, InboundRequest, Refusal};
@@ -84,8 +87,84 @@ struct Conn {
     namespace: String,
     workload: String,
     addr: SocketAddr,
-    service: Arc<Service>,
+    /// The service addressed, `namespace/name`.
+    name: ObjectName,
     port: u16,
+    /// The series its last request was counted in.
+    series: Mutex<Option<Series>>,
+}
+
+/// A request series and what it was made for, so that a connection's requests with
+/// the outcome of the one before (the common case) are counted without building and
+/// hashing nine labels.
+#[derive(Debug)]
+struct Series {
+    labels: RequestLabels,
+    /// The workload that answered.
+    endpoint: Option<Arc<Workload>>,
+    requests: Counter,
+    duration: Histogram,
+}
+
+impl Conn {
+    /// Counts a request in `weft_requests_total` and `weft_request_duration_seconds`.
+    fn count(
+        &self,
+        wp: &Waypoint,
+        front: &ObjectName,
+        out: &Outcomes,
+        status: u16,
+        flags: &str,
+        elapsed: Duration,
+    ) {
+        let endpoint = out.endpoint.as_ref().and_then(|t| t.workload.as_ref());
+        let mut series = self.series.lock().expect("series lock");
+        let same = series.as_ref().is_some_and(|s| {
+            s.labels.response_code == status
+                && s.labels.route == out.route
+                && s.labels.response_flags == flags
+                && match (&s.endpoint, endpoint) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => {
+                        Arc::ptr_eq(a, b)
+                            || (a.name == b.name
+                                && a.namespace == b.namespace
+                                && a.service_account == b.service_account)
+                    }
+                    _ => false,
+                }
+        });
+        if !same {
+            let labels = RequestLabels {
+                source_workload: self.workload.clone(),
+                source_namespace: self.namespace.clone(),
+                source_principal: self.principal.clone(),
+                destination_service: front.to_string(),
+                destination_workload: endpoint.map(|w| w.name.clone()).unwrap_or_default(),
+                destination_principal: endpoint
+                    .map(|w| {
+                        format!(
+                            "spiffe://{}/ns/{}/sa/{}",
+                            wp.trust_domain, w.namespace, w.service_account
+                        )
+                    })
+                    .unwrap_or_default(),
+                route: out.route.clone(),
+                response_code: status,
+                response_flags: flags.to_owned(),
+            };
+            *series = Some(Series {
+                requests: wp.metrics.requests.get_or_create_owned(&labels),
+                duration: wp.metrics.duration.get_or_create_owned(&labels),
+                endpoint: endpoint.cloned(),
+                labels,
+            });
+        }
+        if let Some(s) = series.as_ref() {
+            s.requests.inc();
+            s.duration.observe(elapsed.as_secs_f64());
+        }
+    }
 }
 
 /// What a request became, for metrics and the log.
@@ -197,8 +276,9 @@ impl Handler for Streams {
             namespace: request.peer.namespace().to_owned(),
             workload: owner.map(|w| w.name.clone()).unwrap_or_default(),
             addr,
-            service: service.clone(),
+            name: service.object_name(),
             port: port.port,
+            series: Mutex::new(None),
         });
         let protocol = port.protocol;
         let Ok(mut stream) = request.accept() else {
@@ -245,7 +325,7 @@ fn looks_like_http(first: &[u8]) -> bool {
 
 async fn serve_tcp(wp: Arc<Waypoint>, conn: Arc<Conn>, mut io: crate::prefixed::Prefixed) {
     let model = wp.model.load_full();
-    let name = conn.service.object_name();
+    let name = conn.name.clone();
     let targets = model.endpoints(&name, conn.port);
     let backend = wp.backend(&model, &name);
     let Some(target) = backend.pick(targets).cloned() else {
@@ -322,12 +402,12 @@ fn local(status: StatusCode, body: &str) -> Response<Body> {
 
 /// W3C trace context when spans are not exported: the caller's trace id (or a new one)
 /// and a new span id.
-fn trace_context(parent: Option<(TraceId, SpanId)>) -> (String, String) {
+fn trace_context(parent: Option<(TraceId, SpanId)>) -> (TraceId, SpanId) {
     let trace = match parent {
-        Some((t, _)) => t.to_string(),
-        None => format!("{:032x}", fastrand::u128(1..)),
+        Some((t, _)) => t,
+        None => TraceId::from(fastrand::u128(1..)),
     };
-    (trace, format!("{:016x}", fastrand::u64(1..)))
+    (trace, SpanId::from(fastrand::u64(1..)))
 }
 
 async fn handle(wp: Arc<Waypoint>, conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Body> {
@@ -335,30 +415,18 @@ async fn handle(wp: Arc<Waypoint>, conn: Arc<Conn>, mut req: Request<Incoming>) 
     let started_at = SystemTime::now();
     let model = wp.model.load_full();
     let table = wp.table.load_full();
-    let front = conn.service.object_name();
+    let front = &conn.name;
     let parent = req
         .headers()
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .and_then(crate::trace::parse_traceparent);
-    let span = wp.tracing.start(front.to_string(), parent);
+    let span = wp.tracing.start(front, parent);
     let (trace_id, span_id) = span.ids().unwrap_or_else(|| trace_context(parent));
     let method = req.method().clone();
-    let path_and_query = req
-        .uri()
-        .path_and_query()
-        .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
+    // Both share the request's buffers: cloning them copies no bytes.
+    let uri = req.uri().clone();
+    let host = req.headers().get(header::HOST).cloned();
     let version = req.version();
     let mut out = Outcomes::default();
 
@@ -369,9 +437,9 @@ async fn handle(wp: Arc<Waypoint>, conn: Arc<Conn>, mut req: Request<Incoming>) 
             query: req.uri().query(),
             headers: req.headers(),
         };
-        table.select(&front, conn.port, Some(&conn.namespace), &view)
+        table.select(front, conn.port, Some(&conn.namespace), &view)
     };
-    let response = match authorize(&model, &conn, &front, &req) {
+    let response = match authorize(&model, &conn, front, &req) {
         Err(policy) => {
             info!(service = %front, principal = %conn.principal, path = %req.uri().path(), %policy, "request denied");
             out.flag("denied");
@@ -384,56 +452,31 @@ async fn handle(wp: Arc<Waypoint>, conn: Arc<Conn>, mut req: Request<Incoming>) 
         Ok(()) => {
             req.headers_mut().insert(
                 "traceparent",
-                HeaderValue::from_str(&format!("00-{trace_id}-{span_id}-01"))
+                HeaderValue::from_maybe_shared(Bytes::from(format!("00-{trace_id}-{span_id}-01")))
                     .unwrap_or_else(|_| HeaderValue::from_static("")),
             );
-            route(&wp, &model, &conn, &front, selected, req, &mut out).await
+            route(&wp, &model, &conn, front, selected, req, &mut out).await
         }
     };
     let status = response.status().as_u16();
-    let flags = match out.flags.is_empty() {
-        true => "-".to_owned(),
-        false => out.flags.join(","),
-    };
-    let (dst_workload, dst_principal) = out
-        .endpoint
-        .as_ref()
-        .and_then(|t| t.workload.as_ref())
-        .map(|w| {
-            (
-                w.name.clone(),
-                format!(
-                    "spiffe://{}/ns/{}/sa/{}",
-                    wp.trust_domain, w.namespace, w.service_account
-                ),
-            )
-        })
-        .unwrap_or_default();
-    let labels = RequestLabels {
-        source_workload: conn.workload.clone(),
-        source_namespace: conn.namespace.clone(),
-        source_principal: conn.principal.clone(),
-        destination_service: front.to_string(),
-        destination_workload: dst_workload,
-        destination_principal: dst_principal,
-        route: out.route.clone(),
-        response_code: status,
-        response_flags: flags.clone(),
+    let flags: Cow<'static, str> = match out.flags.is_empty() {
+        true => Cow::Borrowed("-"),
+        false => Cow::Owned(out.flags.join(",")),
     };
     let elapsed = start.elapsed();
-    wp.metrics.requests.get_or_create(&labels).inc();
-    wp.metrics
-        .duration
-        .get_or_create(&labels)
-        .observe(elapsed.as_secs_f64());
+    conn.count(&wp, front, &out, status, &flags, elapsed);
     if wp.metrics.log.admit() {
         AccessLog {
             start_time: crate::metrics::rfc3339(started_at),
-            source_address: conn.addr.to_string(),
+            source_address: conn.addr,
             source_principal: &conn.principal,
             method: method.as_str(),
-            authority: &authority,
-            path: &path_and_query,
+            authority: uri
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| host.as_ref().and_then(|h| h.to_str().ok()))
+                .unwrap_or_default(),
+            path: uri.path_and_query().map_or("/", |p| p.as_str()),
             protocol: match version {
                 Version::HTTP_2 => "HTTP/2",
                 Version::HTTP_10 => "HTTP/1.0",
@@ -443,26 +486,27 @@ async fn handle(wp: Arc<Waypoint>, conn: Arc<Conn>, mut req: Request<Incoming>) 
             response_flags: &flags,
             route: &out.route,
             upstream_service: &out.backend,
-            upstream_host: out
-                .endpoint
-                .as_ref()
-                .map(|t| t.addr.to_string())
-                .unwrap_or_default(),
+            upstream_host: out.endpoint.as_ref().map(|t| t.addr),
             attempts: out.attempts,
             duration_ms: elapsed.as_secs_f64() * 1e3,
-            trace_id: &trace_id,
+            trace_id,
             denied_by: out.denied_by.as_deref(),
         }
         .emit(&wp.metrics.log);
     }
-    span.end(vec![
-        KeyValue::new("http.request.method", method.to_string()),
-        KeyValue::new("url.path", path_and_query.clone()),
-        KeyValue::new("http.response.status_code", i64::from(status)),
-        KeyValue::new("weft.route", out.route.clone()),
-        KeyValue::new("weft.response_flags", flags.clone()),
-        KeyValue::new("source.principal", conn.principal.clone()),
-    ]);
+    span.end(|| {
+        vec![
+            KeyValue::new("http.request.method", method.to_string()),
+            KeyValue::new(
+                "url.path",
+                uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
+            ),
+            KeyValue::new("http.response.status_code", i64::from(status)),
+            KeyValue::new("weft.route", out.route.clone()),
+            KeyValue::new("weft.response_flags", flags.into_owned()),
+            KeyValue::new("source.principal", conn.principal.clone()),
+        ]
+    });
     response
 }
 
@@ -709,7 +753,8 @@ async fn route(
         }
     }
     let upgrade = req.version() != Version::HTTP_2 && req.headers().contains_key(header::UPGRADE);
-    let retry = rule.retry.clone().unwrap_or_default();
+    let no_retry = proto::Retry::default();
+    let retry = rule.retry.as_ref().unwrap_or(&no_retry);
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let wants_copies = retry.attempts > 0 || !mirrors.is_empty();
@@ -745,13 +790,9 @@ async fn route(
     if let Some(v) = &conn.forwarded_for {
         parts.headers.append("x-forwarded-for", v.clone());
     }
-    let codes: Vec<u16> = match retry.codes.is_empty() {
-        true => vec![500, 502, 503, 504],
-        false => retry
-            .codes
-            .iter()
-            .filter_map(|c| u16::try_from(*c).ok())
-            .collect(),
+    let retryable_status = |s: u16| match retry.codes.is_empty() {
+        true => matches!(s, 500 | 502 | 503 | 504),
+        false => retry.codes.contains(&u32::from(s)),
     };
     let per_try = (rule.backend_request_timeout_ms > 0)
         .then(|| Duration::from_millis(u64::from(rule.backend_request_timeout_ms)));
@@ -873,7 +914,7 @@ async fn route(
                 out.flag("ejected");
             }
             let retryable = match outcome {
-                Outcome::Status(s) => codes.contains(&s),
+                Outcome::Status(s) => retryable_status(s),
                 Outcome::ConnectFailure | Outcome::Timeout => true,
             };
             if retryable && attempt < attempts && state.allow_retry() {
@@ -967,39 +1008,40 @@ fn upstream_request(
     let pq = parts
         .uri
         .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     *req.version_mut() = if h2 {
         Version::HTTP_2
     } else {
         Version::HTTP_11
     };
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| target.addr.to_string());
+    let authority = || {
+        parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| target.addr.to_string())
+    };
+    let mut uri = http::uri::Parts::default();
     if h2 {
         req.headers_mut().remove(header::HOST);
-        if let Ok(u) = format!("http://{authority}{pq}").parse() {
-            *req.uri_mut() = u;
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = authority().parse().ok();
+    } else if !req.headers().contains_key(header::HOST) {
+        if let Ok(v) = HeaderValue::try_from(authority()) {
+            req.headers_mut().insert(header::HOST, v);
         }
-    } else {
-        if let Ok(u) = pq.parse() {
-            *req.uri_mut() = u;
-        }
-        if !req.headers().contains_key(header::HOST) {
-            if let Ok(v) = HeaderValue::try_from(authority) {
-                req.headers_mut().insert(header::HOST, v);
-            }
-        }
+    }
+    uri.path_and_query = Some(pq);
+    if let Ok(u) = Uri::from_parts(uri) {
+        *req.uri_mut() = u;
     }
     req
 }

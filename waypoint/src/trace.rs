@@ -66,7 +66,12 @@ impl Tracing {
     }
 
     /// Starts the span of a request named `name`, under the caller's context if any.
-    pub fn start(&self, name: String, parent: Option<(TraceId, SpanId)>) -> RequestSpan {
+    /// The name is made only when spans are exported.
+    pub fn start(
+        &self,
+        name: impl std::fmt::Display,
+        parent: Option<(TraceId, SpanId)>,
+    ) -> RequestSpan {
         let Some((_, tracer)) = &self.inner else {
             return RequestSpan(None);
         };
@@ -82,7 +87,7 @@ impl Tracing {
         };
         RequestSpan(Some(
             tracer
-                .span_builder(name)
+                .span_builder(name.to_string())
                 .with_kind(SpanKind::Server)
                 .start_with_context(tracer, &cx),
         ))
@@ -97,17 +102,17 @@ impl Tracing {
 }
 
 impl RequestSpan {
-    /// The span's trace and span ids as hex, when tracing is on.
-    pub fn ids(&self) -> Option<(String, String)> {
+    /// The span's trace and span ids, when tracing is on.
+    pub fn ids(&self) -> Option<(TraceId, SpanId)> {
         let s = self.0.as_ref()?;
         let cx = s.span_context();
-        Some((cx.trace_id().to_string(), cx.span_id().to_string()))
+        Some((cx.trace_id(), cx.span_id()))
     }
 
-    /// Ends the span with the request's outcome.
-    pub fn end(self, attributes: Vec<KeyValue>) {
+    /// Ends the span with the request's outcome (made only when spans are exported).
+    pub fn end(self, attributes: impl FnOnce() -> Vec<KeyValue>) {
         if let Some(mut s) = self.0 {
-            s.set_attributes(attributes);
+            s.set_attributes(attributes());
             s.end();
         }
     }

@@ -4,8 +4,9 @@
 //!
 //! Connections are pooled by (client principal, endpoint, HTTP version): the
 //! destination node-proxy authorizes each HBONE stream as the client named on it, so
-//! requests of different clients never share one. An HTTP/1.1 connection returns to
-//! the pool once its response has been read to the end; an HTTP/2 one is shared.
+//! requests of different clients never share one. An HTTP/1.1 connection goes back
+//! to the pool as soon as its request is sent and is handed out again once its
+//! response has been read to the end; an HTTP/2 one is shared.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -59,10 +60,10 @@ pub enum UpstreamError {
 }
 
 type Key = (String, SocketAddr, bool);
-/// Idle HTTP/1.1 connections, since when.
+/// Pooled HTTP/1.1 connections, and when each was last handed out.
 type Idle = Vec<(Instant, http1::SendRequest<Body>)>;
 
-/// Idle HTTP/1.1 connections kept per key, and for how long.
+/// HTTP/1.1 connections pooled per key, and how long one may stay unused.
 const IDLE_PER_KEY: usize = 64;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -168,22 +169,20 @@ impl Upstreams {
             Some(s) => s,
             None => self.http1(target, principal, false).await?,
         };
-        let response = sender
-            .send_request(req)
-            .await
-            .map_err(|source| UpstreamError::Request { addr, source })?;
-        // Back to the pool once the response body has been read.
-        let this = self.clone();
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                let mut idle = this.idle.lock().expect("idle lock");
-                let list = idle.entry(key).or_default();
-                if list.len() < IDLE_PER_KEY {
-                    list.push((Instant::now(), sender));
-                }
+        let response = sender.send_request(req);
+        // Back in the pool at once, busy until its response has been read: no task
+        // waits for that per request. A full pool drops it, which closes the
+        // connection after this response.
+        {
+            let mut idle = self.idle.lock().expect("idle lock");
+            let list = idle.entry(key).or_default();
+            if list.len() < IDLE_PER_KEY {
+                list.push((Instant::now(), sender));
             }
-        });
-        Ok(response)
+        }
+        response
+            .await
+            .map_err(|source| UpstreamError::Request { addr, source })
     }
 
     /// Sends an HTTP/1.1 upgrade request (WebSocket) on a connection of its own.
@@ -230,17 +229,23 @@ impl Upstreams {
         Ok(sender)
     }
 
+    /// A pooled connection that can take a request now: busy ones (their response
+    /// still being read) stay, closed ones and ones unused too long go.
     fn checkout(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
         let mut idle = self.idle.lock().expect("idle lock");
         let list = idle.get_mut(key)?;
         let now = Instant::now();
-        while let Some((since, sender)) = list.pop() {
-            if now.duration_since(since) < IDLE_TIMEOUT && sender.is_ready() {
-                return Some(sender);
-            }
+        list.retain(|(since, s)| {
+            !s.is_closed() && (now.duration_since(*since) < IDLE_TIMEOUT || !s.is_ready())
+        });
+        let found = list
+            .iter()
+            .rposition(|(_, s)| s.is_ready())
+            .map(|i| list.swap_remove(i).1);
+        if list.is_empty() {
+            idle.remove(key);
         }
-        idle.remove(key);
-        None
+        found
     }
 
     async fn h2_sender(
@@ -281,8 +286,9 @@ impl Upstreams {
             .lock()
             .expect("idle lock")
             .values()
-            .map(Vec::len)
-            .sum();
+            .flatten()
+            .filter(|(_, s)| s.is_ready())
+            .count();
         (idle, self.shared.lock().expect("shared lock").len())
     }
 }
