@@ -316,11 +316,19 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     weft_cli::debug::raise_fd_limit();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    let mut builder = match &cli.command {
+        // One thread: everything on it, no scheduler shared between threads.
+        Cmd::Waypoint { config } if config.worker_threads <= 1 => {
+            tokio::runtime::Builder::new_current_thread()
+        }
+        Cmd::Waypoint { config } => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(config.worker_threads);
+            b
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
     builder.enable_all();
-    if let Cmd::Waypoint { config } = &cli.command {
-        builder.worker_threads(config.worker_threads.max(1));
-    }
     let runtime = builder.build().context("cannot start the async runtime")?;
     runtime.block_on(run(cli))
 }

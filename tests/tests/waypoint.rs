@@ -652,6 +652,25 @@ fn a_span_per_request_reaches_an_otlp_receiver_with_the_callers_trace_id() {
         "no span with trace {trace} and parent {parent}: {:?}",
         receiver.spans.lock().unwrap()
     );
+
+    // Stopped with tracing on, the waypoint flushes its spans and exits: the flush
+    // must not wait on the runtime thread it runs on.
+    let pid = sb.pid(WAYPOINT).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let stopped = eventually(Duration::from_secs(20), || {
+        sb.log(WAYPOINT)
+            .ok()
+            .filter(|l| l.contains("waypoint stopped"))
+    });
+    assert!(
+        stopped.is_some(),
+        "the waypoint did not stop after SIGTERM:\n{}",
+        sb.log(WAYPOINT).unwrap_or_default()
+    );
 }
 
 /// What `scripts/run` shows a user: mTLS, the canary split, a retry, a denied client.

@@ -106,9 +106,9 @@ pub struct Config {
     /// Seconds open connections may finish after SIGTERM.
     #[arg(long, env = "WEFT_DRAIN_GRACE", default_value_t = 5)]
     pub drain_grace: u64,
-    /// Threads serving requests. One costs the least CPU per request (no hand-offs
-    /// between threads, measured in docs/performance.md); scale out with replicas, or
-    /// raise this on a waypoint that needs more than a core.
+    /// Threads serving requests. One (a single-threaded runtime) costs the least CPU
+    /// per request (no hand-offs between threads, measured in docs/performance.md);
+    /// scale out with replicas, or raise this on a waypoint that needs more than a core.
     #[arg(long, env = "WEFT_WORKER_THREADS", default_value_t = 1)]
     pub worker_threads: usize,
     /// Export a span per request over OTLP/gRPC to this endpoint (e.g.
@@ -270,7 +270,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         )
         .await;
     drop(lease);
-    admin_state.wp.tracing.shutdown();
+    admin_state.wp.tracing.shutdown().await;
     info!("waypoint stopped");
     Ok(())
 }

@@ -93,10 +93,13 @@ impl Tracing {
         ))
     }
 
-    /// Sends what is batched; called on shutdown.
-    pub fn shutdown(&self) {
+    /// Sends what is batched; called on shutdown. The provider's shutdown blocks its
+    /// thread until the batch task has exported, so it runs on a blocking thread: on
+    /// the waypoint's one runtime thread it would wait for itself.
+    pub async fn shutdown(&self) {
         if let Some((provider, _)) = &self.inner {
-            let _ = provider.shutdown();
+            let provider = provider.clone();
+            let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
         }
     }
 }
