@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::BoxFuture;
 use tracing::debug;
@@ -109,7 +109,14 @@ fn token_hash(token: &str) -> [u8; 32] {
 /// lookups go by hash, so comparing leaks nothing about a token.
 pub struct NodeTokens {
     dir: PathBuf,
-    tokens: Mutex<(Instant, HashMap<[u8; 32], Caller>)>,
+    tokens: Mutex<Held>,
+}
+
+/// The tokens read, when, and the directories' modification times then.
+struct Held {
+    at: Instant,
+    stamp: Vec<(Option<SystemTime>, usize)>,
+    tokens: HashMap<[u8; 32], Caller>,
 }
 
 /// File suffix of a token.
@@ -118,13 +125,19 @@ pub const TOKEN_SUFFIX: &str = ".token";
 pub const SERVICE_ACCOUNTS: &str = "serviceaccount";
 
 impl NodeTokens {
-    /// Reads `dir`; it is re-read at most once a second when an unknown token arrives,
-    /// so nodes added later are found.
+    /// Reads `dir`. When an unknown token arrives it is re-read at once if a token was
+    /// added since (a directory changed), else at most once a second (a token rewritten
+    /// in place), so nodes and waypoints added later are found without a refusal.
     pub fn new(dir: &Path) -> std::io::Result<Self> {
+        let stamp = stamp(dir);
         let tokens = read_tokens(dir)?;
         Ok(NodeTokens {
             dir: dir.to_owned(),
-            tokens: Mutex::new((Instant::now(), tokens)),
+            tokens: Mutex::new(Held {
+                at: Instant::now(),
+                stamp,
+                tokens,
+            }),
         })
     }
 
@@ -152,13 +165,17 @@ fn write_token(dir: &Path, file: &str) -> std::io::Result<String> {
         .map_err(|_| std::io::Error::other("the system random number generator failed"))?;
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     std::fs::create_dir_all(dir)?;
+    // Written aside and renamed: a reader sees the whole token or none.
+    let aside = dir.join(format!(".{file}.new"));
     let mut f = std::fs::File::options()
         .create(true)
         .truncate(true)
         .write(true)
         .mode(0o600)
-        .open(dir.join(file))?;
+        .open(&aside)?;
     f.write_all(token.as_bytes())?;
+    drop(f);
+    std::fs::rename(&aside, dir.join(file))?;
     Ok(token)
 }
 
@@ -184,6 +201,25 @@ fn tokens_in(
         }
     }
     Ok(())
+}
+
+/// The modification time and number of entries of `dir`, its service-account
+/// directory and each namespace in it: a token added or removed changes one (the count
+/// even when the clock's tick is coarser than the change).
+fn stamp(dir: &Path) -> Vec<(Option<SystemTime>, usize)> {
+    let of = |p: &Path| {
+        let mtime = std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let entries: Vec<PathBuf> = std::fs::read_dir(p)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        ((mtime, entries.len()), entries)
+    };
+    let (top, _) = of(dir);
+    let (accounts, mut namespaces) = of(&dir.join(SERVICE_ACCOUNTS));
+    namespaces.sort();
+    let mut out = vec![top, accounts];
+    out.extend(namespaces.iter().map(|ns| of(ns).0));
+    out
 }
 
 fn read_tokens(dir: &Path) -> std::io::Result<HashMap<[u8; 32], Caller>> {
@@ -216,15 +252,22 @@ impl Authenticator for NodeTokens {
         Box::pin(async move {
             let hash = token_hash(token);
             let mut held = self.tokens.lock().expect("tokens lock is never poisoned");
-            if let Some(caller) = held.1.get(&hash) {
+            if let Some(caller) = held.tokens.get(&hash) {
                 return Ok(caller.clone());
             }
-            if held.0.elapsed() > Duration::from_secs(1) {
+            let now = stamp(&self.dir);
+            if now != held.stamp || held.at.elapsed() > Duration::from_secs(1) {
                 match read_tokens(&self.dir) {
-                    Ok(t) => *held = (Instant::now(), t),
+                    Ok(tokens) => {
+                        *held = Held {
+                            at: Instant::now(),
+                            stamp: now,
+                            tokens,
+                        }
+                    }
                     Err(e) => debug!("cannot re-read tokens in {}: {e}", self.dir.display()),
                 }
-                if let Some(caller) = held.1.get(&hash) {
+                if let Some(caller) = held.tokens.get(&hash) {
                     return Ok(caller.clone());
                 }
             }
@@ -253,8 +296,8 @@ mod tests {
             auth.authenticate("guess").await.map_err(|e| e.label()),
             Err("invalid")
         );
-        // A node added later is found.
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        // A node and a waypoint added later are found at once, though an unknown token
+        // was just looked up.
         let t2 = NodeTokens::create(&dir, "node-2").expect("token");
         let w = NodeTokens::create_workload(&dir, "demo", "waypoint").expect("token");
         assert_eq!(
