@@ -60,10 +60,11 @@ pub enum UpstreamError {
 }
 
 type Key = (String, SocketAddr, bool);
-/// Pooled HTTP/1.1 connections, and when each was last handed out.
+/// Pooled HTTP/1.1 connections, oldest first, and when each was last handed out.
 type Idle = Vec<(Instant, http1::SendRequest<Body>)>;
 
-/// HTTP/1.1 connections pooled per key, and how long one may stay unused.
+/// Idle HTTP/1.1 connections kept per key (busy ones are not counted: they are bounded
+/// by the requests in flight), and how long one may stay unused.
 const IDLE_PER_KEY: usize = 64;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -171,14 +172,16 @@ impl Upstreams {
         };
         let response = sender.send_request(req);
         // Back in the pool at once, busy until its response has been read: no task
-        // waits for that per request. A full pool drops it, which closes the
-        // connection after this response.
+        // waits for that per request. Past IDLE_PER_KEY entries the list is trimmed of
+        // closed, stale and surplus idle connections.
         {
             let mut idle = self.idle.lock().expect("idle lock");
             let list = idle.entry(key).or_default();
-            if list.len() < IDLE_PER_KEY {
-                list.push((Instant::now(), sender));
+            let now = Instant::now();
+            if list.len() >= IDLE_PER_KEY {
+                trim(list, now);
             }
+            list.push((now, sender));
         }
         response
             .await
@@ -234,14 +237,11 @@ impl Upstreams {
     fn checkout(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
         let mut idle = self.idle.lock().expect("idle lock");
         let list = idle.get_mut(key)?;
-        let now = Instant::now();
-        list.retain(|(since, s)| {
-            !s.is_closed() && (now.duration_since(*since) < IDLE_TIMEOUT || !s.is_ready())
-        });
+        trim(list, Instant::now());
         let found = list
             .iter()
             .rposition(|(_, s)| s.is_ready())
-            .map(|i| list.swap_remove(i).1);
+            .map(|i| list.remove(i).1);
         if list.is_empty() {
             idle.remove(key);
         }
@@ -290,5 +290,93 @@ impl Upstreams {
             .filter(|(_, s)| s.is_ready())
             .count();
         (idle, self.shared.lock().expect("shared lock").len())
+    }
+}
+
+/// Drops from `list` the closed connections, the idle ones unused for
+/// [`IDLE_TIMEOUT`], and the oldest idle ones past [`IDLE_PER_KEY`]; busy ones stay.
+fn trim(list: &mut Idle, now: Instant) {
+    list.retain(|(since, s)| {
+        !s.is_closed() && (!s.is_ready() || now.duration_since(*since) < IDLE_TIMEOUT)
+    });
+    let mut surplus = list
+        .iter()
+        .filter(|(_, s)| s.is_ready())
+        .count()
+        .saturating_sub(IDLE_PER_KEY);
+    list.retain(|(_, s)| {
+        let drop = surplus > 0 && s.is_ready();
+        surplus -= usize::from(drop);
+        !drop
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Empty};
+    use tokio::sync::watch;
+
+    /// An HTTP/1.1 connection to an in-process server that answers 200 to everything
+    /// once `go` is true.
+    async fn connection(go: &watch::Receiver<bool>) -> http1::SendRequest<Body> {
+        let (client, server) = tokio::io::duplex(4096);
+        let go = go.clone();
+        let service = hyper::service::service_fn(move |_req| {
+            let mut go = go.clone();
+            async move {
+                let _ = go.wait_for(|go| *go).await;
+                Ok::<_, std::convert::Infallible>(Response::new(Empty::<Bytes>::new()))
+            }
+        });
+        tokio::spawn(
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(server), service),
+        );
+        let (sender, conn) = http1::handshake(TokioIo::new(client))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        sender
+    }
+
+    fn request() -> Request<Body> {
+        Request::builder()
+            .uri("/")
+            .header(http::header::HOST, "test")
+            .body(Empty::new().map_err(|e| -> BoxError { match e {} }).boxed())
+            .expect("request")
+    }
+
+    #[tokio::test]
+    async fn busy_connections_stay_pooled_and_idle_ones_are_bounded() {
+        let now = Instant::now();
+        let (answer, go) = watch::channel(false);
+        let mut list = Idle::new();
+        // More requests in flight than idle connections are kept: every connection
+        // stays pooled while its response is pending.
+        let mut pending = Vec::new();
+        for _ in 0..IDLE_PER_KEY + 8 {
+            let mut s = connection(&go).await;
+            s.ready().await.expect("ready");
+            pending.push(s.send_request(request()));
+            list.push((now, s));
+            trim(&mut list, now);
+        }
+        assert_eq!(list.len(), IDLE_PER_KEY + 8, "busy connections are kept");
+        // Once the responses are read they are idle: only IDLE_PER_KEY stay.
+        answer.send(true).expect("servers listening");
+        for p in pending {
+            let r = p.await.expect("response");
+            r.into_body().collect().await.expect("body");
+        }
+        for (_, s) in list.iter_mut() {
+            s.ready().await.expect("idle again");
+        }
+        trim(&mut list, now);
+        assert_eq!(list.len(), IDLE_PER_KEY, "idle connections are bounded");
+        // Unused for IDLE_TIMEOUT: gone.
+        trim(&mut list, now + IDLE_TIMEOUT);
+        assert!(list.is_empty());
     }
 }
