@@ -30,6 +30,55 @@ use tunnel::identity::{build_csr, Identity, TrustBundle, WorkloadCert};
 
 use crate::state::{CertError, CertSource, Identities, ModelStatus, SharedModel};
 
+/// The flags of every process that subscribes to the controller (node-proxy, waypoint).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControllerFlags {
+    /// The controller (host:port), for the mesh model and certificates.
+    #[arg(
+        long,
+        env = "WEFT_CONTROLLER",
+        default_value = "weft-controller.weft-system.svc:15012"
+    )]
+    pub controller: String,
+    /// The name the controller's certificate carries.
+    #[arg(
+        long,
+        env = "WEFT_CONTROLLER_NAME",
+        default_value = "weft-controller.weft-system.svc"
+    )]
+    pub controller_name: String,
+    /// The roots (PEM) the controller's certificate chains to: the mesh root, public.
+    #[arg(
+        long,
+        env = "WEFT_CONTROLLER_CA",
+        default_value = "/var/run/weft/root.pem"
+    )]
+    pub controller_ca: PathBuf,
+    /// The token this process authenticates to the controller with: its node's, or
+    /// for a waypoint its service account's (re-read on use).
+    #[arg(
+        long,
+        env = "WEFT_TOKEN_FILE",
+        default_value = "/var/run/secrets/weft/token"
+    )]
+    pub token_file: PathBuf,
+}
+
+impl ControllerFlags {
+    /// The connection settings of `node`'s process; `waypoint` names a waypoint's
+    /// Gateway ("namespace/name").
+    pub fn config(&self, node: &str, waypoint: Option<String>) -> ControllerConfig {
+        ControllerConfig {
+            addr: self.controller.clone(),
+            server_name: self.controller_name.clone(),
+            roots: self.controller_ca.clone(),
+            token: self.token_file.clone(),
+            node: node.to_owned(),
+            waypoint,
+        }
+    }
+}
+
 /// Where the controller is and how to prove who this node is.
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {

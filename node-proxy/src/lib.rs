@@ -46,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 
 use tracing::{debug, info, warn};
 
+use crate::config_client::ControllerFlags;
 use crate::proxy::{Ctx, Limits, Pods};
 use crate::state::{Identities, ModelStatus};
 
@@ -62,34 +63,9 @@ pub struct Config {
         default_value = "/run/weft/handoff.sock"
     )]
     pub handoff: PathBuf,
-    /// The controller (host:port), for the mesh model and certificates.
-    #[arg(
-        long,
-        env = "WEFT_CONTROLLER",
-        default_value = "weft-controller.weft-system.svc:15012"
-    )]
-    pub controller: String,
-    /// The name the controller's certificate carries.
-    #[arg(
-        long,
-        env = "WEFT_CONTROLLER_NAME",
-        default_value = "weft-controller.weft-system.svc"
-    )]
-    pub controller_name: String,
-    /// The roots (PEM) the controller's certificate chains to: the mesh root, public.
-    #[arg(
-        long,
-        env = "WEFT_CONTROLLER_CA",
-        default_value = "/var/run/weft/root.pem"
-    )]
-    pub controller_ca: PathBuf,
-    /// The token this node authenticates to the controller with (re-read on use).
-    #[arg(
-        long,
-        env = "WEFT_TOKEN_FILE",
-        default_value = "/var/run/secrets/weft/token"
-    )]
-    pub token_file: PathBuf,
+    /// Where the controller is and how to authenticate to it.
+    #[command(flatten)]
+    pub control: ControllerFlags,
     /// The SPIFFE trust domain.
     #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
@@ -131,14 +107,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let status = Arc::new(Mutex::new(ModelStatus::default()));
     let model = Arc::new(ArcSwap::from_pointee(api::Model::default()));
-    let controller = config_client::ControllerConfig {
-        addr: config.controller.clone(),
-        server_name: config.controller_name.clone(),
-        roots: config.controller_ca.clone(),
-        token: config.token_file.clone(),
-        node: config.node.clone(),
-        waypoint: None,
-    };
+    let controller = config.control.config(&config.node, None);
     let channel = config_client::channel(&controller);
     let ca = config_client::CaClient::new(controller.clone(), channel.clone());
     let identities = Identities::new(Arc::new(ca), shutdown.clone());
@@ -205,7 +174,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     if !loaded {
         warn!(
-            controller = %config.controller,
+            controller = %config.control.controller,
             "no model from the controller after {} s; starting without one (pods wait for it)",
             FIRST_MODEL_WAIT.as_secs()
         );

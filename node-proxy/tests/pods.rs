@@ -148,10 +148,12 @@ fn run_limited(
     let config = node_proxy::Config {
         node: "node-1".into(),
         handoff: handoff.clone(),
-        controller: controller.grpc.to_string(),
-        controller_name: controller::testing::SERVER_NAME.into(),
-        controller_ca: controller.root.clone(),
-        token_file: controller.token("node-1"),
+        control: node_proxy::config_client::ControllerFlags {
+            controller: controller.grpc.to_string(),
+            controller_name: controller::testing::SERVER_NAME.into(),
+            controller_ca: controller.root.clone(),
+            token_file: controller.token("node-1"),
+        },
         trust_domain: "cluster.local".into(),
         admin: "127.0.0.1:0".parse().unwrap(),
         drain_grace: 1,

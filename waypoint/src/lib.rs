@@ -44,7 +44,7 @@ use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
-use node_proxy::config_client::{self, ControllerConfig};
+use node_proxy::config_client::{self, ControllerFlags};
 use node_proxy::netns::Netns;
 use node_proxy::state::{Identities, ModelStatus};
 use prometheus_client::registry::Registry;
@@ -69,34 +69,9 @@ pub struct Config {
     /// own when not given (in a cluster the waypoint runs inside its pod).
     #[arg(long, env = "WEFT_NETNS")]
     pub netns: Option<PathBuf>,
-    /// The controller (host:port).
-    #[arg(
-        long,
-        env = "WEFT_CONTROLLER",
-        default_value = "weft-controller.weft-system.svc:15012"
-    )]
-    pub controller: String,
-    /// The name the controller's certificate carries.
-    #[arg(
-        long,
-        env = "WEFT_CONTROLLER_NAME",
-        default_value = "weft-controller.weft-system.svc"
-    )]
-    pub controller_name: String,
-    /// The roots (PEM) the controller's certificate chains to.
-    #[arg(
-        long,
-        env = "WEFT_CONTROLLER_CA",
-        default_value = "/var/run/weft/root.pem"
-    )]
-    pub controller_ca: PathBuf,
-    /// The waypoint's service-account token (re-read on use).
-    #[arg(
-        long,
-        env = "WEFT_TOKEN_FILE",
-        default_value = "/var/run/secrets/weft/token"
-    )]
-    pub token_file: PathBuf,
+    /// Where the controller is and how to authenticate to it.
+    #[command(flatten)]
+    pub control: ControllerFlags,
     /// The SPIFFE trust domain.
     #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
@@ -149,14 +124,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let status = Arc::new(Mutex::new(ModelStatus::default()));
     let model = Arc::new(ArcSwap::from_pointee(api::Model::default()));
-    let controller = ControllerConfig {
-        addr: config.controller.clone(),
-        server_name: config.controller_name.clone(),
-        roots: config.controller_ca.clone(),
-        token: config.token_file.clone(),
-        node: config.node.clone(),
-        waypoint: Some(gateway.to_string()),
-    };
+    let controller = config
+        .control
+        .config(&config.node, Some(gateway.to_string()));
     let channel = config_client::channel(&controller);
     let ca = config_client::CaClient::new(controller.clone(), channel.clone());
     let identities = Identities::new(Arc::new(ca), shutdown.clone());
@@ -181,7 +151,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     });
     tokio::select! {
         _ = shutdown.cancelled() => return Ok(()),
-        r = waited => r.with_context(|| format!("no model from the controller at {} after {} s", config.controller, START_WAIT.as_secs()))?,
+        r = waited => r.with_context(|| format!("no model from the controller at {} after {} s", config.control.controller, START_WAIT.as_secs()))?,
     }
     let lease = tokio::time::timeout(START_WAIT, identities.get(&identity))
         .await
