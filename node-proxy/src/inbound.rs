@@ -76,8 +76,62 @@ fn denied(ctx: &Ctx, pod: &Pod, peer: &Peer, why: &authz::Refused, when: &'stati
         .inc();
 }
 
+/// An accepted HBONE stream and what lives as long as it.
+struct Accepted {
+    stream: tunnel::hbone::H2Stream,
+    app: TcpStream,
+    guard: crate::metrics::ConnGuard,
+    registered: authz::Registered,
+    target: SocketAddr,
+    _permits: (
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::OwnedSemaphorePermit,
+    ),
+}
+
 impl Handler for Hbone {
-    async fn handle(&self, request: InboundRequest) {
+    /// Two phases, like outbound: checking and connecting (boxed, freed once the
+    /// stream is accepted), then copying. Only the copy phase lives as long as the
+    /// connection, which keeps an idle connection's memory small; the request is moved
+    /// into the first phase at once, so the second does not keep a copy of it.
+    fn handle(
+        self: Arc<Self>,
+        request: InboundRequest,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let accepting = Box::pin(async move { self.accept(request).await });
+        async move {
+            let Some(Accepted {
+                stream,
+                app,
+                guard,
+                registered,
+                target,
+                _permits,
+            }) = accepting.await
+            else {
+                return;
+            };
+            // The TCP side is the destination: what the stream delivers is what the
+            // client sent.
+            let progress = guard.tunnel(false);
+            let close = tokio::select! {
+                copied = stream.copy_bidirectional_counted(app, &progress) => {
+                    if let Err(e) = &copied {
+                        debug!(%target, "inbound stream ended: {e}");
+                    }
+                    Close::of(&copied)
+                }
+                _ = registered.closed() => Close::Denied,
+            };
+            guard.finish(close);
+        }
+    }
+}
+
+impl Hbone {
+    /// Checks the stream's peer and policy, connects to the application and accepts
+    /// the stream; `None` when it was refused (answered and logged here).
+    async fn accept(&self, request: InboundRequest) -> Option<Accepted> {
         let (ctx, pod) = (&self.ctx, &self.pod);
         let src_ip = request.peer_addr.ip();
         let peer = request.peer.clone();
@@ -105,11 +159,13 @@ impl Handler for Hbone {
                 "HBONE connection refused: peer proved {peer} but its source address {src_ip} belongs to {owner_text}"
             );
             ctx.metrics.refuse("identity_mismatch");
-            return request.refuse(Refusal::Denied);
+            request.refuse(Refusal::Denied);
+            return None;
         }
-        let Some(_permits) = pod.stream_permits(ctx) else {
+        let Some(permits) = pod.stream_permits(ctx) else {
             ctx.metrics.refuse("limit");
-            return request.refuse_because(Refusal::Unreachable, Some("connection limit reached"));
+            request.refuse_because(Refusal::Unreachable, Some("connection limit reached"));
+            return None;
         };
         let client = SocketAddr::new(src_ip, request.peer_addr.port());
         let target = request.target;
@@ -122,7 +178,8 @@ impl Handler for Hbone {
                     Err(e) => {
                         warn!(pod = %pod.name(), %peer, "waypoint sent an invalid source principal: {e}");
                         ctx.metrics.refuse("bad_source_principal");
-                        return request.refuse(Refusal::Denied);
+                        request.refuse(Refusal::Denied);
+                        return None;
                     }
                 }
             }
@@ -143,19 +200,19 @@ impl Handler for Hbone {
         if let Err(why) = decision {
             denied(ctx, pod, &who, &why, "connect");
             ctx.metrics.refuse("denied");
-            return request.refuse(Refusal::Denied);
+            request.refuse(Refusal::Denied);
+            return None;
         }
         let registered = pod.conns.register(who);
         let (src_name, src_ns) = owner.map(|(n, ns, _)| (n, ns)).unwrap_or_default();
-        let app = match Box::pin(connect_app(pod, client, target)).await {
+        let app = match connect_app(pod, client, target).await {
             Ok(s) => s,
             Err(e) => {
-                return request.refuse_because(Refusal::Unreachable, Some(&e.to_string()));
+                request.refuse_because(Refusal::Unreachable, Some(&e.to_string()));
+                return None;
             }
         };
-        let Ok(stream) = request.accept() else {
-            return;
-        };
+        let stream = request.accept().ok()?;
         let guard = ctx.metrics.open(
             ConnLabels {
                 direction: "inbound",
@@ -171,18 +228,14 @@ impl Handler for Hbone {
             client,
             target,
         );
-        // The TCP side is the destination: what the stream delivers is what the client sent.
-        let progress = guard.tunnel(false);
-        let close = tokio::select! {
-            copied = stream.copy_bidirectional_counted(app, &progress) => {
-                if let Err(e) = &copied {
-                    debug!(%target, "inbound stream ended: {e}");
-                }
-                Close::of(&copied)
-            }
-            _ = registered.closed() => Close::Denied,
-        };
-        guard.finish(close);
+        Some(Accepted {
+            stream,
+            app,
+            guard,
+            registered,
+            target,
+            _permits: permits,
+        })
     }
 }
 

@@ -184,7 +184,7 @@ impl Pod {
         F: Fn(Arc<Ctx>, Arc<Pod>, tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let (pod, ctx) = (self.clone(), ctx.clone());
+        let (pod, ctx, serve) = (self.clone(), ctx.clone(), Arc::new(serve));
         let limit = Arc::new(Semaphore::new(ctx.limits.max_connections));
         let span = tracing::info_span!("pod", pod = %self.name());
         self.accepting.spawn(
@@ -206,9 +206,8 @@ impl Pod {
                             }
                         },
                     };
-                    let fut = serve(ctx.clone(), pod.clone(), stream);
-                    let (force, ctx) = (pod.force.clone(), ctx.clone());
-                    pod.tasks.spawn(
+                    let (pod, ctx, serve) = (pod.clone(), ctx.clone(), serve.clone());
+                    pod.clone().tasks.spawn(
                         async move {
                             // The node's limit is taken once accepted, not while waiting
                             // to accept: idle listeners must not hold the node's permits.
@@ -217,15 +216,19 @@ impl Pod {
                             let node_permit = match node_limited {
                                 false => None,
                                 true => tokio::select! {
-                                    _ = force.cancelled() => return,
+                                    _ = pod.force.cancelled() => return,
                                     p = acquire(&ctx.node_permits, &ctx, "node") => match p {
                                         Some(p) => Some(p),
                                         None => return,
                                     },
                                 },
                             };
+                            // Made here, not captured: a future captured by this block
+                            // would be stored twice for the connection's life (as the
+                            // capture and as the one polled).
+                            let force = pod.force.clone();
                             tokio::select! {
-                                _ = fut => {}
+                                _ = serve(ctx, pod, stream) => {}
                                 _ = force.cancelled() => {}
                             }
                             drop((permit, node_permit));

@@ -65,7 +65,7 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
 struct Bench;
 
 impl Handler for Bench {
-    async fn handle(&self, request: InboundRequest) {
+    async fn handle(self: Arc<Self>, request: InboundRequest) {
         if let Ok(stream) = request.accept() {
             serve_stream(stream).await;
         }

@@ -82,12 +82,12 @@ struct Recording {
 }
 
 impl Handler for Recording {
-    async fn handle(&self, request: InboundRequest) {
+    async fn handle(self: Arc<Self>, request: InboundRequest) {
         self.seen
             .lock()
             .unwrap()
             .push((request.peer.clone(), (*request.peer_leaf).clone()));
-        Forward::default().handle(request).await
+        Arc::new(Forward::default()).handle(request).await
     }
 }
 

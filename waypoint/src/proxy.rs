@@ -237,7 +237,7 @@ impl Waypoint {
 pub struct Streams(pub Arc<Waypoint>);
 
 impl Handler for Streams {
-    async fn handle(&self, request: InboundRequest) {
+    async fn handle(self: Arc<Self>, request: InboundRequest) {
         let wp = &self.0;
         let model = wp.model.load_full();
         let src_ip = request.peer_addr.ip();

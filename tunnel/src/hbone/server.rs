@@ -60,8 +60,12 @@ impl Default for ServerConfig {
 /// Serves the streams a server accepted. Implementations connect to the target (or
 /// refuse), enforce policy, then move bytes.
 pub trait Handler: Send + Sync + 'static {
-    /// Handles one well-formed CONNECT; must answer it with `accept` or `refuse`.
-    fn handle(&self, request: InboundRequest) -> impl Future<Output = ()> + Send;
+    /// Handles one well-formed CONNECT; must answer it with `accept` or `refuse`. The
+    /// future is spawned as it is, so what it holds is what an open stream costs.
+    fn handle(
+        self: Arc<Self>,
+        request: InboundRequest,
+    ) -> impl Future<Output = ()> + Send + 'static;
 }
 
 /// A CONNECT that passed the protocol checks, waiting for an answer.
@@ -186,7 +190,7 @@ impl Default for Forward {
 }
 
 impl Handler for Forward {
-    async fn handle(&self, request: InboundRequest) {
+    async fn handle(self: Arc<Self>, request: InboundRequest) {
         let target = request.target;
         let upstream =
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(target)).await {
@@ -428,9 +432,10 @@ impl Server {
                 }
             };
             if let Some(request) = self.check(req, respond, &peer, peer_addr, local_addr) {
-                let handler = handler.clone();
                 tokio::spawn(
-                    async move { handler.handle(request).await }
+                    handler
+                        .clone()
+                        .handle(request)
                         .instrument(tracing::Span::current()),
                 );
             }
