@@ -13,7 +13,7 @@
 //!     |-- optout  10.244.77.13  cni-mesh, weft.dev/mesh=disabled
 //!     |-- late    10.244.77.14  cni-mesh, added while node-proxy is stopped
 //!     '-- plain2  10.244.77.15  cni-plain, added while node-proxy is stopped
-//!  host: controller (in the test), node-proxy (weftctl node-proxy), handoff socket
+//!  host: controller (in the test), node-proxy (the binary), handoff socket
 //! ```
 
 #![allow(clippy::unwrap_used)] // a test fails by panicking
@@ -287,8 +287,7 @@ fn start_node_proxy(ctl: &TestController, handoff: &Path, admin: SocketAddr, log
         .append(true)
         .open(log)
         .unwrap();
-    let child = Command::new(weftctl().unwrap())
-        .arg("node-proxy")
+    let child = Command::new(weftctl().unwrap().with_file_name("node-proxy"))
         .args(["--node", NODE, "--handoff"])
         .arg(handoff)
         .args(["--controller", &ctl.grpc.to_string()])

@@ -73,7 +73,8 @@ pub struct UpOptions {
     pub summary_every: Option<Duration>,
     /// Stop after this long (`None`: until Ctrl-C or SIGTERM).
     pub duration: Option<Duration>,
-    /// The executable providing `node-proxy`, `controller` and `echo` (weftctl itself).
+    /// The executable providing `controller`, `waypoint` and `echo` (weftctl itself);
+    /// node-proxies run the `node-proxy` binary beside it ([`node_proxy_exe`]).
     pub exe: PathBuf,
     /// Lifetime of workload certificates (the controller's `--leaf-ttl`).
     pub leaf_ttl: Option<String>,
@@ -465,8 +466,7 @@ impl Sandbox {
 
     fn spawn_node_proxy(&self, node: &NodeState) -> anyhow::Result<Child> {
         let (out, err) = log_file(&node.log)?;
-        Command::new(&self.opts.exe)
-            .arg("node-proxy")
+        Command::new(node_proxy_exe(&self.opts.exe))
             .args(["--node", &node.name])
             .arg("--handoff")
             .arg(&node.handoff)
@@ -925,6 +925,13 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
     out
 }
 
+/// The node-proxy binary next to `weftctl`, built with it (`cargo build -p weft-cli`
+/// makes both). It is what a node runs in a cluster too: a quarter of weftctl's size,
+/// so a node-proxy's resident memory is its own and not the other roles' code.
+pub fn node_proxy_exe(weftctl: &Path) -> PathBuf {
+    weftctl.with_file_name("node-proxy")
+}
+
 /// Runs the sandbox until Ctrl-C, SIGTERM or `opts.duration`, then removes it.
 pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
     require_root("weftctl local up")?;
@@ -934,6 +941,13 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
         .context("cannot watch for SIGUSR1")?;
     // Bad input stops here, before anything is created.
     let cluster = manifest::load_dir(&opts.dir)?;
+    let node_proxy = node_proxy_exe(&opts.exe);
+    if !node_proxy.is_file() {
+        bail!(
+            "{} is missing: the sandbox's node-proxies run the node-proxy binary next to weftctl; `cargo build -p weft-cli` builds both",
+            node_proxy.display()
+        );
+    }
     let state_dir = opts.state_dir.clone();
     if state_dir.join("state.json").exists() {
         bail!(

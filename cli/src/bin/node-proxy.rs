@@ -1,4 +1,7 @@
-//! The node-proxy binary: flags in, [`node_proxy::run`] until SIGTERM.
+//! The node-proxy binary, what the DaemonSet and the sandbox run: flags in,
+//! [`node_proxy::run`] until SIGTERM. The same as `weftctl node-proxy`, in a binary
+//! of a quarter of weftctl's size: the node role does not link the controller, the
+//! waypoint or the Kubernetes client, so its resident code stays small.
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -16,15 +19,9 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        // Colours only for a person at a terminal; log files stay plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    weft_cli::init_logging();
     let cli = Cli::parse();
+    weft_cli::debug::raise_fd_limit();
     let shutdown = CancellationToken::new();
     node_proxy::cancel_on_signals(shutdown.clone())?;
     node_proxy::run(cli.config, shutdown).await
