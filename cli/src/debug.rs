@@ -153,19 +153,6 @@ pub async fn certificate(args: CertificateArgs) -> anyhow::Result<String> {
     ))
 }
 
-/// Raises this process's open-file limit as far as allowed (the sandbox benchmark holds
-/// tens of thousands of connections).
-pub fn raise_fd_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        // Root may raise the hard limit too; others get up to their hard limit.
-        let want = hard.max(262_144);
-        if setrlimit(Resource::RLIMIT_NOFILE, want, want).is_err() {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-        }
-    }
-}
-
 /// A TCP echo server: every connection gets back what it sends.
 pub async fn tcp_echo(port: u16) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))

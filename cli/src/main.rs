@@ -305,23 +305,16 @@ enum Local {
 }
 
 fn main() -> anyhow::Result<()> {
-    weft_cli::init_logging();
+    node_proxy::init_logging();
     let cli = Cli::parse();
-    weft_cli::debug::raise_fd_limit();
-    let mut builder = match &cli.command {
-        // One thread: everything on it, no scheduler shared between threads.
-        Cmd::Waypoint { config } if config.worker_threads <= 1 => {
-            tokio::runtime::Builder::new_current_thread()
-        }
-        Cmd::Waypoint { config } => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(config.worker_threads);
-            b
-        }
-        _ => tokio::runtime::Builder::new_multi_thread(),
-    };
-    builder.enable_all();
-    let runtime = builder.build().context("cannot start the async runtime")?;
+    node_proxy::raise_fd_limit();
+    let runtime = match &cli.command {
+        Cmd::Waypoint { config } => waypoint::runtime(config.worker_threads),
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    }
+    .context("cannot start the async runtime")?;
     runtime.block_on(run(cli))
 }
 

@@ -117,7 +117,7 @@ pub struct Config {
         default_value = "weft-node-proxy"
     )]
     pub node_proxy_service_account: String,
-    /// In a cluster: the image waypoints run (`weftctl waypoint`); the controller
+    /// In a cluster: the image waypoints run (its `waypoint` binary); the controller
     /// creates a Deployment and Service for each Gateway of class weft-waypoint. Not
     /// given: it creates none.
     #[arg(long, env = "WEFT_WAYPOINT_IMAGE")]

@@ -99,9 +99,11 @@ pub fn desired(gateway: &Gateway, s: &Settings) -> Option<Vec<(&'static str, Val
     let container = Container {
         name: "waypoint".into(),
         image: Some(s.image.clone()),
+        // The waypoint's own binary: it does not link the controller or the Kubernetes
+        // client, so its resident code is the waypoint's alone.
+        command: Some(vec!["/usr/local/bin/waypoint".to_owned()]),
         args: Some(
             [
-                "waypoint",
                 "--gateway",
                 &format!("{namespace}/{name}"),
                 "--controller",
@@ -386,7 +388,14 @@ mod tests {
         let pod = &d["spec"]["template"];
         assert_eq!(pod["metadata"]["labels"]["weft.dev/mesh"], "disabled");
         assert_eq!(pod["spec"]["serviceAccountName"], "wp");
-        let args = pod["spec"]["containers"][0]["args"].as_array().unwrap();
+        // The image's waypoint binary, not weftctl: the Dockerfile installs it there.
+        let container = &pod["spec"]["containers"][0];
+        assert_eq!(
+            container["command"],
+            serde_json::json!(["/usr/local/bin/waypoint"])
+        );
+        let args = container["args"].as_array().unwrap();
+        assert_eq!(args[0], "--gateway", "flags only, no subcommand: {args:?}");
         assert!(args.contains(&Value::from("shop/wp")), "{args:?}");
         let s = by("Service");
         assert_eq!(s["spec"]["selector"][GATEWAY_NAME_LABEL], "wp");

@@ -1,6 +1,6 @@
 //! The node-proxy binary, what the DaemonSet and the sandbox run: flags in,
 //! [`node_proxy::run`] until SIGTERM. The same as `weftctl node-proxy`, in a binary
-//! of a quarter of weftctl's size: the node role does not link the controller, the
+//! of under a third of weftctl's size: the node role does not link the controller, the
 //! waypoint or the Kubernetes client, so its resident code stays small.
 
 use clap::Parser;
@@ -19,9 +19,9 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    weft_cli::init_logging();
+    node_proxy::init_logging();
     let cli = Cli::parse();
-    weft_cli::debug::raise_fd_limit();
+    node_proxy::raise_fd_limit();
     let shutdown = CancellationToken::new();
     node_proxy::cancel_on_signals(shutdown.clone())?;
     node_proxy::run(cli.config, shutdown).await

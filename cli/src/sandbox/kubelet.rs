@@ -432,7 +432,7 @@ pub struct Launch {
     pub otlp_endpoint: Option<String>,
 }
 
-/// A waypoint pod's process: `weftctl waypoint` in the host's namespace (where the
+/// A waypoint pod's process: the `waypoint` binary in the host's namespace (where the
 /// controller listens), serving HBONE inside the pod's namespace, with a token of the
 /// Gateway's service account, as a projected token would be in a cluster.
 fn waypoint_command(
@@ -458,9 +458,8 @@ fn waypoint_command(
         })?,
     };
     pod.state.admin = Some(admin);
-    let mut cmd = Command::new(&launch.exe);
-    cmd.arg("waypoint")
-        .args(["--gateway", gateway])
+    let mut cmd = Command::new(super::role_exe(&launch.exe, super::WAYPOINT_BIN));
+    cmd.args(["--gateway", gateway])
         .args(["--node", &pod.state.node])
         .args(["--pod-ip", &pod.state.ip.to_string()])
         .arg("--netns")

@@ -67,7 +67,7 @@ pub struct PodSpec {
     /// First container's ports: name (if any) and number.
     pub ports: Vec<(Option<String>, u16)>,
     /// For the pod the sandbox runs for a Gateway of class `weft-waypoint`: the
-    /// Gateway, `namespace/name`. Its process is `weftctl waypoint`, started by the
+    /// Gateway, `namespace/name`. Its process is the `waypoint` binary, started by the
     /// sandbox with the controller's address and its own token.
     pub waypoint: Option<String>,
 }
@@ -404,7 +404,7 @@ impl Loader {
                     node,
                     service_account: name.clone(),
                     labels,
-                    command: vec!["weftctl".into(), "waypoint".into()],
+                    command: vec![super::WAYPOINT_BIN.into()],
                     env: Vec::new(),
                     ports: vec![(Some("mesh".into()), tunnel::hbone::PORT)],
                     waypoint: Some(format!("{namespace}/{name}")),

@@ -73,8 +73,8 @@ pub struct UpOptions {
     pub summary_every: Option<Duration>,
     /// Stop after this long (`None`: until Ctrl-C or SIGTERM).
     pub duration: Option<Duration>,
-    /// The executable providing `controller`, `waypoint` and `echo` (weftctl itself);
-    /// node-proxies run the `node-proxy` binary beside it ([`node_proxy_exe`]).
+    /// The executable providing `controller` and `echo` (weftctl itself); node-proxies
+    /// and waypoints run their own binaries beside it ([`role_exe`]).
     pub exe: PathBuf,
     /// Lifetime of workload certificates (the controller's `--leaf-ttl`).
     pub leaf_ttl: Option<String>,
@@ -466,7 +466,7 @@ impl Sandbox {
 
     fn spawn_node_proxy(&self, node: &NodeState) -> anyhow::Result<Child> {
         let (out, err) = log_file(&node.log)?;
-        Command::new(node_proxy_exe(&self.opts.exe))
+        Command::new(role_exe(&self.opts.exe, NODE_PROXY_BIN))
             .args(["--node", &node.name])
             .arg("--handoff")
             .arg(&node.handoff)
@@ -925,11 +925,17 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
     out
 }
 
-/// The node-proxy binary next to `weftctl`, built with it (`cargo build -p weft-cli`
-/// makes both). It is what a node runs in a cluster too: a quarter of weftctl's size,
-/// so a node-proxy's resident memory is its own and not the other roles' code.
-pub fn node_proxy_exe(weftctl: &Path) -> PathBuf {
-    weftctl.with_file_name("node-proxy")
+/// The node-proxy binary, beside weftctl.
+pub const NODE_PROXY_BIN: &str = "node-proxy";
+/// The waypoint binary, beside weftctl.
+pub const WAYPOINT_BIN: &str = "waypoint";
+
+/// A role's own binary next to `weftctl`, built with it (`cargo build -p weft-cli`
+/// makes all of them). Each is what the role runs in a cluster too, a fraction of
+/// weftctl's size, so a process's resident memory is its own and not the other roles'
+/// code.
+pub fn role_exe(weftctl: &Path, binary: &str) -> PathBuf {
+    weftctl.with_file_name(binary)
 }
 
 /// Runs the sandbox until Ctrl-C, SIGTERM or `opts.duration`, then removes it.
@@ -941,12 +947,14 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
         .context("cannot watch for SIGUSR1")?;
     // Bad input stops here, before anything is created.
     let cluster = manifest::load_dir(&opts.dir)?;
-    let node_proxy = node_proxy_exe(&opts.exe);
-    if !node_proxy.is_file() {
-        bail!(
-            "{} is missing: the sandbox's node-proxies run the node-proxy binary next to weftctl; `cargo build -p weft-cli` builds both",
-            node_proxy.display()
-        );
+    for binary in [NODE_PROXY_BIN, WAYPOINT_BIN] {
+        let exe = role_exe(&opts.exe, binary);
+        if !exe.is_file() {
+            bail!(
+                "{} is missing: the sandbox runs the {binary} binary next to weftctl; `cargo build -p weft-cli` builds them all",
+                exe.display()
+            );
+        }
     }
     let state_dir = opts.state_dir.clone();
     if state_dir.join("state.json").exists() {
