@@ -237,7 +237,35 @@ impl Waypoint {
 pub struct Streams(pub Arc<Waypoint>);
 
 impl Handler for Streams {
-    async fn handle(self: Arc<Self>, request: InboundRequest) {
+    /// Two phases: checking and accepting the stream (and sniffing its protocol), in a
+    /// boxed future freed once it is done, then serving it. Only the second lives as
+    /// long as the client's connection; the request is moved into the first at once,
+    /// so the second does not keep a copy of it.
+    fn handle(
+        self: Arc<Self>,
+        request: InboundRequest,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let accepting = Box::pin(async move { self.accept(request).await });
+        async move {
+            let Some((wp, conn, io, http)) = accepting.await else {
+                return;
+            };
+            if http {
+                serve_http(wp, conn, io).await;
+            } else {
+                serve_tcp(wp, conn, io).await;
+            }
+        }
+    }
+}
+
+impl Streams {
+    /// Checks the stream, accepts it and tells HTTP from other protocols: what to
+    /// serve it with, or None once it has been refused.
+    async fn accept(
+        self: Arc<Self>,
+        request: InboundRequest,
+    ) -> Option<(Arc<Waypoint>, Arc<Conn>, crate::prefixed::Prefixed, bool)> {
         let wp = &self.0;
         let model = wp.model.load_full();
         let src_ip = request.peer_addr.ip();
@@ -248,16 +276,18 @@ impl Handler for Streams {
             .and_then(|w| Identity::new(&wp.trust_domain, &w.namespace, &w.service_account).ok());
         if expected.as_ref() != Some(&request.peer) {
             warn!(peer = %request.peer, source = %src_ip, "HBONE connection refused: the peer's identity is not the one of the pod at its source address");
-            return request.refuse(Refusal::Denied);
+            request.refuse(Refusal::Denied);
+            return None;
         }
         let Some((service, port)) = model.service_by_vip(request.target) else {
-            return request.refuse_because(
+            request.refuse_because(
                 Refusal::Unreachable,
                 Some("the target is not a service address"),
             );
+            return None;
         };
         if service.waypoint.as_ref() != Some(&wp.gateway) {
-            return request.refuse_because(
+            request.refuse_because(
                 Refusal::Denied,
                 Some(&format!(
                     "service {} does not use waypoint {}",
@@ -265,6 +295,7 @@ impl Handler for Streams {
                     wp.gateway
                 )),
             );
+            return None;
         }
         let addr = request
             .forwarded_for
@@ -282,7 +313,7 @@ impl Handler for Streams {
         });
         let protocol = port.protocol;
         let Ok(mut stream) = request.accept() else {
-            return;
+            return None;
         };
         use api::AppProtocol as P;
         let (http, prefix) = match protocol {
@@ -291,7 +322,7 @@ impl Handler for Streams {
             P::Unknown => {
                 let mut buf = vec![0u8; 1024];
                 match tokio::time::timeout(SNIFF_WAIT, stream.read(&mut buf)).await {
-                    Ok(Ok(0)) | Ok(Err(_)) => return,
+                    Ok(Ok(0)) | Ok(Err(_)) => return None,
                     Ok(Ok(n)) => {
                         buf.truncate(n);
                         (looks_like_http(&buf), Bytes::from(buf))
@@ -302,11 +333,7 @@ impl Handler for Streams {
             }
         };
         let io = crate::prefixed::Prefixed::new(prefix, stream);
-        if http {
-            serve_http(wp.clone(), conn, io).await;
-        } else {
-            serve_tcp(wp.clone(), conn, io).await;
-        }
+        Some((wp.clone(), conn, io, http))
     }
 }
 
