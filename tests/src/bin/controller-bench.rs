@@ -29,14 +29,8 @@ use arc_swap::ArcSwap;
 use node_proxy::config_client::{self, Changed, ConfigMetrics, ControllerConfig, Subscription};
 use node_proxy::state::{CertSource, Identities, ModelStatus};
 use tokio_util::sync::CancellationToken;
+use weft_e2e::bench::{cpu_seconds, env, percentile, status_kib};
 use weft_e2e::weftctl;
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// A CA source the benchmark never calls (subscriptions need one to hand bundles to).
 struct NoCertificates;
@@ -96,20 +90,12 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// (utime + stime in seconds, VmRSS KiB, VmHWM KiB) of a process.
 fn usage(pid: u32) -> anyhow::Result<(f64, f64, f64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rsplit(')').next().context("stat")?;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the command name.
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib = |key: &str| -> f64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            .unwrap_or(0.0)
-    };
-    Ok((ticks / 100.0, kib("VmRSS:"), kib("VmHWM:")))
+    let pid = i32::try_from(pid)?;
+    Ok((
+        cpu_seconds(pid)?,
+        status_kib(pid, "VmRSS")?,
+        status_kib(pid, "VmHWM")?,
+    ))
 }
 
 fn metric(text: &str, name: &str) -> f64 {
@@ -117,14 +103,6 @@ fn metric(text: &str, name: &str) -> f64 {
         .filter(|l| l.split_whitespace().next() == Some(name))
         .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         .sum()
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
 }
 
 struct Stopper(Child);

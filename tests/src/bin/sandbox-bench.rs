@@ -13,14 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::Value;
+use weft_e2e::bench::{env, median, met, status_kib, Ratio};
 use weft_e2e::{is_root, repo_root, weftctl, Sandbox};
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn json(out: std::process::Output, what: &str) -> anyhow::Result<Value> {
     if !out.status.success() {
@@ -31,23 +25,27 @@ fn json(out: std::process::Output, what: &str) -> anyhow::Result<Value> {
 }
 
 fn rss_kib(pid: i32) -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("no VmRSS")?;
-    Ok(line
-        .split_whitespace()
-        .nth(1)
-        .context("VmRSS value")?
-        .parse()?)
+    status_kib(pid, "VmRSS")
 }
 
+/// A path's figures: throughput from one run, the rest per alternating round.
 struct PathResult {
     gbit_s: f64,
-    p50: f64,
-    p99: f64,
-    conns_s: f64,
+    p50s: Vec<f64>,
+    p99s: Vec<f64>,
+    rates: Vec<f64>,
+}
+
+impl PathResult {
+    fn p50(&self) -> f64 {
+        median(self.p50s.clone())
+    }
+    fn p99(&self) -> f64 {
+        median(self.p99s.clone())
+    }
+    fn conns_s(&self) -> f64 {
+        median(self.rates.clone())
+    }
 }
 
 /// One way from the client pod to the server apps.
@@ -246,15 +244,10 @@ fn connrate(sb: &Sandbox, path: &Path, seconds: u64) -> anyhow::Result<f64> {
     Ok(cr["per_second"].as_f64().unwrap_or(f64::NAN))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 /// Measures every path. Latency and connection rate drift by tens of percent over
 /// minutes on a shared machine, so for them the paths take turns: [`ROUNDS`] rounds,
-/// alternating, of 4,000 round trips and then of one second of new connections, and
-/// each path reports the median of its rounds.
+/// alternating, of 4,000 round trips and then of one second of new connections. Each
+/// path keeps its rounds, so a ratio can pair each round with its neighbour's.
 fn measure(sb: &Sandbox, paths: &[&Path], seconds: u64) -> anyhow::Result<Vec<PathResult>> {
     let mut gbit = Vec::new();
     for path in paths {
@@ -274,17 +267,17 @@ fn measure(sb: &Sandbox, paths: &[&Path], seconds: u64) -> anyhow::Result<Vec<Pa
             rates[i].push(connrate(sb, path, 1)?);
         }
     }
-    let mut results = Vec::new();
-    for (i, _) in paths.iter().enumerate() {
-        let (p50s, p99s) = std::mem::take(&mut lat[i]);
-        results.push(PathResult {
-            gbit_s: gbit[i],
-            p50: median(p50s),
-            p99: median(p99s),
-            conns_s: median(std::mem::take(&mut rates[i])),
-        });
-    }
-    Ok(results)
+    Ok(gbit
+        .into_iter()
+        .zip(lat)
+        .zip(rates)
+        .map(|((gbit_s, (p50s, p99s)), rates)| PathResult {
+            gbit_s,
+            p50s,
+            p99s,
+            rates,
+        })
+        .collect())
 }
 
 const ROUNDS: usize = 5;
@@ -379,45 +372,58 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or(0)
     );
     println!();
-    println!("| measure | direct (no mesh) | mesh (2 node-proxies) | mesh / direct | target | peer: 2 HAProxy TCP relays | peer / direct |");
-    println!("|---|---:|---:|---:|---|---:|---:|");
+    // Latency and connection rate are judged on each round's ratio to the path measured
+    // next to it in that round (the rounds go direct, mesh, peer), then the median.
+    let p50_direct = Ratio::paired(&mesh.p50s, &direct.p50s);
+    let p50_peer = Ratio::paired(&mesh.p50s, &peer.p50s);
+    let p99_peer = Ratio::paired(&mesh.p99s, &peer.p99s);
+    let rate_direct = Ratio::paired(&mesh.rates, &direct.rates);
+    println!("| measure | direct (no mesh) | mesh (2 node-proxies) | peer: 2 HAProxy TCP relays | mesh / direct | peer / direct | mesh / peer |");
+    println!("|---|---:|---:|---:|---|---:|---|");
     let t = mesh.gbit_s / direct.gbit_s;
     println!(
-        "| iperf3 single stream, Gbit/s | {:.2} | {:.2} | {:.0}% | >= 40% {} | {:.2} | {:.0}% |",
+        "| iperf3 single stream, Gbit/s | {:.2} | {:.2} | {:.2} | {:.0}%, >= 40% {} | {:.0}% | |",
         direct.gbit_s,
         mesh.gbit_s,
-        t * 100.0,
-        ok(t >= 0.4),
         peer.gbit_s,
+        t * 100.0,
+        met(t >= 0.4),
         peer.gbit_s / direct.gbit_s * 100.0,
     );
-    let p = mesh.p50 / direct.p50;
     println!(
-        "| 1-byte ping-pong p50, µs | {:.1} | {:.1} | {:.2}x | <= 1.6x {} | {:.1} | {:.2}x |",
-        direct.p50,
-        mesh.p50,
-        p,
-        ok(p <= 1.6),
-        peer.p50,
-        peer.p50 / direct.p50,
+        "| 1-byte ping-pong p50, µs | {:.1} | {:.1} | {:.1} | {:.2}x ({}), <= 1.6x {} | {:.2}x | {:.2}x ({}), <= 0.9x {} |",
+        direct.p50(),
+        mesh.p50(),
+        peer.p50(),
+        p50_direct.median,
+        p50_direct.range(),
+        p50_direct.verdict(1.6),
+        peer.p50() / direct.p50(),
+        p50_peer.median,
+        p50_peer.range(),
+        p50_peer.verdict(0.9),
     );
     println!(
-        "| 1-byte ping-pong p99, µs | {:.1} | {:.1} | {:.2}x | | {:.1} | {:.2}x |",
-        direct.p99,
-        mesh.p99,
-        mesh.p99 / direct.p99,
-        peer.p99,
-        peer.p99 / direct.p99,
+        "| 1-byte ping-pong p99, µs | {:.1} | {:.1} | {:.1} | {:.2}x | {:.2}x | {:.2}x ({}), <= 1.0x {} |",
+        direct.p99(),
+        mesh.p99(),
+        peer.p99(),
+        mesh.p99() / direct.p99(),
+        peer.p99() / direct.p99(),
+        p99_peer.median,
+        p99_peer.range(),
+        p99_peer.verdict(1.0),
     );
-    let c = mesh.conns_s / direct.conns_s;
     println!(
-        "| new connections/s (connect, 1 request, close) | {:.0} | {:.0} | {:.0}% | >= 30% {} | {:.0} | {:.0}% |",
-        direct.conns_s,
-        mesh.conns_s,
-        c * 100.0,
-        ok(c >= 0.3),
-        peer.conns_s,
-        peer.conns_s / direct.conns_s * 100.0,
+        "| new connections/s (connect, 1 request, close) | {:.0} | {:.0} | {:.0} | {:.0}% ({:.0}–{:.0}%), >= 30% {} | {:.0}% | |",
+        direct.conns_s(),
+        mesh.conns_s(),
+        peer.conns_s(),
+        rate_direct.median * 100.0,
+        rate_direct.lo * 100.0,
+        rate_direct.hi * 100.0,
+        rate_direct.at_least(0.3),
+        peer.conns_s() / direct.conns_s() * 100.0,
     );
     println!();
     println!("| node-proxy | RSS idle | RSS with {hold} idle connections | per idle connection | RSS after all the load |");
@@ -427,25 +433,17 @@ fn main() -> anyhow::Result<()> {
         println!(
             "| {node} | {:.1} MiB {} | {:.1} MiB | {:.0} B {} | {:.1} MiB |",
             idle[i] / 1024.0,
-            ok(idle[i] / 1024.0 <= 15.0),
+            met(idle[i] / 1024.0 <= 15.0),
             held[i] / 1024.0,
             per,
-            ok(per <= 4096.0),
+            met(per <= 4096.0),
             after_load[i] / 1024.0,
         );
     }
     println!();
     println!(
-        "{hold} connections opened in {:.1} s; iperf3 {seconds} s per path; ping-pong {ROUNDS} alternating rounds of 4,000 round trips per path, connection rate {ROUNDS} alternating rounds of 1 s per path (medians of the rounds); RSS from /proc/<pid>/status VmRSS. The peer relays plain TCP (no TLS, no HTTP/2, no capture) over the mesh's hops, with HAProxy's default settings. Targets: throughput >= 40%, p50 <= 1.6x, connections/s >= 30%, RSS idle <= 15 MiB, <= 4 KiB per idle connection.",
+        "{hold} connections opened in {:.1} s; iperf3 {seconds} s per path; ping-pong {ROUNDS} alternating rounds of 4,000 round trips per path, connection rate {ROUNDS} alternating rounds of 1 s per path; figures are the medians of the rounds, and a ratio with a range in parentheses is the median (and range) of each round's ratio to the other path's round beside it; RSS from /proc/<pid>/status VmRSS. The peer relays plain TCP (no TLS, no HTTP/2, no capture) over the mesh's hops, with HAProxy's default settings. Targets: throughput >= 40% of direct, p50 <= 1.6x direct and <= 0.9x the peer, p99 <= 1.0x the peer, connections/s >= 30% of direct, RSS idle <= 15 MiB, <= 4 KiB per idle connection.",
         opened_in.as_secs_f64()
     );
     Ok(())
-}
-
-fn ok(met: bool) -> &'static str {
-    if met {
-        "(met)"
-    } else {
-        "(NOT met)"
-    }
 }

@@ -20,39 +20,11 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use weft_e2e::bench::{cpu_seconds, env, median, percentile, status_kib, Ratio};
 use weft_e2e::{is_root, repo_root, Sandbox};
 
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// CPU seconds (user + system) a process has used, all threads.
-fn cpu_seconds(pid: i32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces), from field 3 on.
-    let rest = stat.rsplit_once(')').context("stat format")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11).context("utime")?.parse()?;
-    let stime: f64 = fields.get(12).context("stime")?.parse()?;
-    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
-    Ok((utime + stime) / ticks)
-}
-
 fn rss_mib(pid: i32) -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .context("VmRSS")?
-        .parse()?;
-    Ok(kib / 1024.0)
+    Ok(status_kib(pid, "VmRSS")? / 1024.0)
 }
 
 /// One round's figures.
@@ -70,19 +42,6 @@ struct Way {
     url: String,
     /// The proxies whose CPU is counted.
     pids: Vec<i32>,
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    percentile(&v, 0.5)
 }
 
 fn round(sb: &Sandbox, way: &Way, requests: u64, clients: u64) -> anyhow::Result<Round> {
@@ -302,7 +261,11 @@ fn main() -> anyhow::Result<()> {
     // The targets are judged on each round's ratio against the HAProxy round just
     // before it, then the median of those: a slow minute of the machine moves both
     // sides of one ratio, where it would move only one of two separate medians.
-    let p99 = paired(&results[2], &results[1], |r| r.p99_us);
+    let of = |rs: &[Round], f: fn(&Round) -> f64| rs.iter().map(f).collect::<Vec<_>>();
+    let p99 = Ratio::paired(
+        &of(&results[2], |r| r.p99_us),
+        &of(&results[1], |r| r.p99_us),
+    );
     println!(
         "| p99 latency, µs | {:.0} | {:.0} | {:.0} | {:.2}x ({}) | <= 2x {} |",
         direct.p99_us,
@@ -312,13 +275,7 @@ fn main() -> anyhow::Result<()> {
         p99.range(),
         p99.verdict(2.0)
     );
-    let cpu = paired_values(
-        &waypoint_cpu,
-        &results[1]
-            .iter()
-            .map(|r| r.cpu_us_per_request)
-            .collect::<Vec<_>>(),
-    );
+    let cpu = Ratio::paired(&waypoint_cpu, &of(&results[1], |r| r.cpu_us_per_request));
     println!(
         "| proxy CPU per request, µs | | {:.1} | waypoint {:.1} (with both node-proxies {:.1}) | {:.2}x ({}) | waypoint <= 1.5x {} |",
         peer.cpu_us_per_request,
@@ -333,48 +290,4 @@ fn main() -> anyhow::Result<()> {
     println!("Medians of the rounds; mesh / HAProxy for p99 and CPU is the median (and range) of each round's ratio to the HAProxy round before it; latency percentiles from h2load's per-request log; CPU from /proc/<pid>/stat (utime + stime) before and after each round. HAProxy: Debian's package, `mode http`, keep-alive and `http-reuse always`, one thread as the waypoint has, the same prefix route.");
     drop(haproxy);
     Ok(())
-}
-
-/// Each round's mesh/HAProxy ratio, summarized.
-struct Ratio {
-    median: f64,
-    lo: f64,
-    hi: f64,
-}
-
-impl Ratio {
-    fn range(&self) -> String {
-        format!("{:.2}–{:.2}", self.lo, self.hi)
-    }
-
-    /// Met or not by the median; when the rounds disagree by more than a third, the
-    /// machine was too noisy for either to mean much, and the verdict says so.
-    fn verdict(&self, target: f64) -> String {
-        let met = if self.median <= target {
-            "(met)"
-        } else {
-            "(NOT met)"
-        };
-        if self.hi > self.lo * 1.33 {
-            format!("{met}, but the rounds disagree: re-run when the machine is quiet")
-        } else {
-            met.to_owned()
-        }
-    }
-}
-
-/// `a[i] / b[i]` over the rounds, by `f`.
-fn paired(a: &[Round], b: &[Round], f: impl Fn(&Round) -> f64) -> Ratio {
-    let a: Vec<f64> = a.iter().map(&f).collect();
-    let b: Vec<f64> = b.iter().map(&f).collect();
-    paired_values(&a, &b)
-}
-
-fn paired_values(a: &[f64], b: &[f64]) -> Ratio {
-    let ratios: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
-    Ratio {
-        lo: ratios.iter().copied().fold(f64::INFINITY, f64::min),
-        hi: ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-        median: median(ratios),
-    }
 }
