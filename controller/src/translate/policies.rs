@@ -318,12 +318,25 @@ fn traffic_policy(
                 "0 would refuse every request".into(),
             ));
         }
+        if r.burst == Some(0) {
+            return Err((
+                "spec.rateLimit.burst".into(),
+                "0 would refuse every request; leave it out for a burst of requestsPerSecond"
+                    .into(),
+            ));
+        }
         out.rate_limit = Some(proto::RateLimit {
             burst: r.burst.unwrap_or(r.requests_per_second),
             per_second: r.requests_per_second,
         });
     }
     if let Some(b) = &spec.retry_budget {
+        if let Some(p) = b.percent.filter(|p| *p > 100) {
+            return Err((
+                "spec.retryBudget.percent".into(),
+                format!("{p} is not a percentage from 0 to 100"),
+            ));
+        }
         out.retry_budget = Some(proto::RetryBudget {
             percent: b.percent.unwrap_or(20),
             min_per_second: b.min_retries_per_second.unwrap_or(10),
