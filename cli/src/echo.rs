@@ -34,9 +34,6 @@ use tracing::Instrument;
 /// Most connections served at once; further clients wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 4096;
 
-/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-
 /// What the echo server reports about itself and which faults it injects.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EchoConfig {
@@ -94,14 +91,7 @@ async fn serve_shared(
         };
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "echo: accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
+            accepted = tunnel::net::accept(&listener, "echo") => accepted,
         };
         let echo = echo.clone();
         let shutdown = shutdown.clone();

@@ -94,14 +94,7 @@ impl ServingTls {
             loop {
                 let (tcp, peer) = tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    r = listener.accept() => match r {
-                        Ok(x) => x,
-                        Err(e) => {
-                            warn!("controller accept failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    },
+                    accepted = tunnel::net::accept(&listener, "controller") => accepted,
                 };
                 let _ = tcp.set_nodelay(true);
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());

@@ -137,7 +137,7 @@ impl Admin {
         loop {
             let stream = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+                (s, _) = tunnel::net::accept(&listener, "admin") => s,
             };
             let this = self.clone();
             tokio::spawn(async move {

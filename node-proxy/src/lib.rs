@@ -81,8 +81,10 @@ pub struct Config {
     /// Proxied connections the whole node-proxy serves at once.
     #[arg(long, env = "WEFT_MAX_NODE_CONNECTIONS", default_value_t = 262_144)]
     pub max_node_connections: usize,
-    /// Seconds a pod handed over waits for its workload to reach the model.
-    #[arg(long, env = "WEFT_POD_WAIT", default_value_t = 10)]
+    /// Seconds a pod handed over waits for its workload to reach the model (at most an
+    /// hour).
+    #[arg(long, env = "WEFT_POD_WAIT", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub pod_wait: u64,
     /// Access-log lines (one per connection on close, JSON on stdout) written per second
     /// at most; lines over the rate are dropped and counted. 0 switches the log off.

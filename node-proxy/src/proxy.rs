@@ -197,14 +197,7 @@ impl Pod {
                     };
                     let stream = tokio::select! {
                         _ = pod.drain.cancelled() => return,
-                        r = listener.accept() => match r {
-                            Ok((s, _)) => s,
-                            Err(e) => {
-                                warn!("accept failed: {e}");
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                                continue;
-                            }
-                        },
+                        (s, _) = tunnel::net::accept(&listener, "pod listener") => s,
                     };
                     let (pod, ctx, serve) = (pod.clone(), ctx.clone(), serve.clone());
                     pod.clone().tasks.spawn(

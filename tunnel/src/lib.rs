@@ -12,11 +12,13 @@
 //! - [`metrics`]: counters for connections, streams and refusals.
 //! - [`process`]: the standard `process_*` series (CPU, memory) every component exports.
 //! - [`access_log`]: the rate-capped JSON access log node-proxy and the waypoint write.
+//! - [`net`]: what every component's accept loops share.
 
 pub mod access_log;
 pub mod hbone;
 pub mod identity;
 pub mod metrics;
+pub mod net;
 pub mod process;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -520,6 +520,15 @@ async fn malformed_connects_refused() {
         .headers_mut()
         .insert("forwarded", "for=nonsense".parse().unwrap());
     assert_eq!(status_of(&send, bad_fwd).await, 400);
+    // A header block over the limit: refused before it is handed to the handler.
+    let mut oversized = connect(&target.to_string());
+    for i in 0..40 {
+        oversized.headers_mut().insert(
+            http::HeaderName::try_from(format!("x-pad-{i}")).unwrap(),
+            "x".repeat(500).parse().unwrap(),
+        );
+    }
+    assert_eq!(status_of(&send, oversized).await, 431);
     // A well-formed CONNECT with forwarded and trace headers still works.
     let mut good = connect(&target.to_string());
     good.headers_mut()
@@ -550,6 +559,15 @@ async fn malformed_connects_refused() {
     assert_eq!(err.status().map(|s| s.as_u16()), Some(503), "{err}");
     assert!(err.to_string().contains("unreachable"), "{err}");
     wait_for(|| m.refusals(INBOUND, "unreachable") == 1).await;
+
+    // A trace context that is not a header value is the caller's error, not a panic,
+    // and the connection's stream slot is given back.
+    let mut bad = request(&client, server_tls.identity(), server.addr, target);
+    bad.traceparent = Some("00-abc\r\nx-injected: 1".into());
+    let err = pool.connect(&bad).await.expect_err("invalid header value");
+    assert_eq!(err.reason(), "bad_request", "{err}");
+    let ok = request(&client, server_tls.identity(), server.addr, target);
+    echo_check(pool.connect(&ok).await.unwrap(), 100, 7).await;
 }
 
 #[tokio::test]
@@ -869,6 +887,40 @@ async fn idle_connections_close_and_leave_the_pool() {
     wait_for(|| pool.connections() == 0 && open() == 0).await;
     // The next stream simply dials again.
     echo_check(pool.connect(&req).await.unwrap(), 10, 6).await;
+    assert_eq!(inbound_connections(&server), 2);
+}
+
+#[tokio::test]
+async fn the_server_closes_connections_left_without_streams() {
+    let Fixture {
+        server_tls,
+        server,
+        client,
+        target,
+        ..
+    } = fixture(ServerConfig {
+        idle_timeout: Duration::from_millis(200),
+        ..ServerConfig::default()
+    })
+    .await;
+    // The pool would keep its connection for a minute: the server closes it first.
+    let pool = pool();
+    let req = request(&client, server_tls.identity(), server.addr, target);
+    let open = || {
+        server
+            .metrics
+            .connections_open
+            .get_or_create(&dir(INBOUND))
+            .get()
+    };
+    // A stream open across several idle periods keeps its connection.
+    let stream = pool.connect(&req).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(open(), 1);
+    echo_check(stream, 10, 8).await;
+    // Without streams it is closed within two periods, and the pool dials again.
+    wait_for(|| open() == 0).await;
+    echo_check(pool.connect(&req).await.unwrap(), 10, 9).await;
     assert_eq!(inbound_connections(&server), 2);
 }
 

@@ -49,7 +49,7 @@ use node_proxy::netns::Netns;
 use node_proxy::state::{Identities, ModelStatus};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 use tunnel::hbone::{Pool, PoolConfig, Server, ServerConfig};
 use tunnel::identity::Identity;
 
@@ -324,14 +324,7 @@ async fn serve_admin(
     loop {
         let (tcp, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!("admin accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = tunnel::net::accept(&listener, "admin") => accepted,
         };
         let admin = admin.clone();
         tokio::spawn(async move {

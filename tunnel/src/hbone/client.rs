@@ -129,6 +129,15 @@ pub enum ConnectError {
         /// The limit.
         after: Duration,
     },
+    /// The CONNECT could not be made from the request: a header value the caller gave
+    /// (trace context, source principal) is not a valid HTTP header value.
+    #[error("cannot send CONNECT {target}: {source}")]
+    BadRequest {
+        /// The original destination.
+        target: SocketAddr,
+        /// What `http` said.
+        source: http::Error,
+    },
     /// The server answered the CONNECT with an error status.
     #[error("{addr} refused CONNECT {target}: {status}{}", reason(*.status))]
     Refused {
@@ -167,6 +176,7 @@ impl ConnectError {
             ConnectError::NoAlpn { .. } => "no_alpn",
             ConnectError::H2 { .. } => "h2",
             ConnectError::Timeout { .. } => "timeout",
+            ConnectError::BadRequest { .. } => "bad_request",
             ConnectError::Refused { status, .. } => match *status {
                 StatusCode::SERVICE_UNAVAILABLE => Refusal::Unreachable.reason(),
                 StatusCode::UNAUTHORIZED => Refusal::Denied.reason(),
@@ -540,6 +550,7 @@ impl Inner {
                 .initial_connection_window_size(super::CONNECTION_WINDOW)
                 .max_frame_size(super::MAX_FRAME)
                 .max_send_buffer_size(super::SEND_BUFFER)
+                .max_header_list_size(super::MAX_HEADER_LIST)
                 .enable_push(false)
                 .handshake::<_, Bytes>(tls),
         )
@@ -637,9 +648,18 @@ impl Inner {
         if let Some(tp) = &req.traceparent {
             request = request.header("traceparent", tp.as_str());
         }
-        let request = request
-            .body(())
-            .expect("a CONNECT to a socket address is a valid request");
+        // The caller's trace and principal strings become header values; one that is
+        // not a valid header value is the caller's error, not a panic.
+        let request = match request.body(()) {
+            Ok(request) => request,
+            Err(source) => {
+                release();
+                return Err(ConnectError::BadRequest {
+                    target: req.target,
+                    source,
+                });
+            }
+        };
         let sent = async {
             let mut send = conn.send.clone().ready().await?;
             send.send_request(request, false)

@@ -47,6 +47,11 @@ pub(crate) const MAX_FRAME: u32 = 1024 * 1024;
 /// Bytes h2 may buffer per stream before a writer is made to wait. Enough to keep a
 /// full frame queued behind the one being written.
 pub(crate) const SEND_BUFFER: usize = 2 * 1024 * 1024;
+/// Largest header block (decoded, as HTTP/2 counts it) a peer may send: a CONNECT and
+/// its answer carry a few hundred bytes. h2's own default is 16 MiB, which HPACK
+/// references can inflate from a few KiB on the wire, per stream. A request over it is
+/// answered 431 and its stream refused.
+pub(crate) const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// TLS records rustls may hold before they are written (its default is 64 KiB): each
 /// write to the socket then carries up to this much, fewer and larger writes per byte.
 pub(crate) const TLS_WRITE_BUFFER: usize = 256 * 1024;

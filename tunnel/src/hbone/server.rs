@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +44,10 @@ pub struct ServerConfig {
     pub proxy_ports: Vec<u16>,
     /// A TLS handshake that takes longer is abandoned.
     pub handshake_timeout: Duration,
+    /// A connection with no stream open for this long (up to twice it) is closed with
+    /// GOAWAY, so peers that open connections and leave them cannot hold them forever.
+    /// Longer than the client pool's idle timeout, which normally closes first.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -53,7 +58,35 @@ impl Default for ServerConfig {
             require_local_authority: true,
             proxy_ports: super::PROXY_PORTS.to_vec(),
             handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
         }
+    }
+}
+
+/// The streams of one connection, for its idle check.
+#[derive(Default)]
+struct StreamCount {
+    /// Streams open now.
+    open: AtomicU64,
+    /// Streams started and ended, ever.
+    events: AtomicU64,
+}
+
+/// A stream counted open until it is dropped.
+struct OpenStream(Arc<StreamCount>);
+
+impl StreamCount {
+    fn start(count: &Arc<Self>) -> OpenStream {
+        count.open.fetch_add(1, Ordering::AcqRel);
+        count.events.fetch_add(1, Ordering::AcqRel);
+        OpenStream(count.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.events.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -283,15 +316,7 @@ impl Server {
             };
             let (tcp, peer_addr) = tokio::select! {
                 _ = drain.cancelled() => break,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // Out of fds or similar: back off rather than spin.
-                        warn!("HBONE accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+                accepted = crate::net::accept(&listener, "HBONE") => accepted,
             };
             let this = self.clone();
             let handler = handler.clone();
@@ -376,6 +401,7 @@ impl Server {
                 .max_frame_size(super::MAX_FRAME)
                 .max_send_buffer_size(super::SEND_BUFFER)
                 .max_concurrent_streams(self.config.max_streams_per_connection)
+                .max_header_list_size(super::MAX_HEADER_LIST)
                 .handshake::<_, Bytes>(tls)
                 .await;
             match conn {
@@ -409,9 +435,26 @@ impl Server {
         force: CancellationToken,
     ) {
         let mut draining = false;
+        // Streams open, and streams ever started or ended: a tick that finds none open
+        // and the count where the last tick left it means a whole tick without streams.
+        let streams = Arc::new(StreamCount::default());
+        let mut idle = tokio::time::interval(self.config.idle_timeout);
+        idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        idle.tick().await;
+        let mut seen = streams.events.load(Ordering::Acquire);
         loop {
             let next = tokio::select! {
                 next = conn.accept() => next,
+                _ = idle.tick(), if !draining => {
+                    let now = streams.events.load(Ordering::Acquire);
+                    if streams.open.load(Ordering::Acquire) == 0 && now == seen {
+                        debug!(peer = %peer.0, "HBONE connection idle for {:?}; closing", self.config.idle_timeout);
+                        conn.graceful_shutdown();
+                        draining = true;
+                    }
+                    seen = now;
+                    continue;
+                }
                 _ = drain.cancelled(), if !draining => {
                     // GOAWAY: no new streams; `accept` returns None once open ones end.
                     conn.graceful_shutdown();
@@ -432,11 +475,14 @@ impl Server {
                 }
             };
             if let Some(request) = self.check(req, respond, &peer, peer_addr, local_addr) {
+                let open = StreamCount::start(&streams);
+                let stream = handler.clone().handle(request);
                 tokio::spawn(
-                    handler
-                        .clone()
-                        .handle(request)
-                        .instrument(tracing::Span::current()),
+                    async move {
+                        stream.await;
+                        drop(open);
+                    }
+                    .instrument(tracing::Span::current()),
                 );
             }
         }
