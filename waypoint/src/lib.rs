@@ -94,6 +94,12 @@ pub struct Config {
     /// lines over the rate are dropped and counted. 0 switches the log off.
     #[arg(long, env = "WEFT_ACCESS_LOG_RATE", default_value_t = 1000)]
     pub access_log_rate: u32,
+    /// Client streams (connections to the services it serves) the waypoint serves at
+    /// once; past it a new one is refused (503 to the client's node-proxy, which resets
+    /// the client's connection) and counted, so memory stays bounded.
+    #[arg(long, env = "WEFT_MAX_STREAMS", default_value_t = 16_384,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_streams: u64,
 }
 
 /// The access log `rate` asks for: off at 0.
@@ -212,17 +218,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         upstreams,
         metrics,
         tracing,
+        usize::try_from(config.max_streams).unwrap_or(usize::MAX),
     );
     {
         let wp = wp.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let mut sweep = tokio::time::interval(upstream::SWEEP_EVERY);
+            sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    r = changed_rx.changed() => if r.is_err() { return },
+                    _ = sweep.tick() => wp.upstreams.sweep(),
+                    r = changed_rx.changed() => match r {
+                        Ok(()) => wp.model_changed(),
+                        Err(_) => return,
+                    },
                 }
-                wp.model_changed();
             }
         });
     }

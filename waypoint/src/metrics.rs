@@ -44,6 +44,10 @@ pub struct Metrics {
     pub duration: Family<RequestLabels, Histogram>,
     /// TCP connections forwarded (non-HTTP traffic), by destination service.
     pub tcp: Family<ServiceLabels, Counter>,
+    /// Mirrored copies not sent because too many were in flight, by mirror service.
+    pub mirrors_skipped: Family<ServiceLabels, Counter>,
+    /// Client streams refused at the stream limit.
+    pub streams_refused: Counter,
     /// The access log.
     pub log: LogWriter,
 }
@@ -68,6 +72,8 @@ impl Metrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(histogram),
             tcp: Family::default(),
+            mirrors_skipped: Family::default(),
+            streams_refused: Counter::default(),
             log,
         };
         m.log.register(registry);
@@ -85,6 +91,16 @@ impl Metrics {
             "weft_waypoint_tcp_connections",
             "Non-HTTP connections the waypoint forwarded",
             m.tcp.clone(),
+        );
+        registry.register(
+            "weft_waypoint_mirrors_skipped",
+            "Mirrored copies of requests not sent because too many were in flight",
+            m.mirrors_skipped.clone(),
+        );
+        registry.register(
+            "weft_waypoint_streams_refused",
+            "Client streams refused because the waypoint served its maximum (--max-streams)",
+            m.streams_refused.clone(),
         );
         m
     }

@@ -53,6 +53,11 @@ const MAX_BUFFERED_BODY: u64 = 64 * 1024;
 /// How long the first bytes of a connection to a port of unknown protocol are awaited
 /// before it is taken for a server-speaks-first protocol and forwarded as TCP.
 const SNIFF_WAIT: Duration = Duration::from_millis(100);
+/// Mirrored requests in flight at once, over all routes; past it a copy is not sent
+/// (and counted), so a slow mirror backend cannot pile up tasks, bodies and connections.
+const MAX_MIRRORS: usize = 256;
+/// How long a mirrored request may take before it is abandoned.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(15);
 /// The first wait between attempts when a route's retry gives none.
 const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
 /// The response header that says why the waypoint refused a request itself.
@@ -76,6 +81,10 @@ pub struct Waypoint {
     pub metrics: Metrics,
     /// Spans.
     pub tracing: crate::trace::Tracing,
+    /// Permits for mirrored requests in flight ([`MAX_MIRRORS`]).
+    mirrors: Arc<tokio::sync::Semaphore>,
+    /// Permits for the client streams served at once (`--max-streams`).
+    streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// Who a connection is from and what it is for.
@@ -195,6 +204,7 @@ impl Waypoint {
         upstreams: Arc<Upstreams>,
         metrics: Metrics,
         tracing: crate::trace::Tracing,
+        max_streams: usize,
     ) -> Arc<Self> {
         let table = Table::compile(&model.load());
         Arc::new(Waypoint {
@@ -206,6 +216,8 @@ impl Waypoint {
             upstreams,
             metrics,
             tracing,
+            mirrors: Arc::new(tokio::sync::Semaphore::new(MAX_MIRRORS)),
+            streams: Arc::new(tokio::sync::Semaphore::new(max_streams)),
         })
     }
 
@@ -247,7 +259,14 @@ impl Handler for Streams {
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let accepting = Box::pin(async move { self.accept(request).await });
         async move {
-            let Some((wp, conn, io, http)) = accepting.await else {
+            let Some(Accepted {
+                wp,
+                conn,
+                io,
+                http,
+                permit,
+            }) = accepting.await
+            else {
                 return;
             };
             if http {
@@ -255,18 +274,36 @@ impl Handler for Streams {
             } else {
                 serve_tcp(wp, conn, io).await;
             }
+            drop(permit);
         }
     }
+}
+
+/// A stream accepted and ready to serve.
+struct Accepted {
+    wp: Arc<Waypoint>,
+    conn: Arc<Conn>,
+    io: crate::prefixed::Prefixed,
+    /// Served as HTTP, or forwarded as TCP.
+    http: bool,
+    /// Its place under the waypoint's stream limit, held while it is served.
+    permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Streams {
     /// Checks the stream, accepts it and tells HTTP from other protocols: what to
     /// serve it with, or None once it has been refused.
-    async fn accept(
-        self: Arc<Self>,
-        request: InboundRequest,
-    ) -> Option<(Arc<Waypoint>, Arc<Conn>, crate::prefixed::Prefixed, bool)> {
+    async fn accept(self: Arc<Self>, request: InboundRequest) -> Option<Accepted> {
         let wp = &self.0;
+        let Ok(permit) = wp.streams.clone().try_acquire_owned() else {
+            wp.metrics.streams_refused.inc();
+            debug!(peer = %request.peer, "stream refused: the waypoint serves its maximum of streams (--max-streams)");
+            request.refuse_because(
+                Refusal::Unreachable,
+                Some("the waypoint's stream limit is reached"),
+            );
+            return None;
+        };
         let model = wp.model.load_full();
         let src_ip = request.peer_addr.ip();
         // As at a node-proxy: the identity must be the one of the pod at the source.
@@ -333,7 +370,13 @@ impl Streams {
             }
         };
         let io = crate::prefixed::Prefixed::new(prefix, stream);
-        Some((wp.clone(), conn, io, http))
+        Some(Accepted {
+            wp: wp.clone(),
+            conn,
+            io,
+            http,
+            permit,
+        })
     }
 }
 
@@ -1095,6 +1138,16 @@ fn mirror(
     let Some(target) = state.pick(model.endpoints(&svc, port)).cloned() else {
         return;
     };
+    let Ok(permit) = wp.mirrors.clone().try_acquire_owned() else {
+        wp.metrics
+            .mirrors_skipped
+            .get_or_create(&ServiceLabels {
+                destination_service: backend.service.clone(),
+            })
+            .inc();
+        debug!(mirror = %svc, "{MAX_MIRRORS} mirrored requests in flight; this one is not sent");
+        return;
+    };
     let mut parts = parts.clone();
     strip_hop_by_hop(&mut parts.headers, false);
     let h2 = upstream_h2(model, &svc, port, parts.version);
@@ -1108,12 +1161,18 @@ fn mirror(
     );
     let (wp, principal) = (wp.clone(), conn.principal.clone());
     tokio::spawn(async move {
-        match wp.upstreams.send(&target, &principal, req).await {
-            Ok(r) => {
-                let _ = r.into_body().collect().await;
+        let sent = async {
+            match wp.upstreams.send(&target, &principal, req).await {
+                Ok(r) => {
+                    let _ = r.into_body().collect().await;
+                }
+                Err(e) => debug!(mirror = %svc, "mirrored request failed: {e}"),
             }
-            Err(e) => debug!(mirror = %svc, "mirrored request failed: {e}"),
+        };
+        if tokio::time::timeout(MIRROR_TIMEOUT, sent).await.is_err() {
+            debug!(mirror = %svc, "mirrored request abandoned after {MIRROR_TIMEOUT:?}");
         }
+        drop(permit);
     });
 }
 

@@ -67,6 +67,9 @@ type Idle = Vec<(Instant, http1::SendRequest<Body>)>;
 /// by the requests in flight), and how long one may stay unused.
 const IDLE_PER_KEY: usize = 64;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often [`Upstreams::sweep`] should run: often enough that an idle connection
+/// outlives [`IDLE_TIMEOUT`] by at most half of it.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
 /// Connects to endpoints and pools the connections.
 pub struct Upstreams {
@@ -279,6 +282,18 @@ impl Upstreams {
         Ok(sender)
     }
 
+    /// Lets go of connections no request will take: idle ones past [`IDLE_TIMEOUT`]
+    /// or [`IDLE_PER_KEY`], closed ones, and the keys left with none. A key is trimmed
+    /// when it is checked out, but an endpoint that left the model never is again; only
+    /// this frees what was pooled for it. Run every [`SWEEP_EVERY`].
+    pub fn sweep(&self) {
+        sweep(&mut self.idle.lock().expect("idle lock"), Instant::now());
+        self.shared
+            .lock()
+            .expect("shared lock")
+            .retain(|_, s| !s.is_closed());
+    }
+
     /// Idle HTTP/1.1 connections and shared HTTP/2 ones, for `/config_dump`.
     pub fn pooled(&self) -> (usize, usize) {
         let idle = self
@@ -308,6 +323,14 @@ fn trim(list: &mut Idle, now: Instant) {
         let drop = surplus > 0 && s.is_ready();
         surplus -= usize::from(drop);
         !drop
+    });
+}
+
+/// Trims every key's list, and forgets the keys left with no connection.
+fn sweep(idle: &mut HashMap<Key, Idle>, now: Instant) {
+    idle.retain(|_, list| {
+        trim(list, now);
+        !list.is_empty()
     });
 }
 
@@ -378,5 +401,29 @@ mod tests {
         // Unused for IDLE_TIMEOUT: gone.
         trim(&mut list, now + IDLE_TIMEOUT);
         assert!(list.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_sweep_frees_the_connections_of_endpoints_no_longer_used() {
+        let now = Instant::now();
+        let (_answer, go) = watch::channel(true);
+        let key = |port| {
+            (
+                "".to_owned(),
+                SocketAddr::from(([10, 244, 0, 9], port)),
+                false,
+            )
+        };
+        let mut idle = HashMap::new();
+        // An endpoint still in use, one that left the model (never checked out again).
+        idle.insert(key(80), vec![(now + IDLE_TIMEOUT, connection(&go).await)]);
+        idle.insert(key(81), vec![(now, connection(&go).await)]);
+        for list in idle.values_mut() {
+            list[0].1.ready().await.expect("ready");
+        }
+        sweep(&mut idle, now + IDLE_TIMEOUT);
+        assert_eq!(idle.keys().collect::<Vec<_>>(), [&key(80)]);
+        sweep(&mut idle, now + IDLE_TIMEOUT * 2);
+        assert!(idle.is_empty(), "no key is kept without connections");
     }
 }
