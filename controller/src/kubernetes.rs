@@ -370,9 +370,15 @@ pub struct TokenReviewer {
     audience: String,
     username: String,
     cache: Mutex<HashMap<[u8; 32], (Caller, Instant)>>,
+    /// Reviews in flight at once ([`REVIEWS_AT_ONCE`]).
+    reviews: tokio::sync::Semaphore,
 }
 
 const REVIEW_CACHE: Duration = Duration::from_secs(60);
+/// TokenReviews sent to the API server at once. Only valid tokens are cached, so a
+/// caller presenting made-up tokens costs a review each: past this many they queue,
+/// and the API server sees a bounded load whatever the callers do.
+const REVIEWS_AT_ONCE: usize = 8;
 
 impl TokenReviewer {
     /// A reviewer expecting tokens of `username` (`system:serviceaccount:<ns>:<sa>`)
@@ -383,6 +389,7 @@ impl TokenReviewer {
             audience,
             username,
             cache: Mutex::new(HashMap::new()),
+            reviews: tokio::sync::Semaphore::new(REVIEWS_AT_ONCE),
         }
     }
 
@@ -476,7 +483,12 @@ impl Authenticator for TokenReviewer {
                     }
                 }
             }
-            let caller = self.review(token).await?;
+            let caller = {
+                let _turn = self.reviews.acquire().await.map_err(|_| {
+                    AuthError::Unavailable("the controller is shutting down".into())
+                })?;
+                self.review(token).await?
+            };
             let mut cache = self
                 .cache
                 .lock()

@@ -46,8 +46,15 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const CONCURRENT_FULL_STATES: usize = 4;
 /// How long connections may take to close at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
-/// The largest request accepted (Hello, Ack, SignRequest).
+/// The largest request accepted on a subscription (Hello, Ack).
 const MAX_REQUEST: usize = 1024 * 1024;
+/// The largest `SignRequest` accepted: an identity and a CSR are under 2 KiB. The
+/// caller is authenticated only once the request is decoded, so this is what anyone
+/// may make the controller hold per call.
+const MAX_SIGN_REQUEST: usize = 64 * 1024;
+/// Calls in progress on one connection (a proxy makes one subscription and the odd
+/// certificate request).
+const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 
 /// What one subscription looks like, for `/debug/subscribers` and `weftctl`.
 #[derive(Debug, Clone, Serialize)]
@@ -624,15 +631,21 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let tls = crate::tls::ServingTls::new(shared.ca.clone(), names)?;
     tokio::spawn(tls.clone().renew(shared.shutdown.clone()));
-    let incoming = tls.incoming(listener, shared.shutdown.clone());
+    let incoming = tls.incoming(
+        listener,
+        shared.shutdown.clone(),
+        crate::tls::MAX_CONNECTIONS,
+    );
     let mesh = MeshConfigServer::new(MeshConfigService(shared.clone()))
         .max_decoding_message_size(MAX_REQUEST);
     let certs = CertificatesServer::new(CertificatesService(shared.clone()))
-        .max_decoding_message_size(MAX_REQUEST);
+        .max_decoding_message_size(MAX_SIGN_REQUEST);
     let shutdown = shared.shutdown.clone();
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
         .add_service(mesh)
         .add_service(certs)
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());

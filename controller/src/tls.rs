@@ -2,14 +2,18 @@
 //! mesh root (which node-proxies are given to trust it) and renewed in place at half
 //! its life, so a long-running controller never serves an expired certificate.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures::Stream;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -20,6 +24,11 @@ use crate::ca::Ca;
 const SERVING_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 /// A handshake that takes longer is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections open at once (handshaking or served): one per node-proxy and waypoint,
+/// with room to spare. Past it the controller accepts no more until one closes; new
+/// ones wait in the listen backlog, so no one can exhaust its memory or descriptors
+/// with connections, authenticated or not.
+pub const MAX_CONNECTIONS: usize = 16_384;
 
 #[derive(Debug)]
 struct Resolver(ArcSwap<CertifiedKey>);
@@ -81,17 +90,32 @@ impl ServingTls {
         }
     }
 
-    /// TLS connections accepted on `listener`; handshakes run concurrently, so a slow
-    /// client does not hold up the next.
+    /// TLS connections accepted on `listener`, at most `max_connections` open at once;
+    /// handshakes run concurrently, so a slow client does not hold up the next.
     pub fn incoming(
         &self,
         listener: TcpListener,
         shutdown: CancellationToken,
-    ) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> + use<> {
+        max_connections: usize,
+    ) -> impl Stream<Item = Result<Counted<TlsStream<TcpStream>>, std::io::Error>> + use<> {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let acceptor = self.acceptor.clone();
+        let limit = Arc::new(Semaphore::new(max_connections));
         tokio::spawn(async move {
             loop {
+                let permit = match limit.clone().try_acquire_owned() {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        warn!("{max_connections} connections open; accepting no more until one closes");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            permit = limit.clone().acquire_owned() => match permit {
+                                Ok(permit) => permit,
+                                Err(_) => return,
+                            },
+                        }
+                    }
+                };
                 let (tcp, peer) = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     accepted = tunnel::net::accept(&listener, "controller") => accepted,
@@ -101,7 +125,12 @@ impl ServingTls {
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
-                            let _ = tx.send(Ok(tls)).await;
+                            let _ = tx
+                                .send(Ok(Counted {
+                                    io: tls,
+                                    _permit: permit,
+                                }))
+                                .await;
                         }
                         Ok(Err(e)) => debug!(%peer, "TLS handshake failed: {e}"),
                         Err(_) => debug!(%peer, "TLS handshake timed out"),
@@ -110,5 +139,127 @@ impl ServingTls {
             }
         });
         tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+}
+
+/// A connection that holds its place under the limit of [`ServingTls::incoming`] until
+/// it is dropped; reads and writes go straight through.
+pub struct Counted<S> {
+    io: S,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected for Counted<S> {
+    type ConnectInfo = S::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+    use tunnel::identity::CertificateAuthority;
+
+    /// A TLS client of the controller's serving certificate.
+    async fn client(
+        ca: &Ca,
+        addr: std::net::SocketAddr,
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in ca.bundle() {
+            roots.add(cert.clone()).expect("root");
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(tunnel::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(
+                rustls_pki_types::ServerName::try_from("127.0.0.1").expect("name"),
+                tcp,
+            )
+            .await
+            .expect("handshake")
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_limit_wait_until_one_closes() {
+        let authority = CertificateAuthority::self_signed("cluster.local").expect("CA");
+        let ca = Arc::new(Ca::new(
+            authority,
+            Vec::new(),
+            "cluster.local",
+            Duration::from_secs(3600),
+        ));
+        let tls = ServingTls::new(ca.clone(), vec!["127.0.0.1".into()]).expect("serving TLS");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let mut incoming = Box::pin(tls.incoming(listener, shutdown.clone(), 2));
+        let _a = client(&ca, addr).await;
+        let _b = client(&ca, addr).await;
+        let first = incoming.next().await.expect("first").expect("tls");
+        let _second = incoming.next().await.expect("second").expect("tls");
+        // The third connects (the kernel's backlog), but is not accepted while two are open.
+        let third = tokio::spawn(async move { client(&ca, addr).await });
+        let waited = tokio::time::timeout(Duration::from_millis(300), incoming.next()).await;
+        assert!(
+            waited.is_err(),
+            "a third connection was served past the limit"
+        );
+        drop(first);
+        let served = tokio::time::timeout(Duration::from_secs(5), incoming.next()).await;
+        assert!(
+            matches!(served, Ok(Some(Ok(_)))),
+            "the third is served once one closes"
+        );
+        let _c = third.await.expect("client");
+        shutdown.cancel();
     }
 }
