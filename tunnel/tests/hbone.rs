@@ -121,6 +121,15 @@ fn dir(direction: &'static str) -> weft_tunnel::metrics::DirectionLabels {
     weft_tunnel::metrics::DirectionLabels { direction }
 }
 
+/// Inbound connections open now.
+fn open_connections(server: &TestServer) -> i64 {
+    server
+        .metrics
+        .connections_open
+        .get_or_create(&dir(INBOUND))
+        .get()
+}
+
 fn inbound_connections(server: &TestServer) -> u64 {
     server
         .metrics
@@ -877,14 +886,7 @@ async fn idle_connections_close_and_leave_the_pool() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(pool.connections(), 1);
     echo_check(stream, 10, 5).await;
-    let open = || {
-        server
-            .metrics
-            .connections_open
-            .get_or_create(&dir(INBOUND))
-            .get()
-    };
-    wait_for(|| pool.connections() == 0 && open() == 0).await;
+    wait_for(|| pool.connections() == 0 && open_connections(&server) == 0).await;
     // The next stream simply dials again.
     echo_check(pool.connect(&req).await.unwrap(), 10, 6).await;
     assert_eq!(inbound_connections(&server), 2);
@@ -906,20 +908,13 @@ async fn the_server_closes_connections_left_without_streams() {
     // The pool would keep its connection for a minute: the server closes it first.
     let pool = pool();
     let req = request(&client, server_tls.identity(), server.addr, target);
-    let open = || {
-        server
-            .metrics
-            .connections_open
-            .get_or_create(&dir(INBOUND))
-            .get()
-    };
     // A stream open across several idle periods keeps its connection.
     let stream = pool.connect(&req).await.unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(open(), 1);
+    assert_eq!(open_connections(&server), 1);
     echo_check(stream, 10, 8).await;
     // Without streams it is closed within two periods, and the pool dials again.
-    wait_for(|| open() == 0).await;
+    wait_for(|| open_connections(&server) == 0).await;
     echo_check(pool.connect(&req).await.unwrap(), 10, 9).await;
     assert_eq!(inbound_connections(&server), 2);
 }

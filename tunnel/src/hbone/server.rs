@@ -4,7 +4,6 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,33 +59,6 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
         }
-    }
-}
-
-/// The streams of one connection, for its idle check.
-#[derive(Default)]
-struct StreamCount {
-    /// Streams open now.
-    open: AtomicU64,
-    /// Streams started and ended, ever.
-    events: AtomicU64,
-}
-
-/// A stream counted open until it is dropped.
-struct OpenStream(Arc<StreamCount>);
-
-impl StreamCount {
-    fn start(count: &Arc<Self>) -> OpenStream {
-        count.open.fetch_add(1, Ordering::AcqRel);
-        count.events.fetch_add(1, Ordering::AcqRel);
-        OpenStream(count.clone())
-    }
-}
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
-        self.0.events.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -435,24 +407,23 @@ impl Server {
         force: CancellationToken,
     ) {
         let mut draining = false;
-        // Streams open, and streams ever started or ended: a tick that finds none open
-        // and the count where the last tick left it means a whole tick without streams.
-        let streams = Arc::new(StreamCount::default());
+        // The connection's stream tasks. No stream open at the last tick, and none
+        // accepted since, means a whole tick without a stream: the connection is idle.
+        let streams = TaskTracker::new();
+        let (mut accepted, mut was_empty) = (0u64, true);
         let mut idle = tokio::time::interval(self.config.idle_timeout);
         idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         idle.tick().await;
-        let mut seen = streams.events.load(Ordering::Acquire);
         loop {
             let next = tokio::select! {
                 next = conn.accept() => next,
                 _ = idle.tick(), if !draining => {
-                    let now = streams.events.load(Ordering::Acquire);
-                    if streams.open.load(Ordering::Acquire) == 0 && now == seen {
+                    if accepted == 0 && was_empty {
                         debug!(peer = %peer.0, "HBONE connection idle for {:?}; closing", self.config.idle_timeout);
                         conn.graceful_shutdown();
                         draining = true;
                     }
-                    seen = now;
+                    (accepted, was_empty) = (0, streams.is_empty());
                     continue;
                 }
                 _ = drain.cancelled(), if !draining => {
@@ -475,14 +446,14 @@ impl Server {
                 }
             };
             if let Some(request) = self.check(req, respond, &peer, peer_addr, local_addr) {
-                let open = StreamCount::start(&streams);
-                let stream = handler.clone().handle(request);
-                tokio::spawn(
-                    async move {
-                        stream.await;
-                        drop(open);
-                    }
-                    .instrument(tracing::Span::current()),
+                accepted += 1;
+                // Spawned as it is (the tracker's wrapper adds a pointer): an async block
+                // awaiting it would hold the future twice, as the capture and the awaitee.
+                streams.spawn(
+                    handler
+                        .clone()
+                        .handle(request)
+                        .instrument(tracing::Span::current()),
                 );
             }
         }
