@@ -3,11 +3,13 @@
 //!
 //! Two bounds keep a log from costing more than it is worth: a rate cap (a token bucket of
 //! `rate` lines a second, with a second's worth of burst), so a connection storm cannot
-//! flood the log, and a bounded queue, so a slow stdout never holds traffic back or grows
-//! memory. Lines over either bound are dropped and counted in
+//! flood the log, and a queue bounded in lines and in bytes (a waypoint's line carries the
+//! request's path, up to its 64 KiB limit), so a slow stdout never holds traffic back or
+//! grows memory. Lines over either bound are dropped and counted in
 //! `weft_access_log_dropped_total{reason}`.
 
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -19,6 +21,8 @@ use prometheus_client::registry::Registry;
 
 /// Lines queued for the writer thread at most.
 const QUEUE: usize = 16_384;
+/// Bytes of lines queued for the writer thread at most.
+const QUEUE_BYTES: usize = 16 * 1024 * 1024;
 /// How long lines may wait to be written: one wake-up and one write per interval under
 /// load instead of one per line.
 const INTERVAL: Duration = Duration::from_millis(20);
@@ -59,6 +63,8 @@ impl Bucket {
 #[derive(Clone)]
 pub struct LogWriter {
     tx: Option<SyncSender<Vec<u8>>>,
+    /// Bytes queued and not yet taken by the writer thread.
+    queued: Arc<AtomicUsize>,
     bucket: Option<Arc<Mutex<Bucket>>>,
     /// Lines dropped, by reason.
     pub dropped: Family<DropLabels, Counter>,
@@ -73,16 +79,22 @@ impl LogWriter {
     /// Starts a writer to what `out` returns (called for each batch).
     pub fn start_to<W: Write>(rate: u32, out: impl Fn() -> W + Send + 'static) -> io::Result<Self> {
         let (tx, rx) = sync_channel::<Vec<u8>>(QUEUE);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let taken = queued.clone();
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || {
                 let mut batch = Vec::with_capacity(64 * 1024);
-                while let Ok(line) = rx.recv() {
+                let take = |batch: &mut Vec<u8>, line: Vec<u8>| {
+                    taken.fetch_sub(line.len(), Ordering::AcqRel);
                     batch.extend_from_slice(&line);
+                };
+                while let Ok(line) = rx.recv() {
+                    take(&mut batch, line);
                     std::thread::sleep(INTERVAL);
                     while batch.len() < BATCH {
                         match rx.try_recv() {
-                            Ok(l) => batch.extend_from_slice(&l),
+                            Ok(l) => take(&mut batch, l),
                             Err(_) => break,
                         }
                     }
@@ -100,6 +112,7 @@ impl LogWriter {
         });
         Ok(LogWriter {
             tx: Some(tx),
+            queued,
             bucket,
             dropped: Family::default(),
         })
@@ -109,6 +122,7 @@ impl LogWriter {
     pub fn off() -> Self {
         LogWriter {
             tx: None,
+            queued: Arc::default(),
             bucket: None,
             dropped: Family::default(),
         }
@@ -142,13 +156,18 @@ impl LogWriter {
         admitted
     }
 
-    /// Queues one line (a newline is added); dropped and counted when the writer is behind.
+    /// Queues one line (a newline is added); dropped and counted when the writer is behind
+    /// by [`QUEUE`] lines or [`QUEUE_BYTES`] bytes.
     pub fn send(&self, mut line: Vec<u8>) {
         let Some(tx) = &self.tx else {
             return;
         };
         line.push(b'\n');
-        if tx.try_send(line).is_err() {
+        let len = line.len();
+        if self.queued.fetch_add(len, Ordering::AcqRel) + len > QUEUE_BYTES
+            || tx.try_send(line).is_err()
+        {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
             self.drop_line("backlog");
         }
     }
@@ -213,6 +232,31 @@ mod tests {
     }
 
     #[test]
+    fn a_stalled_stdout_holds_at_most_the_queue_in_bytes() {
+        // stdout blocked: the writer thread takes one line and waits on it.
+        let gate = Arc::new(Mutex::new(()));
+        let held = gate.lock().unwrap();
+        let log = LogWriter::start_to(0, {
+            let gate = gate.clone();
+            move || Stalled(gate.clone())
+        })
+        .unwrap();
+        // Lines of 1 MiB, far fewer than QUEUE: the byte bound drops them.
+        let line = vec![b'x'; 1024 * 1024 - 1];
+        for _ in 0..40 {
+            log.send(line.clone());
+        }
+        let dropped = log
+            .dropped
+            .get_or_create(&DropLabels { reason: "backlog" })
+            .get();
+        // 16 fit the queue; the writer takes at most a 4 MiB batch out of it and blocks.
+        assert!((20..=24).contains(&dropped), "dropped {dropped}");
+        assert!(log.queued.load(Ordering::Acquire) <= QUEUE_BYTES);
+        drop(held);
+    }
+
+    #[test]
     fn an_off_log_admits_nothing() {
         let log = LogWriter::off();
         assert!(!log.admit());
@@ -220,6 +264,19 @@ mod tests {
     }
 
     struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    /// A stdout that blocks until the gate opens.
+    struct Stalled(Arc<Mutex<()>>);
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            drop(self.0.lock());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
 
     impl Write for Sink {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
