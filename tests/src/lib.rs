@@ -71,6 +71,17 @@ impl Sandbox {
 
     /// As [`up`](Self::up), with more `weftctl local up` flags.
     pub fn up_with(name: &str, manifests: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::up_with_env(name, manifests, extra, &[])
+    }
+
+    /// As [`up_with`](Self::up_with), with environment variables for the sandbox and
+    /// every process it starts (the components read their flags' `WEFT_*` variables).
+    pub fn up_with_env(
+        name: &str,
+        manifests: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let state_dir = PathBuf::from("/run/weft/e2e").join(name);
         // A leftover from a killed run would block the name.
         let _ = Command::new(weftctl()?)
@@ -99,6 +110,7 @@ impl Sandbox {
             .arg("--state-dir")
             .arg(&state_dir)
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

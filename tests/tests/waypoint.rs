@@ -327,6 +327,65 @@ fn routing_filters_and_l7_authorization() {
 
 #[test]
 #[ignore = "needs root"]
+fn the_waypoint_serves_at_most_its_stream_limit() {
+    let sb = Sandbox::up_with_env(
+        "e2e-wp-limit",
+        &manifests(),
+        &[],
+        &[("WEFT_MAX_STREAMS", "1")],
+    )
+    .unwrap();
+    let ok = || get(&sb, &format!("{ECHO}/"), &[]).0 == 200;
+    assert!(
+        eventually(Duration::from_secs(30), || ok().then_some(())).is_some(),
+        "echo answers through the waypoint"
+    );
+    // One client connection held open: an upload whose body never ends.
+    let ns = sb.netns(CLIENT).unwrap();
+    let mut upload = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns, "curl", "-sS", "-T", "-"])
+        .arg(format!("{ECHO}/upload"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Its connection is up through the waypoint once curl has sent the request's head
+    // and waits on stdin; a refused one would have ended curl.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        upload.try_wait().unwrap().is_none(),
+        "the upload was refused"
+    );
+    let refused = || {
+        let m = sb.waypoint_metrics(WAYPOINT).unwrap_or_default();
+        m.lines()
+            .find_map(|l| l.strip_prefix("weft_waypoint_streams_refused_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // The next connection is refused (reset: no status) and counted.
+    let mut last = (0, String::new());
+    let limited = eventually(Duration::from_secs(10), || {
+        last = get(&sb, &format!("{ECHO}/"), &[]);
+        (last.0 == 0 && refused() >= 1.0).then_some(())
+    });
+    let _ = upload.kill();
+    let _ = upload.wait();
+    assert!(
+        limited.is_some(),
+        "a second stream was served past the limit of 1: {} refused, the last answer {last:?}",
+        refused()
+    );
+    // Once the upload's connection is gone, its place is free again.
+    assert!(
+        eventually(Duration::from_secs(10), || ok().then_some(())).is_some(),
+        "the limit's place was not given back"
+    );
+}
+
+#[test]
+#[ignore = "needs root"]
 fn retries_budgets_timeouts_outliers_and_limits() {
     let sb = Sandbox::up("e2e-resilience", &manifests()).unwrap();
 
