@@ -384,6 +384,105 @@ fn the_waypoint_serves_at_most_its_stream_limit() {
     );
 }
 
+/// A mirror backend that never answers in time: `stuck` sleeps a minute per request,
+/// and requests under /stuck-mirror are answered by v1 with a copy sent to it.
+const STUCK_MIRROR: &str = "\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: stuck, namespace: shop}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: stuck}}
+  template:
+    metadata: {labels: {app: stuck}}
+    spec:
+      nodeName: node-2
+      serviceAccountName: echo
+      containers:
+        - name: echo
+          command: [\"weftctl\", \"echo\", \"--port\", \"8080\", \"--latency-ms\", \"60000\"]
+          ports: [{containerPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: stuck, namespace: shop}
+spec:
+  clusterIP: 10.96.1.40
+  selector: {app: stuck}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo-stuck-mirror, namespace: shop}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: echo, port: 80}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /stuck-mirror}}]
+      filters:
+        - type: RequestMirror
+          requestMirror: {backendRef: {name: stuck, port: 80}}
+      backendRefs: [{name: echo-v1, port: 80}]
+";
+
+#[test]
+#[ignore = "needs root"]
+fn mirrored_copies_in_flight_are_bounded_and_abandoned_after_their_timeout() {
+    let manifests = TempManifests::copy(&manifests()).unwrap();
+    manifests
+        .write("90-stuck-mirror.yaml", STUCK_MIRROR)
+        .unwrap();
+    let sb = Sandbox::up("e2e-mirror-limit", manifests.path()).unwrap();
+    let url = format!("{ECHO}/stuck-mirror/");
+    // Echo answers through the waypoint, and `stuck` is ready (its health check answers
+    // at once) in the model the waypoint reads too.
+    let ready = |url: &str| get(&sb, url, &[]).0 == 200;
+    assert!(
+        eventually(Duration::from_secs(30), || (ready(&format!("{ECHO}/"))
+            && ready("http://10.96.1.40/healthz"))
+        .then_some(()))
+        .is_some(),
+        "echo and stuck answer"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let skipped = || {
+        let m = sb.waypoint_metrics(WAYPOINT).unwrap_or_default();
+        metric_sum(
+            &m,
+            "weft_waypoint_mirrors_skipped_total",
+            &[("destination_service", "shop/stuck")],
+        )
+    };
+    // 300 requests, each answered by v1 at once while its copy waits on `stuck`: past
+    // 256 copies in flight the
+    // waypoint sends no more of them, and counts each one it skips. (The copies are
+    // abandoned after 15 s; 300 requests take a second or two even in a debug build.)
+    let started = Instant::now();
+    let run = sb
+        .h2load(CLIENT, &["--h1", "-n", "300", "-c", "4", &url])
+        .unwrap();
+    assert_eq!(run.status_2xx, 300, "every request answered:\n{}", run.text);
+    assert!(
+        started.elapsed() < Duration::from_secs(14),
+        "the load took {:?}: copies may have been abandoned during it",
+        started.elapsed()
+    );
+    assert_eq!(
+        skipped(),
+        300.0 - 256.0,
+        "copies skipped past 256 in flight"
+    );
+    // Once abandoned (15 s), their places are free: new copies are sent, none skipped.
+    std::thread::sleep(Duration::from_secs(16));
+    for _ in 0..10 {
+        assert_eq!(get(&sb, &url, &[]).0, 200);
+    }
+    assert_eq!(
+        skipped(),
+        44.0,
+        "copies were skipped after the stuck ones had been abandoned"
+    );
+}
+
 #[test]
 #[ignore = "needs root"]
 fn retries_budgets_timeouts_outliers_and_limits() {
