@@ -453,9 +453,9 @@ fn mirrored_copies_in_flight_are_bounded_and_abandoned_after_their_timeout() {
         )
     };
     // 300 requests, each answered by v1 at once while its copy waits on `stuck`: past
-    // 256 copies in flight the
-    // waypoint sends no more of them, and counts each one it skips. (The copies are
-    // abandoned after 15 s; 300 requests take a second or two even in a debug build.)
+    // 256 copies in flight the waypoint sends no more of them, and counts each one it
+    // skips. (The copies are abandoned after 15 s; 300 requests take a second or two
+    // even in a debug build.)
     let started = Instant::now();
     let run = sb
         .h2load(CLIENT, &["--h1", "-n", "300", "-c", "4", &url])
@@ -466,9 +466,10 @@ fn mirrored_copies_in_flight_are_bounded_and_abandoned_after_their_timeout() {
         "the load took {:?}: copies may have been abandoned during it",
         started.elapsed()
     );
+    let past_the_limit = 300.0 - 256.0;
     assert_eq!(
         skipped(),
-        300.0 - 256.0,
+        past_the_limit,
         "copies skipped past 256 in flight"
     );
     // Once abandoned (15 s), their places are free: new copies are sent, none skipped.
@@ -478,7 +479,7 @@ fn mirrored_copies_in_flight_are_bounded_and_abandoned_after_their_timeout() {
     }
     assert_eq!(
         skipped(),
-        44.0,
+        past_the_limit,
         "copies were skipped after the stuck ones had been abandoned"
     );
 }
