@@ -1066,6 +1066,8 @@ async fn run(
     let start = Instant::now();
     let mut last_summary = Instant::now();
     let mut seen = fingerprint(&sb.opts.dir);
+    // The directory as the last poll saw it, while it differs from `seen`.
+    let mut unsettled = None;
     loop {
         let mut replace = false;
         tokio::select! {
@@ -1095,9 +1097,17 @@ async fn run(
         }
         changed |= sb.supervise()?;
         let now = fingerprint(&sb.opts.dir);
-        if now != seen {
+        // A file is read once it has stayed the same for a poll, and its reading counts
+        // only if nothing changed meanwhile: a file written in place (truncated, then
+        // written) must not be read half-written, as an empty file would stop its pods.
+        let settled = now != seen && unsettled.as_ref() == Some(&now);
+        unsettled = (now != seen).then(|| now.clone());
+        let loaded = settled.then(|| manifest::load_dir(&sb.opts.dir));
+        // Changed while it was read: read again once it has settled.
+        if let Some(loaded) = loaded.filter(|_| fingerprint(&sb.opts.dir) == now) {
             seen = now;
-            match manifest::load_dir(&sb.opts.dir) {
+            unsettled = None;
+            match loaded {
                 Ok(cluster) => {
                     sb.reload_error = None;
                     if let Err(e) = sb.reconcile(cluster, true) {
