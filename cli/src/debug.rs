@@ -126,8 +126,8 @@ pub struct CertificateArgs {
 /// Asks the controller's CA for a leaf as a node-proxy would (a fresh key, a CSR, the
 /// node's token) and says what came back: whether a node may have that identity.
 pub async fn certificate(args: CertificateArgs) -> anyhow::Result<String> {
-    use node_proxy::state::CertSource;
-    let config = node_proxy::config_client::ControllerConfig {
+    use runtime::state::CertSource;
+    let config = runtime::config_client::ControllerConfig {
         addr: args.controller,
         server_name: args.controller_name,
         roots: args.controller_ca,
@@ -135,9 +135,9 @@ pub async fn certificate(args: CertificateArgs) -> anyhow::Result<String> {
         node: String::new(),
         waypoint: None,
     };
-    let ca = node_proxy::config_client::CaClient::new(
+    let ca = runtime::config_client::CaClient::new(
         config.clone(),
-        node_proxy::config_client::channel(&config),
+        runtime::config_client::channel(&config),
     );
     let (cert, bundle) = ca.fetch(&args.identity).await?;
     let left = cert

@@ -112,24 +112,11 @@ enum Cmd {
         #[command(flatten)]
         options: InstallArgs,
     },
-    /// Runs node-proxy (the sandbox starts it this way).
-    #[command(hide = true)]
-    NodeProxy {
-        #[command(flatten)]
-        config: node_proxy::Config,
-    },
     /// Runs the controller (the sandbox starts it this way).
     #[command(hide = true)]
     Controller {
         #[command(flatten)]
         config: controller::Config,
-    },
-    /// Runs a waypoint (the sandbox starts it this way, for each Gateway of class
-    /// weft-waypoint).
-    #[command(hide = true)]
-    Waypoint {
-        #[command(flatten)]
-        config: waypoint::Config,
     },
 }
 
@@ -305,26 +292,21 @@ enum Local {
 }
 
 fn main() -> anyhow::Result<()> {
-    node_proxy::init_logging();
+    runtime::startup::init_logging();
     let cli = Cli::parse();
-    node_proxy::raise_fd_limit();
-    let runtime = match &cli.command {
-        Cmd::Waypoint { config } => waypoint::runtime(config.worker_threads),
-        _ => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build(),
-    }
-    .context("cannot start the async runtime")?;
+    runtime::startup::raise_fd_limit();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
     runtime.block_on(run(cli))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    node_proxy::cancel_on_signals(shutdown.clone())?;
+    runtime::startup::cancel_on_signals(shutdown.clone())?;
     match cli.command {
-        Cmd::NodeProxy { config } => node_proxy::run(config, shutdown).await,
         Cmd::Controller { config } => controller::run(config, shutdown).await,
-        Cmd::Waypoint { config } => waypoint::run(config, shutdown).await,
         Cmd::Install { options } => {
             print!("{}", controller::install::yaml(&options.into())?);
             Ok(())

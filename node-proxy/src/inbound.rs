@@ -17,9 +17,9 @@ use tunnel::hbone::{Handler, InboundRequest, Refusal};
 
 use crate::authz::{self, Peer};
 use crate::metrics::{Close, ConnLabels, PolicyLabels};
-use crate::netns::original_dst;
 use crate::outbound::reset;
 use crate::proxy::{Ctx, Pod};
+use runtime::netns::original_dst;
 
 /// The HBONE stream handler of one pod.
 pub struct Hbone {

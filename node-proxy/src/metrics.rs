@@ -48,21 +48,7 @@ pub struct RefusalLabels {
     pub reason: &'static str,
 }
 
-/// One label, `kind`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabels {
-    /// What kind.
-    pub kind: String,
-}
-
-/// Counts one `kind` in `family`.
-pub fn count(family: &Family<KindLabels, Counter>, kind: &str) {
-    family
-        .get_or_create(&KindLabels {
-            kind: kind.to_owned(),
-        })
-        .inc();
-}
+pub use runtime::metrics::{count, KindLabels};
 
 /// An authorization outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -14,8 +14,8 @@ use tracing::{debug, info};
 use tunnel::hbone::{ConnectRequest, Progress};
 
 use crate::metrics::{Close, ConnLabels};
-use crate::netns::original_dst;
 use crate::proxy::{Ctx, Pod};
+use runtime::netns::original_dst;
 
 /// Where a captured connection goes.
 #[derive(Debug, PartialEq, Eq)]

@@ -19,17 +19,17 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
-use tunnel::hbone::{BoxFuture, Pool, PoolConfig, Server, ServerConfig, SocketFactory};
+use tunnel::hbone::{Pool, PoolConfig, Server, ServerConfig, SocketFactory};
 use tunnel::identity::Identity;
 
-use crate::config_client::Changed;
+use runtime::config_client::Changed;
 use tunnel::tls::TlsIdentity;
 
-use crate::handoff::{HandoffListener, PodInfo, Request};
 use crate::metrics::Metrics;
-use crate::netns::Netns;
-use crate::state::{Identities, ModelStatus, SharedModel};
 use crate::{inbound, outbound};
+use runtime::handoff::{HandoffListener, PodInfo, Request};
+use runtime::netns::Netns;
+use runtime::state::{Identities, ModelStatus, SharedModel};
 
 /// Ports inside every pod.
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -73,7 +73,7 @@ pub struct Ctx {
     /// Proxied connections of the whole node, at most `limits.max_node_connections`.
     pub node_permits: Arc<Semaphore>,
     /// Told after every model update.
-    pub changed: tokio::sync::watch::Receiver<crate::config_client::Changed>,
+    pub changed: tokio::sync::watch::Receiver<runtime::config_client::Changed>,
     /// Round-robin position per service.
     rr: Mutex<HashMap<api::ObjectName, usize>>,
 }
@@ -86,7 +86,7 @@ impl Ctx {
         trust_domain: String,
         model: SharedModel,
         model_status: Arc<Mutex<ModelStatus>>,
-        changed: tokio::sync::watch::Receiver<crate::config_client::Changed>,
+        changed: tokio::sync::watch::Receiver<runtime::config_client::Changed>,
         identities: Arc<Identities>,
         tunnel_metrics: tunnel::metrics::Metrics,
         metrics: Metrics,
@@ -134,7 +134,7 @@ pub struct Pod {
     /// Its credentials.
     pub tls: Arc<TlsIdentity>,
     /// Keeps the credentials (and their refresh) alive while the pod is served.
-    _lease: Arc<crate::state::Lease>,
+    _lease: Arc<runtime::state::Lease>,
     /// The thread in its namespace.
     pub netns: Arc<Netns>,
     /// (device, inode) of the namespace, to tell a recreated pod from a replayed one.
@@ -277,22 +277,10 @@ impl Pod {
     }
 }
 
-/// Makes outbound sockets inside a pod's namespace.
-pub struct PodSockets(pub Arc<Netns>);
-
-impl SocketFactory for PodSockets {
-    fn socket(
-        &self,
-        dst: std::net::SocketAddr,
-    ) -> BoxFuture<'_, std::io::Result<tokio::net::TcpSocket>> {
-        Box::pin(std::future::ready(self.0.outbound_socket(dst)))
-    }
-}
-
 impl Pod {
     /// A socket factory for HBONE connections from this pod.
     pub fn sockets(&self) -> Arc<dyn SocketFactory> {
-        Arc::new(PodSockets(self.netns.clone()))
+        Arc::new(runtime::netns::PodSockets(self.netns.clone()))
     }
 }
 
@@ -363,7 +351,7 @@ pub enum PodError {
         /// The identity.
         identity: String,
         /// Why.
-        source: crate::state::CertError,
+        source: runtime::state::CertError,
     },
     /// Its namespace or listeners could not be set up.
     #[error("pod {pod}: {why}")]
@@ -590,7 +578,7 @@ impl Pods {
         }
         let mut changed = ctx.changed.clone();
         let found =
-            crate::config_client::wait_for(&ctx.model, &mut changed, ctx.limits.pod_wait, |m| {
+            runtime::config_client::wait_for(&ctx.model, &mut changed, ctx.limits.pod_wait, |m| {
                 m.workload(&info.uid).filter(|w| w.enrolled).cloned()
             })
             .await;
@@ -635,7 +623,7 @@ impl Pods {
         fd: OwnedFd,
         netns_id: (u64, u64),
         handed: Option<[OwnedFd; 3]>,
-        lease: Arc<crate::state::Lease>,
+        lease: Arc<runtime::state::Lease>,
     ) -> Result<Arc<Pod>, String> {
         let ctx = &self.ctx;
         let name = format!("{}/{}", info.namespace, info.name);
@@ -676,7 +664,7 @@ impl Pods {
         };
         // Captured application connections never leave the pod; accepted sockets inherit
         // the listener's congestion control, so this is set once, not per connection.
-        crate::netns::pod_local_congestion(&outbound_l);
+        runtime::netns::pod_local_congestion(&outbound_l);
         let dup = |l: &TcpListener| {
             l.as_fd()
                 .try_clone_to_owned()
@@ -883,7 +871,7 @@ fn adopt_listener(fd: OwnedFd, addr: SocketAddr) -> Result<TcpListener, String> 
 /// this one's.
 async fn in_namespace(netns: &Netns, listeners: [&TcpListener; 3]) -> Result<(), String> {
     let here = netns
-        .run(crate::netns::listening_inodes)
+        .run(runtime::netns::listening_inodes)
         .await
         .and_then(|r| r)
         .map_err(|e| format!("cannot list the listening sockets in its network namespace: {e}"))?;

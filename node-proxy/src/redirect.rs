@@ -15,7 +15,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use crate::netns::{Netns, MARK_INBOUND, MARK_OUTBOUND};
+use runtime::netns::{Netns, MARK_INBOUND, MARK_OUTBOUND};
 
 /// The nftables table the rules live in.
 pub const TABLE: &str = "weft";

@@ -12,10 +12,10 @@ use api::Model;
 use arc_swap::ArcSwap;
 use controller::metrics::{KindLabel, ReasonLabel};
 use controller::testing::{namespace_yaml, pod_yaml, TestController};
-use node_proxy::config_client::{
+use runtime::config_client::{
     self, CaClient, Changed, ConfigMetrics, ControllerConfig, Subscription,
 };
-use node_proxy::state::{CertError, CertSource, Identities, ModelStatus, SharedModel};
+use runtime::state::{CertError, CertSource, Identities, ModelStatus, SharedModel};
 use tokio_util::sync::CancellationToken;
 
 fn dir(name: &str) -> std::path::PathBuf {

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use controller::testing::{namespace_yaml, pod_yaml, TestController};
-use node_proxy::handoff::{HandoffClient, HandoffError, PodInfo};
-use node_proxy::netns::Netns;
+use runtime::handoff::{HandoffClient, HandoffError, PodInfo};
+use runtime::netns::Netns;
 use tokio_util::sync::CancellationToken;
 
 fn ip(args: &[&str]) {
@@ -148,7 +148,7 @@ fn run_limited(
     let config = node_proxy::Config {
         node: "node-1".into(),
         handoff: handoff.clone(),
-        control: node_proxy::config_client::ControllerFlags {
+        control: runtime::config_client::ControllerFlags {
             controller: controller.grpc.to_string(),
             controller_name: controller::testing::SERVER_NAME.into(),
             controller_ca: controller.root.clone(),

@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use node_proxy::handoff::HandoffError;
 use node_proxy::redirect::RedirectError;
+use runtime::handoff::HandoffError;
 use serde::Serialize;
 
 /// Error codes the CNI specification reserves (0-99); ours are 100 and up.

@@ -27,9 +27,9 @@ use std::fs::File;
 use std::os::fd::AsFd;
 
 use controller::translate::enrollment::{namespace_enrolled, pod_enrolled};
-use node_proxy::handoff::{HandoffClient, HandoffError, PodInfo};
-use node_proxy::netns::Netns;
 use node_proxy::redirect;
+use runtime::handoff::{HandoffClient, HandoffError, PodInfo};
+use runtime::netns::Netns;
 use tracing::{info, warn};
 
 use config::{CniEnv, Command, Env, NetConf, LATEST_VERSION, SUPPORTED_VERSIONS};

@@ -22,8 +22,8 @@ use anyhow::{bail, Context};
 use api::ObjectName;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use node_proxy::handoff::{HandoffClient, PodInfo};
-use node_proxy::netns::Netns;
+use runtime::handoff::{HandoffClient, PodInfo};
+use runtime::netns::Netns;
 
 use super::manifest::{Cluster, NamespaceSpec, PodSpec, ServiceSpec};
 use super::{net, write_atomic, PodState, ServiceState};

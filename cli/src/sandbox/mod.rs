@@ -34,8 +34,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
 use api::ObjectName;
-use node_proxy::handoff::{HandoffClient, PodInfo};
-use node_proxy::netns::Netns;
+use runtime::handoff::{HandoffClient, PodInfo};
+use runtime::netns::Netns;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use arc_swap::ArcSwap;
-use node_proxy::config_client::{self, Changed, ConfigMetrics, ControllerConfig, Subscription};
-use node_proxy::state::{CertSource, Identities, ModelStatus};
+use runtime::config_client::{self, Changed, ConfigMetrics, ControllerConfig, Subscription};
+use runtime::state::{CertSource, Identities, ModelStatus};
 use tokio_util::sync::CancellationToken;
 use weft_e2e::bench::{cpu_seconds, env, percentile, status_kib};
 use weft_e2e::weftctl;
@@ -46,11 +46,11 @@ impl CertSource for NoCertificates {
                 tunnel::identity::WorkloadCert,
                 tunnel::identity::TrustBundle,
             ),
-            node_proxy::state::CertError,
+            runtime::state::CertError,
         >,
     > {
         Box::pin(async {
-            Err(node_proxy::state::CertError::Unavailable(
+            Err(runtime::state::CertError::Unavailable(
                 "not in the benchmark".into(),
             ))
         })

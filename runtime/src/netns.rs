@@ -230,6 +230,18 @@ impl Netns {
     }
 }
 
+/// Makes outbound sockets inside a pod's namespace, for the HBONE client pool.
+pub struct PodSockets(pub std::sync::Arc<Netns>);
+
+impl tunnel::hbone::SocketFactory for PodSockets {
+    fn socket(
+        &self,
+        dst: SocketAddr,
+    ) -> tunnel::hbone::BoxFuture<'_, io::Result<tokio::net::TcpSocket>> {
+        Box::pin(std::future::ready(self.0.outbound_socket(dst)))
+    }
+}
+
 /// The congestion control for connections that never leave the pod: the proxy's
 /// connections to and from the application over the pod's loopback.
 pub const POD_LOCAL_CONGESTION: &str = "reno";

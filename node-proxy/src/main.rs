@@ -19,10 +19,10 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    node_proxy::init_logging();
+    runtime::startup::init_logging();
     let cli = Cli::parse();
-    node_proxy::raise_fd_limit();
+    runtime::startup::raise_fd_limit();
     let shutdown = CancellationToken::new();
-    node_proxy::cancel_on_signals(shutdown.clone())?;
+    runtime::startup::cancel_on_signals(shutdown.clone())?;
     node_proxy::run(cli.config, shutdown).await
 }

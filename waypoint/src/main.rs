@@ -19,14 +19,14 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    node_proxy::init_logging();
+    runtime::startup::init_logging();
     let cli = Cli::parse();
-    node_proxy::raise_fd_limit();
+    runtime::startup::raise_fd_limit();
     let runtime =
         waypoint::runtime(cli.config.worker_threads).context("cannot start the async runtime")?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        node_proxy::cancel_on_signals(shutdown.clone())?;
+        runtime::startup::cancel_on_signals(shutdown.clone())?;
         waypoint::run(cli.config, shutdown).await
     })
 }
