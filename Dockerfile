@@ -7,7 +7,7 @@
 # The binaries are built beforehand, on a glibc no newer than the base image's
 # (Debian 12), and copied in; nothing is compiled here:
 #
-#   cargo build --release -p weft-cli --bins
+#   cargo build --release --workspace --bins
 #   docker build -t <registry>/weft:<version> .
 FROM debian:bookworm-slim
 

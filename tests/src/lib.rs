@@ -4,7 +4,7 @@
 //! it created, also when a test fails.
 //!
 //! Tests need root (network namespaces) and the built `weftctl` binary next to the test
-//! executable's directory (`cargo build -p weft-cli` first; `.ci/run` does).
+//! executable's directory (`cargo build --workspace --bins` first; `.ci/run` does).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -40,7 +40,7 @@ pub fn weftctl() -> anyhow::Result<PathBuf> {
         }
     }
     bail!(
-        "weftctl is missing next to {}: run `cargo build -p weft-cli` (same profile) first",
+        "weftctl is missing next to {}: run `cargo build --workspace --bins` (same profile) first",
         exe.display()
     )
 }

@@ -39,7 +39,7 @@ fn weft_cni() -> PathBuf {
     let path = weftctl().unwrap().with_file_name("weft-cni");
     assert!(
         path.exists(),
-        "{} is missing: run `cargo build -p weft-cli` first",
+        "{} is missing: run `cargo build --workspace --bins` first",
         path.display()
     );
     path
@@ -648,7 +648,7 @@ fn weft_cni_with(env: &[(&str, &str)], stdin: &str) -> (bool, Value, String) {
 }
 
 #[test]
-#[ignore = "needs the weft-cni binary (cargo build -p weft-cli)"]
+#[ignore = "needs the weft-cni binary (cargo build --workspace --bins)"]
 fn malformed_input_gets_a_cni_error() {
     let add = [
         ("CNI_COMMAND", "ADD"),

@@ -930,7 +930,7 @@ pub const NODE_PROXY_BIN: &str = "node-proxy";
 /// The waypoint binary, beside weftctl.
 pub const WAYPOINT_BIN: &str = "waypoint";
 
-/// A role's own binary next to `weftctl`, built with it (`cargo build -p weft-cli`
+/// A role's own binary next to `weftctl`, built with it (`cargo build --workspace --bins`
 /// makes all of them). Each is what the role runs in a cluster too, a fraction of
 /// weftctl's size, so a process's resident memory is its own and not the other roles'
 /// code.
@@ -951,7 +951,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
         let exe = role_exe(&opts.exe, binary);
         if !exe.is_file() {
             bail!(
-                "{} is missing: the sandbox runs the {binary} binary next to weftctl; `cargo build -p weft-cli` builds them all",
+                "{} is missing: the sandbox runs the {binary} binary next to weftctl; `cargo build --workspace --bins` builds them all",
                 exe.display()
             );
         }
