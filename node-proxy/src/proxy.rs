@@ -415,10 +415,16 @@ impl Pods {
     }
 
     /// Starts serving a pod: waits (bounded) for its workload in the model, fetches
-    /// its certificate, enters its namespace, opens its listeners. All or nothing: on
-    /// error nothing of the pod is left running.
-    pub async fn add(&self, info: PodInfo, netns: OwnedFd) -> Result<(), PodError> {
-        self.add_with(info, netns, None).await
+    /// its certificate, enters its namespace, and serves the listeners the sender opened
+    /// there, or opens its own when it sent none. All or nothing: on error nothing of the
+    /// pod is left running.
+    pub async fn add(
+        &self,
+        info: PodInfo,
+        netns: OwnedFd,
+        listeners: Option<[OwnedFd; 3]>,
+    ) -> Result<(), PodError> {
+        self.add_with(info, netns, listeners).await
     }
 
     /// As [`add`](Self::add), serving listeners a node-proxy it replaces handed over
@@ -449,6 +455,13 @@ impl Pods {
             self.handing_over.store(false, Ordering::SeqCst);
         }
         exported
+    }
+
+    /// Every pod with duplicates of its namespace and listeners, for a sender that
+    /// restarted and takes back the listeners it held. Changes nothing.
+    pub async fn inventory(&self) -> std::io::Result<Vec<(PodInfo, [OwnedFd; 4])>> {
+        let pods = self.pods.lock().await;
+        self.export_locked(&pods)
     }
 
     /// The takeover was abandoned: accept changes again.
@@ -928,8 +941,32 @@ pub async fn serve_handoff(
                     r = conn.next() => r,
                 };
                 let result = match request {
-                    Ok(Some(Request::Add { pod, netns })) => {
-                        pods.add(pod, netns).await.map_err(|e| e.to_string())
+                    Ok(Some(Request::Add {
+                        pod,
+                        netns,
+                        listeners,
+                    })) => pods
+                        .add(pod, netns, listeners)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Ok(Some(Request::Inventory)) => {
+                        let result = match pods.inventory().await {
+                            Ok(listed) => {
+                                let borrowed: Vec<_> = listed
+                                    .iter()
+                                    .map(|(pod, fds)| {
+                                        (pod.clone(), fds.each_ref().map(|f| f.as_fd()))
+                                    })
+                                    .collect();
+                                conn.hand_over(None, &borrowed).await
+                            }
+                            Err(e) => conn.reply(Err(format!("inventory: {e}"))).await,
+                        };
+                        if let Err(e) = result {
+                            warn!("handoff reply failed: {e}");
+                            return;
+                        }
+                        continue;
                     }
                     Ok(Some(Request::Remove { uid })) => pods.remove(&uid).await,
                     Ok(Some(Request::SnapshotStart)) => pods.snapshot_start(),

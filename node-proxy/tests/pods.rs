@@ -211,7 +211,7 @@ async fn pods_come_and_go_without_leaks_and_bad_handoffs_leave_nothing() {
     // and nothing of it keeps running.
     let bare_file = bare.file();
     let (client2, err) = tokio::task::spawn_blocking(move || {
-        let err = client.add(&pod("ghost", "10.250.0.9"), bare_file.as_fd());
+        let err = client.add(&pod("ghost", "10.250.0.9"), bare_file.as_fd(), None);
         (client, err)
     })
     .await
@@ -235,7 +235,7 @@ async fn pods_come_and_go_without_leaks_and_bad_handoffs_leave_nothing() {
     for round in 0..20 {
         let fd = good_file.try_clone().unwrap();
         client = tokio::task::spawn_blocking(move || {
-            if let Err(e) = client.add(&pod("cart", "10.250.0.2"), fd.as_fd()) {
+            if let Err(e) = client.add(&pod("cart", "10.250.0.2"), fd.as_fd(), None) {
                 panic!("round {round}: {e}");
             }
             client
@@ -370,7 +370,7 @@ async fn a_new_node_proxy_takes_over_the_listeners() {
         move || {
             let mut client = connect(&handoff);
             client
-                .add(&pod("cart", "10.250.2.2"), ns_file.as_fd())
+                .add(&pod("cart", "10.250.2.2"), ns_file.as_fd(), None)
                 .unwrap();
             client
         }
@@ -444,7 +444,7 @@ async fn a_new_node_proxy_takes_over_the_listeners() {
     tokio::task::spawn_blocking(move || {
         let mut client = connect(&handoff);
         client
-            .add(&pod("cart", "10.250.2.2"), ns_file.as_fd())
+            .add(&pod("cart", "10.250.2.2"), ns_file.as_fd(), None)
             .unwrap();
     })
     .await
@@ -630,7 +630,7 @@ async fn connection_limits_hold_connections_back_per_listener_and_per_node() {
         let file = ns.file();
         tokio::task::spawn_blocking(move || {
             connect(&handoff)
-                .add(&pod("lim", "10.250.5.2"), file.as_fd())
+                .add(&pod("lim", "10.250.5.2"), file.as_fd(), None)
                 .unwrap()
         })
         .await
@@ -686,7 +686,7 @@ async fn a_pod_handed_over_before_the_model_knows_it_waits_for_it() {
     let file = late.file();
     let path = handoff.clone();
     let added = tokio::task::spawn_blocking(move || {
-        connect(&path).add(&pod("late", "10.250.6.2"), file.as_fd())
+        connect(&path).add(&pod("late", "10.250.6.2"), file.as_fd(), None)
     });
     // The handoff came first (the CNI plugin runs before the controller has seen the
     // pod); its workload reaches the model a moment later.
@@ -706,7 +706,7 @@ async fn a_pod_handed_over_before_the_model_knows_it_waits_for_it() {
     let never = TestNetns::new(&format!("np{id}-never"), Some("10.250.6.3"));
     let file = never.file();
     let refused = tokio::task::spawn_blocking(move || {
-        connect(&handoff).add(&pod("never", "10.250.6.3"), file.as_fd())
+        connect(&handoff).add(&pod("never", "10.250.6.3"), file.as_fd(), None)
     })
     .await
     .unwrap();

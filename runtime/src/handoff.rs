@@ -24,16 +24,15 @@
 //! usable. `docs/handoff.md` is the full specification for other senders.
 
 use std::fmt;
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
-use nix::sys::statfs::{fstatfs, NSFS_MAGIC};
+use ipc::datagram;
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, SockAddr, Socket, Type};
 use tokio::io::Interest;
@@ -47,10 +46,6 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 /// How long [`HandoffClient`] waits for each reply: longer than node-proxy waits for a
 /// pod's workload to reach the model (10 s by default).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
-/// The most descriptors Linux attaches to one message (`SCM_MAX_FD`). The receive buffer
-/// has room for all of them: were it truncated, the descriptors that did arrive could not
-/// be listed, so not closed.
-const SCM_MAX_FD: usize = 253;
 
 /// A pod handed to node-proxy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +101,7 @@ enum Message {
     SnapshotEnd {},
     Takeover {},
     TakeoverDone {},
+    Inventory {},
 }
 
 /// One part of a takeover answer, with its descriptors attached.
@@ -136,6 +132,18 @@ pub struct HandedPod {
     pub netns: OwnedFd,
     /// Its listeners: outbound, inbound plaintext, inbound HBONE.
     pub listeners: [OwnedFd; 3],
+}
+
+/// A pod in a [`HandoffClient::snapshot`]: its namespace and, when the sender holds
+/// them, its listeners (outbound, inbound plaintext, HBONE).
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotPod<'a> {
+    /// The pod.
+    pub pod: &'a PodInfo,
+    /// Its network namespace.
+    pub netns: BorrowedFd<'a>,
+    /// Its listeners, if the sender opened them.
+    pub listeners: Option<[BorrowedFd<'a>; 3]>,
 }
 
 /// node-proxy's answer to one message.
@@ -169,12 +177,16 @@ impl Reply {
 /// A request node-proxy must act on and then answer with [`HandoffConn::reply`].
 #[derive(Debug)]
 pub enum Request {
-    /// Serve this pod, whose network namespace is `netns` (checked to be one).
+    /// Serve this pod, whose network namespace is `netns` (checked to be one), on the
+    /// listeners the sender opened there (outbound, inbound plaintext, HBONE), or on
+    /// listeners of node-proxy's own when it sent none.
     Add {
         /// The pod, validated.
         pod: PodInfo,
         /// The pod's network namespace.
         netns: OwnedFd,
+        /// Its listeners, when the sender holds them.
+        listeners: Option<[OwnedFd; 3]>,
     },
     /// Stop serving the pod with this UID.
     Remove {
@@ -191,6 +203,10 @@ pub enum Request {
     /// The new node-proxy serves everything it was handed: reply, then drain. If the
     /// connection ends before this, the takeover was abandoned: keep serving.
     TakeoverDone,
+    /// A sender that restarted asks for every pod with duplicates of its namespace and
+    /// listeners: answer with [`HandoffConn::hand_over`] (no admin listener); nothing
+    /// else changes.
+    Inventory,
 }
 
 /// A handoff failure, on either side. Paths are the socket's.
@@ -283,7 +299,6 @@ impl HandoffListener {
             sock,
             path: self.path.clone(),
             buf: vec![0; MAX_MESSAGE],
-            cmsg: nix::cmsg_space!([RawFd; SCM_MAX_FD]),
             greeted: false,
             in_snapshot: false,
             awaiting_reply: false,
@@ -312,7 +327,6 @@ pub struct HandoffConn {
     sock: UnixStream,
     path: Arc<Path>,
     buf: Vec<u8>,
-    cmsg: Vec<u8>,
     greeted: bool,
     in_snapshot: bool,
     awaiting_reply: bool,
@@ -346,18 +360,16 @@ impl HandoffConn {
                 }
                 r => r?,
             }
-            let fd = self.sock.as_raw_fd();
-            let (len, flags, fds) = self
-                .sock
-                .async_io(Interest::READABLE, || {
-                    recv_datagram(fd, &mut self.buf, &mut self.cmsg)
-                })
+            let sock = &self.sock;
+            let buf = &mut self.buf;
+            let received = sock
+                .async_io(Interest::READABLE, || datagram::recv(sock.as_fd(), buf))
                 .await
                 .map_err(|source| self.io(source))?;
-            if len == 0 && !flags.contains(MsgFlags::MSG_TRUNC) {
+            if received.is_end() {
                 return Ok(None);
             }
-            match self.interpret(len, flags, fds) {
+            match self.interpret(received) {
                 Outcome::Deliver(request) => {
                     self.awaiting_reply = true;
                     return Ok(Some(request));
@@ -406,18 +418,18 @@ impl HandoffConn {
         let encode = |h: &Handed| {
             serde_json::to_vec(h).map_err(|e| HandoffError::Invalid(format!("takeover: {e}")))
         };
-        let mut parts: Vec<(Vec<u8>, Vec<RawFd>)> = Vec::new();
+        let mut parts: Vec<(Vec<u8>, Vec<BorrowedFd<'_>>)> = Vec::new();
         if let Some(fd) = admin {
-            parts.push((encode(&Handed::Admin {})?, vec![fd.as_raw_fd()]));
+            parts.push((encode(&Handed::Admin {})?, vec![fd]));
         }
         for (pod, fds) in pods {
             let bytes = encode(&Handed::Pod { pod: pod.clone() })?;
-            parts.push((bytes, fds.iter().map(|f| f.as_raw_fd()).collect()));
+            parts.push((bytes, fds.to_vec()));
         }
         for (bytes, fds) in &parts {
             self.sock
                 .async_io(Interest::WRITABLE, || {
-                    send_datagram(self.sock.as_raw_fd(), bytes, fds)
+                    datagram::send(self.sock.as_fd(), bytes, fds)
                 })
                 .await
                 .map_err(|source| self.io(source))?;
@@ -430,7 +442,7 @@ impl HandoffConn {
         if let Some(bytes) = &self.unsent {
             self.sock
                 .async_io(Interest::WRITABLE, || {
-                    send_datagram(self.sock.as_raw_fd(), bytes, &[])
+                    datagram::send(self.sock.as_fd(), bytes, &[])
                 })
                 .await
                 .map_err(|source| self.io(source))?;
@@ -443,22 +455,28 @@ impl HandoffConn {
         HandoffError::Io(self.path.to_path_buf(), source)
     }
 
-    fn interpret(&mut self, len: usize, flags: MsgFlags, fds: ReceivedFds) -> Outcome {
-        if flags.contains(MsgFlags::MSG_TRUNC) {
+    fn interpret(&mut self, received: datagram::Received) -> Outcome {
+        let datagram::Received {
+            len,
+            truncated,
+            fds_truncated,
+            fds,
+        } = received;
+        if truncated {
             let e = format!(
                 "message rejected: larger than the {} KiB limit",
                 MAX_MESSAGE / 1024
             );
             return Outcome::Answer(Err(e));
         }
-        if flags.contains(MsgFlags::MSG_CTRUNC) {
+        if fds_truncated {
             return Outcome::Answer(Err("message rejected: too many file descriptors".into()));
         }
         let (message, what) = match parse(&self.buf[..len]) {
             Ok(parsed) => parsed,
             Err(e) => return Outcome::Answer(Err(e)),
         };
-        let (nfds, is_add) = (fds.0.len(), matches!(message, Message::Add { .. }));
+        let (nfds, is_add) = (fds.len(), matches!(message, Message::Add { .. }));
         let result = match message {
             Message::Hello { version } if version != PROTOCOL_VERSION => {
                 return Outcome::Mismatch(version)
@@ -472,10 +490,14 @@ impl HandoffConn {
                 return Outcome::Answer(Ok(()));
             }
             _ if !self.greeted => Err("expected hello first".into()),
-            Message::Add { pod } => pod
-                .validate()
-                .and_then(|()| take_netns(&fds))
-                .map(|netns| Request::Add { pod, netns }),
+            Message::Add { pod } => pod.validate().and_then(|()| {
+                let (netns, listeners) = take_add_fds(fds)?;
+                Ok(Request::Add {
+                    pod,
+                    netns,
+                    listeners,
+                })
+            }),
             Message::Remove { uid } if uid.is_empty() => Err("uid is empty".into()),
             Message::Remove { uid } => Ok(Request::Remove { uid }),
             Message::SnapshotStart {} if self.in_snapshot => {
@@ -488,6 +510,7 @@ impl HandoffConn {
             Message::SnapshotEnd {} => Ok(Request::SnapshotEnd),
             Message::Takeover {} => Ok(Request::Takeover),
             Message::TakeoverDone {} => Ok(Request::TakeoverDone),
+            Message::Inventory {} => Ok(Request::Inventory),
         };
         match result {
             Ok(request) => {
@@ -524,7 +547,7 @@ fn parse(bytes: &[u8]) -> Result<(Message, String), String> {
         (
             Some(
                 ty @ ("hello" | "add" | "remove" | "snapshot_start" | "snapshot_end" | "takeover"
-                | "takeover_done"),
+                | "takeover_done" | "inventory"),
             ),
             _,
         ) => ty.to_owned(),
@@ -537,96 +560,24 @@ fn parse(bytes: &[u8]) -> Result<(Message, String), String> {
     }
 }
 
-/// Descriptors received with a message; closed on drop.
-struct ReceivedFds(Vec<RawFd>);
-
-impl Drop for ReceivedFds {
-    fn drop(&mut self) {
-        for fd in self.0.drain(..) {
-            let _ = nix::unistd::close(fd);
-        }
-    }
-}
-
-/// The single descriptor of an `add`, if it is a network namespace.
-///
-/// nix gives received descriptors as raw numbers, and adopting one as an `OwnedFd` takes
-/// `unsafe`. Re-opening it through `/proc/self/fd` is safe, and the link is checked first:
-/// it names what the descriptor is ("net:[4026532301]") without opening a FIFO or device.
-fn take_netns(fds: &ReceivedFds) -> Result<OwnedFd, String> {
-    let [fd] = fds.0[..] else {
+/// The descriptors of an `add`: the pod's network namespace (checked to be one), and
+/// optionally its three listeners (node-proxy checks they are listening sockets of that
+/// namespace when it serves them).
+fn take_add_fds(fds: Vec<OwnedFd>) -> Result<(OwnedFd, Option<[OwnedFd; 3]>), String> {
+    let n = fds.len();
+    let mut fds = fds.into_iter();
+    let (Some(netns), 1 | 4) = (fds.next(), n) else {
         return Err(format!(
-            "expected 1 file descriptor (the pod's network namespace), got {}",
-            fds.0.len()
+            "expected 1 file descriptor (the pod's network namespace), or 4 (it and its \
+             outbound, inbound plaintext and HBONE listeners), got {n}"
         ));
     };
-    let link = format!("/proc/self/fd/{fd}");
-    let target = std::fs::read_link(&link)
-        .map_err(|e| format!("cannot inspect the file descriptor: {e}"))?;
-    let target = target.to_string_lossy();
-    // An open namespace reads "net:[inode]"; pipes, sockets and other namespaces read
-    // "kind:[...]". A bind-mounted namespace (ip netns, CNI: /run/netns/NAME) reads as
-    // its path: nsfs files are regular files, so anything else (a FIFO, a device) is
-    // refused before it is opened. nsfs is checked below; the namespace type is checked
-    // when node-proxy enters it (setns with CLONE_NEWNET).
-    match target.strip_suffix(']').and_then(|t| t.split_once(":[")) {
-        Some(("net", _)) => {}
-        Some(_) => {
-            return Err(format!(
-                "the file descriptor is not a network namespace (it refers to {target})"
-            ))
-        }
-        None => {
-            let meta = std::fs::metadata(&link)
-                .map_err(|e| format!("cannot inspect the file descriptor: {e}"))?;
-            if !meta.is_file() {
-                return Err(format!(
-                    "the file descriptor is not a network namespace (it refers to {target})"
-                ));
-            }
-        }
-    }
-    let file = std::fs::File::open(&link)
-        .map_err(|e| format!("cannot open the network namespace {target}: {e}"))?;
-    match fstatfs(&file) {
-        Ok(fs) if fs.filesystem_type() == NSFS_MAGIC => Ok(file.into()),
-        Ok(_) => Err(format!(
-            "the file descriptor is not a network namespace (it refers to {target}): it is not on nsfs"
-        )),
-        Err(e) => Err(format!(
-            "cannot inspect the network namespace {target}: {e}"
-        )),
-    }
-}
-
-fn recv_datagram(
-    fd: RawFd,
-    buf: &mut [u8],
-    cmsg: &mut [u8],
-) -> io::Result<(usize, MsgFlags, ReceivedFds)> {
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = recvmsg::<()>(fd, &mut iov, Some(cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
-    let mut fds = ReceivedFds(Vec::new());
-    for c in msg.cmsgs().into_iter().flatten() {
-        if let ControlMessageOwned::ScmRights(received) = c {
-            fds.0.extend(received);
-        }
-    }
-    Ok((msg.bytes, msg.flags, fds))
-}
-
-/// Sends one datagram. A signal can interrupt a blocking send even under SA_RESTART (the
-/// socket has a timeout); the send is all or nothing, so it is retried.
-fn send_datagram(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
-    let rights = [ControlMessage::ScmRights(fds)];
-    let cmsgs = if fds.is_empty() { &[][..] } else { &rights[..] };
-    let flags = MsgFlags::MSG_NOSIGNAL;
-    loop {
-        match sendmsg::<()>(fd, &[IoSlice::new(bytes)], cmsgs, flags, None) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            r => return r.map(drop).map_err(io::Error::from),
-        }
-    }
+    datagram::check_netns(&netns)?;
+    let listeners = match (fds.next(), fds.next(), fds.next()) {
+        (Some(a), Some(b), Some(c)) => Some([a, b, c]),
+        _ => None,
+    };
+    Ok((netns, listeners))
 }
 
 /// Maps a blocking socket's error to what it means for the sender.
@@ -693,15 +644,22 @@ impl HandoffClient {
         }
     }
 
-    /// Hands over a pod and its network namespace (a duplicate is sent; `netns` stays
-    /// the caller's).
-    pub fn add(&mut self, pod: &PodInfo, netns: BorrowedFd<'_>) -> Result<(), HandoffError> {
+    /// Hands over a pod and its network namespace, and the listeners the caller opened
+    /// there (outbound, inbound plaintext, HBONE), if it did; without them node-proxy
+    /// opens its own. Duplicates are sent: the descriptors stay the caller's.
+    pub fn add(
+        &mut self,
+        pod: &PodInfo,
+        netns: BorrowedFd<'_>,
+        listeners: Option<[BorrowedFd<'_>; 3]>,
+    ) -> Result<(), HandoffError> {
         let what = format!("add for pod {pod}");
         pod.validate()
             .map_err(|e| HandoffError::Invalid(format!("{what}: {e}")))?;
         let message = Message::Add { pod: pod.clone() };
-        self.call(&what, &message, &[netns.as_raw_fd()])?
-            .into_result()
+        let mut fds = vec![netns];
+        fds.extend(listeners.into_iter().flatten());
+        self.call(&what, &message, &fds)?.into_result()
     }
 
     /// Tells node-proxy the pod with this UID is gone.
@@ -715,12 +673,12 @@ impl HandoffClient {
 
     /// Replays the full list of pods; node-proxy forgets any pod not in it. A refused pod
     /// does not stop the replay: its error is returned once the replay is complete.
-    pub fn snapshot(&mut self, pods: &[(PodInfo, BorrowedFd<'_>)]) -> Result<(), HandoffError> {
+    pub fn snapshot(&mut self, pods: &[SnapshotPod<'_>]) -> Result<(), HandoffError> {
         self.call("snapshot_start", &Message::SnapshotStart {}, &[])?
             .into_result()?;
         let mut first = None;
-        for (pod, netns) in pods {
-            match self.add(pod, *netns) {
+        for p in pods {
+            match self.add(p.pod, p.netns, p.listeners) {
                 Err(e @ (HandoffError::Rejected(_) | HandoffError::Invalid(_))) => {
                     first.get_or_insert(e);
                 }
@@ -739,51 +697,42 @@ impl HandoffClient {
     /// connection closes first. A node-proxy that does not know `takeover` answers an
     /// error.
     pub fn take_over(&mut self) -> Result<Takeover, HandoffError> {
+        self.parts("takeover", &Message::Takeover {})
+    }
+
+    /// Asks node-proxy for every pod it serves, each with duplicates of its network
+    /// namespace and listeners, and changes nothing: how a sender that restarted gets
+    /// back the listeners it held.
+    pub fn inventory(&mut self) -> Result<Vec<HandedPod>, HandoffError> {
+        Ok(self.parts("inventory", &Message::Inventory {})?.pods)
+    }
+
+    /// Sends `message` and reads the parts that answer it, each with its descriptors,
+    /// up to the reply.
+    fn parts(&mut self, what: &str, message: &Message) -> Result<Takeover, HandoffError> {
         let path = self.path.clone();
         if self.broken {
             return Err(HandoffError::Broken(path));
         }
-        let bytes = serde_json::to_vec(&Message::Takeover {})
-            .map_err(|e| HandoffError::Invalid(format!("takeover: {e}")))?;
+        let bytes = serde_json::to_vec(message)
+            .map_err(|e| HandoffError::Invalid(format!("{what}: {e}")))?;
         self.broken = true;
         let transport = transport_error(&path);
-        send_datagram(self.sock.as_raw_fd(), &bytes, &[]).map_err(&transport)?;
+        datagram::send(self.sock.as_fd(), &bytes, &[]).map_err(&transport)?;
         let mut handed = Takeover::default();
         loop {
-            let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
-            let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
-            let mut iov = [IoSliceMut::new(&mut self.buf)];
-            let msg = loop {
-                match rustix::net::recvmsg(
-                    &self.sock,
-                    &mut iov,
-                    &mut control,
-                    rustix::net::RecvFlags::CMSG_CLOEXEC,
-                ) {
-                    Err(rustix::io::Errno::INTR) => continue,
-                    r => break r.map_err(|e| transport(e.into()))?,
-                }
-            };
-            let mut fds: Vec<OwnedFd> = Vec::new();
-            for m in control.drain() {
-                if let rustix::net::RecvAncillaryMessage::ScmRights(received) = m {
-                    fds.extend(received);
-                }
-            }
-            let len = msg.bytes;
-            if len == 0 {
+            let received = datagram::recv(self.sock.as_fd(), &mut self.buf).map_err(&transport)?;
+            if received.is_end() {
                 return Err(HandoffError::Closed(path.clone()));
             }
-            if msg
-                .flags
-                .intersects(rustix::net::ReturnFlags::TRUNC | rustix::net::ReturnFlags::CTRUNC)
-            {
+            if received.truncated || received.fds_truncated {
                 return Err(HandoffError::BadReply(
                     path.clone(),
-                    "truncated takeover message".into(),
+                    format!("truncated {what} message"),
                 ));
             }
-            let text = &self.buf[..len];
+            let fds = received.fds;
+            let text = &self.buf[..received.len];
             if let Ok(reply) = serde_json::from_slice::<Reply>(text) {
                 self.broken = false;
                 return reply.into_result().map(|()| handed);
@@ -827,7 +776,7 @@ impl HandoffClient {
         &mut self,
         what: &str,
         message: &Message,
-        fds: &[RawFd],
+        fds: &[BorrowedFd<'_>],
     ) -> Result<Reply, HandoffError> {
         let path = self.path.clone();
         if self.broken {
@@ -843,21 +792,15 @@ impl HandoffClient {
         }
         self.broken = true;
         let transport = transport_error(&path);
-        let fd = self.sock.as_raw_fd();
-        send_datagram(fd, &bytes, fds).map_err(&transport)?;
-        let (len, flags) = loop {
-            let mut iov = [IoSliceMut::new(&mut self.buf)];
-            match recvmsg::<()>(fd, &mut iov, None, MsgFlags::empty()) {
-                Ok(m) => break (m.bytes, m.flags),
-                Err(nix::errno::Errno::EINTR) => continue, // as in send_datagram
-                Err(e) => return Err(transport(e.into())),
-            }
-        };
+        datagram::send(self.sock.as_fd(), &bytes, fds).map_err(&transport)?;
+        let received = datagram::recv(self.sock.as_fd(), &mut self.buf).map_err(&transport)?;
         drop(transport);
-        if len == 0 {
+        // Replies carry no descriptors; any that came are closed with `received`.
+        let len = received.len;
+        if received.is_end() {
             return Err(HandoffError::Closed(path));
         }
-        if flags.contains(MsgFlags::MSG_TRUNC) {
+        if received.truncated {
             return Err(HandoffError::BadReply(
                 path,
                 format!("larger than {MAX_MESSAGE} bytes"),
@@ -884,6 +827,8 @@ mod tests {
     #[derive(Debug, PartialEq)]
     enum Seen {
         Add(PodInfo, (u64, u64)),
+        AddListening(PodInfo, (u64, u64), [u16; 3]),
+        Inventory,
         Remove(String),
         SnapshotStart,
         SnapshotEnd,
@@ -934,8 +879,21 @@ mod tests {
                     tokio::spawn(async move {
                         while let Some(request) = conn.next().await.transpose() {
                             let (seen, refuse) = match request {
-                                Ok(Request::Add { pod, netns }) => {
-                                    (Seen::Add(pod, ns_id(netns)), false)
+                                Ok(Request::Add {
+                                    pod,
+                                    netns,
+                                    listeners: None,
+                                }) => (Seen::Add(pod, ns_id(netns)), false),
+                                Ok(Request::Add {
+                                    pod,
+                                    netns,
+                                    listeners: Some(l),
+                                }) => {
+                                    let ports = l.map(|l| {
+                                        let l = std::net::TcpListener::from(l);
+                                        l.local_addr().map(|a| a.port()).unwrap_or(0)
+                                    });
+                                    (Seen::AddListening(pod, ns_id(netns), ports), false)
                                 }
                                 Ok(Request::Remove { uid }) => {
                                     (Seen::Remove(uid.clone()), uid == "refuse-me")
@@ -958,6 +916,18 @@ mod tests {
                                     continue;
                                 }
                                 Ok(Request::TakeoverDone) => (Seen::TakeoverDone, false),
+                                Ok(Request::Inventory) => {
+                                    let _ = tx.send(Seen::Inventory);
+                                    let bind = || std::net::TcpListener::bind("127.0.0.1:0");
+                                    let l = [bind(), bind(), bind()].map(|l| l.expect("bind"));
+                                    let ns = own_netns();
+                                    let fds =
+                                        [ns.as_fd(), l[0].as_fd(), l[1].as_fd(), l[2].as_fd()];
+                                    conn.hand_over(None, &[(pod(8), fds)])
+                                        .await
+                                        .expect("inventory");
+                                    continue;
+                                }
                                 Err(e) => return drop(tx.send(Seen::Ended(e.to_string()))),
                             };
                             let _ = tx.send(seen);
@@ -999,9 +969,7 @@ mod tests {
     /// The next reply, `Value::Null` at end of stream.
     fn raw_recv(sock: &Socket) -> Value {
         let mut buf = vec![0; MAX_MESSAGE];
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, None, MsgFlags::empty());
-        match msg.expect("recv").bytes {
+        match datagram::recv(sock.as_fd(), &mut buf).expect("recv").len {
             0 => Value::Null,
             len => serde_json::from_slice(&buf[..len]).expect("reply is JSON"),
         }
@@ -1067,13 +1035,13 @@ mod tests {
             for count in counts {
                 let (conn, _) = listener.accept().expect("accept");
                 let _hello = raw_recv(&conn);
-                send_datagram(conn.as_raw_fd(), br#"{"ok":true,"version":1}"#, &[]).expect("send");
+                datagram::send(conn.as_fd(), br#"{"ok":true,"version":1}"#, &[]).expect("send");
                 let _takeover = raw_recv(&conn);
                 let ns = own_netns();
                 let part =
                     serde_json::to_vec(&json!({"type": "pod", "pod": pod(1)})).expect("json");
-                let fds = vec![ns.as_raw_fd(); count];
-                send_datagram(conn.as_raw_fd(), &part, &fds).expect("send");
+                let fds = vec![ns.as_fd(); count];
+                datagram::send(conn.as_fd(), &part, &fds).expect("send");
                 let _ = raw_recv(&conn); // until the client hangs up
             }
         });
@@ -1093,11 +1061,17 @@ mod tests {
         let client = tokio::task::spawn_blocking(move || {
             let netns = own_netns();
             let mut client = HandoffClient::connect(&path)?;
-            client.add(&pod(1), netns.as_fd())?;
+            client.add(&pod(1), netns.as_fd(), None)?;
             client.remove("uid-1")?;
             let refused = client.remove("refuse-me").expect_err("refused").to_string();
             assert_eq!(refused, "node-proxy refused: remove: test refusal");
-            client.snapshot(&[(pod(2), netns.as_fd()), (pod(3), netns.as_fd())])
+            let (p2, p3) = (pod(2), pod(3));
+            let at = |pod| SnapshotPod {
+                pod,
+                netns: netns.as_fd(),
+                listeners: None,
+            };
+            client.snapshot(&[at(&p2), at(&p3)])
         });
         client.await.expect("client thread").expect("client");
         let ns = ns_id(own_netns());
@@ -1118,19 +1092,47 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn listeners_travel_with_an_add_and_come_back_in_an_inventory() {
+        let mut server = Server::start("inventory");
+        let path = server.path.clone();
+        let bind = || std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let held = [bind(), bind(), bind()];
+        let ports = held
+            .each_ref()
+            .map(|l| l.local_addr().expect("bound").port());
+        let client = tokio::task::spawn_blocking(move || {
+            let netns = own_netns();
+            let mut client = HandoffClient::connect(&path)?;
+            let listeners = held.each_ref().map(|l| l.as_fd());
+            client.add(&pod(1), netns.as_fd(), Some(listeners))?;
+            client.inventory()
+        });
+        let pods = client.await.expect("client thread").expect("client");
+        let ns = ns_id(own_netns());
+        server
+            .expect([Seen::AddListening(pod(1), ns, ports), Seen::Inventory])
+            .await;
+        let [p] = &pods[..] else {
+            panic!("one pod in the inventory: {pods:?}")
+        };
+        assert_eq!(p.pod, pod(8));
+        assert_eq!(ns_id(&p.netns), ns);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bad_input_is_answered_and_the_connection_survives() {
         let mut server = Server::start("bad-input");
         let (dir, raw) = (server.dir.clone(), server.raw());
         let sender = tokio::task::spawn_blocking(move || {
-            let check = |message: &str, fds: &[RawFd], want: &str| {
-                send_datagram(raw.as_raw_fd(), message.as_bytes(), fds).expect("send");
+            let check = |message: &str, fds: &[BorrowedFd<'_>], want: &str| {
+                datagram::send(raw.as_fd(), message.as_bytes(), fds).expect("send");
                 let reply = raw_recv(&raw);
                 let error = reply["error"].as_str().unwrap_or_default();
                 let ok = reply["ok"] == json!(want.is_empty()) && error.contains(want);
                 assert!(ok, "{message:.60}: got {reply}, want {want:?}");
             };
             let netns = own_netns();
-            let ns = netns.as_raw_fd();
+            let ns = netns.as_fd();
             let file = std::fs::File::create(dir.join("plain")).expect("create file");
             let user_ns = std::fs::File::open("/proc/self/ns/user").expect("open user ns");
             let add_with = |field: &str, value: Value| {
@@ -1151,21 +1153,21 @@ mod tests {
             check(
                 &add,
                 &[],
-                "add for pod shop/cart-1: expected 1 file descriptor (the pod's network namespace), got 0",
+                "add for pod shop/cart-1: expected 1 file descriptor (the pod's network namespace), or 4 (it and its outbound, inbound plaintext and HBONE listeners), got 0",
             );
             check(
                 &add,
                 &[ns, ns],
-                "expected 1 file descriptor (the pod's network namespace), got 2",
+                "or 4 (it and its outbound, inbound plaintext and HBONE listeners), got 2",
             );
             let plain = format!(
                 "not a network namespace (it refers to {})",
                 dir.join("plain").display()
             );
-            check(&add, &[file.as_raw_fd()], &plain);
+            check(&add, &[file.as_fd()], &plain);
             check(
                 &add,
-                &[user_ns.as_raw_fd()],
+                &[user_ns.as_fd()],
                 "not a network namespace (it refers to user:[",
             );
             check(
@@ -1241,7 +1243,7 @@ mod tests {
         let raw = server.raw();
         let replies = tokio::task::spawn_blocking(move || {
             let hello = br#"{"type":"hello","version":2,"features":["x"]}"#;
-            send_datagram(raw.as_raw_fd(), hello, &[]).expect("send");
+            datagram::send(raw.as_fd(), hello, &[]).expect("send");
             (raw_recv(&raw), raw_recv(&raw))
         });
         let (reply, after) = replies.await.expect("sender thread");
@@ -1262,7 +1264,15 @@ mod tests {
         let path = server.path.clone();
         let sent = tokio::task::spawn_blocking(move || {
             let netns = own_netns();
-            let pods: Vec<_> = (0..300).map(|i| (pod(i), netns.as_fd())).collect();
+            let pods: Vec<_> = (0..300).map(pod).collect();
+            let pods: Vec<_> = pods
+                .iter()
+                .map(|pod| SnapshotPod {
+                    pod,
+                    netns: netns.as_fd(),
+                    listeners: None,
+                })
+                .collect();
             HandoffClient::connect(&path)?.snapshot(&pods)
         });
         sent.await.expect("client thread").expect("snapshot");

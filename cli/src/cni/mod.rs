@@ -201,7 +201,7 @@ fn add(cni: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     })?;
     // node-proxy first: the rules send the pod's traffic to listeners it opens.
     client
-        .add(&pod, file.as_fd())
+        .add(&pod, file.as_fd(), None)
         .map_err(|source| CniError::Handoff {
             pod: who.clone(),
             source,

@@ -370,7 +370,7 @@ pub fn hand(handoff: &Path, pod: &RunningPod, serve: bool) -> anyhow::Result<()>
     let mut client = HandoffClient::connect(handoff)?;
     if serve {
         client
-            .add(&pod.info(), pod.netns_file.as_fd())
+            .add(&pod.info(), pod.netns_file.as_fd(), None)
             .with_context(|| format!("handing pod {} to its node-proxy", pod.name()))
     } else {
         client

@@ -533,6 +533,14 @@ impl Sandbox {
             .filter(|p| p.state.node == node && p.state.enrolled)
             .map(|p| (p.info(), p.netns_file.as_fd()))
             .collect();
+        let mine: Vec<_> = mine
+            .iter()
+            .map(|(pod, netns)| runtime::handoff::SnapshotPod {
+                pod,
+                netns: *netns,
+                listeners: None,
+            })
+            .collect();
         client
             .snapshot(&mine)
             .with_context(|| format!("handing pods to node-proxy of {node}"))
