@@ -14,6 +14,8 @@
 //! - [`resource`]: typed resources, [`Key`]s, and their conversion from and to protobuf;
 //!   conversion from protobuf validates, so a proxy refuses a bad resource by name.
 //! - [`model`]: the indexed store proxies query, updated by keyed upserts and removals.
+//! - [`enrollment`]: which pods the mesh captures, the one rule the controller and the
+//!   node agent both apply.
 //! - [`authz`]: the L4 authorization decision, a pure function of policies and a
 //!   connection.
 //! - [`digest`]: content hashes and bucket digests that let a proxy resume without a
@@ -21,6 +23,7 @@
 
 pub mod authz;
 pub mod digest;
+pub mod enrollment;
 pub mod model;
 pub mod resource;
 

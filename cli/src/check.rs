@@ -76,7 +76,7 @@ pub fn preflight(cni_conf_dir: &std::path::Path) -> Vec<Preflight> {
     });
     out.push(Preflight {
         what: "CNI configuration",
-        result: crate::cni::install::primary_conflist(cni_conf_dir)
+        result: node_agent::chain::primary_conflist(cni_conf_dir)
             .map(|p| format!("{} (weft-cni joins this chain)", p.display()))
             .map_err(|e| e.to_string()),
     });

@@ -2,7 +2,6 @@
 //! the controller for the sandbox.
 
 pub mod check;
-pub mod cni;
 pub mod debug;
 pub mod echo;
 pub mod grpc;

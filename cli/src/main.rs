@@ -258,6 +258,22 @@ enum Local {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// Stops or starts the node agent of one node of a running sandbox (as deleting its
+    /// pod would; pods stay captured meanwhile, new enrolled pods wait for it).
+    Agent {
+        /// `stop` or `start`.
+        #[arg(value_parser = ["stop", "start"])]
+        action: String,
+        /// The node.
+        #[arg(long)]
+        node: String,
+        /// Sandbox name.
+        #[arg(long, default_value = "weft")]
+        name: String,
+        /// State directory (default /run/weft/sandbox/<name>).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
     /// Removes a sandbox (also one whose `up` was killed).
     Down {
         /// Sandbox name.
@@ -480,6 +496,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } => {
                 let dir = state_dir.unwrap_or_else(|| sandbox::default_state_dir(&name));
                 sandbox::controller(&dir, action == "start")
+            }
+            Local::Agent {
+                action,
+                node,
+                name,
+                state_dir,
+            } => {
+                let dir = state_dir.unwrap_or_else(|| sandbox::default_state_dir(&name));
+                sandbox::agent(&dir, &node, action == "start")
             }
             Local::Upgrade { name, state_dir } => {
                 let dir = state_dir.unwrap_or_else(|| sandbox::default_state_dir(&name));

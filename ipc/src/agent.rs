@@ -22,6 +22,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::datagram;
 
+/// The CNI versions `weft-cni` speaks: from 0.3.0, whose results list `ips` and
+/// `interfaces` as today's do. The agent chains it only into a list of one of them.
+pub const CNI_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+
 /// The protocol version both sides state.
 pub const VERSION: u32 = 1;
 /// The largest message either side sends.

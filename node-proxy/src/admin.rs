@@ -1,17 +1,11 @@
 //! The admin endpoint: `/metrics`, `/healthz`, `/ready`, `/config_dump`.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use http::StatusCode;
 use prometheus_client::registry::Registry;
+use runtime::admin::Answer;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tracing::debug;
 
 use crate::proxy::{Ctx, Pods};
 
@@ -39,37 +33,17 @@ pub struct Admin {
     pub registry: Registry,
 }
 
-fn respond(
-    status: StatusCode,
-    content_type: &str,
-    body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header(http::header::CONTENT_TYPE, content_type)
-        .body(Full::new(body.into()))
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+impl runtime::admin::Routes for Admin {
+    fn route<'a>(&'a self, path: &'a str) -> tunnel::hbone::BoxFuture<'a, Answer> {
+        Box::pin(self.answer(path))
+    }
 }
 
 impl Admin {
-    async fn route(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        match req.uri().path() {
-            "/metrics" => {
-                let mut text = String::new();
-                match prometheus_client::encoding::text::encode(&mut text, &self.registry) {
-                    Ok(()) => respond(
-                        StatusCode::OK,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        text,
-                    ),
-                    Err(e) => respond(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "text/plain",
-                        e.to_string(),
-                    ),
-                }
-            }
-            "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
+    async fn answer(&self, path: &str) -> Answer {
+        match path {
+            "/metrics" => runtime::admin::metrics(&self.registry),
+            "/healthz" => (StatusCode::OK, "text/plain", "ok\n".into()),
             "/ready" => {
                 let status = self
                     .ctx
@@ -78,7 +52,7 @@ impl Admin {
                     .expect("status lock is never poisoned")
                     .clone();
                 if status.loaded {
-                    respond(
+                    (
                         StatusCode::OK,
                         "text/plain",
                         format!("ready: model version {}\n", status.version),
@@ -87,7 +61,7 @@ impl Admin {
                     let why = status
                         .last_error
                         .unwrap_or_else(|| "no model loaded yet".into());
-                    respond(
+                    (
                         StatusCode::SERVICE_UNAVAILABLE,
                         "text/plain",
                         format!("not ready: {why}\n"),
@@ -118,40 +92,13 @@ impl Admin {
                     "identitiesHeld": self.ctx.identities.held(),
                     "hboneConnections": self.ctx.pool.connections(),
                 });
-                respond(
-                    StatusCode::OK,
-                    "application/json",
-                    serde_json::to_string_pretty(&dump).unwrap_or_default(),
-                )
+                runtime::admin::json(&dump)
             }
-            _ => respond(
+            _ => (
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found; try /metrics, /healthz, /ready or /config_dump\n",
+                "not found; try /metrics, /healthz, /ready or /config_dump\n".into(),
             ),
-        }
-    }
-
-    /// Serves until `shutdown`.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
-        loop {
-            let stream = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                (s, _) = tunnel::net::accept(&listener, "admin") => s,
-            };
-            let this = self.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.route(req).await) }
-                });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    debug!("admin connection: {e}");
-                }
-            });
         }
     }
 }

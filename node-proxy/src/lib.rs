@@ -1,8 +1,8 @@
 //! node-proxy: Weft's per-node L4 proxy.
 //!
-//! Every enrolled pod on the node is handed over on the handoff socket with its network
-//! namespace. node-proxy opens the pod's listeners inside that namespace, where the
-//! pod's redirect rules send its traffic:
+//! The node agent hands every enrolled pod on the node over the handoff socket, with its
+//! network namespace and the listeners it opened there, where the pod's capture rules
+//! (the agent's too) send its traffic:
 //!
 //! ```text
 //!  app --> 15001 outbound --model--> HBONE (pod's identity, from the pod's IP) --> peer:15008
@@ -15,10 +15,10 @@
 //! controller is away), and each pod identity's leaf is signed by the controller's CA.
 //! node-proxy holds no CA key.
 //!
-//! Modules follow the data path: [`handoff`] (pods in), [`netns`] and [`redirect`]
-//! (namespaces and capture rules), [`outbound`], [`inbound`] and [`authz`] (policy),
-//! [`state`] (model and certificates), [`config_client`] (the controller),
-//! [`metrics`], [`admin`], and [`proxy`] tying them together.
+//! Modules follow the data path: [`outbound`], [`inbound`] and [`authz`] (policy),
+//! [`relay`], [`metrics`], [`admin`], and [`proxy`] tying them together; the handoff
+//! socket, network namespaces, the model and certificates and the controller client
+//! are `weft-runtime`'s, shared with the node agent and the waypoint.
 
 pub mod admin;
 pub mod authz;
@@ -26,7 +26,6 @@ pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod proxy;
-pub mod redirect;
 pub mod relay;
 
 use std::net::SocketAddr;
@@ -246,7 +245,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         pods: pods.clone(),
         registry,
     });
-    tokio::spawn(admin.serve(admin_listener, shutdown.clone()));
+    tokio::spawn(runtime::admin::serve(
+        admin_listener,
+        admin,
+        shutdown.clone(),
+    ));
     let handoff = tokio::spawn(proxy::serve_handoff(
         handoff_listener,
         pods.clone(),

@@ -324,39 +324,6 @@ async fn pods_come_and_go_without_leaks_and_bad_handoffs_leave_nothing() {
 }
 
 #[ignore = "needs root"]
-#[test]
-fn capture_rules_install_idempotently_and_remove_cleanly() {
-    let ns = TestNetns::new(
-        &format!("np{}-rules", std::process::id()),
-        Some("10.250.1.2"),
-    );
-    let netns = Netns::enter(ns.file().into(), "shop/rules").unwrap();
-    node_proxy::redirect::install(&netns, "shop/rules").unwrap();
-    let once = node_proxy::redirect::list(&netns, "shop/rules").unwrap();
-    node_proxy::redirect::install(&netns, "shop/rules").unwrap();
-    let twice = node_proxy::redirect::list(&netns, "shop/rules").unwrap();
-    assert_eq!(once, twice, "installing twice leaves one copy");
-    for needle in [
-        "redirect to :15001",
-        "redirect to :15006",
-        "tcp dport 15008 accept",
-        "fwmark 0x53a lookup 100",
-        "local default dev lo",
-    ] {
-        assert!(once.contains(needle), "{needle:?} in:\n{once}");
-    }
-    assert_eq!(once.matches("fwmark 0x53a").count(), 1, "{once}");
-    node_proxy::redirect::remove(&netns, "shop/rules").unwrap();
-    let gone = node_proxy::redirect::list(&netns, "shop/rules").unwrap();
-    assert!(
-        !gone.contains("redirect to") && !gone.contains("fwmark 0x53a"),
-        "{gone}"
-    );
-    // Removing again is not an error.
-    node_proxy::redirect::remove(&netns, "shop/rules").unwrap();
-}
-
-#[ignore = "needs root"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_node_proxy_takes_over_the_listeners() {
     let id = std::process::id();
@@ -613,7 +580,13 @@ async fn connection_limits_hold_connections_back_per_listener_and_per_node() {
             .await
             .unwrap();
         let netns = Netns::enter(ns.file().into(), "shop/lim").unwrap();
-        node_proxy::redirect::install(&netns, "shop/lim").unwrap();
+        weft_node_agent::capture::install(
+            netns.fd(),
+            "shop/lim",
+            weft_node_agent::capture::PROBE_SOURCE,
+        )
+        .await
+        .unwrap();
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let count = accepted.clone();
         tokio::spawn(async move {

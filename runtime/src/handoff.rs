@@ -264,19 +264,9 @@ impl HandoffListener {
     /// file that is not a socket). Must be called inside a tokio runtime.
     pub fn bind(path: impl AsRef<Path>) -> io::Result<Self> {
         let path = path.as_ref();
-        let context = |e: io::Error| {
+        let listener = seqpacket_listener(path).map_err(|e| {
             io::Error::new(e.kind(), format!("handoff socket {}: {e}", path.display()))
-        };
-        let addr = SockAddr::unix(path).map_err(context)?;
-        remove_stale(path).map_err(context)?;
-        let sock =
-            Socket::new(Domain::UNIX, Type::SEQPACKET.nonblocking(), None).map_err(context)?;
-        sock.bind(&addr).map_err(context)?;
-        // Before listen(), so no sender can connect while the mode is still the umask's.
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(context)?;
-        sock.listen(128).map_err(context)?;
-        let listener = std::os::unix::net::UnixListener::from(OwnedFd::from(sock));
-        let listener = UnixListener::from_std(listener).map_err(context)?;
+        })?;
         Ok(Self {
             listener,
             path: path.into(),
@@ -305,6 +295,21 @@ impl HandoffListener {
             unsent: None,
         })
     }
+}
+
+/// A `SOCK_SEQPACKET` listener at `path` with mode 0600 (only root connects), replacing
+/// a socket an earlier process left there but not a file that is not a socket. Must be
+/// called inside a tokio runtime.
+pub fn seqpacket_listener(path: &Path) -> io::Result<UnixListener> {
+    let addr = SockAddr::unix(path)?;
+    remove_stale(path)?;
+    let sock = Socket::new(Domain::UNIX, Type::SEQPACKET.nonblocking(), None)?;
+    sock.bind(&addr)?;
+    // Before listen(), so no sender can connect while the mode is still the umask's.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    sock.listen(128)?;
+    let listener = std::os::unix::net::UnixListener::from(OwnedFd::from(sock));
+    UnixListener::from_std(listener)
 }
 
 /// Removes the socket an earlier node-proxy left at `path`. A live one is replaced too:
@@ -674,21 +679,42 @@ impl HandoffClient {
     /// Replays the full list of pods; node-proxy forgets any pod not in it. A refused pod
     /// does not stop the replay: its error is returned once the replay is complete.
     pub fn snapshot(&mut self, pods: &[SnapshotPod<'_>]) -> Result<(), HandoffError> {
+        let each = self.snapshot_each(pods)?;
+        each.into_iter().find_map(Result::err).map_or(Ok(()), Err)
+    }
+
+    /// As [`snapshot`](Self::snapshot), with each pod's own answer (in order): a refused
+    /// pod is an `Err` there; a transport failure ends the whole call.
+    pub fn snapshot_each(
+        &mut self,
+        pods: &[SnapshotPod<'_>],
+    ) -> Result<Vec<Result<(), HandoffError>>, HandoffError> {
         self.call("snapshot_start", &Message::SnapshotStart {}, &[])?
             .into_result()?;
-        let mut first = None;
+        let mut each = Vec::with_capacity(pods.len());
         for p in pods {
             match self.add(p.pod, p.netns, p.listeners) {
                 Err(e @ (HandoffError::Rejected(_) | HandoffError::Invalid(_))) => {
-                    first.get_or_insert(e);
+                    each.push(Err(e));
                 }
-                r => r?,
+                r => each.push(Ok(r?)),
             }
         }
-        let end = self
-            .call("snapshot_end", &Message::SnapshotEnd {}, &[])?
-            .into_result();
-        first.map_or(end, Err)
+        self.call("snapshot_end", &Message::SnapshotEnd {}, &[])?
+            .into_result()?;
+        Ok(each)
+    }
+
+    /// Whether node-proxy has closed the connection (it exited), without waiting: it
+    /// never sends anything unasked, so a readable idle connection has ended.
+    pub fn closed(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(0) => false,
+            Ok(_) => fds[0].revents().is_some_and(|r| !r.is_empty()),
+            Err(_) => true,
+        }
     }
 
     /// Asks the node-proxy at the other end to hand over its admin listener and its pods

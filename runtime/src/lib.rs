@@ -7,9 +7,10 @@
 //!  netns: a thread inside a pod's network namespace; sockets made there
 //!  handoff: node agent --SOCK_SEQPACKET + fds--> node-proxy (pods, their namespaces
 //!           and listeners); a new node-proxy takes the listeners of the one it replaces
-//!  startup: logging, signals, the open-file limit
+//!  startup: logging, signals, the open-file limit; admin: /metrics, /ready, dumps
 //! ```
 
+pub mod admin;
 pub mod config_client;
 pub mod handoff;
 pub mod metrics;

@@ -273,6 +273,30 @@ fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(s.into())
 }
 
+/// Opens TCP listeners on `addrs` inside the network namespace `netns`, from a thread
+/// that enters it for that and ends: for a process that holds a pod's listeners without
+/// serving them (the node agent, which hands them to node-proxy and keeps them open
+/// across its restarts). All or nothing.
+pub fn listen_in(netns: BorrowedFd<'_>, addrs: &[SocketAddr]) -> io::Result<Vec<OwnedFd>> {
+    let netns = netns.try_clone_to_owned()?;
+    let addrs = addrs.to_vec();
+    std::thread::Builder::new()
+        .name("netns listen".into())
+        .spawn(move || {
+            setns(&netns, CloneFlags::CLONE_NEWNET)?;
+            addrs
+                .iter()
+                .map(|a| {
+                    listener(*a)
+                        .map(OwnedFd::from)
+                        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))
+                })
+                .collect()
+        })?
+        .join()
+        .map_err(|_| io::Error::other("the thread opening listeners panicked"))?
+}
+
 /// Inodes of the TCP sockets listening in the calling thread's network namespace (from
 /// `/proc/thread-self/net/tcp` and `tcp6`), read line by line. Run it on a namespace's
 /// own thread ([`Netns::run`]) to list that namespace's.

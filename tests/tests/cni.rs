@@ -1,18 +1,20 @@
-//! weft-cni as a container runtime calls it: the test plays the runtime. It installs
-//! weft-cni into a CNI configuration directory beside Debian's `bridge` + `host-local`,
-//! creates pod network namespaces, and runs the chain per the CNI spec (network
-//! configuration with `prevResult` on stdin, `CNI_*` in the environment) inside a node
-//! network namespace of its own, against a real controller (manifest mode) and a real
-//! node-proxy process. Then it sends traffic between the captured pods.
+//! weft-cni as a container runtime calls it: the test plays the runtime. The node agent
+//! chains weft-cni into a CNI configuration directory after Debian's `bridge` +
+//! `host-local`; the test creates pod network namespaces and runs the chain per the CNI
+//! spec (network configuration with `prevResult` on stdin, `CNI_*` in the environment,
+//! and a `PATH` that holds no `nft` and no `ip`) inside a node network namespace of its
+//! own, against a real controller (manifest mode), a real node-proxy and a real node
+//! agent. Then it sends traffic between the captured pods, and stops the agent.
 //!
 //! ```text
-//!  node netns: bridge wcni0 (10.244.77.0/24)
+//!  node netns: bridge wcni0 (10.244.77.0/24), node agent
 //!     |-- client  10.244.77.10  cni-mesh (enrolled)     --curl--> echo, over HBONE + mTLS
 //!     |-- echo    10.244.77.11  cni-mesh (enrolled)     weftctl echo :8080
 //!     |-- plain   10.244.77.12  cni-plain (not enrolled)
 //!     |-- optout  10.244.77.13  cni-mesh, weft.dev/mesh=disabled
-//!     |-- late    10.244.77.14  cni-mesh, added while node-proxy is stopped
-//!     '-- plain2  10.244.77.15  cni-plain, added while node-proxy is stopped
+//!     |-- late    10.244.77.14  cni-mesh, added while the agent is stopped, then again
+//!     |-- plain2  10.244.77.15  cni-plain, added while the agent is stopped
+//!     '-- system  10.244.77.16  kube-system, added while the agent is stopped
 //!  host: controller (in the test), node-proxy (the binary), handoff socket
 //! ```
 
@@ -34,15 +36,20 @@ const MESH: &str = "cni-mesh";
 const PLAIN: &str = "cni-plain";
 const TRUST: &str = "spiffe://cluster.local";
 
-/// The weft-cni binary, built beside weftctl.
-fn weft_cni() -> PathBuf {
-    let path = weftctl().unwrap().with_file_name("weft-cni");
+/// A binary built beside weftctl.
+fn binary(name: &str) -> PathBuf {
+    let path = weftctl().unwrap().with_file_name(name);
     assert!(
         path.exists(),
         "{} is missing: run `cargo build --workspace --bins` first",
         path.display()
     );
     path
+}
+
+/// The weft-cni binary.
+fn weft_cni() -> PathBuf {
+    binary("weft-cni")
 }
 
 /// A network namespace the test made, deleted on drop.
@@ -191,14 +198,19 @@ impl Runtime {
             "IgnoreUnknown=1;IP={};K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID={}",
             pod.ip, pod.namespace, pod.name, pod.container, pod.uid
         );
-        let mut child = Command::new("ip")
+        // A runtime's minimal environment: no nft, no ip on the plugins' PATH (`ip`
+        // itself is named by its path, found on the test's own).
+        let ip = std::env::var_os("PATH")
+            .iter()
+            .flat_map(std::env::split_paths)
+            .map(|d| d.join("ip"))
+            .find(|p| p.is_file())
+            .expect("ip on PATH");
+        let mut child = Command::new(ip)
             .args(["netns", "exec", &self.node])
             .arg(program)
             .env_clear()
-            .env(
-                "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            )
+            .env("PATH", &self.cni_path)
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", &pod.container)
             .env("CNI_NETNS", pod.netns.path())
@@ -308,6 +320,48 @@ fn start_node_proxy(ctl: &TestController, handoff: &Path, admin: SocketAddr, log
     Proc(child)
 }
 
+/// The node agent for the node, as the sandbox starts it: in the node's namespace,
+/// reading `objects` as its API server's store.
+fn start_agent(node: &Netns, dir: &Path, objects: &Path, handoff: &Path) -> Proc {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("node-agent.log"))
+        .unwrap();
+    let child = Command::new("ip")
+        .args(["netns", "exec", &node.0])
+        .arg(binary("node-agent"))
+        .args(["--node", NODE, "--objects"])
+        .arg(objects)
+        .arg("--handoff")
+        .arg(handoff)
+        .arg("--socket")
+        .arg(dir.join("agent.sock"))
+        .arg("--state")
+        .arg(dir.join("agent.json"))
+        .arg("--cni-bin-dir")
+        .arg(dir.join("bin"))
+        .arg("--cni-conf-dir")
+        .arg(dir.join("net.d"))
+        .arg("--cni-plugin")
+        .arg(weft_cni())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let ready = eventually(Duration::from_secs(30), || {
+        let out = node.exec(&["curl", "-sf", "http://127.0.0.1:15022/ready"]);
+        out.status.success().then_some(())
+    });
+    assert!(
+        ready.is_some(),
+        "node agent not ready:\n{}",
+        std::fs::read_to_string(dir.join("node-agent.log")).unwrap_or_default()
+    );
+    Proc(child)
+}
+
 #[test]
 #[ignore = "needs root"]
 fn a_runtime_chains_weft_cni_after_bridge() {
@@ -318,7 +372,7 @@ fn a_runtime_chains_weft_cni_after_bridge() {
     std::fs::create_dir_all(dir.join("net.d")).unwrap();
     let uid = |name: &str| format!("uid-{pid}-{name}");
     // (namespace, name, service account, IP, extra labels)
-    let pods: [(&str, &str, &str, &str, &[(&str, &str)]); 6] = [
+    let pods: [(&str, &str, &str, &str, &[(&str, &str)]); 7] = [
         (MESH, "client", "client", "10.244.77.10", &[]),
         (MESH, "echo", "echo", "10.244.77.11", &[]),
         (PLAIN, "plain", "default", "10.244.77.12", &[]),
@@ -331,6 +385,7 @@ fn a_runtime_chains_weft_cni_after_bridge() {
         ),
         (MESH, "late", "late", "10.244.77.14", &[]),
         (PLAIN, "plain2", "default", "10.244.77.15", &[]),
+        ("kube-system", "system", "default", "10.244.77.16", &[]),
     ];
     let mut files = vec![(
         "namespaces.yaml".to_owned(),
@@ -360,11 +415,11 @@ fn a_runtime_chains_weft_cni_after_bridge() {
             &files,
         ))
         .unwrap();
-    let manifests = dir.join("controller/manifests");
+    let objects = dir.join("controller/manifests");
     let handoff = dir.join("handoff.sock");
     let admin = free_port();
     let np_log = dir.join("node-proxy.log");
-    let mut node_proxy = Some(start_node_proxy(&ctl, &handoff, admin, &np_log));
+    let _node_proxy = start_node_proxy(&ctl, &handoff, admin, &np_log);
 
     // The node: its network, as the cluster's network plugin configured it. The bridge
     // is made up front with a fixed MAC: a bridge's own address otherwise follows its
@@ -393,35 +448,41 @@ fn a_runtime_chains_weft_cni_after_bridge() {
             }
         }]
     });
-    std::fs::write(dir.join("net.d/10-bridge.conflist"), bridge.to_string()).unwrap();
-    // Installed twice: one entry.
-    for _ in 0..2 {
-        run(Command::new(weft_cni())
-            .args(["install", "--bin-dir"])
-            .arg(dir.join("bin"))
-            .arg("--conf-dir")
-            .arg(dir.join("net.d"))
-            .arg("--manifests")
-            .arg(&manifests)
-            .arg("--socket")
-            .arg(&handoff));
-    }
+    let primary = dir.join("net.d/10-bridge.conflist");
+    std::fs::write(&primary, bridge.to_string()).unwrap();
+    let mut agent = Some(start_agent(&node, &dir, &objects, &handoff));
     let runtime = Runtime {
         conf_dir: dir.join("net.d"),
         cni_path: format!("{}:/usr/lib/cni", dir.join("bin").display()),
         node: node.0.clone(),
     };
-    let types: Vec<Value> = runtime.conflist()["plugins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["type"].clone())
-        .collect();
+    let types = || -> Vec<Value> {
+        runtime.conflist()["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["type"].clone())
+            .collect()
+    };
     assert_eq!(
-        types,
+        types(),
         [json!("bridge"), json!("weft-cni")],
-        "one weft-cni entry, last"
+        "the agent chained one weft-cni entry, last"
     );
+    // The network plugin rewrites its configuration without it: chained again.
+    std::fs::write(&primary, bridge.to_string()).unwrap();
+    let again = eventually(Duration::from_secs(5), || {
+        (types() == [json!("bridge"), json!("weft-cni")]).then_some(())
+    });
+    assert!(again.is_some(), "re-chained: {:?}", types());
+    for plugin in runtime.cni_path.split(':') {
+        for tool in ["nft", "ip"] {
+            assert!(
+                !Path::new(plugin).join(tool).exists(),
+                "the plugins' PATH holds no {tool}"
+            );
+        }
+    }
 
     let netns: Vec<Netns> = pods.iter().map(|p| Netns::new(p.1)).collect();
     let pod = |i: usize| Pod {
@@ -432,18 +493,19 @@ fn a_runtime_chains_weft_cni_after_bridge() {
         ip: pods[i].3,
         container: format!("c{pid}{i}"),
     };
-    let log = || std::fs::read_to_string(&np_log).unwrap_or_default();
+    let logs = || {
+        format!(
+            "node-proxy:\n{}\nnode agent:\n{}",
+            std::fs::read_to_string(&np_log).unwrap_or_default(),
+            std::fs::read_to_string(dir.join("node-agent.log")).unwrap_or_default()
+        )
+    };
     // ADD: each pod's chain succeeds and weft-cni passes bridge's result through.
     let mut results = Vec::new();
     for i in 0..4 {
         let answers = runtime.add(&pod(i));
         let last = answers.last().unwrap();
-        assert!(
-            last.ok,
-            "ADD {}: {answers:#?}\nnode-proxy:\n{}",
-            pods[i].1,
-            log()
-        );
+        assert!(last.ok, "ADD {}: {answers:#?}\n{}", pods[i].1, logs());
         assert_eq!(answers.len(), 2);
         assert_eq!(
             last.json(),
@@ -457,7 +519,7 @@ fn a_runtime_chains_weft_cni_after_bridge() {
     let (client, echo, plain, optout) = (&netns[0], &netns[1], &netns[2], &netns[3]);
     assert!(
         client.has_rules() && echo.has_rules(),
-        "enrolled pods are captured"
+        "enrolled pods are captured by the time ADD answers"
     );
     assert!(
         !plain.has_rules(),
@@ -466,18 +528,11 @@ fn a_runtime_chains_weft_cni_after_bridge() {
     assert!(!optout.has_rules(), "a pod that opted out is untouched");
     assert!(plain.listening().is_empty() && optout.listening().is_empty());
     for ns in [client, echo] {
-        let ports = eventually(Duration::from_secs(5), || {
-            let l = ns.listening();
-            [15001, 15006, 15008]
-                .iter()
-                .all(|p| l.contains(p))
-                .then_some(l)
-        });
+        let l = ns.listening();
         assert!(
-            ports.is_some(),
-            "node-proxy listens in {}: {:?}",
-            ns.0,
-            ns.listening()
+            [15001, 15006, 15008].iter().all(|p| l.contains(p)),
+            "listening in {}: {l:?}",
+            ns.0
         );
     }
 
@@ -501,9 +556,9 @@ fn a_runtime_chains_weft_cni_after_bridge() {
     });
     assert!(
         answered.is_some(),
-        "client reaches echo: {:?}\nnode-proxy:\n{}",
+        "client reaches echo: {:?}\n{}",
         curl(),
-        log()
+        logs()
     );
     let metrics = http_get(admin, "/metrics").unwrap().1;
     let mtls = metric_sum(
@@ -582,19 +637,17 @@ fn a_runtime_chains_weft_cni_after_bridge() {
         "DEL of a pod whose namespace is gone: {gone:?}"
     );
 
-    // node-proxy stopped: an enrolled pod must wait (code 11, naming the socket); a pod
-    // that is not enrolled starts.
-    drop(node_proxy.take());
+    // The agent stopped: an enrolled pod must wait (code 11, naming the agent); a pod
+    // that is not enrolled starts, and one of kube-system is not even asked about.
+    drop(agent.take());
     let answers = runtime.add(&pod(4));
     let last = answers.last().unwrap();
     assert!(!last.ok && answers.len() == 2, "{answers:#?}");
     let e = last.json();
     assert_eq!(e["code"], 11, "{e}");
+    let msg = e["msg"].as_str().unwrap();
     assert!(
-        e["msg"]
-            .as_str()
-            .unwrap()
-            .contains(&handoff.display().to_string()),
+        msg.contains("node agent") && msg.contains("agent.sock"),
         "{e}"
     );
     assert!(!last.stderr.contains("panicked"), "{}", last.stderr);
@@ -603,20 +656,18 @@ fn a_runtime_chains_weft_cni_after_bridge() {
         failed.is_none(),
         "the runtime's cleanup DEL after a failed ADD succeeds: {failed:?}"
     );
-    let answers = runtime.add(&pod(5));
-    let last = answers.last().unwrap();
-    assert!(last.ok, "{answers:#?}");
-    assert_eq!(last.json(), answers[0].json());
-    assert!(!netns[5].has_rules());
-
-    // Uninstall leaves the bridge alone.
-    run(Command::new(weft_cni())
-        .args(["uninstall", "--bin-dir"])
-        .arg(dir.join("bin"))
-        .arg("--conf-dir")
-        .arg(dir.join("net.d")));
-    assert_eq!(runtime.conflist()["plugins"].as_array().unwrap().len(), 1);
-    assert!(!dir.join("bin/weft-cni").exists());
+    for i in [5, 6] {
+        let answers = runtime.add(&pod(i));
+        let last = answers.last().unwrap();
+        assert!(last.ok, "{}: {answers:#?}", pods[i].1);
+        assert_eq!(last.json(), answers[0].json());
+        assert!(!netns[i].has_rules());
+    }
+    // Back: the enrolled pod's retry is captured.
+    let _agent = start_agent(&node, &dir, &objects, &handoff);
+    let answers = runtime.add(&pod(4));
+    assert!(answers.last().unwrap().ok, "{answers:#?}\n{}", logs());
+    assert!(netns[4].has_rules());
     rt.block_on(ctl.stop());
 }
 
@@ -660,7 +711,8 @@ fn malformed_input_gets_a_cni_error() {
     ];
     let conf = |edit: &dyn Fn(&mut Value)| {
         let mut c = json!({
-            "cniVersion": "1.0.0", "name": "n", "type": "weft-cni", "manifests": "/nonexistent",
+            "cniVersion": "1.0.0", "name": "n", "type": "weft-cni",
+            "agentSocket": "/nonexistent/agent.sock", "agentState": "/nonexistent/agent.json",
             "prevResult": {"cniVersion": "1.0.0", "ips": []}
         });
         edit(&mut c);
@@ -706,9 +758,9 @@ fn malformed_input_gets_a_cni_error() {
         (add.to_vec(), "\u{0}\u{1}binary".into(), 6, "not JSON"),
         (
             add.to_vec(),
-            conf(&|c| c["manifests"] = Value::Null),
+            conf(&|c| c["agentSocket"] = json!(3)),
             7,
-            "lookup source",
+            "agentSocket: must be a string",
         ),
         (
             add.to_vec(),
@@ -722,17 +774,8 @@ fn malformed_input_gets_a_cni_error() {
             7,
             "chained plugin",
         ),
-        (
-            add.to_vec(),
-            conf(&|c| {
-                c["manifests"] = Value::Null;
-                c["kubeconfig"] = json!("/nonexistent/kubeconfig")
-            }),
-            5,
-            "kubeconfig /nonexistent/kubeconfig",
-        ),
-        // Valid input, but a manifest directory that does not exist.
-        (add.to_vec(), good.clone(), 5, "/nonexistent"),
+        // Valid input, but the pod's network namespace does not exist.
+        (add.to_vec(), good.clone(), 3, "/run/netns/none-such"),
     ];
     for (env, stdin, code, want) in cases {
         let (ok, out, stderr) = weft_cni_with(&env, &stdin);
@@ -746,6 +789,20 @@ fn malformed_input_gets_a_cni_error() {
         );
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
+    // No agent, and none ever published its enrolled namespaces: a pod is not held up.
+    let mut reachable = with("CNI_NETNS", "/proc/self/ns/net");
+    let (ok, out, stderr) = weft_cni_with(&reachable, &good);
+    assert!(ok, "{out} {stderr}");
+    assert!(
+        stderr.contains("has published no enrolled namespaces"),
+        "{stderr}"
+    );
+    // kube-system is never asked about, even with a netns that cannot be opened.
+    reachable.retain(|(k, _)| *k != "CNI_ARGS");
+    reachable.push(("CNI_ARGS", "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=dns"));
+    let (ok, out, stderr) = weft_cni_with(&reachable, &good);
+    assert!(ok, "{out} {stderr}");
+    assert!(stderr.contains("without asking"), "{stderr}");
     let (ok, out, _) = weft_cni_with(&[("CNI_COMMAND", "VERSION")], "{\"cniVersion\":\"1.0.0\"}");
     assert!(ok, "{out}");
     assert!(

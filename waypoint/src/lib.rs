@@ -30,7 +30,6 @@ pub mod router;
 pub mod trace;
 pub mod upstream;
 
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -40,10 +39,7 @@ use std::time::Duration;
 use anyhow::Context;
 use api::ObjectName;
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http::{Response, StatusCode};
-use http_body_util::Full;
-use hyper_util::rt::TokioIo;
+use http::StatusCode;
 use prometheus_client::registry::Registry;
 use runtime::config_client::{self, ControllerFlags};
 use runtime::netns::Netns;
@@ -254,7 +250,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         status: status.clone(),
         wp: wp.clone(),
     });
-    tokio::spawn(serve_admin(admin, admin_state.clone(), shutdown.clone()));
+    tokio::spawn(runtime::admin::serve(
+        admin,
+        admin_state.clone(),
+        shutdown.clone(),
+    ));
     info!(%gateway, %hbone_addr, admin = %config.admin, "waypoint started");
     server
         .serve(
@@ -276,24 +276,16 @@ struct Admin {
     wp: Arc<proxy::Waypoint>,
 }
 
+impl runtime::admin::Routes for Admin {
+    fn route<'a>(&'a self, path: &'a str) -> tunnel::hbone::BoxFuture<'a, runtime::admin::Answer> {
+        Box::pin(std::future::ready(self.answer(path)))
+    }
+}
+
 impl Admin {
-    fn route(&self, path: &str) -> (StatusCode, &'static str, String) {
+    fn answer(&self, path: &str) -> runtime::admin::Answer {
         match path {
-            "/metrics" => {
-                let mut text = String::new();
-                match prometheus_client::encoding::text::encode(&mut text, &self.registry) {
-                    Ok(()) => (
-                        StatusCode::OK,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        text,
-                    ),
-                    Err(e) => (
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "text/plain",
-                        e.to_string(),
-                    ),
-                }
-            }
+            "/metrics" => runtime::admin::metrics(&self.registry),
             "/healthz" => (StatusCode::OK, "text/plain", "ok\n".into()),
             "/ready" => {
                 let status = self.status.lock().expect("status lock").clone();
@@ -325,34 +317,5 @@ impl Admin {
                 "not found; try /metrics, /healthz, /ready or /config_dump\n".into(),
             ),
         }
-    }
-}
-
-async fn serve_admin(
-    listener: tokio::net::TcpListener,
-    admin: Arc<Admin>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let (tcp, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = tunnel::net::accept(&listener, "admin") => accepted,
-        };
-        let admin = admin.clone();
-        tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let (status, content_type, body) = admin.route(req.uri().path());
-                    let response = Response::builder()
-                        .status(status)
-                        .header(http::header::CONTENT_TYPE, content_type)
-                        .body(Full::new(Bytes::from(body)))
-                        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())));
-                    async move { Ok::<_, Infallible>(response) }
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-        });
     }
 }

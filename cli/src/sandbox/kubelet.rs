@@ -1,32 +1,49 @@
-//! The parts of a cluster the sandbox plays: scheduler and kubelet (pods to network
-//! namespaces and processes, their addresses), the API server's allocator (UIDs, cluster
-//! IPs), the CNI node agent (capture rules, handing enrolled pods to the node-proxy) and
-//! cluster DNS (names in each pod's hosts file). What it decides is written as Pod and
-//! Service objects into a directory the controller reads beside the user's manifests.
+//! The parts of a cluster the sandbox plays for pods: the API server (UIDs, cluster IPs,
+//! the objects it stores), the kubelet (pod sandboxes, their processes in kubelet-style
+//! cgroups, probes from the node, the Ready condition, restarts) and the container
+//! runtime (each sandbox's network namespace, set up by the node's CNI chain). It does
+//! no Weft job: capture, enrollment and handing pods to node-proxy are the node agent's
+//! and weft-cni's, as on a real node.
 //!
 //! ```text
-//!  desired (manifests) vs running --> remove: handoff remove, stop, netns gone, YAML gone
-//!                                 --> add:    IP + UID, netns + veth, DNS files, YAML,
-//!                                             handoff add, capture rules, process
-//!                                 --> enrollment flipped: handoff + rules, process kept
+//!  desired (manifests) vs running --> new: Pod object (Pending) -> netns -> CNI ADD
+//!                                          (bridge + host-local, then weft-cni: the
+//!                                          agent captures it) -> pause process ->
+//!                                          Pod object (Running, IP) -> container
+//!                                      gone: container and pause stopped -> CNI DEL
+//!                                          -> netns and cgroups removed -> object gone
+//!  a failed CNI ADD: the pod stays Pending with the error, retried with a backoff
+//!  probes (from the node) -> Ready; liveness failed or process exited -> restart
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::AsFd;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use api::ObjectName;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use runtime::handoff::{HandoffClient, PodInfo};
-use runtime::netns::Netns;
+use serde_json::Value;
 
-use super::manifest::{Cluster, NamespaceSpec, PodSpec, ServiceSpec};
+use super::cgroup::{self, Cgroups};
+use super::cni::{Attachment, Cni, CniFailure};
+use super::manifest::{Cluster, NamespaceSpec, PodSpec, Probe, ProbeAction, ServiceSpec};
+use super::probe::{self, Prober};
 use super::{net, write_atomic, PodState, ServiceState};
+
+/// The first retry of a pod whose sandbox could not be set up, doubled up to 10 s.
+const SETUP_BACKOFF: Duration = Duration::from_millis(500);
+/// The first restart of a container that exited, doubled up to 10 s.
+const RESTART_BACKOFF: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// What a CNI ADD gave: its result and the pod's addresses in it.
+pub type CniOutcome = Result<(Value, Vec<IpAddr>), CniFailure>;
 
 /// A pod the sandbox runs.
 pub struct RunningPod {
@@ -34,12 +51,25 @@ pub struct RunningPod {
     pub spec: PodSpec,
     /// What `state.json` shows of it.
     pub state: PodState,
-    /// Its network namespace, held open for handoffs.
-    pub netns_file: File,
-    /// Its process, once started.
+    /// Its sandbox's container ID (what CNI names it by).
+    pub sandbox_id: String,
+    /// The CNI ADD's result, handed back on DEL.
+    pub cni_result: Option<Value>,
+    /// Its network namespace exists (the sandbox is set up or being set up).
+    pub netns_made: bool,
+    /// A CNI ADD under way on its own thread.
+    pub setup: Option<mpsc::Receiver<CniOutcome>>,
+    /// The process holding its sandbox (as a pause container does).
+    pub pause: Option<Child>,
+    /// Its container's process.
     pub child: Option<Child>,
-    /// The fabric-side end of its veth.
-    pub port: String,
+    /// When to try again (sandbox setup or container restart).
+    pub retry_at: Option<Instant>,
+    /// The current backoff.
+    pub backoff: Duration,
+    /// When it was admitted: a node sets its pods up one at a time in this order, so a
+    /// fresh sandbox gives each node's pods their addresses in manifest order.
+    pub admitted: u64,
 }
 
 impl RunningPod {
@@ -48,47 +78,63 @@ impl RunningPod {
         format!("{}/{}", self.state.namespace, self.state.name)
     }
 
-    /// What its node-proxy is told.
-    pub fn info(&self) -> PodInfo {
-        PodInfo {
-            uid: self.state.uid.clone(),
-            name: self.state.name.clone(),
+    /// Its key.
+    pub fn key(&self) -> ObjectName {
+        ObjectName::new(&self.state.namespace, &self.state.name)
+    }
+
+    fn attachment(&self) -> Attachment {
+        Attachment {
             namespace: self.state.namespace.clone(),
-            service_account: self.state.service_account.clone(),
-            ips: vec![self.state.ip],
+            name: self.state.name.clone(),
+            uid: self.state.uid.clone(),
+            container_id: self.sandbox_id.clone(),
+            netns: Path::new("/run/netns").join(&self.state.netns),
         }
     }
 }
 
-/// Whether a pod is captured: its namespace is enrolled and it did not opt out.
-pub fn enrolled(namespaces: &[NamespaceSpec], spec: &PodSpec) -> bool {
-    use controller::translate::enrollment::{namespace_enrolled, pod_enrolled};
-    let ns = namespaces
-        .iter()
-        .any(|n| n.name == spec.namespace && namespace_enrolled(&n.labels) == Ok(true));
-    // Sandbox pods never share the node's network namespace.
-    pod_enrolled(ns, &spec.labels, false)
+/// `count` random bytes as lowercase hex.
+fn random_hex(count: usize) -> String {
+    use std::io::Read;
+    let mut bytes = vec![0u8; count];
+    let read = File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if read.is_err() {
+        // Not cryptographic, only unique: time and a counter.
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ NEXT.fetch_add(1, Ordering::Relaxed).rotate_left(32);
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = (seed.rotate_left((i * 8) as u32 % 64) & 0xff) as u8;
+        }
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Addresses handed out, lowest free first, so a fresh sandbox numbers its pods in
-/// manifest order (10.244.1.2, .3, ...) and the demo can name them.
+/// A new pod UID, as the API server gives one: a random (version 4) UUID.
+pub fn new_uid() -> String {
+    let h = random_hex(16);
+    let variant = ["8", "9", "a", "b"][usize::from(h.as_bytes()[16]) % 4];
+    format!(
+        "{}-{}-4{}-{variant}{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
+    )
+}
+
+/// Cluster IPs handed out by the sandbox's API server, kept while a service exists.
 #[derive(Default)]
 pub struct Addresses {
-    pods: BTreeSet<usize>,
     services: BTreeMap<ObjectName, IpAddr>,
 }
 
 impl Addresses {
-    fn pod(&mut self) -> (usize, Ipv4Addr) {
-        let i = (0..).find(|i| !self.pods.contains(i)).unwrap_or_default();
-        self.pods.insert(i);
-        (i, net::pod_ip(i))
-    }
-
-    fn free_pod(&mut self, ip: IpAddr) {
-        self.pods.retain(|i| IpAddr::V4(net::pod_ip(*i)) != ip);
-    }
-
     /// The cluster IP of each service: as written, or one given out here and kept.
     fn services(&mut self, services: &[ServiceSpec]) -> BTreeMap<ObjectName, Option<IpAddr>> {
         let names: BTreeSet<ObjectName> = services
@@ -96,12 +142,11 @@ impl Addresses {
             .map(|s| ObjectName::new(&s.namespace, &s.name))
             .collect();
         self.services.retain(|n, _| names.contains(n));
-        let taken: BTreeSet<IpAddr> = services
+        let mut taken: BTreeSet<IpAddr> = services
             .iter()
             .filter_map(|s| s.cluster_ip)
             .chain(self.services.values().copied())
             .collect();
-        let mut taken = taken;
         let mut out = BTreeMap::new();
         for s in services {
             let name = ObjectName::new(&s.namespace, &s.name);
@@ -123,10 +168,44 @@ impl Addresses {
     }
 }
 
-/// Where the sandbox writes what the controller reads.
+/// The API server's store: the objects the controller and the node agents read
+/// (`<state>/cluster`): every Namespace, the Pods the kubelet runs with their status,
+/// and the Services with the cluster IPs given out.
 pub struct Writer {
     /// The directory (`<state>/cluster`).
     pub dir: PathBuf,
+}
+
+fn container_probe(probe: &Probe) -> core::Probe {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let (http_get, tcp_socket) = match &probe.action {
+        ProbeAction::Http { path, port } => (
+            Some(core::HTTPGetAction {
+                path: Some(path.clone()),
+                port: IntOrString::Int(i32::from(*port)),
+                ..Default::default()
+            }),
+            None,
+        ),
+        ProbeAction::Tcp { port } => (
+            None,
+            Some(core::TCPSocketAction {
+                port: IntOrString::Int(i32::from(*port)),
+                ..Default::default()
+            }),
+        ),
+    };
+    let secs = |d: Duration| i32::try_from(d.as_secs()).ok();
+    core::Probe {
+        http_get,
+        tcp_socket,
+        initial_delay_seconds: secs(probe.initial_delay),
+        period_seconds: secs(probe.period),
+        timeout_seconds: secs(probe.timeout),
+        failure_threshold: i32::try_from(probe.failure_threshold).ok(),
+        success_threshold: i32::try_from(probe.success_threshold).ok(),
+        ..Default::default()
+    }
 }
 
 impl Writer {
@@ -140,7 +219,12 @@ impl Writer {
             .join(format!("service_{}_{}.yaml", name.namespace, name.name))
     }
 
-    /// The Pod object as an API server would hold it once the pod runs.
+    fn namespace_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("namespace_{name}.yaml"))
+    }
+
+    /// The Pod object as an API server holds it: its spec, and its status as the
+    /// kubelet last reported it.
     pub fn pod(&self, spec: &PodSpec, pod: &PodState) -> anyhow::Result<()> {
         let ports: Vec<core::ContainerPort> = spec
             .ports
@@ -151,6 +235,12 @@ impl Writer {
                 ..Default::default()
             })
             .collect();
+        let running = pod.phase == "Running";
+        let condition = |type_: &str, on: bool| core::PodCondition {
+            type_: type_.into(),
+            status: if on { "True" } else { "False" }.into(),
+            ..Default::default()
+        };
         let object = core::Pod {
             metadata: ObjectMeta {
                 name: Some(pod.name.clone()),
@@ -166,26 +256,28 @@ impl Writer {
                     name: "main".into(),
                     command: Some(spec.command.clone()),
                     ports: Some(ports).filter(|p| !p.is_empty()),
+                    readiness_probe: spec.readiness.as_ref().map(container_probe),
+                    liveness_probe: spec.liveness.as_ref().map(container_probe),
                     ..Default::default()
                 }],
                 ..Default::default()
             }),
             status: Some(core::PodStatus {
-                phase: Some("Running".into()),
-                pod_ip: Some(pod.ip.to_string()),
-                pod_ips: Some(vec![core::PodIP {
-                    ip: pod.ip.to_string(),
-                }]),
-                conditions: Some(vec![core::PodCondition {
-                    type_: "Ready".into(),
-                    status: "True".into(),
-                    ..Default::default()
-                }]),
+                phase: Some(pod.phase.clone()),
+                pod_ip: pod.ip.map(|ip| ip.to_string()),
+                pod_ips: pod.ip.map(|ip| vec![core::PodIP { ip: ip.to_string() }]),
+                conditions: Some(vec![
+                    condition("PodScheduled", true),
+                    condition("Initialized", true),
+                    condition("ContainersReady", running && pod.ready),
+                    condition("Ready", running && pod.ready),
+                ]),
+                message: pod.message.clone(),
                 ..Default::default()
             }),
         };
         let text = format!(
-            "# Written by the sandbox (its kubelet): the pod it runs.\n{}",
+            "# Written by the sandbox (its API server and kubelet): the pod and its status.\n{}",
             serde_yaml_ng::to_string(&object)?
         );
         write_atomic(&self.pod_path(pod), text.as_bytes())
@@ -194,6 +286,38 @@ impl Writer {
     /// Removes a pod's object.
     pub fn remove_pod(&self, pod: &PodState) {
         let _ = std::fs::remove_file(self.pod_path(pod));
+    }
+
+    /// The Namespace objects: those of the manifests, and the ones every cluster has.
+    /// Objects of namespaces no longer there are removed.
+    pub fn namespaces(&self, namespaces: &[NamespaceSpec]) -> anyhow::Result<()> {
+        let mut all: BTreeMap<&str, BTreeMap<String, String>> = ["default", "kube-system"]
+            .into_iter()
+            .map(|n| (n, BTreeMap::new()))
+            .collect();
+        for ns in namespaces {
+            all.insert(&ns.name, ns.labels.clone());
+        }
+        for (name, labels) in &all {
+            let object = core::Namespace {
+                metadata: ObjectMeta {
+                    name: Some((*name).to_owned()),
+                    labels: Some(labels.clone()).filter(|l| !l.is_empty()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let text = format!(
+                "# Written by the sandbox (its API server): the namespace.\n{}",
+                serde_yaml_ng::to_string(&object)?
+            );
+            let path = self.namespace_path(name);
+            if std::fs::read_to_string(&path).ok().as_deref() != Some(&text) {
+                write_atomic(&path, text.as_bytes())?;
+            }
+        }
+        self.retain_files("namespace_", |rest| all.contains_key(rest));
+        Ok(())
     }
 
     /// The Service object with the cluster IP given out, for services that named none.
@@ -214,21 +338,26 @@ impl Writer {
 
     /// Removes service objects not in `keep`.
     pub fn retain_services(&self, keep: &BTreeSet<ObjectName>) {
+        self.retain_files("service_", |rest| {
+            keep.iter()
+                .any(|n| format!("{}_{}", n.namespace, n.name) == rest)
+        });
+    }
+
+    /// Removes `<prefix><rest>.yaml` files whose `rest` is not kept.
+    fn retain_files(&self, prefix: &str, keep: impl Fn(&str) -> bool) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
         for entry in entries.flatten() {
             let file = entry.file_name().to_string_lossy().into_owned();
             let Some(rest) = file
-                .strip_prefix("service_")
+                .strip_prefix(prefix)
                 .and_then(|f| f.strip_suffix(".yaml"))
             else {
                 continue;
             };
-            let keep_it = keep
-                .iter()
-                .any(|n| format!("{}_{}", n.namespace, n.name) == rest);
-            if !keep_it {
+            if !keep(rest) {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
@@ -241,7 +370,9 @@ pub fn hosts_file(namespace: &str, pod: &PodState, services: &[ServiceState]) ->
     let mut text = String::from(
         "# Written by the weft sandbox: cluster DNS names of the services.\n127.0.0.1 localhost\n::1 localhost ip6-localhost\n",
     );
-    text.push_str(&format!("{} {}\n", pod.ip, pod.name));
+    if let Some(ip) = pod.ip {
+        text.push_str(&format!("{ip} {}\n", pod.name));
+    }
     for s in services {
         let Some(vip) = s.vip else { continue };
         let mut names = format!(
@@ -292,113 +423,150 @@ pub fn write_dns(pod: &PodState, services: &[ServiceState]) -> anyhow::Result<()
     Ok(())
 }
 
-/// Where pods are made: the sandbox's name (prefix of its namespaces), its fabric
-/// namespace, and the directory of pod logs.
-pub struct Site<'a> {
-    /// The sandbox's name.
-    pub sandbox: &'a str,
-    /// The fabric namespace.
-    pub fabric: &'a str,
-    /// Where pod logs go.
-    pub logs: &'a Path,
+/// A pod admitted to a node: its object is Pending, nothing of it exists yet.
+pub fn admit(sandbox: &str, spec: &PodSpec, logs: &Path, admitted: u64) -> RunningPod {
+    let netns = format!("{sandbox}-{}-{}", spec.namespace, spec.name);
+    RunningPod {
+        spec: spec.clone(),
+        state: PodState {
+            namespace: spec.namespace.clone(),
+            name: spec.name.clone(),
+            uid: new_uid(),
+            node: spec.node.clone(),
+            service_account: spec.service_account.clone(),
+            netns,
+            ip: None,
+            phase: "Pending".into(),
+            ready: false,
+            restarts: 0,
+            message: None,
+            pid: 0,
+            log: logs.join(format!("{}_{}.log", spec.namespace, spec.name)),
+            admin: None,
+        },
+        sandbox_id: random_hex(32),
+        cni_result: None,
+        netns_made: false,
+        setup: None,
+        pause: None,
+        child: None,
+        retry_at: None,
+        backoff: Duration::ZERO,
+        admitted,
+    }
 }
 
-/// Creates a pod's network namespace, address and DNS files; nothing runs in it yet.
-pub fn create_pod(
-    site: &Site<'_>,
-    spec: &PodSpec,
-    addresses: &mut Addresses,
-    uid: String,
-    enrolled: bool,
-    services: &[ServiceState],
-) -> anyhow::Result<RunningPod> {
-    let (sandbox, fabric, log_dir) = (site.sandbox, site.fabric, site.logs);
-    let (index, ip) = addresses.pod();
-    let netns = format!("{sandbox}-{}-{}", spec.namespace, spec.name);
-    let port = format!("p{index}");
-    let state = PodState {
-        namespace: spec.namespace.clone(),
-        name: spec.name.clone(),
-        uid,
-        node: spec.node.clone(),
-        service_account: spec.service_account.clone(),
-        netns: netns.clone(),
-        ip: IpAddr::V4(ip),
-        enrolled,
-        pid: 0,
-        log: log_dir.join(format!("{}_{}.log", spec.namespace, spec.name)),
-        admin: None,
-    };
-    let created = (|| -> anyhow::Result<File> {
-        net::create_pod(fabric, &netns, &port, ip)?;
-        let path = Path::new("/run/netns").join(&netns);
-        let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-        write_dns(&state, services)?;
-        Ok(file)
-    })();
-    match created {
-        Ok(netns_file) => Ok(RunningPod {
-            spec: spec.clone(),
-            state,
-            netns_file,
-            child: None,
-            port,
+/// Starts setting up a pod's sandbox: its network namespace now, the CNI chain on a
+/// thread of its own ([`setup_done`] takes the outcome).
+pub fn begin_setup(pod: &mut RunningPod, cni: &Cni) -> anyhow::Result<()> {
+    net::delete_netns(&pod.state.netns);
+    net::ip(&["netns", "add", &pod.state.netns])?;
+    pod.netns_made = true;
+    // What a runtime's loopback plugin does first.
+    net::ip(&["-n", &pod.state.netns, "link", "set", "lo", "up"])?;
+    let (tx, rx) = mpsc::channel();
+    let (cni, attachment) = (cni.clone(), pod.attachment());
+    std::thread::Builder::new()
+        .name(format!("cni {}", pod.name()))
+        .spawn(move || {
+            let _ = tx.send(cni.add(&attachment));
+        })?;
+    pod.setup = Some(rx);
+    pod.sandbox_id = random_hex(32);
+    Ok(())
+}
+
+/// The CNI ADD's outcome, once it is known: the sandbox is up (its IP) or the pod waits
+/// for a retry (the error, as the kubelet reports it in the pod's status).
+pub fn setup_done(pod: &mut RunningPod) -> Option<Result<IpAddr, String>> {
+    let outcome = match pod.setup.as_ref()?.try_recv() {
+        Ok(outcome) => outcome,
+        Err(mpsc::TryRecvError::Empty) => return None,
+        Err(mpsc::TryRecvError::Disconnected) => Err(CniFailure::Exec {
+            plugin: "(all)".into(),
+            why: "the CNI thread ended without an answer".into(),
         }),
+    };
+    pod.setup = None;
+    match outcome {
+        Ok((result, ips)) => match ips.first() {
+            Some(ip) => {
+                pod.cni_result = Some(result);
+                pod.state.ip = Some(*ip);
+                pod.state.message = None;
+                pod.backoff = Duration::ZERO;
+                Some(Ok(*ip))
+            }
+            None => Some(Err("the CNI chain gave the pod no address".into())),
+        },
         Err(e) => {
-            net::delete_netns(&netns);
-            let _ = std::fs::remove_dir_all(etc_dir(&netns));
-            addresses.free_pod(IpAddr::V4(ip));
-            Err(e)
+            // The runtime tore the chain down; the namespace goes too, as a failed
+            // sandbox's does.
+            net::delete_netns(&pod.state.netns);
+            pod.netns_made = false;
+            pod.backoff = (pod.backoff * 2).clamp(SETUP_BACKOFF, BACKOFF_MAX);
+            pod.retry_at = Some(Instant::now() + pod.backoff);
+            let why = format!("FailedCreatePodSandBox: {e}");
+            pod.state.message = Some(why.clone());
+            Some(Err(why))
         }
     }
 }
 
-/// Installs or removes a pod's capture rules.
-pub fn capture(pod: &RunningPod, on: bool) -> anyhow::Result<()> {
-    let who = pod.name();
-    let ns = Netns::enter(pod.netns_file.try_clone()?.into(), &who)?;
-    if on {
-        node_proxy::redirect::install(&ns, &who)?;
-    } else {
-        node_proxy::redirect::remove(&ns, &who)?;
-    }
+/// Starts the process that holds a pod's sandbox (a pause container), in its cgroup.
+pub fn start_pause(pod: &mut RunningPod, cgroups: &Cgroups) -> anyhow::Result<()> {
+    let cg = cgroups.container(&pod.state.uid, "pause")?;
+    let child = cgroup::in_cgroup(
+        &cg,
+        Path::new("ip"),
+        &[
+            "netns".into(),
+            "exec".into(),
+            pod.state.netns.clone(),
+            "sleep".into(),
+            "infinity".into(),
+        ],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .with_context(|| format!("cannot start the sandbox process of pod {}", pod.name()))?;
+    pod.pause = Some(child);
     Ok(())
 }
 
-/// Tells a node-proxy to serve (or stop serving) a pod, over its handoff socket.
-pub fn hand(handoff: &Path, pod: &RunningPod, serve: bool) -> anyhow::Result<()> {
-    let mut client = HandoffClient::connect(handoff)?;
-    if serve {
-        client
-            .add(&pod.info(), pod.netns_file.as_fd(), None)
-            .with_context(|| format!("handing pod {} to its node-proxy", pod.name()))
-    } else {
-        client
-            .remove(&pod.state.uid)
-            .with_context(|| format!("taking pod {} from its node-proxy", pod.name()))
-    }
-}
-
-/// Starts a pod's process inside its namespace.
-pub fn start_process(pod: &mut RunningPod, launch: &Launch) -> anyhow::Result<()> {
+/// Starts a pod's container process inside its namespace and cgroup.
+pub fn start_process(
+    pod: &mut RunningPod,
+    launch: &Launch,
+    cgroups: &Cgroups,
+) -> anyhow::Result<()> {
     let (out, err) = super::log_file(&pod.state.log)?;
     if pod.spec.command.is_empty() {
         bail!("pod {} has no command", pod.name());
     }
+    let Some(ip) = pod.state.ip else {
+        bail!("pod {} has no address yet", pod.name());
+    };
+    let cg = cgroups.container(&pod.state.uid, "main")?;
     let mut cmd = match pod.spec.waypoint.clone() {
-        Some(gateway) => waypoint_command(pod, &gateway, launch)?,
+        Some(gateway) => waypoint_command(pod, &gateway, launch, &cg)?,
         None => {
-            let mut cmd = Command::new("ip");
-            cmd.args(["netns", "exec", &pod.state.netns])
-                .args(&pod.spec.command);
-            cmd
+            let mut args = vec![
+                "netns".to_owned(),
+                "exec".to_owned(),
+                pod.state.netns.clone(),
+            ];
+            args.extend(pod.spec.command.iter().cloned());
+            cgroup::in_cgroup(&cg, Path::new("ip"), &args)
         }
     };
     let child = cmd
         .env("PATH", &launch.path_env)
         .env("POD_NAME", &pod.state.name)
         .env("POD_NAMESPACE", &pod.state.namespace)
-        .env("POD_IP", pod.state.ip.to_string())
+        .env("POD_IP", ip.to_string())
         .env("NODE_NAME", &pod.state.node)
         .envs(pod.spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
@@ -408,7 +576,77 @@ pub fn start_process(pod: &mut RunningPod, launch: &Launch) -> anyhow::Result<()
         .with_context(|| format!("cannot start pod {}", pod.name()))?;
     pod.state.pid = child.id();
     pod.child = Some(child);
+    pod.state.phase = "Running".into();
     Ok(())
+}
+
+/// What the prober checks of a running pod.
+pub fn probe_target(pod: &RunningPod) -> Option<probe::Target> {
+    let probes: Vec<(probe::Kind, Probe)> = [
+        (probe::Kind::Readiness, pod.spec.readiness.clone()),
+        (probe::Kind::Liveness, pod.spec.liveness.clone()),
+    ]
+    .into_iter()
+    .filter_map(|(k, p)| Some((k, p?)))
+    .collect();
+    Some(probe::Target {
+        uid: pod.state.uid.clone(),
+        ip: pod.state.ip?,
+        probes,
+    })
+}
+
+/// Stops a pod's container (SIGTERM, then SIGKILL after `grace`).
+pub fn stop_process(pod: &mut RunningPod, grace: Duration) {
+    if let Some(mut c) = pod.child.take() {
+        super::stop_child(&mut c, grace);
+    }
+    pod.state.pid = 0;
+}
+
+/// Removes a pod: its processes, its sandbox (CNI DEL, as the runtime does), its
+/// namespace, cgroups and DNS files, and takes it from `prober`. The caller removes its
+/// object.
+pub fn destroy(
+    pod: &mut RunningPod,
+    cni: Option<&Cni>,
+    cgroups: &Cgroups,
+    prober: Option<&Prober>,
+) {
+    if let Some(p) = prober {
+        p.remove(pod.key());
+    }
+    stop_process(pod, Duration::from_secs(2));
+    // A CNI ADD still running finishes first: DEL must come after it.
+    if let Some(rx) = pod.setup.take() {
+        if let Ok(Ok((result, _))) = rx.recv_timeout(Duration::from_secs(130)) {
+            pod.cni_result = Some(result);
+        }
+    }
+    if pod.netns_made {
+        if let Some(cni) = cni {
+            if let Err(e) = cni.del(&pod.attachment(), pod.cni_result.as_ref()) {
+                eprintln!("pod {}: {e}", pod.name());
+            }
+        }
+    }
+    if let Some(mut c) = pod.pause.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    net::kill_netns_pids(&pod.state.netns);
+    net::delete_netns(&pod.state.netns);
+    pod.netns_made = false;
+    cgroups.remove_pod(&pod.state.uid);
+    let _ = std::fs::remove_dir_all(etc_dir(&pod.state.netns));
+}
+
+/// Schedules a container restart after its backoff (CrashLoopBackOff's shape).
+pub fn restart_later(pod: &mut RunningPod) {
+    pod.backoff = (pod.backoff * 2).clamp(RESTART_BACKOFF, BACKOFF_MAX);
+    pod.retry_at = Some(Instant::now() + pod.backoff);
+    pod.state.restarts += 1;
+    pod.state.ready = false;
 }
 
 /// What starting a pod's process needs from the sandbox.
@@ -439,6 +677,7 @@ fn waypoint_command(
     pod: &mut RunningPod,
     gateway: &str,
     launch: &Launch,
+    cgroup: &Path,
 ) -> anyhow::Result<Command> {
     let (ns, sa) = (&pod.state.namespace, &pod.state.service_account);
     controller::auth::NodeTokens::create_workload(&launch.tokens, ns, sa)
@@ -458,10 +697,15 @@ fn waypoint_command(
         })?,
     };
     pod.state.admin = Some(admin);
-    let mut cmd = Command::new(super::role_exe(&launch.exe, super::WAYPOINT_BIN));
+    let ip = pod.state.ip.context("a waypoint pod without an address")?;
+    let mut cmd = cgroup::in_cgroup(
+        cgroup,
+        &super::role_exe(&launch.exe, super::WAYPOINT_BIN),
+        &[],
+    );
     cmd.args(["--gateway", gateway])
         .args(["--node", &pod.state.node])
-        .args(["--pod-ip", &pod.state.ip.to_string()])
+        .args(["--pod-ip", &ip.to_string()])
         .arg("--netns")
         .arg(Path::new("/run/netns").join(&pod.state.netns))
         .args(["--controller", &launch.controller.to_string()])
@@ -524,18 +768,6 @@ fn listening_ports(pid: u32) -> std::collections::BTreeSet<u16> {
     listening
 }
 
-/// Removes a pod: its process, its namespace, its DNS files. The caller has taken it
-/// from its node-proxy and removed its object.
-pub fn destroy(pod: &mut RunningPod, addresses: &mut Addresses) {
-    if let Some(c) = pod.child.as_mut() {
-        super::stop_child(c, std::time::Duration::from_secs(2));
-    }
-    net::kill_netns_pids(&pod.state.netns);
-    net::delete_netns(&pod.state.netns);
-    let _ = std::fs::remove_dir_all(etc_dir(&pod.state.netns));
-    addresses.free_pod(pod.state.ip);
-}
-
 /// The pods and services a cluster asks for, by name.
 pub fn desired(cluster: &Cluster) -> BTreeMap<ObjectName, &PodSpec> {
     cluster
@@ -584,8 +816,11 @@ mod tests {
             node: "node-1".into(),
             service_account: "default".into(),
             netns: format!("t-{ns}-{name}"),
-            ip: ip.parse().expect("literal"),
-            enrolled: true,
+            ip: Some(ip.parse().expect("literal")),
+            phase: "Running".into(),
+            ready: true,
+            restarts: 0,
+            message: None,
             pid: 0,
             log: PathBuf::new(),
             admin: None,
@@ -624,13 +859,18 @@ mod tests {
     }
 
     #[test]
-    fn addresses_are_reused_lowest_first_and_services_keep_theirs() {
+    fn uids_are_version_4_uuids() {
+        let (a, b) = (new_uid(), new_uid());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert_eq!(a.as_bytes()[14], b'4', "{a}");
+        assert!("89ab".contains(a.as_bytes()[19] as char), "{a}");
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit() || c == '-'), "{a}");
+    }
+
+    #[test]
+    fn services_keep_their_cluster_ips() {
         let mut a = Addresses::default();
-        let (_, first) = a.pod();
-        let (_, second) = a.pod();
-        assert_eq!((first, second), (net::pod_ip(0), net::pod_ip(1)));
-        a.free_pod(IpAddr::V4(first));
-        assert_eq!(a.pod().1, first);
         let svc = |name: &str, ip: Option<&str>| ServiceSpec {
             name: name.into(),
             namespace: "demo".into(),

@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec as K8sPodSpec, Service};
@@ -70,6 +71,46 @@ pub struct PodSpec {
     /// Gateway, `namespace/name`. Its process is the `waypoint` binary, started by the
     /// sandbox with the controller's address and its own token.
     pub waypoint: Option<String>,
+    /// First container's `readinessProbe`: the kubelet runs it from the node; the pod is
+    /// Ready once it passes.
+    pub readiness: Option<Probe>,
+    /// First container's `livenessProbe`: the kubelet restarts the container when it
+    /// fails `failureThreshold` times in a row.
+    pub liveness: Option<Probe>,
+}
+
+/// A probe the sandbox's kubelet runs, as Kubernetes defines it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// What it checks.
+    pub action: ProbeAction,
+    /// `initialDelaySeconds`.
+    pub initial_delay: Duration,
+    /// `periodSeconds` (default 10).
+    pub period: Duration,
+    /// `timeoutSeconds` (default 1).
+    pub timeout: Duration,
+    /// `failureThreshold` (default 3).
+    pub failure_threshold: u32,
+    /// `successThreshold` (default 1).
+    pub success_threshold: u32,
+}
+
+/// A probe's check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeAction {
+    /// `httpGet`: a GET answered 200-399.
+    Http {
+        /// `path`.
+        path: String,
+        /// `port`, resolved.
+        port: u16,
+    },
+    /// `tcpSocket`: the port accepts a connection.
+    Tcp {
+        /// `port`, resolved.
+        port: u16,
+    },
 }
 
 /// A service: the sandbox gives it a cluster IP and DNS names.
@@ -408,6 +449,8 @@ impl Loader {
                     env: Vec::new(),
                     ports: vec![(Some("mesh".into()), tunnel::hbone::PORT)],
                     waypoint: Some(format!("{namespace}/{name}")),
+                    readiness: None,
+                    liveness: None,
                 });
                 let service: Service = serde_json::from_value(serde_json::json!({
                     "apiVersion": "v1",
@@ -540,6 +583,8 @@ struct PodTemplate {
     command: Vec<String>,
     env: Vec<(String, String)>,
     ports: Vec<(Option<String>, u16)>,
+    readiness: Option<Probe>,
+    liveness: Option<Probe>,
 }
 
 impl PodTemplate {
@@ -559,6 +604,8 @@ impl PodTemplate {
             env: self.env,
             ports: self.ports,
             waypoint: None,
+            readiness: self.readiness,
+            liveness: self.liveness,
         }
     }
 }
@@ -616,6 +663,15 @@ fn pod_template(
         .filter(|var| var.value_from.is_none())
         .map(|var| (var.name, var.value.unwrap_or_default()))
         .collect();
+    let at = |which: &str| format!("{field}.containers[0].{which}");
+    let readiness = container
+        .readiness_probe
+        .map(|p| probe(object, &at("readinessProbe"), p, &ports))
+        .transpose()?;
+    let liveness = container
+        .liveness_probe
+        .map(|p| probe(object, &at("livenessProbe"), p, &ports))
+        .transpose()?;
     Ok(PodTemplate {
         node,
         service_account: spec
@@ -625,6 +681,87 @@ fn pod_template(
         command,
         env,
         ports,
+        readiness,
+        liveness,
+    })
+}
+
+/// A container's probe, its port resolved against the container's named ports.
+fn probe(
+    object: &Object<'_>,
+    field: &str,
+    p: k8s_openapi::api::core::v1::Probe,
+    ports: &[(Option<String>, u16)],
+) -> Result<Probe, ManifestError> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let port = |at: &str, value: &IntOrString| -> Result<u16, ManifestError> {
+        match value {
+            IntOrString::Int(n) => port_number(*n).ok_or_else(|| {
+                object.invalid(
+                    format!("{field}.{at}.port"),
+                    format!("is {n} — use a port from 1 to 65535"),
+                )
+            }),
+            IntOrString::String(name) => ports
+                .iter()
+                .find(|(n, _)| n.as_deref() == Some(name.as_str()))
+                .map(|(_, p)| *p)
+                .ok_or_else(|| {
+                    object.invalid(
+                        format!("{field}.{at}.port"),
+                        format!("names port {name:?}, which the container does not declare"),
+                    )
+                }),
+        }
+    };
+    let action = match (&p.http_get, &p.tcp_socket, &p.grpc, &p.exec) {
+        (Some(h), None, None, None) => {
+            if h.scheme.as_deref().is_some_and(|s| s != "HTTP") {
+                return Err(object.invalid(
+                    format!("{field}.httpGet.scheme"),
+                    "is not HTTP — the sandbox's kubelet probes over plain HTTP",
+                ));
+            }
+            ProbeAction::Http {
+                path: h.path.clone().unwrap_or_else(|| "/".into()),
+                port: port("httpGet", &h.port)?,
+            }
+        }
+        (None, Some(t), None, None) => ProbeAction::Tcp {
+            port: port("tcpSocket", &t.port)?,
+        },
+        (None, None, Some(_), None) | (None, None, None, Some(_)) => {
+            return Err(object.invalid(
+                field,
+                "uses grpc or exec — the sandbox's kubelet runs httpGet and tcpSocket probes",
+            ))
+        }
+        _ => {
+            return Err(object.invalid(
+                field,
+                "needs exactly one of httpGet, tcpSocket (grpc and exec are not run here)",
+            ))
+        }
+    };
+    let seconds = |name: &str, value: Option<i32>, default: i32, least: i32| {
+        let v = value.unwrap_or(default);
+        match u32::try_from(v) {
+            Ok(n) if v >= least => Ok(n),
+            _ => Err(object.invalid(
+                format!("{field}.{name}"),
+                format!("is {v} — use {least} or more"),
+            )),
+        }
+    };
+    Ok(Probe {
+        action,
+        initial_delay: Duration::from_secs(
+            seconds("initialDelaySeconds", p.initial_delay_seconds, 0, 0)?.into(),
+        ),
+        period: Duration::from_secs(seconds("periodSeconds", p.period_seconds, 10, 1)?.into()),
+        timeout: Duration::from_secs(seconds("timeoutSeconds", p.timeout_seconds, 1, 1)?.into()),
+        failure_threshold: seconds("failureThreshold", p.failure_threshold, 3, 1)?,
+        success_threshold: seconds("successThreshold", p.success_threshold, 1, 1)?,
     })
 }
 
@@ -706,8 +843,13 @@ spec:
         - name: POD_NAME
           valueFrom: {fieldRef: {fieldPath: metadata.name}}
         ports:
-        - containerPort: 8080
+        - {name: http, containerPort: 8080}
         - containerPort: 9090
+        readinessProbe:
+          httpGet: {path: /healthz, port: http}
+          periodSeconds: 1
+        livenessProbe:
+          tcpSocket: {port: 9090}
 ---
 ---
 apiVersion: v1
@@ -771,8 +913,27 @@ spec:
                 .map(String::from)
                 .to_vec(),
             env: vec![("LATENCY".into(), "5ms".into())],
-            ports: vec![(None, 8080), (None, 9090)],
+            ports: vec![(Some("http".into()), 8080), (None, 9090)],
             waypoint: None,
+            readiness: Some(Probe {
+                action: ProbeAction::Http {
+                    path: "/healthz".into(),
+                    port: 8080,
+                },
+                initial_delay: Duration::ZERO,
+                period: Duration::from_secs(1),
+                timeout: Duration::from_secs(1),
+                failure_threshold: 3,
+                success_threshold: 1,
+            }),
+            liveness: Some(Probe {
+                action: ProbeAction::Tcp { port: 9090 },
+                initial_delay: Duration::ZERO,
+                period: Duration::from_secs(10),
+                timeout: Duration::from_secs(1),
+                failure_threshold: 3,
+                success_threshold: 1,
+            }),
         };
         let expected = Cluster {
             namespaces: vec![
@@ -798,6 +959,8 @@ spec:
                     env: vec![],
                     ports: vec![],
                     waypoint: None,
+                    readiness: None,
+                    liveness: None,
                 },
             ],
             services: Vec::new(),
@@ -1000,5 +1163,21 @@ spec:
         let dir = std::env::temp_dir().join("weft-manifest-test-does-not-exist");
         let message = load_dir(&dir).unwrap_err().to_string();
         assert_contains(&message, &["weft-manifest-test-does-not-exist"]);
+    }
+
+    #[test]
+    fn probes_the_kubelet_cannot_run_are_refused_by_field() {
+        let text = APPS.replace("port: http}", "port: web}");
+        assert_contains(
+            &error(&text),
+            &["spec.template.spec.containers[0].readinessProbe.httpGet.port names port \"web\""],
+        );
+        let text = APPS.replace("tcpSocket: {port: 9090}", "grpc: {port: 9090}");
+        assert_contains(
+            &error(&text),
+            &["containers[0].livenessProbe uses grpc or exec"],
+        );
+        let text = APPS.replace("periodSeconds: 1", "periodSeconds: 0");
+        assert_contains(&error(&text), &["readinessProbe.periodSeconds is 0"]);
     }
 }

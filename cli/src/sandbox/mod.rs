@@ -2,48 +2,52 @@
 //!
 //! ```text
 //!  user manifests ---------------------------------------> controller (manifest mode)
-//!     |  (watched)                                            ^   reads both directories,
-//!     v                                                       |   translates, streams the
-//!  sandbox: scheduler + kubelet + CNI agent + cluster DNS     |   model, signs certificates
-//!     -> fabric netns (bridge br0, 10.244.0.1/16), a netns per pod, cluster IPs
-//!     -> <state>/cluster/*.yaml: the Pods it runs (UID, node, IP, Ready), Services
-//!        with the cluster IPs it gave out  ------------------/
-//!     -> enrolled pods: capture rules, handed to their node's node-proxy
-//!     -> /etc/netns/<pod>/hosts: service names; each pod's command as a process
-//!  node-proxy per node: model and certificates from the controller, no CA key
+//!     |  (watched)                                            ^  reads both directories
+//!     v                                                       |
+//!  sandbox: API server + scheduler + kubelet + runtime + DNS  |
+//!     -> <state>/cluster/*.yaml: Namespaces, Pods (UID, node, IP, Ready), Services
+//!        with the cluster IPs it gave out  ------------------/--> node agents read them
+//!     -> fabric netns (bridge br0), a netns per node routing its pods' range
+//!     -> per pod: netns + CNI chain (bridge + host-local, then weft-cni -> node agent),
+//!        a pause process and the pod's command, in kubelet-style cgroups; probes from
+//!        the node; /etc/netns/<pod>/hosts for service names
+//!  per node, as DaemonSets: node agent (in the node's netns), node-proxy
 //! ```
 //!
-//! The sandbox translates nothing into the mesh model: that is the controller's, the
-//! same code as in a cluster. Editing the manifests while it runs takes effect live:
-//! pods come and go, namespaces are enrolled, policies apply. Everything lives in
-//! namespaces the sandbox creates; the host's own namespace gets nothing but
-//! loopback ports for the controller and the node-proxies' admin endpoints.
+//! The sandbox plays only Kubernetes and the container runtime: enrollment, capture and
+//! handing pods to node-proxy are the node agent's and weft-cni's, the same code as on a
+//! real node; the mesh model is the controller's. Editing the manifests while it runs
+//! takes effect live. Everything lives in namespaces the sandbox creates; the host's own
+//! namespace gets nothing but loopback ports for the controller, the node-proxies' and
+//! the waypoints' admin endpoints.
 
+pub mod cgroup;
+pub mod cni;
 pub mod kubelet;
 pub mod manifest;
 pub mod net;
+pub mod probe;
 pub mod summary;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
 use api::ObjectName;
-use runtime::handoff::{HandoffClient, PodInfo};
+use runtime::handoff::HandoffClient;
 use runtime::netns::Netns;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use self::cgroup::Cgroups;
 use self::kubelet::{Addresses, RunningPod, Writer};
 use self::manifest::Cluster;
-
-/// Namespace label that enrolls a namespace (or, with `disabled`, opts a pod out).
-pub const MESH_LABEL: &str = "weft.dev/mesh";
+use self::probe::Prober;
 
 /// The controller's gRPC port is `admin_base_port + CONTROLLER_OFFSET` (15012 by
 /// default, as in a cluster), its admin port two above; node-proxies take the ports
@@ -53,6 +57,9 @@ pub const CONTROLLER_OFFSET: u16 = 12;
 pub const WAYPOINT_ADMIN_OFFSET: u16 = 15;
 /// The most waypoints one sandbox runs.
 pub const MAX_WAYPOINTS: u16 = 5;
+/// Where each node agent's admin endpoint listens, inside its node's namespace.
+pub const AGENT_ADMIN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15022);
 
 /// The name in the controller's certificate, as in a cluster.
 pub const CONTROLLER_NAME: &str = "weft-controller.weft-system.svc";
@@ -154,12 +161,18 @@ pub struct ControllerState {
     pub starts: u64,
 }
 
-/// A simulated node.
+/// A simulated node: its network namespace and what runs on it as DaemonSets would.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeState {
     /// Node name.
     pub name: String,
+    /// Its network namespace (the node's own network).
+    pub netns: String,
+    /// Its address on the fabric.
+    pub ip: IpAddr,
+    /// Its pod range.
+    pub pod_cidr: String,
     /// Its node-proxy's admin address.
     pub admin: SocketAddr,
     /// Its node-proxy's handoff socket.
@@ -173,6 +186,28 @@ pub struct NodeState {
     pub log: PathBuf,
     /// The token its node-proxy authenticates with.
     pub token: PathBuf,
+    /// Its node agent.
+    pub agent: AgentState,
+    /// The runtime's CNI configuration directory on this node.
+    pub cni_conf_dir: PathBuf,
+}
+
+/// A node's agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentState {
+    /// Its PID (0 while stopped).
+    pub pid: u32,
+    /// Its admin endpoint, inside the node's network namespace.
+    pub admin: SocketAddr,
+    /// The socket weft-cni asks it on.
+    pub socket: PathBuf,
+    /// Its log.
+    pub log: PathBuf,
+    /// Stopped by `weftctl local agent stop`.
+    pub stopped: bool,
+    /// Its starts so far.
+    pub starts: u64,
 }
 
 /// A pod.
@@ -191,10 +226,17 @@ pub struct PodState {
     pub service_account: String,
     /// Its network namespace (`ip netns exec <netns> ...`).
     pub netns: String,
-    /// Its IP.
-    pub ip: IpAddr,
-    /// In the mesh.
-    pub enrolled: bool,
+    /// Its IP, once its sandbox is set up.
+    pub ip: Option<IpAddr>,
+    /// `Pending` (its sandbox not set up yet: see `message`) or `Running`.
+    pub phase: String,
+    /// Its Ready condition (its readiness probe passes, or it has none and runs).
+    pub ready: bool,
+    /// Container restarts so far.
+    pub restarts: u32,
+    /// Why it is not running, as the kubelet reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
     /// PID of its process.
     pub pid: u32,
     /// Its stdout and stderr.
@@ -257,11 +299,46 @@ fn log_file(path: &Path) -> anyhow::Result<(Stdio, Stdio)> {
 /// How long a replaced node-proxy may take to hear it was replaced and drain (its drain
 /// grace is 2 s in the sandbox) before `up` stops it.
 const RETIRE_AFTER: Duration = Duration::from_secs(30);
+/// How long pods wait for their node's agent to be ready before their sandboxes are set
+/// up anyway (as a kubelet does not wait for a DaemonSet).
+const AGENT_WAIT: Duration = Duration::from_secs(30);
 
-/// A node and its node-proxy.
+/// The node agent binary, beside weftctl.
+pub const NODE_AGENT_BIN: &str = "node-agent";
+/// The CNI plugin binary, beside weftctl (the node agent installs it on its node).
+pub const WEFT_CNI_BIN: &str = "weft-cni";
+
+/// A node, its DaemonSets' processes, its CNI setup and its kubelet's prober.
 struct Node {
     state: NodeState,
-    child: Option<Child>,
+    index: u16,
+    proxy: Option<Child>,
+    agent: Option<Child>,
+    cni: cni::Cni,
+    prober: Prober,
+    /// A thread in the node's namespace, to read the agent's admin endpoint there.
+    netns: Netns,
+    /// The agent has been ready at least once: pods may start.
+    agent_ready: bool,
+    since: Instant,
+}
+
+impl Node {
+    /// `GET path` from the node agent's admin endpoint.
+    fn agent_get(&self, path: &'static str) -> Option<String> {
+        let admin = self.state.agent.admin;
+        self.netns
+            .run_blocking(move || summary::fetch(admin, path).ok())
+            .ok()
+            .flatten()
+    }
+
+    fn stop_marker(&self) -> PathBuf {
+        self.state
+            .agent
+            .log
+            .with_file_name(format!("agent-{}.stopped", self.state.name))
+    }
 }
 
 /// Everything the sandbox runs.
@@ -273,6 +350,7 @@ struct Sandbox {
     tokens_dir: PathBuf,
     logs_dir: PathBuf,
     path_env: String,
+    ip_exe: PathBuf,
     controller: Option<Child>,
     controller_state: ControllerState,
     nodes: BTreeMap<String, Node>,
@@ -281,9 +359,12 @@ struct Sandbox {
     pods: BTreeMap<ObjectName, RunningPod>,
     services: Vec<ServiceState>,
     addresses: Addresses,
-    /// Incarnations per pod name, so a recreated pod gets a new UID.
-    generations: BTreeMap<ObjectName, u64>,
     cluster: Cluster,
+    cgroups: Cgroups,
+    /// Pods admitted so far.
+    admitted: u64,
+    probes: mpsc::Receiver<probe::Outcome>,
+    probes_tx: mpsc::Sender<probe::Outcome>,
     fabric_made: bool,
     upgrades: u64,
     upgrade_errors: Vec<String>,
@@ -324,6 +405,12 @@ impl Sandbox {
             &self.opts.state_dir.join("state.json"),
             &serde_json::to_vec_pretty(&state)?,
         )
+    }
+
+    fn writer(&self) -> Writer {
+        Writer {
+            dir: self.cluster_dir.clone(),
+        }
     }
 
     fn stopped_marker(&self) -> PathBuf {
@@ -405,29 +492,30 @@ impl Sandbox {
         }
     }
 
-    /// Waits (up to `limit` in all) until the `pods` listen on their declared ports, as
-    /// a kubelet's readiness probe would, so a client started after `ready` finds them
-    /// serving. A pod still closed at the deadline is named in a warning, not an error:
-    /// its log says why.
-    fn wait_listening(&self, pods: &[ObjectName], limit: Duration) {
+    /// Waits (up to `limit` in all) until the `pods` run and listen on their declared
+    /// ports, so a client started after `ready` finds them serving. A pod still closed at
+    /// the deadline is named in a warning, not an error: its log or status says why.
+    fn wait_listening(&mut self, pods: &[ObjectName], limit: Duration) {
         let start = Instant::now();
-        let mut waiting: Vec<&ObjectName> = pods.iter().collect();
+        let mut waiting: Vec<ObjectName> = pods.to_vec();
         loop {
+            self.kubelet();
             waiting.retain(|name| {
                 self.pods
-                    .get(*name)
-                    .is_some_and(|p| !kubelet::closed_ports(p).is_empty())
+                    .get(name)
+                    .is_some_and(|p| p.child.is_none() || !kubelet::closed_ports(p).is_empty())
             });
             if waiting.is_empty() {
                 return;
             }
             if start.elapsed() > limit {
                 for name in waiting {
-                    if let Some(p) = self.pods.get(name) {
+                    if let Some(p) = self.pods.get(&name) {
                         tracing::warn!(
                             pod = %p.name(),
                             ports = ?kubelet::closed_ports(p),
-                            "pod does not listen on its ports after {} s; see {}",
+                            message = ?p.state.message,
+                            "pod does not run and listen on its ports after {} s; see {}",
                             limit.as_secs(),
                             p.state.log.display()
                         );
@@ -439,11 +527,7 @@ impl Sandbox {
         }
     }
 
-    fn node_state(&self, name: &str) -> anyhow::Result<NodeState> {
-        let i = self.nodes.len() as u16;
-        if i >= CONTROLLER_OFFSET {
-            bail!("the sandbox runs at most {CONTROLLER_OFFSET} nodes; {name} would be one more");
-        }
+    fn node_state(&self, name: &str, index: u16) -> anyhow::Result<NodeState> {
         let dir = self.opts.state_dir.join(name);
         std::fs::create_dir_all(&dir)?;
         let token = self
@@ -455,12 +539,24 @@ impl Sandbox {
         std::fs::copy(&token, &own)?;
         Ok(NodeState {
             name: name.to_owned(),
-            admin: SocketAddr::from(([127, 0, 0, 1], self.opts.admin_base_port + i)),
+            netns: format!("{}.{name}", self.opts.name),
+            ip: IpAddr::V4(net::node_ip(index)),
+            pod_cidr: format!("{}/24", net::pod_subnet(index)),
+            admin: SocketAddr::from(([127, 0, 0, 1], self.opts.admin_base_port + index)),
             handoff: dir.join("handoff.sock"),
             pid: 0,
             draining: Vec::new(),
             log: self.logs_dir.join(format!("node-proxy_{name}.log")),
             token: own,
+            agent: AgentState {
+                pid: 0,
+                admin: AGENT_ADMIN,
+                socket: dir.join("node-agent.sock"),
+                log: self.logs_dir.join(format!("node-agent_{name}.log")),
+                stopped: false,
+                starts: 0,
+            },
+            cni_conf_dir: dir.join("net.d"),
         })
     }
 
@@ -484,86 +580,143 @@ impl Sandbox {
             .with_context(|| format!("cannot start node-proxy for {}", node.name))
     }
 
-    /// Starts a node-proxy for every node that has none.
+    /// The node agent of `node`, inside the node's namespace (a host-network pod with the
+    /// host's PID namespace, as its DaemonSet runs it), reading the sandbox's API server
+    /// objects.
+    fn spawn_agent(&self, node: &NodeState) -> anyhow::Result<Child> {
+        let (out, err) = log_file(&node.agent.log)?;
+        let dir = self.opts.state_dir.join(&node.name);
+        Command::new(&self.ip_exe)
+            .args(["netns", "exec", &node.netns])
+            .arg(role_exe(&self.opts.exe, NODE_AGENT_BIN))
+            .args(["--node", &node.name])
+            .arg("--objects")
+            .arg(&self.cluster_dir)
+            .arg("--handoff")
+            .arg(&node.handoff)
+            .arg("--socket")
+            .arg(&node.agent.socket)
+            .arg("--state")
+            .arg(dir.join("node-agent.json"))
+            .arg("--cni-bin-dir")
+            .arg(dir.join("cni-bin"))
+            .arg("--cni-conf-dir")
+            .arg(&node.cni_conf_dir)
+            .arg("--cni-plugin")
+            .arg(role_exe(&self.opts.exe, WEFT_CNI_BIN))
+            .args(["--admin", &node.agent.admin.to_string()])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("cannot start the node agent of {}", node.name))
+    }
+
+    /// Makes every node the pods ask for that does not exist yet: its namespace on the
+    /// fabric, routes between it and the others, its network plugin's configuration, its
+    /// prober, and its DaemonSets' processes (node agent, node-proxy).
     fn ensure_nodes(&mut self) -> anyhow::Result<()> {
-        let mut wanted: Vec<String> = self.pods.values().map(|p| p.state.node.clone()).collect();
+        let mut wanted: Vec<String> = self.cluster.pods.iter().map(|p| p.node.clone()).collect();
         wanted.sort();
         wanted.dedup();
         for name in wanted {
             if self.nodes.contains_key(&name) {
                 continue;
             }
-            let mut state = self.node_state(&name)?;
-            let child = self.spawn_node_proxy(&state)?;
-            state.pid = child.id();
+            let index = u16::try_from(self.nodes.len()).unwrap_or(u16::MAX);
+            if index >= CONTROLLER_OFFSET {
+                bail!(
+                    "the sandbox runs at most {CONTROLLER_OFFSET} nodes; {name} would be one more"
+                );
+            }
+            let mut state = self.node_state(&name, index)?;
+            net::create_node(&self.fabric, &state.netns, &format!("n{index}"), index)?;
+            for other in self.nodes.values() {
+                net::route_to_node(&state.netns, other.index)?;
+                net::route_to_node(&other.state.netns, index)?;
+            }
+            let dir = self.opts.state_dir.join(&name);
+            std::fs::create_dir_all(&state.cni_conf_dir)?;
+            std::fs::create_dir_all(dir.join("cni-bin"))?;
+            // What the cluster's network plugin's installer writes on the node.
+            let primary = cni::primary_conflist(net::pod_subnet(index), &dir.join("ipam"));
+            write_atomic(
+                &state.cni_conf_dir.join(cni::PRIMARY_CONFLIST),
+                serde_json::to_string_pretty(&primary)?.as_bytes(),
+            )?;
+            let netns_file = File::open(Path::new("/run/netns").join(&state.netns))
+                .with_context(|| format!("cannot open the namespace of node {name}"))?;
+            let prober = Prober::start(
+                &name,
+                netns_file.try_clone()?.into(),
+                self.probes_tx.clone(),
+            )?;
+            let netns = Netns::enter(netns_file.into(), &format!("node {name}"))?;
+            let cni = cni::Cni {
+                conf_dir: state.cni_conf_dir.clone(),
+                bin_dirs: vec![dir.join("cni-bin"), PathBuf::from(cni::SYSTEM_PLUGINS)],
+                node_netns: state.netns.clone(),
+                ip: self.ip_exe.clone(),
+            };
+            let agent = self.spawn_agent(&state)?;
+            state.agent.pid = agent.id();
+            state.agent.starts = 1;
+            let proxy = self.spawn_node_proxy(&state)?;
+            state.pid = proxy.id();
             self.nodes.insert(
                 name,
                 Node {
                     state,
-                    child: Some(child),
+                    index,
+                    proxy: Some(proxy),
+                    agent: Some(agent),
+                    cni,
+                    prober,
+                    netns,
+                    agent_ready: false,
+                    since: Instant::now(),
                 },
             );
         }
         Ok(())
     }
 
-    /// Hands a node's enrolled pods to its node-proxy (process `pid`) as one snapshot,
-    /// waiting up to `timeout` for it to listen. Until it does, the socket's path may
-    /// still lead to a node-proxy it replaces.
-    fn hand_over(&self, node: &str, pid: u32, timeout: Duration) -> anyhow::Result<()> {
-        let handoff = &self.nodes[node].state.handoff;
+    /// Waits until every node's agent and node-proxy are ready (up to `limit`).
+    fn wait_nodes(&mut self, limit: Duration) -> anyhow::Result<()> {
         let start = Instant::now();
-        let mut client = loop {
-            match HandoffClient::connect(handoff) {
-                Ok(c) if c.peer_pid() == Some(pid) => break c,
-                Ok(_) if start.elapsed() < timeout => std::thread::sleep(Duration::from_millis(20)),
-                Ok(_) => {
-                    bail!("node-proxy of {node} (pid {pid}) did not take over its handoff socket")
+        loop {
+            let mut waiting = Vec::new();
+            for node in self.nodes.values_mut() {
+                node.agent_ready |= node
+                    .agent_get("/ready")
+                    .is_some_and(|b| b.starts_with("ready"));
+                let proxy = summary::fetch(node.state.admin, "/ready")
+                    .is_ok_and(|b| b.starts_with("ready"));
+                if !node.agent_ready || !proxy {
+                    waiting.push(node.state.name.clone());
                 }
-                Err(e) if start.elapsed() < timeout => {
-                    tracing::debug!("waiting for node-proxy {node}: {e}");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => return Err(e).context(format!("node-proxy of {node} did not come up")),
             }
-        };
-        let mine: Vec<(PodInfo, std::os::fd::BorrowedFd<'_>)> = self
-            .pods
-            .values()
-            .filter(|p| p.state.node == node && p.state.enrolled)
-            .map(|p| (p.info(), p.netns_file.as_fd()))
-            .collect();
-        let mine: Vec<_> = mine
-            .iter()
-            .map(|(pod, netns)| runtime::handoff::SnapshotPod {
-                pod,
-                netns: *netns,
-                listeners: None,
-            })
-            .collect();
-        client
-            .snapshot(&mine)
-            .with_context(|| format!("handing pods to node-proxy of {node}"))
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                bail!(
+                    "nodes {waiting:?} are not ready after {} s (their node agent and node-proxy); see the logs in {}",
+                    limit.as_secs(),
+                    self.logs_dir.display()
+                );
+            }
+            self.supervise()?;
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
-    fn uid(&mut self, name: &ObjectName) -> String {
-        let generation = self.generations.entry(name.clone()).or_default();
-        let uid = match *generation {
-            0 => format!("{}-{}-{}", self.opts.name, name.namespace, name.name),
-            g => format!("{}-{}-{}-{g}", self.opts.name, name.namespace, name.name),
-        };
-        *generation += 1;
-        uid
-    }
-
-    /// Makes the running pods and services what `cluster` asks for. Before the
-    /// node-proxies run (`live` false) pods are only created; afterwards new pods are
-    /// handed over and started, and pods whose enrollment changed are captured or
-    /// released.
-    fn reconcile(&mut self, cluster: Cluster, live: bool) -> anyhow::Result<()> {
-        let writer = Writer {
-            dir: self.cluster_dir.clone(),
-        };
+    /// Makes the running pods and services what `cluster` asks for. New pods are
+    /// admitted (their objects Pending); the kubelet sets them up on its next round.
+    /// A changed pod comes back as a new one, as a Deployment's rollout would make it.
+    fn reconcile(&mut self, cluster: Cluster) -> anyhow::Result<Vec<ObjectName>> {
+        let writer = self.writer();
+        writer.namespaces(&cluster.namespaces)?;
         let services = kubelet::services(&cluster, &mut self.addresses, &writer)?;
         let services_changed = services
             .iter()
@@ -574,9 +727,6 @@ impl Sandbox {
             .into_iter()
             .map(|(k, v)| (k, v.clone()))
             .collect();
-
-        // Gone or changed: removed (a changed pod comes back as a new one, as a
-        // Deployment's rollout would make it).
         let stale: Vec<ObjectName> = self
             .pods
             .iter()
@@ -585,126 +735,193 @@ impl Sandbox {
             .collect();
         for name in stale {
             if let Some(mut pod) = self.pods.remove(&name) {
-                if pod.state.enrolled {
-                    if let Some(node) = self.nodes.get(&pod.state.node) {
-                        if let Err(e) = kubelet::hand(&node.state.handoff, &pod, false) {
-                            eprintln!("{e:#}");
-                        }
-                    }
-                }
+                let node = self.nodes.get(&pod.state.node);
+                kubelet::destroy(
+                    &mut pod,
+                    node.map(|n| &n.cni),
+                    &self.cgroups,
+                    node.map(|n| &n.prober),
+                );
                 writer.remove_pod(&pod.state);
-                kubelet::destroy(&mut pod, &mut self.addresses);
                 println!("pod {} removed", pod.name());
             }
         }
-
-        // Kept: enrollment may have changed with a label.
-        let mut flipped = Vec::new();
-        for (name, pod) in self.pods.iter_mut() {
-            let now = kubelet::enrolled(&cluster.namespaces, &pod.spec);
-            if now != pod.state.enrolled {
-                pod.state.enrolled = now;
-                flipped.push(name.clone());
-            }
-        }
-        for name in flipped {
-            let pod = &self.pods[&name];
-            let node = self
-                .nodes
-                .get(&pod.state.node)
-                .map(|n| n.state.handoff.clone());
-            // Served before captured, released after: no connection meets a closed port.
-            let result = (|| -> anyhow::Result<()> {
-                match (pod.state.enrolled, node) {
-                    (true, Some(handoff)) => {
-                        kubelet::hand(&handoff, pod, true)?;
-                        kubelet::capture(pod, true)
-                    }
-                    (false, Some(handoff)) => {
-                        kubelet::capture(pod, false)?;
-                        kubelet::hand(&handoff, pod, false)
-                    }
-                    (on, None) => kubelet::capture(pod, on),
-                }
-            })();
-            match result {
-                Ok(()) if pod.state.enrolled => println!("pod {} is in the mesh now", pod.name()),
-                Ok(()) => println!("pod {} left the mesh", pod.name()),
-                Err(e) => eprintln!("pod {}: {e:#}", pod.name()),
-            }
-        }
-
-        // New, in manifest order: a fresh sandbox numbers its pods as they are written.
+        self.cluster = cluster;
+        self.ensure_nodes()?;
+        // New, in manifest order: each node's pods get addresses in that order.
         let mut added = Vec::new();
-        for spec in &cluster.pods {
-            let name = &ObjectName::new(&spec.namespace, &spec.name);
-            if self.pods.contains_key(name) {
+        for spec in &self.cluster.pods {
+            let name = ObjectName::new(&spec.namespace, &spec.name);
+            if self.pods.contains_key(&name) {
                 continue;
             }
-            let uid = self.uid(name);
-            let enrolled = kubelet::enrolled(&cluster.namespaces, spec);
-            let site = kubelet::Site {
-                sandbox: &self.opts.name,
-                fabric: &self.fabric,
-                logs: &self.logs_dir,
-            };
-            let pod = kubelet::create_pod(
-                &site,
-                spec,
-                &mut self.addresses,
-                uid,
-                enrolled,
-                &self.services,
-            )?;
+            self.admitted += 1;
+            let pod = kubelet::admit(&self.opts.name, spec, &self.logs_dir, self.admitted);
             writer.pod(spec, &pod.state)?;
-            if enrolled && !live {
-                kubelet::capture(&pod, true)?;
-            }
             self.pods.insert(name.clone(), pod);
-            added.push(name.clone());
+            added.push(name);
         }
-        if live {
-            self.ensure_nodes()?;
-            for name in &added {
-                let handoff = self.nodes[&self.pods[name].state.node]
-                    .state
-                    .handoff
-                    .clone();
-                let pod = self.pods.get_mut(name).context("a pod just added")?;
-                if pod.state.enrolled {
-                    kubelet::hand(&handoff, pod, true)?;
-                    kubelet::capture(pod, true)?;
-                }
-                let launch = self.launch();
-                let pod = self.pods.get_mut(name).context("a pod just added")?;
-                kubelet::start_process(pod, &launch)?;
-                println!(
-                    "pod {} started ({}, node {})",
-                    pod.name(),
-                    pod.state.ip,
-                    pod.state.node
-                );
-            }
-            self.wait_listening(&added, Duration::from_secs(10));
-        }
-        if services_changed || !added.is_empty() {
-            for pod in self.pods.values() {
+        if services_changed {
+            for pod in self.pods.values().filter(|p| p.netns_made) {
                 if let Err(e) = kubelet::write_dns(&pod.state, &self.services) {
                     eprintln!("pod {}: {e:#}", pod.name());
                 }
             }
         }
-        self.cluster = cluster;
-        Ok(())
+        Ok(added)
+    }
+
+    /// One round of the kubelet: sandboxes set up (or retried), containers started and
+    /// restarted, probe results applied, objects updated. True when anything changed.
+    fn kubelet(&mut self) -> bool {
+        let mut changed = false;
+        let launch = self.launch();
+        let writer = self.writer();
+        let now = Instant::now();
+        // Probe outcomes first: they may ask for restarts.
+        while let Ok(outcome) = self.probes.try_recv() {
+            let Some(pod) = self.pods.get_mut(&outcome.pod) else {
+                continue;
+            };
+            if pod.state.uid != outcome.uid {
+                continue;
+            }
+            match outcome.kind {
+                probe::Kind::Readiness => {
+                    if pod.state.ready != outcome.passing {
+                        println!(
+                            "pod {} is {} ({})",
+                            pod.name(),
+                            if outcome.passing {
+                                "ready"
+                            } else {
+                                "not ready"
+                            },
+                            outcome.detail
+                        );
+                    }
+                    pod.state.ready = outcome.passing;
+                }
+                probe::Kind::Liveness if !outcome.passing => {
+                    println!(
+                        "pod {}: liveness probe failed ({}); restarting its container",
+                        pod.name(),
+                        outcome.detail
+                    );
+                    kubelet::stop_process(pod, Duration::from_secs(2));
+                    kubelet::restart_later(pod);
+                }
+                probe::Kind::Liveness => {}
+            }
+            let _ = writer.pod(&pod.spec, &pod.state);
+            changed = true;
+        }
+        // A node sets its pods up one at a time, the earliest admitted first.
+        let mut busy: BTreeSet<String> = self
+            .pods
+            .values()
+            .filter(|p| p.setup.is_some())
+            .map(|p| p.state.node.clone())
+            .collect();
+        let mut order: Vec<&mut RunningPod> = self.pods.values_mut().collect();
+        order.sort_by_key(|p| p.admitted);
+        for pod in order {
+            let Some(node) = self.nodes.get(&pod.state.node) else {
+                continue;
+            };
+            // A sandbox being set up.
+            if let Some(outcome) = kubelet::setup_done(pod) {
+                changed = true;
+                match outcome {
+                    Ok(ip) => {
+                        let started = kubelet::start_pause(pod, &self.cgroups)
+                            .and_then(|()| kubelet::write_dns(&pod.state, &self.services));
+                        if let Err(e) = started {
+                            eprintln!("pod {}: {e:#}", pod.name());
+                        }
+                        // Running with its address before its container starts, so the
+                        // mesh knows the address before the first connection from it.
+                        pod.state.phase = "Running".into();
+                        pod.state.ready = pod.spec.readiness.is_none();
+                        let _ = writer.pod(&pod.spec, &pod.state);
+                        match kubelet::start_process(pod, &launch, &self.cgroups) {
+                            Ok(()) => println!(
+                                "pod {} started ({ip}, node {})",
+                                pod.name(),
+                                pod.state.node
+                            ),
+                            Err(e) => eprintln!("{e:#}"),
+                        }
+                        if let Some(target) = kubelet::probe_target(pod) {
+                            node.prober.set(pod.key(), target);
+                        }
+                    }
+                    Err(why) => {
+                        eprintln!("pod {} waits: {why}", pod.name());
+                        let _ = writer.pod(&pod.spec, &pod.state);
+                    }
+                }
+                continue;
+            }
+            if pod.setup.is_some() {
+                continue;
+            }
+            let due = pod.retry_at.is_none_or(|at| at <= now);
+            // No sandbox yet: set one up once the node's agent is there (or has had time).
+            if !pod.netns_made {
+                let node_ready = node.agent_ready
+                    || node.state.agent.stopped
+                    || node.since.elapsed() > AGENT_WAIT;
+                if due && node_ready && busy.insert(pod.state.node.clone()) {
+                    pod.retry_at = None;
+                    if let Err(e) = kubelet::begin_setup(pod, &node.cni) {
+                        eprintln!("pod {}: {e:#}", pod.name());
+                        kubelet::restart_later(pod);
+                    }
+                    changed = true;
+                }
+                continue;
+            }
+            // A container that exited is restarted after its backoff.
+            if let Some(Ok(Some(status))) = pod.child.as_mut().map(Child::try_wait) {
+                println!("pod {} exited ({status}); restarting it", pod.name());
+                pod.child = None;
+                pod.state.pid = 0;
+                kubelet::restart_later(pod);
+                let _ = writer.pod(&pod.spec, &pod.state);
+                changed = true;
+                continue;
+            }
+            if pod.child.is_none() && pod.state.ip.is_some() && due {
+                pod.retry_at = None;
+                match kubelet::start_process(pod, &launch, &self.cgroups) {
+                    Ok(()) => {
+                        if pod.spec.readiness.is_none() {
+                            pod.state.ready = true;
+                        }
+                        if let Some(target) = kubelet::probe_target(pod) {
+                            node.prober.set(pod.key(), target);
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("{e:#}");
+                        kubelet::restart_later(pod);
+                    }
+                }
+                let _ = writer.pod(&pod.spec, &pod.state);
+                changed = true;
+            }
+        }
+        changed
     }
 
     /// Replaces a node's node-proxy without refusing a connection, as a DaemonSet's
     /// surge rollout would. The new process takes over from the old one through the
     /// handoff socket (its admin listener, and each pod's namespace and listeners, passed
     /// as file descriptors), so the ports never close; once it serves them and owns the
-    /// socket's path it tells the old one, which then drains. `up` replays the pods to it
-    /// (already served: nothing changes). If the new process fails before that, the old
-    /// one serves on.
+    /// socket's path it tells the old one, which then drains. The node agent, connected
+    /// to the old one, reconnects to the new one and replays its pods. If the new process
+    /// fails before that, the old one serves on.
     fn replace_node_proxy(&mut self, name: &str) -> anyhow::Result<()> {
         let node = self.nodes[name].state.clone();
         let mut child = self.spawn_node_proxy(&node)?;
@@ -730,10 +947,8 @@ impl Sandbox {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        // From here the new process serves the node: keep it whatever the replay says.
-        let replayed = self.hand_over(name, new_pid, Duration::from_secs(20));
         let entry = self.nodes.get_mut(name).context("the node just replaced")?;
-        if let Some(old) = entry.child.replace(child) {
+        if let Some(old) = entry.proxy.replace(child) {
             eprintln!(
                 "node-proxy of {name} replaced: pid {new_pid} serves, pid {} drains",
                 old.id()
@@ -741,21 +956,32 @@ impl Sandbox {
             self.retiring.push((name.to_owned(), old, Instant::now()));
         }
         entry.state.pid = new_pid;
-        replayed
+        Ok(())
     }
 
     fn teardown(&mut self) {
         if let Some(mut p) = self.prometheus.take() {
             p.stop();
         }
-        for p in self.pods.values_mut() {
-            if let Some(c) = p.child.as_mut() {
-                stop_child(c, Duration::from_secs(2));
+        // Pods first, through their CNI DEL, while the agents still run.
+        let names: Vec<ObjectName> = self.pods.keys().cloned().collect();
+        for name in names {
+            if let Some(mut pod) = self.pods.remove(&name) {
+                let node = self.nodes.get(&pod.state.node);
+                kubelet::destroy(
+                    &mut pod,
+                    node.map(|n| &n.cni),
+                    &self.cgroups,
+                    node.map(|n| &n.prober),
+                );
             }
         }
         for n in self.nodes.values_mut() {
-            if let Some(c) = n.child.as_mut() {
+            if let Some(c) = n.proxy.as_mut() {
                 stop_child(c, Duration::from_secs(8));
+            }
+            if let Some(c) = n.agent.as_mut() {
+                stop_child(c, Duration::from_secs(5));
             }
         }
         for (_, c, _) in self.retiring.iter_mut() {
@@ -764,41 +990,95 @@ impl Sandbox {
         if let Some(c) = self.controller.as_mut() {
             stop_child(c, Duration::from_secs(5));
         }
-        for p in self.pods.values() {
-            // Whatever a pod's command left behind (daemons, background jobs).
-            net::kill_netns_pids(&p.state.netns);
-            net::delete_netns(&p.state.netns);
-            let _ = std::fs::remove_dir_all(kubelet::etc_dir(&p.state.netns));
+        for n in self.nodes.values() {
+            net::kill_netns_pids(&n.state.netns);
+            net::delete_netns(&n.state.netns);
         }
         if self.fabric_made {
             net::delete_netns(&self.fabric);
         }
+        self.cgroups.remove_all();
         let _ = std::fs::remove_file(self.opts.state_dir.join("state.json"));
     }
 
-    /// Restarts what died: a node-proxy (pods replayed), the controller (unless stopped
-    /// on purpose). Stops the controller when asked to. True when anything changed.
+    /// Restarts what died: a node-proxy or a node agent (unless stopped on purpose), the
+    /// controller (likewise), as a kubelet restarts a DaemonSet's containers. True when
+    /// anything changed.
     fn supervise(&mut self) -> anyhow::Result<bool> {
         let mut changed = false;
-        let mut restart = Vec::new();
-        for (name, node) in self.nodes.iter_mut() {
-            if let Some(Ok(Some(status))) = node.child.as_mut().map(Child::try_wait) {
-                eprintln!("node-proxy of {name} exited ({status}); restarting it");
-                restart.push(name.clone());
+        let names: Vec<String> = self.nodes.keys().cloned().collect();
+        for name in names {
+            let spawn_proxy = {
+                let node = self.nodes.get_mut(&name).context("a node")?;
+                match node.proxy.as_mut().map(Child::try_wait) {
+                    Some(Ok(Some(status))) => {
+                        eprintln!("node-proxy of {name} exited ({status}); restarting it");
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if spawn_proxy {
+                let state = self.nodes[&name].state.clone();
+                let child = self.spawn_node_proxy(&state)?;
+                let node = self.nodes.get_mut(&name).context("a node")?;
+                node.state.pid = child.id();
+                node.proxy = Some(child);
+                changed = true;
             }
-        }
-        for name in restart {
-            let state = self.nodes[&name].state.clone();
-            let child = self.spawn_node_proxy(&state)?;
-            let pid = child.id();
-            let node = self
-                .nodes
-                .get_mut(&name)
-                .context("a node being restarted")?;
-            node.state.pid = pid;
-            node.child = Some(child);
-            self.hand_over(&name, pid, Duration::from_secs(20))?;
-            changed = true;
+            let (stop_wanted, exited) = {
+                let node = self.nodes.get_mut(&name).context("a node")?;
+                let exited = match node.agent.as_mut().map(Child::try_wait) {
+                    Some(Ok(Some(status))) => {
+                        if !node.stop_marker().exists() {
+                            eprintln!("node agent of {name} exited ({status}); restarting it");
+                        }
+                        true
+                    }
+                    _ => false,
+                };
+                (node.stop_marker().exists(), exited)
+            };
+            let node = self.nodes.get_mut(&name).context("a node")?;
+            match (stop_wanted, node.agent.is_some()) {
+                (true, true) => {
+                    if let Some(mut c) = node.agent.take() {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                    }
+                    eprintln!(
+                        "node agent of {name} stopped (weftctl local agent start brings it back)"
+                    );
+                    node.state.agent.pid = 0;
+                    node.state.agent.stopped = true;
+                    changed = true;
+                }
+                (false, false) => {
+                    let state = node.state.clone();
+                    let child = self.spawn_agent(&state)?;
+                    let node = self.nodes.get_mut(&name).context("a node")?;
+                    node.state.agent.pid = child.id();
+                    node.state.agent.stopped = false;
+                    node.state.agent.starts += 1;
+                    node.agent = Some(child);
+                    eprintln!(
+                        "node agent of {name} started (pid {})",
+                        node.state.agent.pid
+                    );
+                    changed = true;
+                }
+                (false, true) if exited => {
+                    node.agent = None;
+                    let state = node.state.clone();
+                    let child = self.spawn_agent(&state)?;
+                    let node = self.nodes.get_mut(&name).context("a node")?;
+                    node.state.agent.pid = child.id();
+                    node.state.agent.starts += 1;
+                    node.agent = Some(child);
+                    changed = true;
+                }
+                _ => {}
+            }
         }
         let stop_wanted = self.stopped_marker().exists();
         match (stop_wanted, self.controller.is_some()) {
@@ -865,17 +1145,47 @@ impl Sandbox {
                 .filter(|(n, _, _)| *n == node.state.name)
                 .map(|(_, c, _)| c.id())
                 .collect();
+            if !node.agent_ready
+                && node.agent.is_some()
+                && node.since.elapsed() > Duration::from_millis(200)
+            {
+                node.agent_ready = node
+                    .agent_get("/ready")
+                    .is_some_and(|b| b.starts_with("ready"));
+            }
         }
         Ok(changed)
     }
 
+    /// The UIDs of the pods the node agents capture now, from their admin endpoints.
+    fn captured(&self) -> BTreeSet<String> {
+        let mut uids = BTreeSet::new();
+        for node in self.nodes.values() {
+            let Some(text) = node.agent_get("/pods") else {
+                continue;
+            };
+            let Ok(status) = serde_json::from_str::<serde_json::Value>(&text) else {
+                continue;
+            };
+            for p in status["pods"].as_array().into_iter().flatten() {
+                if p["rules"] == true && p["served"] == true {
+                    if let Some(uid) = p["uid"].as_str() {
+                        uids.insert(uid.to_owned());
+                    }
+                }
+            }
+        }
+        uids
+    }
+
     fn print_banner(&self) {
+        let captured = self.captured();
         println!(
-            "sandbox {:?} is up: {} nodes, {} pods ({} in the mesh), {} services; controller at {} (admin {}); state in {}",
+            "sandbox {:?} is up: {} nodes, {} pods ({} captured by the node agents), {} services; controller at {} (admin {}); state in {}",
             self.opts.name,
             self.nodes.len(),
             self.pods.len(),
-            self.pods.values().filter(|p| p.state.enrolled).count(),
+            self.pods.values().filter(|p| captured.contains(&p.state.uid)).count(),
             self.services.len(),
             self.controller_state.grpc,
             self.controller_state.admin,
@@ -885,9 +1195,15 @@ impl Sandbox {
             println!(
                 "  pod {:<28} {:<15} node {:<8} {}",
                 p.name(),
-                p.state.ip,
+                p.state
+                    .ip
+                    .map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
                 p.state.node,
-                if p.state.enrolled { "mesh" } else { "no mesh" }
+                if captured.contains(&p.state.uid) {
+                    "mesh"
+                } else {
+                    "no mesh"
+                }
             );
         }
         for s in &self.services {
@@ -908,44 +1224,6 @@ impl Sandbox {
     }
 }
 
-/// The last `n` lines of a log.
-fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// (name, modified, length) of every file of a directory: when it changes, the
-/// manifests are read again.
-fn fingerprint(dir: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
-    let mut out: Vec<_> = std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|e| {
-                    let m = e.metadata().ok()?;
-                    Some((e.path(), m.modified().ok(), m.len()))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    out.sort();
-    out
-}
-
-/// The node-proxy binary, beside weftctl.
-pub const NODE_PROXY_BIN: &str = "node-proxy";
-/// The waypoint binary, beside weftctl.
-pub const WAYPOINT_BIN: &str = "waypoint";
-
-/// A role's own binary next to `weftctl`, built with it (`cargo build --workspace --bins`
-/// makes all of them). Each is what the role runs in a cluster too, a fraction of
-/// weftctl's size, so a process's resident memory is its own and not the other roles'
-/// code.
-pub fn role_exe(weftctl: &Path, binary: &str) -> PathBuf {
-    weftctl.with_file_name(binary)
-}
-
 /// Runs the sandbox until Ctrl-C, SIGTERM or `opts.duration`, then removes it.
 pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
     require_root("weftctl local up")?;
@@ -955,7 +1233,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
         .context("cannot watch for SIGUSR1")?;
     // Bad input stops here, before anything is created.
     let cluster = manifest::load_dir(&opts.dir)?;
-    for binary in [NODE_PROXY_BIN, WAYPOINT_BIN] {
+    for binary in [NODE_PROXY_BIN, WAYPOINT_BIN, NODE_AGENT_BIN, WEFT_CNI_BIN] {
         let exe = role_exe(&opts.exe, binary);
         if !exe.is_file() {
             bail!(
@@ -964,6 +1242,15 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
             );
         }
     }
+    let bridge = Path::new(cni::SYSTEM_PLUGINS).join("bridge");
+    if !bridge.is_file() {
+        bail!(
+            "{} is missing: the sandbox's nodes use the CNI bridge and host-local plugins (Debian: apt-get install containernetworking-plugins)",
+            bridge.display()
+        );
+    }
+    let ip_exe =
+        which("ip").context("iproute2's `ip` is not on PATH (Debian: apt-get install iproute2)")?;
     let state_dir = opts.state_dir.clone();
     if state_dir.join("state.json").exists() {
         bail!(
@@ -983,6 +1270,13 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
     let _ = std::fs::remove_file(state_dir.join("controller.stopped"));
+    for entry in std::fs::read_dir(state_dir.join("logs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let _ = std::fs::remove_file(entry.path());
+    }
     let exe_dir = opts.exe.parent().map(Path::to_path_buf).unwrap_or_default();
     let path_env = format!(
         "{}:{}",
@@ -997,6 +1291,8 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
         stopped: false,
         starts: 0,
     };
+    let cgroups = Cgroups::create(&opts.name)?;
+    let (probes_tx, probes) = mpsc::channel();
     let mut sb = Sandbox {
         fabric: format!("{}-fabric", opts.name),
         cluster_dir: state_dir.join("cluster"),
@@ -1004,6 +1300,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
         tokens_dir: state_dir.join("tokens"),
         logs_dir: state_dir.join("logs"),
         path_env,
+        ip_exe,
         controller: None,
         controller_state,
         nodes: BTreeMap::new(),
@@ -1011,8 +1308,11 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
         pods: BTreeMap::new(),
         services: Vec::new(),
         addresses: Addresses::default(),
-        generations: BTreeMap::new(),
         cluster: Cluster::default(),
+        cgroups,
+        admitted: 0,
+        probes,
+        probes_tx,
         fabric_made: false,
         upgrades: 0,
         upgrade_errors: Vec::new(),
@@ -1028,6 +1328,15 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
     result
 }
 
+/// The first `name` on `PATH`.
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
 async fn run(
     sb: &mut Sandbox,
     cluster: Cluster,
@@ -1036,25 +1345,15 @@ async fn run(
 ) -> anyhow::Result<()> {
     net::create_fabric(&sb.fabric)?;
     sb.fabric_made = true;
-    // Pods and services first, so the controller's first model has them.
-    sb.reconcile(cluster, false)?;
+    // Objects first (namespaces, services, pods Pending), so the controller's first
+    // model has them; then the nodes, their agents, and the pods' sandboxes.
+    sb.cluster = cluster.clone();
+    sb.writer().namespaces(&cluster.namespaces)?;
     sb.start_controller()?;
     sb.wait_controller(Duration::from_secs(30))?;
-    sb.ensure_nodes()?;
-    let nodes: Vec<(String, u32)> = sb
-        .nodes
-        .values()
-        .map(|n| (n.state.name.clone(), n.state.pid))
-        .collect();
-    for (name, pid) in nodes {
-        sb.hand_over(&name, pid, Duration::from_secs(30))?;
-    }
-    let launch = sb.launch();
-    for pod in sb.pods.values_mut() {
-        kubelet::start_process(pod, &launch)?;
-    }
-    let all: Vec<ObjectName> = sb.pods.keys().cloned().collect();
-    sb.wait_listening(&all, Duration::from_secs(10));
+    let added = sb.reconcile(cluster)?;
+    sb.wait_nodes(Duration::from_secs(60))?;
+    sb.wait_listening(&added, Duration::from_secs(60));
     sb.ready = true;
     if let Some(listen) = sb.opts.prometheus {
         let opts = crate::prometheus::Options {
@@ -1088,8 +1387,7 @@ async fn run(
         }
         let mut changed = false;
         if replace {
-            // One node at a time; a failure leaves that node's node-proxy serving (or,
-            // if it had already handed over, restarted once it has drained).
+            // One node at a time; a failure leaves that node's node-proxy serving.
             sb.upgrade_errors.clear();
             let names: Vec<String> = sb.nodes.keys().cloned().collect();
             for name in names {
@@ -1104,6 +1402,7 @@ async fn run(
             changed = true;
         }
         changed |= sb.supervise()?;
+        changed |= sb.kubelet();
         let now = fingerprint(&sb.opts.dir);
         // A file is read once it has stayed the same for a poll, and its reading counts
         // only if nothing changed meanwhile: a file written in place (truncated, then
@@ -1118,7 +1417,7 @@ async fn run(
             match loaded {
                 Ok(cluster) => {
                     sb.reload_error = None;
-                    if let Err(e) = sb.reconcile(cluster, true) {
+                    if let Err(e) = sb.reconcile(cluster) {
                         eprintln!("applying the edited manifests: {e:#}");
                         sb.reload_error = Some(format!("{e:#}"));
                     }
@@ -1164,15 +1463,8 @@ async fn run(
     Ok(())
 }
 
-fn read_state(state_dir: &Path) -> anyhow::Result<State> {
-    let path = state_dir.join("state.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("no running sandbox: cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("cannot read {}", path.display()))
-}
-
-/// Removes a sandbox: asks its `up` process to stop, then makes sure every process and
-/// namespace of it is gone.
+/// Removes a sandbox: asks its `up` process to stop, then makes sure every process,
+/// namespace and cgroup of it is gone.
 pub fn down(name: &str, state_dir: &Path) -> anyhow::Result<()> {
     require_root("weftctl local down")?;
     let path = state_dir.join("state.json");
@@ -1184,7 +1476,7 @@ pub fn down(name: &str, state_dir: &Path) -> anyhow::Result<()> {
         };
         if signal(state.supervisor_pid, nix::sys::signal::Signal::SIGTERM) {
             let start = Instant::now();
-            while path.exists() && start.elapsed() < Duration::from_secs(20) {
+            while path.exists() && start.elapsed() < Duration::from_secs(30) {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
@@ -1196,6 +1488,7 @@ pub fn down(name: &str, state_dir: &Path) -> anyhow::Result<()> {
                 .iter()
                 .map(|p| p.pid)
                 .chain(state.nodes.iter().map(|n| n.pid))
+                .chain(state.nodes.iter().map(|n| n.agent.pid))
                 .chain(state.nodes.iter().flat_map(|n| n.draining.clone()))
                 .chain([state.controller.pid])
                 .chain(state.prometheus.iter().map(|p| p.pid))
@@ -1204,13 +1497,107 @@ pub fn down(name: &str, state_dir: &Path) -> anyhow::Result<()> {
             }
         }
     }
-    for ns in net::list_netns(&format!("{name}-")) {
+    for ns in net::list_netns(&format!("{name}-"))
+        .into_iter()
+        .chain(net::list_netns(&format!("{name}.")))
+    {
         net::kill_netns_pids(&ns);
         net::delete_netns(&ns);
         let _ = std::fs::remove_dir_all(kubelet::etc_dir(&ns));
     }
+    if let Ok(cgroups) = Cgroups::create(name) {
+        cgroups.remove_all();
+    }
     let _ = std::fs::remove_file(&path);
     Ok(())
+}
+
+/// Stops (`false`) or starts (`true`) the node agent of `node` in a running sandbox and
+/// waits until it is done, as deleting its pod would (the marker keeps the sandbox's
+/// kubelet from restarting it).
+pub fn agent(state_dir: &Path, node: &str, run: bool) -> anyhow::Result<()> {
+    require_root("weftctl local agent")?;
+    let state = read_state(state_dir)?;
+    let n = state
+        .nodes
+        .iter()
+        .find(|n| n.name == node)
+        .with_context(|| format!("no node {node:?} in sandbox {:?}", state.name))?;
+    let marker = n.agent.log.with_file_name(format!("agent-{node}.stopped"));
+    if run {
+        let _ = std::fs::remove_file(&marker);
+    } else {
+        std::fs::write(&marker, b"stopped by weftctl local agent stop\n")?;
+    }
+    let start = Instant::now();
+    loop {
+        let now = read_state(state_dir)?;
+        let agent = now
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .map(|n| n.agent.clone());
+        let done = agent.is_some_and(|a| match run {
+            true => !a.stopped && a.pid != 0,
+            false => a.stopped,
+        });
+        if done {
+            println!(
+                "node agent of {node} {}",
+                if run { "running" } else { "stopped" }
+            );
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "the sandbox did not {} the node agent of {node} within 30 s",
+                if run { "start" } else { "stop" }
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The capture rules installed in a pod's namespace, for debugging, as `nft` and `ip`
+/// print them.
+pub fn rules(state_dir: &Path, pod: &str) -> anyhow::Result<String> {
+    let state = read_state(state_dir)?;
+    let p = state
+        .pods
+        .iter()
+        .find(|p| format!("{}/{}", p.namespace, p.name) == pod || p.name == pod)
+        .with_context(|| {
+            format!(
+                "no pod {pod:?} in sandbox {:?}; pods are named namespace/name",
+                state.name
+            )
+        })?;
+    let run = |args: &[&str]| -> anyhow::Result<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &p.netns])
+            .args(args)
+            .output()
+            .with_context(|| format!("cannot run {args:?} in {}", p.netns))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let nft = run(&["nft", "list", "table", "ip", "weft"])?;
+    let nft = if nft.is_empty() {
+        "# no nftables table ip weft\n".to_owned()
+    } else {
+        nft
+    };
+    Ok(format!(
+        "{nft}\n# ip rule\n{}\n# ip route table 100\n{}",
+        run(&["ip", "rule", "show"])?,
+        run(&["ip", "route", "show", "table", "100"])?
+    ))
+}
+
+fn read_state(state_dir: &Path) -> anyhow::Result<State> {
+    let path = state_dir.join("state.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("no running sandbox: cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("cannot read {}", path.display()))
 }
 
 /// Asks a running sandbox to replace its node-proxies (SIGUSR1 to its `up` process) and
@@ -1318,20 +1705,40 @@ pub fn controller(state_dir: &Path, run: bool) -> anyhow::Result<()> {
     }
 }
 
-/// The capture rules installed in a pod's namespace, for debugging.
-pub fn rules(state_dir: &Path, pod: &str) -> anyhow::Result<String> {
-    let state = read_state(state_dir)?;
-    let p = state
-        .pods
-        .iter()
-        .find(|p| format!("{}/{}", p.namespace, p.name) == pod || p.name == pod)
-        .with_context(|| {
-            format!(
-                "no pod {pod:?} in sandbox {:?}; pods are named namespace/name",
-                state.name
-            )
-        })?;
-    let file = File::open(Path::new("/run/netns").join(&p.netns))?;
-    let ns = Netns::enter(file.into(), pod)?;
-    Ok(node_proxy::redirect::list(&ns, pod)?)
+/// The last `n` lines of a log.
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// (name, modified, length) of every file of a directory: when it changes, the
+/// manifests are read again.
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    let m = e.metadata().ok()?;
+                    Some((e.path(), m.modified().ok(), m.len()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// The node-proxy binary, beside weftctl.
+pub const NODE_PROXY_BIN: &str = "node-proxy";
+/// The waypoint binary, beside weftctl.
+pub const WAYPOINT_BIN: &str = "waypoint";
+
+/// A role's own binary next to `weftctl`, built with it (`cargo build --workspace --bins`
+/// makes all of them). Each is what the role runs in a cluster too, a fraction of
+/// weftctl's size, so a process's resident memory is its own and not the other roles'
+/// code.
+pub fn role_exe(weftctl: &Path, binary: &str) -> PathBuf {
+    weftctl.with_file_name(binary)
 }

@@ -15,7 +15,7 @@
 //! resource is for (every proxy, the node-proxies of some nodes, waypoints) travels
 //! with it as its [`Audience`].
 
-pub mod enrollment;
+pub use api::enrollment;
 pub mod incremental;
 mod policies;
 mod routes;
@@ -32,7 +32,7 @@ use crate::objects::{Effect, ObjectKind, ObjectRef, Objects, Origin, Problem};
 pub use selector::matches as selector_matches;
 
 /// Namespace and pod label that enrolls (`enabled`) or opts a pod out (`disabled`).
-pub const MESH_LABEL: &str = "weft.dev/mesh";
+pub use api::enrollment::MESH_LABEL;
 /// Namespace label: `strict` refuses plaintext from outside the mesh, `permissive`
 /// (default) accepts it.
 pub const MTLS_LABEL: &str = "weft.dev/mtls-mode";

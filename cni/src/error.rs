@@ -3,8 +3,7 @@
 
 use std::path::PathBuf;
 
-use node_proxy::redirect::RedirectError;
-use runtime::handoff::HandoffError;
+use ipc::agent::AgentError;
 use serde::Serialize;
 
 /// Error codes the CNI specification reserves (0-99); ours are 100 and up.
@@ -23,9 +22,7 @@ pub mod code {
     pub const INVALID_CONFIG: u32 = 7;
     /// A transient failure: the runtime should retry.
     pub const TRY_AGAIN: u32 = 11;
-    /// The capture rules could not be installed or removed.
-    pub const CAPTURE: u32 = 100;
-    /// node-proxy refused the pod.
+    /// The node agent refused the pod (for a reason a retry does not change).
     pub const REFUSED: u32 = 101;
     /// CHECK: the pod's capture rules are not (all) there.
     pub const RULES_MISSING: u32 = 102;
@@ -73,50 +70,41 @@ pub enum CniError {
         /// Why.
         source: std::io::Error,
     },
-    /// The pod or namespace lookup source could not be read; a retry may succeed.
-    #[error("{0}")]
-    Lookup(String),
-    /// The lookup source could not be used at all (unreadable kubeconfig, no directory).
-    #[error("{0}")]
-    LookupIo(String),
-    /// node-proxy is not running (or its socket is elsewhere): the pod must wait for it.
-    #[error("pod {pod} is enrolled in the mesh, but {source}; the runtime retries the pod once node-proxy is up")]
-    NodeProxyDown {
+    /// The node agent is not running, and the pod's namespace is enrolled: the pod waits.
+    #[error("pod {pod} is in namespace {namespace}, which is enrolled in the mesh, but {source}; the runtime retries the pod once the agent is back")]
+    AgentDown {
         /// `namespace/name`.
         pod: String,
+        /// Its namespace.
+        namespace: String,
         /// The connect error, naming the socket.
-        source: HandoffError,
+        source: AgentError,
     },
-    /// Talking to node-proxy failed or it refused the pod.
-    #[error("pod {pod}: {source}")]
-    Handoff {
+    /// The node agent did not answer.
+    #[error("pod {pod}: {source}; the runtime retries the pod")]
+    AgentFailed {
         /// `namespace/name`.
         pod: String,
         /// What went wrong.
-        source: HandoffError,
+        source: AgentError,
     },
-    /// The capture rules could not be changed.
-    #[error(transparent)]
-    Capture(#[from] RedirectError),
-    /// CHECK found capture rules missing.
-    #[error("pod {pod} is enrolled but its capture rules are missing: {missing}; delete the pod so it is recreated with them")]
+    /// The node agent answered with an error.
+    #[error("{message}")]
+    Agent {
+        /// Its message, naming the pod and the cause.
+        message: String,
+        /// A retry may succeed.
+        retry: bool,
+    },
+    /// CHECK: the pod is enrolled but not captured as it should be.
+    #[error("{message}; delete the pod so it is recreated with its capture")]
     RulesMissing {
-        /// `namespace/name`.
-        pod: String,
-        /// What is missing, comma-separated.
-        missing: String,
+        /// The agent's account, naming the pod and what is missing.
+        message: String,
     },
     /// weft-cni itself failed (a panic, caught): a bug to report.
     #[error("internal error (please report it): {0}")]
     Internal(String),
-    /// Entering the pod's namespace failed.
-    #[error("pod {pod}: {source}")]
-    Enter {
-        /// `namespace/name`.
-        pod: String,
-        /// Why.
-        source: std::io::Error,
-    },
 }
 
 impl CniError {
@@ -128,14 +116,9 @@ impl CniError {
             CniError::Config { .. } => code::INVALID_CONFIG,
             CniError::Version { .. } => code::INCOMPATIBLE_VERSION,
             CniError::Netns { .. } => code::UNKNOWN_CONTAINER,
-            CniError::Lookup(_) | CniError::NodeProxyDown { .. } => code::TRY_AGAIN,
-            CniError::LookupIo(_) | CniError::Enter { .. } => code::IO,
-            CniError::Handoff { source, .. } => match source {
-                HandoffError::Rejected(_) | HandoffError::Invalid(_) => code::REFUSED,
-                HandoffError::VersionMismatch { .. } => code::INCOMPATIBLE_VERSION,
-                _ => code::TRY_AGAIN,
-            },
-            CniError::Capture(_) => code::CAPTURE,
+            CniError::AgentDown { .. } | CniError::AgentFailed { .. } => code::TRY_AGAIN,
+            CniError::Agent { retry: true, .. } => code::TRY_AGAIN,
+            CniError::Agent { retry: false, .. } => code::REFUSED,
             CniError::RulesMissing { .. } => code::RULES_MISSING,
             CniError::Internal(_) => code::INTERNAL,
         }
@@ -149,12 +132,11 @@ impl CniError {
             CniError::Config { .. } => "invalid network configuration",
             CniError::Version { .. } => "incompatible CNI version",
             CniError::Netns { .. } => "cannot open the pod's network namespace",
-            CniError::Lookup(_) | CniError::LookupIo(_) => "cannot look up the pod",
-            CniError::NodeProxyDown { .. } => "node-proxy is not reachable",
-            CniError::Handoff { .. } => "handing the pod to node-proxy failed",
-            CniError::Capture(_) => "capture rules could not be changed",
+            CniError::AgentDown { .. } => "the node agent is not running",
+            CniError::AgentFailed { .. } => "the node agent did not answer",
+            CniError::Agent { retry: true, .. } => "the pod cannot be captured yet",
+            CniError::Agent { retry: false, .. } => "the node agent refused the pod",
             CniError::RulesMissing { .. } => "capture rules are missing",
-            CniError::Enter { .. } => "cannot enter the pod's network namespace",
             CniError::Internal(_) => "internal error",
         }
     }
@@ -203,13 +185,18 @@ mod tests {
     }
 
     #[test]
-    fn node_proxy_down_names_the_socket_and_asks_for_a_retry() {
-        let socket = PathBuf::from("/run/weft/none.sock");
-        let e = CniError::NodeProxyDown {
+    fn agent_down_names_the_socket_and_asks_for_a_retry() {
+        let e = CniError::AgentDown {
             pod: "shop/cart-1".into(),
-            source: HandoffError::Connect(socket, std::io::ErrorKind::NotFound.into()),
+            namespace: "shop".into(),
+            source: AgentError::Unreachable {
+                path: "/run/weft/node-agent.sock".into(),
+                source: std::io::ErrorKind::NotFound.into(),
+            },
         };
         assert_eq!(e.code(), code::TRY_AGAIN);
-        assert!(e.to_string().contains("/run/weft/none.sock"), "{e}");
+        let text = e.to_string();
+        assert!(text.contains("/run/weft/node-agent.sock"), "{text}");
+        assert!(text.contains("node agent"), "{text}");
     }
 }

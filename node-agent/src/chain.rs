@@ -1,16 +1,17 @@
-//! `weft-cni install` / `uninstall`: puts the plugin on a node. Copies the binary into
-//! the runtime's plugin directory and appends a `weft-cni` entry to the node's chained
+//! Keeping `weft-cni` in the node's CNI chain: the agent copies the plugin into the
+//! runtime's plugin directory and appends a `weft-cni` entry to the node's chained
 //! configuration (the first `*.conflist`, which the cluster's network plugin wrote),
-//! rewriting that file atomically. Installing again replaces the entry, so there is
-//! always at most one; uninstalling removes the entry and the binary.
+//! rewriting that file atomically; then it watches the directory and chains the plugin
+//! again whenever the network plugin rewrites its configuration without it. Installing
+//! again replaces the entry, so there is always at most one; uninstalling removes the
+//! entry and the binary.
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use ipc::agent::CNI_VERSIONS as SUPPORTED_VERSIONS;
 use serde_json::{Map, Value};
-
-use super::config::{LookupSource, SUPPORTED_VERSIONS};
 
 /// The plugin's name: its binary's and its entry's `type`.
 pub const PLUGIN: &str = "weft-cni";
@@ -52,13 +53,17 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
     }
 }
 
-/// What the installer writes into the chained configuration.
+/// What the agent writes into the chained configuration: how the plugin reaches it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
-    /// Where the plugin looks pods up.
-    pub source: LookupSource,
-    /// node-proxy's handoff socket, when not the default.
-    pub socket: Option<PathBuf>,
+    /// The agent's socket.
+    pub agent_socket: PathBuf,
+    /// The file the agent publishes the enrolled namespaces in, for while it is down.
+    pub agent_state: PathBuf,
+    /// Namespaces whose pods the plugin never asks about (`kube-system` always).
+    pub exclude_namespaces: Vec<String>,
+    /// An enrolled pod whose capture cannot be installed starts anyway, uncaptured.
+    pub fail_open: bool,
 }
 
 impl Entry {
@@ -66,13 +71,25 @@ impl Entry {
     pub fn to_json(&self) -> Value {
         let mut entry = Map::new();
         entry.insert("type".into(), PLUGIN.into());
-        let (key, path) = match &self.source {
-            LookupSource::Kubeconfig(p) => ("kubeconfig", p),
-            LookupSource::Manifests(p) => ("manifests", p),
-        };
-        entry.insert(key.into(), path.display().to_string().into());
-        if let Some(socket) = &self.socket {
-            entry.insert("socket".into(), socket.display().to_string().into());
+        entry.insert(
+            "agentSocket".into(),
+            self.agent_socket.display().to_string().into(),
+        );
+        entry.insert(
+            "agentState".into(),
+            self.agent_state.display().to_string().into(),
+        );
+        entry.insert(
+            "excludeNamespaces".into(),
+            Value::Array(
+                self.exclude_namespaces
+                    .iter()
+                    .map(|n| n.as_str().into())
+                    .collect(),
+            ),
+        );
+        if self.fail_open {
+            entry.insert("failOpen".into(), true.into());
         }
         Value::Object(entry)
     }
@@ -218,6 +235,10 @@ pub fn install(
     };
     if !same(binary, &target) {
         let bytes = std::fs::read(binary).map_err(io(binary))?;
+        // Rewritten only when it differs: a runtime may be running it right now.
+        if std::fs::read(&target).ok().as_deref() == Some(&bytes[..]) {
+            return finish(report, &conflist, updated);
+        }
         write_atomic(&target, &bytes, 0o755)?;
         report.push(format!(
             "copied {} to {}",
@@ -225,19 +246,124 @@ pub fn install(
             target.display()
         ));
     }
+    finish(report, &conflist, updated)
+}
+
+/// Writes the conflist with the entry, if it changed.
+fn finish(
+    mut report: Report,
+    conflist: &Path,
+    updated: Option<String>,
+) -> Result<Report, InstallError> {
     match updated {
         Some(text) => {
-            let mode = std::fs::metadata(&conflist)
-                .map_err(io(&conflist))?
+            let mode = std::fs::metadata(conflist)
+                .map_err(io(conflist))?
                 .permissions()
                 .mode()
                 & 0o7777;
-            write_atomic(&conflist, text.as_bytes(), mode)?;
+            write_atomic(conflist, text.as_bytes(), mode)?;
             report.push(format!("added weft-cni to {}", conflist.display()));
         }
         None => report.push(format!("{} already chains weft-cni", conflist.display())),
     }
     Ok(report)
+}
+
+/// Whether `conf_dir`'s chain ends with exactly `entry` and the plugin is in `bin_dir`:
+/// a cheap check, read every second.
+pub fn chained(bin_dir: &Path, conf_dir: &Path, entry: &Entry) -> bool {
+    let Ok(conflist) = primary_conflist(conf_dir) else {
+        return false;
+    };
+    let Ok(text) = std::fs::read_to_string(&conflist) else {
+        return false;
+    };
+    bin_dir.join(PLUGIN).is_file() && matches!(with_entry(&conflist, &text, entry), Ok(None))
+}
+
+/// Where the plugin comes from and goes, and the entry that chains it.
+#[derive(Debug, Clone)]
+pub struct Chain {
+    /// The plugin binary to copy (in the agent's image).
+    pub binary: PathBuf,
+    /// The runtime's plugin directory.
+    pub bin_dir: PathBuf,
+    /// The runtime's configuration directory.
+    pub conf_dir: PathBuf,
+    /// The entry.
+    pub entry: Entry,
+}
+
+/// Keeps weft-cni chained until `shutdown`: installs it, then looks at the
+/// configuration directory every second (and whenever it changes) and chains the plugin
+/// again when the cluster's network plugin has rewritten its configuration without it.
+/// `chained` says whether it is in the chain now.
+pub async fn keep(
+    chain: Chain,
+    chained_now: tokio::sync::watch::Sender<bool>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use notify::Watcher;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
+        let _ = tx.try_send(());
+    })
+    .and_then(|mut w| {
+        w.watch(&chain.conf_dir, notify::RecursiveMode::NonRecursive)
+            .map(|()| w)
+    });
+    if let Err(e) = &watcher {
+        tracing::warn!(dir = %chain.conf_dir.display(), "cannot watch (checking every second): {e}");
+    }
+    let mut last_error = None;
+    let mut first = true;
+    loop {
+        if !chained(&chain.bin_dir, &chain.conf_dir, &chain.entry) {
+            let c = chain.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                install(&c.binary, &c.bin_dir, &c.conf_dir, &c.entry)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(InstallError::Invalid {
+                    path: chain.conf_dir.clone(),
+                    reason: format!("the install task failed: {e}"),
+                })
+            });
+            match result {
+                Ok(report) => {
+                    for line in report {
+                        match first {
+                            true => tracing::info!("{line}"),
+                            false => tracing::warn!(
+                                "the node's CNI configuration lost weft-cni (rewritten by the network plugin?): {line}"
+                            ),
+                        }
+                    }
+                    last_error = None;
+                }
+                Err(e) => {
+                    let text = e.to_string();
+                    if last_error.as_ref() != Some(&text) {
+                        tracing::warn!("cannot chain weft-cni (retrying): {text}");
+                        last_error = Some(text);
+                    }
+                }
+            }
+        }
+        first = false;
+        chained_now.send_replace(chained(&chain.bin_dir, &chain.conf_dir, &chain.entry));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = rx.recv() => {
+                // The network plugin may write several files in a row.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                while rx.try_recv().is_ok() {}
+            }
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+    }
 }
 
 /// Removes weft-cni from every chained configuration in `conf_dir` and its binary from
@@ -331,8 +457,10 @@ mod tests {
 
     fn entry() -> Entry {
         Entry {
-            source: LookupSource::Manifests("/etc/weft/manifests".into()),
-            socket: None,
+            agent_socket: "/run/weft/node-agent.sock".into(),
+            agent_state: "/run/weft/node-agent.json".into(),
+            exclude_namespaces: vec!["kube-system".into()],
+            fail_open: false,
         }
     }
 
@@ -367,7 +495,9 @@ mod tests {
         assert_eq!(p[0]["ipam"]["subnet"], "10.244.1.0/24", "and its fields");
         assert_eq!(
             p[2],
-            json!({"type": "weft-cni", "manifests": "/etc/weft/manifests"})
+            json!({"type": "weft-cni", "agentSocket": "/run/weft/node-agent.sock",
+                   "agentState": "/run/weft/node-agent.json",
+                   "excludeNamespaces": ["kube-system"]})
         );
         assert_eq!(
             plugins(&d.conf().join("99-other.conflist")).len(),
@@ -392,16 +522,15 @@ mod tests {
 
         // New options replace the entry.
         let other = Entry {
-            source: LookupSource::Kubeconfig("/etc/weft/kubeconfig".into()),
-            socket: Some("/run/weft/other.sock".into()),
+            agent_socket: "/run/weft/other.sock".into(),
+            fail_open: true,
+            ..entry()
         };
         install(&binary, &d.bin(), &d.conf(), &other).expect("reinstall");
         let p = plugins(&list);
         assert_eq!(p.len(), 3);
-        assert_eq!(
-            p[2],
-            json!({"type": "weft-cni", "kubeconfig": "/etc/weft/kubeconfig", "socket": "/run/weft/other.sock"})
-        );
+        assert_eq!(p[2]["agentSocket"], "/run/weft/other.sock");
+        assert_eq!(p[2]["failOpen"], true);
 
         let removed = uninstall(&d.bin(), &d.conf()).expect("uninstall");
         assert_eq!(removed.len(), 2, "{removed:?}");

@@ -8,15 +8,15 @@ use std::path::PathBuf;
 
 use serde_json::{Map, Value};
 
-use super::error::CniError;
+use crate::error::CniError;
 
 /// The CNI versions this plugin speaks: from 0.3.0, whose results list `ips` and
 /// `interfaces` as today's do.
-pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+pub use ipc::agent::CNI_VERSIONS as SUPPORTED_VERSIONS;
 /// The newest of them, for output when the configuration gives none.
 pub const LATEST_VERSION: &str = "1.1.0";
-/// The handoff socket when the configuration names none (node-proxy's default).
-pub const DEFAULT_SOCKET: &str = "/run/weft/handoff.sock";
+/// A namespace whose pods the plugin never asks about, whatever the configuration says.
+pub const ALWAYS_EXCLUDED: &str = "kube-system";
 
 /// Where the plugin reads its environment: the process's, or a map in tests.
 pub trait Env {
@@ -49,9 +49,9 @@ impl Env for BTreeMap<&str, &str> {
 /// A CNI command (`CNI_COMMAND`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
-    /// Attach: hand an enrolled pod to node-proxy and capture its traffic.
+    /// Attach: ask the node agent to capture the pod if it is enrolled.
     Add,
-    /// Detach: remove the rules, tell node-proxy.
+    /// Detach: tell the node agent.
     Del,
     /// Verify an attachment.
     Check,
@@ -234,17 +234,6 @@ impl Version {
     }
 }
 
-/// Where the plugin reads a pod's labels, service account and UID, and its namespace's
-/// labels.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LookupSource {
-    /// The API server, through this kubeconfig (a real node).
-    Kubeconfig(PathBuf),
-    /// A directory of manifests, as the controller's `--manifests` mode reads them (the
-    /// sandbox, tests).
-    Manifests(PathBuf),
-}
-
 /// The network configuration, as far as this plugin reads it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NetConf {
@@ -252,10 +241,14 @@ pub struct NetConf {
     pub cni_version: String,
     /// `name`: the network's.
     pub name: String,
-    /// `socket`: node-proxy's handoff socket.
-    pub socket: PathBuf,
-    /// `kubeconfig` or `manifests`.
-    pub source: LookupSource,
+    /// `agentSocket`: where the node agent listens.
+    pub agent_socket: PathBuf,
+    /// `agentState`: where the agent publishes the enrolled namespaces.
+    pub agent_state: PathBuf,
+    /// `excludeNamespaces`: namespaces never asked about (`kube-system` always).
+    pub exclude_namespaces: Vec<String>,
+    /// `failOpen`: an enrolled pod whose capture cannot be installed starts anyway.
+    pub fail_open: bool,
     /// `prevResult`: what the plugins before this one attached, passed through.
     pub prev_result: Option<Value>,
 }
@@ -333,20 +326,37 @@ impl NetConf {
             }
             None => return Err(missing("type")),
         }
-        let socket = string(&conf, "socket")?.unwrap_or_else(|| DEFAULT_SOCKET.into());
-        let source = match (string(&conf, "kubeconfig")?, string(&conf, "manifests")?) {
-            (Some(path), None) => LookupSource::Kubeconfig(path.into()),
-            (None, Some(dir)) => LookupSource::Manifests(dir.into()),
-            (Some(_), Some(_)) => {
+        let agent_socket =
+            string(&conf, "agentSocket")?.unwrap_or_else(|| ipc::agent::DEFAULT_SOCKET.into());
+        let agent_state =
+            string(&conf, "agentState")?.unwrap_or_else(|| ipc::agent::DEFAULT_STATE.into());
+        let exclude_namespaces = match field(&conf, "excludeNamespaces") {
+            None => Vec::new(),
+            Some(Value::Array(list)) => list
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::String(s) if !s.is_empty() => Ok(s.clone()),
+                    other => Err(CniError::Config {
+                        field: format!("excludeNamespaces[{i}]"),
+                        reason: format!("must be a namespace name, not {other}"),
+                    }),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(other) => {
                 return Err(CniError::Config {
-                    field: "kubeconfig".into(),
-                    reason: "and manifests are both set; give one lookup source".into(),
+                    field: "excludeNamespaces".into(),
+                    reason: format!("must be a list of namespace names, not {other:.40}"),
                 })
             }
-            (None, None) => {
+        };
+        let fail_open = match field(&conf, "failOpen") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
                 return Err(CniError::Config {
-                    field: "kubeconfig".into(),
-                    reason: "is missing: give the lookup source, \"kubeconfig\": <path> (the API server) or \"manifests\": <dir>".into(),
+                    field: "failOpen".into(),
+                    reason: format!("must be true or false, not {other:.40}"),
                 })
             }
         };
@@ -370,10 +380,17 @@ impl NetConf {
         Ok(NetConf {
             cni_version,
             name,
-            socket: socket.into(),
-            source,
+            agent_socket: agent_socket.into(),
+            agent_state: agent_state.into(),
+            exclude_namespaces,
+            fail_open,
             prev_result,
         })
+    }
+
+    /// Whether pods of `namespace` are never asked about.
+    pub fn excluded(&self, namespace: &str) -> bool {
+        namespace == ALWAYS_EXCLUDED || self.exclude_namespaces.iter().any(|n| n == namespace)
     }
 
     /// The pod's IPs from `prevResult`: every address on an interface inside the pod's
@@ -547,7 +564,6 @@ mod tests {
             "cniVersion": "1.0.0",
             "name": "k8s-pod-network",
             "type": "weft-cni",
-            "manifests": "/etc/weft/manifests",
             "prevResult": {
                 "cniVersion": "1.0.0",
                 "interfaces": [
@@ -573,11 +589,11 @@ mod tests {
     #[test]
     fn network_configuration() {
         let c = NetConf::parse(&conf(json!({})), Command::Add).expect("valid");
-        assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
-        assert_eq!(
-            c.source,
-            LookupSource::Manifests("/etc/weft/manifests".into())
-        );
+        assert_eq!(c.agent_socket, PathBuf::from(ipc::agent::DEFAULT_SOCKET));
+        assert_eq!(c.agent_state, PathBuf::from(ipc::agent::DEFAULT_STATE));
+        assert!(!c.fail_open);
+        assert!(c.excluded("kube-system"), "always");
+        assert!(!c.excluded("shop"));
         let ips: Vec<IpAddr> = ["10.244.1.7", "fd00:10:244:1::7"]
             .iter()
             .map(|s| s.parse().expect("ip"))
@@ -590,15 +606,17 @@ mod tests {
         let result: Value = serde_json::from_str(&c.result()).expect("JSON");
         assert_eq!(Some(&result), c.prev_result.as_ref(), "passed through");
         let k = NetConf::parse(
-            &conf(json!({"manifests": null, "kubeconfig": "/etc/weft/kubeconfig", "socket": "/run/x.sock"})),
+            &conf(
+                json!({"agentSocket": "/run/x.sock", "agentState": "/run/x.json",
+                         "excludeNamespaces": ["infra"], "failOpen": true}),
+            ),
             Command::Add,
         )
         .expect("valid");
-        assert_eq!(
-            k.source,
-            LookupSource::Kubeconfig("/etc/weft/kubeconfig".into())
-        );
-        assert_eq!(k.socket, PathBuf::from("/run/x.sock"));
+        assert_eq!(k.agent_socket, PathBuf::from("/run/x.sock"));
+        assert_eq!(k.agent_state, PathBuf::from("/run/x.json"));
+        assert!(k.excluded("infra") && k.excluded("kube-system"));
+        assert!(k.fail_open);
         let del = NetConf::parse(&conf(json!({"prevResult": null})), Command::Del).expect("DEL");
         assert_eq!(del.pod_ips().expect("none"), Vec::<IpAddr>::new());
     }
@@ -645,22 +663,28 @@ mod tests {
                 "this plugin is \"weft-cni\"",
             ),
             (
-                conf(json!({"manifests": null})),
+                conf(json!({"agentSocket": ""})),
                 Command::Add,
                 7,
-                "give the lookup source",
+                "agentSocket: is empty",
             ),
             (
-                conf(json!({"kubeconfig": "/k"})),
+                conf(json!({"excludeNamespaces": "kube-system"})),
                 Command::Add,
                 7,
-                "both set",
+                "excludeNamespaces: must be a list",
             ),
             (
-                conf(json!({"socket": ""})),
+                conf(json!({"excludeNamespaces": ["a", 3]})),
                 Command::Add,
                 7,
-                "socket: is empty",
+                "excludeNamespaces[1]",
+            ),
+            (
+                conf(json!({"failOpen": "yes"})),
+                Command::Add,
+                7,
+                "failOpen: must be true or false",
             ),
             (
                 conf(json!({"prevResult": null})),

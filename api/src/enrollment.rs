@@ -1,10 +1,11 @@
-//! Which pods the mesh captures. One rule, read by translation (a pod's workload is
-//! `enrolled`) and by the CNI plugin (a new pod is handed to node-proxy), so the two can
-//! never disagree about a pod.
+//! Which pods the mesh captures. One rule, read by the controller's translation (a pod's
+//! workload is `enrolled`) and by the node agent (a pod is captured and handed to
+//! node-proxy), so the two can never disagree about a pod.
 
 use std::collections::BTreeMap;
 
-use super::MESH_LABEL;
+/// The label that enrolls a namespace (`enabled`) or opts a pod out (`disabled`).
+pub const MESH_LABEL: &str = "weft.dev/mesh";
 
 /// A namespace's `weft.dev/mesh` label holds a value Weft does not know; the namespace
 /// counts as not enrolled.

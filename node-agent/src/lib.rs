@@ -1,0 +1,338 @@
+//! The node agent: one long-lived process per node that owns the node's enrolled pods,
+//! in a cluster and in the sandbox alike.
+//!
+//! ```text
+//!  source (API server | the sandbox's objects) --view--> reconciler (agent)
+//!  weft-cni --ADD/DEL/CHECK + netns fd--> cni socket --> reconciler
+//!  /proc (pods' processes, kubelet cgroups) --netns of running pods--> reconciler
+//!  reconciler --netlink--> capture rules in each pod, probe exemption on the node
+//!  reconciler --link: snapshot on every connection, then changes--> node-proxy
+//!  chain keeper --> weft-cni stays in the node's CNI configuration
+//!  state file --> the enrolled namespaces, for weft-cni while the agent is down
+//! ```
+//!
+//! It outlives node-proxy restarts and upgrades: it holds each captured pod's listeners,
+//! so while node-proxy restarts a new connection waits in a listener's queue instead of
+//! being refused, and it replays every pod to each node-proxy that connects. Restarted
+//! itself, it finds the pods again under `/proc` and their listeners in node-proxy's
+//! inventory, and changes nothing that is already right.
+
+pub mod agent;
+pub mod capture;
+pub mod chain;
+pub mod cni;
+pub mod config;
+pub mod discover;
+pub mod link;
+pub mod metrics;
+pub mod plan;
+pub mod source;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use http::StatusCode;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use config::Config;
+
+use crate::agent::{Agent, Settings, Status};
+use crate::source::{Source, View};
+
+/// What weft-cni reads while the agent is down.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PublishedState<'a> {
+    /// The protocol version ([`ipc::agent::VERSION`]).
+    pub version: u32,
+    /// The node.
+    pub node: &'a str,
+    /// The namespaces whose pods the agent would capture.
+    pub enrolled_namespaces: &'a [String],
+}
+
+/// Runs the agent until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut registry = Registry::default();
+    let metrics = Arc::new(metrics::Metrics::new(&mut registry));
+    registry.register_collector(Box::new(tunnel::process::ProcessCollector));
+    let node_netns = discover::own_netns(&config.proc)
+        .context("cannot read this process's network namespace")?;
+    let source: Box<dyn Source> = match &config.objects {
+        Some(dir) => Box::new(source::files::Files::new(dir.clone())),
+        None => {
+            let client = kube::Client::try_default()
+                .await
+                .context("cannot reach the API server (in a pod: its service account; elsewhere: KUBECONFIG)")?;
+            Box::new(source::kube::Kube::new(client))
+        }
+    };
+    let settings = Settings {
+        proc: config.proc.clone(),
+        node_netns,
+        probe_source: config.probe_source,
+        source: source.describe(),
+        handoff: config.handoff.clone(),
+    };
+    info!(node = %config.node, source = %settings.source, "node agent starting");
+    let (views_tx, views) = watch::channel(Arc::new(View::default()));
+    tokio::spawn(source.run(config.node.clone(), views_tx, shutdown.clone()));
+
+    let (events_tx, link_events) = mpsc::unbounded_channel();
+    let link = link::Link::start(config.handoff.clone(), events_tx, shutdown.clone())
+        .context("cannot start the node-proxy link")?;
+
+    // The plugin's socket exists before the plugin is chained.
+    let (cni_tx, cni_rx) = mpsc::channel(64);
+    let socket = config.socket.clone();
+    let cni_shutdown = shutdown.clone();
+    let cni_socket = tokio::spawn(async move { cni::serve(&socket, cni_tx, cni_shutdown).await });
+
+    let status = Arc::new(Mutex::new(Status::default()));
+    let (chained_tx, chained) = watch::channel(false);
+    let admin = tokio::net::TcpListener::bind(config.admin)
+        .await
+        .with_context(|| format!("cannot listen on {} (admin)", config.admin))?;
+    tokio::spawn(runtime::admin::serve(
+        admin,
+        Arc::new(Admin {
+            registry,
+            status: status.clone(),
+            chained,
+        }),
+        shutdown.clone(),
+    ));
+    tokio::spawn(publish_and_chain(
+        config.clone(),
+        views.clone(),
+        chained_tx,
+        shutdown.clone(),
+    ));
+
+    let agent = Agent::new(settings, link, status, metrics);
+    let inputs = agent::Inputs {
+        views,
+        cni: cni_rx,
+        link_events,
+    };
+    let mut agent = agent.run(inputs, shutdown.clone()).await;
+    if cni_socket.is_finished() {
+        if let Ok(Err(e)) = cni_socket.await {
+            return Err(e).context("the plugin's socket failed");
+        }
+    }
+    if leaving(&config).await {
+        info!("Weft is being removed from this node: releasing every pod and the plugin");
+        agent.uninstall().await;
+        match chain::uninstall(&config.cni_bin_dir, &config.cni_conf_dir) {
+            Ok(report) => report.iter().for_each(|l| info!("{l}")),
+            Err(e) => warn!("cannot remove weft-cni from the node: {e}"),
+        }
+        let _ = std::fs::remove_file(&config.state);
+    }
+    let _ = std::fs::remove_file(&config.socket);
+    info!("node agent stopped; the pods stay captured");
+    Ok(())
+}
+
+/// Publishes the enrolled namespaces for weft-cni whenever they change, once the source
+/// has listed everything, and from then on keeps the plugin chained: the plugin never
+/// runs on a node where it could not tell an enrolled pod while the agent is down.
+async fn publish_and_chain(
+    config: Config,
+    mut views: watch::Receiver<Arc<View>>,
+    chained: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
+    let mut written: Option<Vec<String>> = None;
+    let mut keeper = None;
+    loop {
+        let view = views.borrow_and_update().clone();
+        if view.synced {
+            let enrolled = view.enrolled_namespaces();
+            if written.as_ref() != Some(&enrolled) {
+                match write_state(&config.state, &config.node, &enrolled) {
+                    Ok(()) => written = Some(enrolled),
+                    Err(e) => {
+                        warn!(file = %config.state.display(), "cannot publish the enrolled namespaces: {e}")
+                    }
+                }
+            }
+            if written.is_some() && keeper.is_none() {
+                let binary = config.cni_plugin.clone().unwrap_or_else(|| {
+                    std::env::current_exe()
+                        .map(|e| e.with_file_name(chain::PLUGIN))
+                        .unwrap_or_else(|_| chain::PLUGIN.into())
+                });
+                let chain = chain::Chain {
+                    binary,
+                    bin_dir: config.cni_bin_dir.clone(),
+                    conf_dir: config.cni_conf_dir.clone(),
+                    entry: chain::Entry {
+                        agent_socket: config.socket.clone(),
+                        agent_state: config.state.clone(),
+                        exclude_namespaces: config.excluded(),
+                        fail_open: config.cni_fail_open,
+                    },
+                };
+                keeper = Some(tokio::spawn(chain::keep(
+                    chain,
+                    chained.clone(),
+                    shutdown.clone(),
+                )));
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = views.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+fn write_state(path: &Path, node: &str, enrolled: &[String]) -> std::io::Result<()> {
+    let state = PublishedState {
+        version: ipc::agent::VERSION,
+        node,
+        enrolled_namespaces: enrolled,
+    };
+    let text = serde_json::to_vec_pretty(&state).map_err(std::io::Error::other)?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Whether Weft is leaving the node: the agent's DaemonSet (`--until-removed`) is gone
+/// or being deleted. Without the flag, or when the API server cannot say, the agent is
+/// only restarting (an upgrade): everything stays in place.
+async fn leaving(config: &Config) -> bool {
+    let Some((namespace, name)) = config
+        .until_removed
+        .as_deref()
+        .and_then(|s| s.split_once('/'))
+    else {
+        return false;
+    };
+    let read = async {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| e.to_string())?;
+        let api: kube::Api<k8s_openapi::api::apps::v1::DaemonSet> =
+            kube::Api::namespaced(client, namespace);
+        api.get_opt(name).await.map_err(|e| e.to_string())
+    };
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .unwrap_or_else(|_| Err("no answer within 10 s".into()));
+    let (decision, why) = on_stop(read);
+    info!("stopping: {why}");
+    decision == OnStop::Uninstall
+}
+
+/// What the agent does when it stops, from what reading its DaemonSet gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStop {
+    /// The DaemonSet is gone or being deleted: Weft is being removed from the node.
+    Uninstall,
+    /// The DaemonSet is there: this pod is being replaced (an upgrade, a restart).
+    Keep,
+}
+
+/// The decision on stop: uninstall only when the DaemonSet is known to be going. When
+/// the API server cannot be asked, everything stays: a restarted agent needs it, and the
+/// node's pods keep their capture.
+pub fn on_stop(
+    read: Result<Option<k8s_openapi::api::apps::v1::DaemonSet>, String>,
+) -> (OnStop, String) {
+    match read {
+        Ok(None) => (OnStop::Uninstall, "the DaemonSet is gone".into()),
+        Ok(Some(ds)) if ds.metadata.deletion_timestamp.is_some() => {
+            (OnStop::Uninstall, "the DaemonSet is being deleted".into())
+        }
+        Ok(Some(_)) => (
+            OnStop::Keep,
+            "the DaemonSet is still there (an upgrade or restart)".into(),
+        ),
+        Err(e) => (
+            OnStop::Keep,
+            format!("cannot read the DaemonSet ({e}); leaving everything in place"),
+        ),
+    }
+}
+
+/// The admin endpoint.
+struct Admin {
+    registry: Registry,
+    status: Arc<Mutex<Status>>,
+    chained: watch::Receiver<bool>,
+}
+
+impl runtime::admin::Routes for Admin {
+    fn route<'a>(&'a self, path: &'a str) -> tunnel::hbone::BoxFuture<'a, runtime::admin::Answer> {
+        let answer = match path {
+            "/metrics" => runtime::admin::metrics(&self.registry),
+            "/healthz" => (StatusCode::OK, "text/plain", "ok\n".into()),
+            "/ready" => {
+                let synced = self
+                    .status
+                    .lock()
+                    .expect("status lock is never poisoned")
+                    .synced;
+                match (synced, *self.chained.borrow()) {
+                    (true, true) => (StatusCode::OK, "text/plain", "ready\n".into()),
+                    (false, _) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "not ready: the source has not been read yet\n".into(),
+                    ),
+                    (true, false) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "not ready: weft-cni is not in the node's CNI configuration (see the log)\n"
+                            .into(),
+                    ),
+                }
+            }
+            "/pods" => {
+                let status = self
+                    .status
+                    .lock()
+                    .expect("status lock is never poisoned")
+                    .clone();
+                runtime::admin::json(&status)
+            }
+            _ => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found; try /metrics, /healthz, /ready or /pods\n".into(),
+            ),
+        };
+        Box::pin(std::future::ready(answer))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weft_leaves_the_node_only_when_its_daemonset_goes() {
+        use k8s_openapi::api::apps::v1::DaemonSet;
+        assert_eq!(on_stop(Ok(None)).0, OnStop::Uninstall);
+        let mut ds = DaemonSet::default();
+        assert_eq!(on_stop(Ok(Some(ds.clone()))).0, OnStop::Keep);
+        ds.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        assert_eq!(on_stop(Ok(Some(ds))).0, OnStop::Uninstall);
+        assert_eq!(on_stop(Err("connection refused".into())).0, OnStop::Keep);
+    }
+}
