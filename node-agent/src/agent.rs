@@ -152,6 +152,8 @@ pub struct Agent {
     found: Option<BTreeMap<String, Found>>,
     last_found: BTreeMap<String, Found>,
     last_scan: Option<Instant>,
+    /// The pods the last look was for.
+    looked_for: BTreeSet<String>,
     scanned_once: bool,
     probes: BTreeSet<IpAddr>,
     probes_retry: Option<Instant>,
@@ -181,6 +183,7 @@ impl Agent {
             found: None,
             last_found: BTreeMap::new(),
             last_scan: None,
+            looked_for: BTreeSet::new(),
             scanned_once: false,
             probes: BTreeSet::new(),
             probes_retry: None,
@@ -230,8 +233,16 @@ impl Agent {
                     .into_iter()
                     .map(|p| (p.pod.uid.clone(), p))
                     .collect();
-                for (uid, pod) in &mut self.held {
-                    pod.summary.served = self.inventory.contains_key(uid);
+                // Pods found before node-proxy answered take their listeners back now.
+                let uids: Vec<String> = self.held.keys().cloned().collect();
+                for uid in uids {
+                    let listeners = self.take_inventory(&uid);
+                    if let Some(pod) = self.held.get_mut(&uid) {
+                        pod.summary.served = listeners.is_some();
+                        if pod.listeners.is_none() {
+                            pod.listeners = listeners;
+                        }
+                    }
                 }
             }
             link::Event::Down { why } => {
@@ -339,12 +350,16 @@ impl Agent {
     async fn execute(&mut self, action: Action) -> bool {
         debug!(?action, "acting");
         match action {
-            Action::Discover(_) => {
+            Action::Discover(uids) => {
+                // A pod looked for already waits for the next look; a pod the source
+                // has just come to want (a namespace labelled) is looked for at once.
                 let recent = self.last_scan.is_some_and(|at| at.elapsed() < SCAN_EVERY);
                 let replay_waits = self.link_state == (plan::Link::Up { replayed: false });
-                if recent && !replay_waits {
+                let new = uids.iter().any(|u| !self.looked_for.contains(u));
+                if recent && !replay_waits && !new {
                     return false;
                 }
+                self.looked_for = uids.into_iter().collect();
                 self.scan();
                 true
             }
@@ -417,12 +432,8 @@ impl Agent {
                 false
             }
         };
-        // node-proxy serves it already if its inventory has it in this namespace.
-        let served = self.inventory.remove(uid).and_then(|p| {
-            let same = ipc::datagram::file_id(&p.netns).ok() == Some(netns);
-            same.then_some(p.listeners)
-        });
         let previous = self.held.remove(uid);
+        let served = self.take_inventory_at(uid, netns);
         let ips = previous
             .as_ref()
             .filter(|p| p.summary.netns == Some(netns))
@@ -452,6 +463,20 @@ impl Agent {
                 ..Pod::default()
             },
         );
+    }
+
+    /// The listeners node-proxy serves a held pod on, from its inventory, if it serves
+    /// the pod in the namespace the agent holds.
+    fn take_inventory(&mut self, uid: &str) -> Option<[OwnedFd; 3]> {
+        let netns = self.held.get(uid)?.summary.netns?;
+        self.take_inventory_at(uid, netns)
+    }
+
+    /// As [`take_inventory`](Self::take_inventory), for a pod in namespace `netns`.
+    fn take_inventory_at(&mut self, uid: &str, netns: NetnsId) -> Option<[OwnedFd; 3]> {
+        let p = self.inventory.remove(uid)?;
+        let same = ipc::datagram::file_id(&p.netns).ok() == Some(netns);
+        same.then_some(p.listeners)
     }
 
     /// The pod as node-proxy is told of it.
@@ -499,25 +524,29 @@ impl Agent {
                 SocketAddr::new(ip, INBOUND_PLAINTEXT_PORT),
                 SocketAddr::new(ip, HBONE_PORT),
             ];
-            let opened = runtime::netns::listen_in(netns.as_fd(), &addrs)
-                .map_err(|e| format!("cannot open its listeners: {e}"))?;
-            let [a, b, c] = <[OwnedFd; 3]>::try_from(opened)
-                .map_err(|_| "three listeners were asked for".to_owned())?;
-            pod.listeners = Some([a, b, c]);
+            match runtime::netns::listen_in(netns.as_fd(), &addrs) {
+                Ok(opened) => pod.listeners = <[OwnedFd; 3]>::try_from(opened).ok(),
+                // Taken: node-proxy serves the pod on listeners of its own (opened before
+                // this agent held any). It keeps them; their connections do not survive
+                // its next restart, but none is dropped now.
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    warn!(pod = %pod.name, "its ports are in use, by node-proxy's own listeners; handing it over without the agent's");
+                }
+                Err(e) => return Err(format!("cannot open its listeners: {e}")),
+            }
         }
         let dup = |fd: &OwnedFd| {
             fd.try_clone()
                 .map_err(|e| format!("cannot duplicate a descriptor: {e}"))
         };
-        let listeners = pod.listeners.as_ref().ok_or("no listeners")?;
+        let listeners = match pod.listeners.as_ref() {
+            Some([a, b, c]) => Some([dup(a)?, dup(b)?, dup(c)?]),
+            None => None,
+        };
         Ok(Handed {
             info,
             netns: dup(netns)?,
-            listeners: [
-                dup(&listeners[0])?,
-                dup(&listeners[1])?,
-                dup(&listeners[2])?,
-            ],
+            listeners,
         })
     }
 

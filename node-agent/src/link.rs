@@ -30,8 +30,8 @@ pub struct Handed {
     pub info: PodInfo,
     /// Its network namespace.
     pub netns: OwnedFd,
-    /// Its listeners: outbound, inbound plaintext, HBONE.
-    pub listeners: [OwnedFd; 3],
+    /// Its listeners: outbound, inbound plaintext, HBONE (none: node-proxy's own).
+    pub listeners: Option<[OwnedFd; 3]>,
 }
 
 /// Why node-proxy did not take a change.
@@ -197,9 +197,12 @@ fn serve(
         };
         let ended = match command {
             Command::Add(pod, reply) => {
-                let listeners = pod.listeners.each_ref().map(|l| l.as_fd());
+                let listeners = pod
+                    .listeners
+                    .as_ref()
+                    .map(|l| l.each_ref().map(|l| l.as_fd()));
                 let r = client
-                    .add(&pod.info, pod.netns.as_fd(), Some(listeners))
+                    .add(&pod.info, pod.netns.as_fd(), listeners)
                     .map_err(refused_or_transport);
                 answer(reply, r)
             }
@@ -217,7 +220,10 @@ fn serve(
                     .map(|p| SnapshotPod {
                         pod: &p.info,
                         netns: p.netns.as_fd(),
-                        listeners: Some(p.listeners.each_ref().map(|l| l.as_fd())),
+                        listeners: p
+                            .listeners
+                            .as_ref()
+                            .map(|l| l.each_ref().map(|l| l.as_fd())),
                     })
                     .collect();
                 let r = client

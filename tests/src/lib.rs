@@ -209,6 +209,55 @@ impl Sandbox {
         Ok(std::fs::read_to_string(path).unwrap_or_default())
     }
 
+    /// A node's network namespace (its agent and kubelet are there).
+    pub fn node_netns(&self, node: &str) -> anyhow::Result<String> {
+        let n = self.state["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["name"] == node))
+            .with_context(|| format!("no node {node}"))?;
+        Ok(n["netns"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// `GET path` from a node agent's admin endpoint (in its node's namespace): the body,
+    /// `None` if it does not answer.
+    pub fn agent_get(&self, node: &str, path: &str) -> Option<String> {
+        let ns = self.node_netns(node).ok()?;
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns, "curl", "-sf", "--max-time", "2"])
+            .arg(format!("http://127.0.0.1:15022{path}"))
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// A node agent's view of its pods (`/pods`).
+    pub fn agent_pods(&self, node: &str) -> Option<Value> {
+        serde_json::from_str(&self.agent_get(node, "/pods")?).ok()
+    }
+
+    /// The node agent's PID (0 while stopped).
+    pub fn agent_pid(&self, node: &str) -> i32 {
+        self.state["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["name"] == node))
+            .and_then(|n| n["agent"]["pid"].as_i64())
+            .unwrap_or_default() as i32
+    }
+
+    /// The capture rules in a pod, as `weftctl local rules` prints them.
+    pub fn rules(&self, pod: &str) -> anyhow::Result<String> {
+        let out = self.local(&["rules", pod])?.output()?;
+        if !out.status.success() {
+            bail!(
+                "weftctl local rules {pod}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// A node-proxy's log.
     pub fn node_log(&self, node: &str) -> String {
         std::fs::read_to_string(
@@ -496,11 +545,24 @@ pub fn eventually<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
     }
 }
 
+/// One request of a [`Load`].
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// When it was started.
+    pub start: Instant,
+    /// When it ended.
+    pub end: Instant,
+    /// It was answered 200.
+    pub ok: bool,
+    /// The status and curl's error, if any.
+    pub why: String,
+}
+
 /// A load loop: `curl` from a pod to a URL, one request per connection, every
 /// `interval`, until stopped (or `limit` passed), recording every outcome.
 pub struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Vec<(Instant, bool, String)>>>,
+    thread: Option<std::thread::JoinHandle<Vec<Request>>>,
 }
 
 impl Load {
@@ -515,6 +577,7 @@ impl Load {
                 && started.elapsed() < limit
                 && results.len() < 100_000
             {
+                let start = Instant::now();
                 let out = Command::new("ip")
                     .args([
                         "netns",
@@ -541,7 +604,12 @@ impl Load {
                     }
                     Err(e) => (false, e.to_string()),
                 };
-                results.push((Instant::now(), ok, why));
+                results.push(Request {
+                    start,
+                    end: Instant::now(),
+                    ok,
+                    why,
+                });
                 std::thread::sleep(interval);
             }
             results
@@ -553,19 +621,23 @@ impl Load {
     }
 
     /// Stops the loop: (requests, the failed ones with why).
-    pub fn stop(mut self) -> (usize, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let results = self
-            .thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default();
+    pub fn stop(self) -> (usize, Vec<String>) {
+        let results = self.stop_timed();
         let failed = results
             .iter()
-            .filter(|(_, ok, _)| !ok)
-            .map(|(_, _, why)| why.clone())
+            .filter(|r| !r.ok)
+            .map(|r| r.why.clone())
             .collect();
         (results.len(), failed)
+    }
+
+    /// Stops the loop: every request, in order.
+    pub fn stop_timed(mut self) -> Vec<Request> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
     }
 }
 
