@@ -6,7 +6,8 @@
 //!
 //! ```text
 //!  Options ──> objects() ──> [Namespace, CRDs, ServiceAccounts, RBAC, Service,
-//!                             controller Deployment, node-proxy DaemonSet, GatewayClass]
+//!                             controller Deployment, node agent DaemonSet,
+//!                             node-proxy DaemonSet, GatewayClass]
 //!                   └──> yaml()            (install: kubectl apply -f -)
 //!                   └──> uninstall_yaml()  (the same objects, reversed, names only)
 //! ```
@@ -42,8 +43,12 @@ use crate::translate::{CONTROLLER_NAME, WAYPOINT_CLASS};
 
 /// The controller's name: its ServiceAccount, RBAC, Deployment and Service.
 pub const CONTROLLER: &str = "weft-controller";
-/// The node-proxy's name: its ServiceAccount, RBAC and DaemonSet.
+/// The node-proxy's name: its ServiceAccount and DaemonSet.
 pub const NODE_PROXY: &str = "weft-node-proxy";
+/// The node agent's name: its ServiceAccount, RBAC and DaemonSet.
+pub const NODE_AGENT: &str = "weft-node-agent";
+/// The node agent's admin port (loopback of the node: `/ready`, `/metrics`, `/pods`).
+pub const NODE_AGENT_ADMIN_PORT: i32 = 15022;
 /// The audience of node-proxies' projected tokens (the controller checks it).
 pub const TOKEN_AUDIENCE: &str = "weft-controller";
 /// The controller's gRPC port (model and certificates) and admin port (metrics).
@@ -57,7 +62,8 @@ pub const TOKEN_DIR: &str = "/var/run/secrets/weft";
 /// Where node-proxies mount the published roots. Not under `/var/run`, which is
 /// `/run` in the image, where the handoff directory is a hostPath.
 pub const ROOTS_DIR: &str = "/etc/weft/roots";
-/// The host directory of the handoff socket (shared with the CNI plugin).
+/// The host directory of the node's sockets (node-proxy's handoff socket, the node
+/// agent's socket the CNI plugin asks on, the agent's published state).
 pub const HANDOFF_DIR: &str = "/run/weft";
 /// The runtime's CNI directories on the host.
 pub const CNI_BIN_DIR: &str = "/opt/cni/bin";
@@ -71,7 +77,7 @@ pub struct Options {
     pub namespace: String,
     /// The SPIFFE trust domain.
     pub trust_domain: String,
-    /// The image holding `weftctl` and `weft-cni` (see the Dockerfile).
+    /// The image holding every binary (see the Dockerfile).
     pub image: String,
     /// The log filter of every component (`info`, `debug`, `weft=debug,info`, ...).
     pub log_level: String,
@@ -329,16 +335,16 @@ pub fn controller_namespace_rules() -> Vec<PolicyRule> {
     ]
 }
 
-/// node-proxies' cluster-wide rules: the CNI plugin (running as the node-proxy's
-/// service account) reads a new pod and its namespace to decide whether to capture it.
-pub fn node_proxy_cluster_rules() -> Vec<PolicyRule> {
-    vec![rule("", &["namespaces", "pods"], &["get"])]
+/// The node agent's cluster-wide rules: it watches the pods of its node (RBAC cannot
+/// narrow a list to a field selector, so this reads every pod) and every namespace.
+pub fn node_agent_cluster_rules() -> Vec<PolicyRule> {
+    vec![rule("", &["namespaces", "pods"], &["list", "watch"])]
 }
 
-/// node-proxies' rules in Weft's namespace: the CNI installer reads its DaemonSet on
-/// shutdown, to remove the plugin from the node only when Weft is being uninstalled.
-pub fn node_proxy_namespace_rules() -> Vec<PolicyRule> {
-    vec![named_rule("apps", &["daemonsets"], &[NODE_PROXY], &["get"])]
+/// The node agent's rules in Weft's namespace: it reads its own DaemonSet when it stops,
+/// to take Weft off its node only when Weft is being uninstalled.
+pub fn node_agent_namespace_rules() -> Vec<PolicyRule> {
+    vec![named_rule("apps", &["daemonsets"], &[NODE_AGENT], &["get"])]
 }
 
 fn subject(name: &str, namespace: &str) -> Option<Vec<Subject>> {
@@ -556,8 +562,8 @@ fn node_proxy_daemonset(o: &Options) -> DaemonSet {
         readiness_probe: http_probe("/ready", NODE_PROXY_ADMIN_PORT, Some("127.0.0.1")),
         resources: resources("100m", "128Mi", "2Gi"),
         security_context: Some(SecurityContext {
-            // Root with two capabilities: NET_ADMIN for the capture rules and listeners
-            // in pods' namespaces, SYS_ADMIN to enter those namespaces (setns).
+            // Root with two capabilities: NET_ADMIN for sockets in pods' namespaces
+            // (transparent, marked), SYS_ADMIN to enter those namespaces (setns).
             run_as_user: Some(0),
             run_as_non_root: Some(false),
             allow_privilege_escalation: Some(false),
@@ -572,42 +578,6 @@ fn node_proxy_daemonset(o: &Options) -> DaemonSet {
             mount("handoff", HANDOFF_DIR, false),
             mount("token", TOKEN_DIR, true),
             mount("roots", ROOTS_DIR, true),
-        ]),
-        ..Default::default()
-    };
-    let kubeconfig = format!("{CNI_CONF_DIR}/weft-cni.kubeconfig");
-    let install_cni = Container {
-        name: "install-cni".into(),
-        image: Some(o.image.clone()),
-        command: strings(&["/usr/local/bin/weft-cni"]),
-        args: strings(&[
-            "install",
-            "--bin-dir",
-            "/host/opt/cni/bin",
-            "--conf-dir",
-            "/host/etc/cni/net.d",
-            "--in-cluster-kubeconfig",
-            &kubeconfig,
-            "--until-removed",
-            &format!("{ns}/{NODE_PROXY}"),
-        ]),
-        env: Some(vec![env("WEFT_CNI_LOG", &o.log_level)]),
-        resources: resources("10m", "16Mi", "128Mi"),
-        security_context: Some(SecurityContext {
-            // Writes into the host's CNI directories (root-owned), nothing more.
-            run_as_user: Some(0),
-            run_as_non_root: Some(false),
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities {
-                add: strings(&["CHOWN", "DAC_OVERRIDE", "FOWNER"]),
-                drop: strings(&["ALL"]),
-            }),
-            ..Default::default()
-        }),
-        volume_mounts: Some(vec![
-            mount("cni-bin", "/host/opt/cni/bin", false),
-            mount("cni-conf", "/host/etc/cni/net.d", false),
         ]),
         ..Default::default()
     };
@@ -651,13 +621,112 @@ fn node_proxy_daemonset(o: &Options) -> DaemonSet {
                         operator: Some("Exists".into()),
                         ..Default::default()
                     }]),
-                    containers: vec![node_proxy, install_cni],
+                    containers: vec![node_proxy],
                     volumes: Some(vec![
                         host_path("handoff", HANDOFF_DIR, "DirectoryOrCreate"),
-                        host_path("cni-bin", CNI_BIN_DIR, "DirectoryOrCreate"),
-                        host_path("cni-conf", CNI_CONF_DIR, "DirectoryOrCreate"),
                         token,
                         roots,
+                    ]),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The node agent's DaemonSet: one agent per node, beside (not in) node-proxy's pod, so
+/// it outlives node-proxy's restarts and upgrades. It runs in the node's network and PID
+/// namespaces: it finds pods' processes under `/proc`, enters their network namespaces,
+/// installs the node's probe exemption, and keeps `weft-cni` in the node's CNI chain.
+/// It is never surged: two agents on one node would both act on its pods.
+fn node_agent_daemonset(o: &Options) -> DaemonSet {
+    let ns = o.namespace.as_str();
+    let agent = Container {
+        name: "node-agent".into(),
+        image: Some(o.image.clone()),
+        command: strings(&["/usr/local/bin/node-agent"]),
+        args: strings(&[
+            "--cni-bin-dir",
+            "/host/opt/cni/bin",
+            "--cni-conf-dir",
+            "/host/etc/cni/net.d",
+            "--cni-plugin",
+            "/usr/local/bin/weft-cni",
+            "--until-removed",
+            &format!("{ns}/{NODE_AGENT}"),
+        ]),
+        env: Some(vec![
+            field_env("WEFT_NODE", "spec.nodeName"),
+            env("RUST_LOG", &o.log_level),
+        ]),
+        readiness_probe: http_probe("/ready", NODE_AGENT_ADMIN_PORT, Some("127.0.0.1")),
+        liveness_probe: http_probe("/healthz", NODE_AGENT_ADMIN_PORT, Some("127.0.0.1")),
+        resources: resources("50m", "64Mi", "512Mi"),
+        security_context: Some(SecurityContext {
+            // Root with the capabilities of its job: SYS_ADMIN to enter pods' network
+            // namespaces, SYS_PTRACE to open those of other users' processes, NET_ADMIN
+            // for nftables and routes there and on the node; CHOWN, DAC_OVERRIDE and
+            // FOWNER to write the node's CNI directories.
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                add: strings(&[
+                    "SYS_ADMIN",
+                    "SYS_PTRACE",
+                    "NET_ADMIN",
+                    "CHOWN",
+                    "DAC_OVERRIDE",
+                    "FOWNER",
+                ]),
+                drop: strings(&["ALL"]),
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![
+            mount("run", HANDOFF_DIR, false),
+            mount("cni-bin", "/host/opt/cni/bin", false),
+            mount("cni-conf", "/host/etc/cni/net.d", false),
+        ]),
+        ..Default::default()
+    };
+    DaemonSet {
+        metadata: meta(NODE_AGENT, Some(ns), NODE_AGENT),
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector {
+                match_labels: Some(selector(NODE_AGENT)),
+                ..Default::default()
+            },
+            update_strategy: Some(DaemonSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDaemonSet {
+                    max_surge: Some(IntOrString::Int(0)),
+                    max_unavailable: Some(IntOrString::Int(1)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(NODE_AGENT)),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(NODE_AGENT.into()),
+                    host_network: Some(true),
+                    host_pid: Some(true),
+                    dns_policy: Some("ClusterFirstWithHostNet".into()),
+                    priority_class_name: Some("system-node-critical".into()),
+                    termination_grace_period_seconds: Some(30),
+                    tolerations: Some(vec![Toleration {
+                        operator: Some("Exists".into()),
+                        ..Default::default()
+                    }]),
+                    containers: vec![agent],
+                    volumes: Some(vec![
+                        host_path("run", HANDOFF_DIR, "DirectoryOrCreate"),
+                        host_path("cni-bin", CNI_BIN_DIR, "DirectoryOrCreate"),
+                        host_path("cni-conf", CNI_CONF_DIR, "DirectoryOrCreate"),
                     ]),
                     ..Default::default()
                 }),
@@ -684,6 +753,12 @@ pub fn objects(o: &Options) -> Result<Vec<Object>, OptionsError> {
         crds.into_iter()
             .map(|c| Object::CustomResourceDefinition(Box::new(c))),
     );
+    // node-proxy calls no Kubernetes API: its service account only identifies it (by its
+    // projected token) to the controller.
+    out.push(Object::ServiceAccount(ServiceAccount {
+        metadata: meta(NODE_PROXY, Some(ns), NODE_PROXY),
+        ..Default::default()
+    }));
     for (name, cluster_rules, namespace_rules) in [
         (
             CONTROLLER,
@@ -691,9 +766,9 @@ pub fn objects(o: &Options) -> Result<Vec<Object>, OptionsError> {
             controller_namespace_rules(),
         ),
         (
-            NODE_PROXY,
-            node_proxy_cluster_rules(),
-            node_proxy_namespace_rules(),
+            NODE_AGENT,
+            node_agent_cluster_rules(),
+            node_agent_namespace_rules(),
         ),
     ] {
         out.push(Object::ServiceAccount(ServiceAccount {
@@ -745,6 +820,7 @@ pub fn objects(o: &Options) -> Result<Vec<Object>, OptionsError> {
         ..Default::default()
     }));
     out.push(Object::Deployment(Box::new(controller_deployment(o))));
+    out.push(Object::DaemonSet(Box::new(node_agent_daemonset(o))));
     out.push(Object::DaemonSet(Box::new(node_proxy_daemonset(o))));
     out.push(Object::GatewayClass(GatewayClass {
         metadata: meta(WAYPOINT_CLASS, None, CONTROLLER),
@@ -777,8 +853,8 @@ pub fn yaml(o: &Options) -> Result<String, OptionsError> {
 }
 
 /// What removes the installation, for `kubectl delete -f -`: the same objects, named
-/// only, in reverse order (the DaemonSet goes before the namespace, so node-proxies'
-/// CNI installers see it gone and take the plugin off their nodes).
+/// only, in reverse order (the DaemonSets go before the namespace, so node agents see
+/// theirs gone and take Weft off their nodes).
 pub fn uninstall_yaml(o: &Options) -> Result<String, OptionsError> {
     let objects = objects(o)?;
     Ok(documents(

@@ -224,9 +224,7 @@ async fn leaving(config: &Config) -> bool {
         let client = kube::Client::try_default()
             .await
             .map_err(|e| e.to_string())?;
-        let api: kube::Api<k8s_openapi::api::apps::v1::DaemonSet> =
-            kube::Api::namespaced(client, namespace);
-        api.get_opt(name).await.map_err(|e| e.to_string())
+        daemonset(client, namespace, name).await
     };
     let read = tokio::time::timeout(std::time::Duration::from_secs(10), read)
         .await
@@ -234,6 +232,17 @@ async fn leaving(config: &Config) -> bool {
     let (decision, why) = on_stop(read);
     info!("stopping: {why}");
     decision == OnStop::Uninstall
+}
+
+/// Reads DaemonSet `namespace/name` (`None`: it is gone).
+pub async fn daemonset(
+    client: kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<k8s_openapi::api::apps::v1::DaemonSet>, String> {
+    let api: kube::Api<k8s_openapi::api::apps::v1::DaemonSet> =
+        kube::Api::namespaced(client, namespace);
+    api.get_opt(name).await.map_err(|e| e.to_string())
 }
 
 /// What the agent does when it stops, from what reading its DaemonSet gave.
