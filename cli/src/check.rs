@@ -38,10 +38,14 @@ pub struct Preflight {
     pub result: Result<String, String>,
 }
 
-/// Checks a node can run Weft before installing: network namespaces, nftables usable
-/// (the capture rules), and a chained CNI configuration in `cni_conf_dir` for weft-cni
-/// to join.
-pub fn preflight(cni_conf_dir: &std::path::Path) -> Vec<Preflight> {
+/// Checks a node can run Weft before installing: network namespaces, the kernel's
+/// nftables as the node agent reaches it (netlink; no `nft` binary needed), and a chained
+/// CNI configuration in `cni_conf_dir` for weft-cni to join.
+pub async fn preflight(cni_conf_dir: &std::path::Path) -> Vec<Preflight> {
+    let nftables = node_agent::capture::nftables_usable()
+        .await
+        .map(|tables| format!("the kernel's nftables answers ({tables} tables)"))
+        .map_err(|e| e.to_string());
     let mut out = Vec::new();
     let kernel = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
@@ -58,21 +62,11 @@ pub fn preflight(cni_conf_dir: &std::path::Path) -> Vec<Preflight> {
             Err("/proc/self/ns/net is missing: the kernel has no network namespaces (CONFIG_NET_NS)".into())
         },
     });
-    let nft = std::process::Command::new("nft")
-        .args(["list", "tables"])
-        .output();
     out.push(Preflight {
         what: "nftables",
-        result: match nft {
-            Err(e) => Err(format!(
-                "cannot run nft ({e}); install the nftables package"
-            )),
-            Ok(o) if !o.status.success() => Err(format!(
-                "nft list tables failed: {} (run as root; the kernel needs nf_tables)",
-                String::from_utf8_lossy(&o.stderr).trim()
-            )),
-            Ok(_) => Ok("nft can read the ruleset".into()),
-        },
+        result: nftables.map_err(|e| {
+            format!("{e} (run as root; the kernel needs nf_tables, which the node agent programs over netlink)")
+        }),
     });
     out.push(Preflight {
         what: "CNI configuration",
@@ -81,4 +75,41 @@ pub fn preflight(cni_conf_dir: &std::path::Path) -> Vec<Preflight> {
             .map_err(|e| e.to_string()),
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result<'a>(checks: &'a [Preflight], what: &str) -> &'a Result<String, String> {
+        &checks
+            .iter()
+            .find(|c| c.what == what)
+            .expect("every check is reported")
+            .result
+    }
+
+    #[ignore = "needs root"]
+    #[tokio::test(flavor = "current_thread")]
+    async fn preflight_reads_nftables_over_netlink_and_names_a_missing_chain() {
+        let dir = std::env::temp_dir().join(format!("weft-preflight-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let checks = preflight(&dir).await;
+        assert!(
+            result(&checks, "nftables").is_ok(),
+            "{:?}",
+            result(&checks, "nftables")
+        );
+        let missing = result(&checks, "CNI configuration");
+        assert!(
+            missing
+                .as_ref()
+                .is_err_and(|e| e.contains(&dir.display().to_string())),
+            "{missing:?}"
+        );
+        std::fs::write(dir.join("10-net.conflist"), r#"{"plugins": []}"#).expect("write");
+        let checks = preflight(&dir).await;
+        assert!(result(&checks, "CNI configuration").is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -341,7 +341,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             namespace,
         } => {
             let failed = if pre {
-                let checks = weft_cli::check::preflight(&cni_conf_dir);
+                let checks = weft_cli::check::preflight(&cni_conf_dir).await;
                 for c in &checks {
                     match &c.result {
                         Ok(found) => println!("ok    {}: {found}", c.what),

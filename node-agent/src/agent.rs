@@ -550,18 +550,20 @@ impl Agent {
         })
     }
 
-    fn failed(&mut self, uid: &str, what: &str, why: String) {
+    fn failed(&mut self, uid: &str, step: Step, why: String) {
         let Some(pod) = self.held.get_mut(uid) else {
             return;
         };
-        warn!(pod = %pod.name, "cannot {what}: {why} (retrying)");
+        warn!(pod = %pod.name, "cannot {}: {why} (retrying)", step.doing());
         pod.backoff = (pod.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
         pod.retry_at = Some(Instant::now() + pod.backoff);
         pod.summary.backoff = true;
         pod.error = Some(why);
         self.metrics
             .failures
-            .get_or_create(&crate::metrics::What { what: what.into() })
+            .get_or_create(&crate::metrics::What {
+                what: step.label().into(),
+            })
             .inc();
     }
 
@@ -575,12 +577,12 @@ impl Agent {
     async fn capture(&mut self, uid: &str) {
         let handed = match self.handed(uid) {
             Ok(h) => h,
-            Err(e) => return self.failed(uid, "capture the pod", e),
+            Err(e) => return self.failed(uid, Step::Capture, e),
         };
         let name = handed.info.to_string();
         // Served before captured: the rules send traffic to listeners node-proxy serves.
         if let Err(e) = self.link.add(handed).await {
-            return self.failed(uid, "hand the pod to node-proxy", e.to_string());
+            return self.failed(uid, Step::Handoff, e.to_string());
         }
         if let Some(p) = self.held.get_mut(uid) {
             p.summary.served = true;
@@ -606,7 +608,7 @@ impl Agent {
                 if let Some(p) = self.held.get_mut(uid) {
                     p.summary.served = false;
                 }
-                self.failed(uid, "install the capture rules", e);
+                self.failed(uid, Step::Rules, e);
             }
         }
     }
@@ -614,7 +616,7 @@ impl Agent {
     async fn serve(&mut self, uid: &str) {
         let handed = match self.handed(uid) {
             Ok(h) => h,
-            Err(e) => return self.failed(uid, "hand the pod to node-proxy", e),
+            Err(e) => return self.failed(uid, Step::Handoff, e),
         };
         match self.link.add(handed).await {
             Ok(()) => {
@@ -623,7 +625,7 @@ impl Agent {
                 }
                 self.succeeded(uid);
             }
-            Err(e) => self.failed(uid, "hand the pod to node-proxy", e.to_string()),
+            Err(e) => self.failed(uid, Step::Handoff, e.to_string()),
         }
     }
 
@@ -636,7 +638,7 @@ impl Agent {
                     pods.push(h);
                     order.push(uid);
                 }
-                Err(e) => self.failed(&uid, "hand the pod to node-proxy", e),
+                Err(e) => self.failed(&uid, Step::Handoff, e),
             }
         }
         let count = pods.len();
@@ -654,7 +656,7 @@ impl Agent {
                             if let Some(p) = self.held.get_mut(uid) {
                                 p.summary.served = false;
                             }
-                            self.failed(uid, "hand the pod to node-proxy", e.to_string());
+                            self.failed(uid, Step::Handoff, e.to_string());
                         }
                     }
                 }
@@ -1001,6 +1003,37 @@ impl Agent {
         self.held.clear();
         if let Err(e) = capture::remove_node_probes().await {
             warn!("cannot remove the node's probe exemption: {e}");
+        }
+    }
+}
+
+/// A step of enrolling a pod that can fail (and is retried with a backoff).
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// Opening the pod's namespace and listeners.
+    Capture,
+    /// Installing its capture rules.
+    Rules,
+    /// Handing it to node-proxy.
+    Handoff,
+}
+
+impl Step {
+    /// For the log: "cannot ...".
+    fn doing(self) -> &'static str {
+        match self {
+            Step::Capture => "capture the pod",
+            Step::Rules => "install the capture rules",
+            Step::Handoff => "hand the pod to node-proxy",
+        }
+    }
+
+    /// The `what` label of `weft_agent_failures_total`.
+    fn label(self) -> &'static str {
+        match self {
+            Step::Capture => "capture",
+            Step::Rules => "rules",
+            Step::Handoff => "handoff",
         }
     }
 }

@@ -353,6 +353,18 @@ pub async fn node_probes(
     .await
 }
 
+/// Whether the kernel's nftables answers over netlink here: the number of tables (of
+/// any family) it holds.
+pub async fn nftables_usable() -> Result<usize, CaptureError> {
+    let target = "this node";
+    let nft = Connection::<Nftables>::new().map_err(netlink(target, "open netlink"))?;
+    Ok(nft
+        .list_tables()
+        .await
+        .map_err(netlink(target, "list nftables tables"))?
+        .len())
+}
+
 /// Removes the node's probe exemption (on uninstall).
 pub async fn remove_node_probes() -> Result<(), CaptureError> {
     let target = "the node";

@@ -577,11 +577,37 @@ fn probes_pass_in_a_strict_namespace_and_nothing_else_does() {
     );
 }
 
+/// The directories of a `PATH` value that hold `nft` or `ip`.
+fn with_nft_or_ip(path: &str) -> Vec<String> {
+    std::env::split_paths(path)
+        .filter(|d| d.join("nft").exists() || d.join("ip").exists())
+        .map(|d| d.display().to_string())
+        .collect()
+}
+
 #[test]
 #[ignore = "needs root"]
-fn a_rewritten_cni_configuration_is_chained_again_and_the_next_pod_captured() {
+fn a_rewritten_cni_configuration_is_chained_again_and_the_next_pod_captured_without_nft_or_ip() {
     let manifests = TempManifests::copy(&manifests()).unwrap();
     let mut sb = Sandbox::up("e2e-rechain", manifests.path()).unwrap();
+    // Neither the plugin (run with the CNI bin dirs as its PATH) nor the agent could run
+    // the host's `nft` or `ip`: captures are the agent's netlink.
+    let cni_path =
+        std::env::join_paths([sb.state_dir.join("node-1/cni-bin"), "/usr/lib/cni".into()]).unwrap();
+    assert_eq!(
+        with_nft_or_ip(&cni_path.to_string_lossy()),
+        Vec::<String>::new()
+    );
+    let environ = std::fs::read(format!("/proc/{}/environ", sb.agent_pid("node-1"))).unwrap();
+    let agent_path = String::from_utf8_lossy(&environ)
+        .split('\0')
+        .find_map(|kv| kv.strip_prefix("PATH=").map(str::to_owned))
+        .expect("the agent has a PATH");
+    assert_eq!(
+        with_nft_or_ip(&agent_path),
+        Vec::<String>::new(),
+        "{agent_path}"
+    );
     let conf = sb.state_dir.join("node-1/net.d/10-weft-sandbox.conflist");
     let chained = || std::fs::read_to_string(&conf).unwrap().contains("weft-cni");
     assert!(chained(), "the agent chained weft-cni");

@@ -586,9 +586,15 @@ impl Sandbox {
     fn spawn_agent(&self, node: &NodeState) -> anyhow::Result<Child> {
         let (out, err) = log_file(&node.agent.log)?;
         let dir = self.opts.state_dir.join(&node.name);
+        // Its PATH holds Weft's binaries only, as its image does: no `nft`, no `ip`.
+        let path = role_exe(&self.opts.exe, NODE_AGENT_BIN)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
         Command::new(&self.ip_exe)
             .args(["netns", "exec", &node.netns])
             .arg(role_exe(&self.opts.exe, NODE_AGENT_BIN))
+            .env("PATH", path)
             .args(["--node", &node.name])
             .arg("--objects")
             .arg(&self.cluster_dir)
