@@ -344,7 +344,14 @@ pub fn node_agent_cluster_rules() -> Vec<PolicyRule> {
 /// The node agent's rules in Weft's namespace: it reads its own DaemonSet when it stops,
 /// to take Weft off its node only when Weft is being uninstalled.
 pub fn node_agent_namespace_rules() -> Vec<PolicyRule> {
-    vec![named_rule("apps", &["daemonsets"], &[NODE_AGENT], &["get"])]
+    // It watches its own DaemonSet (list and watch by `metadata.name`, which
+    // `resourceNames` allows) to know, when stopped, whether Weft is being removed.
+    vec![named_rule(
+        "apps",
+        &["daemonsets"],
+        &[NODE_AGENT],
+        &["get", "list", "watch"],
+    )]
 }
 
 fn subject(name: &str, namespace: &str) -> Option<Vec<Subject>> {
@@ -820,8 +827,10 @@ pub fn objects(o: &Options) -> Result<Vec<Object>, OptionsError> {
         ..Default::default()
     }));
     out.push(Object::Deployment(Box::new(controller_deployment(o))));
-    out.push(Object::DaemonSet(Box::new(node_agent_daemonset(o))));
+    // Uninstall deletes in reverse: the agents first, which take the capture off their
+    // nodes while node-proxy still serves.
     out.push(Object::DaemonSet(Box::new(node_proxy_daemonset(o))));
+    out.push(Object::DaemonSet(Box::new(node_agent_daemonset(o))));
     out.push(Object::GatewayClass(GatewayClass {
         metadata: meta(WAYPOINT_CLASS, None, CONTROLLER),
         spec: GatewayClassSpec {

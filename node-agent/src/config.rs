@@ -58,14 +58,31 @@ pub struct Config {
     pub admin: SocketAddr,
     /// In a cluster: when stopped, remove Weft from the node (the plugin, every pod's
     /// capture) if this DaemonSet, NAMESPACE/NAME, is gone or being deleted.
-    #[arg(long, env = "WEFT_UNTIL_REMOVED", value_name = "NAMESPACE/NAME")]
+    #[arg(long, env = "WEFT_UNTIL_REMOVED", value_name = "NAMESPACE/NAME", value_parser = namespaced_name)]
     pub until_removed: Option<String>,
     /// Where processes are listed.
     #[arg(long, env = "WEFT_PROC", default_value = "/proc", hide = true)]
     pub proc: PathBuf,
 }
 
+/// A `NAMESPACE/NAME` argument.
+fn namespaced_name(s: &str) -> Result<String, String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(s.to_owned())
+        }
+        _ => Err(format!("{s:?} is not NAMESPACE/NAME")),
+    }
+}
+
 impl Config {
+    /// `--until-removed` as (namespace, name).
+    pub fn until_removed(&self) -> Option<(&str, &str)> {
+        self.until_removed
+            .as_deref()
+            .and_then(|s| s.split_once('/'))
+    }
+
     /// The namespaces the plugin never asks about: the configured ones and
     /// `kube-system`, sorted.
     pub fn excluded(&self) -> Vec<String> {
@@ -79,5 +96,35 @@ impl Config {
         all.sort();
         all.dedup();
         all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    #[test]
+    fn until_removed_names_a_namespaced_daemonset() {
+        let parse =
+            |v: &str| Cli::try_parse_from(["node-agent", "--node", "n1", "--until-removed", v]);
+        let ok = parse("weft-system/weft-node-agent").expect("valid").config;
+        assert_eq!(ok.until_removed(), Some(("weft-system", "weft-node-agent")));
+        for bad in [
+            "weft-node-agent",
+            "/weft-node-agent",
+            "weft-system/",
+            "a/b/c",
+        ] {
+            let e = parse(bad).expect_err(bad).to_string();
+            assert!(e.contains("is not NAMESPACE/NAME"), "{e}");
+        }
     }
 }

@@ -63,12 +63,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     registry.register_collector(Box::new(tunnel::process::ProcessCollector));
     let node_netns = discover::own_netns(&config.proc)
         .context("cannot read this process's network namespace")?;
+    let (seen_tx, seen) = watch::channel(Seen::Unknown);
     let source: Box<dyn Source> = match &config.objects {
         Some(dir) => Box::new(source::files::Files::new(dir.clone())),
         None => {
             let client = kube::Client::try_default()
                 .await
                 .context("cannot reach the API server (in a pod: its service account; elsewhere: KUBECONFIG)")?;
+            if let Some((namespace, name)) = config.until_removed() {
+                tokio::spawn(follow_daemonset(
+                    client.clone(),
+                    namespace.to_owned(),
+                    name.to_owned(),
+                    seen_tx,
+                    shutdown.clone(),
+                ));
+            }
             Box::new(source::kube::Kube::new(client))
         }
     };
@@ -126,7 +136,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             return Err(e).context("the plugin's socket failed");
         }
     }
-    if leaving(&config).await {
+    if leaving(&config, *seen.borrow()).await {
         info!("Weft is being removed from this node: releasing every pod and the plugin");
         agent.uninstall().await;
         match chain::uninstall(&config.cni_bin_dir, &config.cni_conf_dir) {
@@ -210,28 +220,94 @@ fn write_state(path: &Path, node: &str, enrolled: &[String]) -> std::io::Result<
 }
 
 /// Whether Weft is leaving the node: the agent's DaemonSet (`--until-removed`) is gone
-/// or being deleted. Without the flag, or when the API server cannot say, the agent is
-/// only restarting (an upgrade): everything stays in place.
-async fn leaving(config: &Config) -> bool {
-    let Some((namespace, name)) = config
-        .until_removed
-        .as_deref()
-        .and_then(|s| s.split_once('/'))
-    else {
+/// or being deleted, as its watch saw it or, if it did not, as a last read says. Without
+/// the flag, or when neither can say, the agent is only restarting (an upgrade):
+/// everything stays in place.
+async fn leaving(config: &Config, seen: Seen) -> bool {
+    let Some((namespace, name)) = config.until_removed() else {
         return false;
     };
-    let read = async {
-        let client = kube::Client::try_default()
-            .await
-            .map_err(|e| e.to_string())?;
-        daemonset(client, namespace, name).await
+    let read = if seen.removed() {
+        None
+    } else {
+        let read = async {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| e.to_string())?;
+            daemonset(client, namespace, name).await
+        };
+        Some(
+            tokio::time::timeout(std::time::Duration::from_secs(10), read)
+                .await
+                .unwrap_or_else(|_| Err("no answer within 10 s".into())),
+        )
     };
-    let read = tokio::time::timeout(std::time::Duration::from_secs(10), read)
-        .await
-        .unwrap_or_else(|_| Err("no answer within 10 s".into()));
-    let (decision, why) = on_stop(read);
+    let (decision, why) = on_stop(seen, read);
     info!("stopping: {why}");
     decision == OnStop::Uninstall
+}
+
+/// What the agent last saw of its own DaemonSet. An uninstall deletes the agent's RBAC
+/// right after its DaemonSet, before the agent is stopped, so the agent watches the
+/// DaemonSet all its life instead of relying on reading it when stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// Not (yet) seen: no watch, or no answer.
+    Unknown,
+    /// There, not being deleted.
+    Present,
+    /// Being deleted (a deletion timestamp: foreground deletion).
+    Deleting,
+    /// Gone.
+    Gone,
+}
+
+impl Seen {
+    /// Gone or going.
+    pub fn removed(self) -> bool {
+        matches!(self, Seen::Deleting | Seen::Gone)
+    }
+
+    fn of(ds: Option<&k8s_openapi::api::apps::v1::DaemonSet>) -> Seen {
+        match ds {
+            None => Seen::Gone,
+            Some(ds) if ds.metadata.deletion_timestamp.is_some() => Seen::Deleting,
+            Some(_) => Seen::Present,
+        }
+    }
+}
+
+/// Follows DaemonSet `namespace/name` into `seen` until `shutdown`; a failed watch is
+/// logged and retried with a backoff, keeping the last state seen.
+pub async fn follow_daemonset(
+    client: kube::Client,
+    namespace: String,
+    name: String,
+    seen: watch::Sender<Seen>,
+    shutdown: CancellationToken,
+) {
+    use futures::StreamExt;
+    use kube::runtime::WatchStreamExt;
+    let api: kube::Api<k8s_openapi::api::apps::v1::DaemonSet> =
+        kube::Api::namespaced(client, &namespace);
+    let events = kube::runtime::watcher::watch_object(api, &name).default_backoff();
+    tokio::pin!(events);
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            e = events.next() => e,
+        };
+        match event {
+            None => return,
+            Some(Ok(ds)) => {
+                let now = Seen::of(ds.as_ref());
+                if seen.send_replace(now) != now {
+                    info!("DaemonSet {namespace}/{name}: {now:?}");
+                }
+            }
+            Some(Err(e)) => warn!("cannot watch DaemonSet {namespace}/{name}: {e} (retrying)"),
+        }
+    }
 }
 
 /// Reads DaemonSet `namespace/name` (`None`: it is gone).
@@ -254,24 +330,32 @@ pub enum OnStop {
     Keep,
 }
 
-/// The decision on stop: uninstall only when the DaemonSet is known to be going. When
-/// the API server cannot be asked, everything stays: a restarted agent needs it, and the
+/// The decision on stop: uninstall only when the DaemonSet is known to be going, from
+/// its watch (`seen`) or a last read (`read`, made only when the watch did not see it
+/// go). When neither can say, everything stays: a restarted agent needs it, and the
 /// node's pods keep their capture.
 pub fn on_stop(
-    read: Result<Option<k8s_openapi::api::apps::v1::DaemonSet>, String>,
+    seen: Seen,
+    read: Option<Result<Option<k8s_openapi::api::apps::v1::DaemonSet>, String>>,
 ) -> (OnStop, String) {
-    match read {
-        Ok(None) => (OnStop::Uninstall, "the DaemonSet is gone".into()),
-        Ok(Some(ds)) if ds.metadata.deletion_timestamp.is_some() => {
-            (OnStop::Uninstall, "the DaemonSet is being deleted".into())
-        }
-        Ok(Some(_)) => (
-            OnStop::Keep,
-            "the DaemonSet is still there (an upgrade or restart)".into(),
-        ),
-        Err(e) => (
+    match (seen, read) {
+        (Seen::Deleting, _) => (OnStop::Uninstall, "the DaemonSet is being deleted".into()),
+        (Seen::Gone, _) => (OnStop::Uninstall, "the DaemonSet is gone".into()),
+        (_, Some(Ok(ds))) => match Seen::of(ds.as_ref()) {
+            Seen::Gone => (OnStop::Uninstall, "the DaemonSet is gone".into()),
+            Seen::Deleting => (OnStop::Uninstall, "the DaemonSet is being deleted".into()),
+            _ => (
+                OnStop::Keep,
+                "the DaemonSet is still there (an upgrade or restart)".into(),
+            ),
+        },
+        (_, Some(Err(e))) => (
             OnStop::Keep,
             format!("cannot read the DaemonSet ({e}); leaving everything in place"),
+        ),
+        (_, None) => (
+            OnStop::Keep,
+            "the DaemonSet was not read; leaving everything in place".into(),
         ),
     }
 }
@@ -334,14 +418,24 @@ mod tests {
     #[test]
     fn weft_leaves_the_node_only_when_its_daemonset_goes() {
         use k8s_openapi::api::apps::v1::DaemonSet;
-        assert_eq!(on_stop(Ok(None)).0, OnStop::Uninstall);
+        let unseen = Seen::Unknown;
+        assert_eq!(on_stop(unseen, Some(Ok(None))).0, OnStop::Uninstall);
         let mut ds = DaemonSet::default();
-        assert_eq!(on_stop(Ok(Some(ds.clone()))).0, OnStop::Keep);
+        assert_eq!(on_stop(unseen, Some(Ok(Some(ds.clone())))).0, OnStop::Keep);
+        assert_eq!(
+            on_stop(Seen::Present, Some(Ok(Some(ds.clone())))).0,
+            OnStop::Keep
+        );
         ds.metadata.deletion_timestamp =
             Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
                 k8s_openapi::jiff::Timestamp::now(),
             ));
-        assert_eq!(on_stop(Ok(Some(ds))).0, OnStop::Uninstall);
-        assert_eq!(on_stop(Err("connection refused".into())).0, OnStop::Keep);
+        assert_eq!(on_stop(unseen, Some(Ok(Some(ds)))).0, OnStop::Uninstall);
+        let refused = || Some(Err("connection refused".into()));
+        assert_eq!(on_stop(unseen, refused()).0, OnStop::Keep);
+        assert_eq!(on_stop(Seen::Present, refused()).0, OnStop::Keep);
+        // Seen going by the watch: no read needed, none trusted over it.
+        assert_eq!(on_stop(Seen::Deleting, None).0, OnStop::Uninstall);
+        assert_eq!(on_stop(Seen::Gone, refused()).0, OnStop::Uninstall);
     }
 }
