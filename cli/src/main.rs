@@ -193,7 +193,8 @@ struct InstallArgs {
     /// The SPIFFE trust domain of workload identities.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
-    /// The image with weftctl and weft-cni (see the Dockerfile).
+    /// The image with Weft's binaries: weftctl (the controller), node-agent, weft-cni,
+    /// node-proxy, waypoint (see the Dockerfile).
     #[arg(long, default_value_t = controller::install::Options::default().image)]
     image: String,
     /// The log filter of every component (RUST_LOG syntax).
@@ -283,8 +284,9 @@ enum Local {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
-    /// Replaces every node-proxy of a running sandbox with a new process (of the weftctl
-    /// binary the sandbox was started from, as rebuilt since), one node at a time, without
+    /// Replaces every node-proxy of a running sandbox with a new process (of the
+    /// node-proxy binary next to the weftctl it was started from, as rebuilt since), one
+    /// node at a time, without
     /// refusing a connection; waits until the old ones have drained and exited.
     Upgrade {
         /// Sandbox name.
