@@ -543,6 +543,48 @@ fn controller_deployment(o: &Options) -> Deployment {
     }
 }
 
+/// A DaemonSet of Weft's node side: on every node (every taint tolerated), host network,
+/// node-critical, rolled `(max_surge, max_unavailable)`; `pod` gives its containers,
+/// volumes and what else differs.
+fn node_daemonset(name: &str, ns: &str, rollout: (i32, i32), pod: PodSpec) -> DaemonSet {
+    DaemonSet {
+        metadata: meta(name, Some(ns), name),
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector {
+                match_labels: Some(selector(name)),
+                ..Default::default()
+            },
+            update_strategy: Some(DaemonSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDaemonSet {
+                    max_surge: Some(IntOrString::Int(rollout.0)),
+                    max_unavailable: Some(IntOrString::Int(rollout.1)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(name)),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(name.into()),
+                    host_network: Some(true),
+                    dns_policy: Some("ClusterFirstWithHostNet".into()),
+                    priority_class_name: Some("system-node-critical".into()),
+                    termination_grace_period_seconds: Some(30),
+                    tolerations: Some(vec![Toleration {
+                        operator: Some("Exists".into()),
+                        ..Default::default()
+                    }]),
+                    ..pod
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 fn node_proxy_daemonset(o: &Options) -> DaemonSet {
     let ns = o.namespace.as_str();
     let controller = format!("{}:{GRPC_PORT}", o.controller_host());
@@ -597,50 +639,22 @@ fn node_proxy_daemonset(o: &Options) -> DaemonSet {
         }),
         ..Default::default()
     };
-    DaemonSet {
-        metadata: meta(NODE_PROXY, Some(ns), NODE_PROXY),
-        spec: Some(DaemonSetSpec {
-            selector: LabelSelector {
-                match_labels: Some(selector(NODE_PROXY)),
-                ..Default::default()
-            },
-            // The new node-proxy starts beside the old one and takes its listeners
-            // over (docs/handoff.md), so a node is never without one.
-            update_strategy: Some(DaemonSetUpdateStrategy {
-                type_: Some("RollingUpdate".into()),
-                rolling_update: Some(RollingUpdateDaemonSet {
-                    max_surge: Some(IntOrString::Int(1)),
-                    max_unavailable: Some(IntOrString::Int(0)),
-                }),
-            }),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels(NODE_PROXY)),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    service_account_name: Some(NODE_PROXY.into()),
-                    host_network: Some(true),
-                    dns_policy: Some("ClusterFirstWithHostNet".into()),
-                    priority_class_name: Some("system-node-critical".into()),
-                    termination_grace_period_seconds: Some(30),
-                    tolerations: Some(vec![Toleration {
-                        operator: Some("Exists".into()),
-                        ..Default::default()
-                    }]),
-                    containers: vec![node_proxy],
-                    volumes: Some(vec![
-                        host_path("handoff", HANDOFF_DIR, "DirectoryOrCreate"),
-                        token,
-                        roots,
-                    ]),
-                    ..Default::default()
-                }),
-            },
+    node_daemonset(
+        NODE_PROXY,
+        ns,
+        // The new node-proxy starts beside the old one and takes its listeners over
+        // (docs/handoff.md), so a node is never without one.
+        (1, 0),
+        PodSpec {
+            containers: vec![node_proxy],
+            volumes: Some(vec![
+                host_path("handoff", HANDOFF_DIR, "DirectoryOrCreate"),
+                token,
+                roots,
+            ]),
             ..Default::default()
-        }),
-        ..Default::default()
-    }
+        },
+    )
 }
 
 /// The node agent's DaemonSet: one agent per node, beside (not in) node-proxy's pod, so
@@ -699,49 +713,21 @@ fn node_agent_daemonset(o: &Options) -> DaemonSet {
         ]),
         ..Default::default()
     };
-    DaemonSet {
-        metadata: meta(NODE_AGENT, Some(ns), NODE_AGENT),
-        spec: Some(DaemonSetSpec {
-            selector: LabelSelector {
-                match_labels: Some(selector(NODE_AGENT)),
-                ..Default::default()
-            },
-            update_strategy: Some(DaemonSetUpdateStrategy {
-                type_: Some("RollingUpdate".into()),
-                rolling_update: Some(RollingUpdateDaemonSet {
-                    max_surge: Some(IntOrString::Int(0)),
-                    max_unavailable: Some(IntOrString::Int(1)),
-                }),
-            }),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels(NODE_AGENT)),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    service_account_name: Some(NODE_AGENT.into()),
-                    host_network: Some(true),
-                    host_pid: Some(true),
-                    dns_policy: Some("ClusterFirstWithHostNet".into()),
-                    priority_class_name: Some("system-node-critical".into()),
-                    termination_grace_period_seconds: Some(30),
-                    tolerations: Some(vec![Toleration {
-                        operator: Some("Exists".into()),
-                        ..Default::default()
-                    }]),
-                    containers: vec![agent],
-                    volumes: Some(vec![
-                        host_path("run", HANDOFF_DIR, "DirectoryOrCreate"),
-                        host_path("cni-bin", CNI_BIN_DIR, "DirectoryOrCreate"),
-                        host_path("cni-conf", CNI_CONF_DIR, "DirectoryOrCreate"),
-                    ]),
-                    ..Default::default()
-                }),
-            },
+    node_daemonset(
+        NODE_AGENT,
+        ns,
+        (0, 1),
+        PodSpec {
+            host_pid: Some(true),
+            containers: vec![agent],
+            volumes: Some(vec![
+                host_path("run", HANDOFF_DIR, "DirectoryOrCreate"),
+                host_path("cni-bin", CNI_BIN_DIR, "DirectoryOrCreate"),
+                host_path("cni-conf", CNI_CONF_DIR, "DirectoryOrCreate"),
+            ]),
             ..Default::default()
-        }),
-        ..Default::default()
-    }
+        },
+    )
 }
 
 /// Every object of an installation, in the order they are applied.

@@ -531,6 +531,64 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// tcpdump writing the packets `filter` matches on interface `iface` of namespace `netns`
+/// to `pcap`, until stopped (or dropped).
+pub struct Tcpdump(Option<Child>);
+
+impl Tcpdump {
+    /// Starts it and waits until it says it listens.
+    pub fn start(netns: &str, iface: &str, filter: &str, pcap: &Path) -> anyhow::Result<Self> {
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                netns,
+                "tcpdump",
+                "--immediate-mode",
+                "-i",
+                iface,
+            ])
+            .args(["-U", "-s", "0", "-w"])
+            .arg(pcap)
+            .arg(filter)
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot run tcpdump (.ci/run installs it)")?;
+        let mut line = String::new();
+        if let Some(stderr) = child.stderr.take() {
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(stderr), &mut line)?;
+        }
+        let dump = Tcpdump(Some(child));
+        if !line.contains("listening on") {
+            bail!("tcpdump in {netns} did not start: {line}");
+        }
+        Ok(dump)
+    }
+
+    /// Stops it (SIGINT: it writes out what it holds), after a moment for packets in
+    /// flight.
+    pub fn stop(mut self) {
+        self.end();
+    }
+
+    fn end(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = Command::new("kill")
+                .arg("-INT")
+                .arg(child.id().to_string())
+                .status();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Tcpdump {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
 /// Retries `f` every 100 ms until it returns `Some`, for up to `limit`.
 pub fn eventually<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let start = Instant::now();

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use weft_e2e::{eventually, metric_sum, repo_root, weftctl, Sandbox};
+use weft_e2e::{eventually, metric_sum, repo_root, weftctl, Sandbox, Tcpdump};
 
 fn manifests() -> PathBuf {
     repo_root().join("tests/manifests/mesh")
@@ -213,25 +213,7 @@ fn fabric_capture_shows_tls13_and_no_plaintext() {
     let b_ip = sb.ip(B).unwrap();
     let fabric = sb.state["fabric"].as_str().unwrap().to_owned();
     let pcap = sb.state_dir.join("fabric.pcap");
-    let mut tcpdump = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &fabric,
-            "tcpdump",
-            "--immediate-mode",
-            "-i",
-            "br0",
-            "-U",
-            "-s",
-            "0",
-            "-w",
-        ])
-        .arg(&pcap)
-        .arg("tcp")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("tcpdump is installed (.ci/run installs it)");
+    let tcpdump = Tcpdump::start(&fabric, "br0", "tcp", &pcap).unwrap();
     // tcpdump lets nothing in until its filter is attached: warm up with plaintext
     // requests to a pod outside the mesh (so the tunnel to B is not opened yet) until
     // the capture file grows past its header.
@@ -245,12 +227,7 @@ fn fabric_capture_shows_tls13_and_no_plaintext() {
     let (code, body) = sb.curl(A, &format!("http://{b_ip}:8080/{marker}")).unwrap();
     assert_eq!(code, 0, "{body}");
     assert!(body.contains(marker), "the request arrived: {body}");
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = Command::new("kill")
-        .arg("-INT")
-        .arg(tcpdump.id().to_string())
-        .status();
-    let _ = tcpdump.wait();
+    tcpdump.stop();
 
     let bytes = std::fs::read(&pcap).unwrap();
     assert!(bytes.len() > 24 + 200, "the capture holds packets");

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use weft_e2e::{
-    eventually, http_get, metric_sum, repo_root, Load, Request, Sandbox, TempManifests,
+    eventually, http_get, metric_sum, repo_root, Load, Request, Sandbox, Tcpdump, TempManifests,
 };
 
 fn manifests() -> PathBuf {
@@ -290,42 +290,6 @@ fn node_agent_killed_fails_no_request_and_readopts_every_pod() {
     );
 }
 
-/// Runs tcpdump on the fabric into `pcap` until dropped.
-struct Capture(std::process::Child);
-
-impl Capture {
-    fn start(sb: &Sandbox, pcap: &std::path::Path) -> Self {
-        let fabric = sb.state["fabric"].as_str().unwrap().to_owned();
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &fabric,
-                "tcpdump",
-                "--immediate-mode",
-                "-i",
-                "br0",
-            ])
-            .args(["-U", "-s", "0", "-w"])
-            .arg(pcap)
-            .arg("tcp")
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("tcpdump is installed (.ci/run installs it)");
-        Capture(child)
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-INT")
-            .arg(self.0.id().to_string())
-            .status();
-        let _ = self.0.wait();
-    }
-}
-
 /// Whether `text` crossed the fabric in the clear in `pcap`.
 fn on_the_wire(pcap: &std::path::Path, text: &str) -> bool {
     let bytes = std::fs::read(pcap).unwrap_or_default();
@@ -365,7 +329,8 @@ fn labelling_a_running_namespace_moves_its_pods_to_mtls_and_unlabelling_back() {
         )
     };
     let pcap = sb.state_dir.join("fabric.pcap");
-    let capture = Capture::start(&sb, &pcap);
+    let fabric = sb.state["fabric"].as_str().unwrap().to_owned();
+    let capture = Tcpdump::start(&fabric, "br0", "tcp", &pcap).unwrap();
     // Until the capture runs, nothing is seen: warm it up with plaintext requests.
     eventually(Duration::from_secs(20), || {
         let _ = sb.curl(from, &url("warm-up"));
@@ -425,7 +390,7 @@ fn labelling_a_running_namespace_moves_its_pods_to_mtls_and_unlabelling_back() {
     assert_eq!(code, 0, "{body}");
     assert_eq!(mtls(), before, "no mTLS connection after the unlabel");
     std::thread::sleep(Duration::from_millis(300));
-    drop(capture);
+    capture.stop();
 
     assert!(
         on_the_wire(&pcap, "before-the-label"),
@@ -514,26 +479,13 @@ fn probes_pass_in_a_strict_namespace_and_nothing_else_does() {
     // before it reaches the pod (its replies could not come back, but a SYN that arrives
     // is already too much): the pod sees none of it.
     let pcap = sb.state_dir.join("spoof.pcap");
-    let mut tcpdump = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &sb.netns(secrets).unwrap(),
-            "tcpdump",
-            "-i",
-            "eth0",
-            "-U",
-            "-w",
-        ])
-        .arg(&pcap)
-        .arg("src host 169.254.7.127 and tcp src port 47123")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = std::io::BufReader::new(tcpdump.stderr.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
-    assert!(line.contains("listening on"), "{line}");
+    let tcpdump = Tcpdump::start(
+        &sb.netns(secrets).unwrap(),
+        "eth0",
+        "src host 169.254.7.127 and tcp src port 47123",
+        &pcap,
+    )
+    .unwrap();
     for who in ["legacy/outsider", "legacy/outsider-2"] {
         sb.exec(
             who,
@@ -562,12 +514,7 @@ fn probes_pass_in_a_strict_namespace_and_nothing_else_does() {
             String::from_utf8_lossy(&out.stdout)
         );
     }
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = Command::new("kill")
-        .arg("-INT")
-        .arg(tcpdump.id().to_string())
-        .status();
-    let _ = tcpdump.wait();
+    tcpdump.stop();
     let seen = std::fs::metadata(&pcap)
         .map(|m| m.len())
         .unwrap_or_default();

@@ -1530,33 +1530,51 @@ pub fn agent(state_dir: &Path, node: &str, run: bool) -> anyhow::Result<()> {
         .find(|n| n.name == node)
         .with_context(|| format!("no node {node:?} in sandbox {:?}", state.name))?;
     let marker = n.agent.log.with_file_name(format!("agent-{node}.stopped"));
+    toggle(
+        state_dir,
+        &marker,
+        run,
+        &format!("the node agent of {node}"),
+        |now| {
+            now.nodes
+                .iter()
+                .find(|n| n.name == node)
+                .is_some_and(|n| match run {
+                    true => !n.agent.stopped && n.agent.pid != 0,
+                    false => n.agent.stopped,
+                })
+        },
+    )?;
+    println!(
+        "node agent of {node} {}",
+        if run { "running" } else { "stopped" }
+    );
+    Ok(())
+}
+
+/// Writes (`run` false) or removes (`run` true) a marker that keeps the sandbox from
+/// running a component (`what`), and waits up to 30 s until `done` holds of its state.
+fn toggle(
+    state_dir: &Path,
+    marker: &Path,
+    run: bool,
+    what: &str,
+    done: impl Fn(&State) -> bool,
+) -> anyhow::Result<State> {
     if run {
-        let _ = std::fs::remove_file(&marker);
+        let _ = std::fs::remove_file(marker);
     } else {
-        std::fs::write(&marker, b"stopped by weftctl local agent stop\n")?;
+        std::fs::write(marker, format!("{what} stopped by weftctl local\n"))?;
     }
     let start = Instant::now();
     loop {
         let now = read_state(state_dir)?;
-        let agent = now
-            .nodes
-            .iter()
-            .find(|n| n.name == node)
-            .map(|n| n.agent.clone());
-        let done = agent.is_some_and(|a| match run {
-            true => !a.stopped && a.pid != 0,
-            false => a.stopped,
-        });
-        if done {
-            println!(
-                "node agent of {node} {}",
-                if run { "running" } else { "stopped" }
-            );
-            return Ok(());
+        if done(&now) {
+            return Ok(now);
         }
         if start.elapsed() > Duration::from_secs(30) {
             bail!(
-                "the sandbox did not {} the node agent of {node} within 30 s",
+                "the sandbox did not {} {what} within 30 s",
                 if run { "start" } else { "stop" }
             );
         }
@@ -1675,40 +1693,20 @@ pub fn controller(state_dir: &Path, run: bool) -> anyhow::Result<()> {
     require_root("weftctl local controller")?;
     read_state(state_dir)?;
     let marker = state_dir.join("controller.stopped");
-    if run {
-        let _ = std::fs::remove_file(&marker);
-    } else {
-        std::fs::write(&marker, b"stopped by weftctl local controller stop\n")?;
-    }
-    let start = Instant::now();
-    loop {
-        let now = read_state(state_dir)?;
-        let done = match run {
-            true => {
-                !now.controller.stopped
-                    && now.controller.pid != 0
-                    && summary::fetch(now.controller.admin, "/ready")
-                        .is_ok_and(|b| b.starts_with("ready"))
-            }
-            false => now.controller.stopped,
-        };
-        if done {
-            match run {
-                true => println!("controller running (pid {}), ready", now.controller.pid),
-                false => {
-                    println!("controller stopped; the node-proxies serve on from what they hold")
-                }
-            }
-            return Ok(());
+    let now = toggle(state_dir, &marker, run, "its controller", |now| match run {
+        true => {
+            !now.controller.stopped
+                && now.controller.pid != 0
+                && summary::fetch(now.controller.admin, "/ready")
+                    .is_ok_and(|b| b.starts_with("ready"))
         }
-        if start.elapsed() > Duration::from_secs(30) {
-            bail!(
-                "the sandbox did not {} its controller within 30 s",
-                if run { "start" } else { "stop" }
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        false => now.controller.stopped,
+    })?;
+    match run {
+        true => println!("controller running (pid {}), ready", now.controller.pid),
+        false => println!("controller stopped; the node-proxies serve on from what they hold"),
     }
+    Ok(())
 }
 
 /// The last `n` lines of a log.
