@@ -395,6 +395,20 @@ impl Sandbox {
         Ok(cmd)
     }
 
+    /// Runs `weftctl local ARGS` on this sandbox; fails with its stderr unless it
+    /// succeeds, else returns its stdout.
+    pub fn run_local(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.local(args)?.output()?;
+        if !out.status.success() {
+            bail!(
+                "weftctl local {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// `curl` from a pod; returns (exit code, body).
     pub fn curl(&self, pod: &str, url: &str) -> anyhow::Result<(i32, String)> {
         let out = self.exec(pod, &["curl", "-sS", "--max-time", "5", url])?;

@@ -113,25 +113,11 @@ fn the_mesh_serves_on_while_the_controller_is_away_and_resyncs_without_a_full_re
         Duration::from_millis(100),
         Duration::from_secs(150),
     );
-    let stop = sb.local(&["controller", "stop"]).unwrap().output().unwrap();
-    assert!(
-        stop.status.success(),
-        "{}",
-        String::from_utf8_lossy(&stop.stderr)
-    );
+    sb.run_local(&["controller", "stop"]).unwrap();
     sb.refresh().unwrap();
     assert_eq!(sb.controller_pid(), 0, "the controller is gone");
     std::thread::sleep(Duration::from_secs(60));
-    let start = sb
-        .local(&["controller", "start"])
-        .unwrap()
-        .output()
-        .unwrap();
-    assert!(
-        start.status.success(),
-        "{}",
-        String::from_utf8_lossy(&start.stderr)
-    );
+    sb.run_local(&["controller", "start"]).unwrap();
     sb.refresh().unwrap();
     // Both node-proxies come back, each resumed by digests: nothing had changed.
     let resynced = eventually(Duration::from_secs(30), || {

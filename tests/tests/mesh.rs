@@ -508,12 +508,7 @@ fn node_proxy_upgrade_refuses_no_connection() {
         sb.node_pid("node-1").unwrap(),
         sb.node_pid("node-2").unwrap(),
     ];
-    let stop = sb.local(&["controller", "stop"]).unwrap().output().unwrap();
-    assert!(
-        stop.status.success(),
-        "{}",
-        String::from_utf8_lossy(&stop.stderr)
-    );
+    sb.run_local(&["controller", "stop"]).unwrap();
     let out = sb.local(&["upgrade"]).unwrap().output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the upgrade reports failure");

@@ -609,16 +609,8 @@ fn a_rewritten_cni_configuration_is_chained_again_and_the_next_pod_captured_with
 fn with_the_agent_stopped_only_enrolled_pods_wait_and_start_once_it_is_back() {
     let manifests = TempManifests::copy(&manifests()).unwrap();
     let mut sb = Sandbox::up("e2e-agent-away", manifests.path()).unwrap();
-    let out = sb
-        .local(&["agent", "stop", "--node", "node-1"])
-        .unwrap()
-        .output()
+    sb.run_local(&["agent", "stop", "--node", "node-1"])
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let pod = |ns: &str, name: &str| {
         format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  nodeName: node-1\n  containers: [{{name: c, command: [sleep, infinity]}}]\n")
     };
@@ -663,16 +655,8 @@ fn with_the_agent_stopped_only_enrolled_pods_wait_and_start_once_it_is_back() {
     );
     assert_eq!(waiting["phase"], "Pending", "{waiting}");
 
-    let out = sb
-        .local(&["agent", "start", "--node", "node-1"])
-        .unwrap()
-        .output()
+    sb.run_local(&["agent", "start", "--node", "node-1"])
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let uid = eventually(Duration::from_secs(30), || {
         state(&mut sb, "meshed")
             .filter(|p| p["phase"] == "Running")

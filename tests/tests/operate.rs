@@ -116,12 +116,7 @@ fn status_and_check_name_a_stopped_and_a_stale_node_proxy() {
         .to_owned();
     std::fs::write(&token, "not-the-token\n").unwrap();
     for step in ["stop", "start"] {
-        let out = sb.local(&["controller", step]).unwrap().output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        sb.run_local(&["controller", step]).unwrap();
     }
     sb.refresh().unwrap();
     // node-1 resubscribes to the new controller; then it is stopped.
