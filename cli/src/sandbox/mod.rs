@@ -740,14 +740,7 @@ impl Sandbox {
             .map(|(name, _)| name.clone())
             .collect();
         for name in stale {
-            if let Some(mut pod) = self.pods.remove(&name) {
-                let node = self.nodes.get(&pod.state.node);
-                kubelet::destroy(
-                    &mut pod,
-                    node.map(|n| &n.cni),
-                    &self.cgroups,
-                    node.map(|n| &n.prober),
-                );
+            if let Some(pod) = self.destroy_pod(&name) {
                 writer.remove_pod(&pod.state);
                 println!("pod {} removed", pod.name());
             }
@@ -965,6 +958,20 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Stops pod `name` as its kubelet would (container, CNI DEL on its node, cgroups,
+    /// probes) and forgets it; returns what it was.
+    fn destroy_pod(&mut self, name: &ObjectName) -> Option<RunningPod> {
+        let mut pod = self.pods.remove(name)?;
+        let node = self.nodes.get(&pod.state.node);
+        kubelet::destroy(
+            &mut pod,
+            node.map(|n| &n.cni),
+            &self.cgroups,
+            node.map(|n| &n.prober),
+        );
+        Some(pod)
+    }
+
     fn teardown(&mut self) {
         if let Some(mut p) = self.prometheus.take() {
             p.stop();
@@ -972,15 +979,7 @@ impl Sandbox {
         // Pods first, through their CNI DEL, while the agents still run.
         let names: Vec<ObjectName> = self.pods.keys().cloned().collect();
         for name in names {
-            if let Some(mut pod) = self.pods.remove(&name) {
-                let node = self.nodes.get(&pod.state.node);
-                kubelet::destroy(
-                    &mut pod,
-                    node.map(|n| &n.cni),
-                    &self.cgroups,
-                    node.map(|n| &n.prober),
-                );
-            }
+            self.destroy_pod(&name);
         }
         for n in self.nodes.values_mut() {
             if let Some(c) = n.proxy.as_mut() {
