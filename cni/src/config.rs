@@ -16,7 +16,7 @@ pub use ipc::agent::CNI_VERSIONS as SUPPORTED_VERSIONS;
 /// The newest of them, for output when the configuration gives none.
 pub const LATEST_VERSION: &str = "1.1.0";
 /// A namespace whose pods the plugin never asks about, whatever the configuration says.
-pub const ALWAYS_EXCLUDED: &str = "kube-system";
+pub use ipc::agent::ALWAYS_EXCLUDED;
 
 /// Where the plugin reads its environment: the process's, or a map in tests.
 pub trait Env {

@@ -114,9 +114,8 @@ fn open_netns(cni: &CniEnv) -> Result<File, CniError> {
 /// published nothing readable).
 fn enrolled_per_agent(state: &Path, namespace: &str) -> Option<bool> {
     let text = std::fs::read_to_string(state).ok()?;
-    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let list = value.get("enrolledNamespaces")?.as_array()?;
-    Some(list.iter().any(|n| n.as_str() == Some(namespace)))
+    let published: ipc::agent::PublishedState = serde_json::from_str(&text).ok()?;
+    Some(published.enrolled_namespaces.iter().any(|n| n == namespace))
 }
 
 /// Turns a refusal into a pass when the configuration fails open.

@@ -36,6 +36,22 @@ pub const DEFAULT_SOCKET: &str = "/run/weft/node-agent.sock";
 /// configuration names no other file.
 pub const DEFAULT_STATE: &str = "/run/weft/node-agent.json";
 
+/// The namespace whose pods are never asked about, whatever is configured.
+pub const ALWAYS_EXCLUDED: &str = "kube-system";
+
+/// What the agent publishes in its state file, for the plugin to read while the agent
+/// is down.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PublishedState {
+    /// The protocol version ([`VERSION`]).
+    pub version: u32,
+    /// The node.
+    pub node: String,
+    /// The namespaces whose pods the agent would capture.
+    pub enrolled_namespaces: Vec<String>,
+}
+
 /// A pod as the runtime names it to the plugin (`CNI_ARGS`, `CNI_CONTAINERID`) and the
 /// addresses the plugins before `weft-cni` gave it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -11,7 +11,7 @@
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::capture::{self, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use crate::capture;
 use crate::cni::CniRequest;
 use crate::discover::{self, Found};
 use crate::link::{self, Handed, Link, LinkError};
@@ -154,12 +154,10 @@ pub struct Agent {
     last_scan: Option<Instant>,
     /// The pods the last look was for.
     looked_for: BTreeSet<String>,
-    scanned_once: bool,
     probes: BTreeSet<IpAddr>,
     probes_retry: Option<Instant>,
     pending: Vec<PendingAdd>,
     tombstones: HashMap<String, (NetnsId, Instant)>,
-    replays: u64,
     status: Arc<Mutex<Status>>,
     metrics: Arc<Metrics>,
 }
@@ -184,12 +182,10 @@ impl Agent {
             last_found: BTreeMap::new(),
             last_scan: None,
             looked_for: BTreeSet::new(),
-            scanned_once: false,
             probes: BTreeSet::new(),
             probes_retry: None,
             pending: Vec::new(),
             tombstones: HashMap::new(),
-            replays: 0,
             status,
             metrics,
         }
@@ -301,7 +297,6 @@ impl Agent {
         });
         self.metrics.scans.inc();
         self.last_scan = Some(Instant::now());
-        self.scanned_once = true;
         self.last_found = found.clone();
         self.found = Some(found);
     }
@@ -399,7 +394,7 @@ impl Agent {
             Action::Probes(set) => {
                 // Not before the pods captured before a restart have been found again:
                 // until then the set would be empty, and the node's probes captured.
-                if !self.scanned_once {
+                if self.last_scan.is_none() {
                     return false;
                 }
                 self.set_probes(set).await;
@@ -502,28 +497,13 @@ impl Agent {
         let info = self
             .info(uid)
             .ok_or("it is not in the source or not held")?;
-        let ip = info
-            .ips
-            .iter()
-            .find(|ip| ip.is_ipv4())
-            .copied()
-            .ok_or_else(|| {
-                format!(
-                    "it has no IPv4 address ({:?}); IPv6 capture is not supported yet",
-                    info.ips
-                )
-            })?;
+        let addrs = runtime::netns::pod_listen_addrs(&info.ips)?;
         let pod = self.held.get_mut(uid).ok_or("it is not held")?;
         let netns = pod
             .netns
             .as_ref()
             .ok_or("its network namespace is not held")?;
         if pod.listeners.is_none() {
-            let addrs = [
-                SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT)),
-                SocketAddr::new(ip, INBOUND_PLAINTEXT_PORT),
-                SocketAddr::new(ip, HBONE_PORT),
-            ];
             match runtime::netns::listen_in(netns.as_fd(), &addrs) {
                 Ok(opened) => pod.listeners = <[OwnedFd; 3]>::try_from(opened).ok(),
                 // Taken: node-proxy serves the pod on listeners of its own (opened before
@@ -559,12 +539,7 @@ impl Agent {
         pod.retry_at = Some(Instant::now() + pod.backoff);
         pod.summary.backoff = true;
         pod.error = Some(why);
-        self.metrics
-            .failures
-            .get_or_create(&crate::metrics::What {
-                what: step.label().into(),
-            })
-            .inc();
+        crate::metrics::count(&self.metrics.failures, step.label());
     }
 
     fn succeeded(&mut self, uid: &str) {
@@ -662,7 +637,6 @@ impl Agent {
                 }
                 self.link_state = plan::Link::Up { replayed: true };
                 self.inventory.clear();
-                self.replays += 1;
                 self.metrics.replays.inc();
                 info!(
                     pods = count,
@@ -724,12 +698,7 @@ impl Agent {
             netns,
             reply,
         } = r;
-        self.metrics
-            .cni_requests
-            .get_or_create(&crate::metrics::What {
-                what: request.kind().into(),
-            })
-            .inc();
+        crate::metrics::count(&self.metrics.cni_requests, request.kind());
         match request {
             Request::Add { pod, .. } => self.pending.push(PendingAdd {
                 request: pod,
@@ -877,17 +846,12 @@ impl Agent {
         for p in pending {
             match self.decide_add(&p) {
                 Some(reply) => {
-                    self.metrics
-                        .cni_answers
-                        .get_or_create(&crate::metrics::What {
-                            what: match (reply.ok, reply.verdict) {
-                                (true, Some(Verdict::Captured)) => "captured",
-                                (true, _) => "passed",
-                                (false, _) => "failed",
-                            }
-                            .into(),
-                        })
-                        .inc();
+                    let answer = match (reply.ok, reply.verdict) {
+                        (true, Some(Verdict::Captured)) => "captured",
+                        (true, _) => "passed",
+                        (false, _) => "failed",
+                    };
+                    crate::metrics::count(&self.metrics.cni_answers, answer);
                     let _ = p.reply.send(reply);
                 }
                 None => self.pending.push(p),
@@ -988,7 +952,7 @@ impl Agent {
             synced: self.view.synced,
             node_proxy: self.link_state == (plan::Link::Up { replayed: true }),
             node_proxy_pid: self.link_pid,
-            replays: self.replays,
+            replays: self.metrics.replays.get(),
             pods,
             enrolled_namespaces: self.view.enrolled_namespaces(),
         };

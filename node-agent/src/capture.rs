@@ -32,7 +32,9 @@ use nlink::netlink::route::Ipv4Route;
 use nlink::netlink::rule::RuleBuilder;
 use nlink::netlink::types::route::RouteType;
 use nlink::netlink::{Connection, Nftables, Route};
-use runtime::netns::{MARK_INBOUND, MARK_OUTBOUND};
+use runtime::netns::{
+    HBONE_PORT, INBOUND_PLAINTEXT_PORT, MARK_INBOUND, MARK_OUTBOUND, OUTBOUND_PORT,
+};
 
 /// The nftables table the rules live in (in the pod, and on the node).
 pub const TABLE: &str = "weft";
@@ -40,12 +42,6 @@ pub const TABLE: &str = "weft";
 pub const ROUTE_TABLE: u32 = 100;
 /// The address the node's probes reach captured pods from (link-local: no pod has it).
 pub const PROBE_SOURCE: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 127);
-/// The listeners the rules send traffic to.
-pub const OUTBOUND_PORT: u16 = 15001;
-/// Inbound plaintext.
-pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
-/// Inbound HBONE.
-pub const HBONE_PORT: u16 = 15008;
 /// The node's set of captured pod IPs its probes are source-NATed for.
 const PROBE_TARGETS: &str = "probe_targets";
 const TCP: u8 = 6;

@@ -17,7 +17,7 @@ pub struct Config {
     #[arg(
         long,
         env = "WEFT_HANDOFF_SOCKET",
-        default_value = "/run/weft/handoff.sock"
+        default_value = runtime::handoff::DEFAULT_SOCKET
     )]
     pub handoff: PathBuf,
     /// The socket weft-cni asks on.
@@ -51,7 +51,7 @@ pub struct Config {
     pub cni_fail_open: bool,
     /// The address the node's probes reach captured pods from: link-local, used by
     /// nothing else.
-    #[arg(long, env = "WEFT_PROBE_SOURCE", default_value = "169.254.7.127")]
+    #[arg(long, env = "WEFT_PROBE_SOURCE", default_value_t = crate::capture::PROBE_SOURCE)]
     pub probe_source: Ipv4Addr,
     /// Admin endpoint (`/metrics`, `/healthz`, `/ready`, `/pods`).
     #[arg(long, env = "WEFT_AGENT_ADMIN", default_value = "127.0.0.1:15022")]
@@ -91,7 +91,7 @@ impl Config {
             .iter()
             .map(|n| n.trim().to_owned())
             .filter(|n| !n.is_empty())
-            .chain(["kube-system".to_owned()])
+            .chain([ipc::agent::ALWAYS_EXCLUDED.to_owned()])
             .collect();
         all.sort();
         all.dedup();

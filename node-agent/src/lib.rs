@@ -34,7 +34,6 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use http::StatusCode;
 use prometheus_client::registry::Registry;
-use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -43,18 +42,6 @@ pub use config::Config;
 
 use crate::agent::{Agent, Settings, Status};
 use crate::source::{Source, View};
-
-/// What weft-cni reads while the agent is down.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PublishedState<'a> {
-    /// The protocol version ([`ipc::agent::VERSION`]).
-    pub version: u32,
-    /// The node.
-    pub node: &'a str,
-    /// The namespaces whose pods the agent would capture.
-    pub enrolled_namespaces: &'a [String],
-}
 
 /// Runs the agent until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -204,19 +191,17 @@ async fn publish_and_chain(
     }
 }
 
-fn write_state(path: &Path, node: &str, enrolled: &[String]) -> std::io::Result<()> {
-    let state = PublishedState {
+fn write_state(path: &Path, node: &str, enrolled: &[String]) -> Result<(), String> {
+    let state = ipc::agent::PublishedState {
         version: ipc::agent::VERSION,
-        node,
-        enrolled_namespaces: enrolled,
+        node: node.to_owned(),
+        enrolled_namespaces: enrolled.to_vec(),
     };
-    let text = serde_json::to_vec_pretty(&state).map_err(std::io::Error::other)?;
+    let text = serde_json::to_vec_pretty(&state).map_err(|e| e.to_string())?;
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    chain::write_atomic(path, &text, 0o644).map_err(|e| e.to_string())
 }
 
 /// Whether Weft is leaving the node: the agent's DaemonSet (`--until-removed`) is gone
@@ -338,25 +323,22 @@ pub fn on_stop(
     seen: Seen,
     read: Option<Result<Option<k8s_openapi::api::apps::v1::DaemonSet>, String>>,
 ) -> (OnStop, String) {
-    match (seen, read) {
-        (Seen::Deleting, _) => (OnStop::Uninstall, "the DaemonSet is being deleted".into()),
-        (Seen::Gone, _) => (OnStop::Uninstall, "the DaemonSet is gone".into()),
-        (_, Some(Ok(ds))) => match Seen::of(ds.as_ref()) {
-            Seen::Gone => (OnStop::Uninstall, "the DaemonSet is gone".into()),
-            Seen::Deleting => (OnStop::Uninstall, "the DaemonSet is being deleted".into()),
-            _ => (
-                OnStop::Keep,
-                "the DaemonSet is still there (an upgrade or restart)".into(),
-            ),
-        },
-        (_, Some(Err(e))) => (
+    let known = match (seen.removed(), read) {
+        (true, _) => Ok(seen),
+        (false, Some(Ok(ds))) => Ok(Seen::of(ds.as_ref())),
+        (false, Some(Err(e))) => Err(format!(
+            "cannot read the DaemonSet ({e}); leaving everything in place"
+        )),
+        (false, None) => Err("the DaemonSet was not read; leaving everything in place".into()),
+    };
+    match known {
+        Ok(Seen::Gone) => (OnStop::Uninstall, "the DaemonSet is gone".into()),
+        Ok(Seen::Deleting) => (OnStop::Uninstall, "the DaemonSet is being deleted".into()),
+        Ok(_) => (
             OnStop::Keep,
-            format!("cannot read the DaemonSet ({e}); leaving everything in place"),
+            "the DaemonSet is still there (an upgrade or restart)".into(),
         ),
-        (_, None) => (
-            OnStop::Keep,
-            "the DaemonSet was not read; leaving everything in place".into(),
-        ),
+        Err(why) => (OnStop::Keep, why),
     }
 }
 

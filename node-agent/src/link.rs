@@ -207,12 +207,7 @@ fn serve(
                 answer(reply, r)
             }
             Command::Remove(uid, reply) => {
-                let r = match client.remove(&uid) {
-                    // The one refusal that means done.
-                    Err(HandoffError::Rejected(why)) if why.contains("no pod with uid") => Ok(()),
-                    r => r.map_err(refused_or_transport),
-                };
-                answer(reply, r)
+                answer(reply, client.remove(&uid).map_err(refused_or_transport))
             }
             Command::Snapshot(pods, reply) => {
                 let listed: Vec<SnapshotPod<'_>> = pods

@@ -13,6 +13,15 @@ pub struct What {
     pub what: String,
 }
 
+/// Counts one `what` in `family`.
+pub fn count(family: &Family<What, Counter>, what: &str) {
+    family
+        .get_or_create(&What {
+            what: what.to_owned(),
+        })
+        .inc();
+}
+
 /// The agent's series.
 #[derive(Debug, Default)]
 pub struct Metrics {

@@ -57,7 +57,7 @@ pub struct Config {
     #[arg(
         long,
         env = "WEFT_HANDOFF_SOCKET",
-        default_value = "/run/weft/handoff.sock"
+        default_value = runtime::handoff::DEFAULT_SOCKET
     )]
     pub handoff: PathBuf,
     /// Where the controller is and how to authenticate to it.

@@ -31,11 +31,6 @@ use runtime::handoff::{HandoffListener, PodInfo, Request};
 use runtime::netns::Netns;
 use runtime::state::{Identities, ModelStatus, SharedModel};
 
-/// Ports inside every pod.
-pub const OUTBOUND_PORT: u16 = 15001;
-/// Inbound plaintext capture port.
-pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
-
 /// Limits and timings.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -414,19 +409,6 @@ impl Pods {
             .collect()
     }
 
-    /// Starts serving a pod: waits (bounded) for its workload in the model, fetches
-    /// its certificate, enters its namespace, and serves the listeners the sender opened
-    /// there, or opens its own when it sent none. All or nothing: on error nothing of the
-    /// pod is left running.
-    pub async fn add(
-        &self,
-        info: PodInfo,
-        netns: OwnedFd,
-        listeners: Option<[OwnedFd; 3]>,
-    ) -> Result<(), PodError> {
-        self.add_with(info, netns, listeners).await
-    }
-
     /// As [`add`](Self::add), serving listeners a node-proxy it replaces handed over
     /// (outbound, inbound plaintext, HBONE) instead of opening new ones: connections
     /// waiting in their queues are accepted here, none is refused.
@@ -436,7 +418,7 @@ impl Pods {
         netns: OwnedFd,
         listeners: [OwnedFd; 3],
     ) -> Result<(), PodError> {
-        self.add_with(info, netns, Some(listeners)).await
+        self.add(info, netns, Some(listeners)).await
     }
 
     /// Every pod with duplicates of its namespace and listeners, for a takeover. From
@@ -501,7 +483,11 @@ impl Pods {
         Ok(out)
     }
 
-    async fn add_with(
+    /// Starts serving a pod: waits (bounded) for its workload in the model, fetches
+    /// its certificate, enters its namespace, and serves the listeners the sender opened
+    /// there, or opens its own when it sent none. All or nothing: on error nothing of the
+    /// pod is left running.
+    pub async fn add(
         &self,
         info: PodInfo,
         netns: OwnedFd,
@@ -640,39 +626,36 @@ impl Pods {
     ) -> Result<Arc<Pod>, String> {
         let ctx = &self.ctx;
         let name = format!("{}/{}", info.namespace, info.name);
-        let ip = *info.ips.first().ok_or("it has no IP")?;
+        let [outbound_addr, plaintext_addr, hbone_addr] =
+            runtime::netns::pod_listen_addrs(&info.ips)?;
         let netns = Arc::new(Netns::enter(fd, &name).map_err(|e| e.to_string())?);
         let tls = lease.tls().clone();
         // Inbound listeners bind the pod's IP: that also proves the namespace is the
         // pod's and still has its network.
-        let listen = |port| {
+        let listen = |addr: SocketAddr| {
             let netns = netns.clone();
             async move {
                 netns
-                    .listen((ip, port).into())
+                    .listen(addr)
                     .await
-                    .map_err(|e| format!("cannot listen on {ip}:{port} in its network namespace: {e} (is the pod's IP configured there?)"))
+                    .map_err(|e| format!("cannot listen on {addr} in its network namespace: {e} (is the pod's IP configured there?)"))
             }
         };
-        let outbound_addr = SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT));
         let (outbound_l, plaintext_l, hbone_l) = match handed {
             Some([outbound, plaintext, hbone]) => {
                 let adopted = (
                     adopt_listener(outbound, outbound_addr)?,
-                    adopt_listener(plaintext, (ip, INBOUND_PLAINTEXT_PORT).into())?,
-                    adopt_listener(hbone, (ip, tunnel::hbone::PORT).into())?,
+                    adopt_listener(plaintext, plaintext_addr)?,
+                    adopt_listener(hbone, hbone_addr)?,
                 );
                 in_namespace(&netns, [&adopted.0, &adopted.1, &adopted.2]).await?;
                 adopted
             }
             // Open every listener before serving any, so a failure leaves nothing behind.
             None => (
-                netns
-                    .listen(outbound_addr)
-                    .await
-                    .map_err(|e| format!("cannot listen on 127.0.0.1:{OUTBOUND_PORT}: {e}"))?,
-                listen(INBOUND_PLAINTEXT_PORT).await?,
-                listen(tunnel::hbone::PORT).await?,
+                listen(outbound_addr).await?,
+                listen(plaintext_addr).await?,
+                listen(hbone_addr).await?,
             ),
         };
         // Captured application connections never leave the pod; accepted sockets inherit
@@ -686,7 +669,7 @@ impl Pods {
         let listeners = [dup(&outbound_l)?, dup(&plaintext_l)?, dup(&hbone_l)?];
         let pod = Arc::new(Pod {
             info,
-            ip,
+            ip: plaintext_addr.ip(),
             tls: tls.clone(),
             _lease: lease,
             netns,

@@ -47,6 +47,9 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 /// pod's workload to reach the model (10 s by default).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Where node-proxy serves the handoff socket on a node.
+pub const DEFAULT_SOCKET: &str = "/run/weft/handoff.sock";
+
 /// A pod handed to node-proxy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -10,7 +10,7 @@
 
 use std::cell::OnceCell;
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::mpsc;
 
@@ -25,6 +25,26 @@ pub const MARK_OUTBOUND: u32 = 0x539;
 /// client's source address (transparent). The rules route the application's replies to
 /// these back to the proxy.
 pub const MARK_INBOUND: u32 = 0x53a;
+
+/// The port of a captured pod's outbound listener (on its loopback).
+pub const OUTBOUND_PORT: u16 = 15001;
+/// The port of its inbound plaintext listener (on its address).
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// The port of its inbound HBONE listener (on its address).
+pub const HBONE_PORT: u16 = tunnel::hbone::PORT;
+
+/// The addresses of a captured pod's three listeners, outbound, inbound plaintext and
+/// HBONE, from its IPs: on loopback and on its first IPv4 address (the capture is IPv4's).
+pub fn pod_listen_addrs(ips: &[IpAddr]) -> Result<[SocketAddr; 3], String> {
+    let ip = ips.iter().find(|ip| ip.is_ipv4()).copied().ok_or_else(|| {
+        format!("it has no IPv4 address ({ips:?}); IPv6 capture is not supported yet")
+    })?;
+    Ok([
+        SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)),
+        SocketAddr::new(ip, INBOUND_PLAINTEXT_PORT),
+        SocketAddr::new(ip, HBONE_PORT),
+    ])
+}
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -361,6 +381,18 @@ mod tests {
         })
         .join()
         .unwrap()
+    }
+
+    #[test]
+    fn a_pods_listeners_are_on_its_first_ipv4_address_whatever_comes_first() {
+        let v6: IpAddr = "fd00::7".parse().unwrap();
+        let v4: IpAddr = "10.244.1.7".parse().unwrap();
+        let addrs = pod_listen_addrs(&[v6, v4]).unwrap();
+        assert_eq!(addrs[0], "127.0.0.1:15001".parse().unwrap());
+        assert_eq!(addrs[1], SocketAddr::new(v4, 15006));
+        assert_eq!(addrs[2], SocketAddr::new(v4, 15008));
+        let refused = pod_listen_addrs(&[v6]).unwrap_err();
+        assert!(refused.contains("no IPv4 address"), "{refused}");
     }
 
     #[ignore = "needs root"]
