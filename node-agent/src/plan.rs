@@ -116,7 +116,8 @@ pub fn plan(inputs: &Inputs<'_>) -> Vec<Action> {
     }
     let mut actions = Vec::new();
     let mut discover = Vec::new();
-    let wanted = |uid: &str| view.pods.get(uid).is_some_and(|p| view.wants(p));
+    // Held pods stay while the source keeps them; new ones come in only while it wants them.
+    let wanted = |uid: &str| view.pods.get(uid).is_some_and(|p| view.keeps(p));
 
     // Namespaces: adopt what was found, notice what vanished, look for what is missing.
     for (uid, pod) in &view.pods {
@@ -471,6 +472,34 @@ mod tests {
                 Action::Forget("c".into()),
                 Action::Probes(BTreeSet::new()),
             ]
+        );
+    }
+
+    #[test]
+    fn a_terminating_pod_stays_captured_until_it_is_gone_and_is_never_taken_in() {
+        let mut view = view();
+        // a is captured and now terminating; b, terminating, was never held.
+        view.pods.get_mut("a").expect("a").deleting = true;
+        view.pods.get_mut("b").expect("b").deleting = true;
+        let held = BTreeMap::from([("a".to_owned(), captured(10))]);
+        let probes = ips(&["10.244.1.2"]);
+        let up = Link::Up { replayed: true };
+        assert_eq!(run(&view, &held, up, None, &probes), Vec::new());
+        // A replay after node-proxy restarts still holds it.
+        let found = BTreeMap::from([("a".to_owned(), (1, 10))]);
+        let replay = run(
+            &view,
+            &held,
+            Link::Up { replayed: false },
+            Some(&found),
+            &probes,
+        );
+        assert_eq!(replay, vec![Action::Replay(vec!["a".into()])]);
+        // Gone from the source: released.
+        view.pods.remove("a");
+        assert_eq!(
+            run(&view, &held, up, None, &probes),
+            vec![Action::Release("a".into()), Action::Probes(BTreeSet::new())]
         );
     }
 

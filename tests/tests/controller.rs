@@ -348,7 +348,20 @@ fn scaling_a_deployment_and_adding_a_service_take_effect_live() {
         (code == 0).then_some(())
     });
     assert!(answered.is_some(), "the new service answers");
-    // Scaled back down: only the first replica is left and answers.
+    // Scaled back down, under requests: the replicas going away are withdrawn from the
+    // mesh while they still run (their objects carry deletionTimestamp), so no request
+    // is sent to a stopped pod; then only the first replica is left and answers.
+    let client = sb.netns("apps/client").unwrap();
+    let loads: Vec<Load> = (0..2)
+        .map(|_| {
+            Load::start(
+                &client,
+                "http://web/",
+                Duration::ZERO,
+                Duration::from_secs(60),
+            )
+        })
+        .collect();
     manifests.write("web.yaml", &web).unwrap();
     let down = eventually(Duration::from_secs(20), || {
         sb.refresh().ok()?;
@@ -360,6 +373,15 @@ fn scaling_a_deployment_and_adding_a_service_take_effect_live() {
         (running == 1).then_some(())
     });
     assert!(down.is_some(), "scaled back to one");
+    for load in loads {
+        let (sent, failed) = load.stop();
+        assert!(sent >= 10, "requests ran through the scale-down ({sent})");
+        assert!(
+            failed.is_empty(),
+            "{} of {sent} failed: {failed:?}",
+            failed.len()
+        );
+    }
     let settled = eventually(Duration::from_secs(20), || {
         let seen = pods_seen(&sb, "http://web/", 6);
         (seen.len() == 1 && seen.contains("web-0")).then_some(())

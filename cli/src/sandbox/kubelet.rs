@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use api::ObjectName;
 use k8s_openapi::api::core::v1 as core;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use serde_json::Value;
 
 use super::cgroup::{self, Cgroups};
@@ -70,6 +70,8 @@ pub struct RunningPod {
     /// When it was admitted: a node sets its pods up one at a time in this order, so a
     /// fresh sandbox gives each node's pods their addresses in manifest order.
     pub admitted: u64,
+    /// Terminating: when its grace period ends and it is stopped.
+    pub stop_at: Option<Instant>,
 }
 
 impl RunningPod {
@@ -247,6 +249,9 @@ impl Writer {
                 namespace: Some(pod.namespace.clone()),
                 uid: Some(pod.uid.clone()),
                 labels: Some(spec.labels.clone()).filter(|l| !l.is_empty()),
+                deletion_timestamp: pod
+                    .deleting
+                    .then(|| Time(k8s_openapi::jiff::Timestamp::now())),
                 ..Default::default()
             },
             spec: Some(core::PodSpec {
@@ -443,6 +448,7 @@ pub fn admit(sandbox: &str, spec: &PodSpec, logs: &Path, admitted: u64) -> Runni
             pid: 0,
             log: logs.join(format!("{}_{}.log", spec.namespace, spec.name)),
             admin: None,
+            deleting: false,
         },
         sandbox_id: random_hex(32),
         cni_result: None,
@@ -453,6 +459,7 @@ pub fn admit(sandbox: &str, spec: &PodSpec, logs: &Path, admitted: u64) -> Runni
         retry_at: None,
         backoff: Duration::ZERO,
         admitted,
+        stop_at: None,
     }
 }
 
@@ -824,6 +831,7 @@ mod tests {
             pid: 0,
             log: PathBuf::new(),
             admin: None,
+            deleting: false,
         }
     }
 

@@ -244,6 +244,10 @@ pub struct PodState {
     /// A waypoint pod's admin endpoint (metrics, readiness, config dump).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<SocketAddr>,
+    /// Being deleted (its object carries `deletionTimestamp`): it runs on through its
+    /// grace period, then stops and its object goes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleting: bool,
 }
 
 /// A service.
@@ -257,6 +261,11 @@ pub struct ServiceState {
     /// Its virtual IP; none for a headless service.
     pub vip: Option<IpAddr>,
 }
+
+/// How long a deleted pod runs on before it is stopped: its endpoints are withdrawn
+/// across the mesh meanwhile, so no new connection is sent to a stopped pod. It stands for
+/// a pod's `terminationGracePeriodSeconds` with the usual `preStop` pause.
+const TERMINATION_GRACE: Duration = Duration::from_secs(3);
 
 fn require_root(what: &str) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
@@ -739,15 +748,36 @@ impl Sandbox {
             .filter(|(name, pod)| desired.get(*name) != Some(&pod.spec))
             .map(|(name, _)| name.clone())
             .collect();
+        // Deleted as by the API server: the object gets its deletionTimestamp (so it is
+        // no endpoint any more) while the pod runs through its grace period; it stops
+        // and its object goes in a later round of the kubelet. A replaced pod comes back
+        // once the old one is gone, as a StatefulSet's would.
+        let now = Instant::now();
         for name in stale {
-            if let Some(pod) = self.destroy_pod(&name) {
-                writer.remove_pod(&pod.state);
-                println!("pod {} removed", pod.name());
+            if let Some(pod) = self.pods.get_mut(&name).filter(|p| !p.state.deleting) {
+                pod.state.deleting = true;
+                pod.stop_at = Some(now + TERMINATION_GRACE);
+                writer.pod(&pod.spec, &pod.state)?;
+                println!("pod {} is terminating", pod.name());
             }
         }
         self.cluster = cluster;
         self.ensure_nodes()?;
-        // New, in manifest order: each node's pods get addresses in that order.
+        let added = self.admit_missing()?;
+        if services_changed {
+            for pod in self.pods.values().filter(|p| p.netns_made) {
+                if let Err(e) = kubelet::write_dns(&pod.state, &self.services) {
+                    eprintln!("pod {}: {e:#}", pod.name());
+                }
+            }
+        }
+        Ok(added)
+    }
+
+    /// Admits the pods the manifests ask for that are not there, in manifest order (each
+    /// node's pods get addresses in that order); returns their names.
+    fn admit_missing(&mut self) -> anyhow::Result<Vec<ObjectName>> {
+        let writer = self.writer();
         let mut added = Vec::new();
         for spec in &self.cluster.pods {
             let name = ObjectName::new(&spec.namespace, &spec.name);
@@ -760,23 +790,41 @@ impl Sandbox {
             self.pods.insert(name.clone(), pod);
             added.push(name);
         }
-        if services_changed {
-            for pod in self.pods.values().filter(|p| p.netns_made) {
-                if let Err(e) = kubelet::write_dns(&pod.state, &self.services) {
-                    eprintln!("pod {}: {e:#}", pod.name());
-                }
-            }
-        }
         Ok(added)
     }
 
+    /// Stops the terminating pods whose grace period is over and removes their objects;
+    /// admits what waited for their names. True when any went.
+    fn finish_terminations(&mut self, now: Instant) -> bool {
+        let over: Vec<ObjectName> = self
+            .pods
+            .iter()
+            .filter(|(_, p)| p.stop_at.is_some_and(|at| at <= now))
+            .map(|(name, _)| name.clone())
+            .collect();
+        let writer = self.writer();
+        for name in &over {
+            if let Some(pod) = self.destroy_pod(name) {
+                writer.remove_pod(&pod.state);
+                println!("pod {} removed", pod.name());
+            }
+        }
+        if !over.is_empty() {
+            if let Err(e) = self.admit_missing() {
+                eprintln!("admitting pods: {e:#}");
+            }
+        }
+        !over.is_empty()
+    }
+
     /// One round of the kubelet: sandboxes set up (or retried), containers started and
-    /// restarted, probe results applied, objects updated. True when anything changed.
+    /// restarted, probe results applied, terminating pods stopped, objects updated. True
+    /// when anything changed.
     fn kubelet(&mut self) -> bool {
-        let mut changed = false;
+        let now = Instant::now();
+        let mut changed = self.finish_terminations(now);
         let launch = self.launch();
         let writer = self.writer();
-        let now = Instant::now();
         // Probe outcomes first: they may ask for restarts.
         while let Ok(outcome) = self.probes.try_recv() {
             let Some(pod) = self.pods.get_mut(&outcome.pod) else {
@@ -828,6 +876,10 @@ impl Sandbox {
             let Some(node) = self.nodes.get(&pod.state.node) else {
                 continue;
             };
+            // A terminating pod is neither set up nor restarted; it only runs out.
+            if pod.state.deleting {
+                continue;
+            }
             // A sandbox being set up.
             if let Some(outcome) = kubelet::setup_done(pod) {
                 changed = true;

@@ -259,11 +259,15 @@ pub(super) fn pods<'a>(
             labels,
             host_network,
         );
-        let ready = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        // A terminating pod stays in the mesh (it still runs and is served) but is no
+        // service's endpoint, as the EndpointSlice controller marks it not ready: its
+        // Ready condition stays True until its containers stop.
+        let ready = pod.metadata.deletion_timestamp.is_none()
+            && pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
         for ip in &ips {
             owners.insert(*ip, name);
         }

@@ -142,15 +142,23 @@ impl View {
             .is_some_and(|labels| namespace_enrolled(labels).unwrap_or(false))
     }
 
-    /// Whether the pod belongs in the mesh now: enrolled by the controller's rule and
-    /// neither finished nor being deleted.
+    /// Whether a pod not held yet should be taken in: enrolled by the controller's rule
+    /// and neither finished nor being deleted.
     pub fn wants(&self, pod: &SourcePod) -> bool {
+        self.keeps(pod) && !pod.deleting
+    }
+
+    /// Whether a pod already held stays in the mesh: enrolled and not finished. A pod
+    /// being deleted still runs through its grace period (its connections drain, its
+    /// clients may still reach it), so it stays captured until it is gone (CNI DEL or
+    /// its object removed): releasing it at `deletionTimestamp` would send its last
+    /// connections around mTLS and policy.
+    pub fn keeps(&self, pod: &SourcePod) -> bool {
         pod_enrolled(
             self.namespace_enrolled(&pod.namespace),
             &pod.labels,
             pod.host_network,
         ) && pod.phase != Phase::Finished
-            && !pod.deleting
     }
 
     /// A pod of this node by namespace and name.
