@@ -3,10 +3,11 @@
 # (run by the node-proxy DaemonSet) and waypoint (run by each Gateway's Deployment), each
 # role's own binary. The manifests are rendered by `weftctl install`; see docs/install.md.
 #
-# The binaries are built beforehand, on a glibc no newer than the base image's
+# The binaries are built beforehand by scripts/release (stripped, debug information kept
+# in target/dist/debug; weft-cni static), on a glibc no newer than the base image's
 # (Debian 12), and copied in; nothing is compiled here:
 #
-#   cargo build --release --workspace --bins
+#   scripts/release
 #   docker build -t <registry>/weft:<version> .
 FROM debian:bookworm-slim
 
@@ -16,8 +17,8 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
-COPY target/release/weftctl target/release/node-agent target/release/node-proxy \
-     target/release/waypoint target/release/weft-cni /usr/local/bin/
+COPY target/dist/bin/weftctl target/dist/bin/node-agent target/dist/bin/node-proxy \
+     target/dist/bin/waypoint target/dist/bin/weft-cni /usr/local/bin/
 
 # The controller runs as this user (the manifests set it too); the node agent and
 # node-proxy run as root with only the capabilities they need.

@@ -813,3 +813,98 @@ fn malformed_input_gets_a_cni_error() {
         "{out}"
     );
 }
+
+/// What `scripts/release` ships: the plugin the runtime runs on every node's host.
+#[test]
+#[ignore = "needs root (chroot) and the static plugin: scripts/release --cni"]
+fn the_shipped_plugin_is_static_and_runs_in_an_empty_root() {
+    let plugin = weft_e2e::repo_root().join("target/dist/bin/weft-cni");
+    assert!(
+        plugin.exists(),
+        "{} is missing: run scripts/release --cni",
+        plugin.display()
+    );
+    let readelf = |flag: &str| {
+        let out = run(Command::new("readelf").arg(flag).arg(&plugin));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let headers = readelf("--program-headers");
+    assert!(
+        !headers.contains("INTERP"),
+        "it asks for a loader:\n{headers}"
+    );
+    let dynamic = readelf("--dynamic");
+    assert!(
+        !dynamic.contains("NEEDED"),
+        "it needs shared libraries:\n{dynamic}"
+    );
+    assert!(
+        !readelf("--sections").contains(".debug_info"),
+        "it is not stripped"
+    );
+    let size = std::fs::metadata(&plugin).unwrap().len();
+    assert!(size < 8 << 20, "{size} bytes");
+    // A root holding the binary and nothing else: no libc, no loader, no /proc.
+    let root = Scratch(std::env::temp_dir().join(format!("weft-cni-root-{}", std::process::id())));
+    std::fs::create_dir_all(&root.0).unwrap();
+    std::fs::copy(&plugin, root.0.join("weft-cni")).unwrap();
+    let chrooted = |env: &[(&str, &str)], stdin: &str| {
+        let mut child = Command::new("chroot")
+            .arg(&root.0)
+            .arg("/weft-cni")
+            .env_clear()
+            // For chroot itself; inside the root there is nothing to find.
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let version = chrooted(&[("CNI_COMMAND", "VERSION")], "{}");
+    assert!(version.status.success(), "{version:?}");
+    let answer: Value = serde_json::from_slice(&version.stdout).unwrap();
+    assert!(
+        answer["supportedVersions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("1.0.0")),
+        "{answer}"
+    );
+    // A kube-system pod: the plugin asks no one and hands the previous result on.
+    let prev = json!({"cniVersion": "1.0.0", "ips": [{"address": "10.244.9.9/24"}]});
+    let conf = json!({
+        "cniVersion": "1.0.0", "name": "n", "type": "weft-cni",
+        "agentSocket": "/nonexistent/agent.sock", "agentState": "/nonexistent/agent.json",
+        "prevResult": prev,
+    });
+    let add = chrooted(
+        &[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "abc"),
+            ("CNI_NETNS", "/run/netns/none-such"),
+            ("CNI_IFNAME", "eth0"),
+            (
+                "CNI_ARGS",
+                "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns",
+            ),
+            ("CNI_PATH", "/"),
+        ],
+        &conf.to_string(),
+    );
+    assert!(
+        add.status.success(),
+        "{}",
+        String::from_utf8_lossy(&add.stdout)
+    );
+    let result: Value = serde_json::from_slice(&add.stdout).unwrap();
+    assert_eq!(result["ips"], prev["ips"]);
+}
