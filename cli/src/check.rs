@@ -70,9 +70,14 @@ pub async fn preflight(cni_conf_dir: &std::path::Path) -> Vec<Preflight> {
     });
     out.push(Preflight {
         what: "CNI configuration",
-        result: node_agent::chain::primary_conflist(cni_conf_dir)
-            .map(|p| format!("{} (weft-cni joins this chain)", p.display()))
-            .map_err(|e| e.to_string()),
+        result: match node_agent::chain::primary_conflist(cni_conf_dir) {
+            Ok(p) => Ok(format!("{} (weft-cni joins this chain)", p.display())),
+            Err(node_agent::chain::InstallError::NotAConflist { first }) => Ok(format!(
+                "{} (one plugin: the node agent makes it a chain with weft-cni)",
+                first.display()
+            )),
+            Err(e) => Err(e.to_string()),
+        },
     });
     out
 }

@@ -1,7 +1,9 @@
 //! Keeping `weft-cni` in the node's CNI chain: the agent copies the plugin into the
 //! runtime's plugin directory and appends a `weft-cni` entry to the node's chained
 //! configuration (the first `*.conflist`, which the cluster's network plugin wrote),
-//! rewriting that file atomically; then it watches the directory and chains the plugin
+//! rewriting that file atomically. A single-plugin configuration (`.conf`, as Multus
+//! writes on OpenShift) is turned into the one-plugin chain a runtime makes of it, with
+//! the entry appended, under the same name ending in `.conflist`; then it watches the directory and chains the plugin
 //! again whenever the network plugin rewrites its configuration without it. Installing
 //! again replaces the entry, so there is always at most one; uninstalling removes the
 //! entry and the binary.
@@ -22,8 +24,9 @@ pub enum InstallError {
     /// The configuration directory holds no chained configuration to join.
     #[error("no *.conflist in {0}: weft-cni is a chained plugin; install the cluster's network plugin first (it writes one)")]
     NoConflist(PathBuf),
-    /// The file the runtime reads is not a chained configuration.
-    #[error("the runtime reads {first} first (the lexically first .conf, .conflist or .json), and it is not a .conflist; weft-cni can only join a chained configuration")]
+    /// The file the runtime reads is a single-plugin configuration (`.conf`, `.json`):
+    /// [`install`] makes it a chain.
+    #[error("the runtime reads {first} first (the lexically first .conf, .conflist or .json), and it is not a .conflist; weft-cni turns it into one when it installs")]
     NotAConflist {
         /// The file.
         first: PathBuf,
@@ -224,29 +227,93 @@ pub fn install(
     let mut report = Vec::new();
     // The configuration first: a directory without a chain to join fails before the
     // binary is copied.
-    let conflist = primary_conflist(conf_dir)?;
-    let text = std::fs::read_to_string(&conflist).map_err(io(&conflist))?;
+    let (conflist, text, single) = match primary_conflist(conf_dir) {
+        Ok(path) => {
+            let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+            (path, text, None)
+        }
+        Err(InstallError::NotAConflist { first }) => {
+            let text = std::fs::read_to_string(&first).map_err(io(&first))?;
+            let list = single_as_list(&first, &text)?;
+            (first.with_extension("conflist"), list, Some(first))
+        }
+        Err(e) => return Err(e),
+    };
     let updated = with_entry(&conflist, &text, entry)?;
+    // The plugin before the configuration that names it.
+    copy_plugin(&mut report, binary, bin_dir)?;
+    if let Some(single) = single {
+        // The chain is written beside the single configuration, then that goes, so the
+        // runtime reads one or the other, whole.
+        let mode = std::fs::metadata(&single)
+            .map_err(io(&single))?
+            .permissions()
+            .mode()
+            & 0o7777;
+        write_atomic(&conflist, updated.unwrap_or(text).as_bytes(), mode)?;
+        std::fs::remove_file(&single).map_err(io(&single))?;
+        report.push(format!(
+            "made {} a chain, {}, with weft-cni",
+            single.display(),
+            conflist.display()
+        ));
+        return Ok(report);
+    }
+    finish(report, &conflist, updated)
+}
+
+/// A single-plugin configuration as the chain a runtime makes of it: the list takes its
+/// `cniVersion` and `name`, the plugin is its one entry.
+fn single_as_list(path: &Path, text: &str) -> Result<String, InstallError> {
+    let invalid = |reason: &str| InstallError::Invalid {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let value: Value = serde_json::from_str(text).map_err(|e| InstallError::Invalid {
+        path: path.to_owned(),
+        reason: format!("not JSON: {e}"),
+    })?;
+    let Value::Object(mut plugin) = value else {
+        return Err(invalid("not a JSON object"));
+    };
+    if !plugin.get("type").is_some_and(Value::is_string) {
+        return Err(invalid(
+            "has no plugin \"type\": not a single-plugin configuration",
+        ));
+    }
+    let mut list = Map::new();
+    for key in ["cniVersion", "name"] {
+        if let Some(v) = plugin.remove(key) {
+            list.insert(key.into(), v);
+        }
+    }
+    list.insert("plugins".into(), Value::Array(vec![Value::Object(plugin)]));
+    Ok(render(&list))
+}
+
+/// Copies the plugin into `bin_dir`, unless it is there already.
+fn copy_plugin(report: &mut Report, binary: &Path, bin_dir: &Path) -> Result<(), InstallError> {
     std::fs::create_dir_all(bin_dir).map_err(io(bin_dir))?;
     let target = bin_dir.join(PLUGIN);
     let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
     };
-    if !same(binary, &target) {
-        let bytes = std::fs::read(binary).map_err(io(binary))?;
-        // Rewritten only when it differs: a runtime may be running it right now.
-        if std::fs::read(&target).ok().as_deref() == Some(&bytes[..]) {
-            return finish(report, &conflist, updated);
-        }
-        write_atomic(&target, &bytes, 0o755)?;
-        report.push(format!(
-            "copied {} to {}",
-            binary.display(),
-            target.display()
-        ));
+    if same(binary, &target) {
+        return Ok(());
     }
-    finish(report, &conflist, updated)
+    let bytes = std::fs::read(binary).map_err(io(binary))?;
+    // Rewritten only when it differs: a runtime may be running it right now.
+    if std::fs::read(&target).ok().as_deref() == Some(&bytes[..]) {
+        return Ok(());
+    }
+    write_atomic(&target, &bytes, 0o755)?;
+    report.push(format!(
+        "copied {} to {}",
+        binary.display(),
+        target.display()
+    ));
+    Ok(())
 }
 
 /// Writes the conflist with the entry, if it changed.
@@ -540,6 +607,59 @@ mod tests {
         assert!(again.is_empty(), "{again:?}");
     }
 
+    /// Multus on OpenShift writes `00-multus.conf`, one plugin: the runtime reads it
+    /// first, so weft-cni joins it as the one-plugin chain the runtime makes of it.
+    #[test]
+    fn a_single_plugin_configuration_becomes_a_chain_with_weft_cni() {
+        let d = Dir::new("single");
+        let single = d.write(
+            "00-multus.conf",
+            r#"{"cniVersion":"0.3.1","name":"multus-cni-network","type":"multus-shim","logLevel":"verbose"}"#,
+        );
+        d.write("10-ovn-kubernetes.conflist", BRIDGE);
+        let binary = d.binary();
+        assert!(!chained(&d.bin(), &d.conf(), &entry()));
+        let report = install(&binary, &d.bin(), &d.conf(), &entry()).expect("install");
+        assert!(
+            report[0].starts_with("copied"),
+            "the plugin first: {report:?}"
+        );
+        assert!(report[1].contains("made"), "{report:?}");
+        assert!(!single.exists(), "the single configuration is replaced");
+        let list = d.conf().join("00-multus.conflist");
+        assert_eq!(
+            primary_conflist(&d.conf()).expect("a chain now"),
+            list,
+            "the runtime reads the chain first"
+        );
+        let text: Value =
+            serde_json::from_str(&std::fs::read_to_string(&list).expect("read")).expect("JSON");
+        assert_eq!(text["cniVersion"], "0.3.1");
+        assert_eq!(text["name"], "multus-cni-network");
+        let p = plugins(&list);
+        assert_eq!(
+            p[0],
+            json!({"type": "multus-shim", "logLevel": "verbose"}),
+            "the plugin, whole"
+        );
+        assert_eq!(p[1]["type"], PLUGIN);
+        assert!(chained(&d.bin(), &d.conf(), &entry()));
+        // Multus writes its file again: chained again, one entry.
+        d.write(
+            "00-multus.conf",
+            r#"{"cniVersion":"0.3.1","name":"multus-cni-network","type":"multus-shim"}"#,
+        );
+        assert!(!chained(&d.bin(), &d.conf(), &entry()));
+        install(&binary, &d.bin(), &d.conf(), &entry()).expect("again");
+        assert_eq!(plugins(&list).len(), 2);
+        uninstall(&d.bin(), &d.conf()).expect("uninstall");
+        assert_eq!(
+            plugins(&list).len(),
+            1,
+            "the chain is left with the plugin alone"
+        );
+    }
+
     #[test]
     fn install_refuses_what_it_cannot_join() {
         let d = Dir::new("refuse");
@@ -550,13 +670,9 @@ mod tests {
                 .to_string()
         };
         assert!(err(&d).starts_with("no *.conflist in"), "{}", err(&d));
-        let conf = d.write(
-            "05-single.conf",
-            r#"{"cniVersion":"1.0.0","name":"n","type":"bridge"}"#,
-        );
-        d.write("10-bridge.conflist", BRIDGE);
-        assert!(err(&d).contains("05-single.conf first"), "{}", err(&d));
-        std::fs::remove_file(conf).expect("rm");
+        d.write("05-single.conf", r#"{"cniVersion":"1.0.0","name":"n"}"#);
+        assert!(err(&d).contains("has no plugin \"type\""), "{}", err(&d));
+        std::fs::remove_file(d.conf().join("05-single.conf")).expect("rm");
         let list = d.write("10-bridge.conflist", "{not json");
         assert!(err(&d).contains("not JSON"), "{}", err(&d));
         d.write("10-bridge.conflist", r#"{"cniVersion":"1.0.0","name":"n"}"#);
