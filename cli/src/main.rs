@@ -194,12 +194,22 @@ struct InstallArgs {
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     /// The image with Weft's binaries: weftctl (the controller), node-agent, weft-cni,
-    /// node-proxy, waypoint (see the Dockerfile).
-    #[arg(long, default_value_t = controller::install::Options::default().image)]
+    /// node-proxy, waypoint (see the Dockerfile), with its tag or digest.
+    #[arg(long, default_value = controller::install::DEFAULT_IMAGE)]
     image: String,
     /// The log filter of every component (RUST_LOG syntax).
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// The platform: generic, gke, eks, aks, k3s, rke2, microk8s, openshift or kind. It
+    /// sets the node's CNI directories and what else its nodes need (docs/install.md).
+    #[arg(long, default_value = "generic")]
+    platform: controller::install::Platform,
+    /// The node's CNI plugin directory (the container runtime's), if not the platform's.
+    #[arg(long)]
+    cni_bin_dir: Option<String>,
+    /// The node's CNI configuration directory (the runtime's), if not the platform's.
+    #[arg(long)]
+    cni_conf_dir: Option<String>,
 }
 
 impl From<InstallArgs> for controller::install::Options {
@@ -209,6 +219,9 @@ impl From<InstallArgs> for controller::install::Options {
             trust_domain: a.trust_domain,
             image: a.image,
             log_level: a.log_level,
+            platform: a.platform,
+            cni_bin_dir: a.cni_bin_dir,
+            cni_conf_dir: a.cni_conf_dir,
         }
     }
 }

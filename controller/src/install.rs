@@ -22,9 +22,10 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, HostPathVolumeSource, Namespace, ObjectFieldSelector, PodSecurityContext,
-    PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SecurityContext,
-    Service, ServiceAccount, ServiceAccountTokenProjection, ServicePort, ServiceSpec, Toleration,
-    Volume, VolumeMount, VolumeProjection,
+    PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceQuota, ResourceQuotaSpec,
+    ResourceRequirements, SELinuxOptions, ScopeSelector, ScopedResourceSelectorRequirement,
+    SeccompProfile, SecurityContext, Service, ServiceAccount, ServiceAccountTokenProjection,
+    ServicePort, ServiceSpec, Toleration, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::api::rbac::v1::{
     ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
@@ -47,6 +48,8 @@ pub const CONTROLLER: &str = "weft-controller";
 pub const NODE_PROXY: &str = "weft-node-proxy";
 /// The node agent's name: its ServiceAccount, RBAC and DaemonSet.
 pub const NODE_AGENT: &str = "weft-node-agent";
+/// GKE's quota for `system-node-critical` pods in Weft's namespace.
+const NODE_CRITICAL_QUOTA: &str = "weft-node-critical-pods";
 /// The node agent's admin port (loopback of the node: `/ready`, `/metrics`, `/pods`).
 pub const NODE_AGENT_ADMIN_PORT: i32 = 15022;
 /// The audience of node-proxies' projected tokens (the controller checks it).
@@ -65,10 +68,116 @@ pub const ROOTS_DIR: &str = "/etc/weft/roots";
 /// The host directory of the node's sockets (node-proxy's handoff socket, the node
 /// agent's socket the CNI plugin asks on, the agent's published state).
 pub const HANDOFF_DIR: &str = "/run/weft";
-/// The runtime's CNI directories on the host.
-pub const CNI_BIN_DIR: &str = "/opt/cni/bin";
-/// The runtime's CNI configuration directory on the host.
-pub const CNI_CONF_DIR: &str = "/etc/cni/net.d";
+/// Where the node agent's container sees the node's CNI plugin directory.
+const CNI_BIN_MOUNT: &str = "/host/cni/bin";
+/// Where the node agent's container sees the node's CNI configuration directory.
+const CNI_CONF_MOUNT: &str = "/host/cni/net.d";
+/// The oldest Kubernetes release Weft supports: CRD validation rules (CEL) are GA from
+/// it, and every rendered object is checked against its API schemas.
+pub const OLDEST_KUBERNETES: &str = "1.29";
+
+/// The platforms `--platform` knows: where each one's container runtime looks for CNI
+/// plugins and configuration, and what else it needs of Weft's node pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Platform {
+    /// Any conformant cluster with the usual CNI directories.
+    #[default]
+    Generic,
+    /// Google Kubernetes Engine.
+    Gke,
+    /// Amazon Elastic Kubernetes Service.
+    Eks,
+    /// Azure Kubernetes Service.
+    Aks,
+    /// k3s (and k3d).
+    K3s,
+    /// RKE2.
+    Rke2,
+    /// MicroK8s.
+    Microk8s,
+    /// OpenShift.
+    Openshift,
+    /// kind.
+    Kind,
+}
+
+impl Platform {
+    /// Every platform, in the order `--help` lists them.
+    pub const ALL: [Platform; 9] = [
+        Platform::Generic,
+        Platform::Gke,
+        Platform::Eks,
+        Platform::Aks,
+        Platform::K3s,
+        Platform::Rke2,
+        Platform::Microk8s,
+        Platform::Openshift,
+        Platform::Kind,
+    ];
+
+    /// Its `--platform` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Platform::Generic => "generic",
+            Platform::Gke => "gke",
+            Platform::Eks => "eks",
+            Platform::Aks => "aks",
+            Platform::K3s => "k3s",
+            Platform::Rke2 => "rke2",
+            Platform::Microk8s => "microk8s",
+            Platform::Openshift => "openshift",
+            Platform::Kind => "kind",
+        }
+    }
+
+    /// Where the node's container runtime looks for CNI plugins.
+    pub fn cni_bin_dir(self) -> &'static str {
+        match self {
+            Platform::Gke => "/home/kubernetes/bin",
+            Platform::K3s => "/var/lib/rancher/k3s/data/current/bin",
+            Platform::Microk8s => "/var/snap/microk8s/current/opt/cni/bin",
+            Platform::Openshift => "/var/lib/cni/bin",
+            _ => "/opt/cni/bin",
+        }
+    }
+
+    /// Where the node's container runtime reads its CNI configuration.
+    pub fn cni_conf_dir(self) -> &'static str {
+        match self {
+            Platform::K3s => "/var/lib/rancher/k3s/agent/etc/cni/net.d",
+            Platform::Microk8s => "/var/snap/microk8s/current/args/cni-network",
+            Platform::Openshift => "/etc/kubernetes/cni/net.d",
+            _ => "/etc/cni/net.d",
+        }
+    }
+
+    /// Its nodes run SELinux enforcing by default: the node pods run as `spc_t`, the
+    /// type of privileged containers, to write the CNI directories and enter pods'
+    /// namespaces.
+    fn selinux(self) -> bool {
+        matches!(self, Platform::Openshift | Platform::Rke2)
+    }
+}
+
+impl std::str::FromStr for Platform {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Platform::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Platform::ALL.iter().map(|p| p.name()).collect();
+                format!("not a platform; one of {}", names.join(", "))
+            })
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// What `weftctl install` takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,15 +190,27 @@ pub struct Options {
     pub image: String,
     /// The log filter of every component (`info`, `debug`, `weft=debug,info`, ...).
     pub log_level: String,
+    /// The platform: its CNI directories and what else its nodes need.
+    pub platform: Platform,
+    /// The node's CNI plugin directory, when not the platform's.
+    pub cni_bin_dir: Option<String>,
+    /// The node's CNI configuration directory, when not the platform's.
+    pub cni_conf_dir: Option<String>,
 }
+
+/// The image `weftctl install` uses unless told otherwise: Weft's own, at this release.
+pub const DEFAULT_IMAGE: &str = concat!("registry.weft.dev/weft:", env!("CARGO_PKG_VERSION"));
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             namespace: "weft-system".into(),
             trust_domain: "cluster.local".into(),
-            image: format!("weft:{}", env!("CARGO_PKG_VERSION")),
+            image: DEFAULT_IMAGE.into(),
             log_level: "info".into(),
+            platform: Platform::Generic,
+            cni_bin_dir: None,
+            cni_conf_dir: None,
         }
     }
 }
@@ -150,8 +271,21 @@ impl Options {
                 "not a SPIFFE trust domain (dot-separated lower-case letters, digits, '-', '_')",
             );
         }
-        if self.image.is_empty() || self.image.chars().any(char::is_whitespace) {
-            return invalid("image", &self.image, "not an image reference");
+        if let Err(reason) = image_reference(&self.image) {
+            return invalid("image", &self.image, reason);
+        }
+        for (flag, dir) in [
+            ("cni-bin-dir", &self.cni_bin_dir),
+            ("cni-conf-dir", &self.cni_conf_dir),
+        ] {
+            if let Some(dir) = dir {
+                let clean = dir.starts_with('/')
+                    && !dir.chars().any(|c| c.is_whitespace() || c.is_control())
+                    && !dir.split('/').any(|part| part == "..");
+                if !clean {
+                    return invalid(flag, dir, "not an absolute path on the node (no '..')");
+                }
+            }
         }
         if self.log_level.is_empty() || self.log_level.chars().any(char::is_whitespace) {
             return invalid(
@@ -167,6 +301,94 @@ impl Options {
     pub fn controller_host(&self) -> String {
         format!("{CONTROLLER}.{}.svc", self.namespace)
     }
+
+    /// The node's CNI plugin directory.
+    pub fn cni_bin_dir(&self) -> &str {
+        self.cni_bin_dir
+            .as_deref()
+            .unwrap_or(self.platform.cni_bin_dir())
+    }
+
+    /// The node's CNI configuration directory.
+    pub fn cni_conf_dir(&self) -> &str {
+        self.cni_conf_dir
+            .as_deref()
+            .unwrap_or(self.platform.cni_conf_dir())
+    }
+}
+
+/// Checks an image reference as the container runtime parses it:
+/// `[host[:port]/]path[:tag][@algorithm:digest]`, path components lower-case, and a tag
+/// or a digest (without either the runtime pulls `latest`, which names no release).
+pub fn image_reference(image: &str) -> Result<(), &'static str> {
+    let (name, digest) = match image.split_once('@') {
+        Some((name, digest)) => (name, Some(digest)),
+        None => (image, None),
+    };
+    if let Some(digest) = digest {
+        let (algorithm, hex) = digest
+            .split_once(':')
+            .ok_or("the digest is not <algorithm>:<hex>")?;
+        let algorithm_ok = !algorithm.is_empty()
+            && algorithm
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+._-".contains(&b));
+        if !algorithm_ok || hex.len() < 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err("the digest is not <algorithm>:<hex>");
+        }
+    }
+    // The tag follows the last ':' after the last '/' (a ':' before it is a port).
+    let last_slash = name.rfind('/').map_or(0, |i| i + 1);
+    let (path, tag) = match name[last_slash..].rfind(':') {
+        Some(i) => (&name[..last_slash + i], Some(&name[last_slash + i + 1..])),
+        None => (name, None),
+    };
+    if let Some(tag) = tag {
+        let tag_ok = !tag.is_empty()
+            && tag.len() <= 128
+            && !tag.starts_with(['.', '-'])
+            && tag
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !tag_ok {
+            return Err(
+                "not an image reference: the tag has letters, digits, '.', '_', '-' (at most 128)",
+            );
+        }
+    } else if digest.is_none() {
+        return Err("no tag or digest: the runtime would pull `latest`; name the release (<repository>:<version>)");
+    }
+    let mut parts: Vec<&str> = path.split('/').collect();
+    // A first part with a '.' or ':' (or `localhost`) is the registry host.
+    if parts.len() > 1 && (parts[0].contains(['.', ':']) || parts[0] == "localhost") {
+        let host = parts.remove(0);
+        let (hostname, port) = match host.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (host, None),
+        };
+        let host_ok = !hostname.is_empty()
+            && hostname.split('.').all(|l| {
+                !l.is_empty()
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            })
+            && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p != 0));
+        if !host_ok {
+            return Err("not an image reference: the registry is not host[:port]");
+        }
+    }
+    let component_ok = |c: &str| {
+        !c.is_empty()
+            && c.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+            && c.starts_with(|ch: char| ch.is_ascii_alphanumeric())
+            && c.ends_with(|ch: char| ch.is_ascii_alphanumeric())
+    };
+    if parts.is_empty() || !parts.iter().all(|c| component_ok(c)) || image.len() > 255 {
+        return Err("not an image reference: the repository is lower-case letters, digits and '.', '_', '-' between '/'");
+    }
+    Ok(())
 }
 
 /// One object of an installation.
@@ -186,6 +408,7 @@ pub enum Object {
     Deployment(Box<Deployment>),
     DaemonSet(Box<DaemonSet>),
     GatewayClass(GatewayClass),
+    ResourceQuota(ResourceQuota),
 }
 
 impl Object {
@@ -203,6 +426,7 @@ impl Object {
             Object::Deployment(_) => "Deployment",
             Object::DaemonSet(_) => "DaemonSet",
             Object::GatewayClass(_) => "GatewayClass",
+            Object::ResourceQuota(_) => "ResourceQuota",
         }
     }
 
@@ -234,6 +458,7 @@ impl Object {
             "Deployment" => Object::Deployment(Box::new(serde_json::from_value(v)?)),
             "DaemonSet" => Object::DaemonSet(Box::new(serde_json::from_value(v)?)),
             "GatewayClass" => Object::GatewayClass(serde_json::from_value(v)?),
+            "ResourceQuota" => Object::ResourceQuota(serde_json::from_value(v)?),
             other => return Err(serde_json::Error::custom(format!("unknown kind {other:?}"))),
         })
     }
@@ -442,13 +667,48 @@ fn http_probe(path: &str, port: i32, host: Option<&str>) -> Option<Probe> {
     })
 }
 
-/// The pod security of Weft's unprivileged pods (the controller, waypoints): the
-/// image's non-root user.
+/// The pod security of Weft's unprivileged pods (the controller, waypoints), as the
+/// `restricted` Pod Security level asks: not root (the image's user, 65532, unless the
+/// platform assigns one, as OpenShift does) and the runtime's default seccomp profile.
 pub(crate) fn non_root() -> PodSecurityContext {
     PodSecurityContext {
         run_as_non_root: Some(true),
-        run_as_user: Some(65532),
-        run_as_group: Some(65532),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Schedules a pod on Linux nodes only: Weft's binaries are Linux ones, and a pod on a
+/// Windows node would never start (and hold a DaemonSet's rollout).
+pub(crate) fn linux_only() -> Option<BTreeMap<String, String>> {
+    Some(BTreeMap::from([(
+        "kubernetes.io/os".to_owned(),
+        "linux".to_owned(),
+    )]))
+}
+
+/// The security context of a node container running as root with `capabilities`:
+/// privilege escalation stays allowed (the runtime refuses added `SYS_ADMIN` otherwise,
+/// and Pod Security counts `SYS_ADMIN` as privileged anyway), and on SELinux platforms
+/// the type of privileged containers, so it may write the node's CNI directories and
+/// enter pods' namespaces.
+fn node_security(platform: Platform, capabilities: &[&str]) -> SecurityContext {
+    SecurityContext {
+        run_as_user: Some(0),
+        run_as_non_root: Some(false),
+        allow_privilege_escalation: Some(true),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities {
+            add: strings(capabilities),
+            drop: strings(&["ALL"]),
+        }),
+        se_linux_options: platform.selinux().then(|| SELinuxOptions {
+            type_: Some("spc_t".into()),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -533,6 +793,7 @@ fn controller_deployment(o: &Options) -> Deployment {
                 spec: Some(PodSpec {
                     service_account_name: Some(CONTROLLER.into()),
                     security_context: Some(non_root()),
+                    node_selector: linux_only(),
                     containers: vec![container],
                     ..Default::default()
                 }),
@@ -543,9 +804,9 @@ fn controller_deployment(o: &Options) -> Deployment {
     }
 }
 
-/// A DaemonSet of Weft's node side: on every node (every taint tolerated), host network,
-/// node-critical, rolled `(max_surge, max_unavailable)`; `pod` gives its containers,
-/// volumes and what else differs.
+/// A DaemonSet of Weft's node side: on every Linux node (every taint tolerated), host
+/// network, node-critical, rolled `(max_surge, max_unavailable)`; `pod` gives its
+/// containers, volumes and what else differs.
 fn node_daemonset(name: &str, ns: &str, rollout: (i32, i32), pod: PodSpec) -> DaemonSet {
     DaemonSet {
         metadata: meta(name, Some(ns), name),
@@ -572,6 +833,7 @@ fn node_daemonset(name: &str, ns: &str, rollout: (i32, i32), pod: PodSpec) -> Da
                     dns_policy: Some("ClusterFirstWithHostNet".into()),
                     priority_class_name: Some("system-node-critical".into()),
                     termination_grace_period_seconds: Some(30),
+                    node_selector: linux_only(),
                     tolerations: Some(vec![Toleration {
                         operator: Some("Exists".into()),
                         ..Default::default()
@@ -610,19 +872,9 @@ fn node_proxy_daemonset(o: &Options) -> DaemonSet {
         ]),
         readiness_probe: http_probe("/ready", NODE_PROXY_ADMIN_PORT, Some("127.0.0.1")),
         resources: resources("100m", "128Mi", "2Gi"),
-        security_context: Some(SecurityContext {
-            // Root with two capabilities: NET_ADMIN for sockets in pods' namespaces
-            // (transparent, marked), SYS_ADMIN to enter those namespaces (setns).
-            run_as_user: Some(0),
-            run_as_non_root: Some(false),
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities {
-                add: strings(&["NET_ADMIN", "SYS_ADMIN"]),
-                drop: strings(&["ALL"]),
-            }),
-            ..Default::default()
-        }),
+        // Root with two capabilities: NET_ADMIN for sockets in pods' namespaces
+        // (transparent, marked), SYS_ADMIN to enter those namespaces (setns).
+        security_context: Some(node_security(o.platform, &["NET_ADMIN", "SYS_ADMIN"])),
         volume_mounts: Some(vec![
             mount("handoff", HANDOFF_DIR, false),
             mount("token", TOKEN_DIR, true),
@@ -670,9 +922,9 @@ fn node_agent_daemonset(o: &Options) -> DaemonSet {
         command: strings(&["/usr/local/bin/node-agent"]),
         args: strings(&[
             "--cni-bin-dir",
-            "/host/opt/cni/bin",
+            CNI_BIN_MOUNT,
             "--cni-conf-dir",
-            "/host/etc/cni/net.d",
+            CNI_CONF_MOUNT,
             "--cni-plugin",
             "/usr/local/bin/weft-cni",
             "--until-removed",
@@ -685,31 +937,25 @@ fn node_agent_daemonset(o: &Options) -> DaemonSet {
         readiness_probe: http_probe("/ready", NODE_AGENT_ADMIN_PORT, Some("127.0.0.1")),
         liveness_probe: http_probe("/healthz", NODE_AGENT_ADMIN_PORT, Some("127.0.0.1")),
         resources: resources("50m", "64Mi", "512Mi"),
-        security_context: Some(SecurityContext {
-            // Root with the capabilities of its job: SYS_ADMIN to enter pods' network
-            // namespaces, SYS_PTRACE to open those of other users' processes, NET_ADMIN
-            // for nftables and routes there and on the node; CHOWN, DAC_OVERRIDE and
-            // FOWNER to write the node's CNI directories.
-            run_as_user: Some(0),
-            run_as_non_root: Some(false),
-            read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities {
-                add: strings(&[
-                    "SYS_ADMIN",
-                    "SYS_PTRACE",
-                    "NET_ADMIN",
-                    "CHOWN",
-                    "DAC_OVERRIDE",
-                    "FOWNER",
-                ]),
-                drop: strings(&["ALL"]),
-            }),
-            ..Default::default()
-        }),
+        // Root with the capabilities of its job: SYS_ADMIN to enter pods' network
+        // namespaces, SYS_PTRACE to open those of other users' processes, NET_ADMIN
+        // for nftables and routes there and on the node; CHOWN, DAC_OVERRIDE and
+        // FOWNER to write the node's CNI directories.
+        security_context: Some(node_security(
+            o.platform,
+            &[
+                "SYS_ADMIN",
+                "SYS_PTRACE",
+                "NET_ADMIN",
+                "CHOWN",
+                "DAC_OVERRIDE",
+                "FOWNER",
+            ],
+        )),
         volume_mounts: Some(vec![
             mount("run", HANDOFF_DIR, false),
-            mount("cni-bin", "/host/opt/cni/bin", false),
-            mount("cni-conf", "/host/etc/cni/net.d", false),
+            mount("cni-bin", CNI_BIN_MOUNT, false),
+            mount("cni-conf", CNI_CONF_MOUNT, false),
         ]),
         ..Default::default()
     };
@@ -722,8 +968,8 @@ fn node_agent_daemonset(o: &Options) -> DaemonSet {
             containers: vec![agent],
             volumes: Some(vec![
                 host_path("run", HANDOFF_DIR, "DirectoryOrCreate"),
-                host_path("cni-bin", CNI_BIN_DIR, "DirectoryOrCreate"),
-                host_path("cni-conf", CNI_CONF_DIR, "DirectoryOrCreate"),
+                host_path("cni-bin", o.cni_bin_dir(), "DirectoryOrCreate"),
+                host_path("cni-conf", o.cni_conf_dir(), "DirectoryOrCreate"),
             ]),
             ..Default::default()
         },
@@ -738,10 +984,50 @@ pub fn objects(o: &Options) -> Result<Vec<Object>, OptionsError> {
     for crd in &mut crds {
         crd.metadata.labels = Some(labels("weft-crds"));
     }
+    // The node pods use the host's network, PIDs and paths: Pod Security `privileged`
+    // (where the cluster's default is baseline or restricted, they would be refused).
+    let mut ns_meta = meta(ns, None, "weft");
+    let ns_labels = ns_meta.labels.get_or_insert_with(BTreeMap::new);
+    for mode in ["enforce", "audit", "warn"] {
+        ns_labels.insert(
+            format!("pod-security.kubernetes.io/{mode}"),
+            "privileged".into(),
+        );
+    }
+    if o.platform == Platform::Openshift {
+        // OpenShift rewrites Pod Security labels from the SCCs its pods may use, unless
+        // told not to.
+        ns_labels.insert(
+            "security.openshift.io/scc.podSecurityLabelSync".into(),
+            "false".into(),
+        );
+    }
     let mut out = vec![Object::Namespace(Namespace {
-        metadata: meta(ns, None, "weft"),
+        metadata: ns_meta,
         ..Default::default()
     })];
+    if o.platform == Platform::Gke {
+        // GKE admits `system-node-critical` pods outside kube-system only against a
+        // quota that covers them.
+        out.push(Object::ResourceQuota(ResourceQuota {
+            metadata: meta(NODE_CRITICAL_QUOTA, Some(ns), "weft"),
+            spec: Some(ResourceQuotaSpec {
+                hard: Some(BTreeMap::from([(
+                    "pods".to_owned(),
+                    Quantity("1000".into()),
+                )])),
+                scope_selector: Some(ScopeSelector {
+                    match_expressions: Some(vec![ScopedResourceSelectorRequirement {
+                        operator: "In".into(),
+                        scope_name: "PriorityClass".into(),
+                        values: strings(&["system-node-critical"]),
+                    }]),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }));
+    }
     out.extend(
         crds.into_iter()
             .map(|c| Object::CustomResourceDefinition(Box::new(c))),
@@ -788,6 +1074,28 @@ pub fn objects(o: &Options) -> Result<Vec<Object>, OptionsError> {
             metadata: meta(name, Some(ns), name),
             role_ref: role_ref("Role", name),
             subjects: subject(name, ns),
+        }));
+    }
+    if o.platform == Platform::Openshift {
+        // The node pods use the host's network, PIDs and paths as root: OpenShift admits
+        // them under the `privileged` SCC only, which their ServiceAccounts may use.
+        let scc = format!("weft-node-scc-{ns}");
+        out.push(Object::ClusterRole(ClusterRole {
+            metadata: meta(&scc, None, NODE_AGENT),
+            rules: Some(vec![named_rule(
+                "security.openshift.io",
+                &["securitycontextconstraints"],
+                &["privileged"],
+                &["use"],
+            )]),
+            ..Default::default()
+        }));
+        let mut subjects = subject(NODE_AGENT, ns).unwrap_or_default();
+        subjects.extend(subject(NODE_PROXY, ns).unwrap_or_default());
+        out.push(Object::ClusterRoleBinding(ClusterRoleBinding {
+            metadata: meta(&scc, None, NODE_AGENT),
+            role_ref: role_ref("ClusterRole", &scc),
+            subjects: Some(subjects),
         }));
     }
     out.push(Object::Service(Service {
@@ -848,12 +1156,31 @@ pub fn yaml(o: &Options) -> Result<String, OptionsError> {
 }
 
 /// What removes the installation, for `kubectl delete -f -`: the same objects, named
-/// only, in reverse order (the DaemonSets go before the namespace, so node agents see
-/// theirs gone and take Weft off their nodes).
+/// only, in reverse order, which the header lists. The node agents' DaemonSet goes
+/// first: each agent, seeing it deleted (or, stopped later, refused by the API server
+/// once its RBAC or ServiceAccount is gone), takes capture and `weft-cni` off its node
+/// while node-proxy still serves.
 pub fn uninstall_yaml(o: &Options) -> Result<String, OptionsError> {
     let objects = objects(o)?;
+    let mut header = String::from(
+        "# Removes Weft, rendered by `weftctl uninstall`; docs/install.md.\n\
+         # kubectl deletes in this order. Each node agent takes Weft off its node (capture\n\
+         # rules, the weft-cni entry and binary) when it sees its DaemonSet deleted, or when\n\
+         # it stops later and finds it gone or is refused (401/403: its ServiceAccount or\n\
+         # RBAC went in a later step). Only an agent the API server does not answer at all\n\
+         # leaves things in place (docs/install.md, Uninstall).\n",
+    );
+    for (i, obj) in objects.iter().rev().enumerate() {
+        let v = obj.to_value();
+        let name = |k: &str| v["metadata"][k].as_str().unwrap_or_default().to_owned();
+        let namespaced = match name("namespace") {
+            ns if ns.is_empty() => name("name"),
+            ns => format!("{ns}/{}", name("name")),
+        };
+        header.push_str(&format!("#  {:>2}. {} {namespaced}\n", i + 1, obj.kind()));
+    }
     Ok(documents(
-        "# Removes Weft, rendered by `weftctl uninstall`; docs/install.md.\n",
+        &header,
         objects.iter().rev().map(|obj| {
             let v = obj.to_value();
             let mut m = serde_json::Map::new();

@@ -179,6 +179,7 @@ pub fn desired(gateway: &Gateway, s: &Settings) -> Option<Vec<(&'static str, Val
                 spec: Some(PodSpec {
                     service_account_name: Some(name.clone()),
                     security_context: Some(crate::install::non_root()),
+                    node_selector: crate::install::linux_only(),
                     containers: vec![container],
                     volumes: Some(vec![
                         crate::install::token_volume(),

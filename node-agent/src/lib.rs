@@ -218,13 +218,13 @@ async fn leaving(config: &Config, seen: Seen) -> bool {
         let read = async {
             let client = kube::Client::try_default()
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| ReadError::Failed(e.to_string()))?;
             daemonset(client, namespace, name).await
         };
         Some(
             tokio::time::timeout(std::time::Duration::from_secs(10), read)
                 .await
-                .unwrap_or_else(|_| Err("no answer within 10 s".into())),
+                .unwrap_or_else(|_| Err(ReadError::Failed("no answer within 10 s".into()))),
         )
     };
     let (decision, why) = on_stop(seen, read);
@@ -295,15 +295,35 @@ pub async fn follow_daemonset(
     }
 }
 
+/// Why the agent's DaemonSet could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    /// 401 or 403: the agent's ServiceAccount (its token) or its RBAC is gone. Both are
+    /// removed only by an uninstall, right after the DaemonSet.
+    #[error("the API server refused the agent ({code}): its ServiceAccount or RBAC is gone")]
+    Refused {
+        /// The HTTP status.
+        code: u16,
+    },
+    /// Anything else: the API server could not answer.
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// Reads DaemonSet `namespace/name` (`None`: it is gone).
 pub async fn daemonset(
     client: kube::Client,
     namespace: &str,
     name: &str,
-) -> Result<Option<k8s_openapi::api::apps::v1::DaemonSet>, String> {
+) -> Result<Option<k8s_openapi::api::apps::v1::DaemonSet>, ReadError> {
     let api: kube::Api<k8s_openapi::api::apps::v1::DaemonSet> =
         kube::Api::namespaced(client, namespace);
-    api.get_opt(name).await.map_err(|e| e.to_string())
+    api.get_opt(name).await.map_err(|e| match e {
+        kube::Error::Api(status) if matches!(status.code, 401 | 403) => {
+            ReadError::Refused { code: status.code }
+        }
+        other => ReadError::Failed(other.to_string()),
+    })
 }
 
 /// What the agent does when it stops, from what reading its DaemonSet gave.
@@ -321,11 +341,16 @@ pub enum OnStop {
 /// node's pods keep their capture.
 pub fn on_stop(
     seen: Seen,
-    read: Option<Result<Option<k8s_openapi::api::apps::v1::DaemonSet>, String>>,
+    read: Option<Result<Option<k8s_openapi::api::apps::v1::DaemonSet>, ReadError>>,
 ) -> (OnStop, String) {
     let known = match (seen.removed(), read) {
         (true, _) => Ok(seen),
         (false, Some(Ok(ds))) => Ok(Seen::of(ds.as_ref())),
+        // The uninstall deleted the DaemonSet, then the agent's RBAC or ServiceAccount,
+        // before the watch said so (or while it was reconnecting).
+        (false, Some(Err(e @ ReadError::Refused { .. }))) => {
+            return (OnStop::Uninstall, e.to_string())
+        }
         (false, Some(Err(e))) => Err(format!(
             "cannot read the DaemonSet ({e}); leaving everything in place"
         )),
@@ -413,7 +438,7 @@ mod tests {
                 k8s_openapi::jiff::Timestamp::now(),
             ));
         assert_eq!(on_stop(unseen, Some(Ok(Some(ds)))).0, OnStop::Uninstall);
-        let refused = || Some(Err("connection refused".into()));
+        let refused = || Some(Err(ReadError::Failed("connection refused".into())));
         assert_eq!(on_stop(unseen, refused()).0, OnStop::Keep);
         assert_eq!(on_stop(Seen::Present, refused()).0, OnStop::Keep);
         // Seen going by the watch: no read needed, none trusted over it.

@@ -30,8 +30,9 @@ struct Fake {
     /// (method, path, query) of every request.
     calls: Vec<(String, String, String)>,
     daemonset: Option<Value>,
-    /// The agent's RBAC is deleted: every request is refused.
-    forbidden: bool,
+    /// The agent's RBAC (403) or ServiceAccount (401) is deleted: every request is
+    /// refused with this status.
+    refuse: Option<u16>,
 }
 
 const PODS: &str = "/api/v1/pods";
@@ -52,10 +53,15 @@ fn full(status: StatusCode, body: Value) -> Response<ResponseBody> {
 
 impl Fake {
     fn answer(&mut self, path: &str, query: &str) -> Response<ResponseBody> {
-        if self.forbidden {
+        if let Some(code) = self.refuse {
+            let reason = if code == 401 {
+                "Unauthorized"
+            } else {
+                "Forbidden"
+            };
             return full(
-                StatusCode::FORBIDDEN,
-                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Forbidden", "code": 403}),
+                StatusCode::from_u16(code).unwrap(),
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": reason, "code": code}),
             );
         }
         let kind = match path {
@@ -254,7 +260,7 @@ async fn an_uninstall_that_deletes_the_agents_rbac_still_takes_weft_off_the_node
         weft_node_agent::on_stop(*seen.borrow(), Some(read)).0,
         OnStop::Keep
     );
-    let unreachable = Some(Err("timed out".into()));
+    let unreachable = Some(Err(weft_node_agent::ReadError::Failed("timed out".into())));
     assert_eq!(
         weft_node_agent::on_stop(*seen.borrow(), unreachable).0,
         OnStop::Keep
@@ -271,7 +277,7 @@ async fn an_uninstall_that_deletes_the_agents_rbac_still_takes_weft_off_the_node
     seen_become(&seen, Seen::Deleting).await;
     event("DELETED", true);
     seen_become(&seen, Seen::Gone).await;
-    state.lock().unwrap().forbidden = true;
+    state.lock().unwrap().refuse = Some(403);
     let read = weft_node_agent::daemonset(kube, "weft-system", "weft-node-agent").await;
     assert!(read.is_err(), "the RBAC is gone: {read:?}");
     assert_eq!(
@@ -282,6 +288,35 @@ async fn an_uninstall_that_deletes_the_agents_rbac_still_takes_weft_off_the_node
     shutdown.cancel();
     let calls = state.lock().unwrap().calls.clone();
     check_rbac(&calls);
+}
+
+/// The agent stopped without its watch having seen the DaemonSet go (it was restarting,
+/// or the watch lagged): the last read decides. Gone (404), being deleted, or the agent
+/// refused because the uninstall already deleted its RBAC (403) or ServiceAccount (401):
+/// Weft leaves the node. Present: everything stays, the plugin included.
+#[tokio::test]
+async fn on_stop_the_last_read_decides_and_a_refusal_means_removed() {
+    let cases: [(Option<Value>, Option<u16>, OnStop); 5] = [
+        (Some(daemonset(false)), None, OnStop::Keep),
+        (Some(daemonset(true)), None, OnStop::Uninstall),
+        (None, None, OnStop::Uninstall),
+        (Some(daemonset(false)), Some(403), OnStop::Uninstall),
+        (Some(daemonset(false)), Some(401), OnStop::Uninstall),
+    ];
+    for (ds, refuse, want) in cases {
+        let state = Arc::new(Mutex::new(Fake {
+            daemonset: ds.clone(),
+            refuse,
+            ..Fake::default()
+        }));
+        let read =
+            weft_node_agent::daemonset(client(&state), "weft-system", "weft-node-agent").await;
+        let (decision, why) = weft_node_agent::on_stop(Seen::Unknown, Some(read));
+        assert_eq!(decision, want, "{ds:?} refused {refuse:?}: {why}");
+        if refuse.is_some() {
+            assert!(why.contains("RBAC is gone"), "{why}");
+        }
+    }
 }
 
 /// The agent's RBAC allows every call in `calls`; once both tests ran, that each rule
