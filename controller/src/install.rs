@@ -58,8 +58,10 @@ pub const TOKEN_AUDIENCE: &str = "weft-controller";
 pub const GRPC_PORT: i32 = 15012;
 /// The controller's admin port.
 pub const ADMIN_PORT: i32 = 15014;
-/// node-proxy's admin port (loopback of the node: metrics, `/ready`).
+/// node-proxy's admin port, on its pod IP (metrics, `/ready`, `/healthz`).
 pub const NODE_PROXY_ADMIN_PORT: i32 = 15000;
+/// node-proxy's `emptyDir`, which outlives its container's restarts (`--pod-dir`).
+const POD_DIR: &str = "/var/lib/weft/pod";
 /// Where node-proxies' projected token is mounted.
 pub const TOKEN_DIR: &str = "/var/run/secrets/weft";
 /// Where node-proxies mount the published roots. Not under `/var/run`, which is
@@ -804,10 +806,27 @@ fn controller_deployment(o: &Options) -> Deployment {
     }
 }
 
-/// A DaemonSet of Weft's node side: on every Linux node (every taint tolerated), host
-/// network, node-critical, rolled `(max_surge, max_unavailable)`; `pod` gives its
-/// containers, volumes and what else differs.
-fn node_daemonset(name: &str, ns: &str, rollout: (i32, i32), pod: PodSpec) -> DaemonSet {
+/// A DaemonSet of Weft's node side: on every Linux node (every taint tolerated),
+/// node-critical, rolled `(max_surge, max_unavailable)`, on the host's network if
+/// `host_network`; `pod` gives its containers, volumes and what else differs.
+fn node_daemonset(
+    name: &str,
+    ns: &str,
+    rollout: (i32, i32),
+    host_network: bool,
+    pod: PodSpec,
+) -> DaemonSet {
+    // What runs in a network namespace of its own is scraped on its pod IP.
+    let annotations = (!host_network).then(|| {
+        BTreeMap::from([
+            ("prometheus.io/scrape".to_owned(), "true".to_owned()),
+            (
+                "prometheus.io/port".to_owned(),
+                NODE_PROXY_ADMIN_PORT.to_string(),
+            ),
+            ("prometheus.io/path".to_owned(), "/metrics".to_owned()),
+        ])
+    });
     DaemonSet {
         metadata: meta(name, Some(ns), name),
         spec: Some(DaemonSetSpec {
@@ -825,12 +844,13 @@ fn node_daemonset(name: &str, ns: &str, rollout: (i32, i32), pod: PodSpec) -> Da
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels(name)),
+                    annotations,
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
                     service_account_name: Some(name.into()),
-                    host_network: Some(true),
-                    dns_policy: Some("ClusterFirstWithHostNet".into()),
+                    host_network: host_network.then_some(true),
+                    dns_policy: host_network.then(|| "ClusterFirstWithHostNet".into()),
                     priority_class_name: Some("system-node-critical".into()),
                     termination_grace_period_seconds: Some(30),
                     node_selector: linux_only(),
@@ -863,14 +883,26 @@ fn node_proxy_daemonset(o: &Options) -> DaemonSet {
             &o.controller_host(),
             "--trust-domain",
             &o.trust_domain,
+            "--admin",
+            &format!("0.0.0.0:{NODE_PROXY_ADMIN_PORT}"),
+            "--pod-dir",
+            POD_DIR,
         ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("admin".into()),
+            container_port: NODE_PROXY_ADMIN_PORT,
+            ..Default::default()
+        }]),
         env: Some(vec![
             field_env("WEFT_NODE", "spec.nodeName"),
             env("RUST_LOG", &o.log_level),
             env("WEFT_CONTROLLER_CA", &format!("{ROOTS_DIR}/{ROOTS_KEY}")),
             env("WEFT_TOKEN_FILE", &format!("{TOKEN_DIR}/token")),
         ]),
-        readiness_probe: http_probe("/ready", NODE_PROXY_ADMIN_PORT, Some("127.0.0.1")),
+        // On its own pod IP: the kubelet probes this process, not the one it replaces.
+        // Ready once it has a model and has taken the node over.
+        readiness_probe: http_probe("/ready", NODE_PROXY_ADMIN_PORT, None),
+        liveness_probe: http_probe("/healthz", NODE_PROXY_ADMIN_PORT, None),
         resources: resources("100m", "128Mi", "2Gi"),
         // Root with two capabilities: NET_ADMIN for sockets in pods' namespaces
         // (transparent, marked), SYS_ADMIN to enter those namespaces (setns).
@@ -879,6 +911,7 @@ fn node_proxy_daemonset(o: &Options) -> DaemonSet {
             mount("handoff", HANDOFF_DIR, false),
             mount("token", TOKEN_DIR, true),
             mount("roots", ROOTS_DIR, true),
+            mount("pod", POD_DIR, false),
         ]),
         ..Default::default()
     };
@@ -897,12 +930,21 @@ fn node_proxy_daemonset(o: &Options) -> DaemonSet {
         // The new node-proxy starts beside the old one and takes its listeners over
         // (docs/handoff.md), so a node is never without one.
         (1, 0),
+        // A network namespace of its own: its probes and metrics are its own, on its pod
+        // IP. It serves pods from listeners in their namespaces, handed over on the
+        // handoff socket in the host's /run/weft.
+        false,
         PodSpec {
             containers: vec![node_proxy],
             volumes: Some(vec![
                 host_path("handoff", HANDOFF_DIR, "DirectoryOrCreate"),
                 token,
                 roots,
+                Volume {
+                    name: "pod".into(),
+                    empty_dir: Some(Default::default()),
+                    ..Default::default()
+                },
             ]),
             ..Default::default()
         },
@@ -929,6 +971,9 @@ fn node_agent_daemonset(o: &Options) -> DaemonSet {
             "/usr/local/bin/weft-cni",
             "--until-removed",
             &format!("{ns}/{NODE_AGENT}"),
+            // Weft's own pods (node-proxy's) never wait for the agent.
+            "--exclude-namespaces",
+            &format!("kube-system,{ns}"),
         ]),
         env: Some(vec![
             field_env("WEFT_NODE", "spec.nodeName"),
@@ -963,6 +1008,7 @@ fn node_agent_daemonset(o: &Options) -> DaemonSet {
         NODE_AGENT,
         ns,
         (0, 1),
+        true,
         PodSpec {
             host_pid: Some(true),
             containers: vec![agent],

@@ -5,22 +5,21 @@ use std::sync::Arc;
 use http::StatusCode;
 use prometheus_client::registry::Registry;
 use runtime::admin::Answer;
-use tokio::net::TcpListener;
 
 use crate::proxy::{Ctx, Pods};
 
-/// The admin listener handed over by the node-proxy this one replaces; it must be
-/// bound to `addr`, the address this process is configured with.
-pub fn adopt(fd: std::os::fd::OwnedFd, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
-    let socket = socket2::Socket::from(fd);
-    let local = socket.local_addr().ok().and_then(|a| a.as_socket());
-    // Port 0 in the configuration means any port.
-    let matches = local.is_some_and(|l| l == addr || (addr.port() == 0 && l.ip() == addr.ip()));
-    if !matches || !socket.is_listener().unwrap_or(false) {
-        anyhow::bail!("the admin listener handed over is bound to {local:?}, not {addr}");
-    }
-    socket.set_nonblocking(true)?;
-    Ok(TcpListener::from_std(socket.into())?)
+/// Where this process is in its life, as `/ready` reports it: Ready only while it serves
+/// the node (it owns the handoff socket and holds a model). A DaemonSet's surge waits for
+/// that before it deletes the pod it replaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Starting: waiting for a model, or taking over from the node-proxy serving now.
+    Starting(String),
+    /// Serving the node's pods.
+    Serving,
+    /// A newer node-proxy took the node over: this one serves nothing, and never takes
+    /// the node back (not when its container restarts either).
+    Retired(String),
 }
 
 /// What the admin endpoint reads.
@@ -31,6 +30,8 @@ pub struct Admin {
     pub pods: Arc<Pods>,
     /// Every metric of the process.
     pub registry: Registry,
+    /// Where the process is in its life.
+    pub phase: Arc<std::sync::Mutex<Phase>>,
 }
 
 impl runtime::admin::Routes for Admin {
@@ -45,6 +46,21 @@ impl Admin {
             "/metrics" => runtime::admin::metrics(&self.registry),
             "/healthz" => (StatusCode::OK, "text/plain", "ok\n".into()),
             "/ready" => {
+                let phase = self
+                    .phase
+                    .lock()
+                    .expect("phase lock is never poisoned")
+                    .clone();
+                match phase {
+                    Phase::Serving => {}
+                    Phase::Starting(why) | Phase::Retired(why) => {
+                        return (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "text/plain",
+                            format!("not ready: {why}\n"),
+                        )
+                    }
+                }
                 let status = self
                     .ctx
                     .model_status

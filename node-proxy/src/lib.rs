@@ -36,7 +36,6 @@ use std::time::Duration;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use prometheus_client::registry::Registry;
-use std::os::fd::AsFd;
 use tokio_util::sync::CancellationToken;
 
 use tracing::{debug, info, warn};
@@ -66,9 +65,16 @@ pub struct Config {
     /// The SPIFFE trust domain.
     #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
-    /// Admin endpoint (metrics, health, config dump).
+    /// Admin endpoint (metrics, health, readiness, config dump). In its DaemonSet,
+    /// node-proxy has a network namespace of its own and this is on its pod IP, where the
+    /// kubelet probes it and Prometheus scrapes it.
     #[arg(long, env = "WEFT_ADMIN", default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
+    /// A directory that lives as long as this node-proxy's pod (an `emptyDir`). Once a
+    /// newer node-proxy has taken the node over, this one says so there, so that its
+    /// container, restarted by the kubelet, does not take the node back.
+    #[arg(long, env = "WEFT_POD_DIR")]
+    pub pod_dir: Option<PathBuf>,
     /// Seconds open connections may finish after SIGTERM.
     #[arg(long, env = "WEFT_DRAIN_GRACE", default_value_t = 5)]
     pub drain_grace: u64,
@@ -92,8 +98,18 @@ pub struct Config {
 /// How long node-proxy waits for its first model before taking over or serving.
 const FIRST_MODEL_WAIT: Duration = Duration::from_secs(10);
 
-/// Runs node-proxy until `shutdown`, then drains.
+/// The file in `--pod-dir` that says this pod's node-proxy was taken over.
+const RETIRED: &str = "retired";
+
+/// Runs node-proxy until `shutdown`, then drains. Taken over by a newer node-proxy, it
+/// drains and then stays retired (not ready, serving nothing) until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let phase = Arc::new(Mutex::new(admin::Phase::Starting(
+        "waiting for a model from the controller".into(),
+    )));
+    let set_phase = |p: admin::Phase| *phase.lock().expect("phase lock is never poisoned") = p;
+    // Serving stops on SIGTERM, or once a newer node-proxy has taken the node over.
+    let serving = shutdown.child_token();
     let mut registry = Registry::default();
     let tunnel_metrics = tunnel::metrics::Metrics::new(&mut registry);
     let log = match config.access_log_rate {
@@ -109,7 +125,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let controller = config.control.config(&config.node, None);
     let channel = config_client::channel(&controller);
     let ca = config_client::CaClient::new(controller.clone(), channel.clone());
-    let identities = Identities::new(Arc::new(ca), shutdown.clone());
+    let identities = Identities::new(Arc::new(ca), serving.clone());
     registry.register(
         "weft_certificate_rotations",
         "Workload certificates renewed before expiry",
@@ -127,7 +143,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         identities: identities.clone(),
         metrics: config_metrics,
     };
-    tokio::spawn(subscription.run(shutdown.clone()));
+    // The admin endpoint first, on this process's own address: the kubelet's probes
+    // reach this process, not the one it replaces.
+    let admin_listener = tokio::net::TcpListener::bind(config.admin)
+        .await
+        .with_context(|| format!("cannot listen on admin address {}", config.admin))?;
+    let retired = config
+        .pod_dir
+        .as_ref()
+        .map(|d| d.join(RETIRED))
+        .and_then(|f| std::fs::read_to_string(f).ok());
 
     let ctx = Ctx::new(
         config.node.clone(),
@@ -146,7 +171,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         },
     );
     let pods = Pods::new(ctx.clone());
-    tokio::spawn(pods.clone().enforce_changes(shutdown.clone()));
+    let admin = Arc::new(admin::Admin {
+        ctx: ctx.clone(),
+        pods: pods.clone(),
+        registry,
+        phase: phase.clone(),
+    });
+    if let Some(why) = retired {
+        // This pod's node-proxy was taken over before its container restarted: it asks
+        // the controller for nothing and serves nothing but its admin endpoint.
+        let why = format!("retired: {}", why.trim());
+        warn!("{why}; not taking the node back (this pod is being replaced)");
+        set_phase(admin::Phase::Retired(why));
+        runtime::admin::serve(admin_listener, admin, shutdown).await;
+        return Ok(());
+    }
+    tokio::spawn(subscription.run(serving.clone()));
+    tokio::spawn(pods.clone().enforce_changes(serving.clone()));
+    tokio::spawn(runtime::admin::serve(
+        admin_listener,
+        admin,
+        shutdown.clone(),
+    ));
 
     if let Some(dir) = config.handoff.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -165,6 +211,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // and keeps the handoff socket's path until this one confirms (`takeover_done`), so
     // any failure before that ends only this process and leaves the node served; this
     // one's handoff socket waits at a staging path until then.
+    set_phase(admin::Phase::Starting(
+        "taking over from the node-proxy serving this node".into(),
+    ));
     let takeover = {
         let path = config.handoff.clone();
         tokio::task::spawn_blocking(move || take_over(&path, loaded))
@@ -191,16 +240,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             let _ = std::fs::remove_file(path);
         }
     };
-    let (admin_listener, mut handoff_listener) =
-        match start_serving(&config, &pods, handed, &bind_at).await {
-            Ok(started) => started,
-            Err(e) => {
-                // Connections the adopted pods accepted meanwhile are finished, not reset.
-                pods.drain_all().await;
-                unstage(&bind_at);
-                return Err(e);
-            }
-        };
+    let mut handoff_listener = match start_serving(&pods, handed, &bind_at).await {
+        Ok(started) => started,
+        Err(e) => {
+            // Connections the adopted pods accepted meanwhile are finished, not reset.
+            pods.drain_all().await;
+            unstage(&bind_at);
+            return Err(e);
+        }
+    };
     if let Some(mut client) = predecessor {
         if shutdown.is_cancelled() {
             info!("stopped while taking over; the running node-proxy serves on");
@@ -236,34 +284,49 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .with_context(|| format!("handoff socket {}", config.handoff.display()))?;
     }
     info!("handoff socket listening at {}", config.handoff.display());
-    let admin_fd = admin_listener
-        .as_fd()
-        .try_clone_to_owned()
-        .context("cannot duplicate the admin listener")?;
-    let admin = Arc::new(admin::Admin {
-        ctx: ctx.clone(),
-        pods: pods.clone(),
-        registry,
-    });
-    tokio::spawn(runtime::admin::serve(
-        admin_listener,
-        admin,
-        shutdown.clone(),
-    ));
+    let (taken_over_tx, taken_over) = tokio::sync::oneshot::channel();
     let handoff = tokio::spawn(proxy::serve_handoff(
         handoff_listener,
         pods.clone(),
-        Some(admin_fd),
-        shutdown.clone(),
+        taken_over_tx,
+        serving.clone(),
     ));
+    set_phase(admin::Phase::Serving);
     info!(node = %config.node, admin = %config.admin, "node-proxy started");
-    shutdown.cancelled().await;
+    serving.cancelled().await;
+    // Said before draining, so a restart in the middle of it does not take the node
+    // back either.
+    let successor = match taken_over.await {
+        Ok(pid) => {
+            let why = format!(
+                "a newer node-proxy (pid {}) serves this node",
+                pid.map_or_else(|| "?".to_owned(), |p| p.to_string())
+            );
+            if let Some(dir) = &config.pod_dir {
+                let file = dir.join(RETIRED);
+                if let Err(e) = std::fs::create_dir_all(dir)
+                    .and_then(|()| std::fs::write(&file, format!("{why}\n")))
+                {
+                    warn!("cannot write {}: {e}; a restart of this container would take the node back", file.display());
+                }
+            }
+            set_phase(admin::Phase::Retired(format!("retired, draining: {why}")));
+            Some(why)
+        }
+        Err(_) => None,
+    };
     info!("draining");
     pods.drain_all().await;
-    match handoff.await {
+    let result = match handoff.await {
         Ok(Err(e)) => Err(e).context(format!("handoff socket {}", config.handoff.display())),
         _ => Ok(()),
+    };
+    if let Some(why) = successor {
+        info!("drained; {why}: retired until this pod is deleted");
+        set_phase(admin::Phase::Retired(format!("retired: {why}")));
+        shutdown.cancelled().await;
     }
+    result
 }
 
 /// Where a node-proxy that takes over binds its handoff socket until the predecessor
@@ -274,21 +337,14 @@ fn staging_path(path: &std::path::Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// The admin listener (handed over or opened), every handed-over pod served, and the
-/// handoff socket bound at `bind_at`. All or nothing: an error leaves the caller to
-/// drain the pods adopted so far.
+/// Every handed-over pod served, and the handoff socket bound at `bind_at`. All or
+/// nothing: an error leaves the caller to drain the pods adopted so far. An admin
+/// listener handed over (by a node-proxy from before each had its own) is closed.
 async fn start_serving(
-    config: &Config,
     pods: &Arc<Pods>,
     handed: handoff::Takeover,
     bind_at: &std::path::Path,
-) -> anyhow::Result<(tokio::net::TcpListener, handoff::HandoffListener)> {
-    let admin_listener = match handed.admin {
-        Some(fd) => admin::adopt(fd, config.admin)?,
-        None => tokio::net::TcpListener::bind(config.admin)
-            .await
-            .with_context(|| format!("cannot listen on admin address {}", config.admin))?,
-    };
+) -> anyhow::Result<handoff::HandoffListener> {
     for p in handed.pods {
         // The error names the pod already.
         pods.adopt(p.pod, p.netns, p.listeners).await.map_err(|e| {
@@ -297,8 +353,7 @@ async fn start_serving(
             )
         })?;
     }
-    let handoff_listener = handoff::HandoffListener::bind(bind_at)?;
-    Ok((admin_listener, handoff_listener))
+    Ok(handoff::HandoffListener::bind(bind_at)?)
 }
 
 /// Asks a node-proxy listening at the handoff socket `path`, if one is, for its admin

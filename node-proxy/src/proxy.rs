@@ -886,17 +886,17 @@ async fn in_namespace(netns: &Netns, listeners: [&TcpListener; 3]) -> Result<(),
 }
 
 /// Serves the handoff socket: each sender connection's requests in order. A `takeover`
-/// from a node-proxy replacing this one is answered with `admin` (a duplicate of the
-/// admin listener) and every pod; this process keeps serving (both accept on the same
-/// sockets) until `takeover_done` on that connection, then cancels `shutdown` and
-/// drains. A takeover connection that ends without it leaves this process serving.
+/// from a node-proxy replacing this one is answered with every pod; this process keeps
+/// serving (both accept on the same sockets) until `takeover_done` on that connection,
+/// then sends the new process's pid on `taken_over` and cancels `shutdown`. A takeover
+/// connection that ends without it leaves this process serving.
 pub async fn serve_handoff(
     listener: HandoffListener,
     pods: Arc<Pods>,
-    admin: Option<OwnedFd>,
+    taken_over: tokio::sync::oneshot::Sender<Option<u32>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let admin = admin.map(Arc::new);
+    let taken_over = Arc::new(Mutex::new(Some(taken_over)));
     loop {
         let mut conn = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -912,7 +912,7 @@ pub async fn serve_handoff(
         };
         let pods = pods.clone();
         let shutdown = shutdown.clone();
-        let admin = admin.clone();
+        let taken_over = taken_over.clone();
         tokio::spawn(async move {
             let mut handover = Handover {
                 pods: pods.clone(),
@@ -958,6 +958,10 @@ pub async fn serve_handoff(
                         handover.armed = false;
                         let _ = conn.reply(Ok(())).await;
                         info!("a new node-proxy serves this node's pods; draining");
+                        let successor = conn.peer_pid();
+                        if let Some(tx) = taken_over.lock().ok().and_then(|mut t| t.take()) {
+                            let _ = tx.send(successor);
+                        }
                         shutdown.cancel();
                         return;
                     }
@@ -979,8 +983,7 @@ pub async fn serve_handoff(
                             .iter()
                             .map(|(pod, fds)| (pod.clone(), fds.each_ref().map(|f| f.as_fd())))
                             .collect();
-                        let admin = admin.as_ref().map(|a| a.as_fd());
-                        match conn.hand_over(admin, &borrowed).await {
+                        match conn.hand_over(None, &borrowed).await {
                             Ok(()) => {
                                 info!(
                                     pods = handed.len(),

@@ -131,7 +131,19 @@ fn run_in(
     CancellationToken,
     tokio::task::JoinHandle<anyhow::Result<()>>,
 ) {
-    run_limited(dir, controller, 1000, 10_000)
+    run_limited(dir, controller, 1000, 10_000, None)
+}
+
+/// As [`run_in`], as the container of a pod whose directory (its emptyDir) is `pod_dir`.
+fn run_in_pod(
+    dir: &Path,
+    controller: &TestController,
+    pod_dir: &Path,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    run_limited(dir, controller, 1000, 10_000, Some(pod_dir.to_owned()))
 }
 
 /// As [`run_in`], with connection limits per listener and for the node.
@@ -140,6 +152,7 @@ fn run_limited(
     controller: &TestController,
     max_connections: usize,
     max_node_connections: usize,
+    pod_dir: Option<PathBuf>,
 ) -> (
     CancellationToken,
     tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -156,6 +169,7 @@ fn run_limited(
         },
         trust_domain: "cluster.local".into(),
         admin: "127.0.0.1:0".parse().unwrap(),
+        pod_dir,
         drain_grace: 1,
         max_connections,
         max_node_connections,
@@ -329,7 +343,9 @@ async fn a_new_node_proxy_takes_over_the_listeners() {
     let id = std::process::id();
     let dir = std::env::temp_dir().join(format!("weft-np-takeover-{id}"));
     let control = controller(&dir, &[("cart", "10.250.2.2")]).await;
-    let (_shutdown_a, task_a, handoff) = start(&dir, &control);
+    let pod_a = dir.join("pod-a");
+    let (shutdown_a, task_a) = run_in_pod(&dir, &control, &pod_a);
+    let handoff = dir.join("handoff.sock");
     let ns = TestNetns::new(&format!("np{id}-take"), Some("10.250.2.2"));
     let ns_file = ns.file();
     let client = tokio::task::spawn_blocking({
@@ -399,11 +415,40 @@ async fn a_new_node_proxy_takes_over_the_listeners() {
     let before = sockets(&ns);
     assert_eq!(before.len(), 3, "{before:?}");
     let (shutdown_b, task_b) = run_in(&dir, &control);
+    // Once the second confirms, the first says so in its pod's directory, drains, and
+    // stays retired until its pod is deleted.
+    let retired = pod_a.join("retired");
+    let said = tokio::time::timeout(Duration::from_secs(20), async {
+        while !retired.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        said.is_ok(),
+        "the first node-proxy records that it was taken over"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !task_a.is_finished(),
+        "retired, it waits for its pod's deletion"
+    );
+    shutdown_a.cancel();
     let ended = tokio::time::timeout(Duration::from_secs(20), task_a).await;
     assert!(
         matches!(ended, Ok(Ok(Ok(())))),
-        "the first node-proxy drains and exits once the second confirms: {ended:?}"
+        "deleted, the retired node-proxy exits: {ended:?}"
     );
+    // Its container restarted (the same pod directory): it does not take the node back.
+    let (shutdown_a2, task_a2) = run_in_pod(&dir, &control, &pod_a);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !task_b.is_finished(),
+        "the second node-proxy still serves: it was not taken over"
+    );
+    shutdown_a2.cancel();
+    let ended = tokio::time::timeout(Duration::from_secs(20), task_a2).await;
+    assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
     assert!(ports(&ns), "still listening: {}", listening(&ns));
     assert_eq!(sockets(&ns), before, "the same listening sockets");
     // The second one serves the pod already: a replayed add changes nothing.
@@ -565,7 +610,7 @@ async fn connection_limits_hold_connections_back_per_listener_and_per_node() {
     for (case, per_listener, per_node) in [("listener", 2, 100), ("node", 100, 2)] {
         let dir = std::env::temp_dir().join(format!("weft-np-limit-{case}-{id}"));
         let control = controller(&dir, &[("lim", "10.250.5.2")]).await;
-        let (shutdown, task) = run_limited(&dir, &control, per_listener, per_node);
+        let (shutdown, task) = run_limited(&dir, &control, per_listener, per_node, None);
         let ns = TestNetns::new(&format!("np{id}-lim{}", &case[..1]), Some("10.250.5.2"));
         // A destination outside the mesh, across the veth in a namespace of its own,
         // that holds the connections it accepts.

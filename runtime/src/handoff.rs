@@ -350,6 +350,15 @@ enum Outcome {
 }
 
 impl HandoffConn {
+    /// The process at the other end (`SO_PEERCRED`).
+    pub fn peer_pid(&self) -> Option<u32> {
+        self.sock
+            .peer_cred()
+            .ok()
+            .and_then(|c| c.pid())
+            .and_then(|p| u32::try_from(p).ok())
+    }
+
     /// The next valid request, or `None` once the sender has closed. Answers the hello
     /// and every malformed message itself. Cancel-safe. Ends with an error only on a
     /// version mismatch or a socket error.

@@ -481,6 +481,32 @@ fn node_proxy_upgrade_refuses_no_connection() {
             "{node}'s old node-proxy has exited"
         );
     }
+    // In the DaemonSet's order: the new pod was probed not Ready until it had taken the
+    // node over; the old one, its container restarted after the takeover, reported
+    // itself retired and the new one kept the node.
+    for node in ["node-1", "node-2"] {
+        let report = &sb.state["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == *node)
+            .unwrap()["lastUpgrade"];
+        assert_eq!(report["readyBeforeTakeover"], 0, "{node}: {report}");
+        assert!(
+            report["notReadyBeforeTakeover"].as_u64().unwrap() >= 1,
+            "{node}: probed while taking over: {report}"
+        );
+        assert_eq!(report["restartedOldRetired"], true, "{node}: {report}");
+        assert_eq!(
+            report["ownerAfterRestart"].as_u64().unwrap(),
+            sb.node_pid(node).unwrap() as u64,
+            "{node}: the new node-proxy keeps the node: {report}"
+        );
+        assert!(
+            sb.node_log(node).contains("not taking the node back"),
+            "{node}: the restarted old node-proxy says why it idles"
+        );
+    }
     // Each new node-proxy was handed its predecessor's listeners (its two pods'), and
     // each old one drained only once the new one confirmed.
     for node in ["node-1", "node-2"] {

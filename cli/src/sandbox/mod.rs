@@ -173,8 +173,17 @@ pub struct NodeState {
     pub ip: IpAddr,
     /// Its pod range.
     pub pod_cidr: String,
-    /// Its node-proxy's admin address.
+    /// Its node-proxy's admin address. Each node-proxy pod has its own network
+    /// namespace in a cluster, so its own admin address: here, successive ones alternate
+    /// between 127.0.0.1 and 127.0.0.2 on the node's port.
     pub admin: SocketAddr,
+    /// Its node-proxy pod's number: 0, then one more on each upgrade (its `--pod-dir`
+    /// is `<state>/<node>/node-proxy-<generation>`, as its pod's emptyDir).
+    #[serde(default)]
+    pub generation: u32,
+    /// What the last upgrade of its node-proxy saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_upgrade: Option<UpgradeReport>,
     /// Its node-proxy's handoff socket.
     pub handoff: PathBuf,
     /// Its node-proxy's PID (changes when restarted).
@@ -190,6 +199,25 @@ pub struct NodeState {
     pub agent: AgentState,
     /// The runtime's CNI configuration directory on this node.
     pub cni_conf_dir: PathBuf,
+}
+
+/// What one node-proxy upgrade saw, played in a DaemonSet surge's order: the new pod
+/// beside the old one, the old one deleted once the new one is Ready, and in between the
+/// old container restarted after the takeover (as the kubelet restarts an exited one).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradeReport {
+    /// The new node-proxy's readiness probes that failed while the old one still served
+    /// the node.
+    pub not_ready_before_takeover: u32,
+    /// The new node-proxy's readiness probes that passed while the old one still served
+    /// the node: a DaemonSet would have deleted the old pod too early.
+    pub ready_before_takeover: u32,
+    /// The old node-proxy, its container restarted after the takeover, reported itself
+    /// retired and took nothing back.
+    pub restarted_old_retired: bool,
+    /// Who served the node (the handoff socket's owner) after that restart.
+    pub owner_after_restart: u32,
 }
 
 /// A node's agent.
@@ -552,6 +580,8 @@ impl Sandbox {
             ip: IpAddr::V4(net::node_ip(index)),
             pod_cidr: format!("{}/24", net::pod_subnet(index)),
             admin: SocketAddr::from(([127, 0, 0, 1], self.opts.admin_base_port + index)),
+            generation: 0,
+            last_upgrade: None,
             handoff: dir.join("handoff.sock"),
             pid: 0,
             draining: Vec::new(),
@@ -569,8 +599,20 @@ impl Sandbox {
         })
     }
 
-    fn spawn_node_proxy(&self, node: &NodeState) -> anyhow::Result<Child> {
+    /// Starts the node-proxy of `node`'s pod number `generation`, with its own `admin`
+    /// address and pod directory.
+    fn spawn_node_proxy(
+        &self,
+        node: &NodeState,
+        admin: SocketAddr,
+        generation: u32,
+    ) -> anyhow::Result<Child> {
         let (out, err) = log_file(&node.log)?;
+        let pod_dir = self
+            .opts
+            .state_dir
+            .join(&node.name)
+            .join(format!("node-proxy-{generation}"));
         Command::new(role_exe(&self.opts.exe, NODE_PROXY_BIN))
             .args(["--node", &node.name])
             .arg("--handoff")
@@ -581,7 +623,9 @@ impl Sandbox {
             .arg(self.ca_dir.join(controller::ca::ROOT_CERT))
             .arg("--token-file")
             .arg(&node.token)
-            .args(["--admin", &node.admin.to_string(), "--drain-grace", "2"])
+            .args(["--admin", &admin.to_string(), "--drain-grace", "2"])
+            .arg("--pod-dir")
+            .arg(pod_dir)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -676,7 +720,7 @@ impl Sandbox {
             let agent = self.spawn_agent(&state)?;
             state.agent.pid = agent.id();
             state.agent.starts = 1;
-            let proxy = self.spawn_node_proxy(&state)?;
+            let proxy = self.spawn_node_proxy(&state, state.admin, state.generation)?;
             state.pid = proxy.id();
             self.nodes.insert(
                 name,
@@ -966,17 +1010,33 @@ impl Sandbox {
         changed
     }
 
-    /// Replaces a node's node-proxy without refusing a connection, as a DaemonSet's
-    /// surge rollout would. The new process takes over from the old one through the
-    /// handoff socket (its admin listener, and each pod's namespace and listeners, passed
-    /// as file descriptors), so the ports never close; once it serves them and owns the
-    /// socket's path it tells the old one, which then drains. The node agent, connected
-    /// to the old one, reconnects to the new one and replays its pods. If the new process
-    /// fails before that, the old one serves on.
+    /// Replaces a node's node-proxy without refusing a connection, in a DaemonSet
+    /// surge's order. The new pod starts beside the old one, with its own admin address
+    /// (its own network namespace in a cluster), and takes over through the handoff
+    /// socket: each pod's namespace and listeners, passed as file descriptors, so the
+    /// ports never close; once it serves them and owns the socket's path it tells the old
+    /// one, which drains. Meanwhile the new pod is probed as the kubelet probes it: it
+    /// must not be Ready before it has taken over. The old container is then restarted,
+    /// as the kubelet restarts one that exited, and must not take the node back; then the
+    /// old pod is deleted. The node agent, connected to the old one, reconnects to the
+    /// new one and replays its pods. If the new process fails before the takeover, the
+    /// old one serves on.
     fn replace_node_proxy(&mut self, name: &str) -> anyhow::Result<()> {
         let node = self.nodes[name].state.clone();
-        let mut child = self.spawn_node_proxy(&node)?;
+        let old_admin = node.admin;
+        let admin = SocketAddr::new(
+            match old_admin.ip() {
+                IpAddr::V4(ip) if ip == std::net::Ipv4Addr::new(127, 0, 0, 1) => {
+                    IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2))
+                }
+                _ => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            },
+            old_admin.port(),
+        );
+        let generation = node.generation + 1;
+        let mut child = self.spawn_node_proxy(&node, admin, generation)?;
         let new_pid = child.id();
+        let mut report = UpgradeReport::default();
         let start = Instant::now();
         loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -988,25 +1048,67 @@ impl Sandbox {
             let owner = HandoffClient::connect(&node.handoff)
                 .ok()
                 .and_then(|c| c.peer_pid());
-            if owner == Some(new_pid) {
-                break;
+            let ready = summary::fetch(admin, "/ready").is_ok_and(|b| b.starts_with("ready"));
+            match (owner == Some(new_pid), ready) {
+                (true, true) => break,
+                (false, true) => report.ready_before_takeover += 1,
+                (false, false) => report.not_ready_before_takeover += 1,
+                (true, false) => {}
             }
             if start.elapsed() > Duration::from_secs(20) {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("the new node-proxy did not take over within 20 s; the old one serves on");
+                bail!("the new node-proxy did not take over and become ready within 20 s; the old one serves on");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let entry = self.nodes.get_mut(name).context("the node just replaced")?;
-        if let Some(old) = entry.proxy.replace(child) {
+        let old = entry.proxy.replace(child);
+        entry.state.pid = new_pid;
+        entry.state.admin = admin;
+        entry.state.generation = generation;
+        if let Some(mut old) = old {
             eprintln!(
                 "node-proxy of {name} replaced: pid {new_pid} serves, pid {} drains",
                 old.id()
             );
-            self.retiring.push((name.to_owned(), old, Instant::now()));
+            // Drained (it reports itself retired), its container is restarted.
+            let drained = Instant::now();
+            while drained.elapsed() < Duration::from_secs(15)
+                && !summary::fetch(old_admin, "/ready").is_ok_and(|b| b.contains("retired:"))
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = old.kill();
+            let _ = old.wait();
+            let mut restarted = self.spawn_node_proxy(&node, old_admin, node.generation)?;
+            let since = Instant::now();
+            while since.elapsed() < Duration::from_secs(10) {
+                if summary::fetch(old_admin, "/ready").is_ok_and(|b| b.contains("retired")) {
+                    report.restarted_old_retired = true;
+                    break;
+                }
+                if let Ok(Some(_)) = restarted.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            report.owner_after_restart = HandoffClient::connect(&node.handoff)
+                .ok()
+                .and_then(|c| c.peer_pid())
+                .unwrap_or(0);
+            // The DaemonSet deletes the old pod: its retired process stops.
+            if let Ok(pid) = i32::try_from(restarted.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            self.retiring
+                .push((name.to_owned(), restarted, Instant::now()));
         }
-        entry.state.pid = new_pid;
+        let entry = self.nodes.get_mut(name).context("the node just replaced")?;
+        entry.state.last_upgrade = Some(report);
         Ok(())
     }
 
@@ -1077,7 +1179,7 @@ impl Sandbox {
             };
             if spawn_proxy {
                 let state = self.nodes[&name].state.clone();
-                let child = self.spawn_node_proxy(&state)?;
+                let child = self.spawn_node_proxy(&state, state.admin, state.generation)?;
                 let node = self.nodes.get_mut(&name).context("a node")?;
                 node.state.pid = child.id();
                 node.proxy = Some(child);
