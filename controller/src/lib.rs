@@ -64,10 +64,12 @@ pub struct Config {
     /// in a later directory override the same objects in an earlier one).
     #[arg(long = "manifests", env = "WEFT_MANIFESTS", value_delimiter = ',')]
     pub manifests: Vec<PathBuf>,
-    /// Where proxies connect (gRPC over TLS: the model and certificates).
+    /// Where proxies connect (gRPC over TLS: the model and certificates). `0.0.0.0` or
+    /// `[::]` is every address of both families (IPv4 alone where there is no IPv6).
     #[arg(long, env = "WEFT_LISTEN", default_value = "0.0.0.0:15012")]
     pub listen: SocketAddr,
-    /// Admin endpoint (metrics, health, debug views).
+    /// Admin endpoint (metrics, health, debug views); an unspecified address is both
+    /// families, as for `--listen`.
     #[arg(long, env = "WEFT_ADMIN", default_value = "0.0.0.0:15014")]
     pub admin: SocketAddr,
     /// The SPIFFE trust domain.
@@ -274,11 +276,9 @@ impl Controller {
             trust_bundle: ca.bundle().iter().map(|c| c.to_vec()).collect(),
         };
         let shared = Shared::new(random_epoch(), Arc::new(ca), auth, metrics, shutdown);
-        let grpc = TcpListener::bind(config.listen)
-            .await
+        let grpc = tunnel::net::listen(config.listen)
             .with_context(|| format!("cannot listen on {}", config.listen))?;
-        let admin = TcpListener::bind(config.admin)
-            .await
+        let admin = tunnel::net::listen(config.admin)
             .with_context(|| format!("cannot listen on admin address {}", config.admin))?;
         Ok(Controller {
             grpc_addr: grpc.local_addr()?,

@@ -145,8 +145,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     // The admin endpoint first, on this process's own address: the kubelet's probes
     // reach this process, not the one it replaces.
-    let admin_listener = tokio::net::TcpListener::bind(config.admin)
-        .await
+    let admin_listener = tunnel::net::listen(config.admin)
         .with_context(|| format!("cannot listen on admin address {}", config.admin))?;
     let retired = config
         .pod_dir

@@ -242,8 +242,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         },
         tunnel_metrics,
     ));
-    let admin = tokio::net::TcpListener::bind(config.admin)
-        .await
+    let admin = tunnel::net::listen(config.admin)
         .with_context(|| format!("cannot listen on {} (admin)", config.admin))?;
     let admin_state = Arc::new(Admin {
         registry,
