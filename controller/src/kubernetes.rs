@@ -18,15 +18,13 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use gateway_api::experimental::httproutes::HttpRoute;
-use gateway_api::gateways::Gateway;
-use gateway_api::grpcroutes::GrpcRoute;
-use gateway_api::referencegrants::ReferenceGrant;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::ByteString;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt as _};
@@ -40,7 +38,7 @@ use crate::auth::{AuthError, Authenticator, Caller};
 use crate::ca::{Ca, CaSetupError};
 use crate::crd::{AuthorizationPolicy, TrafficPolicy};
 use crate::metrics::Metrics;
-use crate::objects::{AnyObject, ObjectKind, Objects, Origin};
+use crate::objects::{AnyObject, Effect, ObjectKind, ObjectRef, Objects, Origin, Problem};
 use crate::source::{Snapshot, Source};
 use crate::translate::{DesiredStatus, CONTROLLER_NAME};
 
@@ -80,8 +78,20 @@ where
         // managedFields are most of a big object's size and nothing reads them.
         .modify(|o: &mut K| o.managed_fields_mut().clear());
     let stream = reflector::reflector(writer, stream);
-    let flag = ready.clone();
-    tokio::spawn(async move {
+    tokio::spawn(follow(stream, kind, ready.clone(), changed, shutdown));
+    Kind { store, ready }
+}
+
+/// Drives a kind's reflector stream until `shutdown`: `ready` once listed (or known not
+/// to be served), `changed` notified on every event.
+async fn follow<K>(
+    stream: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    kind: ObjectKind,
+    flag: Arc<AtomicBool>,
+    changed: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    {
         tokio::pin!(stream);
         let mut absent_logged = false;
         loop {
@@ -114,8 +124,180 @@ where
                 }
             }
         }
+    }
+}
+
+/// A Gateway API kind, read as raw objects at the version the cluster serves and decoded
+/// one by one: an object the controller cannot read (a field or enum value of a newer
+/// release, from any implementation) is rejected alone, as a problem naming it, and
+/// never stops the list or the watch.
+struct Raw {
+    kind: ObjectKind,
+    store: Store<DynamicObject>,
+    /// Listed at least once, or known not to be served (CRD not installed).
+    ready: Arc<AtomicBool>,
+    /// By UID: the resourceVersion last decoded, and what that gave.
+    decoded: Mutex<HashMap<String, Decoded>>,
+}
+
+/// An object as decoded at one resourceVersion.
+type Decoded = (String, Result<AnyObject, Box<Problem>>);
+
+/// The plural (the resource's path segment) of a Gateway API kind.
+fn plural(kind: ObjectKind) -> &'static str {
+    match kind {
+        ObjectKind::Gateway => "gateways",
+        ObjectKind::HttpRoute => "httproutes",
+        ObjectKind::GrpcRoute => "grpcroutes",
+        _ => "referencegrants",
+    }
+}
+
+/// The versions a kind is read at, the newest first.
+fn preferred_versions(kind: ObjectKind) -> Vec<&'static str> {
+    let mut versions = kind.versions().to_vec();
+    versions.sort_by_key(|v| match *v {
+        "v1" => 0,
+        "v1beta1" => 1,
+        _ => 2,
     });
-    Kind { store, ready }
+    versions
+}
+
+/// The newest version of `kind` the API server serves, by discovery. `None` when it
+/// serves none (its CRD is not installed). Retried while the API server cannot answer.
+async fn served_version(
+    client: &Client,
+    kind: ObjectKind,
+    shutdown: &CancellationToken,
+) -> Option<&'static str> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let mut unanswered = None;
+        for version in preferred_versions(kind) {
+            let group_version = format!("{}/{version}", kind.group());
+            match client.list_api_group_resources(&group_version).await {
+                Ok(list) if list.resources.iter().any(|r| r.name == plural(kind)) => {
+                    return Some(version)
+                }
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.is_not_found() => {}
+                Err(e) => unanswered = Some(e),
+            }
+        }
+        let e = unanswered?;
+        warn!(
+            "cannot discover which version of {} the API server serves: {e}; retrying",
+            kind.kind()
+        );
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+fn reflect_raw(
+    client: &Client,
+    kind: ObjectKind,
+    changed: Arc<Notify>,
+    shutdown: CancellationToken,
+) -> Raw {
+    let resource = move |version: &str| {
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(kind.group(), version, kind.kind()),
+            plural(kind),
+        )
+    };
+    let preferred = preferred_versions(kind)[0];
+    let writer = reflector::store::Writer::<DynamicObject>::new(resource(preferred));
+    let store = writer.as_reader();
+    let ready = Arc::new(AtomicBool::new(false));
+    let client = client.clone();
+    let flag = ready.clone();
+    tokio::spawn(async move {
+        let version = match served_version(&client, kind, &shutdown).await {
+            Some(v) => {
+                info!(
+                    "reading {} at {}/{v}, the version the API server serves",
+                    kind.kind(),
+                    kind.group()
+                );
+                v
+            }
+            // Not served: the watch finds it missing and the kind counts as empty.
+            None => preferred,
+        };
+        let api: Api<DynamicObject> = Api::all_with(client, &resource(version));
+        let stream = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .modify(|o: &mut DynamicObject| o.managed_fields_mut().clear());
+        let stream = reflector::reflector(writer, stream);
+        follow(stream, kind, flag, changed, shutdown).await;
+    });
+    Raw {
+        kind,
+        store,
+        ready,
+        decoded: Mutex::new(HashMap::new()),
+    }
+}
+
+impl Raw {
+    /// Every object, decoded (once per resourceVersion): the readable ones into
+    /// `objects`, the others as problems.
+    fn add_to(&self, objects: &mut Objects, problems: &mut Vec<Problem>) {
+        let mut decoded = self
+            .decoded
+            .lock()
+            .expect("decode cache lock is never poisoned");
+        let mut seen = std::collections::HashSet::new();
+        for raw in self.store.state() {
+            let uid = raw.metadata.uid.clone().unwrap_or_default();
+            let version = raw.metadata.resource_version.clone().unwrap_or_default();
+            seen.insert(uid.clone());
+            let entry = decoded
+                .entry(uid)
+                .and_modify(|e| {
+                    if e.0 != version {
+                        *e = (version.clone(), decode(self.kind, &raw));
+                    }
+                })
+                .or_insert_with(|| (version.clone(), decode(self.kind, &raw)));
+            match &entry.1 {
+                Ok(object) => {
+                    let _ = objects.insert(object.clone(), Origin::Cluster, true);
+                }
+                Err(problem) => problems.push((**problem).clone()),
+            }
+        }
+        decoded.retain(|uid, _| seen.contains(uid));
+    }
+}
+
+/// One object of `kind` as its Rust type, or the problem saying why it cannot be.
+fn decode(kind: ObjectKind, raw: &DynamicObject) -> Result<AnyObject, Box<Problem>> {
+    let reference = ObjectRef {
+        kind,
+        namespace: raw.metadata.namespace.clone(),
+        name: raw.metadata.name.clone().unwrap_or_default(),
+    };
+    serde_yaml_ng::to_value(raw)
+        .map_err(|e| e.to_string())
+        .and_then(|value| crate::manifests::decode(kind, value).map_err(|e| e.to_string()))
+        .map_err(|reason| {
+            Box::new(Problem {
+            object: Some(reference),
+            origin: Origin::Cluster,
+            field: String::new(),
+            reason: format!(
+                "cannot be read: {reason} (a field or value of a newer Gateway API release than Weft reads?); this object is ignored, the others apply"
+            ),
+            effect: Effect::Rejected,
+            condition_reason: "UnsupportedValue",
+        })
+        })
 }
 
 /// Every kind's reflector, as a [`Source`].
@@ -124,10 +306,10 @@ pub struct KubeSource {
     pods: Kind<Pod>,
     services: Kind<Service>,
     endpoint_slices: Kind<EndpointSlice>,
-    gateways: Kind<Gateway>,
-    http_routes: Kind<HttpRoute>,
-    grpc_routes: Kind<GrpcRoute>,
-    reference_grants: Kind<ReferenceGrant>,
+    gateways: Raw,
+    http_routes: Raw,
+    grpc_routes: Raw,
+    reference_grants: Raw,
     authorization_policies: Kind<AuthorizationPolicy>,
     traffic_policies: Kind<TrafficPolicy>,
 }
@@ -141,10 +323,10 @@ impl KubeSource {
             pods: reflect(c, ObjectKind::Pod, n.clone(), s.clone()),
             services: reflect(c, ObjectKind::Service, n.clone(), s.clone()),
             endpoint_slices: reflect(c, ObjectKind::EndpointSlice, n.clone(), s.clone()),
-            gateways: reflect(c, ObjectKind::Gateway, n.clone(), s.clone()),
-            http_routes: reflect(c, ObjectKind::HttpRoute, n.clone(), s.clone()),
-            grpc_routes: reflect(c, ObjectKind::GrpcRoute, n.clone(), s.clone()),
-            reference_grants: reflect(c, ObjectKind::ReferenceGrant, n.clone(), s.clone()),
+            gateways: reflect_raw(c, ObjectKind::Gateway, n.clone(), s.clone()),
+            http_routes: reflect_raw(c, ObjectKind::HttpRoute, n.clone(), s.clone()),
+            grpc_routes: reflect_raw(c, ObjectKind::GrpcRoute, n.clone(), s.clone()),
+            reference_grants: reflect_raw(c, ObjectKind::ReferenceGrant, n.clone(), s.clone()),
             authorization_policies: reflect(
                 c,
                 ObjectKind::AuthorizationPolicy,
@@ -195,14 +377,15 @@ impl Source for KubeSource {
             &self.endpoint_slices.store,
             AnyObject::EndpointSlice,
         );
-        add(&mut objects, &self.gateways.store, AnyObject::Gateway);
-        add(&mut objects, &self.http_routes.store, AnyObject::HttpRoute);
-        add(&mut objects, &self.grpc_routes.store, AnyObject::GrpcRoute);
-        add(
-            &mut objects,
-            &self.reference_grants.store,
-            AnyObject::ReferenceGrant,
-        );
+        let mut problems = Vec::new();
+        for raw in [
+            &self.gateways,
+            &self.http_routes,
+            &self.grpc_routes,
+            &self.reference_grants,
+        ] {
+            raw.add_to(&mut objects, &mut problems);
+        }
         add(
             &mut objects,
             &self.authorization_policies.store,
@@ -215,7 +398,7 @@ impl Source for KubeSource {
         );
         Snapshot {
             objects: Arc::new(objects),
-            problems: Vec::new(),
+            problems,
             ready: self.ready(),
         }
     }
@@ -594,8 +777,8 @@ async fn patch_one(client: &Client, desired: &DesiredStatus) -> Result<(), kube:
         }};
     }
     match desired.object.kind {
-        ObjectKind::HttpRoute => patch!(HttpRoute),
-        ObjectKind::GrpcRoute => patch!(GrpcRoute),
+        ObjectKind::HttpRoute => patch!(gateway_api::experimental::httproutes::HttpRoute),
+        ObjectKind::GrpcRoute => patch!(gateway_api::grpcroutes::GrpcRoute),
         ObjectKind::AuthorizationPolicy => patch!(AuthorizationPolicy),
         ObjectKind::TrafficPolicy => patch!(TrafficPolicy),
         _ => {}

@@ -277,7 +277,8 @@ fn reference_of(kind: ObjectKind, value: &Value) -> ObjectRef {
     }
 }
 
-fn decode<'de, D>(kind: ObjectKind, d: D) -> Result<AnyObject, serde_yaml_ng::Error>
+/// One object of `kind` from a YAML deserializer (a document's text, or a value).
+pub(crate) fn decode<'de, D>(kind: ObjectKind, d: D) -> Result<AnyObject, serde_yaml_ng::Error>
 where
     D: serde::Deserializer<'de, Error = serde_yaml_ng::Error>,
 {

@@ -46,6 +46,9 @@ struct Fake {
     writes: Vec<(String, String, Value)>,
     secrets: HashMap<String, Value>,
     configmaps: HashMap<String, Value>,
+    /// Discovery of the Gateway API group: (plural, kind, served versions) per CRD;
+    /// empty, every discovery request is answered 404.
+    discovery: Vec<(String, String, Vec<String>)>,
 }
 
 const PATHS: [(&str, &str, &str); 10] = [
@@ -179,6 +182,27 @@ impl Fake {
             self.writes
                 .push((method.to_owned(), path.to_owned(), body.clone()));
             return full(StatusCode::OK, body);
+        }
+        if let Some(version) = path.strip_prefix("/apis/gateway.networking.k8s.io/") {
+            if !version.contains('/') {
+                let resources: Vec<Value> = self
+                    .discovery
+                    .iter()
+                    .filter(|(_, _, served)| served.iter().any(|v| v == version))
+                    .map(|(plural, kind, _)| {
+                        json!({"name": plural, "singularName": "", "namespaced": true, "kind": kind,
+                        "verbs": ["get", "list", "watch", "patch"]})
+                    })
+                    .collect();
+                if resources.is_empty() {
+                    return not_found(path);
+                }
+                return full(
+                    StatusCode::OK,
+                    json!({"kind": "APIResourceList", "apiVersion": "v1",
+                        "groupVersion": format!("gateway.networking.k8s.io/{version}"), "resources": resources}),
+                );
+            }
         }
         if let Some(kind) = self.kinds.get_mut(path) {
             if kind.missing {
@@ -700,6 +724,12 @@ struct Call {
 /// The calls RBAC authorizes for one request: a server-side apply is a patch, and a
 /// create when the object is absent.
 fn calls(method: &str, path: &str, query: &str) -> Vec<Call> {
+    // Discovery (`/apis/<group>/<version>`) is a non-resource URL every authenticated
+    // user may read (the default `system:discovery` role): no grant of Weft's.
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if method == "GET" && segments.len() == 3 && segments[0] == "apis" {
+        return Vec::new();
+    }
     let c = call(method, path, query);
     if method == "PATCH" && query.contains("fieldManager=") {
         let create = Call {
@@ -850,5 +880,151 @@ fn the_rbac_rules_are_what_the_code_calls() {
                 }
             }
         }
+    }
+}
+
+/// What a Gateway API release's CRDs serve: (plural, kind, served versions).
+fn release_crds(release: &str) -> Vec<(String, String, Vec<String>)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/gateway-api")
+        .join(release)
+        .join("standard");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let crd: Value = serde_json::to_value(
+                <serde_yaml_ng::Value as serde::Deserialize>::deserialize(doc).unwrap(),
+            )
+            .unwrap();
+            if crd["kind"] != "CustomResourceDefinition" {
+                continue;
+            }
+            let served = crd["spec"]["versions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|v| v["served"] == true)
+                .map(|v| v["name"].as_str().unwrap().to_owned())
+                .collect();
+            out.push((
+                crd["spec"]["names"]["plural"].as_str().unwrap().to_owned(),
+                crd["spec"]["names"]["kind"].as_str().unwrap().to_owned(),
+                served,
+            ));
+        }
+    }
+    out
+}
+
+/// The controller against API servers serving each Gateway API release's CRDs (standard
+/// channel), discovery answered from those CRDs: it reads each kind at a version the
+/// release serves (ReferenceGrant at v1beta1 before v1.5), so a cross-namespace backend
+/// with a ReferenceGrant works on all four; a route with a filter type no release has is
+/// rejected alone, naming itself, while the others apply.
+#[tokio::test]
+async fn every_gateway_api_release_is_read_at_a_version_it_serves() {
+    const GROUP: &str = "gateway.networking.k8s.io";
+    for release in ["v1.2.1", "v1.4.1", "v1.5.1", "v1.6.1"] {
+        let crds = release_crds(release);
+        let grants_at = |v: &str| {
+            crds.iter().any(|(plural, _, served)| {
+                plural == "referencegrants" && served.iter().any(|s| s == v)
+            })
+        };
+        assert_eq!(
+            grants_at("v1"),
+            release >= "v1.5",
+            "{release}: ReferenceGrant v1 is served from v1.5 on"
+        );
+        let state = Fake::new();
+        {
+            let mut f = state.lock().unwrap();
+            // This release's Gateway API paths only, at the versions it serves.
+            f.kinds
+                .retain(|path, _| !path.starts_with(&format!("/apis/{GROUP}/")));
+            for (plural, kind, served) in &crds {
+                for version in served {
+                    f.kinds.insert(
+                        Box::leak(format!("/apis/{GROUP}/{version}/{plural}").into_boxed_str()),
+                        Kind {
+                            list_kind: Box::leak(format!("{kind}List").into_boxed_str()),
+                            api_version: Box::leak(format!("{GROUP}/{version}").into_boxed_str()),
+                            items: Vec::new(),
+                            missing: false,
+                            watches: Vec::new(),
+                            lists: 0,
+                        },
+                    );
+                }
+            }
+            f.discovery = crds.clone();
+            let ns = |name: &str| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"weft.dev/mesh": "enabled"}}});
+            f.kind("/api/v1/namespaces")
+                .items
+                .extend([ns("a"), ns("b")]);
+            let svc = |ns: &str, name: &str, ip: &str| {
+                json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
+                "spec": {"clusterIP": ip, "selector": {"app": name}, "ports": [{"port": 80, "targetPort": 8080}]}})
+            };
+            f.kind("/api/v1/services")
+                .items
+                .extend([svc("a", "web", "10.96.0.10"), svc("b", "api", "10.96.0.11")]);
+            let route = |name: &str, filters: Value| {
+                json!({"apiVersion": format!("{GROUP}/v1"), "kind": "HTTPRoute",
+                "metadata": {"name": name, "namespace": "a", "uid": format!("uid-{name}"), "generation": 1},
+                "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}],
+                         "rules": [{"filters": filters, "backendRefs": [{"name": "api", "namespace": "b", "port": 80}]}]}})
+            };
+            let routes = f.kind(&format!("/apis/{GROUP}/v1/httproutes"));
+            routes.items.push(route("to-b", json!([])));
+            // A filter type of no release: this route alone is rejected.
+            routes.items.push(route(
+                "future",
+                json!([{"type": "FutureFilter", "futureFilter": {}}]),
+            ));
+            let version = if grants_at("v1") { "v1" } else { "v1beta1" };
+            f.kind(&format!("/apis/{GROUP}/{version}/referencegrants"))
+                .items
+                .push(json!({
+                "apiVersion": format!("{GROUP}/{version}"), "kind": "ReferenceGrant",
+                "metadata": {"name": "from-a", "namespace": "b", "uid": "uid-grant"},
+                "spec": {"from": [{"group": GROUP, "kind": "HTTPRoute", "namespace": "a"}],
+                         "to": [{"group": "", "kind": "Service"}]}}));
+        }
+        let kube = client(&state);
+        let shutdown = CancellationToken::new();
+        let source = KubeSource::start(kube, Arc::new(Notify::new()), shutdown.clone());
+        let s = until(&source, release, |s| {
+            s.ready && !s.objects.reference_grants.is_empty()
+        })
+        .await;
+        let t = translate(&s.objects, &Settings::default());
+        let refused: Vec<String> = t
+            .problems
+            .iter()
+            .chain(&s.problems)
+            .map(|p| p.to_string())
+            .filter(|p| p.contains("ReferenceGrant"))
+            .collect();
+        assert!(
+            refused.is_empty(),
+            "{release}: the grant is read: {refused:?}"
+        );
+        assert!(
+            s.objects
+                .http_routes
+                .values()
+                .any(|r| r.value.metadata.name.as_deref() == Some("to-b")),
+            "{release}: the readable route applies"
+        );
+        let rejected: Vec<String> = s.problems.iter().map(|p| p.to_string()).collect();
+        assert!(
+            rejected.len() == 1
+                && rejected[0].contains("HTTPRoute a/future")
+                && rejected[0].contains("FutureFilter"),
+            "{release}: the unreadable route alone is rejected, named: {rejected:?}"
+        );
+        shutdown.cancel();
     }
 }
