@@ -671,9 +671,10 @@ fn a_runtime_chains_weft_cni_after_bridge() {
     rt.block_on(ctl.stop());
 }
 
-/// Runs weft-cni with `env` and `stdin`: (exit success, stdout as JSON, stderr).
-fn weft_cni_with(env: &[(&str, &str)], stdin: &str) -> (bool, Value, String) {
-    let mut child = Command::new(weft_cni())
+/// Runs a plugin as the runtime does: `command` with only `env` in its environment and
+/// `stdin` on its standard input.
+fn run_plugin(mut command: Command, env: &[(&str, &str)], stdin: &str) -> Output {
+    let mut child = command
         .env_clear()
         .envs(env.iter().copied())
         .stdin(Stdio::piped())
@@ -687,7 +688,12 @@ fn weft_cni_with(env: &[(&str, &str)], stdin: &str) -> (bool, Value, String) {
         .unwrap()
         .write_all(stdin.as_bytes())
         .unwrap();
-    let out = child.wait_with_output().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Runs weft-cni with `env` and `stdin`: (exit success, stdout as JSON, stderr).
+fn weft_cni_with(env: &[(&str, &str)], stdin: &str) -> (bool, Value, String) {
+    let out = run_plugin(Command::new(weft_cni()), env, stdin);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let json = serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout:?}"));
@@ -849,25 +855,11 @@ fn the_shipped_plugin_is_static_and_runs_in_an_empty_root() {
     std::fs::create_dir_all(&root.0).unwrap();
     std::fs::copy(&plugin, root.0.join("weft-cni")).unwrap();
     let chrooted = |env: &[(&str, &str)], stdin: &str| {
-        let mut child = Command::new("chroot")
-            .arg(&root.0)
-            .arg("/weft-cni")
-            .env_clear()
-            // For chroot itself; inside the root there is nothing to find.
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .envs(env.iter().copied())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
+        let mut command = Command::new("chroot");
+        command.arg(&root.0).arg("/weft-cni");
+        // PATH for chroot itself; inside the root there is nothing to find.
+        let env = [env, &[("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")]].concat();
+        run_plugin(command, &env, stdin)
     };
     let version = chrooted(&[("CNI_COMMAND", "VERSION")], "{}");
     assert!(version.status.success(), "{version:?}");
