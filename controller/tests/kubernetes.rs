@@ -890,7 +890,13 @@ fn release_crds(release: &str) -> Vec<(String, String, Vec<String>)> {
         .join(release)
         .join("standard");
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}: the Gateway API CRDs are read from shared/gateway-api beside the repository",
+            dir.display()
+        )
+    });
+    for entry in entries {
         let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
         for doc in serde_yaml_ng::Deserializer::from_str(&text) {
             let crd: Value = serde_json::to_value(

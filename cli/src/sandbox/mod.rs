@@ -1045,10 +1045,13 @@ impl Sandbox {
                     node.log.display()
                 );
             }
+            // Readiness first, then who serves: a node-proxy reports ready only after it
+            // owns the handoff socket, so ready-then-not-owner is a real fault, never a
+            // takeover that completed between the two looks.
+            let ready = summary::fetch(admin, "/ready").is_ok_and(|b| b.starts_with("ready"));
             let owner = HandoffClient::connect(&node.handoff)
                 .ok()
                 .and_then(|c| c.peer_pid());
-            let ready = summary::fetch(admin, "/ready").is_ok_and(|b| b.starts_with("ready"));
             match (owner == Some(new_pid), ready) {
                 (true, true) => break,
                 (false, true) => report.ready_before_takeover += 1,
