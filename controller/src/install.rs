@@ -935,6 +935,9 @@ fn node_proxy_daemonset(o: &Options) -> DaemonSet {
         // handoff socket in the host's /run/weft.
         false,
         PodSpec {
+            // It calls no Kubernetes API: its projected token (audience weft-controller)
+            // is for the controller only, and the default one would be unused.
+            automount_service_account_token: Some(false),
             containers: vec![node_proxy],
             volumes: Some(vec![
                 host_path("handoff", HANDOFF_DIR, "DirectoryOrCreate"),

@@ -180,6 +180,8 @@ pub fn desired(gateway: &Gateway, s: &Settings) -> Option<Vec<(&'static str, Val
                     service_account_name: Some(name.clone()),
                     security_context: Some(crate::install::non_root()),
                     node_selector: crate::install::linux_only(),
+                    // It calls no Kubernetes API; its projected token is the controller's.
+                    automount_service_account_token: Some(false),
                     containers: vec![container],
                     volumes: Some(vec![
                         crate::install::token_volume(),
@@ -389,6 +391,14 @@ mod tests {
         let pod = &d["spec"]["template"];
         assert_eq!(pod["metadata"]["labels"]["weft.dev/mesh"], "disabled");
         assert_eq!(pod["spec"]["serviceAccountName"], "wp");
+        // As Pod Security `restricted` asks, on Linux nodes, with no API token mounted.
+        assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(
+            pod["spec"]["securityContext"]["seccompProfile"]["type"],
+            "RuntimeDefault"
+        );
+        assert_eq!(pod["spec"]["nodeSelector"]["kubernetes.io/os"], "linux");
+        assert_eq!(pod["spec"]["automountServiceAccountToken"], false);
         // The image's waypoint binary, not weftctl: the Dockerfile installs it there.
         let container = &pod["spec"]["containers"][0];
         assert_eq!(
