@@ -313,6 +313,8 @@ fn an_image_without_a_release_or_malformed_is_refused() {
         "registry.internal:5000/team/weft:1.0.0-rc.1",
         "localhost/weft:dev",
         "weft@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        "Registry.Internal:5000/team/web-app__x:1.0@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        "MyRegistry/weft:1",
     ] {
         let (code, _, err) = weftctl(&["install", "--image", good]);
         assert_eq!(code, 0, "{good}: {err}");
@@ -324,6 +326,13 @@ fn an_image_without_a_release_or_malformed_is_refused() {
         ("weft:", "tag"),
         ("registry.internal:99999/weft:1", "registry"),
         ("weft@sha256:xyz", "digest"),
+        (
+            "weft@sha256:0123456789ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef",
+            "digest",
+        ),
+        ("weft@sha256:0123456789abcdef0123456789abcdef", "digest"),
+        ("registry.internal/a..b:1", "repository"),
+        ("registry.internal/a.-b:1", "repository"),
     ] {
         let (code, out, err) = weftctl(&["install", "--image", bad]);
         assert_ne!(code, 0, "{bad} accepted");

@@ -319,25 +319,17 @@ impl Options {
     }
 }
 
-/// Checks an image reference as the container runtime parses it:
-/// `[host[:port]/]path[:tag][@algorithm:digest]`, path components lower-case, and a tag
-/// or a digest (without either the runtime pulls `latest`, which names no release).
+/// Checks an image reference as the container runtime parses it (the distribution
+/// grammar): `[host[:port]/]path[:tag][@algorithm:hex]`, path components lower-case, and
+/// a tag or a digest (without either the runtime pulls `latest`, which names no release).
 pub fn image_reference(image: &str) -> Result<(), &'static str> {
     let (name, digest) = match image.split_once('@') {
         Some((name, digest)) => (name, Some(digest)),
         None => (image, None),
     };
     if let Some(digest) = digest {
-        let (algorithm, hex) = digest
-            .split_once(':')
-            .ok_or("the digest is not <algorithm>:<hex>")?;
-        let algorithm_ok = !algorithm.is_empty()
-            && algorithm
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+._-".contains(&b));
-        if !algorithm_ok || hex.len() < 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err("the digest is not <algorithm>:<hex>");
-        }
+        digest_ok(digest)
+            .ok_or("the digest is not <algorithm>:<hex> (sha256: 64 lower-case hex digits)")?;
     }
     // The tag follows the last ':' after the last '/' (a ':' before it is a port).
     let last_slash = name.rfind('/').map_or(0, |i| i + 1);
@@ -348,7 +340,7 @@ pub fn image_reference(image: &str) -> Result<(), &'static str> {
     if let Some(tag) = tag {
         let tag_ok = !tag.is_empty()
             && tag.len() <= 128
-            && !tag.starts_with(['.', '-'])
+            && tag.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
             && tag
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
@@ -360,9 +352,18 @@ pub fn image_reference(image: &str) -> Result<(), &'static str> {
     } else if digest.is_none() {
         return Err("no tag or digest: the runtime would pull `latest`; name the release (<repository>:<version>)");
     }
+    if path.len() > 255 {
+        return Err("not an image reference: the name is longer than 255 characters");
+    }
     let mut parts: Vec<&str> = path.split('/').collect();
-    // A first part with a '.' or ':' (or `localhost`) is the registry host.
-    if parts.len() > 1 && (parts[0].contains(['.', ':']) || parts[0] == "localhost") {
+    // A first part with a '.', a ':' or an upper-case letter, or `localhost`, is the
+    // registry.
+    let first = parts[0];
+    if parts.len() > 1
+        && (first.contains(['.', ':'])
+            || first == "localhost"
+            || first.bytes().any(|b| b.is_ascii_uppercase()))
+    {
         let host = parts.remove(0);
         let (hostname, port) = match host.rsplit_once(':') {
             Some((h, p)) => (h, Some(p)),
@@ -380,17 +381,38 @@ pub fn image_reference(image: &str) -> Result<(), &'static str> {
             return Err("not an image reference: the registry is not host[:port]");
         }
     }
-    let component_ok = |c: &str| {
-        !c.is_empty()
-            && c.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
-            && c.starts_with(|ch: char| ch.is_ascii_alphanumeric())
-            && c.ends_with(|ch: char| ch.is_ascii_alphanumeric())
-    };
-    if parts.is_empty() || !parts.iter().all(|c| component_ok(c)) || image.len() > 255 {
-        return Err("not an image reference: the repository is lower-case letters, digits and '.', '_', '-' between '/'");
+    if !parts.iter().all(|c| path_component_ok(c)) {
+        return Err("not an image reference: the repository is lower-case letters and digits, joined by '.', '_', '__' or dashes, between '/'");
     }
     Ok(())
+}
+
+/// A repository path component: lower-case letters and digits, runs of them joined by
+/// one '.', one '_', two '_' or any number of '-'.
+fn path_component_ok(c: &str) -> bool {
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let bytes = c.as_bytes();
+    if !bytes.first().is_some_and(|b| alnum(*b)) || !bytes.last().is_some_and(|b| alnum(*b)) {
+        return false;
+    }
+    // Each maximal run of non-alphanumerics is a separator.
+    c.split(|ch: char| ch.is_ascii_lowercase() || ch.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .all(|s| matches!(s, "." | "_" | "__") || s.bytes().all(|b| b == b'-'))
+}
+
+/// `algorithm:hex` as the distribution grammar has it; sha256 is 64 lower-case hex.
+fn digest_ok(digest: &str) -> Option<()> {
+    let (algorithm, hex) = digest.split_once(':')?;
+    let algorithm_ok = algorithm.split(['+', '.', '_', '-']).all(|part| {
+        !part.is_empty()
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    });
+    let hex_ok = hex.len() >= 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let length_ok = algorithm != "sha256" || hex.len() == 64;
+    (algorithm_ok && hex_ok && length_ok).then_some(())
 }
 
 /// One object of an installation.
@@ -1206,7 +1228,7 @@ pub fn yaml(o: &Options) -> Result<String, OptionsError> {
 
 /// What removes the installation, for `kubectl delete -f -`: the same objects, named
 /// only, in reverse order, which the header lists. The node agents' DaemonSet goes
-/// first: each agent, seeing it deleted (or, stopped later, refused by the API server
+/// right after the GatewayClass: each agent, seeing it deleted (or, stopped later, refused by the API server
 /// once its RBAC or ServiceAccount is gone), takes capture and `weft-cni` off its node
 /// while node-proxy still serves.
 pub fn uninstall_yaml(o: &Options) -> Result<String, OptionsError> {

@@ -254,7 +254,13 @@ impl Raw {
             .expect("decode cache lock is never poisoned");
         let mut seen = std::collections::HashSet::new();
         for raw in self.store.state() {
-            let uid = raw.metadata.uid.clone().unwrap_or_default();
+            // Keyed by name and UID: an object recreated under its name is decoded anew.
+            let uid = format!(
+                "{}/{}/{}",
+                raw.metadata.namespace.as_deref().unwrap_or_default(),
+                raw.metadata.name.as_deref().unwrap_or_default(),
+                raw.metadata.uid.as_deref().unwrap_or_default()
+            );
             let version = raw.metadata.resource_version.clone().unwrap_or_default();
             seen.insert(uid.clone());
             let entry = decoded

@@ -346,8 +346,13 @@ pub fn on_stop(
     let known = match (seen.removed(), read) {
         (true, _) => Ok(seen),
         (false, Some(Ok(ds))) => Ok(Seen::of(ds.as_ref())),
-        // The uninstall deleted the DaemonSet, then the agent's RBAC or ServiceAccount,
-        // before the watch said so (or while it was reconnecting).
+        // The uninstall deleted the DaemonSet, then the agent's RBAC (403) or
+        // ServiceAccount (401), before the watch said so (or while it was reconnecting).
+        // A 401 right after the watch saw the DaemonSet is not taken as that: a pod
+        // deleted with --force loses its bound token at once, and its node must keep Weft.
+        (false, Some(Err(ReadError::Refused { code: 401 }))) if seen == Seen::Present => {
+            Err("the API server refused the agent's token (401) though its DaemonSet was there: this pod was deleted at once (--force)? leaving everything in place".into())
+        }
         (false, Some(Err(e @ ReadError::Refused { .. }))) => {
             return (OnStop::Uninstall, e.to_string())
         }
@@ -441,6 +446,13 @@ mod tests {
         let refused = || Some(Err(ReadError::Failed("connection refused".into())));
         assert_eq!(on_stop(unseen, refused()).0, OnStop::Keep);
         assert_eq!(on_stop(Seen::Present, refused()).0, OnStop::Keep);
+        // Refused: 403 (RBAC gone) means removed; 401 (token gone) too, unless the watch
+        // had just seen the DaemonSet (a pod force-deleted loses its token at once).
+        let denied = |code| Some(Err(ReadError::Refused { code }));
+        assert_eq!(on_stop(unseen, denied(401)).0, OnStop::Uninstall);
+        assert_eq!(on_stop(unseen, denied(403)).0, OnStop::Uninstall);
+        assert_eq!(on_stop(Seen::Present, denied(403)).0, OnStop::Uninstall);
+        assert_eq!(on_stop(Seen::Present, denied(401)).0, OnStop::Keep);
         // Seen going by the watch: no read needed, none trusted over it.
         assert_eq!(on_stop(Seen::Deleting, None).0, OnStop::Uninstall);
         assert_eq!(on_stop(Seen::Gone, refused()).0, OnStop::Uninstall);

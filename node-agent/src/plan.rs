@@ -187,9 +187,11 @@ pub fn plan(inputs: &Inputs<'_>) -> Vec<Action> {
                 ) {
                     continue;
                 }
-                if !h.rules {
+                // Not captured yet and terminating: not taken in now.
+                let terminating = view.pods.get(uid).is_some_and(|p| !view.wants(p));
+                if !h.rules && !terminating {
                     actions.push(Action::Capture(uid.clone()));
-                } else if !h.served {
+                } else if h.rules && !h.served {
                     actions.push(Action::Serve(uid.clone()));
                 }
             }
@@ -481,7 +483,11 @@ mod tests {
         // a is captured and now terminating; b, terminating, was never held.
         view.pods.get_mut("a").expect("a").deleting = true;
         view.pods.get_mut("b").expect("b").deleting = true;
-        let held = BTreeMap::from([("a".to_owned(), captured(10))]);
+        // b's namespace is held (its CNI ADD came) but it was never captured.
+        let mut added = captured(11);
+        added.rules = false;
+        added.served = false;
+        let held = BTreeMap::from([("a".to_owned(), captured(10)), ("b".to_owned(), added)]);
         let probes = ips(&["10.244.1.2"]);
         let up = Link::Up { replayed: true };
         assert_eq!(run(&view, &held, up, None, &probes), Vec::new());
@@ -495,11 +501,16 @@ mod tests {
             &probes,
         );
         assert_eq!(replay, vec![Action::Replay(vec!["a".into()])]);
-        // Gone from the source: released.
+        // Gone from the source: released (b, holding nothing installed, forgotten).
         view.pods.remove("a");
+        view.pods.remove("b");
         assert_eq!(
             run(&view, &held, up, None, &probes),
-            vec![Action::Release("a".into()), Action::Probes(BTreeSet::new())]
+            vec![
+                Action::Release("a".into()),
+                Action::Forget("b".into()),
+                Action::Probes(BTreeSet::new())
+            ]
         );
     }
 

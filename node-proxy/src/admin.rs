@@ -17,6 +17,8 @@ pub enum Phase {
     Starting(String),
     /// Serving the node's pods.
     Serving,
+    /// Stopping (SIGTERM): draining the connections it holds.
+    Stopping,
     /// A newer node-proxy took the node over: this one serves nothing, and never takes
     /// the node back (not when its container restarts either).
     Retired(String),
@@ -53,6 +55,13 @@ impl Admin {
                     .clone();
                 match phase {
                     Phase::Serving => {}
+                    Phase::Stopping => {
+                        return (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "text/plain",
+                            "not ready: stopping, draining its connections\n".into(),
+                        )
+                    }
                     Phase::Starting(why) | Phase::Retired(why) => {
                         return (
                             StatusCode::SERVICE_UNAVAILABLE,

@@ -147,11 +147,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // reach this process, not the one it replaces.
     let admin_listener = tunnel::net::listen(config.admin)
         .with_context(|| format!("cannot listen on admin address {}", config.admin))?;
-    let retired = config
-        .pod_dir
-        .as_ref()
-        .map(|d| d.join(RETIRED))
-        .and_then(|f| std::fs::read_to_string(f).ok());
+    // Anything but "no such file" counts as retired: a node-proxy that cannot tell must
+    // not take the node from the one serving it.
+    let retired = match config.pod_dir.as_ref().map(|d| d.join(RETIRED)) {
+        None => None,
+        Some(file) => match std::fs::read_to_string(&file) {
+            Ok(why) => Some(why),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => Some(format!("{} cannot be read ({e})", file.display())),
+        },
+    };
 
     let ctx = Ctx::new(
         config.node.clone(),
@@ -297,10 +302,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // back either.
     let successor = match taken_over.await {
         Ok(pid) => {
-            let why = format!(
-                "a newer node-proxy (pid {}) serves this node",
-                pid.map_or_else(|| "?".to_owned(), |p| p.to_string())
-            );
+            // Without the host's PID namespace the peer's pid reads as 0.
+            let why = match pid.filter(|p| *p > 0) {
+                Some(pid) => format!("a newer node-proxy (pid {pid}) serves this node"),
+                None => "a newer node-proxy serves this node".to_owned(),
+            };
             if let Some(dir) = &config.pod_dir {
                 let file = dir.join(RETIRED);
                 if let Err(e) = std::fs::create_dir_all(dir)
@@ -312,7 +318,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             set_phase(admin::Phase::Retired(format!("retired, draining: {why}")));
             Some(why)
         }
-        Err(_) => None,
+        Err(_) => {
+            set_phase(admin::Phase::Stopping);
+            None
+        }
     };
     info!("draining");
     pods.drain_all().await;

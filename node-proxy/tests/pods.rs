@@ -414,7 +414,8 @@ async fn a_new_node_proxy_takes_over_the_listeners() {
     };
     let before = sockets(&ns);
     assert_eq!(before.len(), 3, "{before:?}");
-    let (shutdown_b, task_b) = run_in(&dir, &control);
+    let pod_b = dir.join("pod-b");
+    let (shutdown_b, task_b) = run_in_pod(&dir, &control, &pod_b);
     // Once the second confirms, the first says so in its pod's directory, drains, and
     // stays retired until its pod is deleted.
     let retired = pod_a.join("retired");
@@ -443,7 +444,7 @@ async fn a_new_node_proxy_takes_over_the_listeners() {
     let (shutdown_a2, task_a2) = run_in_pod(&dir, &control, &pod_a);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
-        !task_b.is_finished(),
+        !pod_b.join("retired").exists() && !task_b.is_finished(),
         "the second node-proxy still serves: it was not taken over"
     );
     shutdown_a2.cancel();

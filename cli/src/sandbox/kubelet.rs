@@ -250,8 +250,10 @@ impl Writer {
                 uid: Some(pod.uid.clone()),
                 labels: Some(spec.labels.clone()).filter(|l| !l.is_empty()),
                 deletion_timestamp: pod
-                    .deleting
-                    .then(|| Time(k8s_openapi::jiff::Timestamp::now())),
+                    .deletion_timestamp
+                    .as_deref()
+                    .and_then(|t| t.parse().ok())
+                    .map(Time),
                 ..Default::default()
             },
             spec: Some(core::PodSpec {
@@ -448,7 +450,7 @@ pub fn admit(sandbox: &str, spec: &PodSpec, logs: &Path, admitted: u64) -> Runni
             pid: 0,
             log: logs.join(format!("{}_{}.log", spec.namespace, spec.name)),
             admin: None,
-            deleting: false,
+            deletion_timestamp: None,
         },
         sandbox_id: random_hex(32),
         cni_result: None,
@@ -831,7 +833,7 @@ mod tests {
             pid: 0,
             log: PathBuf::new(),
             admin: None,
-            deleting: false,
+            deletion_timestamp: None,
         }
     }
 
