@@ -35,16 +35,46 @@ pub struct Target {
 /// plain addresses).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Endpoints {
-    by_port: Vec<(u16, Vec<Target>)>,
+    by_port: Vec<(u16, PortTargets)>,
+}
+
+/// One service port's endpoints: each workload at its primary (first) address, and
+/// every address sorted by family, for a connection that should stay in its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct PortTargets {
+    primary: Vec<Target>,
+    v4: Vec<Target>,
+    v6: Vec<Target>,
 }
 
 impl Endpoints {
-    /// The endpoints serving `port` of the service.
-    pub fn for_port(&self, port: u16) -> &[Target] {
+    fn targets(&self, port: u16) -> Option<&PortTargets> {
         self.by_port
             .iter()
             .find(|(p, _)| *p == port)
-            .map_or(&[], |(_, targets)| targets.as_slice())
+            .map(|(_, t)| t)
+    }
+
+    /// The endpoints serving `port` of the service, each at its primary address.
+    pub fn for_port(&self, port: u16) -> &[Target] {
+        self.targets(port).map_or(&[], |t| t.primary.as_slice())
+    }
+
+    /// The endpoints serving `port` at addresses of `like`'s family (a dual-stack
+    /// service's IPv6 address is served by its endpoints' IPv6 addresses, as kube-proxy
+    /// does); the primary addresses when none is of that family.
+    pub fn for_port_like(&self, port: u16, like: IpAddr) -> &[Target] {
+        let Some(t) = self.targets(port) else {
+            return &[];
+        };
+        let family = match like.to_canonical() {
+            IpAddr::V4(_) => &t.v4,
+            IpAddr::V6(_) => &t.v6,
+        };
+        match family.is_empty() {
+            true => &t.primary,
+            false => family,
+        }
     }
 }
 
@@ -189,11 +219,20 @@ impl Model {
         Some((service, port))
     }
 
-    /// The endpoints of `service` for `port`, in a stable order.
+    /// The endpoints of `service` for `port`, each at its primary address, in a stable
+    /// order.
     pub fn endpoints(&self, service: &ObjectName, port: u16) -> &[Target] {
         self.endpoints
             .get(service)
             .map_or(&[], |e| e.for_port(port))
+    }
+
+    /// The endpoints of `service` for `port` at addresses of `like`'s family (see
+    /// [`Endpoints::for_port_like`]), in a stable order.
+    pub fn endpoints_like(&self, service: &ObjectName, port: u16, like: IpAddr) -> &[Target] {
+        self.endpoints
+            .get(service)
+            .map_or(&[], |e| e.for_port_like(port, like))
     }
 
     /// The authorization policies that apply to `workload`: its namespace's
@@ -264,7 +303,7 @@ impl Model {
             self.endpoints.get(&w.service).is_some_and(|e| {
                 e.by_port
                     .iter()
-                    .any(|(_, ts)| ts.iter().any(|t| t.addr.ip() == ip))
+                    .any(|(_, ts)| ts.v4.iter().chain(&ts.v6).any(|t| t.addr.ip() == ip))
             })
         })
     }
@@ -523,30 +562,43 @@ impl Model {
             .ports
             .iter()
             .map(|port| {
-                let mut targets = Vec::new();
+                let mut targets = PortTargets::default();
+                let mut add = |t: Target, primary: bool| {
+                    match t.addr.ip().to_canonical() {
+                        IpAddr::V4(_) => targets.v4.push(t.clone()),
+                        IpAddr::V6(_) => targets.v6.push(t.clone()),
+                    }
+                    if primary {
+                        targets.primary.push(t);
+                    }
+                };
                 for uid in &members {
                     let Some(w) = self.workloads.get(uid) else {
                         continue;
                     };
-                    let Some(ip) = w.ips.first() else { continue };
                     let mapping = w
                         .services
                         .iter()
                         .find(|b| &b.service == name)
                         .and_then(|b| b.ports.iter().find(|m| m.service_port == port.port));
                     if let Some(m) = mapping {
-                        targets.push(Target {
-                            workload: Some(w.clone()),
-                            addr: SocketAddr::new(*ip, m.target_port),
-                        });
+                        for (i, ip) in w.ips.iter().enumerate() {
+                            let addr = SocketAddr::new(*ip, m.target_port);
+                            let workload = Some(w.clone());
+                            add(Target { workload, addr }, i == 0);
+                        }
                     }
                 }
                 for e in &service.addresses {
                     if let Some(m) = e.ports.iter().find(|m| m.service_port == port.port) {
-                        targets.push(Target {
-                            workload: None,
-                            addr: SocketAddr::new(e.ip, m.target_port),
-                        });
+                        let addr = SocketAddr::new(e.ip, m.target_port);
+                        add(
+                            Target {
+                                workload: None,
+                                addr,
+                            },
+                            true,
+                        );
                     }
                 }
                 (port.port, targets)
@@ -731,6 +783,46 @@ mod tests {
             .iter()
             .map(|t| t.addr.to_string())
             .collect()
+    }
+
+    #[test]
+    fn a_dual_stack_service_is_served_in_the_family_it_was_addressed_in() {
+        let mut a = workload("a", "10.244.1.1", &[("echo", 80, 8080)]);
+        a.ips.push(ip("fd00:10:244:1::1"));
+        let mut svc = service("echo", "10.96.0.10", &[80]);
+        svc.vips.push(ip("fd00:10:96::10"));
+        let applied = Model::default().apply(&update(
+            1,
+            proto::UpdateKind::Full,
+            vec![Resource::Service(svc), Resource::Workload(a)],
+            vec![],
+        ));
+        assert!(applied.rejected.is_empty(), "{:?}", applied.rejected);
+        let m = applied.model;
+        let name = ObjectName::new("demo", "echo");
+        let at = |like: &str| -> Vec<String> {
+            m.endpoints_like(&name, 80, ip(like))
+                .iter()
+                .map(|t| t.addr.to_string())
+                .collect()
+        };
+        assert_eq!(at("fd00:10:96::10"), ["[fd00:10:244:1::1]:8080"]);
+        assert_eq!(at("10.96.0.10"), ["10.244.1.1:8080"]);
+        assert_eq!(at("::ffff:10.96.0.10"), ["10.244.1.1:8080"]);
+        assert_eq!(addrs(&m, "echo", 80), ["10.244.1.1:8080"], "primary");
+        assert!(m
+            .service_by_vip("[fd00:10:96::10]:80".parse().unwrap())
+            .is_some());
+        // A family no endpoint has falls back to the primary addresses.
+        let v4_only = base();
+        assert_eq!(
+            v4_only
+                .endpoints_like(&name, 80, ip("fd00::1"))
+                .iter()
+                .map(|t| t.addr.to_string())
+                .collect::<Vec<_>>(),
+            ["10.244.1.1:8080", "10.244.1.2:8081"]
+        );
     }
 
     #[test]

@@ -155,8 +155,7 @@ pub async fn certificate(args: CertificateArgs) -> anyhow::Result<String> {
 
 /// A TCP echo server: every connection gets back what it sends.
 pub async fn tcp_echo(port: u16) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
-        .await
+    let listener = tunnel::net::listen(std::net::SocketAddr::from(([0, 0, 0, 0], port)))
         .with_context(|| format!("cannot listen on port {port}"))?;
     loop {
         let (mut s, _) = listener.accept().await?;

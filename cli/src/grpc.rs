@@ -76,9 +76,14 @@ pub async fn serve(
     echo: GrpcEcho,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Both families on an unspecified address, as the HTTP echo.
+    let listener = tunnel::net::listen(addr)?;
     tonic::transport::Server::builder()
         .add_service(EchoServer::new(echo))
-        .serve_with_shutdown(addr, shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown.cancelled_owned(),
+        )
         .await?;
     Ok(())
 }

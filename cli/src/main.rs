@@ -259,6 +259,10 @@ enum Local {
         /// free loopback port).
         #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "127.0.0.1:0")]
         prometheus: Option<std::net::SocketAddr>,
+        /// The cluster network's address families: `ipv4`, `dual` (IPv4 and IPv6, IPv4
+        /// the primary) or `ipv6` (IPv6 only).
+        #[arg(long, value_enum, default_value_t = sandbox::net::IpFamily::Ipv4)]
+        ip_family: sandbox::net::IpFamily,
     },
     /// Stops or starts a running sandbox's controller (the mesh serves on meanwhile).
     Controller {
@@ -447,8 +451,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             fail_while_exists,
             grpc_port,
         } => {
-            let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
-                .await
+            // Both families: the pod's IPv4 and IPv6 addresses on a dual-stack cluster.
+            let listener = tunnel::net::listen(std::net::SocketAddr::from(([0, 0, 0, 0], port)))
                 .with_context(|| format!("cannot listen on port {port}"))?;
             let pod = std::env::var("POD_NAME").unwrap_or_else(|_| "echo".into());
             let config = EchoConfig {
@@ -485,6 +489,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 leaf_ttl,
                 otlp_endpoint,
                 prometheus,
+                ip_family,
             } => {
                 let opts = sandbox::UpOptions {
                     state_dir: state_dir.unwrap_or_else(|| sandbox::default_state_dir(&name)),
@@ -497,6 +502,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     leaf_ttl,
                     otlp_endpoint,
                     prometheus,
+                    ip_family,
                 };
                 sandbox::up(opts, shutdown).await
             }

@@ -56,7 +56,7 @@ pub struct Settings {
     /// The node's own network namespace (pods sharing it are not captured).
     pub node_netns: NetnsId,
     /// The address the node's probes reach captured pods from.
-    pub probe_source: Ipv4Addr,
+    pub probe_source: capture::ProbeSource,
     /// What the source is, for messages.
     pub source: String,
     /// node-proxy's handoff socket, for messages.
@@ -675,15 +675,13 @@ impl Agent {
     }
 
     async fn set_probes(&mut self, set: BTreeSet<IpAddr>) {
-        let v4: BTreeSet<Ipv4Addr> = set
+        let pods: BTreeSet<IpAddr> = set
             .iter()
-            .filter_map(|ip| match ip {
-                IpAddr::V4(v4) => Some(*v4),
-                IpAddr::V6(_) => None,
-            })
+            .copied()
+            .filter(|ip| !ip.is_unspecified())
             .collect();
-        match capture::node_probes(&v4, self.settings.probe_source).await {
-            Ok(()) => debug!(pods = v4.len(), "node probe exemption set"),
+        match capture::node_probes(&pods, self.settings.probe_source).await {
+            Ok(()) => debug!(pods = pods.len(), "node probe exemption set"),
             Err(e) => {
                 warn!("cannot set the node's probe exemption: {e} (retrying in 5 s)");
                 self.probes_retry = Some(Instant::now() + Duration::from_secs(5));

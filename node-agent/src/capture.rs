@@ -3,17 +3,18 @@
 //! kubelet probes. No `nft` or `ip` binary is run, the host's or any other.
 //!
 //! ```text
-//!  in the pod (table ip weft):
-//!   app --connect(any:port)--> [nat output]     --redirect--> 127.0.0.1:15001 (outbound)
+//!  in the pod (table inet weft: IPv4 and IPv6 alike):
+//!   app --connect(any:port)--> [nat output]     --redirect--> loopback:15001 (outbound)
 //!   peer --> pod-ip:15008  ------------------------------------> HBONE listener
-//!   169.254.7.127 (the node: a probe) --> pod-ip:port --------> the application itself
+//!   169.254.7.127 / fd77:6566:74::7f (the node: a probe) --> pod-ip:port --> the app
 //!   peer --> pod-ip:port   --> [nat prerouting] --redirect--> :15006 (inbound plaintext)
-//!   proxy sockets (mark 0x539/0x53a) and loopback pass; replies to a transparent
+//!   proxy sockets (mark 0x539/0x53a), loopback and IPv6 link-local pass; replies to a transparent
 //!   inbound connection (ct mark 0x53a) --fwmark rule--> table 100 "local default dev lo"
+//!   (one rule and route per family)
 //!
-//!  on the node (table ip weft, table bridge weft):
-//!   the node's own TCP to a captured pod --[nat postrouting]--> source 169.254.7.127
-//!   a packet that arrives from elsewhere with source 169.254.7.127 --> dropped
+//!  on the node (table inet weft, table bridge weft):
+//!   the node's own TCP to a captured pod --[nat postrouting]--> the probe source
+//!   a packet that arrives from elsewhere with a probe source --> dropped
 //! ```
 //!
 //! Only the node can originate traffic from the probe address: its own connections are
@@ -21,14 +22,14 @@
 //! node) is dropped, so nothing else can pass for the kubelet.
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::BorrowedFd;
 
 use nlink::netlink::nftables::{
-    BaseChain, Chain, CtDirection, Family, FibFlags, FilterHook, NatHook, Policy, Priority, Rule,
-    Set, SetElement, SetKeyType, Transaction,
+    BaseChain, Chain, CtDirection, Family, FibFlags, FilterHook, NatHook, PacketField, Policy,
+    Priority, Rule, Set, SetElement, SetKeyType, Transaction,
 };
-use nlink::netlink::route::Ipv4Route;
+use nlink::netlink::route::{Ipv4Route, Ipv6Route};
 use nlink::netlink::rule::RuleBuilder;
 use nlink::netlink::types::route::RouteType;
 use nlink::netlink::{Connection, Nftables, Route};
@@ -40,10 +41,29 @@ use runtime::netns::{
 pub const TABLE: &str = "weft";
 /// The routing table for replies to transparent inbound connections.
 pub const ROUTE_TABLE: u32 = 100;
-/// The address the node's probes reach captured pods from (link-local: no pod has it).
-pub const PROBE_SOURCE: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 127);
-/// The node's set of captured pod IPs its probes are source-NATed for.
+/// The addresses the node's probes reach captured pods from, one per family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeSource {
+    /// For IPv4 pods.
+    pub v4: Ipv4Addr,
+    /// For IPv6 pods.
+    pub v6: Ipv6Addr,
+}
+
+/// The default probe sources: IPv4 link-local, and an address of a unique local
+/// (`fd00::/8`) prefix of Weft's own: no pod has either.
+pub const PROBE_SOURCE: ProbeSource = ProbeSource {
+    v4: Ipv4Addr::new(169, 254, 7, 127),
+    v6: Ipv6Addr::new(0xfd77, 0x6566, 0x74, 0, 0, 0, 0, 0x7f),
+};
+/// IPv6 link-local addresses (`fe80::/10`): never captured.
+const LINK_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0);
+/// The node's sets of captured pod IPs its probes are source-NATed for.
 const PROBE_TARGETS: &str = "probe_targets";
+const PROBE_TARGETS_V6: &str = "probe_targets_v6";
+/// The table an earlier release kept its rules in (IPv4 only): replaced by the `inet`
+/// one, and removed with it.
+const LEGACY: Family = Family::Ip;
 const TCP: u8 = 6;
 
 /// Why rules could not be changed or read.
@@ -73,8 +93,8 @@ fn netlink<'a>(
 }
 
 /// A transaction that replaces `table` (of `family`) with what `build` adds: the old
-/// one is deleted in the same batch if it exists, so the change is atomic and
-/// installing twice leaves one copy.
+/// one is deleted in the same batch if it exists (and, for `inet`, an earlier release's
+/// `ip` table), so the change is atomic and installing twice leaves one copy.
 async fn replace_table(
     conn: &Connection<Nftables>,
     family: Family,
@@ -91,9 +111,19 @@ async fn replace_table(
         .map_err(netlink(target, "list nftables tables"))?
         .iter()
         .any(|t| t.name == TABLE);
+    let legacy = family == Family::Inet
+        && conn
+            .list_tables_in(LEGACY)
+            .await
+            .map_err(netlink(target, "list nftables tables"))?
+            .iter()
+            .any(|t| t.name == TABLE);
     let mut tx = conn.transaction().expect_generation(genid);
     if exists {
         tx = tx.del_table(TABLE, family);
+    }
+    if legacy {
+        tx = tx.del_table(TABLE, LEGACY);
     }
     let tx = build(tx.add_table(TABLE, family)).map_err(netlink(target, "build the rules"))?;
     tx.commit(conn)
@@ -106,11 +136,11 @@ async fn replace_table(
 pub async fn install(
     netns: BorrowedFd<'_>,
     pod: &str,
-    probe_source: Ipv4Addr,
+    probe_source: ProbeSource,
 ) -> Result<(), CaptureError> {
     let nft = Connection::<Nftables>::new_in(netns)
         .map_err(netlink(pod, "open netlink in its network namespace"))?;
-    let ip = Family::Ip;
+    let ip = Family::Inet;
     replace_table(&nft, ip, pod, |tx| {
         let rule = |chain: &str| Rule::new(TABLE, chain).family(ip);
         Ok(tx
@@ -133,7 +163,18 @@ pub async fn install(
             .add_rule(rule("prerouting").match_iif("lo").accept())
             // The node's probes reach the application itself, without identity or
             // policy: the node only ever sends them from this address.
-            .add_rule(rule("prerouting").match_saddr_v4(probe_source, 32).accept())
+            .add_rule(
+                rule("prerouting")
+                    .match_saddr_v4(probe_source.v4, 32)
+                    .accept(),
+            )
+            .add_rule(
+                rule("prerouting")
+                    .match_saddr_v6(probe_source.v6, 128)
+                    .accept(),
+            )
+            // IPv6 link-local is the link's own business (no pod is addressed there).
+            .add_rule(rule("prerouting").match_saddr_v6(LINK_LOCAL, 10).accept())
             .add_rule(rule("prerouting").match_tcp_dport(HBONE_PORT).accept())
             .add_rule(
                 rule("prerouting")
@@ -150,6 +191,12 @@ pub async fn install(
                     .match_daddr_v4(Ipv4Addr::LOCALHOST, 8)
                     .accept(),
             )
+            .add_rule(
+                rule("output")
+                    .match_daddr_v6(Ipv6Addr::LOCALHOST, 128)
+                    .accept(),
+            )
+            .add_rule(rule("output").match_daddr_v6(LINK_LOCAL, 10).accept())
             .add_rule(
                 rule("output")
                     .match_l4proto(TCP)
@@ -170,21 +217,32 @@ pub async fn install(
     .await?;
     let rt = Connection::<Route>::new_in(netns)
         .map_err(netlink(pod, "open netlink in its network namespace"))?;
-    if !has_reply_rule(&rt, pod).await? {
-        rt.add_rule(reply_rule())
-            .await
-            .map_err(netlink(pod, "add the policy rule for transparent replies"))?;
+    for v6 in [false, true] {
+        if v6 && !has_ipv6(&rt, pod).await? {
+            continue;
+        }
+        if !has_reply_rule(&rt, pod, v6).await? {
+            rt.add_rule(reply_rule(v6))
+                .await
+                .map_err(netlink(pod, "add the policy rule for transparent replies"))?;
+        }
+        match v6 {
+            false => rt.replace_route(reply_route()).await,
+            true => rt.replace_route(reply_route_v6()).await,
+        }
+        .map_err(netlink(pod, "add the local route for transparent replies"))?;
     }
-    rt.replace_route(reply_route())
-        .await
-        .map_err(netlink(pod, "add the local route for transparent replies"))
+    Ok(())
 }
 
-fn reply_rule() -> RuleBuilder {
-    RuleBuilder::v4()
-        .fwmark(MARK_INBOUND)
-        .table(ROUTE_TABLE)
-        .priority(ROUTE_TABLE)
+fn reply_rule(v6: bool) -> RuleBuilder {
+    match v6 {
+        false => RuleBuilder::v4(),
+        true => RuleBuilder::v6(),
+    }
+    .fwmark(MARK_INBOUND)
+    .table(ROUTE_TABLE)
+    .priority(ROUTE_TABLE)
 }
 
 fn reply_route() -> Ipv4Route {
@@ -194,30 +252,62 @@ fn reply_route() -> Ipv4Route {
         .table(ROUTE_TABLE)
 }
 
-async fn has_reply_rule(rt: &Connection<Route>, pod: &str) -> Result<bool, CaptureError> {
+fn reply_route_v6() -> Ipv6Route {
+    Ipv6Route::new(Ipv6Addr::UNSPECIFIED, 0)
+        .route_type(RouteType::Local)
+        .dev("lo")
+        .table(ROUTE_TABLE)
+}
+
+/// Whether the namespace has IPv6 (an address on an interface other than loopback):
+/// a pod without it needs no IPv6 reply rule, and a kernel without IPv6 takes none.
+async fn has_ipv6(rt: &Connection<Route>, pod: &str) -> Result<bool, CaptureError> {
     Ok(rt
-        .get_rules_v4()
+        .get_addresses()
         .await
-        .map_err(netlink(pod, "list policy rules"))?
+        .map_err(netlink(pod, "list its addresses"))?
+        .iter()
+        .any(|a| matches!(a.address(), Some(IpAddr::V6(ip)) if !ip.is_loopback())))
+}
+
+async fn has_reply_rule(rt: &Connection<Route>, pod: &str, v6: bool) -> Result<bool, CaptureError> {
+    let rules = match v6 {
+        false => rt.get_rules_v4().await,
+        true => rt.get_rules_v6().await,
+    }
+    .map_err(netlink(pod, "list policy rules"))?;
+    Ok(rules
         .iter()
         .any(|r| r.fwmark() == Some(MARK_INBOUND) && r.table() == ROUTE_TABLE))
 }
 
-/// Removes the capture rules from a pod's namespace; what is not there is not an error.
+/// Removes the capture rules from a pod's namespace (an earlier release's too); what is
+/// not there is not an error.
 pub async fn remove(netns: BorrowedFd<'_>, pod: &str) -> Result<(), CaptureError> {
     let nft = Connection::<Nftables>::new_in(netns)
         .map_err(netlink(pod, "open netlink in its network namespace"))?;
-    nft.del_table_if_exists(TABLE, Family::Ip)
-        .await
-        .map_err(netlink(pod, "delete the nftables rules"))?;
+    for family in [Family::Inet, LEGACY] {
+        nft.del_table_if_exists(TABLE, family)
+            .await
+            .map_err(netlink(pod, "delete the nftables rules"))?;
+    }
     let rt = Connection::<Route>::new_in(netns)
         .map_err(netlink(pod, "open netlink in its network namespace"))?;
-    rt.del_rule_if_exists(reply_rule())
+    let v6 = has_ipv6(&rt, pod).await?;
+    rt.del_rule_if_exists(reply_rule(false))
         .await
         .map_err(netlink(pod, "delete the policy rule"))?;
     rt.del_route_if_exists(reply_route())
         .await
         .map_err(netlink(pod, "delete the local route"))?;
+    if v6 {
+        rt.del_rule_if_exists(reply_rule(true))
+            .await
+            .map_err(netlink(pod, "delete the IPv6 policy rule"))?;
+        rt.del_route_if_exists(reply_route_v6())
+            .await
+            .map_err(netlink(pod, "delete the IPv6 local route"))?;
+    }
     Ok(())
 }
 
@@ -249,102 +339,127 @@ pub async fn installed(netns: BorrowedFd<'_>, pod: &str) -> Result<Installed, Ca
     let nft = Connection::<Nftables>::new_in(netns)
         .map_err(netlink(pod, "open netlink in its network namespace"))?;
     let has_table = nft
-        .list_tables_in(Family::Ip)
+        .list_tables_in(Family::Inet)
         .await
         .map_err(netlink(pod, "list nftables tables"))?
         .iter()
         .any(|t| t.name == TABLE);
     if has_table {
         let chains = nft
-            .list_chains_in(TABLE, Family::Ip)
+            .list_chains_in(TABLE, Family::Inet)
             .await
             .map_err(netlink(pod, "list nftables chains"))?;
         for chain in ["prerouting", "output", "mark_replies"] {
             note(
                 chains.iter().any(|c| c.name == chain),
-                format!("nftables chain ip {TABLE} {chain}"),
+                format!("nftables chain inet {TABLE} {chain}"),
             );
         }
     } else {
-        note(false, format!("nftables table ip {TABLE}"));
+        note(false, format!("nftables table inet {TABLE}"));
     }
     let rt = Connection::<Route>::new_in(netns)
         .map_err(netlink(pod, "open netlink in its network namespace"))?;
-    note(
-        has_reply_rule(&rt, pod).await?,
-        format!("ip rule fwmark {MARK_INBOUND:#x} lookup {ROUTE_TABLE}"),
-    );
-    let route = rt
+    let routes = rt
         .get_routes_for_table(ROUTE_TABLE)
         .await
-        .map_err(netlink(pod, "list routes"))?
-        .iter()
-        .any(|r| r.route_type() == RouteType::Local && r.dst_len() == 0);
-    note(
-        route,
-        format!("ip route local default dev lo table {ROUTE_TABLE}"),
-    );
+        .map_err(netlink(pod, "list routes"))?;
+    let families = match has_ipv6(&rt, pod).await? {
+        true => &[false, true][..],
+        false => &[false][..],
+    };
+    for &v6 in families {
+        // AF_INET, AF_INET6.
+        let (ip, family) = match v6 {
+            false => ("ip", 2),
+            true => ("ip -6", 10),
+        };
+        note(
+            has_reply_rule(&rt, pod, v6).await?,
+            format!("{ip} rule fwmark {MARK_INBOUND:#x} lookup {ROUTE_TABLE}"),
+        );
+        let route = routes.iter().any(|r| {
+            r.route_type() == RouteType::Local && r.dst_len() == 0 && r.family() == family
+        });
+        note(
+            route,
+            format!("{ip} route local default dev lo table {ROUTE_TABLE}"),
+        );
+    }
     Ok(parts)
 }
 
 /// Sets the node's probe exemption (in the calling process's network namespace, the
-/// node's): TCP the node itself opens to one of `pods` leaves with `probe_source` as
-/// its source, which those pods' rules let through; the same source arriving from
-/// anywhere else is dropped. Replaced atomically.
+/// node's): TCP the node itself opens to one of `pods` leaves with the probe source of
+/// its family as its source, which those pods' rules let through; the same sources
+/// arriving from anywhere else are dropped. Replaced atomically.
 pub async fn node_probes(
-    pods: &BTreeSet<Ipv4Addr>,
-    probe_source: Ipv4Addr,
+    pods: &BTreeSet<IpAddr>,
+    probe_source: ProbeSource,
 ) -> Result<(), CaptureError> {
     let target = "the node";
     let nft = Connection::<Nftables>::new().map_err(netlink(target, "open netlink"))?;
-    let ip = Family::Ip;
-    replace_table(&nft, ip, target, |tx| {
+    let inet = Family::Inet;
+    replace_table(&nft, inet, target, |tx| {
         let set = Set::new(TABLE, PROBE_TARGETS)
-            .family(ip)
+            .family(inet)
             .key_type(SetKeyType::Ipv4Addr);
-        let elements: Vec<SetElement> = pods.iter().map(|a| SetElement::ipv4(*a)).collect();
+        let set6 = Set::new(TABLE, PROBE_TARGETS_V6)
+            .family(inet)
+            .key_type(SetKeyType::Ipv6Addr);
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for ip in pods {
+            match ip.to_canonical() {
+                IpAddr::V4(a) => v4.push(SetElement::ipv4(a)),
+                IpAddr::V6(a) => v6.push(SetElement::ipv6(a)),
+            }
+        }
+        let rule = |chain: &str| Rule::new(TABLE, chain).family(inet);
         let mut tx = tx
             .add_set(set.clone())
-            .add_chain(Chain::new(TABLE, "probes")?.family(ip).base(
+            .add_set(set6.clone())
+            .add_chain(Chain::new(TABLE, "probes")?.family(inet).base(
                 BaseChain::nat(NatHook::Postrouting, Priority::SrcNat).policy(Policy::Accept),
             ))
-            .add_chain(Chain::new(TABLE, "forward")?.family(ip).base(
+            .add_chain(Chain::new(TABLE, "forward")?.family(inet).base(
                 BaseChain::filter(FilterHook::Forward, Priority::Filter).policy(Policy::Accept),
             ))
             .add_rule(
-                Rule::new(TABLE, "probes")
-                    .family(ip)
+                rule("probes")
                     .match_daddr_in_set(PROBE_TARGETS)
                     .match_fib_type(FibFlags::SADDR, RouteType::Local)
                     .match_l4proto(TCP)
-                    .snat(probe_source, None),
+                    .snat(probe_source.v4, None),
             )
             .add_rule(
-                Rule::new(TABLE, "forward")
-                    .family(ip)
-                    .match_saddr_v4(probe_source, 32)
-                    .drop(),
-            );
-        if !elements.is_empty() {
-            tx = tx.add_set_elements(&set, &elements);
+                rule("probes")
+                    .match_in_set(PacketField::Ip6Daddr, PROBE_TARGETS_V6)
+                    .match_fib_type(FibFlags::SADDR, RouteType::Local)
+                    .match_l4proto(TCP)
+                    .snat_v6(probe_source.v6, None),
+            )
+            .add_rule(rule("forward").match_saddr_v4(probe_source.v4, 32).drop())
+            .add_rule(rule("forward").match_saddr_v6(probe_source.v6, 128).drop());
+        if !v4.is_empty() {
+            tx = tx.add_set_elements(&set, &v4);
+        }
+        if !v6.is_empty() {
+            tx = tx.add_set_elements(&set6, &v6);
         }
         Ok(tx)
     })
     .await?;
     // Pods on one bridge reach each other without the node routing them: drop the probe
-    // source there too.
+    // sources there too.
     let bridge = Family::Bridge;
     replace_table(&nft, bridge, target, |tx| {
+        let rule = |chain: &str| Rule::new(TABLE, chain).family(bridge);
         Ok(tx
             .add_chain(Chain::new(TABLE, "forward")?.family(bridge).base(
                 BaseChain::filter(FilterHook::Forward, Priority::Filter).policy(Policy::Accept),
             ))
-            .add_rule(
-                Rule::new(TABLE, "forward")
-                    .family(bridge)
-                    .match_saddr_v4(probe_source, 32)
-                    .drop(),
-            ))
+            .add_rule(rule("forward").match_saddr_v4(probe_source.v4, 32).drop())
+            .add_rule(rule("forward").match_saddr_v6(probe_source.v6, 128).drop()))
     })
     .await
 }
@@ -365,7 +480,7 @@ pub async fn nftables_usable() -> Result<usize, CaptureError> {
 pub async fn remove_node_probes() -> Result<(), CaptureError> {
     let target = "the node";
     let nft = Connection::<Nftables>::new().map_err(netlink(target, "open netlink"))?;
-    for family in [Family::Ip, Family::Bridge] {
+    for family in [Family::Inet, LEGACY, Family::Bridge] {
         nft.del_table_if_exists(TABLE, family)
             .await
             .map_err(netlink(target, "delete the nftables rules"))?;
@@ -420,14 +535,38 @@ mod tests {
     async fn rules_install_once_read_back_and_go_away() {
         let ns = Ns::new();
         let pod = "shop/cart";
+        // A dual-stack pod, and the IPv4-only table an earlier release left.
+        ns.run(&[
+            "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+        ]);
+        ns.run(&[
+            "ip",
+            "addr",
+            "add",
+            "fd00:10:244:1::5/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        ns.run(&["ip", "link", "set", "eth0", "up"]);
+        ns.run(&["nft", "add", "table", "ip", "weft"]);
         let before = installed(ns.0.as_fd(), pod).await.expect("read");
         assert!(before.present.is_empty(), "{before:?}");
+        assert_eq!(before.missing.len(), 5, "{before:?}");
         install(ns.0.as_fd(), pod, PROBE_SOURCE)
             .await
             .expect("install");
         let first = ns.run(&["nft", "list", "ruleset"]);
+        assert!(!first.contains("table ip weft"), "{first}");
         assert!(first.contains("redirect to :15001"), "{first}");
+        assert!(first.contains("table inet weft"), "{first}");
         assert!(first.contains("ip saddr 169.254.7.127 accept"), "{first}");
+        assert!(
+            first.contains("ip6 saddr fd77:6566:74::7f accept"),
+            "{first}"
+        );
+        assert!(first.contains("ip6 daddr ::1 accept"), "{first}");
+        assert!(first.contains("ip6 daddr fe80::/10 accept"), "{first}");
         assert!(first.contains("redirect to :15006"), "{first}");
         assert!(installed(ns.0.as_fd(), pod).await.expect("read").complete());
         // Again: the same rules, once.
@@ -435,19 +574,22 @@ mod tests {
             .await
             .expect("install again");
         assert_eq!(ns.run(&["nft", "list", "ruleset"]), first);
-        let rules = ns.run(&["ip", "rule"]);
-        assert_eq!(
-            rules.matches("fwmark 0x53a lookup 100").count(),
-            1,
-            "{rules}"
-        );
-        assert!(ns
-            .run(&["ip", "route", "show", "table", "100"])
-            .contains("local default dev lo"));
+        for ip in ["-4", "-6"] {
+            let rules = ns.run(&["ip", ip, "rule"]);
+            assert_eq!(
+                rules.matches("fwmark 0x53a lookup 100").count(),
+                1,
+                "{ip} {rules}"
+            );
+            assert!(ns
+                .run(&["ip", ip, "route", "show", "table", "100"])
+                .contains("local default dev lo"));
+        }
         remove(ns.0.as_fd(), pod).await.expect("remove");
         let after = installed(ns.0.as_fd(), pod).await.expect("read");
         assert!(after.present.is_empty(), "{after:?}");
         assert_eq!(ns.run(&["nft", "list", "ruleset"]).trim(), "");
+        assert!(!ns.run(&["ip", "-6", "rule"]).contains("0x53a"));
         remove(ns.0.as_fd(), pod)
             .await
             .expect("removing nothing is fine");
@@ -466,8 +608,10 @@ mod tests {
                 .build()
                 .expect("runtime");
             rt.block_on(async {
-                let pods =
-                    BTreeSet::from([Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 1, 3)]);
+                let pods: BTreeSet<IpAddr> = ["10.244.1.2", "10.244.1.3", "fd00:10:244:1::2"]
+                    .iter()
+                    .map(|ip| ip.parse().expect("literal"))
+                    .collect();
                 node_probes(&pods, PROBE_SOURCE).await.expect("set");
                 node_probes(&pods, PROBE_SOURCE).await.expect("set again");
             });
@@ -476,9 +620,18 @@ mod tests {
         .expect("thread");
         let ruleset = ns.run(&["nft", "list", "ruleset"]);
         assert!(ruleset.contains("10.244.1.2"), "{ruleset}");
-        assert!(ruleset.contains("snat to 169.254.7.127"), "{ruleset}");
+        assert!(ruleset.contains("snat ip to 169.254.7.127"), "{ruleset}");
         assert!(ruleset.contains("table bridge weft"), "{ruleset}");
-        assert_eq!(ruleset.matches("table ip weft").count(), 1, "{ruleset}");
+        assert_eq!(ruleset.matches("table inet weft").count(), 1, "{ruleset}");
         assert!(ruleset.contains("ip saddr 169.254.7.127 drop"), "{ruleset}");
+        assert!(ruleset.contains("fd00:10:244:1::2"), "{ruleset}");
+        assert!(
+            ruleset.contains("snat ip6 to fd77:6566:74::7f"),
+            "{ruleset}"
+        );
+        assert!(
+            ruleset.contains("ip6 saddr fd77:6566:74::7f drop"),
+            "{ruleset}"
+        );
     }
 }

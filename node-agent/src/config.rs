@@ -49,10 +49,14 @@ pub struct Config {
     /// instead of failing its creation until it can.
     #[arg(long, env = "WEFT_CNI_FAIL_OPEN")]
     pub cni_fail_open: bool,
-    /// The address the node's probes reach captured pods from: link-local, used by
-    /// nothing else.
-    #[arg(long, env = "WEFT_PROBE_SOURCE", default_value_t = crate::capture::PROBE_SOURCE)]
+    /// The address the node's probes reach captured IPv4 pods from: link-local, used
+    /// by nothing else.
+    #[arg(long, env = "WEFT_PROBE_SOURCE", default_value_t = crate::capture::PROBE_SOURCE.v4)]
     pub probe_source: Ipv4Addr,
+    /// The address the node's probes reach captured IPv6 pods from: unique local, in
+    /// no pod range.
+    #[arg(long, env = "WEFT_PROBE_SOURCE_V6", default_value_t = crate::capture::PROBE_SOURCE.v6)]
+    pub probe_source_v6: std::net::Ipv6Addr,
     /// Admin endpoint (`/metrics`, `/healthz`, `/ready`, `/pods`).
     #[arg(long, env = "WEFT_AGENT_ADMIN", default_value = "127.0.0.1:15022")]
     pub admin: SocketAddr,

@@ -72,7 +72,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let settings = Settings {
         proc: config.proc.clone(),
         node_netns,
-        probe_source: config.probe_source,
+        probe_source: capture::ProbeSource {
+            v4: config.probe_source,
+            v6: config.probe_source_v6,
+        },
         source: source.describe(),
         handoff: config.handoff.clone(),
     };

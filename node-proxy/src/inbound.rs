@@ -19,7 +19,7 @@ use crate::authz::{self, Peer};
 use crate::metrics::{Close, ConnLabels, PolicyLabels};
 use crate::outbound::reset;
 use crate::proxy::{Ctx, Pod};
-use runtime::netns::original_dst;
+use runtime::netns::{local_addr, original_dst, peer_addr};
 
 /// The HBONE stream handler of one pod.
 pub struct Hbone {
@@ -40,7 +40,14 @@ async fn connect_app(
     client: SocketAddr,
     target: SocketAddr,
 ) -> std::io::Result<TcpStream> {
-    let socket = pod.netns.transparent_socket(client)?;
+    // The application sees the client's address, in the target's family. A client of
+    // the other family (a tunnel over IPv4 to an IPv6 target, say) cannot be named
+    // there: the connection comes from the pod itself.
+    let source = match client.is_ipv4() == target.is_ipv4() {
+        true => client,
+        false => SocketAddr::new(unspecified_like(target.ip()), 0),
+    };
+    let socket = pod.netns.transparent_socket(source)?;
     tokio::time::timeout(APP_CONNECT_TIMEOUT, socket.connect(target))
         .await
         .map_err(|_| {
@@ -49,6 +56,13 @@ async fn connect_app(
                 format!("no answer from {target} within {APP_CONNECT_TIMEOUT:?}"),
             )
         })?
+}
+
+fn unspecified_like(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        std::net::IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    }
 }
 
 /// Logs and counts a connection authorization refused.
@@ -241,11 +255,11 @@ impl Hbone {
 
 /// Serves one plaintext connection captured on 15006.
 pub async fn serve_plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, client: TcpStream) {
-    let (Ok(target), Ok(src)) = (original_dst(&client), client.peer_addr()) else {
+    let (Ok(target), Ok(src)) = (original_dst(&client), peer_addr(&client)) else {
         return;
     };
     // Not redirected (made to 15006 itself): delivering it would loop back here.
-    if client.local_addr().ok() == Some(target) {
+    if local_addr(&client).ok() == Some(target) {
         reset(&client);
         return;
     }

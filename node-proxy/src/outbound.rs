@@ -15,7 +15,7 @@ use tunnel::hbone::{ConnectRequest, Progress};
 
 use crate::metrics::{Close, ConnLabels};
 use crate::proxy::{Ctx, Pod};
-use runtime::netns::original_dst;
+use runtime::netns::{local_addr, original_dst, peer_addr};
 
 /// Where a captured connection goes.
 #[derive(Debug, PartialEq, Eq)]
@@ -105,7 +105,7 @@ pub fn route(ctx: &Ctx, dst: SocketAddr) -> Route {
                     },
                 };
             }
-            let targets = model.endpoints(&name, port.port);
+            let targets = model.endpoints_like(&name, port.port, dst.ip());
             if targets.is_empty() {
                 return Route::NoEndpoints {
                     service: name.to_string(),
@@ -152,9 +152,7 @@ pub async fn serve(ctx: Arc<Ctx>, pod: Arc<Pod>, app: TcpStream) {
         reset(&app);
         return;
     };
-    let source = app
-        .peer_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let source = peer_addr(&app).unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let guard = ctx.metrics.open(labels, source, destination);
     let copied = match upstream {
         Upstream::Tunnel(stream, early) => {
@@ -186,7 +184,7 @@ async fn connect(
     };
     // Not redirected (someone connected to 15001 itself): relaying it would connect
     // node-proxy to its own listener, over and over.
-    if app.local_addr().ok() == Some(dst) {
+    if local_addr(app).ok() == Some(dst) {
         debug!(%dst, "connection made to the outbound port itself; refused");
         return None;
     }
@@ -306,12 +304,12 @@ async fn tunnel(
     labels.connection_security_policy = "mutual_tls";
     let request = ConnectRequest {
         src: pod.tls.clone(),
-        src_addr: Some(pod.ip),
+        src_addr: runtime::netns::same_family(&pod.info.ips, hbone_ip),
         socket: Some(pod.sockets()),
         dst: dst_id,
         dst_addr: SocketAddr::new(hbone_ip, tunnel::hbone::PORT),
         target,
-        forwarded_for: app.peer_addr().ok(),
+        forwarded_for: peer_addr(app).ok(),
         traceparent: None,
         on_behalf_of: None,
     };

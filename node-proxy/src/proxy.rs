@@ -9,7 +9,7 @@
 //! ```
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -124,8 +124,6 @@ impl Ctx {
 pub struct Pod {
     /// Its metadata.
     pub info: PodInfo,
-    /// Its primary IP.
-    pub ip: IpAddr,
     /// Its credentials.
     pub tls: Arc<TlsIdentity>,
     /// Keeps the credentials (and their refresh) alive while the pod is served.
@@ -556,7 +554,7 @@ impl Pods {
             .start(info, netns, netns_id, listeners, lease)
             .await
             .map_err(setup)?;
-        info!(%pod, ip = %served.ip, identity = %served.tls.identity(), "pod added");
+        info!(%pod, ips = ?served.info.ips, identity = %served.tls.identity(), "pod added");
         pods.insert(served.info.uid.clone(), served);
         Ok(())
     }
@@ -669,7 +667,6 @@ impl Pods {
         let listeners = [dup(&outbound_l)?, dup(&plaintext_l)?, dup(&hbone_l)?];
         let pod = Arc::new(Pod {
             info,
-            ip: plaintext_addr.ip(),
             tls: tls.clone(),
             _lease: lease,
             netns,
@@ -696,7 +693,9 @@ impl Pods {
         pod.accept_loop(ctx, hbone_l, false, move |_, pod, stream| {
             let (server, handler) = (server.clone(), handler.clone());
             async move {
-                let Ok(peer) = stream.peer_addr() else { return };
+                let Ok(peer) = runtime::netns::peer_addr(&stream) else {
+                    return;
+                };
                 let (drain, force) = (pod.drain.clone(), pod.force.clone());
                 server
                     .serve_connection(stream, peer, handler, drain, force)

@@ -10,7 +10,7 @@
 
 use std::cell::OnceCell;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::mpsc;
 
@@ -34,16 +34,41 @@ pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 pub const HBONE_PORT: u16 = tunnel::hbone::PORT;
 
 /// The addresses of a captured pod's three listeners, outbound, inbound plaintext and
-/// HBONE, from its IPs: on loopback and on its first IPv4 address (the capture is IPv4's).
+/// HBONE, from its IPs. An IPv4 pod's are on loopback and on its (first) IPv4 address. A
+/// pod with an IPv6 address has them on the unspecified address, each one socket that
+/// takes both families (IPv4 as IPv4-mapped addresses): the kernel redirects IPv6 to an
+/// address of the interface it chooses (a link-local one, on some kernels), which only
+/// the unspecified address is sure to cover. A connection made straight to one of these
+/// ports, not redirected, is refused by the proxy (its destination is the port itself).
 pub fn pod_listen_addrs(ips: &[IpAddr]) -> Result<[SocketAddr; 3], String> {
-    let ip = ips.iter().find(|ip| ip.is_ipv4()).copied().ok_or_else(|| {
-        format!("it has no IPv4 address ({ips:?}); IPv6 capture is not supported yet")
-    })?;
+    if ips.iter().any(|ip| ip.to_canonical().is_ipv6()) {
+        let any = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+        return Ok([OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT]
+            .map(|port| SocketAddr::new(any, port)));
+    }
+    let ip = ips
+        .first()
+        .map(IpAddr::to_canonical)
+        .ok_or_else(|| "it has no IP address".to_owned())?;
     Ok([
         SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)),
         SocketAddr::new(ip, INBOUND_PLAINTEXT_PORT),
         SocketAddr::new(ip, HBONE_PORT),
     ])
+}
+
+/// `addr` with an IPv4-mapped IPv6 address as the IPv4 address it stands for: how a
+/// dual-stack socket reports an IPv4 peer.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// The IP of `ips` in `like`'s family, if there is one: the source to use towards `like`.
+pub fn same_family(ips: &[IpAddr], like: IpAddr) -> Option<IpAddr> {
+    let v6 = like.to_canonical().is_ipv6();
+    ips.iter()
+        .map(|ip| ip.to_canonical())
+        .find(|ip| ip.is_ipv6() == v6)
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -286,6 +311,10 @@ fn stream_type() -> Type {
 
 fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        // Both families, whatever the node's `net.ipv6.bindv6only`.
+        s.set_only_v6(false)?;
+    }
     s.set_reuse_address(true)?;
     s.set_nonblocking(true)?;
     s.bind(&SockAddr::from(addr))?;
@@ -346,15 +375,28 @@ pub fn listening_inodes() -> io::Result<std::collections::HashSet<u64>> {
     Ok(inodes)
 }
 
-/// The destination a redirected connection was originally sent to (SO_ORIGINAL_DST).
+/// The destination a redirected connection was originally sent to (SO_ORIGINAL_DST),
+/// an IPv4 address for an IPv4 connection taken by a dual-stack listener.
 pub fn original_dst(stream: &tokio::net::TcpStream) -> io::Result<SocketAddr> {
     let sock = socket2::SockRef::from(stream);
-    let addr = match stream.local_addr()? {
+    let addr = match canonical(stream.local_addr()?) {
+        // IPv4 conntrack answers for an IPv4-mapped connection on an IPv6 socket.
         SocketAddr::V4(_) => sock.original_dst_v4()?,
         SocketAddr::V6(_) => sock.original_dst_v6()?,
     };
     addr.as_socket()
+        .map(canonical)
         .ok_or_else(|| io::Error::other("original destination is not an IP address"))
+}
+
+/// A stream's own address, IPv4-mapped addresses as IPv4 ([`canonical`]).
+pub fn local_addr(stream: &tokio::net::TcpStream) -> io::Result<SocketAddr> {
+    stream.local_addr().map(canonical)
+}
+
+/// A stream's peer, IPv4-mapped addresses as IPv4 ([`canonical`]).
+pub fn peer_addr(stream: &tokio::net::TcpStream) -> io::Result<SocketAddr> {
+    stream.peer_addr().map(canonical)
 }
 
 #[cfg(test)]
@@ -384,15 +426,47 @@ mod tests {
     }
 
     #[test]
-    fn a_pods_listeners_are_on_its_first_ipv4_address_whatever_comes_first() {
+    fn an_ipv4_pod_listens_on_its_address_a_pod_with_ipv6_on_both_families() {
         let v6: IpAddr = "fd00::7".parse().unwrap();
         let v4: IpAddr = "10.244.1.7".parse().unwrap();
-        let addrs = pod_listen_addrs(&[v6, v4]).unwrap();
+        let addrs = pod_listen_addrs(&[v4]).unwrap();
         assert_eq!(addrs[0], "127.0.0.1:15001".parse().unwrap());
         assert_eq!(addrs[1], SocketAddr::new(v4, 15006));
         assert_eq!(addrs[2], SocketAddr::new(v4, 15008));
-        let refused = pod_listen_addrs(&[v6]).unwrap_err();
-        assert!(refused.contains("no IPv4 address"), "{refused}");
+        for ips in [vec![v4, v6], vec![v6, v4], vec![v6]] {
+            let addrs = pod_listen_addrs(&ips).unwrap();
+            assert_eq!(
+                addrs.map(|a| a.to_string()),
+                ["[::]:15001", "[::]:15006", "[::]:15008"],
+                "{ips:?}"
+            );
+        }
+        let refused = pod_listen_addrs(&[]).unwrap_err();
+        assert!(refused.contains("no IP address"), "{refused}");
+        assert_eq!(same_family(&[v4, v6], "fd00::1".parse().unwrap()), Some(v6));
+        assert_eq!(
+            same_family(&[v4, v6], "::ffff:10.0.0.1".parse().unwrap()),
+            Some(v4)
+        );
+        assert_eq!(same_family(&[v4], "fd00::1".parse().unwrap()), None);
+    }
+
+    /// A dual-stack listener takes IPv4 connections too, and reports them (and their
+    /// original destination) as IPv4.
+    #[tokio::test]
+    async fn a_dual_stack_listener_reports_ipv4_peers_as_ipv4() {
+        let std = listener("[::]:0".parse().unwrap()).expect("IPv6 in this kernel");
+        let l = tokio::net::TcpListener::from_std(std).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let _c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        assert_eq!(
+            local_addr(&s).unwrap(),
+            SocketAddr::from(([127, 0, 0, 1], port))
+        );
+        assert!(peer_addr(&s).unwrap().is_ipv4());
     }
 
     #[ignore = "needs root"]

@@ -192,6 +192,42 @@ impl Sandbox {
         Ok(self.pod(pod)?["ip"].as_str().unwrap_or_default().to_owned())
     }
 
+    /// A pod's IPv6 address (on a dual-stack or IPv6-only sandbox).
+    pub fn ip6(&self, pod: &str) -> anyhow::Result<String> {
+        let p = self.pod(pod)?;
+        std::iter::once(&p["ip"])
+            .chain(p["ips"].as_array().into_iter().flatten())
+            .filter_map(Value::as_str)
+            .find(|ip| ip.contains(':'))
+            .map(str::to_owned)
+            .with_context(|| format!("pod {pod} has no IPv6 address: {p}"))
+    }
+
+    /// A service's virtual IPs, the primary first.
+    pub fn vips(&self, service: &str) -> anyhow::Result<Vec<String>> {
+        let s = self.state["services"]
+            .as_array()
+            .and_then(|ss| {
+                ss.iter().find(|s| {
+                    format!(
+                        "{}/{}",
+                        s["namespace"].as_str().unwrap_or(""),
+                        s["name"].as_str().unwrap_or("")
+                    ) == service
+                })
+            })
+            .with_context(|| format!("no service {service} in sandbox {}", self.name))?;
+        let all: Vec<String> = match s["vips"].as_array() {
+            Some(vips) => vips
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect(),
+            None => s["vip"].as_str().map(str::to_owned).into_iter().collect(),
+        };
+        Ok(all)
+    }
+
     /// A pod's network namespace name.
     pub fn netns(&self, pod: &str) -> anyhow::Result<String> {
         Ok(self.pod(pod)?["netns"]
@@ -411,7 +447,8 @@ impl Sandbox {
 
     /// `curl` from a pod; returns (exit code, body).
     pub fn curl(&self, pod: &str, url: &str) -> anyhow::Result<(i32, String)> {
-        let out = self.exec(pod, &["curl", "-sS", "--max-time", "5", url])?;
+        // -g: an IPv6 literal's brackets are the address, not a URL pattern.
+        let out = self.exec(pod, &["curl", "-sSg", "--max-time", "5", url])?;
         Ok((
             out.status.code().unwrap_or(-1),
             format!(

@@ -79,7 +79,7 @@ impl Netns {
 
     /// Whether the weft nftables table is in this namespace.
     fn has_rules(&self) -> bool {
-        self.exec(&["nft", "list", "table", "ip", "weft"])
+        self.exec(&["nft", "list", "table", "inet", "weft"])
             .status
             .success()
     }
@@ -590,7 +590,7 @@ fn a_runtime_chains_weft_cni_after_bridge() {
         assert!(failed.is_none(), "CHECK {}: {failed:?}", pods[i].1);
     }
     run(Command::new("ip").args([
-        "netns", "exec", &echo.0, "nft", "delete", "table", "ip", "weft",
+        "netns", "exec", &echo.0, "nft", "delete", "table", "inet", "weft",
     ]));
     let failed = runtime
         .check(&pod(1), &results[1])
@@ -601,7 +601,7 @@ fn a_runtime_chains_weft_cni_after_bridge() {
         e["msg"]
             .as_str()
             .unwrap()
-            .contains("nftables table ip weft"),
+            .contains("nftables table inet weft"),
         "{e}"
     );
     assert_eq!(e["cniVersion"], "1.0.0", "{e}");

@@ -271,11 +271,15 @@ fn node_agent_killed_fails_no_request_and_readopts_every_pod() {
         "nothing reinstalled or duplicated"
     );
     for (pod, text) in &rules_after {
-        assert_eq!(
-            text.matches("fwmark 0x53a lookup 100").count(),
-            1,
-            "{pod}: {text}"
-        );
+        // One reply rule per family (the dump lists IPv4's, then IPv6's).
+        let (v4, v6) = text.split_once("# ip -6 rule").unwrap();
+        for family in [v4, v6] {
+            assert_eq!(
+                family.matches("fwmark 0x53a lookup 100").count(),
+                1,
+                "{pod}: {text}"
+            );
+        }
         assert_eq!(text.matches("chain output").count(), 1, "{pod}: {text}");
     }
     assert_eq!(

@@ -9,14 +9,20 @@ use tracing::warn;
 /// How long an accept loop waits after a failed `accept`.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// The next connection on `listener`. A failed `accept` (out of file descriptors, most
-/// often) is logged, naming `what` listens, and retried after a short pause: the
+/// The next connection on `listener`, and its peer (an IPv4 peer of a dual-stack
+/// listener as IPv4, not IPv4-mapped IPv6). A failed `accept` (out of file descriptors,
+/// most often) is logged, naming `what` listens, and retried after a short pause: the
 /// condition persists until connections close, so retrying at once would spin a core.
 /// Cancel-safe, like [`TcpListener::accept`].
 pub async fn accept(listener: &TcpListener, what: &str) -> (TcpStream, SocketAddr) {
     loop {
         match listener.accept().await {
-            Ok(accepted) => return accepted,
+            Ok((stream, peer)) => {
+                return (
+                    stream,
+                    SocketAddr::new(peer.ip().to_canonical(), peer.port()),
+                )
+            }
             Err(e) => {
                 warn!("{what}: accept failed: {e}; retrying in {ACCEPT_BACKOFF:?}");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -79,7 +85,11 @@ mod listen_tests {
                 let client = TcpStream::connect(to).await;
                 assert!(client.is_ok(), "{any}: connecting to {to}: {client:?}");
                 let (_, peer) = accept(&listener, "test").await;
-                assert_eq!(peer.ip().to_canonical(), to.ip(), "{any}");
+                assert_eq!(
+                    peer.ip(),
+                    to.ip(),
+                    "{any}: an IPv4 peer is reported as IPv4"
+                );
             }
         }
         // A specific address stays that address.

@@ -80,6 +80,8 @@ pub struct Cni {
     pub node_netns: String,
     /// `ip`, to run a plugin in the node's namespace.
     pub ip: PathBuf,
+    /// Pods get IPv6 addresses.
+    pub ipv6: bool,
 }
 
 /// A pod sandbox as the runtime names it to the plugins.
@@ -98,8 +100,10 @@ pub struct Attachment {
 }
 
 /// The primary configuration of node `i`: a bridge `cni0` with `host-local` addresses
-/// from the node's pod range, the node as the pods' default gateway.
-pub fn primary_conflist(subnet: std::net::Ipv4Addr, ipam_dir: &Path) -> Value {
+/// from the node's pod ranges (`subnets`, one per family, the primary first), the node as
+/// the pods' default gateway.
+pub fn primary_conflist(subnets: &[String], ipam_dir: &Path) -> Value {
+    let ranges: Vec<Value> = subnets.iter().map(|s| json!([{"subnet": s}])).collect();
     json!({
         "cniVersion": "1.0.0",
         "name": "weft-sandbox",
@@ -111,7 +115,7 @@ pub fn primary_conflist(subnet: std::net::Ipv4Addr, ipam_dir: &Path) -> Value {
             "ipMasq": false,
             "ipam": {
                 "type": "host-local",
-                "ranges": [[{"subnet": format!("{subnet}/24")}]],
+                "ranges": ranges,
                 "dataDir": ipam_dir.display().to_string(),
             }
         }]
@@ -357,6 +361,7 @@ mod tests {
             bin_dirs: vec![],
             node_netns: "n".into(),
             ip: "ip".into(),
+            ipv6: false,
         };
         assert!(matches!(cni.conflist(), Err(CniFailure::NoConfig { .. })));
         std::fs::write(

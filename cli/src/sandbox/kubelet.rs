@@ -133,12 +133,19 @@ pub fn new_uid() -> String {
 /// Cluster IPs handed out by the sandbox's API server, kept while a service exists.
 #[derive(Default)]
 pub struct Addresses {
-    services: BTreeMap<ObjectName, IpAddr>,
+    services: BTreeMap<ObjectName, Vec<IpAddr>>,
 }
 
 impl Addresses {
-    /// The cluster IP of each service: as written, or one given out here and kept.
-    fn services(&mut self, services: &[ServiceSpec]) -> BTreeMap<ObjectName, Option<IpAddr>> {
+    /// The cluster IPs of each service, the service's primary family first: as written,
+    /// or given out here and kept. The families are the service's `spec.ipFamilies`, or
+    /// the cluster's primary one, and the other too for a dual-stack service on a
+    /// dual-stack cluster (as the API server allocates them).
+    fn services(
+        &mut self,
+        services: &[ServiceSpec],
+        family: net::IpFamily,
+    ) -> anyhow::Result<BTreeMap<ObjectName, Vec<IpAddr>>> {
         let names: BTreeSet<ObjectName> = services
             .iter()
             .map(|s| ObjectName::new(&s.namespace, &s.name))
@@ -147,26 +154,61 @@ impl Addresses {
         let mut taken: BTreeSet<IpAddr> = services
             .iter()
             .filter_map(|s| s.cluster_ip)
-            .chain(self.services.values().copied())
+            .chain(self.services.values().flatten().copied())
             .collect();
         let mut out = BTreeMap::new();
         for s in services {
             let name = ObjectName::new(&s.namespace, &s.name);
-            let ip = match (s.cluster_ip, s.headless) {
-                (Some(ip), _) => Some(ip),
-                (None, true) => None,
-                (None, false) => Some(*self.services.entry(name.clone()).or_insert_with(|| {
-                    let ip = (0..)
-                        .map(|j| IpAddr::V4(net::service_ip(j)))
-                        .find(|ip| !taken.contains(ip))
-                        .unwrap_or(IpAddr::V4(net::service_ip(0)));
-                    taken.insert(ip);
-                    ip
-                })),
+            if s.headless {
+                out.insert(name, Vec::new());
+                continue;
+            }
+            let available = |v6: bool| if v6 { family.v6() } else { family.v4() };
+            let mut wanted: Vec<bool> = match s.families.first() {
+                Some(&v6) => vec![v6],
+                None => vec![family.v6_first()],
             };
-            out.insert(name, ip);
+            if s.dual_stack && family == net::IpFamily::Dual {
+                wanted.push(!wanted[0]);
+            }
+            if let Some(&v6) = wanted.iter().find(|&&v6| !available(v6)) {
+                bail!(
+                    "Service {name}: spec.ipFamilies asks for {}, which the sandbox's network \
+                     (--ip-family {}) does not have",
+                    if v6 { "IPv6" } else { "IPv4" },
+                    family
+                );
+            }
+            if let Some(ip) = s.cluster_ip {
+                if ip.is_ipv6() != wanted[0] {
+                    bail!(
+                        "Service {name}: spec.clusterIP {ip} is not of the service's family \
+                         ({}, on a sandbox run with --ip-family {}): give an address of that \
+                         family, or leave spec.clusterIP out",
+                        if wanted[0] { "IPv6" } else { "IPv4" },
+                        family
+                    );
+                }
+                out.insert(name, vec![ip]);
+                continue;
+            }
+            let kept = self.services.entry(name.clone()).or_default();
+            kept.retain(|ip| wanted.contains(&ip.is_ipv6()));
+            for &v6 in &wanted {
+                if kept.iter().any(|ip| ip.is_ipv6() == v6) {
+                    continue;
+                }
+                let ip = (0..)
+                    .map(|j| net::service_ip_of(v6, j))
+                    .find(|ip| !taken.contains(ip))
+                    .unwrap_or(net::service_ip_of(v6, 0));
+                taken.insert(ip);
+                kept.push(ip);
+            }
+            kept.sort_by_key(|ip| ip.is_ipv6() != wanted[0]);
+            out.insert(name, kept.clone());
         }
-        out
+        Ok(out)
     }
 }
 
@@ -272,7 +314,12 @@ impl Writer {
             status: Some(core::PodStatus {
                 phase: Some(pod.phase.clone()),
                 pod_ip: pod.ip.map(|ip| ip.to_string()),
-                pod_ips: pod.ip.map(|ip| vec![core::PodIP { ip: ip.to_string() }]),
+                pod_ips: pod.ip.map(|_| {
+                    pod.all_ips()
+                        .iter()
+                        .map(|ip| core::PodIP { ip: ip.to_string() })
+                        .collect()
+                }),
                 conditions: Some(vec![
                     condition("PodScheduled", true),
                     condition("Initialized", true),
@@ -328,11 +375,16 @@ impl Writer {
     }
 
     /// The Service object with the cluster IP given out, for services that named none.
-    pub fn service(&self, spec: &ServiceSpec, ip: IpAddr) -> anyhow::Result<()> {
+    pub fn service(&self, spec: &ServiceSpec, ips: &[IpAddr]) -> anyhow::Result<()> {
         let mut object = spec.object.clone();
         let s = object.spec.get_or_insert_with(Default::default);
-        s.cluster_ip = Some(ip.to_string());
-        s.cluster_ips = Some(vec![ip.to_string()]);
+        s.cluster_ip = ips.first().map(ToString::to_string);
+        s.cluster_ips = Some(ips.iter().map(ToString::to_string).collect());
+        s.ip_families = Some(
+            ips.iter()
+                .map(|ip| if ip.is_ipv6() { "IPv6" } else { "IPv4" }.to_owned())
+                .collect(),
+        );
         let text = format!(
             "# Written by the sandbox (its API server): the service with the cluster IP it was given.\n{}",
             serde_yaml_ng::to_string(&object)?
@@ -377,11 +429,10 @@ pub fn hosts_file(namespace: &str, pod: &PodState, services: &[ServiceState]) ->
     let mut text = String::from(
         "# Written by the weft sandbox: cluster DNS names of the services.\n127.0.0.1 localhost\n::1 localhost ip6-localhost\n",
     );
-    if let Some(ip) = pod.ip {
+    for ip in pod.all_ips() {
         text.push_str(&format!("{ip} {}\n", pod.name));
     }
     for s in services {
-        let Some(vip) = s.vip else { continue };
         let mut names = format!(
             "{n}.{ns}.svc.cluster.local {n}.{ns}.svc {n}.{ns}",
             n = s.name,
@@ -391,7 +442,9 @@ pub fn hosts_file(namespace: &str, pod: &PodState, services: &[ServiceState]) ->
             names.push(' ');
             names.push_str(&s.name);
         }
-        text.push_str(&format!("{vip} {names}\n"));
+        for vip in s.all_vips() {
+            text.push_str(&format!("{vip} {names}\n"));
+        }
     }
     text
 }
@@ -443,6 +496,7 @@ pub fn admit(sandbox: &str, spec: &PodSpec, logs: &Path, admitted: u64) -> Runni
             service_account: spec.service_account.clone(),
             netns,
             ip: None,
+            ips: Vec::new(),
             phase: "Pending".into(),
             ready: false,
             restarts: 0,
@@ -473,6 +527,10 @@ pub fn begin_setup(pod: &mut RunningPod, cni: &Cni) -> anyhow::Result<()> {
     pod.netns_made = true;
     // What a runtime's loopback plugin does first.
     net::ip(&["-n", &pod.state.netns, "link", "set", "lo", "up"])?;
+    if cni.ipv6 {
+        // Its IPv6 addresses usable at once, not after duplicate address detection.
+        net::no_dad(&pod.state.netns)?;
+    }
     let (tx, rx) = mpsc::channel();
     let (cni, attachment) = (cni.clone(), pod.attachment());
     std::thread::Builder::new()
@@ -502,6 +560,10 @@ pub fn setup_done(pod: &mut RunningPod) -> Option<Result<IpAddr, String>> {
             Some(ip) => {
                 pod.cni_result = Some(result);
                 pod.state.ip = Some(*ip);
+                pod.state.ips = match ips.len() {
+                    1 => Vec::new(),
+                    _ => ips.clone(),
+                };
                 pod.state.message = None;
                 pod.backoff = Duration::ZERO;
                 Some(Ok(*ip))
@@ -792,21 +854,26 @@ pub fn services(
     cluster: &Cluster,
     addresses: &mut Addresses,
     writer: &Writer,
+    family: net::IpFamily,
 ) -> anyhow::Result<Vec<ServiceState>> {
-    let ips = addresses.services(&cluster.services);
+    let ips = addresses.services(&cluster.services, family)?;
     let mut written = BTreeSet::new();
     let mut out = Vec::new();
     for s in &cluster.services {
         let name = ObjectName::new(&s.namespace, &s.name);
-        let vip = ips.get(&name).copied().flatten();
-        if let (None, Some(ip)) = (s.cluster_ip, vip) {
-            writer.service(s, ip)?;
+        let vips = ips.get(&name).cloned().unwrap_or_default();
+        if s.cluster_ip.is_none() && !vips.is_empty() {
+            writer.service(s, &vips)?;
             written.insert(name.clone());
         }
         out.push(ServiceState {
             namespace: s.namespace.clone(),
             name: s.name.clone(),
-            vip,
+            vip: vips.first().copied(),
+            vips: match vips.len() {
+                0 | 1 => Vec::new(),
+                _ => vips,
+            },
         });
     }
     writer.retain_services(&written);
@@ -834,6 +901,7 @@ mod tests {
             log: PathBuf::new(),
             admin: None,
             deletion_timestamp: None,
+            ips: Vec::new(),
         }
     }
 
@@ -844,16 +912,22 @@ mod tests {
                 namespace: "demo".into(),
                 name: "echo".into(),
                 vip: Some("10.96.0.10".parse().expect("literal")),
+                vips: vec![
+                    "10.96.0.10".parse().expect("literal"),
+                    "fd00:10:96::a".parse().expect("literal"),
+                ],
             },
             ServiceState {
                 namespace: "other".into(),
                 name: "db".into(),
                 vip: Some("10.96.0.11".parse().expect("literal")),
+                vips: Vec::new(),
             },
             ServiceState {
                 namespace: "demo".into(),
                 name: "headless".into(),
                 vip: None,
+                vips: Vec::new(),
             },
         ];
         let text = hosts_file("demo", &state("demo", "client", "10.244.1.5"), &services);
@@ -864,6 +938,10 @@ mod tests {
         assert!(
             text.contains("10.96.0.11 db.other.svc.cluster.local db.other.svc db.other\n"),
             "{text}"
+        );
+        assert!(
+            text.contains("fd00:10:96::a echo.demo.svc.cluster.local"),
+            "a dual-stack service resolves to both addresses: {text}"
         );
         assert!(!text.contains("headless"), "{text}");
     }
@@ -878,28 +956,81 @@ mod tests {
         assert!(a.chars().all(|c| c.is_ascii_hexdigit() || c == '-'), "{a}");
     }
 
-    #[test]
-    fn services_keep_their_cluster_ips() {
-        let mut a = Addresses::default();
-        let svc = |name: &str, ip: Option<&str>| ServiceSpec {
+    fn svc(name: &str, ip: Option<&str>) -> ServiceSpec {
+        ServiceSpec {
             name: name.into(),
             namespace: "demo".into(),
             cluster_ip: ip.map(|i| i.parse().expect("literal")),
             headless: false,
+            families: Vec::new(),
+            dual_stack: false,
             object: Default::default(),
-        };
-        let given = a.services(&[svc("a", Some("10.96.0.10")), svc("b", None)]);
-        let b = given[&ObjectName::new("demo", "b")];
-        assert_eq!(
-            b,
-            Some(IpAddr::V4(net::service_ip(1))),
-            "10.96.0.10 is taken"
-        );
-        let again = a.services(&[svc("b", None), svc("c", None)]);
+        }
+    }
+
+    #[test]
+    fn services_keep_their_cluster_ips() {
+        let mut a = Addresses::default();
+        let v4 = net::IpFamily::Ipv4;
+        let given = a
+            .services(&[svc("a", Some("10.96.0.10")), svc("b", None)], v4)
+            .expect("addresses");
+        let b = given[&ObjectName::new("demo", "b")].clone();
+        assert_eq!(b, [IpAddr::V4(net::service_ip(1))], "10.96.0.10 is taken");
+        let again = a
+            .services(&[svc("b", None), svc("c", None)], v4)
+            .expect("addresses");
         assert_eq!(
             again[&ObjectName::new("demo", "b")],
             b,
             "kept across changes"
+        );
+    }
+
+    #[test]
+    fn services_get_the_families_they_ask_for_that_the_network_has() {
+        let mut a = Addresses::default();
+        let dual = net::IpFamily::Dual;
+        let mut both = svc("both", None);
+        both.dual_stack = true;
+        let mut six = svc("six", None);
+        six.families = vec![true];
+        let got = a
+            .services(&[svc("single", None), both.clone(), six.clone()], dual)
+            .expect("addresses");
+        let at = |n: &str| got[&ObjectName::new("demo", n)].clone();
+        assert_eq!(at("single"), [IpAddr::V4(net::service_ip(0))]);
+        assert_eq!(
+            at("both"),
+            [
+                IpAddr::V4(net::service_ip(1)),
+                IpAddr::V6(net::service_ip6(0))
+            ]
+        );
+        assert_eq!(at("six"), [IpAddr::V6(net::service_ip6(1))]);
+        // IPv6 only: the primary family is IPv6; a dual-stack service gets one address.
+        let got = Addresses::default()
+            .services(&[svc("single", None), both], net::IpFamily::Ipv6)
+            .expect("addresses");
+        assert!(got.values().flatten().all(IpAddr::is_ipv6), "{got:?}");
+        // An address or a family the network does not have is refused, naming it.
+        let refused = Addresses::default()
+            .services(&[svc("fixed", Some("10.96.0.10"))], net::IpFamily::Ipv6)
+            .expect_err("an IPv4 cluster IP on IPv6 only");
+        assert!(
+            refused
+                .to_string()
+                .contains("Service demo/fixed: spec.clusterIP 10.96.0.10"),
+            "{refused}"
+        );
+        let refused = Addresses::default()
+            .services(&[six], net::IpFamily::Ipv4)
+            .expect_err("IPv6 on IPv4 only");
+        assert!(
+            refused
+                .to_string()
+                .contains("spec.ipFamilies asks for IPv6"),
+            "{refused}"
         );
     }
 }

@@ -124,6 +124,10 @@ pub struct ServiceSpec {
     pub cluster_ip: Option<IpAddr>,
     /// `spec.clusterIP: None`: no cluster IP, no name to resolve to one.
     pub headless: bool,
+    /// `spec.ipFamilies`, as "is IPv6" (empty: the cluster's primary family).
+    pub families: Vec<bool>,
+    /// `spec.ipFamilyPolicy` is `PreferDualStack` or `RequireDualStack`.
+    pub dual_stack: bool,
     /// The object as written, to hand to the controller with the cluster IP filled in.
     pub object: Service,
 }
@@ -476,6 +480,8 @@ impl Loader {
                     namespace,
                     cluster_ip: None,
                     headless: false,
+                    families: Vec::new(),
+                    dual_stack: false,
                     object: service,
                 });
             }
@@ -498,6 +504,40 @@ impl Loader {
                         false,
                     ),
                 };
+                let mut families = Vec::new();
+                for (i, family) in spec.ip_families.iter().flatten().enumerate() {
+                    families.push(match family.as_str() {
+                        "IPv4" => false,
+                        "IPv6" => true,
+                        other => {
+                            return Err(object.invalid(
+                                format!("spec.ipFamilies[{i}]"),
+                                format!("{other:?} is not a family: IPv4 or IPv6"),
+                            ))
+                        }
+                    });
+                }
+                let dual_stack = match spec.ip_family_policy.as_deref() {
+                    None | Some("SingleStack") => false,
+                    Some("PreferDualStack" | "RequireDualStack") => true,
+                    Some(other) => {
+                        return Err(object.invalid(
+                            "spec.ipFamilyPolicy",
+                            format!(
+                                "{other:?} is not a policy: SingleStack, PreferDualStack or \
+                                 RequireDualStack"
+                            ),
+                        ))
+                    }
+                };
+                if dual_stack && cluster_ip.is_some() {
+                    return Err(object.invalid(
+                        "spec.clusterIP",
+                        "a dual-stack service (spec.ipFamilyPolicy) gets its addresses from \
+                         the sandbox: leave spec.clusterIP out"
+                            .to_owned(),
+                    ));
+                }
                 self.define(&object, "Service", &namespace, &name)?;
                 self.use_namespace(&object, &namespace);
                 self.cluster.services.push(ServiceSpec {
@@ -505,6 +545,8 @@ impl Loader {
                     namespace,
                     cluster_ip,
                     headless,
+                    families,
+                    dual_stack,
                     object: service,
                 });
             }
@@ -1135,6 +1177,28 @@ spec:
             &error(&text),
             &["Service shop/cart: spec.clusterIP \"10.96.0\""],
         );
+    }
+
+    #[test]
+    fn bad_ip_families() {
+        let dual = APPS.replace(
+            "clusterIP: 10.96.0.10",
+            "clusterIP: 10.96.0.10\n  ipFamilyPolicy: RequireDualStack",
+        );
+        assert_contains(
+            &error(&dual),
+            &[
+                "Service shop/cart: spec.clusterIP",
+                "leave spec.clusterIP out",
+            ],
+        );
+        let family = APPS.replace("clusterIP: 10.96.0.10", "ipFamilies: [IPv5]");
+        assert_contains(
+            &error(&family),
+            &["Service shop/cart: spec.ipFamilies[0] \"IPv5\" is not a family"],
+        );
+        let policy = APPS.replace("clusterIP: 10.96.0.10", "ipFamilyPolicy: Both");
+        assert_contains(&error(&policy), &["spec.ipFamilyPolicy \"Both\""]);
     }
 
     #[test]

@@ -89,6 +89,8 @@ pub struct UpOptions {
     pub otlp_endpoint: Option<String>,
     /// Run a Prometheus scraping the sandbox, listening here (port 0: a free one).
     pub prometheus: Option<SocketAddr>,
+    /// The cluster network's address families.
+    pub ip_family: net::IpFamily,
 }
 
 /// The default state directory of a sandbox.
@@ -104,6 +106,9 @@ pub struct State {
     pub name: String,
     /// The fabric namespace.
     pub fabric: String,
+    /// The cluster network's address families.
+    #[serde(default)]
+    pub ip_family: net::IpFamily,
     /// PID of the `weftctl local up` process.
     pub supervisor_pid: u32,
     /// The controller.
@@ -254,8 +259,11 @@ pub struct PodState {
     pub service_account: String,
     /// Its network namespace (`ip netns exec <netns> ...`).
     pub netns: String,
-    /// Its IP, once its sandbox is set up.
+    /// Its IP, once its sandbox is set up (the primary one: `status.podIP`).
     pub ip: Option<IpAddr>,
+    /// All its IPs when it has more than one (`status.podIPs`), the primary first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<IpAddr>,
     /// `Pending` (its sandbox not set up yet: see `message`) or `Running`.
     pub phase: String,
     /// Its Ready condition (its readiness probe passes, or it has none and runs).
@@ -286,8 +294,31 @@ pub struct ServiceState {
     pub namespace: String,
     /// Name.
     pub name: String,
-    /// Its virtual IP; none for a headless service.
+    /// Its virtual IP (the primary one); none for a headless service.
     pub vip: Option<IpAddr>,
+    /// All its virtual IPs when it has more than one (a dual-stack service).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vips: Vec<IpAddr>,
+}
+
+impl PodState {
+    /// Every IP of the pod, the primary first.
+    pub fn all_ips(&self) -> Vec<IpAddr> {
+        match self.ips.is_empty() {
+            true => self.ip.into_iter().collect(),
+            false => self.ips.clone(),
+        }
+    }
+}
+
+impl ServiceState {
+    /// Every virtual IP of the service, the primary first.
+    pub fn all_vips(&self) -> Vec<IpAddr> {
+        match self.vips.is_empty() {
+            true => self.vip.into_iter().collect(),
+            false => self.vips.clone(),
+        }
+    }
 }
 
 /// How long a deleted pod runs on before it is stopped: its endpoints are withdrawn
@@ -416,6 +447,7 @@ impl Sandbox {
         State {
             name: self.opts.name.clone(),
             fabric: self.fabric.clone(),
+            ip_family: self.opts.ip_family,
             supervisor_pid: std::process::id(),
             controller: self.controller_state.clone(),
             nodes: self.nodes.values().map(|n| n.state.clone()).collect(),
@@ -588,8 +620,11 @@ impl Sandbox {
         Ok(NodeState {
             name: name.to_owned(),
             netns: format!("{}.{name}", self.opts.name),
-            ip: IpAddr::V4(net::node_ip(index)),
-            pod_cidr: format!("{}/24", net::pod_subnet(index)),
+            ip: match self.opts.ip_family.v6_first() {
+                false => IpAddr::V4(net::node_ip(index)),
+                true => IpAddr::V6(net::node_ip6(index)),
+            },
+            pod_cidr: self.pod_subnets(index).join(","),
             admin: SocketAddr::from(([127, 0, 0, 1], self.opts.admin_base_port + index)),
             generation: 0,
             last_upgrade: None,
@@ -608,6 +643,21 @@ impl Sandbox {
             },
             cni_conf_dir: dir.join("net.d"),
         })
+    }
+
+    /// Node `index`'s pod ranges, the primary family first.
+    fn pod_subnets(&self, index: u16) -> Vec<String> {
+        let family = self.opts.ip_family;
+        let v4 = family
+            .v4()
+            .then(|| format!("{}/24", net::pod_subnet(index)));
+        let v6 = family
+            .v6()
+            .then(|| format!("{}/{}", net::pod_subnet6(index), net::PREFIX6));
+        match family.v6_first() {
+            false => v4.into_iter().chain(v6).collect(),
+            true => v6.into_iter().chain(v4).collect(),
+        }
     }
 
     /// Starts the node-proxy of `node`'s pod number `generation`, with its own `admin`
@@ -700,16 +750,23 @@ impl Sandbox {
                 );
             }
             let mut state = self.node_state(&name, index)?;
-            net::create_node(&self.fabric, &state.netns, &format!("n{index}"), index)?;
+            let family = self.opts.ip_family;
+            net::create_node(
+                &self.fabric,
+                &state.netns,
+                &format!("n{index}"),
+                index,
+                family,
+            )?;
             for other in self.nodes.values() {
-                net::route_to_node(&state.netns, other.index)?;
-                net::route_to_node(&other.state.netns, index)?;
+                net::route_to_node(&state.netns, other.index, family)?;
+                net::route_to_node(&other.state.netns, index, family)?;
             }
             let dir = self.opts.state_dir.join(&name);
             std::fs::create_dir_all(&state.cni_conf_dir)?;
             std::fs::create_dir_all(dir.join("cni-bin"))?;
             // What the cluster's network plugin's installer writes on the node.
-            let primary = cni::primary_conflist(net::pod_subnet(index), &dir.join("ipam"));
+            let primary = cni::primary_conflist(&self.pod_subnets(index), &dir.join("ipam"));
             write_atomic(
                 &state.cni_conf_dir.join(cni::PRIMARY_CONFLIST),
                 serde_json::to_string_pretty(&primary)?.as_bytes(),
@@ -727,6 +784,7 @@ impl Sandbox {
                 bin_dirs: vec![dir.join("cni-bin"), PathBuf::from(cni::SYSTEM_PLUGINS)],
                 node_netns: state.netns.clone(),
                 ip: self.ip_exe.clone(),
+                ipv6: self.opts.ip_family.v6(),
             };
             let agent = self.spawn_agent(&state)?;
             state.agent.pid = agent.id();
@@ -787,7 +845,8 @@ impl Sandbox {
     fn reconcile(&mut self, cluster: Cluster) -> anyhow::Result<Vec<ObjectName>> {
         let writer = self.writer();
         writer.namespaces(&cluster.namespaces)?;
-        let services = kubelet::services(&cluster, &mut self.addresses, &writer)?;
+        let services =
+            kubelet::services(&cluster, &mut self.addresses, &writer, self.opts.ip_family)?;
         let services_changed = services
             .iter()
             .map(|s| (&s.namespace, &s.name, s.vip))
@@ -1523,7 +1582,7 @@ async fn run(
     shutdown: CancellationToken,
     mut upgrade: tokio::signal::unix::Signal,
 ) -> anyhow::Result<()> {
-    net::create_fabric(&sb.fabric)?;
+    net::create_fabric(&sb.fabric, sb.opts.ip_family)?;
     sb.fabric_made = true;
     // Objects first (namespaces, services, pods Pending), so the controller's first
     // model has them; then the nodes, their agents, and the pods' sandboxes.
@@ -1778,16 +1837,18 @@ pub fn rules(state_dir: &Path, pod: &str) -> anyhow::Result<String> {
             .with_context(|| format!("cannot run {args:?} in {}", p.netns))?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
-    let nft = run(&["nft", "list", "table", "ip", "weft"])?;
+    let nft = run(&["nft", "list", "table", "inet", "weft"])?;
     let nft = if nft.is_empty() {
-        "# no nftables table ip weft\n".to_owned()
+        "# no nftables table inet weft\n".to_owned()
     } else {
         nft
     };
     Ok(format!(
-        "{nft}\n# ip rule\n{}\n# ip route table 100\n{}",
+        "{nft}\n# ip rule\n{}\n# ip route table 100\n{}\n# ip -6 rule\n{}\n# ip -6 route table 100\n{}",
         run(&["ip", "rule", "show"])?,
-        run(&["ip", "route", "show", "table", "100"])?
+        run(&["ip", "route", "show", "table", "100"])?,
+        run(&["ip", "-6", "rule", "show"])?,
+        run(&["ip", "-6", "route", "show", "table", "100"])?
     ))
 }
 

@@ -12,14 +12,74 @@
 //!    |                 route 10.244.2.0/24 via 10.244.0.3
 //!    '-- node-2 netns: eth0 10.244.0.3, cni0 10.244.2.1/24 --> pods 10.244.2.x
 //! ```
+//!
+//! With IPv6 ([`IpFamily`]) the same layout has unique local addresses beside (dual
+//! stack) or instead of (IPv6 only) the IPv4 ones: the fabric `fd00:10:244::/64`, node
+//! i's pods `fd00:10:244:<i+1>::/64`, services `fd00:10:96::/112`.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 
 /// The fabric bridge's address.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+/// The fabric bridge's IPv6 address.
+pub const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 1);
 /// The nodes' network prefix length (10.244.0.0/24).
 pub const NODE_PREFIX: u8 = 24;
+/// The nodes' IPv6 prefix length, and each node's pod range's.
+pub const PREFIX6: u8 = 64;
+
+/// The address families of the sandbox's cluster network, as a cluster's
+/// `--service-cluster-ip-range` and pod CIDRs set them.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum IpFamily {
+    /// IPv4 only.
+    #[default]
+    Ipv4,
+    /// IPv4 and IPv6, IPv4 first (the primary family: a pod's `status.podIP`, a
+    /// single-stack service's address).
+    Dual,
+    /// IPv6 only.
+    Ipv6,
+}
+
+impl std::fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IpFamily::Ipv4 => "ipv4",
+            IpFamily::Dual => "dual",
+            IpFamily::Ipv6 => "ipv6",
+        })
+    }
+}
+
+impl IpFamily {
+    /// Has IPv4 addresses.
+    pub fn v4(self) -> bool {
+        self != IpFamily::Ipv6
+    }
+
+    /// Has IPv6 addresses.
+    pub fn v6(self) -> bool {
+        self != IpFamily::Ipv4
+    }
+
+    /// The primary family is IPv6.
+    pub fn v6_first(self) -> bool {
+        self == IpFamily::Ipv6
+    }
+}
 
 /// Why the network could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -71,65 +131,127 @@ pub fn pod_subnet(i: u16) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, (i + 1).min(255) as u8, 0)
 }
 
+/// The i-th node's IPv6 address on the fabric: fd00:10:244::2, ::3, ...
+pub fn node_ip6(i: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, i.saturating_add(2))
+}
+
+/// The i-th node's IPv6 pod range: fd00:10:244:1::/64, fd00:10:244:2::/64, ...
+pub fn pod_subnet6(i: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, i.saturating_add(1), 0, 0, 0, 0)
+}
+
 /// The j-th service address: 10.96.0.10, 10.96.0.11, ...
 pub fn service_ip(j: usize) -> Ipv4Addr {
     let n = u32::try_from(j).unwrap_or(u32::MAX).saturating_add(10);
     Ipv4Addr::new(10, 96, (n / 256) as u8, (n % 256) as u8)
 }
 
-/// Creates the fabric namespace and its bridge.
-pub fn create_fabric(fabric: &str) -> Result<(), NetError> {
-    ip(&["netns", "add", fabric])?;
-    ip(&["-n", fabric, "link", "set", "lo", "up"])?;
-    ip(&["-n", fabric, "link", "add", "br0", "type", "bridge"])?;
-    let gw = format!("{GATEWAY}/{NODE_PREFIX}");
-    ip(&["-n", fabric, "addr", "add", &gw, "dev", "br0"])?;
-    ip(&["-n", fabric, "link", "set", "br0", "up"])?;
-    Ok(())
+/// The j-th IPv6 service address: fd00:10:96::a, fd00:10:96::b, ...
+pub fn service_ip6(j: usize) -> Ipv6Addr {
+    let n = u16::try_from(j).unwrap_or(u16::MAX).saturating_add(10);
+    Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, n)
 }
 
-/// Creates node `i`'s namespace: `eth0` at its address on the fabric bridge (via the
-/// fabric-side interface `port`), forwarding on, as a node routes its pods' traffic.
-pub fn create_node(fabric: &str, netns: &str, port: &str, i: u16) -> Result<(), NetError> {
-    ip(&["netns", "add", netns])?;
-    ip(&["-n", netns, "link", "set", "lo", "up"])?;
-    ip(&[
-        "-n", fabric, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", netns,
-    ])?;
-    ip(&["-n", fabric, "link", "set", port, "master", "br0", "up"])?;
-    let cidr = format!("{}/{NODE_PREFIX}", node_ip(i));
-    ip(&["-n", netns, "addr", "add", &cidr, "dev", "eth0"])?;
-    ip(&["-n", netns, "link", "set", "eth0", "up"])?;
-    let forwarding = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            netns,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ])
+/// The j-th service address of `v6`'s family.
+pub fn service_ip_of(v6: bool, j: usize) -> IpAddr {
+    match v6 {
+        false => service_ip(j).into(),
+        true => service_ip6(j).into(),
+    }
+}
+
+/// Runs `sysctl -qw setting` in `netns`.
+fn sysctl(netns: &str, setting: &str) -> Result<(), NetError> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "sysctl", "-qw", setting])
         .output()
         .map_err(|source| NetError::Spawn {
             args: format!("netns exec {netns} sysctl"),
             source,
         })?;
-    if !forwarding.status.success() {
+    if !out.status.success() {
         return Err(NetError::Failed {
-            args: format!("netns exec {netns} sysctl -w net.ipv4.ip_forward=1"),
-            stderr: String::from_utf8_lossy(&forwarding.stderr)
-                .trim()
-                .to_owned(),
+            args: format!("netns exec {netns} sysctl -w {setting}"),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         });
     }
     Ok(())
 }
 
-/// Routes node `to`'s pod range from node namespace `netns` via that node's address.
-pub fn route_to_node(netns: &str, to: u16) -> Result<(), NetError> {
-    let subnet = format!("{}/24", pod_subnet(to));
-    let via = node_ip(to).to_string();
-    ip(&["-n", netns, "route", "replace", &subnet, "via", &via])?;
+/// Turns off IPv6 duplicate address detection in `netns`: its addresses are usable at
+/// once (the sandbox hands out every address once, so none is duplicated).
+pub fn no_dad(netns: &str) -> Result<(), NetError> {
+    sysctl(netns, "net.ipv6.conf.all.accept_dad=0")?;
+    sysctl(netns, "net.ipv6.conf.default.accept_dad=0")
+}
+
+/// Creates the fabric namespace and its bridge.
+pub fn create_fabric(fabric: &str, family: IpFamily) -> Result<(), NetError> {
+    ip(&["netns", "add", fabric])?;
+    ip(&["-n", fabric, "link", "set", "lo", "up"])?;
+    if family.v6() {
+        no_dad(fabric)?;
+    }
+    ip(&["-n", fabric, "link", "add", "br0", "type", "bridge"])?;
+    if family.v4() {
+        let gw = format!("{GATEWAY}/{NODE_PREFIX}");
+        ip(&["-n", fabric, "addr", "add", &gw, "dev", "br0"])?;
+    }
+    if family.v6() {
+        let gw = format!("{GATEWAY6}/{PREFIX6}");
+        ip(&["-n", fabric, "addr", "add", &gw, "dev", "br0", "nodad"])?;
+    }
+    ip(&["-n", fabric, "link", "set", "br0", "up"])?;
+    Ok(())
+}
+
+/// Creates node `i`'s namespace: `eth0` at its addresses on the fabric bridge (via the
+/// fabric-side interface `port`), forwarding on, as a node routes its pods' traffic.
+pub fn create_node(
+    fabric: &str,
+    netns: &str,
+    port: &str,
+    i: u16,
+    family: IpFamily,
+) -> Result<(), NetError> {
+    ip(&["netns", "add", netns])?;
+    ip(&["-n", netns, "link", "set", "lo", "up"])?;
+    if family.v6() {
+        no_dad(netns)?;
+    }
+    ip(&[
+        "-n", fabric, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", netns,
+    ])?;
+    ip(&["-n", fabric, "link", "set", port, "master", "br0", "up"])?;
+    if family.v4() {
+        let cidr = format!("{}/{NODE_PREFIX}", node_ip(i));
+        ip(&["-n", netns, "addr", "add", &cidr, "dev", "eth0"])?;
+    }
+    if family.v6() {
+        let cidr = format!("{}/{PREFIX6}", node_ip6(i));
+        ip(&["-n", netns, "addr", "add", &cidr, "dev", "eth0", "nodad"])?;
+    }
+    ip(&["-n", netns, "link", "set", "eth0", "up"])?;
+    sysctl(netns, "net.ipv4.ip_forward=1")?;
+    if family.v6() {
+        sysctl(netns, "net.ipv6.conf.all.forwarding=1")?;
+    }
+    Ok(())
+}
+
+/// Routes node `to`'s pod ranges from node namespace `netns` via that node's addresses.
+pub fn route_to_node(netns: &str, to: u16, family: IpFamily) -> Result<(), NetError> {
+    if family.v4() {
+        let subnet = format!("{}/24", pod_subnet(to));
+        let via = node_ip(to).to_string();
+        ip(&["-n", netns, "route", "replace", &subnet, "via", &via])?;
+    }
+    if family.v6() {
+        let subnet = format!("{}/{PREFIX6}", pod_subnet6(to));
+        let via = node_ip6(to).to_string();
+        ip(&["-n", netns, "-6", "route", "replace", &subnet, "via", &via])?;
+    }
     Ok(())
 }
 
@@ -176,5 +298,9 @@ mod tests {
         assert_ne!(node_ip(0), GATEWAY);
         assert_eq!(service_ip(0), Ipv4Addr::new(10, 96, 0, 10));
         assert_ne!(service_ip(300), service_ip(44));
+        assert_eq!(node_ip6(0).to_string(), "fd00:10:244::2");
+        assert_eq!(pod_subnet6(1).to_string(), "fd00:10:244:2::");
+        assert_eq!(service_ip6(0).to_string(), "fd00:10:96::a");
+        assert_ne!(node_ip6(0), GATEWAY6);
     }
 }

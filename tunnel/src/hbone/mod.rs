@@ -151,7 +151,8 @@ pub fn parse_authority(authority: &str) -> Result<SocketAddr, Refusal> {
     if addr.port() == 0 {
         return Err(Refusal::BadAuthority);
     }
-    Ok(addr)
+    // `[::ffff:a.b.c.d]` is the IPv4 address it maps.
+    Ok(SocketAddr::new(addr.ip().to_canonical(), addr.port()))
 }
 
 /// Reads the `for=` parameter of the first element of a `forwarded` header (RFC 7239),
@@ -199,6 +200,10 @@ mod tests {
         assert_eq!(
             connect("[fd00::1]:80").unwrap().target,
             "[fd00::1]:80".parse().unwrap()
+        );
+        assert_eq!(
+            connect("[::ffff:10.244.1.7]:80").unwrap().target,
+            "10.244.1.7:80".parse().unwrap()
         );
         for bad in [
             "10.244.1.7",

@@ -320,10 +320,13 @@ impl Server {
         drain: CancellationToken,
         force: CancellationToken,
     ) {
+        // A dual-stack listener reports IPv4 as IPv4-mapped IPv6: compare as IPv4.
+        let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
         let local_addr = match tcp.local_addr() {
-            Ok(a) => a,
+            Ok(a) => canonical(a),
             Err(_) => return,
         };
+        let peer_addr = canonical(peer_addr);
         let _ = tcp.set_nodelay(true);
         let span = tracing::info_span!("hbone_in", peer = %peer_addr, local = %local_addr);
         async move {
