@@ -173,17 +173,7 @@ impl Sandbox {
     }
 
     fn pod(&self, pod: &str) -> anyhow::Result<&Value> {
-        self.state["pods"]
-            .as_array()
-            .and_then(|ps| {
-                ps.iter().find(|p| {
-                    format!(
-                        "{}/{}",
-                        p["namespace"].as_str().unwrap_or(""),
-                        p["name"].as_str().unwrap_or("")
-                    ) == pod
-                })
-            })
+        named(&self.state["pods"], pod)
             .with_context(|| format!("no pod {pod} in sandbox {}", self.name))
     }
 
@@ -205,17 +195,7 @@ impl Sandbox {
 
     /// A service's virtual IPs, the primary first.
     pub fn vips(&self, service: &str) -> anyhow::Result<Vec<String>> {
-        let s = self.state["services"]
-            .as_array()
-            .and_then(|ss| {
-                ss.iter().find(|s| {
-                    format!(
-                        "{}/{}",
-                        s["namespace"].as_str().unwrap_or(""),
-                        s["name"].as_str().unwrap_or("")
-                    ) == service
-                })
-            })
+        let s = named(&self.state["services"], service)
             .with_context(|| format!("no service {service} in sandbox {}", self.name))?;
         let all: Vec<String> = match s["vips"].as_array() {
             Some(vips) => vips
@@ -580,6 +560,68 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
         .sum()
+}
+
+/// The object of `list` (a `state.json` array) called `name` (`namespace/name`).
+fn named<'a>(list: &'a Value, name: &str) -> Option<&'a Value> {
+    list.as_array()?.iter().find(|o| {
+        format!(
+            "{}/{}",
+            o["namespace"].as_str().unwrap_or(""),
+            o["name"].as_str().unwrap_or("")
+        ) == name
+    })
+}
+
+/// An AuthorizationPolicy denying `shop/client` (of the mesh manifests) any connection
+/// to `shop/echo`.
+pub const DENY_CLIENT: &str = "apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: deny-client, namespace: shop}
+spec:
+  selector: {matchLabels: {app: echo}}
+  action: DENY
+  rules: [{from: [{principals: [\"cluster.local/ns/shop/sa/client\"]}]}]
+";
+
+/// Starts tcpdump on the sandbox fabric's bridge, writing what `filter` matches to `pcap`,
+/// and returns once it records. tcpdump lets nothing in until its filter is attached, so
+/// `warm_up` (a request that must not open what the test watches, e.g. plaintext to a
+/// pod outside the mesh) is repeated until the capture file grows past its header.
+pub fn capture_fabric(
+    sb: &Sandbox,
+    filter: &str,
+    pcap: &Path,
+    mut warm_up: impl FnMut(),
+) -> anyhow::Result<Tcpdump> {
+    let fabric = sb.state["fabric"].as_str().unwrap_or_default().to_owned();
+    let tcpdump = Tcpdump::start(&fabric, "br0", filter, pcap)?;
+    eventually(Duration::from_secs(20), || {
+        warm_up();
+        std::fs::metadata(pcap).ok().filter(|m| m.len() > 24)
+    })
+    .context("tcpdump captures nothing")?;
+    Ok(tcpdump)
+}
+
+/// The TLS ServerHellos of `pcap`, port 15008 decoded as TLS, as tshark prints `fields`
+/// of them: one line per hello, the fields tab-separated.
+pub fn server_hellos(pcap: &Path, fields: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = Command::new("tshark");
+    cmd.arg("-r")
+        .arg(pcap)
+        .args(["-d", "tcp.port==15008,tls", "-Y", "tls.handshake.type == 2"])
+        .args(["-T", "fields"]);
+    for field in fields {
+        cmd.args(["-e", field]);
+    }
+    let out = cmd
+        .output()
+        .context("cannot run tshark (.ci/run installs it)")?;
+    if !out.status.success() {
+        bail!("tshark failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// tcpdump writing the packets `filter` matches on interface `iface` of namespace `netns`

@@ -8,7 +8,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use weft_e2e::{eventually, metric_sum, repo_root, weftctl, Load, Sandbox, TempManifests};
+use weft_e2e::{
+    eventually, metric_sum, repo_root, weftctl, Load, Sandbox, TempManifests, DENY_CLIENT,
+};
 
 fn mesh() -> PathBuf {
     repo_root().join("tests/manifests/mesh")
@@ -51,15 +53,7 @@ fn a_deny_policy_closes_an_open_connection_and_refuses_new_ones() {
     assert!(open.is_some(), "the connection is open");
     assert!(held.try_wait().unwrap().is_none(), "and stays open");
 
-    let policy = "apiVersion: weft.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: deny-client, namespace: shop}
-spec:
-  selector: {matchLabels: {app: echo}}
-  action: DENY
-  rules: [{from: [{principals: [\"cluster.local/ns/shop/sa/client\"]}]}]
-";
-    manifests.write("50-deny.yaml", policy).unwrap();
+    manifests.write("50-deny.yaml", DENY_CLIENT).unwrap();
     let written = Instant::now();
     let took = eventually(Duration::from_secs(10), || {
         held.try_wait().unwrap().map(|_| written.elapsed())

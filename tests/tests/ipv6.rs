@@ -5,10 +5,12 @@
 #![allow(clippy::unwrap_used)] // a test fails by panicking
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
-use weft_e2e::{eventually, metric_sum, repo_root, Sandbox, Tcpdump, TempManifests};
+use weft_e2e::{
+    capture_fabric, eventually, metric_sum, repo_root, server_hellos, Sandbox, TempManifests,
+    DENY_CLIENT,
+};
 
 fn mesh() -> PathBuf {
     repo_root().join("tests/manifests/mesh")
@@ -25,15 +27,6 @@ spec:
   ipFamilyPolicy: RequireDualStack
   selector: {app: echo}
   ports: [{name: http, port: 80, targetPort: 8080}]
-";
-
-const DENY_CLIENT: &str = "apiVersion: weft.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: deny-client, namespace: shop}
-spec:
-  selector: {matchLabels: {app: echo}}
-  action: DENY
-  rules: [{from: [{principals: [\"cluster.local/ns/shop/sa/client\"]}]}]
 ";
 
 /// Node 2 counted an inbound mTLS connection from A's principal.
@@ -65,15 +58,12 @@ fn dual_stack_ipv6_goes_over_mtls_keeps_the_client_and_obeys_policy() {
     assert!(!a4.contains(':'), "IPv4 is the primary family: {a4}");
 
     // On the wire: TLS 1.3 to 15008 over IPv6, and none of the request in plaintext.
-    let fabric = sb.state["fabric"].as_str().unwrap().to_owned();
     let pcap = sb.state_dir.join("fabric6.pcap");
-    let tcpdump = Tcpdump::start(&fabric, "br0", "ip6 and tcp", &pcap).unwrap();
     let web6 = sb.ip6("legacy/web").unwrap();
-    eventually(Duration::from_secs(20), || {
+    let tcpdump = capture_fabric(&sb, "ip6 and tcp", &pcap, || {
         let _ = sb.curl(A, &format!("http://[{web6}]:8080/warm-up"));
-        std::fs::metadata(&pcap).ok().filter(|m| m.len() > 24)
     })
-    .expect("tcpdump captures");
+    .unwrap();
     let marker = "ipv6-plaintext-must-not-appear-on-the-wire";
     let (code, body) = sb.curl(A, &format!("http://[{b6}]:8080/{marker}")).unwrap();
     assert_eq!(code, 0, "curl over IPv6 by pod IP: {body}");
@@ -84,31 +74,19 @@ fn dual_stack_ipv6_goes_over_mtls_keeps_the_client_and_obeys_policy() {
         !bytes.windows(marker.len()).any(|w| w == marker.as_bytes()),
         "the request's plaintext crossed the fabric"
     );
-    let out = Command::new("tshark")
-        .args(["-r"])
-        .arg(&pcap)
-        .args([
-            "-d",
-            "tcp.port==15008,tls",
-            "-Y",
-            "ipv6 && tls.handshake.type == 2",
-            "-T",
-            "fields",
-            "-e",
+    let text = server_hellos(
+        &pcap,
+        &[
             "ipv6.src",
-            "-e",
             "tcp.srcport",
-            "-e",
             "tls.handshake.extensions.supported_version",
-        ])
-        .output()
-        .expect("tshark is installed (.ci/run installs it)");
-    let text = String::from_utf8_lossy(&out.stdout);
+        ],
+    )
+    .unwrap();
     assert!(
         text.lines()
             .any(|l| l.starts_with(&format!("{b6}\t15008")) && l.contains("0x0304")),
-        "a ServerHello from [{b6}]:15008 negotiating TLS 1.3: {text:?} {}",
-        String::from_utf8_lossy(&out.stderr)
+        "a ServerHello from [{b6}]:15008 negotiating TLS 1.3: {text:?}"
     );
 
     // By the dual-stack service's IPv6 address, and by its IPv4 one.

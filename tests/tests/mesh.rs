@@ -2,10 +2,11 @@
 //! nftables, carried over HBONE between two node-proxy processes, driven by curl.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use weft_e2e::{eventually, metric_sum, repo_root, weftctl, Sandbox, Tcpdump};
+use weft_e2e::{
+    capture_fabric, eventually, metric_sum, repo_root, server_hellos, weftctl, Sandbox,
+};
 
 fn manifests() -> PathBuf {
     repo_root().join("tests/manifests/mesh")
@@ -211,18 +212,13 @@ fn an_application_that_never_answers_is_given_up_on() {
 fn fabric_capture_shows_tls13_and_no_plaintext() {
     let sb = Sandbox::up("e2e-pcap", &manifests()).unwrap();
     let b_ip = sb.ip(B).unwrap();
-    let fabric = sb.state["fabric"].as_str().unwrap().to_owned();
     let pcap = sb.state_dir.join("fabric.pcap");
-    let tcpdump = Tcpdump::start(&fabric, "br0", "tcp", &pcap).unwrap();
-    // tcpdump lets nothing in until its filter is attached: warm up with plaintext
-    // requests to a pod outside the mesh (so the tunnel to B is not opened yet) until
-    // the capture file grows past its header.
+    // Warm up with plaintext to a pod outside the mesh: the tunnel to B is not opened yet.
     let web_ip = sb.ip("legacy/web").unwrap();
-    eventually(Duration::from_secs(20), || {
+    let tcpdump = capture_fabric(&sb, "tcp", &pcap, || {
         let _ = sb.curl(A, &format!("http://{web_ip}:8080/warm-up"));
-        std::fs::metadata(&pcap).ok().filter(|m| m.len() > 24)
     })
-    .expect("tcpdump captures");
+    .unwrap();
     let marker = "plaintext-must-not-appear-on-the-wire";
     let (code, body) = sb.curl(A, &format!("http://{b_ip}:8080/{marker}")).unwrap();
     assert_eq!(code, 0, "{body}");
@@ -236,29 +232,15 @@ fn fabric_capture_shows_tls13_and_no_plaintext() {
         "the request's plaintext crossed the fabric"
     );
     // The tunnel is TLS 1.3 to port 15008, as tshark decodes it.
-    let out = Command::new("tshark")
-        .args(["-r"])
-        .arg(&pcap)
-        .args([
-            "-d",
-            "tcp.port==15008,tls",
-            "-Y",
-            "tls.handshake.type == 2",
-            "-T",
-            "fields",
-            "-e",
-            "tcp.srcport",
-            "-e",
-            "tls.handshake.extensions.supported_version",
-        ])
-        .output()
-        .expect("tshark is installed (.ci/run installs it)");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = server_hellos(
+        &pcap,
+        &["tcp.srcport", "tls.handshake.extensions.supported_version"],
+    )
+    .unwrap();
     assert!(
         text.lines()
             .any(|l| l.starts_with("15008") && l.contains("0x0304")),
-        "a ServerHello from port 15008 negotiating TLS 1.3 (0x0304): {text:?} {}",
-        String::from_utf8_lossy(&out.stderr)
+        "a ServerHello from port 15008 negotiating TLS 1.3 (0x0304): {text:?}"
     );
 }
 
