@@ -9,6 +9,47 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// A pattern value of a policy: exact, `prefix*`, `*suffix` or `*`.
+const PATTERN: &str = r"^(\*|\*?[^*]+|[^*]+\*)$";
+/// A duration as Gateway API writes them (GEP-2257): `500ms`, `30s`, `1h30m`.
+const DURATION: &str = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$";
+/// An HTTP method, in capitals.
+const METHOD: &str = r"^[A-Z]+$";
+
+/// A label selector whose expressions the API server checks as the controller does:
+/// the operator is one of the four, and In/NotIn come with values, the others without.
+fn selector_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = <Option<LabelSelector> as JsonSchema>::json_schema(generator);
+    if let Some(items) = schema
+        .as_object_mut()
+        .and_then(|s| s.get_mut("properties"))
+        .and_then(|p| p.get_mut("matchExpressions"))
+        .and_then(|m| m.get_mut("items"))
+        .and_then(|i| i.as_object_mut())
+    {
+        if let Some(op) = items
+            .get_mut("properties")
+            .and_then(|p| p.get_mut("operator"))
+            .and_then(|o| o.as_object_mut())
+        {
+            op.insert(
+                "enum".into(),
+                serde_json::json!(["In", "NotIn", "Exists", "DoesNotExist"]),
+            );
+        }
+        items.insert(
+            "x-kubernetes-validations".into(),
+            serde_json::json!([{
+                "rule": "self.operator == 'In' || self.operator == 'NotIn' ? \
+                         has(self.values) && size(self.values) > 0 : \
+                         !has(self.values) || size(self.values) == 0",
+                "message": "In and NotIn need values; Exists and DoesNotExist take none",
+            }]),
+        );
+    }
+    schema
+}
+
 /// Who may connect to the workloads a policy selects.
 ///
 /// DENY policies win over ALLOW policies; a workload without ALLOW policies accepts
@@ -32,6 +73,7 @@ use serde::{Deserialize, Serialize};
 pub struct AuthorizationPolicySpec {
     /// The pods of the policy's namespace it applies to; absent: all of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "selector_schema")]
     pub selector: Option<LabelSelector>,
     /// `ALLOW` (default) or `DENY`.
     #[serde(default)]
@@ -75,15 +117,19 @@ pub struct PolicyRule {
 pub struct PolicySource {
     /// The peer's identity is one of these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = PATTERN)))]
     pub principals: Vec<String>,
     /// The peer's identity is none of these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = PATTERN)))]
     pub not_principals: Vec<String>,
     /// The peer's namespace is one of these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = PATTERN)))]
     pub namespaces: Vec<String>,
     /// The peer's namespace is none of these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = PATTERN)))]
     pub not_namespaces: Vec<String>,
 }
 
@@ -95,21 +141,27 @@ pub struct PolicySource {
 pub struct PolicyOperation {
     /// The destination port is one of these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(range(min = 1)))]
     pub ports: Vec<u16>,
     /// The destination port is none of these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(range(min = 1)))]
     pub not_ports: Vec<u16>,
     /// HTTP request paths (patterns).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = PATTERN)))]
     pub paths: Vec<String>,
     /// HTTP request paths excluded (patterns).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = PATTERN)))]
     pub not_paths: Vec<String>,
     /// HTTP methods (`GET`, `POST`, ...).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = METHOD)))]
     pub methods: Vec<String>,
     /// HTTP methods excluded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = METHOD)))]
     pub not_methods: Vec<String>,
     /// HTTP request headers: each named header must match one of its values
     /// (patterns).
@@ -173,11 +225,14 @@ pub struct TrafficPolicySpec {
 pub struct TargetRef {
     /// `""` (core).
     #[serde(default)]
+    #[schemars(extend("enum" = ["", "core"]))]
     pub group: String,
     /// `Service`.
     #[serde(default = "service_kind")]
+    #[schemars(extend("enum" = ["Service"]))]
     pub kind: String,
     /// The Service's name.
+    #[schemars(length(min = 1, max = 253))]
     pub name: String,
 }
 
@@ -217,9 +272,11 @@ pub struct OutlierDetectionSpec {
     pub consecutive_connect_failures: Option<u32>,
     /// First ejection's length; each further ejection lasts longer (default `30s`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION))]
     pub base_ejection_time: Option<String>,
     /// Never eject more than this share of endpoints, in percent (default 50).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 100))]
     pub max_ejection_percent: Option<u32>,
 }
 
@@ -229,9 +286,11 @@ pub struct OutlierDetectionSpec {
 pub struct ConnectionPoolSpec {
     /// Connections to the service's endpoints at once (per waypoint).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub max_connections: Option<u32>,
     /// Requests waiting for a connection; more are answered 503.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub max_pending_requests: Option<u32>,
 }
 
@@ -252,8 +311,10 @@ pub struct FaultSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DelayFault {
     /// Share of requests delayed, 0 to 100.
+    #[schemars(range(min = 0, max = 100))]
     pub percent: f64,
     /// How long, e.g. `200ms`.
+    #[schemars(regex(pattern = DURATION))]
     pub fixed_delay: String,
 }
 
@@ -262,8 +323,10 @@ pub struct DelayFault {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AbortFault {
     /// Share of requests aborted, 0 to 100.
+    #[schemars(range(min = 0, max = 100))]
     pub percent: f64,
     /// The status they are answered with, 200 to 599.
+    #[schemars(range(min = 200, max = 599))]
     pub http_status: u16,
 }
 
@@ -272,9 +335,11 @@ pub struct AbortFault {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateLimitSpec {
     /// Sustained requests per second (per waypoint).
+    #[schemars(range(min = 1))]
     pub requests_per_second: u32,
     /// Requests allowed in a burst above the rate (default: one second's worth).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub burst: Option<u32>,
 }
 
@@ -284,6 +349,7 @@ pub struct RateLimitSpec {
 pub struct RetryBudgetSpec {
     /// Retries allowed as a percentage of requests (default 20).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 100))]
     pub percent: Option<u32>,
     /// Retries always allowed per second, whatever the share (default 10).
     #[serde(default, skip_serializing_if = "Option::is_none")]

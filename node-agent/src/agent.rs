@@ -555,6 +555,7 @@ impl Agent {
             Err(e) => return self.failed(uid, Step::Capture, e),
         };
         let name = handed.info.to_string();
+        let handed_ips = handed.info.ips.clone();
         // Served before captured: the rules send traffic to listeners node-proxy serves.
         if let Err(e) = self.link.add(handed).await {
             return self.failed(uid, Step::Handoff, e.to_string());
@@ -562,12 +563,22 @@ impl Agent {
         if let Some(p) = self.held.get_mut(uid) {
             p.summary.served = true;
         }
+        // IPv6 is captured only into listeners known to take it: the ones the agent
+        // opened. Without them (node-proxy serves listeners of its own, perhaps an
+        // earlier release's IPv4 ones) IPv6 passes uncaptured rather than to nothing.
+        let held_listeners = self.held.get(uid).is_some_and(|p| p.listeners.is_some());
+        let ipv6 = held_listeners
+            && runtime::netns::pod_listen_addrs(&handed_ips)
+                .is_ok_and(|[outbound, _, _]| outbound.is_ipv6());
         let result = match self.held.get(uid).and_then(|p| p.netns.as_ref()) {
-            Some(netns) => capture::install(netns.as_fd(), &name, self.settings.probe_source)
+            Some(netns) => capture::install(netns.as_fd(), &name, self.settings.probe_source, ipv6)
                 .await
                 .map_err(|e| e.to_string()),
             None => Err("its network namespace is not held".into()),
         };
+        if !ipv6 && handed_ips_have_v6(&handed_ips) {
+            warn!(pod = %name, "its IPv6 connections are not captured: node-proxy serves it on listeners the agent did not open (an earlier release's?); they are captured once the pod is recreated");
+        }
         match result {
             Ok(()) => {
                 if let Some(p) = self.held.get_mut(uid) {
@@ -998,4 +1009,8 @@ impl Step {
             Step::Handoff => "handoff",
         }
     }
+}
+
+fn handed_ips_have_v6(ips: &[IpAddr]) -> bool {
+    ips.iter().any(|ip| ip.to_canonical().is_ipv6())
 }

@@ -56,7 +56,9 @@ pub const PROBE_SOURCE: ProbeSource = ProbeSource {
     v4: Ipv4Addr::new(169, 254, 7, 127),
     v6: Ipv6Addr::new(0xfd77, 0x6566, 0x74, 0, 0, 0, 0, 0x7f),
 };
-/// IPv6 link-local addresses (`fe80::/10`): never captured.
+/// The marker chain of rules that leave IPv6 uncaptured.
+const IPV4_ONLY: &str = "ipv4_only";
+/// IPv6 link-local addresses (`fe80::/10`): never captured on the way out.
 const LINK_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0);
 /// The node's sets of captured pod IPs its probes are source-NATed for.
 const PROBE_TARGETS: &str = "probe_targets";
@@ -132,23 +134,24 @@ async fn replace_table(
 }
 
 /// Installs (or re-installs, atomically) the capture rules in a pod's namespace.
-/// `pod` names it in errors.
+/// `pod` names it in errors. `ipv6`: capture its IPv6 connections too, which needs
+/// listeners that take IPv6 ([`runtime::netns::pod_listen_addrs`] for a pod with an IPv6
+/// address); without, IPv6 passes uncaptured, as an earlier release left it.
 pub async fn install(
     netns: BorrowedFd<'_>,
     pod: &str,
     probe_source: ProbeSource,
+    ipv6: bool,
 ) -> Result<(), CaptureError> {
     let nft = Connection::<Nftables>::new_in(netns)
         .map_err(netlink(pod, "open netlink in its network namespace"))?;
     let ip = Family::Inet;
     replace_table(&nft, ip, pod, |tx| {
         let rule = |chain: &str| Rule::new(TABLE, chain).family(ip);
-        Ok(tx
-            .add_chain(
-                Chain::new(TABLE, "prerouting")?.family(ip).base(
-                    BaseChain::nat(NatHook::Prerouting, Priority::DstNat).policy(Policy::Accept),
-                ),
-            )
+        let mut tx =
+            tx.add_chain(Chain::new(TABLE, "prerouting")?.family(ip).base(
+                BaseChain::nat(NatHook::Prerouting, Priority::DstNat).policy(Policy::Accept),
+            ))
             .add_chain(
                 Chain::new(TABLE, "output")?
                     .family(ip)
@@ -158,7 +161,16 @@ pub async fn install(
                 Chain::new(TABLE, "mark_replies")?
                     .family(ip)
                     .base(BaseChain::route(Priority::Mangle).policy(Policy::Accept)),
-            )
+            );
+        if !ipv6 {
+            // Any IPv6 packet (the address matchers carry the family's guard).
+            let any6 = |chain: &str| rule(chain).match_saddr_v6(Ipv6Addr::UNSPECIFIED, 0);
+            tx = tx
+                .add_chain(Chain::new(TABLE, IPV4_ONLY)?.family(ip))
+                .add_rule(any6("prerouting").accept())
+                .add_rule(any6("output").accept());
+        }
+        Ok(tx
             .add_rule(rule("prerouting").match_l4proto_not(TCP).accept())
             .add_rule(rule("prerouting").match_iif("lo").accept())
             // The node's probes reach the application itself, without identity or
@@ -173,8 +185,6 @@ pub async fn install(
                     .match_saddr_v6(probe_source.v6, 128)
                     .accept(),
             )
-            // IPv6 link-local is the link's own business (no pod is addressed there).
-            .add_rule(rule("prerouting").match_saddr_v6(LINK_LOCAL, 10).accept())
             .add_rule(rule("prerouting").match_tcp_dport(HBONE_PORT).accept())
             .add_rule(
                 rule("prerouting")
@@ -196,6 +206,8 @@ pub async fn install(
                     .match_daddr_v6(Ipv6Addr::LOCALHOST, 128)
                     .accept(),
             )
+            // Link-local destinations need the interface, which a redirect loses: they
+            // leave uncaptured, and a captured peer checks them as it does plaintext.
             .add_rule(rule("output").match_daddr_v6(LINK_LOCAL, 10).accept())
             .add_rule(
                 rule("output")
@@ -293,21 +305,16 @@ pub async fn remove(netns: BorrowedFd<'_>, pod: &str) -> Result<(), CaptureError
     }
     let rt = Connection::<Route>::new_in(netns)
         .map_err(netlink(pod, "open netlink in its network namespace"))?;
-    let v6 = has_ipv6(&rt, pod).await?;
     rt.del_rule_if_exists(reply_rule(false))
         .await
         .map_err(netlink(pod, "delete the policy rule"))?;
     rt.del_route_if_exists(reply_route())
         .await
         .map_err(netlink(pod, "delete the local route"))?;
-    if v6 {
-        rt.del_rule_if_exists(reply_rule(true))
-            .await
-            .map_err(netlink(pod, "delete the IPv6 policy rule"))?;
-        rt.del_route_if_exists(reply_route_v6())
-            .await
-            .map_err(netlink(pod, "delete the IPv6 local route"))?;
-    }
+    // Whatever addresses are left (the interface may be gone): a kernel without IPv6
+    // has neither, and says so.
+    let _ = rt.del_rule_if_exists(reply_rule(true)).await;
+    let _ = rt.del_route_if_exists(reply_route_v6()).await;
     Ok(())
 }
 
@@ -354,6 +361,10 @@ pub async fn installed(netns: BorrowedFd<'_>, pod: &str) -> Result<Installed, Ca
                 chains.iter().any(|c| c.name == chain),
                 format!("nftables chain inet {TABLE} {chain}"),
             );
+        }
+        if chains.iter().any(|c| c.name == IPV4_ONLY) {
+            // Not a missing part: the pod's listeners take IPv4 only.
+            note(true, "IPv6 left uncaptured (IPv4-only listeners)".into());
         }
     } else {
         note(false, format!("nftables table inet {TABLE}"));
@@ -553,7 +564,7 @@ mod tests {
         let before = installed(ns.0.as_fd(), pod).await.expect("read");
         assert!(before.present.is_empty(), "{before:?}");
         assert_eq!(before.missing.len(), 5, "{before:?}");
-        install(ns.0.as_fd(), pod, PROBE_SOURCE)
+        install(ns.0.as_fd(), pod, PROBE_SOURCE, true)
             .await
             .expect("install");
         let first = ns.run(&["nft", "list", "ruleset"]);
@@ -570,7 +581,7 @@ mod tests {
         assert!(first.contains("redirect to :15006"), "{first}");
         assert!(installed(ns.0.as_fd(), pod).await.expect("read").complete());
         // Again: the same rules, once.
-        install(ns.0.as_fd(), pod, PROBE_SOURCE)
+        install(ns.0.as_fd(), pod, PROBE_SOURCE, true)
             .await
             .expect("install again");
         assert_eq!(ns.run(&["nft", "list", "ruleset"]), first);
@@ -590,6 +601,28 @@ mod tests {
         assert!(after.present.is_empty(), "{after:?}");
         assert_eq!(ns.run(&["nft", "list", "ruleset"]).trim(), "");
         assert!(!ns.run(&["ip", "-6", "rule"]).contains("0x53a"));
+        // Without IPv6 listeners: IPv6 passes before anything is redirected.
+        install(ns.0.as_fd(), pod, PROBE_SOURCE, false)
+            .await
+            .expect("install for IPv4 only");
+        let v4_only = ns.run(&["nft", "list", "ruleset"]);
+        assert!(v4_only.contains("chain ipv4_only"), "{v4_only}");
+        let prerouting = v4_only.split("chain prerouting").nth(1).unwrap_or("");
+        let first = prerouting.lines().nth(2).unwrap_or("");
+        assert!(
+            first.contains("ip6 saddr ::/0 accept") || first.contains("meta nfproto ipv6 accept"),
+            "{v4_only}"
+        );
+        let parts = installed(ns.0.as_fd(), pod).await.expect("read");
+        assert!(parts.complete(), "{parts:?}");
+        assert!(
+            parts
+                .present
+                .iter()
+                .any(|p| p.contains("IPv6 left uncaptured")),
+            "{parts:?}"
+        );
+        remove(ns.0.as_fd(), pod).await.expect("remove");
         remove(ns.0.as_fd(), pod)
             .await
             .expect("removing nothing is fine");

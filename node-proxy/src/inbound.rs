@@ -40,14 +40,10 @@ async fn connect_app(
     client: SocketAddr,
     target: SocketAddr,
 ) -> std::io::Result<TcpStream> {
-    // The application sees the client's address, in the target's family. A client of
-    // the other family (a tunnel over IPv4 to an IPv6 target, say) cannot be named
-    // there: the connection comes from the pod itself.
-    let source = match client.is_ipv4() == target.is_ipv4() {
-        true => client,
-        false => SocketAddr::new(unspecified_like(target.ip()), 0),
-    };
-    let socket = pod.netns.transparent_socket(source)?;
+    // The application sees the client's address. It is of the target's family: the
+    // HBONE server takes only its own address as a target, and plaintext is redirected
+    // within its family.
+    let socket = pod.netns.transparent_socket(client)?;
     tokio::time::timeout(APP_CONNECT_TIMEOUT, socket.connect(target))
         .await
         .map_err(|_| {
@@ -56,13 +52,6 @@ async fn connect_app(
                 format!("no answer from {target} within {APP_CONNECT_TIMEOUT:?}"),
             )
         })?
-}
-
-fn unspecified_like(ip: std::net::IpAddr) -> std::net::IpAddr {
-    match ip {
-        std::net::IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
-        std::net::IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
-    }
 }
 
 /// Logs and counts a connection authorization refused.
@@ -258,8 +247,11 @@ pub async fn serve_plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, client: TcpStream) {
     let (Ok(target), Ok(src)) = (original_dst(&client), peer_addr(&client)) else {
         return;
     };
-    // Not redirected (made to 15006 itself): delivering it would loop back here.
-    if local_addr(&client).ok() == Some(target) {
+    // Not redirected (made to 15006 itself): delivering it would loop back here. Nor
+    // is anything delivered to the proxy's own ports, whatever the rules let through.
+    if local_addr(&client).ok() == Some(target)
+        || tunnel::hbone::PROXY_PORTS.contains(&target.port())
+    {
         reset(&client);
         return;
     }

@@ -641,6 +641,13 @@ impl Pods {
         };
         let (outbound_l, plaintext_l, hbone_l) = match handed {
             Some([outbound, plaintext, hbone]) => {
+                // An earlier release's IPv4-only listeners of a pod with IPv6 are served
+                // as they are (the agent then leaves its IPv6 uncaptured).
+                let [outbound_addr, plaintext_addr, hbone_addr] =
+                    match runtime::netns::ipv4_listen_addrs(&info.ips) {
+                        Some(old) if bound_to(&outbound) == Some(old[0]) => old,
+                        _ => [outbound_addr, plaintext_addr, hbone_addr],
+                    };
                 let adopted = (
                     adopt_listener(outbound, outbound_addr)?,
                     adopt_listener(plaintext, plaintext_addr)?,
@@ -858,6 +865,11 @@ fn adopt_listener(fd: OwnedFd, addr: SocketAddr) -> Result<TcpListener, String> 
         .set_nonblocking(true)
         .and_then(|()| TcpListener::from_std(socket.into()))
         .map_err(|e| format!("cannot serve the listener handed over for {addr}: {e}"))
+}
+
+/// The address a socket is bound to.
+fn bound_to(fd: &OwnedFd) -> Option<SocketAddr> {
+    socket2::SockRef::from(fd).local_addr().ok()?.as_socket()
 }
 
 /// Checks that listeners handed over for a pod are in that pod's network namespace.

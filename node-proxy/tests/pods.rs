@@ -572,10 +572,14 @@ async fn a_listener_of_another_pod_is_not_taken_over() {
         .unwrap();
     assert!(!seen.contains(&"takeover_done".to_owned()), "{seen:?}");
 
-    // The same with a's own listener is taken over and confirmed.
+    // The same with a's own listener is taken over and confirmed, also when the pod has
+    // an IPv6 address and the listeners are an earlier release's IPv4 ones (a pod with
+    // IPv6 gets [::] listeners now).
+    let mut dual = pod("a", "10.250.3.2");
+    dual.ips.push("fd00:250:3::2".parse().unwrap());
     let fake = fake_old_node_proxy(
         &path,
-        pod("a", "10.250.3.2"),
+        dual,
         [
             a_file.as_raw_fd(),
             a_outbound.as_raw_fd(),
@@ -630,6 +634,7 @@ async fn connection_limits_hold_connections_back_per_listener_and_per_node() {
             netns.fd(),
             "shop/lim",
             weft_node_agent::capture::PROBE_SOURCE,
+            false,
         )
         .await
         .unwrap();

@@ -57,6 +57,20 @@ pub fn pod_listen_addrs(ips: &[IpAddr]) -> Result<[SocketAddr; 3], String> {
     ])
 }
 
+/// The listener addresses an earlier release gave a pod (IPv4 only: loopback and its
+/// first IPv4 address), which a node-proxy may still be handed for a pod with IPv6.
+pub fn ipv4_listen_addrs(ips: &[IpAddr]) -> Option<[SocketAddr; 3]> {
+    let ip = ips
+        .iter()
+        .map(|ip| ip.to_canonical())
+        .find(IpAddr::is_ipv4)?;
+    Some([
+        SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)),
+        SocketAddr::new(ip, INBOUND_PLAINTEXT_PORT),
+        SocketAddr::new(ip, HBONE_PORT),
+    ])
+}
+
 /// `addr` with an IPv4-mapped IPv6 address as the IPv4 address it stands for: how a
 /// dual-stack socket reports an IPv4 peer.
 pub fn canonical(addr: SocketAddr) -> SocketAddr {

@@ -292,6 +292,12 @@ fn scaling_a_deployment_and_adding_a_service_take_effect_live() {
         }
         seen
     };
+    // web-0 is an endpoint once its readiness probe passes.
+    let ready = eventually(Duration::from_secs(10), || {
+        let (code, _) = sb.curl("apps/client", "http://web/").ok()?;
+        (code == 0).then_some(())
+    });
+    assert!(ready.is_some(), "web-0 becomes ready");
     assert_eq!(pods_seen(&sb, "http://web/", 4).len(), 1);
     let web = std::fs::read_to_string(manifests.path().join("web.yaml")).unwrap();
     manifests

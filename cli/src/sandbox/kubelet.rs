@@ -164,10 +164,25 @@ impl Addresses {
                 continue;
             }
             let available = |v6: bool| if v6 { family.v6() } else { family.v4() };
-            let mut wanted: Vec<bool> = match s.families.first() {
-                Some(&v6) => vec![v6],
-                None => vec![family.v6_first()],
+            if let Some(ip) = s.cluster_ip.filter(|ip| !available(ip.is_ipv6())) {
+                bail!(
+                    "Service {name}: spec.clusterIP {ip} is of a family the sandbox's network \
+                     (--ip-family {family}) does not have: give an address of its family, or \
+                     leave spec.clusterIP out"
+                );
+            }
+            // The first family: as listed, else the fixed address's, else the cluster's.
+            let mut wanted: Vec<bool> = match (s.families.first(), s.cluster_ip) {
+                (Some(&v6), _) => vec![v6],
+                (None, Some(ip)) => vec![ip.is_ipv6()],
+                (None, None) => vec![family.v6_first()],
             };
+            if s.require_dual_stack && family != net::IpFamily::Dual {
+                bail!(
+                    "Service {name}: spec.ipFamilyPolicy RequireDualStack needs both families, \
+                     and the sandbox's network (--ip-family {family}) has one"
+                );
+            }
             if s.dual_stack && family == net::IpFamily::Dual {
                 wanted.push(!wanted[0]);
             }
@@ -964,6 +979,7 @@ mod tests {
             headless: false,
             families: Vec::new(),
             dual_stack: false,
+            require_dual_stack: false,
             object: Default::default(),
         }
     }
@@ -993,6 +1009,19 @@ mod tests {
         let dual = net::IpFamily::Dual;
         let mut both = svc("both", None);
         both.dual_stack = true;
+        let mut required = both.clone();
+        required.require_dual_stack = true;
+        let refused = Addresses::default()
+            .services(&[required], net::IpFamily::Ipv4)
+            .expect_err("RequireDualStack on one family");
+        assert!(
+            refused.to_string().contains("RequireDualStack"),
+            "{refused}"
+        );
+        let six_fixed = Addresses::default()
+            .services(&[svc("fixed6", Some("fd00:10:96::99"))], dual)
+            .expect("an IPv6 address of its own on dual stack");
+        assert_eq!(six_fixed.values().next().map(Vec::len), Some(1));
         let mut six = svc("six", None);
         six.families = vec![true];
         let got = a

@@ -128,6 +128,8 @@ pub struct ServiceSpec {
     pub families: Vec<bool>,
     /// `spec.ipFamilyPolicy` is `PreferDualStack` or `RequireDualStack`.
     pub dual_stack: bool,
+    /// `spec.ipFamilyPolicy` is `RequireDualStack`.
+    pub require_dual_stack: bool,
     /// The object as written, to hand to the controller with the cluster IP filled in.
     pub object: Service,
 }
@@ -292,6 +294,20 @@ enum Kind {
 /// Where a name was first defined: file and object.
 type Definition = (PathBuf, String);
 
+/// Weft's CRDs, as `weftctl install` renders them, to check Weft objects as an API
+/// server with them installed does.
+fn weft_crds() -> &'static crdcheck::Crds {
+    static CRDS: std::sync::LazyLock<crdcheck::Crds> = std::sync::LazyLock::new(|| {
+        let text = controller::crd::crds_yaml().unwrap_or_default();
+        let documents: Vec<serde_json::Value> = serde_yaml_ng::Deserializer::from_str(&text)
+            .filter_map(|d| serde_json::Value::deserialize(d).ok())
+            .collect();
+        // Built from Weft's own types: a failure is a bug, caught by the tests below.
+        crdcheck::Crds::new(&documents).unwrap_or_default()
+    });
+    &CRDS
+}
+
 #[derive(Default)]
 struct Loader {
     cluster: Cluster,
@@ -349,6 +365,29 @@ impl Loader {
             _ => format!("{kind} {namespace}/{shown}"),
         };
         let object = Object { file, label };
+        // Weft's own kinds: the API server would check them against their CRDs.
+        let weft = value
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .is_some_and(|v| v.starts_with("weft.dev/"));
+        let checked = match weft {
+            true => serde_json::to_value(value)
+                .ok()
+                .and_then(|json| weft_crds().check(&json)),
+            false => None,
+        };
+        if let Some(violations) = checked {
+            if let Some(first) = violations.first() {
+                let more: String = violations[1..].iter().map(|v| format!("; {v}")).collect();
+                return Err(object.invalid(
+                    first.field.clone(),
+                    format!(
+                        "{}{more} — the API server refuses it (see deploy/crds/weft.dev.yaml)",
+                        first.message
+                    ),
+                ));
+            }
+        }
         let kind = match kind.as_str() {
             "Namespace" => Kind::Namespace,
             "Pod" => Kind::Pod,
@@ -482,6 +521,7 @@ impl Loader {
                     headless: false,
                     families: Vec::new(),
                     dual_stack: false,
+                    require_dual_stack: false,
                     object: service,
                 });
             }
@@ -530,6 +570,22 @@ impl Loader {
                         ))
                     }
                 };
+                let require_dual_stack =
+                    spec.ip_family_policy.as_deref() == Some("RequireDualStack");
+                if families.len() > 2 || (families.len() == 2 && families[0] == families[1]) {
+                    return Err(object.invalid(
+                        "spec.ipFamilies",
+                        "lists a family twice; give IPv4, IPv6, or both once".to_owned(),
+                    ));
+                }
+                if families.len() == 2 && !dual_stack {
+                    return Err(object.invalid(
+                        "spec.ipFamilies",
+                        "lists two families, which a SingleStack service cannot have: set \
+                         spec.ipFamilyPolicy to PreferDualStack or RequireDualStack"
+                            .to_owned(),
+                    ));
+                }
                 if dual_stack && cluster_ip.is_some() {
                     return Err(object.invalid(
                         "spec.clusterIP",
@@ -547,6 +603,7 @@ impl Loader {
                     headless,
                     families,
                     dual_stack,
+                    require_dual_stack,
                     object: service,
                 });
             }
@@ -1032,7 +1089,7 @@ spec:
     #[test]
     fn kinds_the_controller_reads_are_skipped() {
         let text = format!(
-            "{CLIENT}---\napiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: shop}}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cfg, namespace: shop}}\n"
+            "{CLIENT}---\napiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: shop}}\nspec: {{action: DENY}}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cfg, namespace: shop}}\n"
         );
         let dir = TempDir::with(&[("0-namespaces.yaml", NAMESPACE), ("apps.yaml", &text)]);
         let cluster = load_dir(&dir.0).unwrap();
@@ -1180,6 +1237,41 @@ spec:
     }
 
     #[test]
+    fn a_weft_resource_its_crd_refuses_is_refused_naming_the_field() {
+        assert_eq!(
+            weft_crds()
+                .for_object(&serde_json::json!({
+                    "apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy"
+                }))
+                .map(|c| c.group_kind()),
+            Some(("weft.dev", "TrafficPolicy"))
+        );
+        let policy = "apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: shop}
+spec:
+  action: DENY
+  rules: [{to: [{ports: [0]}]}]
+";
+        assert_contains(
+            &error(&format!("{APPS}---\n{policy}")),
+            &[
+                "AuthorizationPolicy shop/no-admin: spec.rules[0].to[0].ports[0]",
+                "the API server refuses it",
+            ],
+        );
+        let typo = policy.replace("action: DENY", "acton: DENY");
+        assert_contains(&error(&format!("{APPS}---\n{typo}")), &["acton"]);
+        // A valid one is the controller's to read.
+        let fine = policy.replace("ports: [0]", "ports: [8080]");
+        let dir = TempDir::with(&[
+            ("0-namespaces.yaml", NAMESPACE),
+            ("apps.yaml", &format!("{APPS}---\n{fine}")),
+        ]);
+        assert!(load_dir(&dir.0).is_ok());
+    }
+
+    #[test]
     fn bad_ip_families() {
         let dual = APPS.replace(
             "clusterIP: 10.96.0.10",
@@ -1196,6 +1288,11 @@ spec:
         assert_contains(
             &error(&family),
             &["Service shop/cart: spec.ipFamilies[0] \"IPv5\" is not a family"],
+        );
+        let two = APPS.replace("clusterIP: 10.96.0.10", "ipFamilies: [IPv4, IPv6]");
+        assert_contains(
+            &error(&two),
+            &["spec.ipFamilies lists two families", "PreferDualStack"],
         );
         let policy = APPS.replace("clusterIP: 10.96.0.10", "ipFamilyPolicy: Both");
         assert_contains(&error(&policy), &["spec.ipFamilyPolicy \"Both\""]);

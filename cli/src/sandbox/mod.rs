@@ -849,8 +849,11 @@ impl Sandbox {
             kubelet::services(&cluster, &mut self.addresses, &writer, self.opts.ip_family)?;
         let services_changed = services
             .iter()
-            .map(|s| (&s.namespace, &s.name, s.vip))
-            .ne(self.services.iter().map(|s| (&s.namespace, &s.name, s.vip)));
+            .map(|s| (&s.namespace, &s.name, s.all_vips()))
+            .ne(self
+                .services
+                .iter()
+                .map(|s| (&s.namespace, &s.name, s.all_vips())));
         self.services = services;
         let desired: BTreeMap<ObjectName, manifest::PodSpec> = kubelet::desired(&cluster)
             .into_iter()

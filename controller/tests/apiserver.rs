@@ -1,0 +1,330 @@
+//! Weft's CRDs make the API server refuse what the controller would refuse: the golden
+//! inputs' Weft resources are checked as an API server checks them (schema, unknown
+//! fields, CEL rules, `crdcheck`), and every one the controller rejects for a reason the
+//! object alone shows is refused there, at the field the controller names; every one it
+//! accepts, and every Weft resource the project ships or documents, is stored.
+
+#![allow(clippy::unwrap_used)] // a test fails by panicking
+
+use std::path::{Path, PathBuf};
+
+use crdcheck::Crds;
+use serde::Deserialize;
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The YAML documents of `text`, as JSON.
+fn documents(text: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn weft_crds() -> Crds {
+    let text = std::fs::read_to_string(repo().join("deploy/crds/weft.dev.yaml")).unwrap();
+    Crds::new(&documents(&text)).unwrap()
+}
+
+fn name(object: &Value) -> String {
+    format!(
+        "{} {}/{}",
+        object["kind"].as_str().unwrap_or(""),
+        object["metadata"]["namespace"].as_str().unwrap_or(""),
+        object["metadata"]["name"].as_str().unwrap_or("")
+    )
+}
+
+/// Rejections that depend on other objects (a Service that does not exist): the API
+/// server cannot see them.
+const NOT_THE_OBJECTS_FAULT: &[&str] = &["TrafficPolicy demo/no-target"];
+
+#[test]
+fn the_api_server_refuses_the_weft_resources_the_controller_rejects() {
+    let crds = weft_crds();
+    let mut refused = 0;
+    for golden in ["authorization", "traffic"] {
+        let dir = repo().join("controller/tests/golden").join(golden);
+        let input = std::fs::read_to_string(dir.join("input.yaml")).unwrap();
+        let expected = std::fs::read_to_string(dir.join("expected.out")).unwrap();
+        // "input.yaml:65: AuthorizationPolicy demo/bad-selector: spec.selector...: why"
+        let problems: Vec<(String, String)> = expected
+            .split("# problems\n")
+            .nth(1)
+            .unwrap_or("")
+            .lines()
+            .take_while(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let mut parts = l.splitn(4, ": ");
+                let (_, object, field) = (parts.next()?, parts.next()?, parts.next()?);
+                Some((object.to_owned(), field.to_owned()))
+            })
+            .collect();
+        for object in documents(&input) {
+            let Some(violations) = crds.check(&object) else {
+                continue;
+            };
+            let who = name(&object);
+            let rejected = problems.iter().find(|(o, _)| *o == who);
+            match rejected {
+                Some((_, field)) if !NOT_THE_OBJECTS_FAULT.contains(&who.as_str()) => {
+                    assert!(
+                        violations.iter().any(|v| v.field.starts_with(field.as_str())),
+                        "{who}: the controller rejects {field}; the API server must refuse it there, \
+                         but says {violations:?}"
+                    );
+                    refused += 1;
+                }
+                _ => assert!(
+                    violations.is_empty(),
+                    "{who}: the controller accepts it; the API server must too: {violations:?}"
+                ),
+            }
+        }
+    }
+    assert!(
+        refused >= 10,
+        "the goldens hold invalid objects of each kind"
+    );
+}
+
+/// Every `weft.dev` object in the examples, the test manifests and the docs' YAML blocks.
+#[test]
+fn every_weft_resource_shipped_or_documented_is_accepted() {
+    let crds = weft_crds();
+    let mut checked = 0;
+    let mut files: Vec<PathBuf> = Vec::new();
+    for dir in ["examples", "tests/manifests", "docs"] {
+        let mut stack = vec![repo().join(dir)];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d).unwrap().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if matches!(
+                    path.extension().and_then(|e| e.to_str()),
+                    Some("yaml" | "yml" | "md")
+                ) {
+                    files.push(path);
+                }
+            }
+        }
+    }
+    for path in files {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let blocks: Vec<String> = match path.extension().and_then(|e| e.to_str()) {
+            Some("md") => text
+                .split("```yaml\n")
+                .skip(1)
+                .filter_map(|b| b.split("```").next())
+                .map(str::to_owned)
+                .collect(),
+            _ => vec![text],
+        };
+        for block in blocks {
+            if !block.contains("weft.dev/v1alpha1") {
+                continue;
+            }
+            for object in documents(&block) {
+                if let Some(violations) = crds.check(&object) {
+                    assert!(
+                        violations.is_empty(),
+                        "{}: {}: {violations:?}",
+                        path.display(),
+                        name(&object)
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked >= 5, "found the shipped resources ({checked})");
+}
+
+/// The Gateway API objects the project ships or shows (examples, test manifests, docs).
+fn shipped_gateway_api_objects() -> Vec<(PathBuf, Value)> {
+    let mut out = Vec::new();
+    for (path, block) in shipped_yaml() {
+        if !block.contains("gateway.networking.k8s.io/") {
+            continue;
+        }
+        for object in documents(&block) {
+            let group = object["apiVersion"].as_str().unwrap_or("");
+            if group.starts_with("gateway.networking.k8s.io/") {
+                out.push((path.clone(), object));
+            }
+        }
+    }
+    out
+}
+
+/// Every YAML file (and every `yaml` block of the docs) under examples/, tests/manifests/
+/// and docs/, with where it is.
+fn shipped_yaml() -> Vec<(PathBuf, String)> {
+    let mut files: Vec<PathBuf> = Vec::new();
+    for dir in ["examples", "tests/manifests", "docs"] {
+        let mut stack = vec![repo().join(dir)];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d).unwrap().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if matches!(
+                    path.extension().and_then(|e| e.to_str()),
+                    Some("yaml" | "yml" | "md")
+                ) {
+                    files.push(path);
+                }
+            }
+        }
+    }
+    files.sort();
+    let mut out = Vec::new();
+    for path in files {
+        let text = std::fs::read_to_string(&path).unwrap();
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("md") => out.extend(
+                text.split("```yaml\n")
+                    .skip(1)
+                    .filter_map(|b| b.split("```").next())
+                    .map(|b| (path.clone(), b.to_owned())),
+            ),
+            _ => out.push((path, text)),
+        }
+    }
+    out
+}
+
+fn gateway_api_crds(release: &str, channel: &str) -> Crds {
+    let dir = repo()
+        .join("../shared/gateway-api")
+        .join(release)
+        .join(channel);
+    let mut docs = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        docs.extend(documents(&std::fs::read_to_string(entry.path()).unwrap()));
+    }
+    Crds::new(&docs).unwrap()
+}
+
+const RELEASES: &[&str] = &["v1.2.1", "v1.4.1", "v1.5.1", "v1.6.1"];
+
+/// Every Gateway API object the project ships or shows, against the CRDs of each release
+/// from v1.2.1 on (`../shared/gateway-api`), defaults applied and strict about unknown
+/// fields, CEL rules included: the experimental channel takes all of them; the standard
+/// channel refuses exactly those using route retries, which only the experimental
+/// channel has, and the install guide says so.
+#[test]
+fn shipped_gateway_api_objects_pass_every_release_and_need_experimental_only_for_retries() {
+    let objects = shipped_gateway_api_objects();
+    assert!(
+        objects.len() >= 10,
+        "found the shipped objects ({})",
+        objects.len()
+    );
+    let mut need_experimental = std::collections::BTreeSet::new();
+    for release in RELEASES {
+        let experimental = gateway_api_crds(release, "experimental");
+        let standard = gateway_api_crds(release, "standard");
+        for (path, object) in &objects {
+            let at = format!("{} {} ({release})", path.display(), name(object));
+            let v = experimental
+                .check(object)
+                .unwrap_or_else(|| panic!("{at}: no CRD"));
+            assert!(v.is_empty(), "{at}, experimental channel: {v:?}");
+            let v = standard
+                .check(object)
+                .unwrap_or_else(|| panic!("{at}: no CRD"));
+            if !v.is_empty() {
+                assert!(
+                    v.iter()
+                        .all(|v| v.message.contains("'retry' was unexpected")),
+                    "{at}, standard channel: refused for more than retries: {v:?}"
+                );
+                need_experimental.insert(name(object));
+            }
+        }
+    }
+    assert!(
+        need_experimental.contains("HTTPRoute demo/echo-canary"),
+        "the demo's canary retries: {need_experimental:?}"
+    );
+    let install = std::fs::read_to_string(repo().join("docs/install.md")).unwrap();
+    assert!(
+        install.contains("experimental channel") && install.contains("`retry`"),
+        "docs/install.md says which features need the experimental channel"
+    );
+}
+
+/// A deliberately invalid object of each Gateway API kind Weft reads is refused, naming
+/// the field, by every release.
+#[test]
+fn invalid_gateway_api_objects_are_refused_at_their_field() {
+    let cases = [
+        (
+            "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: no-port, namespace: shop}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: echo}]
+  rules: [{backendRefs: [{name: echo}]}]
+",
+            "spec.rules[0].backendRefs[0]",
+        ),
+        (
+            "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: bad-match, namespace: shop}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: echo}]
+  rules: [{matches: [{path: {type: Glob, value: /x}}], backendRefs: [{name: echo, port: 80}]}]
+",
+            "spec.rules[0].matches[0].path.type",
+        ),
+        (
+            "apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: typo, namespace: shop}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: echo}]
+  rules: [{backendRefs: [{name: echo, port: 80, wieght: 3}]}]
+",
+            "spec.rules[0].backendRefs[0]",
+        ),
+        (
+            "apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: shop}
+spec:
+  gatewayClassName: weft-waypoint
+  listeners: [{name: mesh, port: 0, protocol: HBONE}]
+",
+            "spec.listeners[0].port",
+        ),
+        (
+            "apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: grant, namespace: shop}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute}]
+  to: [{group: \"\", kind: Service}]
+",
+            "spec.from[0]",
+        ),
+    ];
+    for release in RELEASES {
+        let crds = gateway_api_crds(release, "standard");
+        for (text, field) in &cases {
+            let object = &documents(text)[0];
+            let v = crds.check(object).expect("a Gateway API kind");
+            assert!(
+                v.iter().any(|v| v.field.starts_with(field)),
+                "{release}: {} must be refused at {field}: {v:?}",
+                name(object)
+            );
+        }
+    }
+}
