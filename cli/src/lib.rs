@@ -8,3 +8,5 @@ pub mod grpc;
 pub mod prometheus;
 pub mod sandbox;
 pub mod status;
+#[cfg(test)]
+mod testing;

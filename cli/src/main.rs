@@ -82,6 +82,14 @@ enum Cmd {
         /// Weft's namespace, for a cluster.
         #[arg(long, default_value = "weft-system")]
         namespace: String,
+        /// Also check the directories' Gateway API and Weft objects as an API server with
+        /// these CustomResourceDefinitions would (files or directories of them): a field
+        /// the CRDs lack (refused, or dropped), a value their schema or rules refuse.
+        #[arg(long, value_name = "PATH", requires = "dirs")]
+        crds: Vec<PathBuf>,
+        /// The same with the CRDs the cluster of the current kubeconfig has installed.
+        #[arg(long, requires = "dirs", conflicts_with = "crds")]
+        cluster_crds: bool,
     },
     /// Shows each node-proxy: version, state (synced, stale, offline, down), the model
     /// applied, and for a sandbox its pods and certificates with their earliest expiry.
@@ -358,6 +366,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             pre,
             cni_conf_dir,
             namespace,
+            crds,
+            cluster_crds,
         } => {
             let failed = if pre {
                 let checks = weft_cli::check::preflight(&cni_conf_dir).await;
@@ -384,7 +394,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 problems.len()
             } else {
-                weft_cli::check::check(&dirs, &trust_domain)?
+                let mut failed = weft_cli::check::check(&dirs, &trust_domain)?;
+                let against = match (cluster_crds, crds.is_empty()) {
+                    (true, _) => {
+                        let client = kube::Client::try_default().await.context(
+                            "cannot reach the cluster's API server (kubeconfig or in-cluster config)",
+                        )?;
+                        Some(weft_cli::check::crds_from_cluster(&client).await?)
+                    }
+                    (false, false) => Some(weft_cli::check::crds_from_files(&crds)?),
+                    (false, true) => None,
+                };
+                if let Some(against) = against {
+                    let findings = weft_cli::check::check_against_crds(&dirs, &against)?;
+                    for f in &findings {
+                        println!("{f}");
+                    }
+                    eprintln!(
+                        "{} CRDs checked against, {} object{} they refuse",
+                        against.len(),
+                        findings.len(),
+                        if findings.len() == 1 { "" } else { "s" }
+                    );
+                    failed += findings.len();
+                }
+                failed
             };
             if failed > 0 {
                 std::process::exit(1);

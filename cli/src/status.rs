@@ -527,38 +527,21 @@ mod tests {
     /// A scripted API server: the node-proxy pods and the controller's status through
     /// the service proxy.
     fn api_server(pods: Value, status: Option<Value>) -> kube::Client {
-        use http_body_util::{combinators::UnsyncBoxBody, Full};
-        type Body = UnsyncBoxBody<Bytes, std::io::Error>;
-        let (service, mut handle) =
-            tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<Body>>();
-        tokio::spawn(async move {
-            while let Some((request, send)) = handle.next_request().await {
-                let path = request.uri().path().to_owned();
-                let query = request.uri().query().unwrap_or_default().to_owned();
-                let (code, body) = if path == "/api/v1/namespaces/weft-system/pods" {
-                    assert!(query.contains("labelSelector"), "{query}");
-                    (200, pods.clone())
-                } else if path
-                    == "/api/v1/namespaces/weft-system/services/weft-controller:admin/proxy/debug/status"
-                {
-                    match &status {
-                        Some(s) => (200, s.clone()),
-                        None => (503, serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": "no endpoints available for service \"weft-controller:admin\"", "reason": "ServiceUnavailable", "code": 503})),
-                    }
-                } else {
-                    (404, serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": "not found", "reason": "NotFound", "code": 404}))
-                };
-                let bytes = Bytes::from(serde_json::to_vec(&body).unwrap());
-                let mut response = http::Response::new(
-                    Full::new(bytes)
-                        .map_err(|never| match never {})
-                        .boxed_unsync(),
-                );
-                *response.status_mut() = http::StatusCode::from_u16(code).unwrap();
-                send.send_response(response);
+        crate::testing::api_server(move |path, query| {
+            if path == "/api/v1/namespaces/weft-system/pods" {
+                assert!(query.contains("labelSelector"), "{query}");
+                (200, pods.clone())
+            } else if path
+                == "/api/v1/namespaces/weft-system/services/weft-controller:admin/proxy/debug/status"
+            {
+                match &status {
+                    Some(s) => (200, s.clone()),
+                    None => (503, serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": "no endpoints available for service \"weft-controller:admin\"", "reason": "ServiceUnavailable", "code": 503})),
+                }
+            } else {
+                crate::testing::not_found()
             }
-        });
-        kube::Client::new(service, "default")
+        })
     }
 
     fn pod(name: &str, node: &str, ready: bool) -> Value {

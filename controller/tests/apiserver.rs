@@ -96,48 +96,19 @@ fn the_api_server_refuses_the_weft_resources_the_controller_rejects() {
 fn every_weft_resource_shipped_or_documented_is_accepted() {
     let crds = weft_crds();
     let mut checked = 0;
-    let mut files: Vec<PathBuf> = Vec::new();
-    for dir in ["examples", "tests/manifests", "docs"] {
-        let mut stack = vec![repo().join(dir)];
-        while let Some(d) = stack.pop() {
-            for entry in std::fs::read_dir(&d).unwrap().flatten() {
-                let path = entry.path();
-                if path.is_dir() {
-                    stack.push(path);
-                } else if matches!(
-                    path.extension().and_then(|e| e.to_str()),
-                    Some("yaml" | "yml" | "md")
-                ) {
-                    files.push(path);
-                }
-            }
+    for (path, block) in shipped_yaml() {
+        if !block.contains("weft.dev/v1alpha1") {
+            continue;
         }
-    }
-    for path in files {
-        let text = std::fs::read_to_string(&path).unwrap();
-        let blocks: Vec<String> = match path.extension().and_then(|e| e.to_str()) {
-            Some("md") => text
-                .split("```yaml\n")
-                .skip(1)
-                .filter_map(|b| b.split("```").next())
-                .map(str::to_owned)
-                .collect(),
-            _ => vec![text],
-        };
-        for block in blocks {
-            if !block.contains("weft.dev/v1alpha1") {
-                continue;
-            }
-            for object in documents(&block) {
-                if let Some(violations) = crds.check(&object) {
-                    assert!(
-                        violations.is_empty(),
-                        "{}: {}: {violations:?}",
-                        path.display(),
-                        name(&object)
-                    );
-                    checked += 1;
-                }
+        for object in documents(&block) {
+            if let Some(violations) = crds.check(&object) {
+                assert!(
+                    violations.is_empty(),
+                    "{}: {}: {violations:?}",
+                    path.display(),
+                    name(&object)
+                );
+                checked += 1;
             }
         }
     }

@@ -562,6 +562,23 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+impl Sandbox {
+    /// The inbound mTLS connections `node`'s node-proxy counted from `principal` to
+    /// `workload`.
+    pub fn inbound_mtls(&self, node: &str, principal: &str, workload: &str) -> f64 {
+        metric_sum(
+            &self.metrics(node).unwrap_or_default(),
+            "weft_tcp_connections_opened_total",
+            &[
+                ("direction", "inbound"),
+                ("source_principal", principal),
+                ("destination_workload", workload),
+                ("connection_security_policy", "mutual_tls"),
+            ],
+        )
+    }
+}
+
 /// The object of `list` (a `state.json` array) called `name` (`namespace/name`).
 fn named<'a>(list: &'a Value, name: &str) -> Option<&'a Value> {
     list.as_array()?.iter().find(|o| {

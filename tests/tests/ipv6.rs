@@ -31,20 +31,7 @@ spec:
 
 /// Node 2 counted an inbound mTLS connection from A's principal.
 fn inbound_from_client(sb: &Sandbox) -> f64 {
-    let m = sb.metrics("node-2").unwrap();
-    metric_sum(
-        &m,
-        "weft_tcp_connections_opened_total",
-        &[
-            ("direction", "inbound"),
-            (
-                "source_principal",
-                "spiffe://cluster.local/ns/shop/sa/client",
-            ),
-            ("destination_workload", "echo"),
-            ("connection_security_policy", "mutual_tls"),
-        ],
-    )
+    sb.inbound_mtls("node-2", "spiffe://cluster.local/ns/shop/sa/client", "echo")
 }
 
 #[test]

@@ -39,23 +39,10 @@ fn pod_to_pod_by_ip_and_by_service() {
         );
     }
     // Node 2 saw A's SPIFFE principal over mTLS.
-    let m = sb.metrics("node-2").unwrap();
-    let seen = metric_sum(
-        &m,
-        "weft_tcp_connections_opened_total",
-        &[
-            ("direction", "inbound"),
-            (
-                "source_principal",
-                "spiffe://cluster.local/ns/shop/sa/client",
-            ),
-            ("destination_workload", "echo"),
-            ("connection_security_policy", "mutual_tls"),
-        ],
-    );
+    let seen = sb.inbound_mtls("node-2", "spiffe://cluster.local/ns/shop/sa/client", "echo");
     assert!(
         seen >= 2.0,
-        "node-2 counts A's connections with its principal:\n{m}"
+        "node-2 counts A's connections with its principal"
     );
 }
 
