@@ -254,7 +254,7 @@ fn each_platform_renders_its_golden_file() {
     }
 }
 
-/// Every rendering passes the API server's own schemas, as `kubernetes-validate --strict`
+/// Every rendering, and a waypoint's objects, pass the API server's own schemas, as `kubernetes-validate --strict`
 /// applies them (unknown fields refused), at the oldest Kubernetes release Weft supports
 /// and the newest the tool knows.
 #[test]
@@ -271,6 +271,30 @@ fn every_platform_passes_the_api_servers_schemas() {
         std::fs::write(&file, out).unwrap();
         files.push(file);
     }
+    // And what the controller applies for a waypoint Gateway.
+    let gateway: gateway_api::gateways::Gateway = serde_json::from_value(serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "metadata": {"name": "waypoint", "namespace": "shop", "uid": "4d2c1f4e-0000-4000-8000-000000000001"},
+        "spec": {"gatewayClassName": "weft-waypoint",
+                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
+    }))
+    .unwrap();
+    let settings = controller::waypoints::Settings {
+        image: controller::install::DEFAULT_IMAGE.into(),
+        controller: "weft-controller.weft-system.svc:15012".into(),
+        controller_name: "weft-controller.weft-system.svc".into(),
+        trust_domain: "cluster.local".into(),
+        roots_pem: "-----BEGIN CERTIFICATE-----\n...\n-----END CERTIFICATE-----\n".into(),
+    };
+    let waypoint: String = controller::waypoints::desired(&gateway, &settings)
+        .unwrap()
+        .into_iter()
+        .map(|(_, object)| format!("---\n{}", serde_yaml_ng::to_string(&object).unwrap()))
+        .collect();
+    let file = dir.join("waypoint.yaml");
+    std::fs::write(&file, waypoint).unwrap();
+    files.push(file);
     let (_, uninstall, _) = weftctl(&["uninstall", "--platform", "openshift"]);
     assert!(!uninstall.is_empty());
     for version in [controller::install::OLDEST_KUBERNETES, "1.37"] {

@@ -568,6 +568,7 @@ pub fn controller_cluster_rules() -> Vec<PolicyRule> {
             &["create", "patch"],
         ),
         rule("apps", &["deployments"], &["create", "patch"]),
+        rule("policy", &["poddisruptionbudgets"], &["create", "patch"]),
     ]
 }
 

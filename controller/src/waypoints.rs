@@ -19,9 +19,11 @@ use gateway_api::gateways::Gateway;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
-    PodSpec, PodTemplateSpec, Probe, SecurityContext, Service, ServiceAccount, ServicePort,
-    ServiceSpec, Volume, VolumeMount,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SecurityContext, Service,
+    ServiceAccount, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
 };
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams};
@@ -40,6 +42,10 @@ pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 pub const ROOTS_LABEL: &str = "weft.dev/roots";
 /// The field manager of everything the controller applies.
 pub const FIELD_MANAGER: &str = "weft-controller";
+/// Waypoint pods per Gateway: two, so a node drain or an eviction leaves one serving
+/// (the PodDisruptionBudget keeps one available).
+pub const WAYPOINT_REPLICAS: i32 = 2;
+
 /// The waypoint's admin port (metrics, `/ready`), on the pod's IP.
 pub const WAYPOINT_ADMIN_PORT: i32 = 15020;
 
@@ -139,13 +145,22 @@ pub fn desired(gateway: &Gateway, s: &Settings) -> Option<Vec<(&'static str, Val
                 ..Default::default()
             },
         ]),
-        readiness_probe: Some(Probe {
-            http_get: Some(HTTPGetAction {
-                path: Some("/ready".into()),
-                port: IntOrString::Int(WAYPOINT_ADMIN_PORT),
-                ..Default::default()
-            }),
-            period_seconds: Some(5),
+        readiness_probe: Some(admin_probe("/ready", 5, 3)),
+        // Alive while its admin endpoint answers; up to a minute to start (a certificate
+        // and a first model from the controller) before the liveness probe counts.
+        liveness_probe: Some(admin_probe("/healthz", 10, 3)),
+        startup_probe: Some(admin_probe("/healthz", 2, 30)),
+        // Requests so a ResourceQuota admits it and the scheduler places it; a memory
+        // limit so a leak is the waypoint's own restart, not the node's OOM.
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_owned(), Quantity("100m".into())),
+                ("memory".to_owned(), Quantity("64Mi".into())),
+            ])),
+            limits: Some(BTreeMap::from([(
+                "memory".to_owned(),
+                Quantity("1Gi".into()),
+            )])),
             ..Default::default()
         }),
         security_context: Some(SecurityContext {
@@ -166,7 +181,7 @@ pub fn desired(gateway: &Gateway, s: &Settings) -> Option<Vec<(&'static str, Val
     let deployment = Deployment {
         metadata: meta(&name),
         spec: Some(DeploymentSpec {
-            replicas: Some(1),
+            replicas: Some(WAYPOINT_REPLICAS),
             selector: LabelSelector {
                 match_labels: Some(selector.clone()),
                 ..Default::default()
@@ -182,6 +197,17 @@ pub fn desired(gateway: &Gateway, s: &Settings) -> Option<Vec<(&'static str, Val
                     node_selector: crate::install::linux_only(),
                     // It calls no Kubernetes API; its projected token is the controller's.
                     automount_service_account_token: Some(false),
+                    // Replicas on different nodes where there are several.
+                    topology_spread_constraints: Some(vec![TopologySpreadConstraint {
+                        max_skew: 1,
+                        topology_key: "kubernetes.io/hostname".into(),
+                        when_unsatisfiable: "ScheduleAnyway".into(),
+                        label_selector: Some(LabelSelector {
+                            match_labels: Some(selector.clone()),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }]),
                     containers: vec![container],
                     volumes: Some(vec![
                         crate::install::token_volume(),
@@ -204,7 +230,7 @@ pub fn desired(gateway: &Gateway, s: &Settings) -> Option<Vec<(&'static str, Val
     let service = Service {
         metadata: meta(&name),
         spec: Some(ServiceSpec {
-            selector: Some(selector),
+            selector: Some(selector.clone()),
             ports: Some(vec![ServicePort {
                 name: Some("mesh".into()),
                 port: i32::from(tunnel::hbone::PORT),
@@ -218,6 +244,19 @@ pub fn desired(gateway: &Gateway, s: &Settings) -> Option<Vec<(&'static str, Val
     };
     let account = ServiceAccount {
         metadata: meta(&name),
+        ..Default::default()
+    };
+    // Voluntary disruptions (drains, evictions) leave one waypoint pod serving.
+    let budget = PodDisruptionBudget {
+        metadata: meta(&name),
+        spec: Some(PodDisruptionBudgetSpec {
+            min_available: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     // Shared by the namespace's waypoints, so owned by none of them and labelled
@@ -244,7 +283,22 @@ pub fn desired(gateway: &Gateway, s: &Settings) -> Option<Vec<(&'static str, Val
         ("ConfigMap", json(serde_json::to_value(roots))),
         ("Deployment", json(serde_json::to_value(deployment))),
         ("Service", json(serde_json::to_value(service))),
+        ("PodDisruptionBudget", json(serde_json::to_value(budget))),
     ])
+}
+
+/// A probe of the waypoint's admin endpoint.
+fn admin_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(WAYPOINT_ADMIN_PORT),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    }
 }
 
 /// Applies the waypoints' objects in the background: latest set of Gateways wins.
@@ -284,6 +338,11 @@ async fn apply_one(client: &Client, kind: &str, object: &Value) -> Result<(), ku
         }
         "Deployment" => {
             Api::<Deployment>::namespaced(client.clone(), ns)
+                .patch(name, &params, &patch)
+                .await?;
+        }
+        "PodDisruptionBudget" => {
+            Api::<PodDisruptionBudget>::namespaced(client.clone(), ns)
                 .patch(name, &params, &patch)
                 .await?;
         }
@@ -376,7 +435,13 @@ mod tests {
         let kinds: Vec<&str> = objects.iter().map(|(k, _)| *k).collect();
         assert_eq!(
             kinds,
-            ["ServiceAccount", "ConfigMap", "Deployment", "Service"]
+            [
+                "ServiceAccount",
+                "ConfigMap",
+                "Deployment",
+                "Service",
+                "PodDisruptionBudget"
+            ]
         );
         let by = |k: &str| {
             objects
@@ -388,6 +453,15 @@ mod tests {
         };
         let d = by("Deployment");
         assert_eq!(d["metadata"]["ownerReferences"][0]["uid"], "u-1");
+        // Two replicas spread over nodes, one kept through voluntary disruptions.
+        assert_eq!(d["spec"]["replicas"], 2);
+        let pdb = by("PodDisruptionBudget");
+        assert_eq!(pdb["spec"]["minAvailable"], 1);
+        assert_eq!(
+            pdb["spec"]["selector"]["matchLabels"][GATEWAY_NAME_LABEL],
+            "wp"
+        );
+        assert_eq!(pdb["metadata"]["ownerReferences"][0]["uid"], "u-1");
         let pod = &d["spec"]["template"];
         assert_eq!(pod["metadata"]["labels"]["weft.dev/mesh"], "disabled");
         assert_eq!(pod["spec"]["serviceAccountName"], "wp");
@@ -401,6 +475,9 @@ mod tests {
         assert_eq!(pod["spec"]["automountServiceAccountToken"], false);
         // The image's waypoint binary, not weftctl: the Dockerfile installs it there.
         let container = &pod["spec"]["containers"][0];
+        assert_eq!(container["resources"]["requests"]["cpu"], "100m");
+        assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+        assert_eq!(container["startupProbe"]["failureThreshold"], 30);
         assert_eq!(
             container["command"],
             serde_json::json!(["/usr/local/bin/waypoint"])

@@ -677,7 +677,7 @@ async fn a_waypoint_gateway_is_deployed_by_server_side_apply_once() {
     ];
     deployer.write(gateways.clone());
     for _ in 0..200 {
-        if applies(&state).len() >= 4 {
+        if applies(&state).len() >= 5 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -691,6 +691,7 @@ async fn a_waypoint_gateway_is_deployed_by_server_side_apply_once() {
             "/api/v1/namespaces/demo/configmaps/weft-root-ca",
             "/apis/apps/v1/namespaces/demo/deployments/wp",
             "/api/v1/namespaces/demo/services/wp",
+            "/apis/policy/v1/namespaces/demo/poddisruptionbudgets/wp",
         ],
         "the waypoint's objects, and nothing for a Gateway of another class"
     );
@@ -707,7 +708,7 @@ async fn a_waypoint_gateway_is_deployed_by_server_side_apply_once() {
     // The same Gateways again: nothing is sent again.
     deployer.write(gateways);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(applies(&state).len(), 4);
+    assert_eq!(applies(&state).len(), 5);
 }
 
 /// One API call as RBAC sees it.
