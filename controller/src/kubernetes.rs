@@ -78,7 +78,15 @@ where
         // managedFields are most of a big object's size and nothing reads them.
         .modify(|o: &mut K| o.managed_fields_mut().clear());
     let stream = reflector::reflector(writer, stream);
-    tokio::spawn(follow(stream, kind, ready.clone(), changed, shutdown));
+    let not_served = Arc::new(AtomicBool::new(false));
+    tokio::spawn(follow(
+        stream,
+        kind,
+        ready.clone(),
+        changed,
+        shutdown,
+        not_served,
+    ));
     Kind { store, ready }
 }
 
@@ -90,6 +98,7 @@ async fn follow<K>(
     flag: Arc<AtomicBool>,
     changed: Arc<Notify>,
     shutdown: CancellationToken,
+    not_served: Arc<AtomicBool>,
 ) {
     {
         tokio::pin!(stream);
@@ -102,6 +111,7 @@ async fn follow<K>(
             match event {
                 None => return,
                 Some(Ok(watcher::Event::InitDone)) => {
+                    not_served.store(false, Ordering::SeqCst);
                     flag.store(true, Ordering::SeqCst);
                     changed.notify_one();
                 }
@@ -111,6 +121,7 @@ async fn follow<K>(
                     let missing = matches!(&e, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.is_not_found());
                     if missing {
                         // The kind's CRD is not installed: nothing of it exists.
+                        not_served.store(true, Ordering::SeqCst);
                         if !absent_logged {
                             warn!("{} is not served by the API server (CRD not installed?); treating it as empty", kind.kind());
                             absent_logged = true;
@@ -133,7 +144,8 @@ async fn follow<K>(
 /// never stops the list or the watch.
 struct Raw {
     kind: ObjectKind,
-    store: Store<DynamicObject>,
+    /// Replaced when the kind is read at another version.
+    store: Arc<arc_swap::ArcSwap<Store<DynamicObject>>>,
     /// Listed at least once, or known not to be served (CRD not installed).
     ready: Arc<AtomicBool>,
     /// By UID: the resourceVersion last decoded, and what that gave.
@@ -198,6 +210,35 @@ async fn served_version(
     }
 }
 
+/// How often a kind the API server does not serve (at the version it is read at) is
+/// looked up again: CRDs installed or upgraded while the controller runs are picked up.
+const REDISCOVER_EVERY: Duration = Duration::from_secs(10);
+
+/// Returns, once the kind is not served at `at` (`not_served`), the other version
+/// discovery then finds it served at; pending otherwise (and on shutdown).
+async fn rediscover(
+    client: &Client,
+    kind: ObjectKind,
+    at: &'static str,
+    not_served: &AtomicBool,
+    shutdown: &CancellationToken,
+) -> &'static str {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => std::future::pending::<()>().await,
+            _ = tokio::time::sleep(REDISCOVER_EVERY) => {}
+        }
+        if !not_served.load(Ordering::SeqCst) {
+            continue;
+        }
+        if let Some(found) = served_version(client, kind, shutdown).await {
+            if found != at {
+                return found;
+            }
+        }
+    }
+}
+
 fn reflect_raw(
     client: &Client,
     kind: ObjectKind,
@@ -212,29 +253,61 @@ fn reflect_raw(
     };
     let preferred = preferred_versions(kind)[0];
     let writer = reflector::store::Writer::<DynamicObject>::new(resource(preferred));
-    let store = writer.as_reader();
+    let store = Arc::new(arc_swap::ArcSwap::from_pointee(writer.as_reader()));
     let ready = Arc::new(AtomicBool::new(false));
     let client = client.clone();
     let flag = ready.clone();
+    let stores = store.clone();
     tokio::spawn(async move {
-        let version = match served_version(&client, kind, &shutdown).await {
-            Some(v) => {
-                info!(
-                    "reading {} at {}/{v}, the version the API server serves",
-                    kind.kind(),
-                    kind.group()
-                );
-                v
+        let mut version = served_version(&client, kind, &shutdown).await;
+        let mut writer = Some(writer);
+        loop {
+            let at = match version {
+                Some(v) => {
+                    info!(
+                        "reading {} at {}/{v}, the version the API server serves",
+                        kind.kind(),
+                        kind.group()
+                    );
+                    v
+                }
+                // Not served: the watch finds it missing and the kind counts as empty.
+                None => preferred,
+            };
+            let writer = match (writer.take(), at == preferred) {
+                (Some(w), true) => w,
+                _ => {
+                    let w = reflector::store::Writer::<DynamicObject>::new(resource(at));
+                    stores.store(Arc::new(w.as_reader()));
+                    w
+                }
+            };
+            let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource(at));
+            let stream = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .modify(|o: &mut DynamicObject| o.managed_fields_mut().clear());
+            let stream = reflector::reflector(writer, stream);
+            let not_served = Arc::new(AtomicBool::new(false));
+            let followed = follow(
+                stream,
+                kind,
+                flag.clone(),
+                changed.clone(),
+                shutdown.clone(),
+                not_served.clone(),
+            );
+            tokio::select! {
+                () = followed => return,
+                found = rediscover(&client, kind, at, &not_served, &shutdown) => {
+                    info!(
+                        "{} is now served at {}/{found} (its CRDs changed); reading it there",
+                        kind.kind(),
+                        kind.group()
+                    );
+                    version = Some(found);
+                }
             }
-            // Not served: the watch finds it missing and the kind counts as empty.
-            None => preferred,
-        };
-        let api: Api<DynamicObject> = Api::all_with(client, &resource(version));
-        let stream = watcher(api, watcher::Config::default())
-            .default_backoff()
-            .modify(|o: &mut DynamicObject| o.managed_fields_mut().clear());
-        let stream = reflector::reflector(writer, stream);
-        follow(stream, kind, flag, changed, shutdown).await;
+        }
     });
     Raw {
         kind,
@@ -253,7 +326,7 @@ impl Raw {
             .lock()
             .expect("decode cache lock is never poisoned");
         let mut seen = std::collections::HashSet::new();
-        for raw in self.store.state() {
+        for raw in self.store.load().state() {
             // Keyed by name and UID: an object recreated under its name is decoded anew.
             let uid = format!(
                 "{}/{}/{}",

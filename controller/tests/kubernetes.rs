@@ -924,6 +924,75 @@ fn release_crds(release: &str) -> Vec<(String, String, Vec<String>)> {
     out
 }
 
+/// A scripted API server serving `release`'s Gateway API CRDs (discovery and paths at
+/// the versions each serves): namespaces a and b, Services a/web and b/api, HTTPRoutes
+/// a/to-b (to b/api) and a/future (a filter of no release), and a ReferenceGrant in b
+/// letting a's routes reach b's Services.
+fn release_fake(release: &str) -> Arc<Mutex<Fake>> {
+    const GROUP: &str = "gateway.networking.k8s.io";
+    let crds = release_crds(release);
+    let grants_at = |v: &str| {
+        crds.iter()
+            .any(|(plural, _, served)| plural == "referencegrants" && served.iter().any(|s| s == v))
+    };
+    let state = Fake::new();
+    {
+        let mut f = state.lock().unwrap();
+        // This release's Gateway API paths only, at the versions it serves.
+        f.kinds
+            .retain(|path, _| !path.starts_with(&format!("/apis/{GROUP}/")));
+        for (plural, kind, served) in &crds {
+            for version in served {
+                f.kinds.insert(
+                    Box::leak(format!("/apis/{GROUP}/{version}/{plural}").into_boxed_str()),
+                    Kind {
+                        list_kind: Box::leak(format!("{kind}List").into_boxed_str()),
+                        api_version: Box::leak(format!("{GROUP}/{version}").into_boxed_str()),
+                        items: Vec::new(),
+                        missing: false,
+                        watches: Vec::new(),
+                        lists: 0,
+                    },
+                );
+            }
+        }
+        f.discovery = crds.clone();
+        let ns = |name: &str| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"weft.dev/mesh": "enabled"}}});
+        f.kind("/api/v1/namespaces")
+            .items
+            .extend([ns("a"), ns("b")]);
+        let svc = |ns: &str, name: &str, ip: &str| {
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
+            "spec": {"clusterIP": ip, "selector": {"app": name}, "ports": [{"port": 80, "targetPort": 8080}]}})
+        };
+        f.kind("/api/v1/services")
+            .items
+            .extend([svc("a", "web", "10.96.0.10"), svc("b", "api", "10.96.0.11")]);
+        let route = |name: &str, filters: Value| {
+            json!({"apiVersion": format!("{GROUP}/v1"), "kind": "HTTPRoute",
+            "metadata": {"name": name, "namespace": "a", "uid": format!("uid-{name}"), "generation": 1},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}],
+                     "rules": [{"filters": filters, "backendRefs": [{"name": "api", "namespace": "b", "port": 80}]}]}})
+        };
+        let routes = f.kind(&format!("/apis/{GROUP}/v1/httproutes"));
+        routes.items.push(route("to-b", json!([])));
+        // A filter type of no release: this route alone is rejected.
+        routes.items.push(route(
+            "future",
+            json!([{"type": "FutureFilter", "futureFilter": {}}]),
+        ));
+        let version = if grants_at("v1") { "v1" } else { "v1beta1" };
+        f.kind(&format!("/apis/{GROUP}/{version}/referencegrants"))
+            .items
+            .push(json!({
+            "apiVersion": format!("{GROUP}/{version}"), "kind": "ReferenceGrant",
+            "metadata": {"name": "from-a", "namespace": "b", "uid": "uid-grant"},
+            "spec": {"from": [{"group": GROUP, "kind": "HTTPRoute", "namespace": "a"}],
+                     "to": [{"group": "", "kind": "Service"}]}}));
+    }
+    state
+}
+
 /// The controller against API servers serving each Gateway API release's CRDs (standard
 /// channel), discovery answered from those CRDs: it reads each kind at a version the
 /// release serves (ReferenceGrant at v1beta1 before v1.5), so a cross-namespace backend
@@ -931,7 +1000,6 @@ fn release_crds(release: &str) -> Vec<(String, String, Vec<String>)> {
 /// rejected alone, naming itself, while the others apply.
 #[tokio::test]
 async fn every_gateway_api_release_is_read_at_a_version_it_serves() {
-    const GROUP: &str = "gateway.networking.k8s.io";
     for release in ["v1.2.1", "v1.4.1", "v1.5.1", "v1.6.1"] {
         let crds = release_crds(release);
         let grants_at = |v: &str| {
@@ -944,61 +1012,7 @@ async fn every_gateway_api_release_is_read_at_a_version_it_serves() {
             release >= "v1.5",
             "{release}: ReferenceGrant v1 is served from v1.5 on"
         );
-        let state = Fake::new();
-        {
-            let mut f = state.lock().unwrap();
-            // This release's Gateway API paths only, at the versions it serves.
-            f.kinds
-                .retain(|path, _| !path.starts_with(&format!("/apis/{GROUP}/")));
-            for (plural, kind, served) in &crds {
-                for version in served {
-                    f.kinds.insert(
-                        Box::leak(format!("/apis/{GROUP}/{version}/{plural}").into_boxed_str()),
-                        Kind {
-                            list_kind: Box::leak(format!("{kind}List").into_boxed_str()),
-                            api_version: Box::leak(format!("{GROUP}/{version}").into_boxed_str()),
-                            items: Vec::new(),
-                            missing: false,
-                            watches: Vec::new(),
-                            lists: 0,
-                        },
-                    );
-                }
-            }
-            f.discovery = crds.clone();
-            let ns = |name: &str| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"weft.dev/mesh": "enabled"}}});
-            f.kind("/api/v1/namespaces")
-                .items
-                .extend([ns("a"), ns("b")]);
-            let svc = |ns: &str, name: &str, ip: &str| {
-                json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
-                "spec": {"clusterIP": ip, "selector": {"app": name}, "ports": [{"port": 80, "targetPort": 8080}]}})
-            };
-            f.kind("/api/v1/services")
-                .items
-                .extend([svc("a", "web", "10.96.0.10"), svc("b", "api", "10.96.0.11")]);
-            let route = |name: &str, filters: Value| {
-                json!({"apiVersion": format!("{GROUP}/v1"), "kind": "HTTPRoute",
-                "metadata": {"name": name, "namespace": "a", "uid": format!("uid-{name}"), "generation": 1},
-                "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}],
-                         "rules": [{"filters": filters, "backendRefs": [{"name": "api", "namespace": "b", "port": 80}]}]}})
-            };
-            let routes = f.kind(&format!("/apis/{GROUP}/v1/httproutes"));
-            routes.items.push(route("to-b", json!([])));
-            // A filter type of no release: this route alone is rejected.
-            routes.items.push(route(
-                "future",
-                json!([{"type": "FutureFilter", "futureFilter": {}}]),
-            ));
-            let version = if grants_at("v1") { "v1" } else { "v1beta1" };
-            f.kind(&format!("/apis/{GROUP}/{version}/referencegrants"))
-                .items
-                .push(json!({
-                "apiVersion": format!("{GROUP}/{version}"), "kind": "ReferenceGrant",
-                "metadata": {"name": "from-a", "namespace": "b", "uid": "uid-grant"},
-                "spec": {"from": [{"group": GROUP, "kind": "HTTPRoute", "namespace": "a"}],
-                         "to": [{"group": "", "kind": "Service"}]}}));
-        }
+        let state = release_fake(release);
         let kube = client(&state);
         let shutdown = CancellationToken::new();
         let source = KubeSource::start(kube, Arc::new(Notify::new()), shutdown.clone());
@@ -1034,4 +1048,46 @@ async fn every_gateway_api_release_is_read_at_a_version_it_serves() {
         );
         shutdown.cancel();
     }
+}
+
+/// Gateway API CRDs installed while the controller runs: ReferenceGrant is not served
+/// when it starts (the kind counts as empty), then is installed at v1beta1 only (Gateway
+/// API v1.4, where the controller first looked for v1): the controller finds it there by
+/// discovery again and reads the grant, without a restart.
+#[tokio::test]
+async fn a_kind_installed_later_at_another_version_is_read_there() {
+    const GRANTS: &str = "/apis/gateway.networking.k8s.io/v1beta1/referencegrants";
+    let state = release_fake("v1.4.1");
+    let (grants, discovered) = {
+        let mut f = state.lock().unwrap();
+        let grants = f
+            .kinds
+            .remove(GRANTS)
+            .expect("v1.4.1 serves grants at v1beta1");
+        let at = f
+            .discovery
+            .iter()
+            .position(|(plural, _, _)| plural == "referencegrants")
+            .expect("in discovery");
+        (grants, f.discovery.remove(at))
+    };
+    let shutdown = CancellationToken::new();
+    let source = KubeSource::start(client(&state), Arc::new(Notify::new()), shutdown.clone());
+    let s = until(&source, "ready without grants", |s| s.ready).await;
+    assert!(s.objects.reference_grants.is_empty());
+    {
+        let mut f = state.lock().unwrap();
+        f.kinds.insert(GRANTS, grants);
+        f.discovery.push(discovered);
+    }
+    let mut found = false;
+    for _ in 0..150 {
+        if !source.snapshot().objects.reference_grants.is_empty() {
+            found = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(found, "the grant installed later is read");
+    shutdown.cancel();
 }
