@@ -319,8 +319,13 @@ fn reflect_raw(
 
 impl Raw {
     /// Every object, decoded (once per resourceVersion): the readable ones into
-    /// `objects`, the others as problems.
-    fn add_to(&self, objects: &mut Objects, problems: &mut Vec<Problem>) {
+    /// `objects`, the others as problems, and for an unreadable route its status.
+    fn add_to(
+        &self,
+        objects: &mut Objects,
+        problems: &mut Vec<Problem>,
+        statuses: &mut Vec<DesiredStatus>,
+    ) {
         let mut decoded = self
             .decoded
             .lock()
@@ -348,11 +353,52 @@ impl Raw {
                 Ok(object) => {
                     let _ = objects.insert(object.clone(), Origin::Cluster, true);
                 }
-                Err(problem) => problems.push((**problem).clone()),
+                Err(problem) => {
+                    if let Some(status) = unreadable_route_status(&raw, problem) {
+                        statuses.push(status);
+                    }
+                    problems.push((**problem).clone());
+                }
             }
         }
         decoded.retain(|uid, _| seen.contains(uid));
     }
+}
+
+/// The status of a route the controller cannot read: Accepted=False with reason
+/// UnsupportedValue at each of its Service parents (the mesh's, GAMMA), naming why; `None`
+/// for other kinds, or a route with no Service parent (another implementation's).
+fn unreadable_route_status(raw: &DynamicObject, problem: &Problem) -> Option<DesiredStatus> {
+    let kind = problem.object.as_ref()?.kind;
+    if !matches!(kind, ObjectKind::HttpRoute | ObjectKind::GrpcRoute) {
+        return None;
+    }
+    let parents: Vec<serde_json::Value> = raw.data["spec"]["parentRefs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| {
+            p["group"].as_str().unwrap_or("").is_empty() && p["kind"].as_str() == Some("Service")
+        })
+        .cloned()
+        .collect();
+    if parents.is_empty() {
+        return None;
+    }
+    let condition = crate::translate::Condition {
+        type_: "Accepted",
+        status: false,
+        reason: "UnsupportedValue",
+        message: problem.reason.clone(),
+    };
+    Some(DesiredStatus {
+        object: problem.object.clone()?,
+        generation: raw.metadata.generation,
+        parents: parents
+            .into_iter()
+            .map(|p| (Some(p), vec![condition.clone()]))
+            .collect(),
+    })
 }
 
 /// One object of `kind` as its Rust type, or the problem saying why it cannot be.
@@ -457,13 +503,14 @@ impl Source for KubeSource {
             AnyObject::EndpointSlice,
         );
         let mut problems = Vec::new();
+        let mut statuses = Vec::new();
         for raw in [
             &self.gateways,
             &self.http_routes,
             &self.grpc_routes,
             &self.reference_grants,
         ] {
-            raw.add_to(&mut objects, &mut problems);
+            raw.add_to(&mut objects, &mut problems, &mut statuses);
         }
         add(
             &mut objects,
@@ -479,6 +526,7 @@ impl Source for KubeSource {
             objects: Arc::new(objects),
             problems,
             ready: self.ready(),
+            statuses,
         }
     }
 }
@@ -856,8 +904,19 @@ async fn patch_one(client: &Client, desired: &DesiredStatus) -> Result<(), kube:
         }};
     }
     match desired.object.kind {
-        ObjectKind::HttpRoute => patch!(gateway_api::experimental::httproutes::HttpRoute),
-        ObjectKind::GrpcRoute => patch!(gateway_api::grpcroutes::GrpcRoute),
+        // As raw objects: a route the controller cannot read still gets its status.
+        // Both are served at v1 by every Gateway API release Weft supports.
+        kind @ (ObjectKind::HttpRoute | ObjectKind::GrpcRoute) => {
+            let resource = ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk(kind.group(), "v1", kind.kind()),
+                plural(kind),
+            );
+            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &resource);
+            let current = api.get_status(&name).await?;
+            let patch = status_patch(desired, current.data.get("status"));
+            api.patch_status(&name, &params, &Patch::Merge(&patch))
+                .await?;
+        }
         ObjectKind::AuthorizationPolicy => patch!(AuthorizationPolicy),
         ObjectKind::TrafficPolicy => patch!(TrafficPolicy),
         _ => {}

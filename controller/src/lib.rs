@@ -401,7 +401,9 @@ async fn translate_loop(
             shared.metrics.problems.set(problems.len() as i64);
             report(&mut reported, &problems);
             if let Some(cluster) = &cluster {
-                cluster.statuses.write(output.statuses);
+                let mut statuses = output.statuses;
+                statuses.extend(snapshot.statuses.iter().cloned());
+                cluster.statuses.write(statuses);
                 if let Some(deployer) = &cluster.waypoints {
                     deployer.write(
                         snapshot

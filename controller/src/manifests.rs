@@ -614,6 +614,7 @@ impl Source for ManifestSource {
             objects: Arc::new(objects),
             problems,
             ready: true,
+            statuses: Vec::new(),
         }
     }
 }

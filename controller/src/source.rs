@@ -16,6 +16,9 @@ pub struct Snapshot {
     pub problems: Vec<Problem>,
     /// Whether every kind has been listed at least once; no model is published before.
     pub ready: bool,
+    /// Statuses the source itself knows: routes it could not read, each Accepted=False at
+    /// its Service parents, naming why. Translation adds the others'.
+    pub statuses: Vec<crate::translate::DesiredStatus>,
 }
 
 /// A source of cluster objects. Sources signal changes on the `Notify` they are run

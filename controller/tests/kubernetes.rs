@@ -231,10 +231,13 @@ impl Fake {
         if let Some(rest) = path.strip_suffix("/status") {
             let parts: Vec<&str> = rest.split('/').collect();
             let (plural, name) = (parts[parts.len() - 2], parts[parts.len() - 1]);
+            // The kind's list path at the same group and version: /apis/<g>/<v>/<plural>.
+            let version_path = rest.split("/namespaces/").next().unwrap_or_default();
+            let list_path = format!("{version_path}/{plural}");
             let found = self
                 .kinds
                 .iter()
-                .find(|(p, _)| p.ends_with(&format!("/{plural}")))
+                .find(|(p, _)| **p == list_path)
                 .and_then(|(_, k)| {
                     k.items
                         .iter()
@@ -1045,6 +1048,43 @@ async fn every_gateway_api_release_is_read_at_a_version_it_serves() {
                 && rejected[0].contains("HTTPRoute a/future")
                 && rejected[0].contains("FutureFilter"),
             "{release}: the unreadable route alone is rejected, named: {rejected:?}"
+        );
+        // And gets its status, at its Service parent, as a readable route would.
+        assert_eq!(s.statuses.len(), 1, "{release}: {:?}", s.statuses);
+        let writer = StatusWriter::new(
+            client(&state),
+            controller::metrics::Metrics::new(&mut Registry::default()),
+        );
+        writer.write(s.statuses.clone());
+        let path = "/apis/gateway.networking.k8s.io/v1/namespaces/a/httproutes/future/status";
+        let mut written = None;
+        for _ in 0..200 {
+            written = state
+                .lock()
+                .unwrap()
+                .writes
+                .iter()
+                .find(|(m, p, _)| m == "PATCH" && p == path)
+                .map(|(_, _, body)| body.clone());
+            if written.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let body = written.unwrap_or_else(|| panic!("{release}: no status written for a/future"));
+        let parent = &body["status"]["parents"][0];
+        assert_eq!(parent["parentRef"]["name"], "web", "{body}");
+        assert_eq!(parent["controllerName"], "weft.dev/controller", "{body}");
+        let accepted = &parent["conditions"][0];
+        assert_eq!(accepted["type"], "Accepted");
+        assert_eq!(accepted["status"], "False");
+        assert_eq!(accepted["reason"], "UnsupportedValue");
+        assert!(
+            accepted["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("FutureFilter"),
+            "{body}"
         );
         shutdown.cancel();
     }
