@@ -547,7 +547,7 @@ pub fn controller_cluster_rules() -> Vec<PolicyRule> {
         ),
         rule(
             "gateway.networking.k8s.io",
-            &["httproutes/status", "grpcroutes/status"],
+            &["httproutes/status", "grpcroutes/status", "gateways/status"],
             &["get", "patch"],
         ),
         rule(

@@ -905,8 +905,8 @@ async fn patch_one(client: &Client, desired: &DesiredStatus) -> Result<(), kube:
     }
     match desired.object.kind {
         // As raw objects: a route the controller cannot read still gets its status.
-        // Both are served at v1 by every Gateway API release Weft supports.
-        kind @ (ObjectKind::HttpRoute | ObjectKind::GrpcRoute) => {
+        // All three are served at v1 by every Gateway API release Weft supports.
+        kind @ (ObjectKind::HttpRoute | ObjectKind::GrpcRoute | ObjectKind::Gateway) => {
             let resource = ApiResource::from_gvk_with_plural(
                 &GroupVersionKind::gvk(kind.group(), "v1", kind.kind()),
                 plural(kind),

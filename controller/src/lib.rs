@@ -403,6 +403,7 @@ async fn translate_loop(
             if let Some(cluster) = &cluster {
                 let mut statuses = output.statuses;
                 statuses.extend(snapshot.statuses.iter().cloned());
+                statuses.extend(translate::gateway_statuses(&snapshot.objects));
                 cluster.statuses.write(statuses);
                 if let Some(deployer) = &cluster.waypoints {
                     deployer.write(

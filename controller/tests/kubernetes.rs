@@ -1131,3 +1131,86 @@ async fn a_kind_installed_later_at_another_version_is_read_there() {
     assert!(found, "the grant installed later is read");
     shutdown.cancel();
 }
+
+/// A waypoint Gateway's status: Accepted, and Programmed once a waypoint pod is ready,
+/// written to its status subresource (as Gateway API asks of the Gateway's controller).
+#[tokio::test]
+async fn a_waypoint_gateway_is_accepted_then_programmed_once_its_pod_is_ready() {
+    const GATEWAYS: &str = "/apis/gateway.networking.k8s.io/v1/gateways";
+    let state = release_fake("v1.6.1");
+    state.lock().unwrap().kind(GATEWAYS).items.push(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": "wp", "namespace": "a", "uid": "uid-wp", "generation": 3},
+        "spec": {"gatewayClassName": "weft-waypoint",
+                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}));
+    let shutdown = CancellationToken::new();
+    let source = KubeSource::start(client(&state), Arc::new(Notify::new()), shutdown.clone());
+    let s = until(&source, "the gateway", |s| {
+        s.ready && !s.objects.gateways.is_empty()
+    })
+    .await;
+    let conditions = |statuses: &[controller::translate::DesiredStatus]| {
+        statuses[0].parents[0]
+            .1
+            .iter()
+            .map(|c| (c.type_, c.status, c.reason))
+            .collect::<Vec<_>>()
+    };
+    let pending = controller::translate::gateway_statuses(&s.objects);
+    assert_eq!(
+        conditions(&pending),
+        [
+            ("Accepted", true, "Accepted"),
+            ("Programmed", false, "Pending")
+        ]
+    );
+    // Its pod becomes ready.
+    state.lock().unwrap().event(
+        "/api/v1/pods",
+        "ADDED",
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "wp-7d9f-abcde", "namespace": "a", "uid": "uid-wp-pod",
+                         "labels": {"gateway.networking.k8s.io/gateway-name": "wp"}},
+            "spec": {"nodeName": "node-1", "containers": [{"name": "waypoint"}]},
+            "status": {"phase": "Running", "podIP": "10.244.1.9",
+                       "conditions": [{"type": "Ready", "status": "True"}]}}),
+    );
+    let s = until(&source, "the pod", |s| !s.objects.pods.is_empty()).await;
+    let programmed = controller::translate::gateway_statuses(&s.objects);
+    assert_eq!(
+        conditions(&programmed),
+        [
+            ("Accepted", true, "Accepted"),
+            ("Programmed", true, "Programmed")
+        ]
+    );
+    let writer = StatusWriter::new(
+        client(&state),
+        controller::metrics::Metrics::new(&mut Registry::default()),
+    );
+    writer.write(programmed);
+    let path = "/apis/gateway.networking.k8s.io/v1/namespaces/a/gateways/wp/status";
+    let mut written = None;
+    for _ in 0..200 {
+        written = state
+            .lock()
+            .unwrap()
+            .writes
+            .iter()
+            .find(|(m, p, _)| m == "PATCH" && p == path)
+            .map(|(_, _, body)| body.clone());
+        if written.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let body = written.expect("the Gateway's status is written");
+    let conditions = body["status"]["conditions"].as_array().unwrap();
+    assert!(
+        conditions.iter().any(|c| c["type"] == "Programmed"
+            && c["status"] == "True"
+            && c["observedGeneration"] == 3),
+        "{body}"
+    );
+    shutdown.cancel();
+}

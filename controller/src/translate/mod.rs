@@ -312,5 +312,67 @@ pub(crate) fn accepted_status(
     }
 }
 
+/// The status of each waypoint Gateway (class `weft-waypoint`): `Accepted`, and
+/// `Programmed` once one of its waypoint pods is ready (it serves), as Gateway API asks
+/// of a Gateway's controller. Computed from the objects each round, beside translation:
+/// pods come and go without the model changing.
+pub fn gateway_statuses(objects: &Objects) -> Vec<DesiredStatus> {
+    let mut out = Vec::new();
+    for (name, gateway) in &objects.gateways {
+        if gateway.value.spec.gateway_class_name != WAYPOINT_CLASS {
+            continue;
+        }
+        let ready = objects
+            .pods
+            .iter()
+            .filter(|(pod, _)| pod.namespace == name.namespace)
+            .filter(|(_, p)| {
+                let p = &p.value;
+                p.metadata.deletion_timestamp.is_none()
+                    && p.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(crate::waypoints::GATEWAY_NAME_LABEL))
+                        == Some(&name.name)
+                    && p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|cs| {
+                            cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                        })
+            })
+            .count();
+        let accepted = Condition {
+            type_: "Accepted",
+            status: true,
+            reason: "Accepted",
+            message: "a waypoint of the mesh; the controller deploys it".into(),
+        };
+        let programmed = match ready {
+            0 => Condition {
+                type_: "Programmed",
+                status: false,
+                reason: "Pending",
+                message: format!(
+                    "no waypoint pod is ready yet (Deployment {}/{})",
+                    name.namespace, name.name
+                ),
+            },
+            n => Condition {
+                type_: "Programmed",
+                status: true,
+                reason: "Programmed",
+                message: format!("{n} waypoint pod(s) ready"),
+            },
+        };
+        out.push(DesiredStatus {
+            object: ObjectRef::new(ObjectKind::Gateway, name),
+            generation: gateway.value.metadata.generation,
+            parents: vec![(None, vec![accepted, programmed])],
+        });
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests;
