@@ -550,6 +550,13 @@ pub fn controller_cluster_rules() -> Vec<PolicyRule> {
             &["httproutes/status", "grpcroutes/status", "gateways/status"],
             &["get", "patch"],
         ),
+        // Its own GatewayClass's status, by name (cluster-scoped).
+        named_rule(
+            "gateway.networking.k8s.io",
+            &["gatewayclasses/status"],
+            &[WAYPOINT_CLASS],
+            &["get", "patch"],
+        ),
         rule(
             "weft.dev",
             &["authorizationpolicies", "trafficpolicies"],

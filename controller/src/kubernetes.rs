@@ -820,6 +820,7 @@ impl StatusWriter {
     /// A writer patching through `client`.
     pub fn new(client: Client, metrics: Metrics) -> Self {
         let (tx, rx) = watch::channel(Arc::new(Vec::new()));
+        tokio::spawn(class_loop(client.clone()));
         tokio::spawn(write_loop(client, metrics, rx));
         StatusWriter { tx }
     }
@@ -827,6 +828,58 @@ impl StatusWriter {
     /// The statuses of the latest translation.
     pub fn write(&self, statuses: Vec<DesiredStatus>) {
         self.tx.send_replace(Arc::new(statuses));
+    }
+}
+
+/// The Gateway API releases the controller reads (tested against each).
+pub const GATEWAY_API_RELEASES: &str = "v1.2 to v1.6";
+
+/// Keeps the `weft-waypoint` GatewayClass Accepted, for its current generation: checked
+/// every 30 s (the class may be created, or edited, after the controller starts).
+async fn class_loop(client: Client) {
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "GatewayClass"),
+        "gatewayclasses",
+    );
+    let api: Api<DynamicObject> = Api::all_with(client, &resource);
+    let mut written: Option<i64> = None;
+    loop {
+        match api.get_status(crate::translate::WAYPOINT_CLASS).await {
+            Ok(class) => {
+                let generation = class.metadata.generation.unwrap_or(0);
+                let ours = class.data["spec"]["controllerName"].as_str() == Some(CONTROLLER_NAME);
+                if ours && written != Some(generation) {
+                    let patch = serde_json::json!({"status": {"conditions": [{
+                        "type": "Accepted",
+                        "status": "True",
+                        "reason": "Accepted",
+                        "message": format!("Weft's waypoints; Gateway API {GATEWAY_API_RELEASES} (standard channel; route retries need the experimental one)"),
+                        "observedGeneration": generation,
+                        "lastTransitionTime": now_rfc3339(),
+                    }]}});
+                    match api
+                        .patch_status(
+                            crate::translate::WAYPOINT_CLASS,
+                            &PatchParams::default(),
+                            &Patch::Merge(&patch),
+                        )
+                        .await
+                    {
+                        Ok(_) => written = Some(generation),
+                        Err(e) => warn!(
+                            "cannot write the status of GatewayClass {}: {e}",
+                            crate::translate::WAYPOINT_CLASS
+                        ),
+                    }
+                }
+            }
+            Err(kube::Error::Api(s)) if s.is_not_found() => written = None,
+            Err(e) => debug!(
+                "cannot read GatewayClass {}: {e}",
+                crate::translate::WAYPOINT_CLASS
+            ),
+        }
+        tokio::time::sleep(Duration::from_secs(30)).await;
     }
 }
 

@@ -232,7 +232,11 @@ impl Fake {
             let parts: Vec<&str> = rest.split('/').collect();
             let (plural, name) = (parts[parts.len() - 2], parts[parts.len() - 1]);
             // The kind's list path at the same group and version: /apis/<g>/<v>/<plural>.
-            let version_path = rest.split("/namespaces/").next().unwrap_or_default();
+            let version_path = match rest.split_once("/namespaces/") {
+                Some((at, _)) => at.to_owned(),
+                // Cluster-scoped: /apis/<g>/<v>/<plural>/<name>.
+                None => parts[..parts.len() - 2].join("/"),
+            };
             let list_path = format!("{version_path}/{plural}");
             let found = self
                 .kinds
@@ -819,6 +823,22 @@ fn the_rbac_rules_are_what_the_code_calls() {
             f.kind("/apis/weft.dev/v1alpha1/trafficpolicies").items.push(json!({"apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy",
                 "metadata": {"name": "tp", "namespace": "demo", "generation": 1},
                 "spec": {"targetRef": {"group": "", "kind": "Service", "name": "echo"}}}));
+            f.kind("/apis/gateway.networking.k8s.io/v1/gateways").items.push(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                "metadata": {"name": "wp", "namespace": "demo", "uid": "uid-wp", "generation": 1},
+                "spec": {"gatewayClassName": "weft-waypoint", "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}));
+            f.kinds.insert(
+                "/apis/gateway.networking.k8s.io/v1/gatewayclasses",
+                Kind {
+                    list_kind: "GatewayClassList",
+                    api_version: "gateway.networking.k8s.io/v1",
+                    items: vec![json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+                        "metadata": {"name": "weft-waypoint", "generation": 1},
+                        "spec": {"controllerName": "weft.dev/controller"}})],
+                    missing: false,
+                    watches: Vec::new(),
+                    lists: 0,
+                },
+            );
         }
         let kube = client(&state);
         let shutdown = CancellationToken::new();
@@ -827,7 +847,9 @@ fn the_rbac_rules_are_what_the_code_calls() {
         let t = translate(&s.objects, &Settings::default());
         let mut registry = Registry::default();
         let writer = StatusWriter::new(kube, controller::metrics::Metrics::new(&mut registry));
-        writer.write(t.statuses.clone());
+        let mut statuses = t.statuses.clone();
+        statuses.extend(controller::translate::gateway_statuses(&s.objects));
+        writer.write(statuses);
         for _ in 0..400 {
             let done = {
                 let f = state.lock().unwrap();
@@ -836,9 +858,15 @@ fn the_rbac_rules_are_what_the_code_calls() {
                         .iter()
                         .any(|(m, p, _)| m == "PATCH" && p.contains(plural))
                 };
-                f.kinds.values().all(|k| !k.watches.is_empty())
+                // Every watched kind is watched (GatewayClasses are only read).
+                f.kinds
+                    .iter()
+                    .filter(|(p, _)| !p.ends_with("/gatewayclasses"))
+                    .all(|(_, k)| !k.watches.is_empty())
                     && patched("/grpcroutes/")
                     && patched("/trafficpolicies/")
+                    && patched("/gateways/")
+                    && patched("/gatewayclasses/")
             };
             if done {
                 break;
@@ -1213,4 +1241,57 @@ async fn a_waypoint_gateway_is_accepted_then_programmed_once_its_pod_is_ready() 
         "{body}"
     );
     shutdown.cancel();
+}
+
+/// The controller keeps its GatewayClass Accepted, naming the Gateway API releases it
+/// reads, for the class's current generation.
+#[tokio::test]
+async fn the_waypoint_gateway_class_is_accepted() {
+    const CLASSES: &str = "/apis/gateway.networking.k8s.io/v1/gatewayclasses";
+    let state = release_fake("v1.6.1");
+    state.lock().unwrap().kinds.insert(
+        CLASSES,
+        Kind {
+            list_kind: "GatewayClassList",
+            api_version: "gateway.networking.k8s.io/v1",
+            items: vec![json!({
+                "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+                "metadata": {"name": "weft-waypoint", "uid": "uid-class", "generation": 2},
+                "spec": {"controllerName": "weft.dev/controller"}})],
+            missing: false,
+            watches: Vec::new(),
+            lists: 0,
+        },
+    );
+    let _writer = StatusWriter::new(
+        client(&state),
+        controller::metrics::Metrics::new(&mut Registry::default()),
+    );
+    let path = format!("{CLASSES}/weft-waypoint/status");
+    let mut written = None;
+    for _ in 0..200 {
+        written = state
+            .lock()
+            .unwrap()
+            .writes
+            .iter()
+            .find(|(m, p, _)| m == "PATCH" && *p == path)
+            .map(|(_, _, body)| body.clone());
+        if written.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let body = written.expect("the GatewayClass's status is written");
+    let accepted = &body["status"]["conditions"][0];
+    assert_eq!(accepted["type"], "Accepted", "{body}");
+    assert_eq!(accepted["status"], "True", "{body}");
+    assert_eq!(accepted["observedGeneration"], 2, "{body}");
+    assert!(
+        accepted["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("v1.2 to v1.6"),
+        "{body}"
+    );
 }
