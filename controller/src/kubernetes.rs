@@ -929,6 +929,28 @@ pub fn status_patch(
             }
             serde_json::json!({ "status": { "parents": parents } })
         }
+        ObjectKind::Gateway => {
+            let conditions: Vec<serde_json::Value> = desired
+                .parents
+                .iter()
+                .filter(|(key, _)| key.is_none())
+                .flat_map(|(_, cs)| cs.iter().map(condition))
+                .collect();
+            let listeners: Vec<serde_json::Value> = desired
+                .parents
+                .iter()
+                .filter_map(|(key, cs)| {
+                    let name = key.as_ref()?.get("listener")?.clone();
+                    Some(serde_json::json!({
+                        "name": name,
+                        "supportedKinds": [],
+                        "attachedRoutes": 0,
+                        "conditions": cs.iter().map(condition).collect::<Vec<_>>(),
+                    }))
+                })
+                .collect();
+            serde_json::json!({ "status": { "conditions": conditions, "listeners": listeners } })
+        }
         _ => {
             let conditions: Vec<serde_json::Value> = desired
                 .parents

@@ -1234,12 +1234,33 @@ async fn a_waypoint_gateway_is_accepted_then_programmed_once_its_pod_is_ready() 
     }
     let body = written.expect("the Gateway's status is written");
     let conditions = body["status"]["conditions"].as_array().unwrap();
+    assert_eq!(conditions.len(), 2, "{body}");
     assert!(
         conditions.iter().any(|c| c["type"] == "Programmed"
             && c["status"] == "True"
             && c["observedGeneration"] == 3),
         "{body}"
     );
+    // Each listener's status, as the spec requires of a Gateway's controller.
+    let listener = &body["status"]["listeners"][0];
+    assert_eq!(listener["name"], "mesh", "{body}");
+    assert_eq!(listener["attachedRoutes"], 0, "{body}");
+    assert!(listener["supportedKinds"].is_array(), "{body}");
+    let types: Vec<&str> = listener["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["type"].as_str())
+        .collect();
+    assert_eq!(types, ["Accepted", "Programmed", "ResolvedRefs"], "{body}");
+    // The Gateway with that status is what Gateway API's CRD (schema and rules) accepts.
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/gateway-api/v1.6.1/standard/gateway.networking.k8s.io_gateways.yaml");
+    let crd: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+    let mut gateway = state.lock().unwrap().kind(GATEWAYS).items[0].clone();
+    gateway["status"] = body["status"].clone();
+    let violations = crdcheck::Crd::new(&crd).unwrap().check(&gateway);
+    assert!(violations.is_empty(), "{violations:?}");
     shutdown.cancel();
 }
 

@@ -114,7 +114,8 @@ pub struct DesiredStatus {
     /// Its `metadata.generation`, for `observedGeneration`.
     pub generation: Option<i64>,
     /// Its conditions: for a route, per parent (the parentRef as written, then its
-    /// conditions); for a Weft policy, one entry with no parent.
+    /// conditions); for a Weft policy, one entry with no parent; for a Gateway, its own
+    /// (no key), then each listener's (`{"listener": name}`).
     pub parents: Vec<(Option<serde_json::Value>, Vec<Condition>)>,
 }
 
@@ -365,10 +366,26 @@ pub fn gateway_statuses(objects: &Objects) -> Vec<DesiredStatus> {
                 message: format!("{n} waypoint pod(s) ready"),
             },
         };
+        // Each listener: accepted and programmed as the Gateway is (mesh routes attach
+        // to Services, not to listeners).
+        let listeners = gateway.value.spec.listeners.iter().map(|l| {
+            let resolved = Condition {
+                type_: "ResolvedRefs",
+                status: true,
+                reason: "ResolvedRefs",
+                message: "nothing to resolve".into(),
+            };
+            (
+                Some(serde_json::json!({ "listener": l.name })),
+                vec![accepted.clone(), programmed.clone(), resolved],
+            )
+        });
+        let mut parents = vec![(None, vec![accepted.clone(), programmed.clone()])];
+        parents.extend(listeners);
         out.push(DesiredStatus {
             object: ObjectRef::new(ObjectKind::Gateway, name),
             generation: gateway.value.metadata.generation,
-            parents: vec![(None, vec![accepted, programmed])],
+            parents,
         });
     }
     out
