@@ -345,6 +345,25 @@ fn pod(name: &str, uid: &str, node: &str, ip: &str) -> Value {
         "status": {"phase": "Running", "podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}})
 }
 
+/// The body of the first PATCH to `path` the scripted API server records (waiting up to
+/// 5 s for it).
+async fn patched(state: &Arc<Mutex<Fake>>, path: &str) -> Option<Value> {
+    for _ in 0..200 {
+        let found = state
+            .lock()
+            .unwrap()
+            .writes
+            .iter()
+            .find(|(m, p, _)| m == "PATCH" && p == path)
+            .map(|(_, _, body)| body.clone());
+        if found.is_some() {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    None
+}
+
 /// Waits until the source's snapshot satisfies `ok`.
 async fn until(
     source: &KubeSource,
@@ -1085,20 +1104,7 @@ async fn every_gateway_api_release_is_read_at_a_version_it_serves() {
         );
         writer.write(s.statuses.clone());
         let path = "/apis/gateway.networking.k8s.io/v1/namespaces/a/httproutes/future/status";
-        let mut written = None;
-        for _ in 0..200 {
-            written = state
-                .lock()
-                .unwrap()
-                .writes
-                .iter()
-                .find(|(m, p, _)| m == "PATCH" && p == path)
-                .map(|(_, _, body)| body.clone());
-            if written.is_some() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        let written = patched(&state, path).await;
         let body = written.unwrap_or_else(|| panic!("{release}: no status written for a/future"));
         let parent = &body["status"]["parents"][0];
         assert_eq!(parent["parentRef"]["name"], "web", "{body}");
@@ -1218,20 +1224,7 @@ async fn a_waypoint_gateway_is_accepted_then_programmed_once_its_pod_is_ready() 
     );
     writer.write(programmed);
     let path = "/apis/gateway.networking.k8s.io/v1/namespaces/a/gateways/wp/status";
-    let mut written = None;
-    for _ in 0..200 {
-        written = state
-            .lock()
-            .unwrap()
-            .writes
-            .iter()
-            .find(|(m, p, _)| m == "PATCH" && p == path)
-            .map(|(_, _, body)| body.clone());
-        if written.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let written = patched(&state, path).await;
     let body = written.expect("the Gateway's status is written");
     let conditions = body["status"]["conditions"].as_array().unwrap();
     assert_eq!(conditions.len(), 2, "{body}");
@@ -1289,20 +1282,7 @@ async fn the_waypoint_gateway_class_is_accepted() {
         controller::metrics::Metrics::new(&mut Registry::default()),
     );
     let path = format!("{CLASSES}/weft-waypoint/status");
-    let mut written = None;
-    for _ in 0..200 {
-        written = state
-            .lock()
-            .unwrap()
-            .writes
-            .iter()
-            .find(|(m, p, _)| m == "PATCH" && *p == path)
-            .map(|(_, _, body)| body.clone());
-        if written.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let written = patched(&state, &path).await;
     let body = written.expect("the GatewayClass's status is written");
     let accepted = &body["status"]["conditions"][0];
     assert_eq!(accepted["type"], "Accepted", "{body}");
