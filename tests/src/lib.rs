@@ -90,11 +90,14 @@ impl Sandbox {
             .output();
         let _ = std::fs::remove_dir_all(&state_dir);
         std::fs::create_dir_all(&state_dir)?;
-        // Distinct admin ports per sandbox so tests can run side by side.
-        // Node-proxies take base, base + 1, ...; the controller base + 12 and + 14.
-        let base = 16000
-            + 20 * (NEXT_PORT.fetch_add(1, Ordering::Relaxed)
-                + (std::process::id() % 100) as u16 * 10);
+        // Distinct admin ports per sandbox so tests can run side by side. Node-proxies
+        // take base, base + 1, ...; the controller base + 12 and + 14; waypoints + 15 on.
+        // All below the kernel's ephemeral range (32768 on), where a client's source
+        // port could take one first.
+        let slot = (NEXT_PORT.fetch_add(1, Ordering::Relaxed)
+            + (std::process::id() % 100) as u16 * 10)
+            % 800;
+        let base = 16000 + 20 * slot;
         let log = std::fs::File::create(state_dir.with_extension("log"))?;
         let child = Command::new(weftctl()?)
             .args(["local", "up"])
