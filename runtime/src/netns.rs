@@ -46,15 +46,7 @@ pub fn pod_listen_addrs(ips: &[IpAddr]) -> Result<[SocketAddr; 3], String> {
         return Ok([OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT]
             .map(|port| SocketAddr::new(any, port)));
     }
-    let ip = ips
-        .first()
-        .map(IpAddr::to_canonical)
-        .ok_or_else(|| "it has no IP address".to_owned())?;
-    Ok([
-        SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)),
-        SocketAddr::new(ip, INBOUND_PLAINTEXT_PORT),
-        SocketAddr::new(ip, HBONE_PORT),
-    ])
+    ipv4_listen_addrs(ips).ok_or_else(|| "it has no IP address".to_owned())
 }
 
 /// The listener addresses an earlier release gave a pod (IPv4 only: loopback and its
