@@ -533,7 +533,7 @@ fn named_rule(group: &str, resources: &[&str], names: &[&str], verbs: &[&str]) -
 }
 
 /// The controller's cluster-wide rules: watch what it translates, write the status of
-/// routes and Weft's policies, review node-proxies' tokens, and apply each waypoint's
+/// routes and Weft's policies, record events, review node-proxies' tokens, and apply each waypoint's
 /// ServiceAccount, Deployment, Service and roots ConfigMap in its Gateway's namespace.
 pub fn controller_cluster_rules() -> Vec<PolicyRule> {
     vec![
@@ -568,6 +568,9 @@ pub fn controller_cluster_rules() -> Vec<PolicyRule> {
             &["get", "patch"],
         ),
         rule("authentication.k8s.io", &["tokenreviews"], &["create"]),
+        // Events on the objects it refuses and the waypoints it creates or repairs
+        // (`patch` counts a repeat into the first event's series).
+        rule("events.k8s.io", &["events"], &["create", "patch"]),
         // Each waypoint's objects, by server-side apply (which creates what is absent).
         rule(
             "",

@@ -6,7 +6,8 @@
 //! ```text
 //!  watch per kind --(strip managedFields)--> reflector store --notify--> translate
 //!  a kind whose CRD is not installed counts as empty (retried with backoff)
-//!  DesiredStatus (changed only) --> PATCH .../status (merge; other controllers' parents kept)
+//!  DesiredStatus (changed only) --> PATCH .../status (merge at the resourceVersion read,
+//!      again on 409: other controllers' parents kept) --> Event if something is refused
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -890,20 +891,60 @@ fn now_rfc3339() -> String {
 }
 
 /// The JSON merge patch that sets `status` as desired, keeping other controllers'
-/// route parents (`current` is the object's present status).
+/// route parents (`current` is the object's present status). A condition whose status
+/// is unchanged keeps its `lastTransitionTime`.
 pub fn status_patch(
     desired: &DesiredStatus,
     current: Option<&serde_json::Value>,
 ) -> serde_json::Value {
-    let condition = |c: &crate::translate::Condition| {
+    let now = now_rfc3339();
+    // The conditions as they stand: ours on the route parent `parent`, or the object's.
+    let present = |parent: Option<&serde_json::Value>| -> Vec<serde_json::Value> {
+        let list = match (desired.object.kind, parent) {
+            (ObjectKind::HttpRoute | ObjectKind::GrpcRoute, Some(parent)) => current
+                .and_then(|s| s.get("parents"))
+                .and_then(|p| p.as_array())
+                .and_then(|ps| {
+                    ps.iter().find(|p| {
+                        p.get("controllerName").and_then(|c| c.as_str()) == Some(CONTROLLER_NAME)
+                            && p.get("parentRef") == Some(parent)
+                    })
+                })
+                .and_then(|p| p.get("conditions")),
+            (ObjectKind::Gateway, Some(listener)) => current
+                .and_then(|s| s.get("listeners"))
+                .and_then(|l| l.as_array())
+                .and_then(|ls| {
+                    ls.iter()
+                        .find(|l| l.get("name") == listener.get("listener"))
+                })
+                .and_then(|l| l.get("conditions")),
+            _ => current.and_then(|s| s.get("conditions")),
+        };
+        list.and_then(|l| l.as_array()).cloned().unwrap_or_default()
+    };
+    let condition = |c: &crate::translate::Condition, present: &[serde_json::Value]| {
+        let status = if c.status { "True" } else { "False" };
+        let since = present
+            .iter()
+            .find(|p| p.get("type").and_then(|t| t.as_str()) == Some(c.type_))
+            .filter(|p| p.get("status").and_then(|s| s.as_str()) == Some(status))
+            .and_then(|p| p.get("lastTransitionTime").cloned())
+            .unwrap_or_else(|| serde_json::Value::String(now.clone()));
         serde_json::json!({
             "type": c.type_,
-            "status": if c.status { "True" } else { "False" },
+            "status": status,
             "reason": c.reason,
             "message": c.message,
             "observedGeneration": desired.generation.unwrap_or(0),
-            "lastTransitionTime": now_rfc3339(),
+            "lastTransitionTime": since,
         })
+    };
+    let conditions = |key: Option<&serde_json::Value>, cs: &[crate::translate::Condition]| {
+        let present = present(key);
+        cs.iter()
+            .map(|c| condition(c, &present))
+            .collect::<Vec<_>>()
     };
     match desired.object.kind {
         ObjectKind::HttpRoute | ObjectKind::GrpcRoute => {
@@ -920,21 +961,22 @@ pub fn status_patch(
                         .collect()
                 })
                 .unwrap_or_default();
-            for (parent, conditions) in &desired.parents {
+            for (parent, cs) in &desired.parents {
+                let parent_ref = parent.clone().unwrap_or_default();
                 parents.push(serde_json::json!({
-                    "parentRef": parent.clone().unwrap_or_default(),
+                    "parentRef": parent_ref,
                     "controllerName": CONTROLLER_NAME,
-                    "conditions": conditions.iter().map(condition).collect::<Vec<_>>(),
+                    "conditions": conditions(Some(&parent_ref), cs),
                 }));
             }
             serde_json::json!({ "status": { "parents": parents } })
         }
         ObjectKind::Gateway => {
-            let conditions: Vec<serde_json::Value> = desired
+            let own: Vec<serde_json::Value> = desired
                 .parents
                 .iter()
                 .filter(|(key, _)| key.is_none())
-                .flat_map(|(_, cs)| cs.iter().map(condition))
+                .flat_map(|(_, cs)| conditions(None, cs))
                 .collect();
             let listeners: Vec<serde_json::Value> = desired
                 .parents
@@ -945,27 +987,53 @@ pub fn status_patch(
                         "name": name,
                         "supportedKinds": [],
                         "attachedRoutes": 0,
-                        "conditions": cs.iter().map(condition).collect::<Vec<_>>(),
+                        "conditions": conditions(key.as_ref(), cs),
                     }))
                 })
                 .collect();
-            serde_json::json!({ "status": { "conditions": conditions, "listeners": listeners } })
+            serde_json::json!({ "status": { "conditions": own, "listeners": listeners } })
         }
         _ => {
-            let conditions: Vec<serde_json::Value> = desired
+            let own: Vec<serde_json::Value> = desired
                 .parents
                 .iter()
-                .flat_map(|(_, cs)| cs.iter().map(condition))
+                .flat_map(|(_, cs)| conditions(None, cs))
                 .collect();
-            serde_json::json!({ "status": { "conditions": conditions } })
+            serde_json::json!({ "status": { "conditions": own } })
         }
     }
 }
 
-async fn patch_one(client: &Client, desired: &DesiredStatus) -> Result<(), kube::Error> {
+/// How often a status write is tried again at once when another writer changed the
+/// object between the read and the write (409 Conflict).
+const STATUS_CONFLICT_RETRIES: usize = 5;
+
+/// Writes one object's status: reads it, then patches with its `resourceVersion`, so a
+/// concurrent write (another controller's route parent) is never overwritten: on 409
+/// the object is read again. `status.parents` is an atomic list in every Gateway API
+/// release, so server-side apply per parent is not possible; this is its equivalent.
+/// Returns the object's uid, for events.
+async fn patch_one(client: &Client, desired: &DesiredStatus) -> Result<String, kube::Error> {
+    let mut attempt = 0;
+    loop {
+        match patch_once(client, desired).await {
+            Err(kube::Error::Api(s)) if s.code == 409 && attempt < STATUS_CONFLICT_RETRIES => {
+                debug!(object = %desired.object, "status changed meanwhile; reading it again");
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn patch_once(client: &Client, desired: &DesiredStatus) -> Result<String, kube::Error> {
     let name = desired.object.name.clone();
     let ns = desired.object.namespace.clone().unwrap_or_default();
     let params = PatchParams::default();
+    let with_version = |mut patch: serde_json::Value, meta: &kube::api::ObjectMeta| {
+        patch["metadata"] = serde_json::json!({ "resourceVersion": meta.resource_version });
+        patch
+    };
     macro_rules! patch {
         ($t:ty) => {{
             let api: Api<$t> = Api::namespaced(client.clone(), &ns);
@@ -973,12 +1041,13 @@ async fn patch_one(client: &Client, desired: &DesiredStatus) -> Result<(), kube:
             let status = serde_json::to_value(&current)
                 .ok()
                 .and_then(|v| v.get("status").cloned());
-            let patch = status_patch(desired, status.as_ref());
+            let patch = with_version(status_patch(desired, status.as_ref()), &current.metadata);
             api.patch_status(&name, &params, &Patch::Merge(&patch))
                 .await?;
+            current.metadata.uid.unwrap_or_default()
         }};
     }
-    match desired.object.kind {
+    let uid = match desired.object.kind {
         // As raw objects: a route the controller cannot read still gets its status.
         // All three are served at v1 by every Gateway API release Weft supports.
         kind @ (ObjectKind::HttpRoute | ObjectKind::GrpcRoute | ObjectKind::Gateway) => {
@@ -988,15 +1057,81 @@ async fn patch_one(client: &Client, desired: &DesiredStatus) -> Result<(), kube:
             );
             let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &resource);
             let current = api.get_status(&name).await?;
-            let patch = status_patch(desired, current.data.get("status"));
+            let patch = with_version(
+                status_patch(desired, current.data.get("status")),
+                &current.metadata,
+            );
             api.patch_status(&name, &params, &Patch::Merge(&patch))
                 .await?;
+            current.metadata.uid.unwrap_or_default()
         }
         ObjectKind::AuthorizationPolicy => patch!(AuthorizationPolicy),
         ObjectKind::TrafficPolicy => patch!(TrafficPolicy),
-        _ => {}
+        _ => String::new(),
+    };
+    Ok(uid)
+}
+
+/// The event for a status written: a warning naming what was refused, if anything was.
+fn rejection_event(desired: &DesiredStatus) -> Option<kube::runtime::events::Event> {
+    let refused: Vec<&crate::translate::Condition> = desired
+        .parents
+        .iter()
+        .flat_map(|(_, cs)| cs.iter())
+        .filter(|c| !c.status && c.type_ != "Programmed")
+        .collect();
+    let first = refused.first()?;
+    let mut note: String = refused
+        .iter()
+        .map(|c| format!("{}: {}", c.type_, c.message))
+        .collect::<Vec<_>>()
+        .join("; ");
+    // The Events API takes at most 1 kB of note.
+    if note.len() > 1000 {
+        let mut cut = 1000;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
     }
-    Ok(())
+    Some(kube::runtime::events::Event {
+        type_: kube::runtime::events::EventType::Warning,
+        reason: first.reason.to_owned(),
+        note: Some(note),
+        action: "Translate".into(),
+        secondary: None,
+    })
+}
+
+/// A reference to `object` (with its uid, so `kubectl describe` shows its events).
+pub fn object_reference(
+    object: &ObjectRef,
+    uid: &str,
+) -> k8s_openapi::api::core::v1::ObjectReference {
+    let group = object.kind.group();
+    let version = match object.kind {
+        ObjectKind::AuthorizationPolicy | ObjectKind::TrafficPolicy => "v1alpha1",
+        _ => "v1",
+    };
+    k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some(match group {
+            "" => version.to_owned(),
+            g => format!("{g}/{version}"),
+        }),
+        kind: Some(object.kind.kind().to_owned()),
+        name: Some(object.name.clone()),
+        namespace: object.namespace.clone(),
+        uid: (!uid.is_empty()).then(|| uid.to_owned()),
+        ..Default::default()
+    }
+}
+
+/// The reporter of the controller's events: this replica (its pod's name).
+pub fn reporter() -> kube::runtime::events::Reporter {
+    kube::runtime::events::Reporter {
+        controller: crate::waypoints::FIELD_MANAGER.into(),
+        instance: std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()),
+    }
 }
 
 async fn write_loop(
@@ -1004,6 +1139,7 @@ async fn write_loop(
     metrics: Metrics,
     mut rx: watch::Receiver<Arc<Vec<DesiredStatus>>>,
 ) {
+    let events = kube::runtime::events::Recorder::new(client.clone(), reporter());
     // What was written last, per object; a failed write is retried on the next round.
     let mut written: HashMap<crate::objects::ObjectRef, DesiredStatus> = HashMap::new();
     loop {
@@ -1019,10 +1155,16 @@ async fn write_loop(
                 continue;
             }
             match patch_one(&client, d).await {
-                Ok(()) => {
+                Ok(uid) => {
                     debug!(object = %d.object, "status written");
                     Metrics::count(&metrics.status_writes, "ok");
                     written.insert(d.object.clone(), d.clone());
+                    if let Some(event) = rejection_event(d) {
+                        let regarding = object_reference(&d.object, &uid);
+                        if let Err(e) = events.publish(&event, &regarding).await {
+                            debug!(object = %d.object, "cannot record an event: {e}");
+                        }
+                    }
                 }
                 Err(e) => {
                     warn!(object = %d.object, "cannot write status: {e}");
@@ -1030,5 +1172,54 @@ async fn write_loop(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::translate::Condition;
+
+    fn route_status(accepted: bool) -> DesiredStatus {
+        DesiredStatus {
+            object: ObjectRef {
+                kind: ObjectKind::HttpRoute,
+                namespace: Some("demo".into()),
+                name: "r".into(),
+            },
+            generation: Some(3),
+            parents: vec![(
+                Some(serde_json::json!({"name": "echo"})),
+                vec![Condition {
+                    type_: "Accepted",
+                    status: accepted,
+                    reason: if accepted {
+                        "Accepted"
+                    } else {
+                        "UnsupportedValue"
+                    },
+                    message: "m".into(),
+                }],
+            )],
+        }
+    }
+
+    #[test]
+    fn a_condition_keeps_its_transition_time_until_its_status_changes() {
+        let current = serde_json::json!({"parents": [
+            {"controllerName": "example.com/other", "parentRef": {"name": "gw"}, "conditions": []},
+            {"controllerName": CONTROLLER_NAME, "parentRef": {"name": "echo"}, "conditions": [
+                {"type": "Accepted", "status": "True", "reason": "Accepted", "message": "old",
+                 "observedGeneration": 2, "lastTransitionTime": "2026-01-01T00:00:00Z"}]}]});
+        let same = status_patch(&route_status(true), Some(&current));
+        let parents = same["status"]["parents"].as_array().expect("parents");
+        assert_eq!(parents.len(), 2, "the other controller's parent is kept");
+        let ours = &parents[1]["conditions"][0];
+        assert_eq!(ours["lastTransitionTime"], "2026-01-01T00:00:00Z");
+        assert_eq!(ours["observedGeneration"], 3);
+        let flipped = status_patch(&route_status(false), Some(&current));
+        let ours = &flipped["status"]["parents"][1]["conditions"][0];
+        assert_ne!(ours["lastTransitionTime"], "2026-01-01T00:00:00Z");
+        assert_eq!(ours["status"], "False");
     }
 }

@@ -49,6 +49,11 @@ struct Fake {
     /// Discovery of the Gateway API group: (plural, kind, served versions) per CRD;
     /// empty, every discovery request is answered 404.
     discovery: Vec<(String, String, Vec<String>)>,
+    /// Another writer's route parent, added to the route (a new resourceVersion) right
+    /// after the controller's next read of a route's status: a write racing the controller's.
+    interleave: Option<Value>,
+    /// Status patches refused for a stale resourceVersion (409).
+    conflicts: usize,
 }
 
 const PATHS: [(&str, &str, &str); 10] = [
@@ -248,13 +253,59 @@ impl Fake {
                         .find(|i| i["metadata"]["name"] == name)
                         .cloned()
                 });
-            let Some(object) = found else {
+            if found.is_none() {
                 return not_found(path);
-            };
+            }
+            let rv = self.rv;
+            let stored = self
+                .kinds
+                .get_mut(list_path.as_str())
+                .and_then(|k| k.items.iter_mut().find(|i| i["metadata"]["name"] == name))
+                .expect("found above");
+            // Every stored object has a resourceVersion.
+            if stored["metadata"]["resourceVersion"].is_null() {
+                stored["metadata"]["resourceVersion"] = json!(rv.to_string());
+            }
+            let object = stored.clone();
             if method == "PATCH" {
+                // A merge patch, with the API server's optimistic concurrency.
+                if let Some(expected) = body["metadata"]["resourceVersion"].as_str() {
+                    if stored["metadata"]["resourceVersion"].as_str() != Some(expected) {
+                        self.conflicts += 1;
+                        return full(
+                            StatusCode::CONFLICT,
+                            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                                "message": "the object has been modified; please apply your changes to the latest version and try again",
+                                "reason": "Conflict", "code": 409}),
+                        );
+                    }
+                }
+                let mut status = body["status"].clone();
+                merge(&mut stored["status"], std::mem::take(&mut status));
+                stored["metadata"]["resourceVersion"] = json!((rv + 1).to_string());
+                let object = stored.clone();
+                self.rv += 1;
                 self.writes.push((method.to_owned(), path.to_owned(), body));
+                return full(StatusCode::OK, object);
+            }
+            if let Some(parent) = self
+                .interleave
+                .take_if(|_| list_path.ends_with("/httproutes"))
+            {
+                let parents = &mut stored["status"]["parents"];
+                if !parents.is_array() {
+                    *parents = json!([]);
+                }
+                parents.as_array_mut().unwrap().push(parent);
+                stored["metadata"]["resourceVersion"] = json!((rv + 1).to_string());
+                self.rv += 1;
             }
             return full(StatusCode::OK, object);
+        }
+        if path.starts_with("/apis/events.k8s.io/v1/namespaces/") {
+            self.writes
+                .push((method.to_owned(), path.to_owned(), body.clone()));
+            return full(StatusCode::CREATED, body);
         }
         if path == "/apis/authentication.k8s.io/v1/tokenreviews" {
             let token = body["spec"]["token"]
@@ -329,6 +380,26 @@ impl Fake {
             return full(StatusCode::CREATED, body);
         }
         not_found(path)
+    }
+}
+
+/// A JSON merge patch (RFC 7386), as the API server applies one.
+fn merge(target: &mut Value, patch: Value) {
+    match patch {
+        Value::Object(fields) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let object = target.as_object_mut().unwrap();
+            for (k, v) in fields {
+                if v.is_null() {
+                    object.remove(&k);
+                } else {
+                    merge(object.entry(k).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other,
     }
 }
 
@@ -470,11 +541,15 @@ async fn lists_watches_relists_and_writes_status() {
         kube.clone(),
         controller::metrics::Metrics::new(&mut registry),
     );
+    // Another controller writes its own parent on the route between the controller's
+    // read and its write.
+    state.lock().unwrap().interleave = Some(json!({"controllerName": "example.com/racing",
+        "parentRef": {"name": "racing-gw"}, "conditions": []}));
     writer.write(t.statuses.clone());
     let mut writes = Vec::new();
     for _ in 0..200 {
         writes = state.lock().unwrap().writes.clone();
-        if writes.len() >= 2 {
+        if writes.iter().filter(|(m, _, _)| m == "PATCH").count() >= 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -484,10 +559,22 @@ async fn lists_watches_relists_and_writes_status() {
         .find(|(m, p, _)| m == "PATCH" && p == "/apis/gateway.networking.k8s.io/v1/namespaces/demo/httproutes/bad-route/status")
         .unwrap_or_else(|| panic!("a status patch for the route: {writes:?}"));
     let parents = route.2["status"]["parents"].as_array().unwrap();
+    let controllers: Vec<&str> = parents
+        .iter()
+        .map(|p| p["controllerName"].as_str().unwrap())
+        .collect();
     assert_eq!(
-        parents.len(),
-        2,
-        "the other controller's parent is kept: {parents:?}"
+        controllers,
+        [
+            "example.com/other",
+            "example.com/racing",
+            "weft.dev/controller"
+        ],
+        "the other controllers' parents are kept, even one written meanwhile"
+    );
+    assert!(
+        state.lock().unwrap().conflicts >= 1,
+        "the racing write made the first patch stale"
     );
     let ours = parents
         .iter()
@@ -528,6 +615,30 @@ async fn lists_watches_relists_and_writes_status() {
             .unwrap()
             .contains("spec.selector.matchExpressions[0].operator"),
         "{condition}"
+    );
+    // Each rejection is an Event on its object, as `kubectl describe` shows it.
+    let event = writes
+        .iter()
+        .find(|(m, p, b)| {
+            m == "POST"
+                && p == "/apis/events.k8s.io/v1/namespaces/demo/events"
+                && b["regarding"]["name"] == "bad-route"
+        })
+        .unwrap_or_else(|| panic!("an event for the route: {writes:?}"));
+    assert_eq!(event.2["type"], "Warning");
+    assert_eq!(event.2["reason"], "UnsupportedValue");
+    assert_eq!(event.2["regarding"]["kind"], "HTTPRoute");
+    assert_eq!(
+        event.2["regarding"]["apiVersion"],
+        "gateway.networking.k8s.io/v1"
+    );
+    assert!(
+        event.2["note"]
+            .as_str()
+            .unwrap()
+            .contains("not a valid regular expression"),
+        "{}",
+        event.2
     );
     // Written once: the same statuses again write nothing.
     writer.write(t.statuses);
@@ -868,7 +979,42 @@ fn the_rbac_rules_are_what_the_code_calls() {
         let writer = StatusWriter::new(kube, controller::metrics::Metrics::new(&mut registry));
         let mut statuses = t.statuses.clone();
         statuses.extend(controller::translate::gateway_statuses(&s.objects));
-        writer.write(statuses);
+        writer.write(statuses.clone());
+        // The route refused twice, for two reasons of one kind: two events in a series.
+        let refused = |message: &str| controller::translate::DesiredStatus {
+            object: controller::objects::ObjectRef {
+                kind: controller::objects::ObjectKind::GrpcRoute,
+                namespace: Some("demo".into()),
+                name: "rpc".into(),
+            },
+            generation: Some(1),
+            parents: vec![(
+                Some(json!({"name": "echo"})),
+                vec![controller::translate::Condition {
+                    type_: "Accepted",
+                    status: false,
+                    reason: "UnsupportedValue",
+                    message: message.into(),
+                }],
+            )],
+        };
+        let events = |f: &Fake, method: &str| {
+            f.writes
+                .iter()
+                .filter(|(m, p, _)| m == method && p.contains("/events"))
+                .count()
+        };
+        for message in ["first", "second"] {
+            let mut statuses = statuses.clone();
+            statuses.push(refused(message));
+            writer.write(statuses);
+            for _ in 0..200 {
+                if events(&state.lock().unwrap(), "POST") >= 1 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
         for _ in 0..400 {
             let done = {
                 let f = state.lock().unwrap();
@@ -886,6 +1032,7 @@ fn the_rbac_rules_are_what_the_code_calls() {
                     && patched("/trafficpolicies/")
                     && patched("/gateways/")
                     && patched("/gatewayclasses/")
+                    && events(&f, "PATCH") >= 1
             };
             if done {
                 break;
