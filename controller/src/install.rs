@@ -579,6 +579,12 @@ pub fn controller_cluster_rules() -> Vec<PolicyRule> {
         ),
         rule("apps", &["deployments"], &["create", "patch"]),
         rule("policy", &["poddisruptionbudgets"], &["create", "patch"]),
+        // ... and watched, to apply again what someone else deleted or changed (the
+        // roots ConfigMaps by their name only).
+        rule("", &["serviceaccounts"], &["list", "watch"]),
+        rule("apps", &["deployments"], &["list", "watch"]),
+        rule("policy", &["poddisruptionbudgets"], &["list", "watch"]),
+        named_rule("", &["configmaps"], &[ROOTS_CONFIGMAP], &["list", "watch"]),
     ]
 }
 

@@ -7,30 +7,38 @@
 //! ```text
 //!  translation ──Gateways──> Deployer (latest wins) ──server-side apply, field manager
 //!                                     weft-controller──> ServiceAccount, ConfigMap,
-//!                                     Deployment, Service   (unchanged: not sent again;
+//!                                     Deployment, Service, PDB (unchanged: not sent again;
 //!                                     failed: retried every 30 s)
+//!  watch of those objects (by label) ──deleted, or changed by another hand──> applied
+//!                                     again at once; Event WaypointCreated/Repaired
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use gateway_api::gateways::Gateway;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
-    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SecurityContext, Service,
-    ServiceAccount, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
+    ObjectReference, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SecurityContext,
+    Service, ServiceAccount, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, ObjectMeta, Patch, PatchParams,
+};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::Client;
 use serde_json::Value;
-use tokio::sync::watch;
-use tracing::{info, warn};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
 
 use crate::install::{env, field_env};
 use crate::kubernetes::{ROOTS_CONFIGMAP, ROOTS_KEY};
@@ -79,7 +87,10 @@ pub fn desired(gateway: &Gateway, s: &Settings) -> Option<Vec<(&'static str, Val
         name: name.clone(),
         uid,
         controller: Some(true),
-        block_owner_deletion: Some(true),
+        // Not blockOwnerDeletion: setting it needs `update` on gateways/finalizers
+        // (OpenShift and clusters with OwnerReferencesPermissionEnforcement check), and
+        // a foreground deletion of the Gateway need not wait for its waypoint.
+        block_owner_deletion: None,
     };
     let labels = BTreeMap::from([
         (GATEWAY_NAME_LABEL.to_owned(), name.clone()),
@@ -301,7 +312,64 @@ fn admin_probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
-/// Applies the waypoints' objects in the background: latest set of Gateways wins.
+/// The kinds the controller applies for a waypoint: (kind, apiVersion, plural, whether
+/// its spec changes bump `metadata.generation`).
+const OWNED: [(&str, &str, &str, bool); 5] = [
+    ("ServiceAccount", "v1", "serviceaccounts", false),
+    ("ConfigMap", "v1", "configmaps", false),
+    ("Deployment", "apps/v1", "deployments", true),
+    ("Service", "v1", "services", false),
+    (
+        "PodDisruptionBudget",
+        "policy/v1",
+        "poddisruptionbudgets",
+        true,
+    ),
+];
+
+fn api_resource(kind: &str) -> Option<(ApiResource, bool)> {
+    OWNED
+        .iter()
+        .find(|(k, ..)| *k == kind)
+        .map(|(kind, api_version, plural, generation)| {
+            let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+            (
+                ApiResource::from_gvk_with_plural(
+                    &GroupVersionKind::gvk(group, version, kind),
+                    plural,
+                ),
+                *generation,
+            )
+        })
+}
+
+/// (kind, namespace, name) of an owned object.
+type Key = (String, String, String);
+
+fn key_of(kind: &str, object: &kube::api::ObjectMeta) -> Key {
+    (
+        kind.to_owned(),
+        object.namespace.clone().unwrap_or_default(),
+        object.name.clone().unwrap_or_default(),
+    )
+}
+
+/// What the watch of the owned objects saw.
+#[derive(Debug)]
+enum Seen {
+    /// Present, at this generation and resourceVersion.
+    Present(Key, Option<i64>, Option<String>),
+    /// Deleted.
+    Gone(Key),
+    /// A (re)list of `kind` began then.
+    Listing(String, tokio::time::Instant),
+    /// A (re)list of `kind` is complete: these are all there are.
+    Listed(String, Vec<Key>),
+}
+
+/// Applies the waypoints' objects in the background: latest set of Gateways wins. The
+/// objects are watched too: one deleted or changed by someone else is applied again
+/// at once (drift repair), with an event on its Gateway.
 pub struct Deployer {
     tx: watch::Sender<Arc<Vec<Arc<Gateway>>>>,
 }
@@ -310,7 +378,11 @@ impl Deployer {
     /// A deployer applying through `client`.
     pub fn new(client: Client, settings: Settings) -> Self {
         let (tx, rx) = watch::channel(Arc::new(Vec::new()));
-        tokio::spawn(apply_loop(client, settings, rx));
+        let (seen_tx, seen_rx) = mpsc::unbounded_channel();
+        for (kind, ..) in OWNED {
+            tokio::spawn(watch_owned(client.clone(), kind, seen_tx.clone()));
+        }
+        tokio::spawn(apply_loop(client, settings, rx, seen_rx));
         Deployer { tx }
     }
 
@@ -320,59 +392,184 @@ impl Deployer {
     }
 }
 
-async fn apply_one(client: &Client, kind: &str, object: &Value) -> Result<(), kube::Error> {
-    let ns = object["metadata"]["namespace"].as_str().unwrap_or_default();
-    let name = object["metadata"]["name"].as_str().unwrap_or_default();
-    let params = PatchParams::apply(FIELD_MANAGER).force();
-    let patch = Patch::Apply(object);
-    match kind {
-        "ServiceAccount" => {
-            Api::<ServiceAccount>::namespaced(client.clone(), ns)
-                .patch(name, &params, &patch)
-                .await?;
-        }
-        "ConfigMap" => {
-            Api::<ConfigMap>::namespaced(client.clone(), ns)
-                .patch(name, &params, &patch)
-                .await?;
-        }
-        "Deployment" => {
-            Api::<Deployment>::namespaced(client.clone(), ns)
-                .patch(name, &params, &patch)
-                .await?;
-        }
-        "PodDisruptionBudget" => {
-            Api::<PodDisruptionBudget>::namespaced(client.clone(), ns)
-                .patch(name, &params, &patch)
-                .await?;
-        }
-        _ => {
-            Api::<Service>::namespaced(client.clone(), ns)
-                .patch(name, &params, &patch)
-                .await?;
+/// Watches the objects of `kind` the controller applies (by their label), forever.
+async fn watch_owned(client: Client, kind: &'static str, tx: mpsc::UnboundedSender<Seen>) {
+    let Some((resource, _)) = api_resource(kind) else {
+        return;
+    };
+    // The roots ConfigMaps by their one name, which RBAC can limit the grant to.
+    let config = if kind == "ConfigMap" {
+        watcher::Config::default().fields(&format!("metadata.name={ROOTS_CONFIGMAP}"))
+    } else {
+        watcher::Config::default().labels(GATEWAY_NAME_LABEL)
+    };
+    let api: Api<DynamicObject> = Api::all_with(client, &resource);
+    let stream = watcher::watcher(api, config).default_backoff();
+    futures::pin_mut!(stream);
+    let mut listing: Vec<Key> = Vec::new();
+    while let Some(event) = stream.next().await {
+        let seen = match event {
+            Ok(watcher::Event::Init) => {
+                listing.clear();
+                Seen::Listing(kind.to_owned(), tokio::time::Instant::now())
+            }
+            Ok(watcher::Event::InitApply(o)) => {
+                let key = key_of(kind, &o.metadata);
+                listing.push(key.clone());
+                Seen::Present(key, o.metadata.generation, o.metadata.resource_version)
+            }
+            Ok(watcher::Event::InitDone) => {
+                Seen::Listed(kind.to_owned(), std::mem::take(&mut listing))
+            }
+            Ok(watcher::Event::Apply(o)) => Seen::Present(
+                key_of(kind, &o.metadata),
+                o.metadata.generation,
+                o.metadata.resource_version,
+            ),
+            Ok(watcher::Event::Delete(o)) => Seen::Gone(key_of(kind, &o.metadata)),
+            Err(e) => {
+                debug!(kind, "watch of the waypoints' objects: {e}");
+                continue;
+            }
+        };
+        if tx.send(seen).is_err() {
+            return;
         }
     }
-    Ok(())
+}
+
+/// Applies `object` (server-side, as [`FIELD_MANAGER`], forcing its fields back) and
+/// returns its generation and resourceVersion as the API server answered.
+async fn apply_one(
+    client: &Client,
+    kind: &str,
+    object: &Value,
+) -> Result<(Option<i64>, Option<String>), kube::Error> {
+    let ns = object["metadata"]["namespace"].as_str().unwrap_or_default();
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    let Some((resource, _)) = api_resource(kind) else {
+        return Ok((None, None));
+    };
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &resource);
+    let applied = api.patch(name, &params, &Patch::Apply(object)).await?;
+    Ok((
+        applied.metadata.generation,
+        applied.metadata.resource_version,
+    ))
+}
+
+/// One object as applied: its content, and the generation and resourceVersion the API
+/// server gave it.
+struct Applied {
+    object: Value,
+    at: tokio::time::Instant,
+    generation: Option<i64>,
+    resource_version: Option<String>,
+}
+
+/// Why an object is applied again.
+fn drifted(
+    applied: &Applied,
+    has_generation: bool,
+    generation: Option<i64>,
+    rv: &Option<String>,
+) -> bool {
+    if has_generation {
+        // Status updates (available replicas) do not bump the generation; spec edits do.
+        generation.is_some() && generation != applied.generation
+    } else {
+        rv.is_some() && *rv != applied.resource_version
+    }
 }
 
 async fn apply_loop(
     client: Client,
     settings: Settings,
     mut rx: watch::Receiver<Arc<Vec<Arc<Gateway>>>>,
+    mut seen: mpsc::UnboundedReceiver<Seen>,
 ) {
+    let events = Recorder::new(client.clone(), crate::kubernetes::reporter());
     // What was applied last, per object; a failed apply is retried.
-    let mut applied: HashMap<(String, String, String), Value> = HashMap::new();
+    let mut applied: HashMap<Key, Applied> = HashMap::new();
+    // Objects to apply again, and why ("deleted" or "changed").
+    let mut repair: HashMap<Key, &'static str> = HashMap::new();
+    // Objects a relist did not show, with the resourceVersion they were applied at.
+    let mut unsure: HashMap<Key, Option<String>> = HashMap::new();
+    // What the watches saw exist, per kind once listed.
+    let mut present: HashMap<Key, ()> = HashMap::new();
+    let mut listed: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut listing_since: HashMap<String, tokio::time::Instant> = HashMap::new();
     let mut retry = tokio::time::interval(Duration::from_secs(30));
     loop {
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { return },
             _ = retry.tick() => {}
+            Some(first) = seen.recv() => {
+                // Everything seen so far, in one round.
+                let mut batch = vec![first];
+                while let Ok(more) = seen.try_recv() {
+                    batch.push(more);
+                }
+                for s in batch {
+                    match s {
+                        Seen::Present(key, generation, rv) => {
+                            let has_generation = api_resource(&key.0).is_some_and(|(_, g)| g);
+                            if let Some(a) = applied.get(&key) {
+                                if drifted(a, has_generation, generation, &rv) {
+                                    repair.insert(key.clone(), "changed");
+                                    applied.remove(&key);
+                                }
+                            }
+                            present.insert(key, ());
+                        }
+                        Seen::Gone(key) => {
+                            present.remove(&key);
+                            if applied.remove(&key).is_some() {
+                                repair.insert(key, "deleted");
+                            }
+                        }
+                        Seen::Listing(kind, at) => {
+                            listing_since.insert(kind, at);
+                        }
+                        Seen::Listed(kind, keys) => {
+                            let since = listing_since.get(&kind).copied();
+                            let keys: std::collections::HashSet<Key> = keys.into_iter().collect();
+                            present.retain(|k, _| k.0 != kind || keys.contains(k));
+                            // Applied before the list began and not in it: deleted while
+                            // the watch was away, or applied as the list was read. Applied
+                            // again (a no-op in the second case, told apart by the
+                            // resourceVersion the apply returns).
+                            let missing: Vec<Key> = applied
+                                .iter()
+                                .filter(|(k, a)| {
+                                    k.0 == kind
+                                        && !keys.contains(*k)
+                                        && since.is_some_and(|since| a.at < since)
+                                })
+                                .map(|(k, _)| k.clone())
+                                .collect();
+                            for key in missing {
+                                if let Some(a) = applied.remove(&key) {
+                                    unsure.insert(key, a.resource_version);
+                                }
+                            }
+                            listed.insert(kind);
+                        }
+                    }
+                }
+                if repair.is_empty() && unsure.is_empty() {
+                    continue;
+                }
+            }
         }
         let gateways = rx.borrow_and_update().clone();
         for gateway in gateways.iter() {
             let Some(objects) = desired(gateway, &settings) else {
                 continue;
             };
+            let mut created = Vec::new();
+            let mut repaired: Vec<(&'static str, String)> = Vec::new();
             for (kind, object) in objects {
                 let key = (
                     kind.to_owned(),
@@ -385,13 +582,43 @@ async fn apply_loop(
                         .unwrap_or_default()
                         .to_owned(),
                 );
-                if applied.get(&key) == Some(&object) {
+                if applied.get(&key).is_some_and(|a| a.object == object) {
                     continue;
                 }
+                let new = listed.contains(kind) && !present.contains_key(&key);
                 match apply_one(&client, kind, &object).await {
-                    Ok(()) => {
-                        info!(kind, namespace = %key.1, name = %key.2, "waypoint object applied");
-                        applied.insert(key, object);
+                    Ok((generation, resource_version)) => {
+                        let why = repair.remove(&key).or_else(|| {
+                            unsure
+                                .remove(&key)
+                                .filter(|was| *was != resource_version)
+                                .map(|_| "deleted")
+                        });
+                        match why {
+                            Some(why) => {
+                                warn!(kind, namespace = %key.1, name = %key.2, "the waypoint's {kind} was {why} by someone else; applied again");
+                                repaired.push((
+                                    why,
+                                    format!(
+                                        "{kind} {} was {why} by someone else; applied again",
+                                        key.2
+                                    ),
+                                ));
+                            }
+                            None if new => created.push(format!("{kind} {}", key.2)),
+                            None => {
+                                info!(kind, namespace = %key.1, name = %key.2, "waypoint object applied")
+                            }
+                        }
+                        applied.insert(
+                            key,
+                            Applied {
+                                object,
+                                at: tokio::time::Instant::now(),
+                                generation,
+                                resource_version,
+                            },
+                        );
                     }
                     Err(e) => warn!(
                         kind,
@@ -401,7 +628,59 @@ async fn apply_loop(
                     ),
                 }
             }
+            let mut events_now: Vec<Event> = repaired
+                .into_iter()
+                .map(|(why, note)| Event {
+                    type_: EventType::Warning,
+                    reason: "WaypointRepaired".into(),
+                    note: Some(note),
+                    action: if why == "deleted" {
+                        "Recreate"
+                    } else {
+                        "Revert"
+                    }
+                    .into(),
+                    secondary: None,
+                })
+                .collect();
+            if !created.is_empty() {
+                info!(gateway = %gateway_name(gateway), "waypoint created: {}", created.join(", "));
+                events_now.push(Event {
+                    type_: EventType::Normal,
+                    reason: "WaypointCreated".into(),
+                    note: Some(created.join(", ")),
+                    action: "Create".into(),
+                    secondary: None,
+                });
+            }
+            for event in events_now {
+                if let Err(e) = events.publish(&event, &gateway_reference(gateway)).await {
+                    debug!("cannot record an event: {e}");
+                }
+            }
         }
+        // A repair of an object no Gateway wants any more is not one.
+        repair.retain(|k, _| applied.contains_key(k) || present.contains_key(k));
+        unsure.retain(|k, _| !applied.contains_key(k));
+    }
+}
+
+fn gateway_name(gateway: &Gateway) -> String {
+    format!(
+        "{}/{}",
+        gateway.metadata.namespace.as_deref().unwrap_or_default(),
+        gateway.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+fn gateway_reference(gateway: &Gateway) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("gateway.networking.k8s.io/v1".into()),
+        kind: Some("Gateway".into()),
+        name: gateway.metadata.name.clone(),
+        namespace: gateway.metadata.namespace.clone(),
+        uid: gateway.metadata.uid.clone(),
+        ..Default::default()
     }
 }
 
@@ -453,6 +732,10 @@ mod tests {
         };
         let d = by("Deployment");
         assert_eq!(d["metadata"]["ownerReferences"][0]["uid"], "u-1");
+        assert!(
+            d["metadata"]["ownerReferences"][0]["blockOwnerDeletion"].is_null(),
+            "no grant on gateways/finalizers is needed"
+        );
         // Two replicas spread over nodes, one kept through voluntary disruptions.
         assert_eq!(d["spec"]["replicas"], 2);
         let pdb = by("PodDisruptionBudget");

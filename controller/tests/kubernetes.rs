@@ -56,7 +56,16 @@ struct Fake {
     conflicts: usize,
 }
 
-const PATHS: [(&str, &str, &str); 10] = [
+const PATHS: [(&str, &str, &str); 14] = [
+    // What the controller applies for a waypoint, and watches for drift.
+    ("/apis/apps/v1/deployments", "DeploymentList", "apps/v1"),
+    ("/api/v1/serviceaccounts", "ServiceAccountList", "v1"),
+    ("/api/v1/configmaps", "ConfigMapList", "v1"),
+    (
+        "/apis/policy/v1/poddisruptionbudgets",
+        "PodDisruptionBudgetList",
+        "policy/v1",
+    ),
     ("/api/v1/namespaces", "NamespaceList", "v1"),
     ("/api/v1/pods", "PodList", "v1"),
     ("/api/v1/services", "ServiceList", "v1"),
@@ -141,6 +150,23 @@ impl Fake {
         self.kinds.get_mut(path).unwrap()
     }
 
+    /// Stores `object` in the kind at `list_path` (replacing the one of its name) with a new
+    /// resourceVersion, or deletes it, and tells the kind's watchers.
+    fn put(&mut self, list_path: &str, type_: &str, object: Value) {
+        let (ns, name) = (
+            object["metadata"]["namespace"].clone(),
+            object["metadata"]["name"].clone(),
+        );
+        self.event(list_path, type_, object.clone());
+        let mut object = object;
+        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        let items = &mut self.kind(list_path).items;
+        items.retain(|i| i["metadata"]["namespace"] != ns || i["metadata"]["name"] != name);
+        if type_ != "DELETED" {
+            items.push(object);
+        }
+    }
+
     /// Sends a watch event to the watchers of a kind.
     fn event(&mut self, path: &str, type_: &str, object: Value) {
         self.rv += 1;
@@ -182,11 +208,56 @@ impl Fake {
         query: &str,
         body: Value,
     ) -> Response<ResponseBody> {
-        // Server-side apply (the waypoints' objects): taken as given.
+        // Server-side apply (the waypoints' objects): taken as given, and kept (with a
+        // generation bumped by a spec change) where the kind is listed and watched.
         if method == "PATCH" && query.contains("fieldManager=") {
             self.writes
                 .push((method.to_owned(), path.to_owned(), body.clone()));
-            return full(StatusCode::OK, body);
+            let Some((list_path, ns, name)) = collection_of(path) else {
+                return full(StatusCode::OK, body);
+            };
+            let Some(kind) = self.kinds.get_mut(list_path.as_str()) else {
+                return full(StatusCode::OK, body);
+            };
+            let mut object = body;
+            let same =
+                |i: &Value| i["metadata"]["namespace"] == ns && i["metadata"]["name"] == name;
+            // Applying what is there already changes nothing (no new resourceVersion).
+            let unchanged = kind.items.iter().find(|i| {
+                let mut i = (*i).clone();
+                i["metadata"]
+                    .as_object_mut()
+                    .map(|m| (m.remove("resourceVersion"), m.remove("generation")));
+                i.as_object_mut().map(|o| o.remove("status"));
+                same(&i) && i == object
+            });
+            if let Some(stored) = unchanged {
+                return full(StatusCode::OK, stored.clone());
+            }
+            let (type_, generation) = match kind.items.iter().find(|i| same(i)) {
+                Some(old) => {
+                    let g = old["metadata"]["generation"].as_i64().unwrap_or(1);
+                    (
+                        "MODIFIED",
+                        if old["spec"] == object["spec"] {
+                            g
+                        } else {
+                            g + 1
+                        },
+                    )
+                }
+                None => ("ADDED", 1),
+            };
+            object["metadata"]["generation"] = json!(generation);
+            self.put(&list_path, type_, object.clone());
+            let stored = self
+                .kind(&list_path)
+                .items
+                .iter()
+                .find(|i| same(i))
+                .cloned()
+                .unwrap();
+            return full(StatusCode::OK, stored);
         }
         if let Some(version) = path.strip_prefix("/apis/gateway.networking.k8s.io/") {
             if !version.contains('/') {
@@ -379,7 +450,36 @@ impl Fake {
                 .push((method.to_owned(), path.to_owned(), body.clone()));
             return full(StatusCode::CREATED, body);
         }
+        // An object of a listed kind, by name.
+        if let Some((list_path, ns, name)) = collection_of(path) {
+            if method == "GET" {
+                if let Some(kind) = self.kinds.get(list_path.as_str()) {
+                    return match kind
+                        .items
+                        .iter()
+                        .find(|i| i["metadata"]["namespace"] == ns && i["metadata"]["name"] == name)
+                    {
+                        Some(i) => full(StatusCode::OK, i.clone()),
+                        None => not_found(path),
+                    };
+                }
+            }
+        }
         not_found(path)
+    }
+}
+
+/// The collection path, namespace and name of a namespaced object's path.
+fn collection_of(path: &str) -> Option<(String, String, String)> {
+    let (prefix, rest) = path.split_once("/namespaces/")?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    match parts.as_slice() {
+        [ns, plural, name] => Some((
+            format!("{prefix}/{plural}"),
+            (*ns).to_owned(),
+            (*name).to_owned(),
+        )),
+        _ => None,
     }
 }
 
@@ -848,6 +948,121 @@ async fn a_waypoint_gateway_is_deployed_by_server_side_apply_once() {
     assert_eq!(applies(&state).len(), 5);
 }
 
+/// A waypoint's Deployment deleted by hand is recreated, and edited by hand is
+/// reverted, within 5 s, each with a WaypointRepaired event on its Gateway; a status
+/// update (no new generation) is left alone.
+#[tokio::test]
+async fn a_waypoint_deleted_or_edited_by_hand_is_repaired_within_5_s() {
+    let state = Fake::new();
+    let deployer = controller::waypoints::Deployer::new(
+        client(&state),
+        controller::waypoints::Settings {
+            image: "weft:test".into(),
+            controller: "weft-controller.weft-system.svc:15012".into(),
+            controller_name: "weft-controller.weft-system.svc".into(),
+            trust_domain: "cluster.local".into(),
+            roots_pem: "ROOTS".into(),
+        },
+    );
+    let gateway: Arc<gateway_api::gateways::Gateway> = Arc::new(
+        serde_json::from_value(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "wp", "namespace": "demo", "uid": "uid-wp"},
+            "spec": {"gatewayClassName": "weft-waypoint", "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}))
+        .unwrap(),
+    );
+    const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/demo/deployments/wp";
+    const DEPLOYMENTS: &str = "/apis/apps/v1/deployments";
+    let applies = |state: &Arc<Mutex<Fake>>| {
+        state
+            .lock()
+            .unwrap()
+            .writes
+            .iter()
+            .filter(|(m, p, _)| m == "PATCH" && p == DEPLOYMENT)
+            .map(|(_, _, b)| b.clone())
+            .collect::<Vec<_>>()
+    };
+    // Waits up to 5 s for the Deployment's `n`th apply.
+    let applied = |n: usize| {
+        let state = state.clone();
+        async move {
+            let start = std::time::Instant::now();
+            while start.elapsed() < Duration::from_secs(5) {
+                if let Some(b) = applies(&state).get(n - 1) {
+                    return b.clone();
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("the Deployment was not applied a {n}th time within 5 s");
+        }
+    };
+    let repaired = |why: &'static str| {
+        let state = state.clone();
+        async move {
+            for _ in 0..200 {
+                let found = state.lock().unwrap().writes.iter().any(|(m, p, b)| {
+                    (m == "POST" || m == "PATCH")
+                        && p.starts_with("/apis/events.k8s.io/v1/namespaces/demo/events")
+                        && b["reason"] == "WaypointRepaired"
+                        && b["regarding"]["uid"] == "uid-wp"
+                        && b["note"].as_str().unwrap_or_default().contains(why)
+                });
+                if found {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            panic!("no WaypointRepaired event saying {why}");
+        }
+    };
+    deployer.write(vec![gateway]);
+    applied(1).await;
+    // The watches are up (each kind listed and watched).
+    for _ in 0..200 {
+        if !state.lock().unwrap().kind(DEPLOYMENTS).watches.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Deleted by hand: recreated.
+    {
+        let mut f = state.lock().unwrap();
+        let d = f.kind(DEPLOYMENTS).items[0].clone();
+        f.put(DEPLOYMENTS, "DELETED", d);
+    }
+    let again = applied(2).await;
+    assert_eq!(again["spec"]["replicas"], 2);
+    repaired("Deployment wp was deleted").await;
+
+    // Edited by hand (a spec change: a new generation): reverted.
+    {
+        let mut f = state.lock().unwrap();
+        let mut d = f.kind(DEPLOYMENTS).items[0].clone();
+        d["spec"]["replicas"] = json!(5);
+        d["spec"]["template"]["spec"]["containers"][0]["image"] = json!("someone/else:latest");
+        d["metadata"]["generation"] = json!(d["metadata"]["generation"].as_i64().unwrap() + 1);
+        f.put(DEPLOYMENTS, "MODIFIED", d);
+    }
+    let reverted = applied(3).await;
+    assert_eq!(reverted["spec"]["replicas"], 2);
+    assert_eq!(
+        reverted["spec"]["template"]["spec"]["containers"][0]["image"],
+        "weft:test"
+    );
+    repaired("Deployment wp was changed").await;
+
+    // Its status updated (same generation): nothing to repair.
+    {
+        let mut f = state.lock().unwrap();
+        let mut d = f.kind(DEPLOYMENTS).items[0].clone();
+        d["status"] = json!({"availableReplicas": 2});
+        f.put(DEPLOYMENTS, "MODIFIED", d);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(applies(&state).len(), 3, "a status update is not drift");
+}
+
 /// One API call as RBAC sees it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Call {
@@ -895,8 +1110,16 @@ fn call(method: &str, path: &str, query: &str) -> Call {
         [plural, ..] => (*plural).to_owned(),
         [] => panic!("no resource in {path}"),
     };
-    let name = rest.get(1).map(|n| (*n).to_owned());
-    let verb = match (method, name.is_some()) {
+    // As the API server's request info: a list or watch of one name (a field selector
+    // on metadata.name) is authorized as that name.
+    let named = rest.get(1).is_some();
+    let name = rest.get(1).map(|n| (*n).to_owned()).or_else(|| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("fieldSelector=metadata.name%3D"))
+            .map(str::to_owned)
+    });
+    let verb = match (method, named) {
         ("GET", true) => "get",
         ("GET", false) if query.contains("watch=true") => "watch",
         ("GET", false) => "list",
@@ -938,6 +1161,7 @@ fn the_rbac_rules_are_what_the_code_calls() {
     the_root_is_created_once_in_a_secret();
     the_roots_are_published_in_a_configmap_without_the_key();
     a_waypoint_gateway_is_deployed_by_server_side_apply_once();
+    a_waypoint_deleted_or_edited_by_hand_is_repaired_within_5_s();
     // Every kind served: the source lists and then watches each; the status of a
     // GRPCRoute and a TrafficPolicy (the scenarios above write the other kinds').
     tokio::runtime::Runtime::new().unwrap().block_on(async {
