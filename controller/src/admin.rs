@@ -1,5 +1,9 @@
-//! The admin endpoint: `/metrics`, `/healthz`, `/ready`, and `/debug/...` views of the
-//! model, the subscribers and the problems found.
+//! The admin endpoint: `/metrics`, `/healthz`, `/ready`, `/debug/status` (what
+//! `weftctl status` reads through the API server's service proxy), and the views of the
+//! model, the subscribers and the problems found (`/debug/model`, `/debug/subscribers`,
+//! `/debug/problems`), which name the mesh's objects: in a cluster those answer only a
+//! caller the API server vouches for (a bearer token, TokenReview) and allows
+//! (SubjectAccessReview: `get` on the path, a non-resource URL).
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -17,6 +21,33 @@ use tracing::debug;
 use crate::objects::Problem;
 use crate::server::Shared;
 
+/// The debug views that name the mesh's objects, and so are authorized.
+pub const PROTECTED: [&str; 3] = ["/debug/model", "/debug/subscribers", "/debug/problems"];
+
+/// Why a debug request is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DebugDenied {
+    /// No bearer token, or one the API server does not accept.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// Authenticated, but not allowed `get` on the path.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// The API server could not be asked.
+    #[error("cannot authorize now: {0}")]
+    Unavailable(String),
+}
+
+/// Decides whether a bearer token may read a debug path.
+pub trait DebugAuth: Send + Sync {
+    /// Allows, or says why not.
+    fn authorize<'a>(
+        &'a self,
+        token: Option<&'a str>,
+        path: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<(), DebugDenied>>;
+}
+
 /// What the admin endpoint shows.
 pub struct Admin {
     /// Shared controller state.
@@ -25,6 +56,9 @@ pub struct Admin {
     pub registry: Registry,
     /// The problems of the last translation.
     pub problems: Arc<Mutex<Vec<Problem>>>,
+    /// Who may read the [`PROTECTED`] views; `None`: anyone who reaches the port (the
+    /// sandbox, whose admin endpoint is on the host's loopback).
+    pub debug_auth: Option<Arc<dyn DebugAuth>>,
 }
 
 fn respond(
@@ -48,6 +82,37 @@ fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
 }
 
 impl Admin {
+    /// Authorizes a protected view, then answers.
+    async fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = req.uri().path();
+        if let (Some(auth), true) = (&self.debug_auth, PROTECTED.contains(&path)) {
+            let token = req
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim)
+                .filter(|t| !t.is_empty());
+            if let Err(denied) = auth.authorize(token, path).await {
+                let status = match denied {
+                    DebugDenied::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+                    DebugDenied::Forbidden(_) => StatusCode::FORBIDDEN,
+                    DebugDenied::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                };
+                debug!(path, "debug request refused: {denied}");
+                let mut response = respond(status, "text/plain", format!("{denied}\n"));
+                if status == StatusCode::UNAUTHORIZED {
+                    response.headers_mut().insert(
+                        http::header::WWW_AUTHENTICATE,
+                        http::HeaderValue::from_static("Bearer"),
+                    );
+                }
+                return response;
+            }
+        }
+        self.route(req)
+    }
+
     fn route(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         match req.uri().path() {
             "/metrics" => {
@@ -112,8 +177,8 @@ impl Admin {
             let this = self.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
-                    let response = this.route(&req);
-                    async move { Ok::<_, Infallible>(response) }
+                    let this = this.clone();
+                    async move { Ok::<_, Infallible>(this.handle(&req).await) }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)

@@ -15,6 +15,9 @@
 use std::collections::BTreeMap;
 
 use gateway_api::gatewayclasses::{GatewayClass, GatewayClassSpec};
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::apps::v1::{
     DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, Deployment, DeploymentSpec,
     RollingUpdateDaemonSet,
@@ -74,9 +77,10 @@ pub const HANDOFF_DIR: &str = "/run/weft";
 const CNI_BIN_MOUNT: &str = "/host/cni/bin";
 /// Where the node agent's container sees the node's CNI configuration directory.
 const CNI_CONF_MOUNT: &str = "/host/cni/net.d";
-/// The oldest Kubernetes release Weft supports: CRD validation rules (CEL) are GA from
-/// it, and every rendered object is checked against its API schemas.
-pub const OLDEST_KUBERNETES: &str = "1.29";
+/// The oldest Kubernetes release Weft supports: CRD validation rules (CEL) and
+/// ValidatingAdmissionPolicy (which limits the controller's writes) are GA from it, and
+/// every rendered object is checked against its API schemas.
+pub const OLDEST_KUBERNETES: &str = "1.30";
 
 /// The platforms `--platform` knows: where each one's container runtime looks for CNI
 /// plugins and configuration, and what else it needs of Weft's node pods.
@@ -433,6 +437,8 @@ pub enum Object {
     DaemonSet(Box<DaemonSet>),
     GatewayClass(GatewayClass),
     ResourceQuota(ResourceQuota),
+    ValidatingAdmissionPolicy(Box<ValidatingAdmissionPolicy>),
+    ValidatingAdmissionPolicyBinding(ValidatingAdmissionPolicyBinding),
 }
 
 impl Object {
@@ -451,6 +457,8 @@ impl Object {
             Object::DaemonSet(_) => "DaemonSet",
             Object::GatewayClass(_) => "GatewayClass",
             Object::ResourceQuota(_) => "ResourceQuota",
+            Object::ValidatingAdmissionPolicy(_) => "ValidatingAdmissionPolicy",
+            Object::ValidatingAdmissionPolicyBinding(_) => "ValidatingAdmissionPolicyBinding",
         }
     }
 
@@ -483,6 +491,12 @@ impl Object {
             "DaemonSet" => Object::DaemonSet(Box::new(serde_json::from_value(v)?)),
             "GatewayClass" => Object::GatewayClass(serde_json::from_value(v)?),
             "ResourceQuota" => Object::ResourceQuota(serde_json::from_value(v)?),
+            "ValidatingAdmissionPolicy" => {
+                Object::ValidatingAdmissionPolicy(Box::new(serde_json::from_value(v)?))
+            }
+            "ValidatingAdmissionPolicyBinding" => {
+                Object::ValidatingAdmissionPolicyBinding(serde_json::from_value(v)?)
+            }
             other => return Err(serde_json::Error::custom(format!("unknown kind {other:?}"))),
         })
     }
@@ -568,6 +582,12 @@ pub fn controller_cluster_rules() -> Vec<PolicyRule> {
             &["get", "patch"],
         ),
         rule("authentication.k8s.io", &["tokenreviews"], &["create"]),
+        // Whether the caller of a debug view may read it.
+        rule(
+            "authorization.k8s.io",
+            &["subjectaccessreviews"],
+            &["create"],
+        ),
         // Events on the objects it refuses and the waypoints it creates or repairs
         // (`patch` counts a repeat into the first event's series).
         rule("events.k8s.io", &["events"], &["create", "patch"]),
@@ -586,6 +606,86 @@ pub fn controller_cluster_rules() -> Vec<PolicyRule> {
         rule("policy", &["poddisruptionbudgets"], &["list", "watch"]),
         named_rule("", &["configmaps"], &[ROOTS_CONFIGMAP], &["list", "watch"]),
     ]
+}
+
+/// The admission policy narrowing the controller's cluster-wide writes: RBAC grants
+/// `create` and `patch` on ServiceAccounts, Services, ConfigMaps, Deployments and
+/// PodDisruptionBudgets everywhere (a waypoint may be in any namespace); this policy
+/// lets the controller's service account write only a waypoint's objects (labelled with
+/// their Gateway and controlled by it, before and after the write) and the roots
+/// ConfigMap `weft-root-ca`, and delete none of them.
+pub fn controller_writes_policy(
+    ns: &str,
+) -> (ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding) {
+    use crate::waypoints::GATEWAY_NAME_LABEL;
+    use k8s_openapi::api::admissionregistration::v1::{
+        MatchCondition, MatchResources, NamedRuleWithOperations,
+        ValidatingAdmissionPolicyBindingSpec, ValidatingAdmissionPolicySpec, Validation,
+    };
+    let name = format!("weft-controller-writes-{ns}");
+    let rule = |group: &str, version: &str, resources: &[&str]| NamedRuleWithOperations {
+        api_groups: strings(&[group]),
+        api_versions: strings(&[version]),
+        operations: strings(&["CREATE", "UPDATE", "DELETE"]),
+        resources: strings(resources),
+        ..Default::default()
+    };
+    let owned = |o: &str| {
+        format!(
+            "has({o}.metadata.labels) && '{GATEWAY_NAME_LABEL}' in {o}.metadata.labels && \
+             has({o}.metadata.ownerReferences) && {o}.metadata.ownerReferences.exists(r, \
+             r.kind == 'Gateway' && r.apiVersion.startsWith('gateway.networking.k8s.io/') && \
+             has(r.controller) && r.controller)"
+        )
+    };
+    let policy = ValidatingAdmissionPolicy {
+        metadata: meta(&name, None, CONTROLLER),
+        spec: Some(ValidatingAdmissionPolicySpec {
+            failure_policy: Some("Fail".into()),
+            match_constraints: Some(MatchResources {
+                resource_rules: Some(vec![
+                    rule("", "v1", &["serviceaccounts", "services", "configmaps"]),
+                    rule("apps", "v1", &["deployments"]),
+                    rule("policy", "v1", &["poddisruptionbudgets"]),
+                ]),
+                ..Default::default()
+            }),
+            match_conditions: Some(vec![MatchCondition {
+                name: "weft-controller".into(),
+                expression: format!(
+                    "request.userInfo.username == 'system:serviceaccount:{ns}:{CONTROLLER}'"
+                ),
+            }]),
+            validations: Some(vec![Validation {
+                expression: format!(
+                    "request.operation != 'DELETE' && (request.resource.resource == 'configmaps' \
+                     ? object.metadata.name == '{ROOTS_CONFIGMAP}' \
+                     : {} && (oldObject == null || {}))",
+                    owned("object"),
+                    owned("oldObject")
+                ),
+                message_expression: Some(format!(
+                    "'{CONTROLLER} writes only the objects of a waypoint (labelled {GATEWAY_NAME_LABEL} \
+                     and controlled by its Gateway) and ConfigMaps {ROOTS_CONFIGMAP}, not ' + \
+                     request.operation + ' of ' + request.resource.resource + ' ' + \
+                     request.namespace + '/' + request.name"
+                )),
+                reason: Some("Forbidden".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let binding = ValidatingAdmissionPolicyBinding {
+        metadata: meta(&name, None, CONTROLLER),
+        spec: ValidatingAdmissionPolicyBindingSpec {
+            policy_name: name.clone(),
+            validation_actions: vec!["Deny".into()],
+            ..Default::default()
+        },
+    };
+    (policy, binding)
 }
 
 /// The controller's rules in its own namespace: the root's Secret, the ConfigMap its
@@ -1186,6 +1286,26 @@ pub fn objects(o: &Options) -> Result<Vec<Object>, OptionsError> {
             subjects: Some(subjects),
         }));
     }
+    // Bound to nobody: who may read the controller's debug views (the admin port's
+    // /debug/model, /debug/subscribers, /debug/problems, each checked with a
+    // SubjectAccessReview), for a platform team to bind.
+    out.push(Object::ClusterRole(ClusterRole {
+        metadata: meta(&format!("weft-debug-{ns}"), None, CONTROLLER),
+        rules: Some(vec![PolicyRule {
+            non_resource_urls: Some(
+                crate::admin::PROTECTED
+                    .iter()
+                    .map(|p| (*p).to_owned())
+                    .collect(),
+            ),
+            verbs: vec!["get".into()],
+            ..Default::default()
+        }]),
+        ..Default::default()
+    }));
+    let (policy, binding) = controller_writes_policy(ns);
+    out.push(Object::ValidatingAdmissionPolicy(Box::new(policy)));
+    out.push(Object::ValidatingAdmissionPolicyBinding(binding));
     out.push(Object::Service(Service {
         metadata: meta(CONTROLLER, Some(ns), CONTROLLER),
         spec: Some(ServiceSpec {

@@ -811,6 +811,126 @@ impl Authenticator for TokenReviewer {
     }
 }
 
+/// Authorizes the admin endpoint's protected debug views in a cluster: the bearer
+/// token is reviewed (TokenReview, the API server's own audiences), then the user is
+/// asked about (SubjectAccessReview: `get` on the path as a non-resource URL). Only
+/// allowed answers are cached, for a minute, and reviews in flight are bounded.
+pub struct DebugReviewer {
+    client: Client,
+    cache: Mutex<HashMap<([u8; 32], String), Instant>>,
+    reviews: tokio::sync::Semaphore,
+}
+
+impl DebugReviewer {
+    /// A reviewer asking `client`'s API server.
+    pub fn new(client: Client) -> Self {
+        DebugReviewer {
+            client,
+            cache: Mutex::new(HashMap::new()),
+            reviews: tokio::sync::Semaphore::new(REVIEWS_AT_ONCE),
+        }
+    }
+
+    async fn review(&self, token: &str, path: &str) -> Result<(), crate::admin::DebugDenied> {
+        use crate::admin::DebugDenied;
+        use k8s_openapi::api::authorization::v1::{
+            NonResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+        };
+        let reviewed = Api::<TokenReview>::all(self.client.clone())
+            .create(
+                &PostParams::default(),
+                &TokenReview {
+                    spec: TokenReviewSpec {
+                        token: token.to_owned(),
+                        audiences: None,
+                    },
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| DebugDenied::Unavailable(e.to_string()))?;
+        let status = reviewed.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            return Err(DebugDenied::Unauthenticated(
+                status
+                    .error
+                    .unwrap_or_else(|| "the token is not valid".into()),
+            ));
+        }
+        let user = status.user.unwrap_or_default();
+        let username = user.username.clone().unwrap_or_default();
+        let asked = Api::<SubjectAccessReview>::all(self.client.clone())
+            .create(
+                &PostParams::default(),
+                &SubjectAccessReview {
+                    spec: SubjectAccessReviewSpec {
+                        user: user.username,
+                        groups: user.groups,
+                        uid: user.uid,
+                        extra: user.extra,
+                        non_resource_attributes: Some(NonResourceAttributes {
+                            path: Some(path.to_owned()),
+                            verb: Some("get".into()),
+                        }),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| DebugDenied::Unavailable(e.to_string()))?;
+        let answer = asked.status.unwrap_or_default();
+        if answer.allowed {
+            Ok(())
+        } else {
+            Err(DebugDenied::Forbidden(format!(
+                "{username} may not get {path}{}",
+                answer
+                    .reason
+                    .filter(|r| !r.is_empty())
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            )))
+        }
+    }
+}
+
+impl crate::admin::DebugAuth for DebugReviewer {
+    fn authorize<'a>(
+        &'a self,
+        token: Option<&'a str>,
+        path: &'a str,
+    ) -> BoxFuture<'a, Result<(), crate::admin::DebugDenied>> {
+        Box::pin(async move {
+            let token = token.ok_or_else(|| {
+                crate::admin::DebugDenied::Unauthenticated(
+                    "send a bearer token (Authorization: Bearer ...) of a user allowed to get this path".into(),
+                )
+            })?;
+            let key = (token_hash(token), path.to_owned());
+            {
+                let mut cache = self
+                    .cache
+                    .lock()
+                    .expect("debug cache lock is never poisoned");
+                cache.retain(|_, at| at.elapsed() < REVIEW_CACHE);
+                if cache.contains_key(&key) {
+                    return Ok(());
+                }
+            }
+            let _turn = self.reviews.acquire().await.map_err(|_| {
+                crate::admin::DebugDenied::Unavailable("the controller is shutting down".into())
+            })?;
+            self.review(token, path).await?;
+            self.cache
+                .lock()
+                .expect("debug cache lock is never poisoned")
+                .insert(key, Instant::now());
+            Ok(())
+        })
+    }
+}
+
 /// Writes status conditions in the background: only what changed since the last
 /// write, latest translation wins.
 pub struct StatusWriter {

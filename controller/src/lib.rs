@@ -130,6 +130,7 @@ pub struct Config {
 struct ClusterWriters {
     statuses: kubernetes::StatusWriter,
     waypoints: Option<waypoints::Deployer>,
+    debug_auth: Arc<dyn admin::DebugAuth>,
 }
 
 impl Default for Config {
@@ -172,6 +173,7 @@ pub struct Controller {
     debounce: Duration,
     cluster: Option<ClusterWriters>,
     server_names: Vec<String>,
+    debug_auth: Option<Arc<dyn admin::DebugAuth>>,
 }
 
 fn random_epoch() -> u64 {
@@ -260,6 +262,7 @@ impl Controller {
                     None
                 }
             };
+            let client_for_debug = client.clone();
             let statuses = kubernetes::StatusWriter::new(client, metrics.clone());
             (
                 ca,
@@ -268,6 +271,7 @@ impl Controller {
                 Some(ClusterWriters {
                     statuses,
                     waypoints,
+                    debug_auth: Arc::new(kubernetes::DebugReviewer::new(client_for_debug)),
                 }),
             )
         };
@@ -291,6 +295,7 @@ impl Controller {
             changed,
             settings,
             debounce: config.debounce,
+            debug_auth: statuses.as_ref().map(|c| c.debug_auth.clone()),
             cluster: statuses,
             server_names: config.server_names,
         })
@@ -318,6 +323,7 @@ impl Controller {
             shared: self.shared.clone(),
             registry: self.registry,
             problems,
+            debug_auth: self.debug_auth,
         });
         tokio::spawn(admin.serve(self.admin, shutdown.clone()));
         info!(grpc = %self.grpc_addr, admin = %self.admin_addr, "controller started");

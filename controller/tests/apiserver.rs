@@ -299,3 +299,105 @@ spec:
         }
     }
 }
+
+/// The admission policy rendered beside the controller's RBAC lets the controller write
+/// a waypoint's objects and the roots ConfigMap, and nothing else those grants reach:
+/// evaluated as the API server evaluates it (match conditions, then validations, CEL).
+#[test]
+fn the_controllers_cluster_wide_writes_are_limited_to_waypoints() {
+    let (policy, binding) = controller::install::controller_writes_policy("weft-system");
+    let policy = serde_json::to_value(&policy).unwrap();
+    assert_eq!(
+        serde_json::to_value(&binding).unwrap()["spec"]["policyName"],
+        policy["metadata"]["name"]
+    );
+    let controller = "system:serviceaccount:weft-system:weft-controller";
+    let plural = |kind: &str| match kind {
+        "ServiceAccount" => "serviceaccounts",
+        "ConfigMap" => "configmaps",
+        "Deployment" => "deployments",
+        "Service" => "services",
+        "PodDisruptionBudget" => "poddisruptionbudgets",
+        other => panic!("{other}"),
+    };
+    let request = |user: &str, operation: &str, object: &Value| {
+        serde_json::json!({
+            "operation": operation,
+            "userInfo": {"username": user},
+            "resource": {"resource": plural(object["kind"].as_str().unwrap())},
+            "namespace": object["metadata"]["namespace"],
+            "name": object["metadata"]["name"],
+        })
+    };
+    let verdict = |user: &str, operation: &str, object: &Value, old: &Value| {
+        // A delete has no new object: the request names the old one.
+        let named = if object.is_null() { old } else { object };
+        crdcheck::admission(&policy, object, old, &request(user, operation, named)).unwrap()
+    };
+    // Every kind a waypoint has is matched by the policy.
+    let matched: Vec<String> = policy["spec"]["matchConstraints"]["resourceRules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["resources"].as_array().unwrap().clone())
+        .map(|r| r.as_str().unwrap().to_owned())
+        .collect();
+    let gateway: gateway_api::gateways::Gateway = serde_json::from_value(serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": "wp", "namespace": "shop", "uid": "u-1"},
+        "spec": {"gatewayClassName": "weft-waypoint", "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}))
+    .unwrap();
+    let settings = controller::waypoints::Settings {
+        image: "weft:test".into(),
+        controller: "weft-controller.weft-system.svc:15012".into(),
+        controller_name: "weft-controller.weft-system.svc".into(),
+        trust_domain: "cluster.local".into(),
+        roots_pem: "ROOTS".into(),
+    };
+    for (kind, object) in controller::waypoints::desired(&gateway, &settings).unwrap() {
+        assert!(
+            matched.iter().any(|m| m == plural(kind)),
+            "{kind} is matched"
+        );
+        assert_eq!(
+            verdict(controller, "CREATE", &object, &Value::Null),
+            None,
+            "{kind} created"
+        );
+        assert_eq!(
+            verdict(controller, "UPDATE", &object, &object),
+            None,
+            "{kind} updated"
+        );
+        assert!(
+            verdict(controller, "DELETE", &Value::Null, &object).is_some(),
+            "{kind}: the controller deletes nothing"
+        );
+    }
+    // The roots ConfigMap in Weft's namespace.
+    let roots = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "weft-root-ca", "namespace": "weft-system"}, "data": {"root.pem": "x"}});
+    assert_eq!(verdict(controller, "CREATE", &roots, &Value::Null), None);
+    // What the grants would otherwise reach: another team's Deployment, another
+    // ConfigMap, a Service taken over by adding the labels and owner.
+    let coredns = serde_json::json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "coredns", "namespace": "kube-system"}, "spec": {}});
+    let denied = verdict(controller, "UPDATE", &coredns, &coredns).expect("denied");
+    assert!(
+        denied.contains("not UPDATE of deployments kube-system/coredns"),
+        "{denied}"
+    );
+    let other = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "app-config", "namespace": "shop"}, "data": {}});
+    assert!(verdict(controller, "UPDATE", &other, &other).is_some());
+    let objects = controller::waypoints::desired(&gateway, &settings).unwrap();
+    let service = &objects.iter().find(|(k, _)| *k == "Service").unwrap().1;
+    let theirs = serde_json::json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "wp", "namespace": "shop"}, "spec": {}});
+    assert!(
+        verdict(controller, "UPDATE", service, &theirs).is_some(),
+        "an object the Gateway did not control before is not taken over"
+    );
+    // Anyone else is not this policy's business.
+    assert_eq!(verdict("alice", "UPDATE", &coredns, &coredns), None);
+}

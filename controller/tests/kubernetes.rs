@@ -408,6 +408,17 @@ impl Fake {
                 json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {}, "status": status}),
             );
         }
+        if path == "/apis/authorization.k8s.io/v1/subjectaccessreviews" {
+            // Alice may read the debug views; nobody else may.
+            let allowed = body["spec"]["user"] == "alice@example.com"
+                && body["spec"]["nonResourceAttributes"]["verb"] == "get";
+            self.writes.push((method.to_owned(), path.to_owned(), body));
+            return full(
+                StatusCode::CREATED,
+                json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": {},
+                    "status": {"allowed": allowed, "reason": if allowed { "" } else { "no RBAC policy matched" }}}),
+            );
+        }
         if path == "/api/v1/namespaces/weft-system/pods/weft-node-proxy-x1" {
             return full(
                 StatusCode::OK,
@@ -1063,6 +1074,104 @@ async fn a_waypoint_deleted_or_edited_by_hand_is_repaired_within_5_s() {
     assert_eq!(applies(&state).len(), 3, "a status update is not drift");
 }
 
+/// The status line and body of a GET of `path` on `addr`, with `token` as a bearer
+/// token if given.
+async fn admin_get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\n{auth}Connection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let code = out[9..12].parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// In a cluster, the debug views that name the mesh's objects answer only a caller
+/// the API server authenticates (TokenReview) and allows (SubjectAccessReview);
+/// health, metrics and the status summary stay open.
+#[tokio::test]
+async fn debug_views_refuse_an_unauthenticated_or_unauthorized_request() {
+    let state = Fake::new();
+    let dir = std::env::temp_dir().join(format!(
+        "weft-debug-auth-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    let ca =
+        controller::ca::Ca::from_dir(&dir.join("ca"), "cluster.local", Duration::from_secs(3600))
+            .unwrap();
+    let mut registry = Registry::default();
+    let metrics = controller::metrics::Metrics::new(&mut registry);
+    let shutdown = CancellationToken::new();
+    let shared = controller::server::Shared::new(
+        1,
+        Arc::new(ca),
+        Arc::new(TokenReviewer::new(
+            client(&state),
+            "weft-controller".into(),
+            "system:serviceaccount:weft-system:weft-node-proxy".into(),
+        )),
+        metrics,
+        shutdown.clone(),
+    );
+    let admin = Arc::new(controller::admin::Admin {
+        shared,
+        registry,
+        problems: Arc::new(Mutex::new(Vec::new())),
+        debug_auth: Some(Arc::new(controller::kubernetes::DebugReviewer::new(
+            client(&state),
+        ))),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(admin.serve(listener, shutdown.clone()));
+
+    for path in controller::admin::PROTECTED {
+        let (code, body) = admin_get(addr, path, None).await;
+        assert_eq!(code, 401, "{path} without a token: {body}");
+        assert!(body.contains("bearer token"), "{body}");
+        let (code, _) = admin_get(addr, path, Some("made-up")).await;
+        assert_eq!(code, 401, "{path} with a token the API server refuses");
+        let (code, body) = admin_get(addr, path, Some("other-sa")).await;
+        assert_eq!(code, 403, "{path} for a user RBAC does not allow: {body}");
+        assert!(
+            body.contains("system:serviceaccount:demo:waypoint may not get"),
+            "{body}"
+        );
+        let (code, body) = admin_get(addr, path, Some("a-person")).await;
+        assert_eq!(code, 200, "{path} for a user RBAC allows: {body}");
+    }
+    for path in ["/healthz", "/metrics", "/debug/status"] {
+        assert_eq!(admin_get(addr, path, None).await.0, 200, "{path} is open");
+    }
+    // What was asked: the path, as a non-resource URL, for the reviewed user.
+    let asked: Vec<Value> = state
+        .lock()
+        .unwrap()
+        .writes
+        .iter()
+        .filter(|(_, p, _)| p.ends_with("/subjectaccessreviews"))
+        .map(|(_, _, b)| b["spec"]["nonResourceAttributes"]["path"].clone())
+        .collect();
+    assert!(asked.contains(&json!("/debug/model")), "{asked:?}");
+    shutdown.cancel();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// One API call as RBAC sees it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Call {
@@ -1162,6 +1271,7 @@ fn the_rbac_rules_are_what_the_code_calls() {
     the_roots_are_published_in_a_configmap_without_the_key();
     a_waypoint_gateway_is_deployed_by_server_side_apply_once();
     a_waypoint_deleted_or_edited_by_hand_is_repaired_within_5_s();
+    debug_views_refuse_an_unauthenticated_or_unauthorized_request();
     // Every kind served: the source lists and then watches each; the status of a
     // GRPCRoute and a TrafficPolicy (the scenarios above write the other kinds').
     tokio::runtime::Runtime::new().unwrap().block_on(async {

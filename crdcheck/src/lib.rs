@@ -488,6 +488,68 @@ impl Crds {
     }
 }
 
+/// A ValidatingAdmissionPolicy's verdict on one request, as the API server reaches it:
+/// the policy's match conditions, then its validations, with `object`, `oldObject` (JSON
+/// `null` on create) and `request` bound (Kubernetes' CEL environment, as for CRD rules).
+/// Matching the request's resource against `matchConstraints` is left to the caller.
+/// `Ok(None)`: admitted (or not matched); `Ok(Some(message))`: denied.
+pub fn admission(
+    policy: &Value,
+    object: &Value,
+    old_object: &Value,
+    request: &Value,
+) -> Result<Option<String>, String> {
+    let env = environment()?;
+    let run = |source: &str| -> Result<cel::Value, String> {
+        let program = env
+            .compile(source)
+            .map_err(|e| format!("{source:?} does not parse: {e}"))?;
+        let mut context = cel::Context::with_env(env.clone());
+        for (name, value) in [
+            ("object", object),
+            ("oldObject", old_object),
+            ("request", request),
+        ] {
+            context
+                .add_variable(name, value.clone())
+                .map_err(|e| format!("cannot bind {name}: {e}"))?;
+        }
+        program
+            .execute(&context)
+            .map_err(|e| format!("{source:?} failed: {e}"))
+    };
+    let spec = &policy["spec"];
+    for condition in spec["matchConditions"].as_array().into_iter().flatten() {
+        let source = condition["expression"].as_str().unwrap_or_default();
+        match run(source)? {
+            cel::Value::Bool(true) => {}
+            cel::Value::Bool(false) => return Ok(None),
+            other => return Err(format!("{source:?} gave {other:?}, not a boolean")),
+        }
+    }
+    for validation in spec["validations"].as_array().into_iter().flatten() {
+        let source = validation["expression"].as_str().unwrap_or_default();
+        match run(source)? {
+            cel::Value::Bool(true) => {}
+            cel::Value::Bool(false) => {
+                let message = match validation["messageExpression"].as_str() {
+                    Some(m) => match run(m)? {
+                        cel::Value::String(s) => s.to_string(),
+                        other => format!("{other:?}"),
+                    },
+                    None => validation["message"]
+                        .as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| format!("failed expression: {source}")),
+                };
+                return Ok(Some(message));
+            }
+            other => return Err(format!("{source:?} gave {other:?}, not a boolean")),
+        }
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
