@@ -59,6 +59,8 @@ pub struct Admin {
     /// Who may read the [`PROTECTED`] views; `None`: anyone who reaches the port (the
     /// sandbox, whose admin endpoint is on the host's loopback).
     pub debug_auth: Option<Arc<dyn DebugAuth>>,
+    /// Whether this replica holds the Lease (in a cluster); `None` in manifest mode.
+    pub leading: Option<crate::leader::Leading>,
 }
 
 fn respond(
@@ -140,6 +142,7 @@ impl Admin {
                     "version": env!("CARGO_PKG_VERSION"),
                     "epoch": format!("{epoch:016x}"),
                     "modelVersion": *self.shared.version.borrow(),
+                    "leading": self.leading.as_ref().map(crate::leader::is_leading),
                     "subscribers": self.shared.subscribers(),
                 }))
             }

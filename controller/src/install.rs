@@ -23,13 +23,15 @@ use k8s_openapi::api::apps::v1::{
     RollingUpdateDaemonSet,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, HostPathVolumeSource, Namespace, ObjectFieldSelector, PodSecurityContext,
-    PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceQuota, ResourceQuotaSpec,
-    ResourceRequirements, SELinuxOptions, ScopeSelector, ScopedResourceSelectorRequirement,
-    SeccompProfile, SecurityContext, Service, ServiceAccount, ServiceAccountTokenProjection,
-    ServicePort, ServiceSpec, Toleration, Volume, VolumeMount, VolumeProjection,
+    Affinity, Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, HostPathVolumeSource, Namespace, ObjectFieldSelector, PodAffinityTerm,
+    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource,
+    ResourceQuota, ResourceQuotaSpec, ResourceRequirements, SELinuxOptions, ScopeSelector,
+    ScopedResourceSelectorRequirement, SeccompProfile, SecurityContext, Service, ServiceAccount,
+    ServiceAccountTokenProjection, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
+    VolumeProjection, WeightedPodAffinityTerm,
 };
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{
     ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
 };
@@ -81,6 +83,10 @@ const CNI_CONF_MOUNT: &str = "/host/cni/net.d";
 /// ValidatingAdmissionPolicy (which limits the controller's writes) are GA from it, and
 /// every rendered object is checked against its API schemas.
 pub const OLDEST_KUBERNETES: &str = "1.30";
+
+/// Controller replicas: every one serves the model and signs certificates; the one
+/// holding the Lease writes status, events and waypoints.
+pub const CONTROLLER_REPLICAS: i32 = 2;
 
 /// The platforms `--platform` knows: where each one's container runtime looks for CNI
 /// plugins and configuration, and what else it needs of Weft's node pods.
@@ -437,6 +443,7 @@ pub enum Object {
     DaemonSet(Box<DaemonSet>),
     GatewayClass(GatewayClass),
     ResourceQuota(ResourceQuota),
+    PodDisruptionBudget(PodDisruptionBudget),
     ValidatingAdmissionPolicy(Box<ValidatingAdmissionPolicy>),
     ValidatingAdmissionPolicyBinding(ValidatingAdmissionPolicyBinding),
 }
@@ -457,6 +464,7 @@ impl Object {
             Object::DaemonSet(_) => "DaemonSet",
             Object::GatewayClass(_) => "GatewayClass",
             Object::ResourceQuota(_) => "ResourceQuota",
+            Object::PodDisruptionBudget(_) => "PodDisruptionBudget",
             Object::ValidatingAdmissionPolicy(_) => "ValidatingAdmissionPolicy",
             Object::ValidatingAdmissionPolicyBinding(_) => "ValidatingAdmissionPolicyBinding",
         }
@@ -491,6 +499,7 @@ impl Object {
             "DaemonSet" => Object::DaemonSet(Box::new(serde_json::from_value(v)?)),
             "GatewayClass" => Object::GatewayClass(serde_json::from_value(v)?),
             "ResourceQuota" => Object::ResourceQuota(serde_json::from_value(v)?),
+            "PodDisruptionBudget" => Object::PodDisruptionBudget(serde_json::from_value(v)?),
             "ValidatingAdmissionPolicy" => {
                 Object::ValidatingAdmissionPolicy(Box::new(serde_json::from_value(v)?))
             }
@@ -693,6 +702,15 @@ pub fn controller_writes_policy(
 /// node-proxy pod a token is bound to when the token names no node.
 pub fn controller_namespace_rules() -> Vec<PolicyRule> {
     vec![
+        // The Lease electing the replica that writes (`create` cannot be limited to
+        // a name).
+        named_rule(
+            "coordination.k8s.io",
+            &["leases"],
+            &[crate::leader::LEASE_NAME],
+            &["get", "update"],
+        ),
+        rule("coordination.k8s.io", &["leases"], &["create"]),
         rule("", &["pods"], &["get"]),
         named_rule("", &["secrets"], &[ROOT_SECRET], &["get"]),
         rule("", &["secrets"], &["create"]),
@@ -921,7 +939,7 @@ fn controller_deployment(o: &Options) -> Deployment {
     Deployment {
         metadata: meta(CONTROLLER, Some(ns), CONTROLLER),
         spec: Some(DeploymentSpec {
-            replicas: Some(1),
+            replicas: Some(CONTROLLER_REPLICAS),
             selector: LabelSelector {
                 match_labels: Some(selector(CONTROLLER)),
                 ..Default::default()
@@ -935,6 +953,27 @@ fn controller_deployment(o: &Options) -> Deployment {
                     service_account_name: Some(CONTROLLER.into()),
                     security_context: Some(non_root()),
                     node_selector: linux_only(),
+                    // Replicas on different nodes where there are several, so a node
+                    // lost takes one of them at most.
+                    affinity: Some(Affinity {
+                        pod_anti_affinity: Some(PodAntiAffinity {
+                            preferred_during_scheduling_ignored_during_execution: Some(vec![
+                                WeightedPodAffinityTerm {
+                                    weight: 100,
+                                    pod_affinity_term: PodAffinityTerm {
+                                        topology_key: "kubernetes.io/hostname".into(),
+                                        label_selector: Some(LabelSelector {
+                                            match_labels: Some(selector(CONTROLLER)),
+                                            ..Default::default()
+                                        }),
+                                        ..Default::default()
+                                    },
+                                },
+                            ]),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
                     containers: vec![container],
                     ..Default::default()
                 }),
@@ -1329,6 +1368,19 @@ pub fn objects(o: &Options) -> Result<Vec<Object>, OptionsError> {
         ..Default::default()
     }));
     out.push(Object::Deployment(Box::new(controller_deployment(o))));
+    // Voluntary disruptions (drains, evictions) leave one controller serving.
+    out.push(Object::PodDisruptionBudget(PodDisruptionBudget {
+        metadata: meta(CONTROLLER, Some(ns), CONTROLLER),
+        spec: Some(PodDisruptionBudgetSpec {
+            min_available: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector(CONTROLLER)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }));
     // Uninstall deletes in reverse: the agents first, which take the capture off their
     // nodes while node-proxy still serves.
     out.push(Object::DaemonSet(Box::new(node_proxy_daemonset(o))));

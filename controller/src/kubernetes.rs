@@ -938,11 +938,17 @@ pub struct StatusWriter {
 }
 
 impl StatusWriter {
-    /// A writer patching through `client`.
+    /// A writer patching through `client`, always (a single replica).
     pub fn new(client: Client, metrics: Metrics) -> Self {
+        Self::with_leader(client, metrics, crate::leader::fixed(true))
+    }
+
+    /// A writer patching through `client` while `leading`: on becoming the leader it
+    /// writes every status again (the previous leader's view may differ).
+    pub fn with_leader(client: Client, metrics: Metrics, leading: crate::leader::Leading) -> Self {
         let (tx, rx) = watch::channel(Arc::new(Vec::new()));
-        tokio::spawn(class_loop(client.clone()));
-        tokio::spawn(write_loop(client, metrics, rx));
+        tokio::spawn(class_loop(client.clone(), leading.clone()));
+        tokio::spawn(write_loop(client, metrics, rx, leading));
         StatusWriter { tx }
     }
 
@@ -957,7 +963,7 @@ pub const GATEWAY_API_RELEASES: &str = "v1.2 to v1.6";
 
 /// Keeps the `weft-waypoint` GatewayClass Accepted, for its current generation: checked
 /// every 30 s (the class may be created, or edited, after the controller starts).
-async fn class_loop(client: Client) {
+async fn class_loop(client: Client, mut leading: crate::leader::Leading) {
     let resource = ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "GatewayClass"),
         "gatewayclasses",
@@ -965,6 +971,11 @@ async fn class_loop(client: Client) {
     let api: Api<DynamicObject> = Api::all_with(client, &resource);
     let mut written: Option<i64> = None;
     loop {
+        if !crate::leader::is_leading(&leading) {
+            written = None;
+            crate::leader::changed(&mut leading).await;
+            continue;
+        }
         match api.get_status(crate::translate::WAYPOINT_CLASS).await {
             Ok(class) => {
                 let generation = class.metadata.generation.unwrap_or(0);
@@ -1000,7 +1011,10 @@ async fn class_loop(client: Client) {
                 crate::translate::WAYPOINT_CLASS
             ),
         }
-        tokio::time::sleep(Duration::from_secs(30)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            _ = crate::leader::changed(&mut leading) => {}
+        }
     }
 }
 
@@ -1258,13 +1272,25 @@ async fn write_loop(
     client: Client,
     metrics: Metrics,
     mut rx: watch::Receiver<Arc<Vec<DesiredStatus>>>,
+    mut leading: crate::leader::Leading,
 ) {
     let events = kube::runtime::events::Recorder::new(client.clone(), reporter());
     // What was written last, per object; a failed write is retried on the next round.
     let mut written: HashMap<crate::objects::ObjectRef, DesiredStatus> = HashMap::new();
+    let mut was_leading = false;
     loop {
-        if rx.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { return },
+            _ = crate::leader::changed(&mut leading) => {}
+        }
+        let now_leading = crate::leader::is_leading(&leading);
+        if now_leading && !was_leading {
+            // A new leader writes everything again (the last one's view may differ).
+            written.clear();
+        }
+        was_leading = now_leading;
+        if !now_leading {
+            continue;
         }
         let desired = rx.borrow_and_update().clone();
         let present: std::collections::HashSet<_> =

@@ -20,6 +20,7 @@ pub mod ca;
 pub mod crd;
 pub mod install;
 pub mod kubernetes;
+pub mod leader;
 pub mod manifests;
 pub mod metrics;
 pub mod objects;
@@ -131,6 +132,9 @@ struct ClusterWriters {
     statuses: kubernetes::StatusWriter,
     waypoints: Option<waypoints::Deployer>,
     debug_auth: Arc<dyn admin::DebugAuth>,
+    leading: leader::Leading,
+    /// The election's task (taken by the controller, which waits for it on shutdown).
+    election: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Default for Config {
@@ -174,6 +178,9 @@ pub struct Controller {
     cluster: Option<ClusterWriters>,
     server_names: Vec<String>,
     debug_auth: Option<Arc<dyn admin::DebugAuth>>,
+    leading: Option<leader::Leading>,
+    /// The election's task: on shutdown it gives the Lease up, waited for briefly.
+    election: Option<tokio::task::JoinHandle<()>>,
 }
 
 fn random_epoch() -> u64 {
@@ -190,7 +197,7 @@ impl Controller {
         registry.register_collector(Box::new(tunnel::process::ProcessCollector));
         let metrics = metrics::Metrics::new(&mut registry);
         let changed = Arc::new(Notify::new());
-        let (ca, auth, source, statuses): (
+        let (ca, auth, source, mut statuses): (
             ca::Ca,
             Arc<dyn auth::Authenticator>,
             Arc<dyn Source>,
@@ -243,10 +250,17 @@ impl Controller {
             );
             let source =
                 kubernetes::KubeSource::start(client.clone(), changed.clone(), shutdown.clone());
+            let (leading, election) = leader::spawn(
+                client.clone(),
+                &config.namespace,
+                leader::identity(),
+                leader::Timing::default(),
+                shutdown.clone(),
+            );
             let waypoints = match &config.waypoint_image {
                 Some(image) => {
                     let host = config.server_names.first().cloned().unwrap_or_default();
-                    Some(waypoints::Deployer::new(
+                    Some(waypoints::Deployer::with_leader(
                         client.clone(),
                         waypoints::Settings {
                             image: image.clone(),
@@ -255,6 +269,7 @@ impl Controller {
                             trust_domain: config.trust_domain.clone(),
                             roots_pem: ca.bundle_pem(),
                         },
+                        leading.clone(),
                     ))
                 }
                 None => {
@@ -263,7 +278,8 @@ impl Controller {
                 }
             };
             let client_for_debug = client.clone();
-            let statuses = kubernetes::StatusWriter::new(client, metrics.clone());
+            let statuses =
+                kubernetes::StatusWriter::with_leader(client, metrics.clone(), leading.clone());
             (
                 ca,
                 Arc::new(auth),
@@ -272,6 +288,8 @@ impl Controller {
                     statuses,
                     waypoints,
                     debug_auth: Arc::new(kubernetes::DebugReviewer::new(client_for_debug)),
+                    leading,
+                    election: Some(election),
                 }),
             )
         };
@@ -295,7 +313,9 @@ impl Controller {
             changed,
             settings,
             debounce: config.debounce,
+            election: statuses.as_mut().and_then(|c| c.election.take()),
             debug_auth: statuses.as_ref().map(|c| c.debug_auth.clone()),
+            leading: statuses.as_ref().map(|c| c.leading.clone()),
             cluster: statuses,
             server_names: config.server_names,
         })
@@ -324,10 +344,16 @@ impl Controller {
             registry: self.registry,
             problems,
             debug_auth: self.debug_auth,
+            leading: self.leading,
         });
         tokio::spawn(admin.serve(self.admin, shutdown.clone()));
         info!(grpc = %self.grpc_addr, admin = %self.admin_addr, "controller started");
-        server::serve(self.shared, self.grpc, self.server_names).await
+        let served = server::serve(self.shared, self.grpc, self.server_names).await;
+        // Give the Lease up before exiting, so another replica writes at once.
+        if let Some(election) = self.election {
+            let _ = tokio::time::timeout(Duration::from_secs(2), election).await;
+        }
+        served
     }
 }
 

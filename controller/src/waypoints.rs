@@ -375,14 +375,24 @@ pub struct Deployer {
 }
 
 impl Deployer {
-    /// A deployer applying through `client`.
+    /// A deployer applying through `client`, always (a single replica).
     pub fn new(client: Client, settings: Settings) -> Self {
+        Self::with_leader(client, settings, crate::leader::fixed(true))
+    }
+
+    /// A deployer applying through `client` while `leading`; a new leader applies
+    /// everything again (no-ops where nothing differs).
+    pub fn with_leader(
+        client: Client,
+        settings: Settings,
+        leading: crate::leader::Leading,
+    ) -> Self {
         let (tx, rx) = watch::channel(Arc::new(Vec::new()));
         let (seen_tx, seen_rx) = mpsc::unbounded_channel();
         for (kind, ..) in OWNED {
             tokio::spawn(watch_owned(client.clone(), kind, seen_tx.clone()));
         }
-        tokio::spawn(apply_loop(client, settings, rx, seen_rx));
+        tokio::spawn(apply_loop(client, settings, rx, seen_rx, leading));
         Deployer { tx }
     }
 
@@ -488,6 +498,7 @@ async fn apply_loop(
     settings: Settings,
     mut rx: watch::Receiver<Arc<Vec<Arc<Gateway>>>>,
     mut seen: mpsc::UnboundedReceiver<Seen>,
+    mut leading: crate::leader::Leading,
 ) {
     let events = Recorder::new(client.clone(), crate::kubernetes::reporter());
     // What was applied last, per object; a failed apply is retried.
@@ -501,10 +512,12 @@ async fn apply_loop(
     let mut listed: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut listing_since: HashMap<String, tokio::time::Instant> = HashMap::new();
     let mut retry = tokio::time::interval(Duration::from_secs(30));
+    let mut was_leading = false;
     loop {
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { return },
             _ = retry.tick() => {}
+            _ = crate::leader::changed(&mut leading) => {}
             Some(first) = seen.recv() => {
                 // Everything seen so far, in one round.
                 let mut batch = vec![first];
@@ -562,6 +575,17 @@ async fn apply_loop(
                     continue;
                 }
             }
+        }
+        let now_leading = crate::leader::is_leading(&leading);
+        if now_leading && !was_leading {
+            // A new leader applies everything again (no-ops where nothing differs).
+            applied.clear();
+            repair.clear();
+            unsure.clear();
+        }
+        was_leading = now_leading;
+        if !now_leading {
+            continue;
         }
         let gateways = rx.borrow_and_update().clone();
         for gateway in gateways.iter() {

@@ -54,6 +54,8 @@ struct Fake {
     interleave: Option<Value>,
     /// Status patches refused for a stale resourceVersion (409).
     conflicts: usize,
+    /// Leases, by name (in weft-system).
+    leases: HashMap<String, Value>,
 }
 
 const PATHS: [(&str, &str, &str); 14] = [
@@ -407,6 +409,63 @@ impl Fake {
                 StatusCode::CREATED,
                 json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {}, "status": status}),
             );
+        }
+        if let Some(rest) =
+            path.strip_prefix("/apis/coordination.k8s.io/v1/namespaces/weft-system/leases")
+        {
+            let name = rest.trim_start_matches('/').to_owned();
+            let conflict = || {
+                full(
+                    StatusCode::CONFLICT,
+                    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                        "message": "conflict", "reason": "Conflict", "code": 409}),
+                )
+            };
+            match method {
+                "GET" => {
+                    return match self.leases.get(&name) {
+                        Some(l) => full(StatusCode::OK, l.clone()),
+                        None => not_found(path),
+                    }
+                }
+                "POST" => {
+                    let name = body["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned();
+                    if self.leases.contains_key(&name) {
+                        return full(
+                            StatusCode::CONFLICT,
+                            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                                "message": "already exists", "reason": "AlreadyExists", "code": 409}),
+                        );
+                    }
+                    self.rv += 1;
+                    let mut lease = body;
+                    lease["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+                    self.leases.insert(name, lease.clone());
+                    self.writes
+                        .push((method.to_owned(), path.to_owned(), lease.clone()));
+                    return full(StatusCode::CREATED, lease);
+                }
+                "PUT" => {
+                    let Some(current) = self.leases.get(&name) else {
+                        return not_found(path);
+                    };
+                    if current["metadata"]["resourceVersion"] != body["metadata"]["resourceVersion"]
+                    {
+                        return conflict();
+                    }
+                    self.rv += 1;
+                    let mut lease = body;
+                    lease["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+                    self.leases.insert(name, lease.clone());
+                    self.writes
+                        .push((method.to_owned(), path.to_owned(), lease.clone()));
+                    return full(StatusCode::OK, lease);
+                }
+                _ => return not_found(path),
+            }
         }
         if path == "/apis/authorization.k8s.io/v1/subjectaccessreviews" {
             // Alice may read the debug views; nobody else may.
@@ -1135,6 +1194,7 @@ async fn debug_views_refuse_an_unauthenticated_or_unauthorized_request() {
         debug_auth: Some(Arc::new(controller::kubernetes::DebugReviewer::new(
             client(&state),
         ))),
+        leading: None,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -1170,6 +1230,159 @@ async fn debug_views_refuse_an_unauthenticated_or_unauthorized_request() {
     assert!(asked.contains(&json!("/debug/model")), "{asked:?}");
     shutdown.cancel();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Two controller replicas: one Lease holder writes waypoints at a time. Killed (its
+/// election aborted, the Lease not given up), the other takes over once the Lease runs
+/// out and applies the waypoint itself; a replica that stops gracefully hands over at
+/// the next try.
+#[tokio::test]
+async fn two_replicas_elect_one_writer_and_the_other_takes_over() {
+    use controller::leader;
+    let state = Fake::new();
+    let timing = leader::Timing {
+        // Whole seconds: the Lease holds its duration in seconds.
+        duration: Duration::from_secs(2),
+        renew_deadline: Duration::from_millis(1500),
+        retry: Duration::from_millis(100),
+    };
+    let gateway: Arc<gateway_api::gateways::Gateway> = Arc::new(
+        serde_json::from_value(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "wp", "namespace": "demo", "uid": "uid-wp"},
+            "spec": {"gatewayClassName": "weft-waypoint", "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}))
+        .unwrap(),
+    );
+    // Each replica applies with its own image, so the writes tell who wrote.
+    let replica = |name: &str, shutdown: &CancellationToken| {
+        let (leading, task) = leader::spawn(
+            client(&state),
+            "weft-system",
+            name.to_owned(),
+            timing,
+            shutdown.clone(),
+        );
+        let deployer = controller::waypoints::Deployer::with_leader(
+            client(&state),
+            controller::waypoints::Settings {
+                image: format!("weft:{name}"),
+                controller: "weft-controller.weft-system.svc:15012".into(),
+                controller_name: "weft-controller.weft-system.svc".into(),
+                trust_domain: "cluster.local".into(),
+                roots_pem: "ROOTS".into(),
+            },
+            leading.clone(),
+        );
+        deployer.write(vec![gateway.clone()]);
+        (leading, task, deployer)
+    };
+    let writers = |state: &Arc<Mutex<Fake>>| -> Vec<String> {
+        state
+            .lock()
+            .unwrap()
+            .writes
+            .iter()
+            .filter(|(m, p, _)| m == "PATCH" && p == "/apis/apps/v1/namespaces/demo/deployments/wp")
+            .map(|(_, _, b)| {
+                b["spec"]["template"]["spec"]["containers"][0]["image"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    };
+    let holder = |state: &Arc<Mutex<Fake>>| {
+        state
+            .lock()
+            .unwrap()
+            .leases
+            .get("weft-controller")
+            .map(|l| {
+                l["spec"]["holderIdentity"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+    };
+    // b starts first and leads; a follows; only b writes.
+    let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
+    let (leading_b, _task_b, _deployer_b) = replica("b", &stop_b);
+    for _ in 0..100 {
+        if leader::is_leading(&leading_b) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (leading_a, task_a, _deployer_a) = replica("a", &stop_a);
+    assert_eq!(holder(&state).as_deref(), Some("b"));
+    for _ in 0..200 {
+        if !writers(&state).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!leader::is_leading(&leading_a), "never two leaders");
+    assert_eq!(writers(&state), ["weft:b"], "only the leader applies");
+
+    // b stops gracefully: it gives the Lease up and a takes over at its next try, then
+    // applies with its own settings.
+    stop_b.cancel();
+    let start = std::time::Instant::now();
+    while !leader::is_leading(&leading_a) {
+        assert!(
+            start.elapsed() < timing.duration,
+            "a graceful hand-over takes a retry, not the lease's duration"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let start = std::time::Instant::now();
+    while writers(&state).last().map(String::as_str) != Some("weft:a") {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "a applies once it leads"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // b comes back, as a follower; then a dies.
+    let stop_b2 = CancellationToken::new();
+    let (leading_b2, _t, _d) = replica("b", &stop_b2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!leader::is_leading(&leading_b2));
+    kill_a_then_b_takes_over(&state, task_a, leading_b2, timing, writers, holder).await;
+}
+
+async fn kill_a_then_b_takes_over(
+    state: &Arc<Mutex<Fake>>,
+    task_a: tokio::task::JoinHandle<()>,
+    leading_b: controller::leader::Leading,
+    timing: controller::leader::Timing,
+    writers: impl Fn(&Arc<Mutex<Fake>>) -> Vec<String>,
+    holder: impl Fn(&Arc<Mutex<Fake>>) -> Option<String>,
+) {
+    let before = writers(state).len();
+    task_a.abort();
+    let killed = std::time::Instant::now();
+    while !controller::leader::is_leading(&leading_b) {
+        assert!(
+            killed.elapsed() < timing.duration + Duration::from_secs(2),
+            "b takes over within the lease's duration"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        killed.elapsed() >= timing.duration - Duration::from_millis(200),
+        "not before the dead leader's lease ran out ({:?})",
+        killed.elapsed()
+    );
+    assert_eq!(holder(state).as_deref(), Some("b"));
+    while writers(state).len() == before {
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "b applies once it leads"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(writers(state)[before], "weft:b", "the new leader writes");
 }
 
 /// One API call as RBAC sees it.
@@ -1272,6 +1485,7 @@ fn the_rbac_rules_are_what_the_code_calls() {
     a_waypoint_gateway_is_deployed_by_server_side_apply_once();
     a_waypoint_deleted_or_edited_by_hand_is_repaired_within_5_s();
     debug_views_refuse_an_unauthenticated_or_unauthorized_request();
+    two_replicas_elect_one_writer_and_the_other_takes_over();
     // Every kind served: the source lists and then watches each; the status of a
     // GRPCRoute and a TrafficPolicy (the scenarios above write the other kinds').
     tokio::runtime::Runtime::new().unwrap().block_on(async {
