@@ -271,6 +271,11 @@ enum Local {
         /// the primary) or `ipv6` (IPv6 only).
         #[arg(long, value_enum, default_value_t = sandbox::net::IpFamily::Ipv4)]
         ip_family: sandbox::net::IpFamily,
+        /// Controller replicas, as the install's Deployment runs two: the first on
+        /// 127.0.0.1, the others on 127.0.0.2 and up, at the same ports; every proxy is
+        /// given them all and fails over between them.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
+        controller_replicas: u8,
     },
     /// Stops or starts a running sandbox's controller (the mesh serves on meanwhile).
     Controller {
@@ -524,6 +529,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 otlp_endpoint,
                 prometheus,
                 ip_family,
+                controller_replicas,
             } => {
                 let opts = sandbox::UpOptions {
                     state_dir: state_dir.unwrap_or_else(|| sandbox::default_state_dir(&name)),
@@ -537,6 +543,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     otlp_endpoint,
                     prometheus,
                     ip_family,
+                    controller_replicas,
                 };
                 sandbox::up(opts, shutdown).await
             }

@@ -10,6 +10,7 @@
 //! ```
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -33,7 +34,8 @@ use crate::state::{CertError, CertSource, Identities, ModelStatus, SharedModel};
 /// The flags of every process that subscribes to the controller (node-proxy, waypoint).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ControllerFlags {
-    /// The controller (host:port), for the mesh model and certificates.
+    /// The controller (host:port), for the mesh model and certificates; several,
+    /// comma-separated, are its replicas, tried in turn when one does not answer.
     #[arg(
         long,
         env = "WEFT_CONTROLLER",
@@ -82,7 +84,8 @@ impl ControllerFlags {
 /// Where the controller is and how to prove who this node is.
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
-    /// The controller's address, `host:port` (a DNS name is resolved per connection).
+    /// The controller's address, `host:port` (a DNS name is resolved per connection),
+    /// or several, comma-separated (its replicas).
     pub addr: String,
     /// The name its certificate must carry.
     pub server_name: String,
@@ -134,8 +137,11 @@ fn read(path: &PathBuf) -> Result<String, ControllerError> {
 /// A lazily connected channel to the controller over TLS.
 pub fn channel(config: &ControllerConfig) -> Channel {
     let config = config.clone();
+    // The replica to try first: the last one connected to.
+    let next = Arc::new(AtomicUsize::new(0));
     let connector = tower::service_fn(move |_: http::Uri| {
         let config = config.clone();
+        let next = next.clone();
         async move {
             let roots_pem = read(&config.roots)?;
             let mut roots = rustls::RootCertStore::empty();
@@ -154,11 +160,7 @@ pub fn channel(config: &ControllerConfig) -> Channel {
             tls.alpn_protocols = vec![b"h2".to_vec()];
             let name = rustls_pki_types::ServerName::try_from(config.server_name.clone())
                 .map_err(ControllerError::transport)?;
-            let tcp = tokio::net::TcpStream::connect(config.addr.as_str())
-                .await
-                .map_err(|e| {
-                    ControllerError::Transport(format!("cannot connect to {}: {e}", config.addr))
-                })?;
+            let tcp = connect_any(&config.addr, &next).await?;
             let _ = tcp.set_nodelay(true);
             let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
                 .connect(name, tcp)
@@ -178,6 +180,52 @@ pub fn channel(config: &ControllerConfig) -> Channel {
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true)
         .connect_with_connector_lazy(connector)
+}
+
+/// How long one controller address may take to accept a connection before the next
+/// is tried.
+const CONNECT_EACH: Duration = Duration::from_secs(2);
+
+/// Connects to one of `addrs` (`host:port`, comma-separated: the controller's replicas,
+/// or one name a Service balances), starting with the one that answered last and going
+/// round the others when it does not.
+async fn connect_any(
+    addrs: &str,
+    next: &AtomicUsize,
+) -> Result<tokio::net::TcpStream, ControllerError> {
+    let list: Vec<&str> = addrs
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    if list.is_empty() {
+        return Err(ControllerError::Transport(
+            "no controller address given".into(),
+        ));
+    }
+    let first = next.load(Ordering::Relaxed) % list.len();
+    let mut errors = Vec::new();
+    for i in 0..list.len() {
+        let at = (first + i) % list.len();
+        match tokio::time::timeout(CONNECT_EACH, tokio::net::TcpStream::connect(list[at])).await {
+            Ok(Ok(tcp)) => {
+                if at != first {
+                    info!(
+                        controller = list[at],
+                        "connected to another controller replica"
+                    );
+                }
+                next.store(at, Ordering::Relaxed);
+                return Ok(tcp);
+            }
+            Ok(Err(e)) => errors.push(format!("{}: {e}", list[at])),
+            Err(_) => errors.push(format!("{}: no answer in {CONNECT_EACH:?}", list[at])),
+        }
+    }
+    Err(ControllerError::Transport(format!(
+        "cannot connect to the controller ({})",
+        errors.join("; ")
+    )))
 }
 
 fn with_token<T>(message: T, token: &PathBuf) -> Result<tonic::Request<T>, ControllerError> {

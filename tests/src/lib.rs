@@ -316,6 +316,23 @@ impl Sandbox {
             .parse()?)
     }
 
+    /// Every controller replica as the sandbox runs it: (admin address, PID).
+    pub fn controller_replicas(&self) -> Vec<(SocketAddr, i32)> {
+        std::iter::once(&self.state["controller"])
+            .chain(self.state["replicas"].as_array().into_iter().flatten())
+            .map(|c| {
+                (
+                    c["admin"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .parse()
+                        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+                    c["pid"].as_i64().unwrap_or_default() as i32,
+                )
+            })
+            .collect()
+    }
+
     /// The controller's PID (0 while stopped).
     pub fn controller_pid(&self) -> i32 {
         self.state["controller"]["pid"].as_i64().unwrap_or_default() as i32

@@ -150,6 +150,121 @@ fn the_mesh_serves_on_while_the_controller_is_away_and_resyncs_without_a_full_re
     }
 }
 
+/// The last lines of a log, access logs left out.
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.starts_with("{\"start_time\""))
+        .collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// The node-proxies subscribed to a controller replica, from its `/debug/status`.
+fn subscribed_nodes(admin: std::net::SocketAddr) -> Vec<String> {
+    let Ok((200, body)) = weft_e2e::http_get(admin, "/debug/status") else {
+        return Vec::new();
+    };
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let mut nodes: Vec<String> = status["subscribers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["node"].as_str().map(str::to_owned))
+        .filter(|n| n.starts_with("node-"))
+        .collect();
+    nodes.sort();
+    nodes
+}
+
+/// Two controller replicas, as the install runs, under a request loop: the one every
+/// node-proxy is subscribed to dies (killed, and kept down); the node-proxies subscribe
+/// to the other. It comes back, and the other is killed (SIGKILL) and restarted as a
+/// Deployment's pod is; the node-proxies subscribe again. No request fails.
+#[test]
+#[ignore = "needs root"]
+fn a_controller_replica_killed_under_load_fails_no_request() {
+    let mut sb = Sandbox::up_with("e2e-ha", &mesh(), &["--controller-replicas", "2"]).unwrap();
+    let replicas = sb.controller_replicas();
+    assert_eq!(replicas.len(), 2, "two replicas run");
+    let both = vec!["node-1".to_owned(), "node-2".to_owned()];
+    let (first, second) = (replicas[0].0, replicas[1].0);
+    // Every proxy tries the first replica first.
+    let subscribed = eventually(Duration::from_secs(20), || {
+        (subscribed_nodes(first) == both).then_some(())
+    });
+    assert!(
+        subscribed.is_some(),
+        "both node-proxies subscribe to the first replica"
+    );
+    let load = Load::start(
+        &sb.netns(A).unwrap(),
+        "http://echo.shop/ha",
+        Duration::from_millis(50),
+        Duration::from_secs(90),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+
+    // The first replica dies (as a crash: no goodbye) and stays down a while.
+    sb.run_local(&["controller", "stop"]).unwrap();
+    let killed = Instant::now();
+    let moved = eventually(Duration::from_secs(20), || {
+        (subscribed_nodes(second) == both).then_some(())
+    });
+    let failover = killed.elapsed();
+    assert!(
+        moved.is_some(),
+        "both node-proxies subscribe to the other replica: {:?}\nnode-1:\n{}\nnode-2:\n{}",
+        subscribed_nodes(second),
+        tail(&sb.node_log("node-1")),
+        tail(&sb.node_log("node-2"))
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    sb.run_local(&["controller", "start"]).unwrap();
+    let back = eventually(Duration::from_secs(30), || {
+        weft_e2e::http_get(first, "/ready")
+            .ok()
+            .filter(|(code, _)| *code == 200)
+    });
+    assert!(back.is_some(), "the first replica is back");
+
+    // The second replica is killed; the sandbox restarts it, as a Deployment would.
+    sb.refresh().unwrap();
+    let second_pid = sb.controller_replicas()[1].1;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(second_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let resubscribed = eventually(Duration::from_secs(30), || {
+        sb.refresh().ok()?;
+        let pid = sb.controller_replicas()[1].1;
+        let mut nodes = subscribed_nodes(first);
+        nodes.extend(subscribed_nodes(second));
+        nodes.sort();
+        (pid != second_pid && pid != 0 && nodes == both).then_some(())
+    });
+    assert!(
+        resubscribed.is_some(),
+        "the killed replica is restarted and every node-proxy subscribed again"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let (requests, failed) = load.stop();
+    eprintln!(
+        "{requests} requests; node-proxies on the other replica {} ms after the first died; {} failed",
+        failover.as_millis(),
+        failed.len()
+    );
+    assert!(requests >= 50, "the load ran ({requests})");
+    assert!(failed.is_empty(), "no request fails: {failed:?}");
+    for node in ["node-1", "node-2"] {
+        assert!(
+            sb.node_log(node)
+                .contains("connected to another controller replica"),
+            "{node} says it failed over"
+        );
+    }
+}
+
 #[test]
 #[ignore = "needs root"]
 fn a_leaf_rotation_under_load_fails_no_request() {

@@ -742,8 +742,8 @@ pub struct Launch {
     pub path_env: String,
     /// The weftctl binary.
     pub exe: PathBuf,
-    /// The controller's gRPC address.
-    pub controller: std::net::SocketAddr,
+    /// The controller's gRPC addresses (its replicas), comma-separated.
+    pub controller: String,
     /// The name its certificate carries.
     pub controller_name: String,
     /// The mesh root it chains to.
@@ -794,7 +794,7 @@ fn waypoint_command(
         .args(["--pod-ip", &ip.to_string()])
         .arg("--netns")
         .arg(Path::new("/run/netns").join(&pod.state.netns))
-        .args(["--controller", &launch.controller.to_string()])
+        .args(["--controller", &launch.controller])
         .args(["--controller-name", &launch.controller_name])
         .arg("--controller-ca")
         .arg(&launch.controller_ca)

@@ -91,6 +91,9 @@ pub struct UpOptions {
     pub prometheus: Option<SocketAddr>,
     /// The cluster network's address families.
     pub ip_family: net::IpFamily,
+    /// Controller replicas (a Deployment's `replicas`): the first on 127.0.0.1, the
+    /// others on 127.0.0.2, ... at the same ports; proxies are given them all.
+    pub controller_replicas: u8,
 }
 
 /// The default state directory of a sandbox.
@@ -111,8 +114,11 @@ pub struct State {
     pub ip_family: net::IpFamily,
     /// PID of the `weftctl local up` process.
     pub supervisor_pid: u32,
-    /// The controller.
+    /// The controller (its first replica).
     pub controller: ControllerState,
+    /// Its other replicas.
+    #[serde(default)]
+    pub replicas: Vec<ControllerState>,
     /// Simulated nodes.
     pub nodes: Vec<NodeState>,
     /// Pods.
@@ -164,6 +170,12 @@ pub struct ControllerState {
     pub stopped: bool,
     /// Its starts so far.
     pub starts: u64,
+}
+
+/// One of the controller's other replicas.
+struct Replica {
+    child: Option<Child>,
+    state: ControllerState,
 }
 
 /// A simulated node: its network namespace and what runs on it as DaemonSets would.
@@ -421,6 +433,8 @@ struct Sandbox {
     ip_exe: PathBuf,
     controller: Option<Child>,
     controller_state: ControllerState,
+    /// The controller's other replicas.
+    replicas: Vec<Replica>,
     nodes: BTreeMap<String, Node>,
     /// Replaced node-proxies still draining: (node, process, since).
     retiring: Vec<(String, Child, Instant)>,
@@ -450,6 +464,7 @@ impl Sandbox {
             ip_family: self.opts.ip_family,
             supervisor_pid: std::process::id(),
             controller: self.controller_state.clone(),
+            replicas: self.replicas.iter().map(|r| r.state.clone()).collect(),
             nodes: self.nodes.values().map(|n| n.state.clone()).collect(),
             pods: self.pods.values().map(|p| p.state.clone()).collect(),
             services: self.services.clone(),
@@ -487,7 +502,16 @@ impl Sandbox {
     }
 
     fn start_controller(&mut self) -> anyhow::Result<()> {
-        let (out, err) = log_file(&self.controller_state.log)?;
+        let child = self.spawn_controller(&self.controller_state)?;
+        self.controller_state.pid = child.id();
+        self.controller_state.starts += 1;
+        self.controller = Some(child);
+        Ok(())
+    }
+
+    /// Starts one replica of the controller, as `state` says where.
+    fn spawn_controller(&self, state: &ControllerState) -> anyhow::Result<Child> {
+        let (out, err) = log_file(&state.log)?;
         let mut cmd = Command::new(&self.opts.exe);
         cmd.arg("controller")
             .arg("--manifests")
@@ -498,22 +522,55 @@ impl Sandbox {
             .arg(&self.ca_dir)
             .arg("--node-tokens")
             .arg(&self.tokens_dir)
-            .args(["--listen", &self.controller_state.grpc.to_string()])
-            .args(["--admin", &self.controller_state.admin.to_string()])
+            .args(["--listen", &state.grpc.to_string()])
+            .args(["--admin", &state.admin.to_string()])
             .args(["--server-name", CONTROLLER_NAME]);
         if let Some(ttl) = &self.opts.leaf_ttl {
             cmd.args(["--leaf-ttl", ttl]);
         }
-        let child = cmd
-            .stdin(Stdio::null())
+        cmd.stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
-            .context("cannot start the controller")?;
-        self.controller_state.pid = child.id();
-        self.controller_state.starts += 1;
-        self.controller = Some(child);
+            .context("cannot start the controller")
+    }
+
+    /// Starts replica `index` (1-based among the others) and waits until it is ready.
+    fn start_replica(&mut self, index: usize, limit: Duration) -> anyhow::Result<()> {
+        let child = self.spawn_controller(&self.replicas[index].state)?;
+        let replica = &mut self.replicas[index];
+        replica.state.pid = child.id();
+        replica.state.starts += 1;
+        replica.child = Some(child);
+        let start = Instant::now();
+        while !summary::fetch(replica.state.admin, "/ready").is_ok_and(|b| b.starts_with("ready")) {
+            if let Some(Ok(Some(status))) = replica.child.as_mut().map(Child::try_wait) {
+                bail!(
+                    "controller replica {} exited ({status}); see {}",
+                    index + 2,
+                    replica.state.log.display()
+                );
+            }
+            if start.elapsed() > limit {
+                bail!(
+                    "controller replica {} is not ready after {} s; see {}",
+                    index + 2,
+                    limit.as_secs(),
+                    replica.state.log.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         Ok(())
+    }
+
+    /// Every replica's gRPC address, as proxies are given them (`--controller`).
+    fn controller_addrs(&self) -> String {
+        std::iter::once(self.controller_state.grpc)
+            .chain(self.replicas.iter().map(|r| r.state.grpc))
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Waits until the controller answers `/ready` (it has read the manifests).
@@ -548,7 +605,7 @@ impl Sandbox {
         kubelet::Launch {
             path_env: self.path_env.clone(),
             exe: self.opts.exe.clone(),
-            controller: self.controller_state.grpc,
+            controller: self.controller_addrs(),
             controller_name: CONTROLLER_NAME.to_owned(),
             controller_ca: self.ca_dir.join(controller::ca::ROOT_CERT),
             tokens: self.tokens_dir.clone(),
@@ -678,7 +735,7 @@ impl Sandbox {
             .args(["--node", &node.name])
             .arg("--handoff")
             .arg(&node.handoff)
-            .args(["--controller", &self.controller_state.grpc.to_string()])
+            .args(["--controller", &self.controller_addrs()])
             .args(["--controller-name", CONTROLLER_NAME])
             .arg("--controller-ca")
             .arg(self.ca_dir.join(controller::ca::ROOT_CERT))
@@ -1232,6 +1289,11 @@ impl Sandbox {
         if let Some(c) = self.controller.as_mut() {
             stop_child(c, Duration::from_secs(5));
         }
+        for r in self.replicas.iter_mut() {
+            if let Some(c) = r.child.as_mut() {
+                stop_child(c, Duration::from_secs(5));
+            }
+        }
         for n in self.nodes.values() {
             net::kill_netns_pids(&n.state.netns);
             net::delete_netns(&n.state.netns);
@@ -1350,6 +1412,26 @@ impl Sandbox {
                 }
             }
             (true, false) => {}
+        }
+        // The other replicas are restarted as a Deployment's pods are.
+        for index in 0..self.replicas.len() {
+            let exited = match self.replicas[index].child.as_mut().map(Child::try_wait) {
+                Some(Ok(Some(status))) => Some(status),
+                _ => None,
+            };
+            if let Some(status) = exited {
+                eprintln!(
+                    "controller replica {} exited ({status}); restarting it",
+                    index + 2
+                );
+                self.replicas[index].child = None;
+                let child = self.spawn_controller(&self.replicas[index].state)?;
+                let replica = &mut self.replicas[index];
+                replica.state.pid = child.id();
+                replica.state.starts += 1;
+                replica.child = Some(child);
+                changed = true;
+            }
         }
         let before = self.retiring.len();
         self.retiring
@@ -1533,6 +1615,21 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
         stopped: false,
         starts: 0,
     };
+    let replicas = (1..opts.controller_replicas.max(1))
+        .map(|i| Replica {
+            child: None,
+            state: ControllerState {
+                pid: 0,
+                grpc: SocketAddr::from(([127, 0, 0, 1 + i], controller_state.grpc.port())),
+                admin: SocketAddr::from(([127, 0, 0, 1 + i], controller_state.admin.port())),
+                log: state_dir
+                    .join("logs")
+                    .join(format!("controller-{}.log", i + 1)),
+                stopped: false,
+                starts: 0,
+            },
+        })
+        .collect();
     let cgroups = Cgroups::create(&opts.name)?;
     let (probes_tx, probes) = mpsc::channel();
     let mut sb = Sandbox {
@@ -1545,6 +1642,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
         ip_exe,
         controller: None,
         controller_state,
+        replicas,
         nodes: BTreeMap::new(),
         retiring: Vec::new(),
         pods: BTreeMap::new(),
@@ -1593,6 +1691,9 @@ async fn run(
     sb.writer().namespaces(&cluster.namespaces)?;
     sb.start_controller()?;
     sb.wait_controller(Duration::from_secs(30))?;
+    for index in 0..sb.replicas.len() {
+        sb.start_replica(index, Duration::from_secs(30))?;
+    }
     let added = sb.reconcile(cluster)?;
     sb.wait_nodes(Duration::from_secs(60))?;
     sb.wait_listening(&added, Duration::from_secs(60));
