@@ -276,6 +276,14 @@ enum Local {
         /// given them all and fails over between them.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
         controller_replicas: u8,
+        /// The Gateway API CRDs to install in the sandbox (a directory of their YAML, e.g.
+        /// a release's `standard` or `experimental` files): Gateway API objects are then
+        /// checked as an API server with them checks them, and refused naming the field.
+        #[arg(long)]
+        gateway_api_crds: Option<PathBuf>,
+        /// Nodes a pod without `spec.nodeName` is scheduled on (`node-1`..`node-N`).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=12))]
+        nodes: u16,
     },
     /// Stops or starts a running sandbox's controller (the mesh serves on meanwhile).
     Controller {
@@ -530,6 +538,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 prometheus,
                 ip_family,
                 controller_replicas,
+                gateway_api_crds,
+                nodes,
             } => {
                 let opts = sandbox::UpOptions {
                     state_dir: state_dir.unwrap_or_else(|| sandbox::default_state_dir(&name)),
@@ -544,6 +554,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     prometheus,
                     ip_family,
                     controller_replicas,
+                    gateway_api_crds,
+                    nodes,
                 };
                 sandbox::up(opts, shutdown).await
             }

@@ -254,7 +254,7 @@ fn each_platform_renders_its_golden_file() {
     }
 }
 
-/// Every rendering, and a waypoint's objects, pass the API server's own schemas, as `kubernetes-validate --strict`
+/// Every rendering, a waypoint's objects and the demo pass the API server's own schemas, as `kubernetes-validate --strict`
 /// applies them (unknown fields refused), at the oldest Kubernetes release Weft supports
 /// and the newest the tool knows.
 #[test]
@@ -295,6 +295,16 @@ fn every_platform_passes_the_api_servers_schemas() {
     let file = dir.join("waypoint.yaml");
     std::fs::write(&file, waypoint).unwrap();
     files.push(file);
+    // And the demo, which applies to a cluster as written.
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo");
+    let mut examples: Vec<_> = std::fs::read_dir(&demo)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    examples.sort();
+    assert!(!examples.is_empty());
+    files.extend(examples);
     let (_, uninstall, _) = weftctl(&["uninstall", "--platform", "openshift"]);
     assert!(!uninstall.is_empty());
     for version in [controller::install::OLDEST_KUBERNETES, "1.37"] {

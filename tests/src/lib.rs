@@ -45,6 +45,18 @@ pub fn weftctl() -> anyhow::Result<PathBuf> {
     )
 }
 
+/// The Gateway API CRDs the sandboxes install: v1.6.1's experimental channel, from
+/// `shared/gateway-api` beside the repository.
+pub fn gateway_api_crds() -> anyhow::Result<PathBuf> {
+    let dir = repo_root().join("../shared/gateway-api/v1.6.1/experimental");
+    anyhow::ensure!(
+        dir.is_dir(),
+        "{}: the Gateway API CRDs are read from shared/gateway-api beside the repository",
+        dir.display()
+    );
+    Ok(dir)
+}
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -99,9 +111,14 @@ impl Sandbox {
             % 800;
         let base = 16000 + 20 * slot;
         let log = std::fs::File::create(state_dir.with_extension("log"))?;
+        // The sandbox's API server with the newest Gateway API release's CRDs (the
+        // experimental channel: the test manifests use route retries), as a cluster has.
+        let crds = gateway_api_crds()?;
         let child = Command::new(weftctl()?)
             .args(["local", "up"])
             .arg(manifests)
+            .arg("--gateway-api-crds")
+            .arg(&crds)
             .args([
                 "--name",
                 name,

@@ -7,8 +7,10 @@
 //!
 //! The sandbox plays scheduler and kubelet only: it reads Namespaces (their labels decide
 //! which pods it captures), Pods and Deployments (expanded into their replicas) to run,
-//! and Services to give cluster IPs and DNS names. It needs `spec.nodeName` to place each
-//! pod on a simulated node and runs each pod's first container `command` as a process.
+//! and Services to give cluster IPs and DNS names. It places each pod on the simulated node
+//! its `spec.nodeName` names, or schedules it (spread over `node-1`..`node-N`, the same
+//! node every time for the same pod), and runs each pod's first container `command` as a
+//! process (the image is for a cluster).
 //! Every other kind (policies, routes, gateways, ...) is the controller's to read and is
 //! skipped here, as is checking what the controller checks.
 
@@ -198,8 +200,91 @@ pub enum ManifestError {
     },
 }
 
-/// Loads every `*.yaml` and `*.yml` file directly in `dir`, in name order.
+/// What the sandbox's API server and scheduler bring beyond the manifests.
+#[derive(Default)]
+pub struct ApiServer {
+    /// The Gateway API CRDs the "cluster" has installed (`--gateway-api-crds`): Gateway
+    /// API objects are checked against them (schema, unknown fields, CEL rules), and a
+    /// kind they do not define is refused. `None`: Gateway API objects are not checked.
+    pub gateway_api: Option<crdcheck::Crds>,
+    /// Where Gateway API CRDs came from, for messages.
+    pub gateway_api_dir: Option<PathBuf>,
+    /// The nodes a pod that names none (`spec.nodeName`) is scheduled on: `node-1` up to
+    /// `node-<nodes>` (at least 1).
+    pub nodes: u16,
+}
+
+impl ApiServer {
+    /// With the Gateway API CRDs of every YAML file in `dir`.
+    pub fn with_gateway_api(mut self, dir: &Path) -> Result<Self, ManifestError> {
+        let list_error = |source| ManifestError::ReadDir {
+            dir: dir.to_owned(),
+            source,
+        };
+        let mut documents = Vec::new();
+        let mut files: Vec<PathBuf> = fs::read_dir(dir)
+            .map_err(list_error)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+            .collect();
+        files.sort();
+        for file in &files {
+            let text = fs::read_to_string(file).map_err(|source| ManifestError::Read {
+                file: file.clone(),
+                source,
+            })?;
+            for document in serde_yaml_ng::Deserializer::from_str(&text) {
+                let value = serde_json::Value::deserialize(document).map_err(|e| {
+                    ManifestError::Invalid {
+                        file: file.clone(),
+                        object: "CustomResourceDefinition".into(),
+                        field: String::new(),
+                        problem: e.to_string(),
+                    }
+                })?;
+                if value["kind"] == "CustomResourceDefinition" {
+                    documents.push(value);
+                }
+            }
+        }
+        let crds = crdcheck::Crds::new(&documents).map_err(|e| ManifestError::Invalid {
+            file: dir.to_owned(),
+            object: "CustomResourceDefinition".into(),
+            field: String::new(),
+            problem: e.to_string(),
+        })?;
+        self.gateway_api = Some(crds);
+        self.gateway_api_dir = Some(dir.to_owned());
+        Ok(self)
+    }
+
+    /// The node a pod that names none runs on: spread over the nodes, the same one
+    /// every time for the same pod (`key` is its Deployment's or its own name, `index`
+    /// its replica).
+    fn schedule(&self, key: &str, index: u32) -> String {
+        // FNV-1a: stable across runs, so a pod keeps its node when the manifests change.
+        let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let nodes = u64::from(self.nodes.max(1));
+        format!("node-{}", 1 + (hash + u64::from(index)) % nodes)
+    }
+}
+
+/// Loads every `*.yaml` and `*.yml` file directly in `dir`, in name order, as an API
+/// server with Weft's CRDs and no Gateway API CRDs, with two nodes to schedule on.
 pub fn load_dir(dir: &Path) -> Result<Cluster, ManifestError> {
+    load_dir_with(
+        dir,
+        &ApiServer {
+            nodes: 2,
+            ..ApiServer::default()
+        },
+    )
+}
+
+/// Loads every `*.yaml` and `*.yml` file directly in `dir`, in name order.
+pub fn load_dir_with(dir: &Path, api: &ApiServer) -> Result<Cluster, ManifestError> {
     let list_error = |source| ManifestError::ReadDir {
         dir: dir.to_owned(),
         source,
@@ -217,7 +302,12 @@ pub fn load_dir(dir: &Path) -> Result<Cluster, ManifestError> {
     }
     files.sort();
 
-    let mut loader = Loader::default();
+    let mut loader = Loader {
+        api,
+        cluster: Cluster::default(),
+        defined: HashMap::new(),
+        uses: Vec::new(),
+    };
     for file in &files {
         let text = fs::read_to_string(file).map_err(|source| ManifestError::Read {
             file: file.clone(),
@@ -308,8 +398,8 @@ fn weft_crds() -> &'static crdcheck::Crds {
     &CRDS
 }
 
-#[derive(Default)]
-struct Loader {
+struct Loader<'a> {
+    api: &'a ApiServer,
     cluster: Cluster,
     /// First definition of each (kind, namespace, name), to report duplicates.
     defined: HashMap<(&'static str, String, String), Definition>,
@@ -317,7 +407,7 @@ struct Loader {
     uses: Vec<(Definition, String)>,
 }
 
-impl Loader {
+impl Loader<'_> {
     fn load_file(&mut self, file: &Path, text: &str) -> Result<(), ManifestError> {
         // Each document is parsed twice: to a `Value` to read its kind and name, then into
         // its Kubernetes type from the text, so schema errors point into the file.
@@ -370,11 +460,47 @@ impl Loader {
             .get("apiVersion")
             .and_then(Value::as_str)
             .is_some_and(|v| v.starts_with("weft.dev/"));
-        let checked = match weft {
-            true => serde_json::to_value(value)
+        let gateway_api = value
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .is_some_and(|v| v.starts_with("gateway.networking.k8s.io/"));
+        let checked = match (weft, gateway_api, &self.api.gateway_api) {
+            (true, _, _) => serde_json::to_value(value)
                 .ok()
                 .and_then(|json| weft_crds().check(&json)),
-            false => None,
+            (_, true, Some(crds)) => {
+                let json = serde_json::to_value(value).unwrap_or_default();
+                let from = self
+                    .api
+                    .gateway_api_dir
+                    .as_ref()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default();
+                match crds.check(&json) {
+                    Some(violations) if !violations.is_empty() => {
+                        let first = &violations[0];
+                        let more: String =
+                            violations[1..].iter().map(|v| format!("; {v}")).collect();
+                        return Err(object.invalid(
+                            first.field.clone(),
+                            format!(
+                                "{}{more} — the API server refuses it (the Gateway API CRDs of {from})",
+                                first.message
+                            ),
+                        ));
+                    }
+                    Some(_) => None,
+                    None => {
+                        return Err(object.invalid(
+                            "kind",
+                            format!(
+                                "{kind} is not served: the Gateway API CRDs installed ({from}) do not define it (another release or channel may)"
+                            ),
+                        ))
+                    }
+                }
+            }
+            _ => None,
         };
         if let Some(violations) = checked {
             if let Some(first) = violations.first() {
@@ -429,9 +555,11 @@ impl Loader {
                 self.define(&object, "Pod", &namespace, &name)?;
                 self.use_namespace(&object, &namespace);
                 let labels = pod.metadata.labels.unwrap_or_default();
+                let key = format!("{namespace}/{name}");
+                let api = self.api;
                 self.cluster
                     .pods
-                    .push(template.into_pod(name, namespace, labels));
+                    .push(template.into_pod(name, namespace, labels, || api.schedule(&key, 0)));
             }
             Kind::Deployment => {
                 let deployment: Deployment = object.decode(value, document)?;
@@ -456,13 +584,17 @@ impl Loader {
                     .unwrap_or_default();
                 self.define(&object, "Deployment", &namespace, &name)?;
                 self.use_namespace(&object, &namespace);
+                let key = format!("{namespace}/{name}");
                 for i in 0..replicas {
                     let pod_name = format!("{name}-{i}");
                     self.define(&object, "Pod", &namespace, &pod_name)?;
-                    let pod =
-                        template
-                            .clone()
-                            .into_pod(pod_name, namespace.clone(), labels.clone());
+                    let api = self.api;
+                    let pod = template.clone().into_pod(
+                        pod_name,
+                        namespace.clone(),
+                        labels.clone(),
+                        || api.schedule(&key, i),
+                    );
                     self.cluster.pods.push(pod);
                 }
             }
@@ -677,7 +809,8 @@ impl Loader {
 /// The parts of a pod shared by all replicas of a Deployment.
 #[derive(Clone)]
 struct PodTemplate {
-    node: String,
+    /// `spec.nodeName`; `None`: the sandbox schedules it.
+    node: Option<String>,
     service_account: String,
     command: Vec<String>,
     env: Vec<(String, String)>,
@@ -692,11 +825,12 @@ impl PodTemplate {
         name: String,
         namespace: String,
         labels: BTreeMap<String, String>,
+        scheduled: impl FnOnce() -> String,
     ) -> PodSpec {
         PodSpec {
             name,
             namespace,
-            node: self.node,
+            node: self.node.unwrap_or_else(scheduled),
             service_account: self.service_account,
             labels,
             command: self.command,
@@ -715,16 +849,7 @@ fn pod_template(
     field: &str,
     spec: K8sPodSpec,
 ) -> Result<PodTemplate, ManifestError> {
-    let node = spec
-        .node_name
-        .filter(|node| !node.is_empty())
-        .ok_or_else(|| {
-            object.invalid(
-                format!("{field}.nodeName"),
-                "is missing — the sandbox needs to know which simulated node runs each pod \
-             (e.g. node-1)",
-            )
-        })?;
+    let node = spec.node_name.filter(|node| !node.is_empty());
     let Some(container) = spec.containers.into_iter().next() else {
         return Err(object.invalid(
             format!("{field}.containers"),
@@ -1122,20 +1247,88 @@ spec:
     }
 
     #[test]
-    fn missing_node_name() {
-        let text = APPS.replace("      nodeName: node-1\n", "");
-        assert_contains(
-            &error(&text),
-            &[
-                "Deployment shop/cart: spec.template.spec.nodeName is missing",
-                "which simulated node",
-            ],
+    fn a_pod_that_names_no_node_is_scheduled_spread_and_stays_put() {
+        let text = format!(
+            "{}---\n{}",
+            APPS.replace("      nodeName: node-1\n", ""),
+            CLIENT.replace("  nodeName: node-2\n", "")
         );
-        let text = CLIENT.replace("  nodeName: node-2\n", "");
-        assert_contains(
-            &error(&text),
-            &["Pod default/client: spec.nodeName is missing"],
+        let dir = TempDir::with(&[("0-namespaces.yaml", NAMESPACE), ("apps.yaml", &text)]);
+        let nodes = |api: &ApiServer| -> Vec<(String, String)> {
+            load_dir_with(&dir.0, api)
+                .unwrap()
+                .pods
+                .into_iter()
+                .map(|p| (p.name, p.node))
+                .collect()
+        };
+        let two = ApiServer {
+            nodes: 2,
+            ..ApiServer::default()
+        };
+        let placed = nodes(&two);
+        let carts: Vec<&str> = placed
+            .iter()
+            .filter(|(name, _)| name.starts_with("cart-"))
+            .map(|(_, node)| node.as_str())
+            .collect();
+        assert_eq!(carts.len(), 2);
+        assert_ne!(
+            carts[0], carts[1],
+            "a Deployment's replicas are spread: {placed:?}"
         );
+        assert!(
+            placed.iter().all(|(_, n)| n == "node-1" || n == "node-2"),
+            "{placed:?}"
+        );
+        assert_eq!(nodes(&two), placed, "read again, every pod keeps its node");
+        let one = ApiServer {
+            nodes: 1,
+            ..ApiServer::default()
+        };
+        assert!(nodes(&one).iter().all(|(_, n)| n == "node-1"));
+    }
+
+    /// With a release's Gateway API CRDs installed, the sandbox refuses a Gateway API
+    /// object as the API server does: at its field, or for a kind the channel lacks.
+    #[test]
+    fn gateway_api_objects_are_checked_against_the_installed_crds() {
+        let shared =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/gateway-api/v1.6.1/standard");
+        let api = ApiServer {
+            nodes: 2,
+            ..ApiServer::default()
+        }
+        .with_gateway_api(&shared)
+        .unwrap_or_else(|e| {
+            panic!("the CRDs are read from shared/gateway-api beside the repository: {e}")
+        });
+        let route = |spec: &str| {
+            format!("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: shop}}\nspec: {spec}\n")
+        };
+        let load = |text: &str| {
+            let dir = TempDir::with(&[("0-namespaces.yaml", NAMESPACE), ("routes.yaml", text)]);
+            load_dir_with(&dir.0, &api)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        load(&route("{parentRefs: [{kind: Service, group: \"\", name: echo}], rules: [{backendRefs: [{name: echo, port: 80}]}]}"))
+            .expect("a valid route is stored");
+        let bad = load(&route("{parentRefs: [{kind: Service, group: \"\", name: echo}], rules: [{matches: [{path: {type: Prefix, value: nope}}]}]}"))
+            .unwrap_err();
+        assert!(
+            bad.contains("HTTPRoute shop/r") && bad.contains("spec.rules[0].matches[0].path"),
+            "{bad}"
+        );
+        let unknown = load("apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\nmetadata: {name: t, namespace: shop}\nspec: {rules: [{backendRefs: [{name: echo, port: 80}]}]}\n")
+            .unwrap_err();
+        assert!(unknown.contains("TCPRoute is not served"), "{unknown}");
+        // Without CRDs installed, the same route is left to the controller.
+        let dir = TempDir::with(&[
+            ("0-namespaces.yaml", NAMESPACE),
+            ("routes.yaml", &route("{parentRefs: [{kind: Service, group: \"\", name: echo}], rules: [{matches: [{path: {type: Prefix, value: nope}}]}]}")),
+        ]);
+        assert!(load_dir(&dir.0).is_ok());
     }
 
     #[test]

@@ -94,6 +94,11 @@ pub struct UpOptions {
     /// Controller replicas (a Deployment's `replicas`): the first on 127.0.0.1, the
     /// others on 127.0.0.2, ... at the same ports; proxies are given them all.
     pub controller_replicas: u8,
+    /// The Gateway API CRDs the sandbox's API server has installed: its Gateway API
+    /// objects are checked against them. `None`: not checked.
+    pub gateway_api_crds: Option<PathBuf>,
+    /// Nodes pods that name none are scheduled on (`node-1`..).
+    pub nodes: u16,
 }
 
 /// The default state directory of a sandbox.
@@ -431,6 +436,8 @@ struct Sandbox {
     logs_dir: PathBuf,
     path_env: String,
     ip_exe: PathBuf,
+    /// What the sandbox's API server checks objects with, and schedules pods on.
+    api: manifest::ApiServer,
     controller: Option<Child>,
     controller_state: ControllerState,
     /// The controller's other replicas.
@@ -1556,7 +1563,14 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
     let upgrade = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
         .context("cannot watch for SIGUSR1")?;
     // Bad input stops here, before anything is created.
-    let cluster = manifest::load_dir(&opts.dir)?;
+    let mut api = manifest::ApiServer {
+        nodes: opts.nodes,
+        ..manifest::ApiServer::default()
+    };
+    if let Some(dir) = &opts.gateway_api_crds {
+        api = api.with_gateway_api(dir)?;
+    }
+    let cluster = manifest::load_dir_with(&opts.dir, &api)?;
     for binary in [NODE_PROXY_BIN, WAYPOINT_BIN, NODE_AGENT_BIN, WEFT_CNI_BIN] {
         let exe = role_exe(&opts.exe, binary);
         if !exe.is_file() {
@@ -1640,6 +1654,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
         logs_dir: state_dir.join("logs"),
         path_env,
         ip_exe,
+        api,
         controller: None,
         controller_state,
         replicas,
@@ -1752,7 +1767,7 @@ async fn run(
         // written) must not be read half-written, as an empty file would stop its pods.
         let settled = now != seen && unsettled.as_ref() == Some(&now);
         unsettled = (now != seen).then(|| now.clone());
-        let loaded = settled.then(|| manifest::load_dir(&sb.opts.dir));
+        let loaded = settled.then(|| manifest::load_dir_with(&sb.opts.dir, &sb.api));
         // Changed while it was read: read again once it has settled.
         if let Some(loaded) = loaded.filter(|_| fingerprint(&sb.opts.dir) == now) {
             seen = now;
