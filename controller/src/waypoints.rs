@@ -92,14 +92,22 @@ pub fn desired(gateway: &Gateway, s: &Settings) -> Option<Vec<(&'static str, Val
         // a foreground deletion of the Gateway need not wait for its waypoint.
         block_owner_deletion: None,
     };
-    let labels = BTreeMap::from([
-        (GATEWAY_NAME_LABEL.to_owned(), name.clone()),
-        ("app.kubernetes.io/part-of".to_owned(), "weft".to_owned()),
-    ]);
+    // The Gateway's `spec.infrastructure` labels and annotations go on everything made
+    // for it, pods included (Gateway API's Extended support); Weft's own labels win.
+    let infrastructure = gateway.spec.infrastructure.as_ref();
+    let mut labels: BTreeMap<String, String> = infrastructure
+        .and_then(|i| i.labels.clone())
+        .unwrap_or_default();
+    labels.insert(GATEWAY_NAME_LABEL.to_owned(), name.clone());
+    labels.insert("app.kubernetes.io/part-of".to_owned(), "weft".to_owned());
+    let annotations = infrastructure
+        .and_then(|i| i.annotations.clone())
+        .filter(|a| !a.is_empty());
     let meta = |name: &str| ObjectMeta {
         name: Some(name.to_owned()),
         namespace: Some(namespace.clone()),
         labels: Some(labels.clone()),
+        annotations: annotations.clone(),
         owner_references: Some(vec![owner.clone()]),
         ..Default::default()
     };
@@ -200,6 +208,7 @@ pub fn desired(gateway: &Gateway, s: &Settings) -> Option<Vec<(&'static str, Val
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
+                    annotations: annotations.clone(),
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
@@ -800,6 +809,39 @@ mod tests {
         assert!(
             roots["metadata"]["ownerReferences"].is_null(),
             "shared, not owned"
+        );
+        // The Gateway's infrastructure labels and annotations, on every object it owns
+        // and its pods; Weft's own labels are not overridden.
+        let mut with = gateway(WAYPOINT_CLASS);
+        with.spec.infrastructure = Some(
+            serde_json::from_value(serde_json::json!({
+            "labels": {"team": "shop", GATEWAY_NAME_LABEL: "spoofed"},
+            "annotations": {"cost-center": "42"}}))
+            .unwrap(),
+        );
+        for (kind, object) in desired(&with, &settings()).unwrap() {
+            if kind == "ConfigMap" {
+                continue;
+            }
+            assert_eq!(object["metadata"]["labels"]["team"], "shop", "{kind}");
+            assert_eq!(
+                object["metadata"]["labels"][GATEWAY_NAME_LABEL], "wp",
+                "{kind}"
+            );
+            assert_eq!(
+                object["metadata"]["annotations"]["cost-center"], "42",
+                "{kind}"
+            );
+        }
+        let d = desired(&with, &settings()).unwrap().remove(2).1;
+        assert_eq!(d["spec"]["template"]["metadata"]["labels"]["team"], "shop");
+        assert_eq!(
+            d["spec"]["template"]["metadata"]["annotations"]["cost-center"],
+            "42"
+        );
+        assert_eq!(
+            d["spec"]["selector"]["matchLabels"][GATEWAY_NAME_LABEL],
+            "wp"
         );
         // Each is what its type would read back.
         let d2: Deployment = serde_json::from_value(d.clone()).unwrap();
