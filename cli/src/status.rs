@@ -219,32 +219,65 @@ pub async fn gather(targets: &Targets) -> Report {
     Report { controller, nodes }
 }
 
-/// The controller's `/debug/status` through the API server's service proxy
-/// (`services/proxy` on `weft-controller:admin`).
-async fn controller_via_api(client: &kube::Client, namespace: &str) -> Result<Value, String> {
-    let path = format!(
-        "/api/v1/namespaces/{namespace}/services/{}:admin/proxy/debug/status",
+/// Each controller replica's `/debug/status`, through the API server's pod proxy
+/// (`pods/proxy` on each `weft-controller` pod's admin port): (pod, status or why not).
+/// Each replica serves its own subscribers, so all are read.
+async fn controllers_via_api(
+    client: &kube::Client,
+    namespace: &str,
+) -> Result<Vec<(String, Result<Value, String>)>, String> {
+    use k8s_openapi::api::core::v1::Pod;
+    let api: kube::Api<Pod> = kube::Api::namespaced(client.clone(), namespace);
+    let params = kube::api::ListParams::default().labels(&format!(
+        "app.kubernetes.io/name={}",
         controller::install::CONTROLLER
-    );
-    let request = http::Request::get(&path)
-        .body(Vec::new())
-        .map_err(|e| e.to_string())?;
-    let text = tokio::time::timeout(ANSWER_BUDGET * 5, client.request_text(request))
+    ));
+    let pods = api
+        .list(&params)
         .await
-        .map_err(|_| "no answer from the API server within 10 s".to_owned())?
-        .map_err(|e| format!("through the API server ({path}): {e}"))?;
-    serde_json::from_str(&text).map_err(|e| format!("{path} is not JSON: {e}"))
+        .map_err(|e| format!("cannot list the controller pods: {e}"))?;
+    if pods.items.is_empty() {
+        return Err(format!(
+            "no {} pod in {namespace}",
+            controller::install::CONTROLLER
+        ));
+    }
+    let reads = pods.items.iter().map(|pod| {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let path = format!(
+            "/api/v1/namespaces/{namespace}/pods/{name}:{}/proxy/debug/status",
+            controller::install::ADMIN_PORT
+        );
+        async move {
+            let read = async {
+                let request = http::Request::get(&path)
+                    .body(Vec::new())
+                    .map_err(|e| e.to_string())?;
+                let text = tokio::time::timeout(ANSWER_BUDGET * 5, client.request_text(request))
+                    .await
+                    .map_err(|_| "no answer from the API server within 10 s".to_owned())?
+                    .map_err(|e| format!("pod {name} through the API server: {e}"))?;
+                serde_json::from_str::<Value>(&text).map_err(|e| format!("{path} is not JSON: {e}"))
+            };
+            (name.clone(), read.await)
+        }
+    });
+    Ok(futures::future::join_all(reads).await)
 }
 
 /// Reads a cluster through the API server: the node-proxy DaemonSet's pods in
-/// `namespace` (where one should run, ready or not) and the controller's status with
-/// each node-proxy's subscription (its build and the model version it acknowledged).
+/// `namespace` (where one should run, ready or not) and every controller replica's
+/// status with the subscriptions it serves (each node-proxy's build and the model
+/// version it acknowledged). The controller shown is the replica leading (writing
+/// status), else the first that answered. A node-proxy is compared with the replica it
+/// is subscribed to: one that applied that replica's current model is shown at the
+/// shown replica's epoch and version (each replica numbers its own models).
 /// The certificates node-proxies hold are not visible this way (their admin port is
 /// the node's loopback), so they are not reported.
 pub async fn gather_cluster(client: &kube::Client, namespace: &str) -> Report {
     use k8s_openapi::api::core::v1::Pod;
     let admin: SocketAddr = ([0, 0, 0, 0], 0).into();
-    let (status, pods) = futures::join!(controller_via_api(client, namespace), async {
+    let (replicas, pods) = futures::join!(controllers_via_api(client, namespace), async {
         let api: kube::Api<Pod> = kube::Api::namespaced(client.clone(), namespace);
         let params = kube::api::ListParams::default().labels(&format!(
             "app.kubernetes.io/name={}",
@@ -252,12 +285,44 @@ pub async fn gather_cluster(client: &kube::Client, namespace: &str) -> Report {
         ));
         api.list(&params).await.map_err(|e| e.to_string())
     });
-    let controller = ControllerStatus::from_read(admin, status.as_ref());
-    let subscribers: Vec<Value> = status
-        .as_ref()
-        .ok()
-        .and_then(|v| v["subscribers"].as_array().cloned())
-        .unwrap_or_default();
+    let answered: Vec<&Value> = replicas
+        .iter()
+        .flatten()
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .collect();
+    let shown: Result<Value, String> = match (
+        &replicas,
+        answered
+            .iter()
+            .find(|v| v["leading"] == true)
+            .or(answered.first()),
+    ) {
+        (_, Some(v)) => Ok((*v).clone()),
+        (Err(e), None) => Err(e.clone()),
+        (Ok(list), None) => Err(list
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().err().cloned())
+            .collect::<Vec<_>>()
+            .join("; ")),
+    };
+    let controller = ControllerStatus::from_read(admin, shown.as_ref());
+    // Every replica's subscribers, each with whether it has its replica's current model.
+    let subscribers: Vec<(Value, bool, Option<String>)> = answered
+        .iter()
+        .flat_map(|replica| {
+            let current = replica["modelVersion"].as_u64();
+            let epoch = string(replica, "epoch");
+            replica["subscribers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |sub| {
+                    let synced = sub["ackedVersion"].as_u64() == current;
+                    (sub, synced, epoch.clone())
+                })
+        })
+        .collect();
     let nodes = match pods {
         Err(e) => vec![NodeStatus {
             error: Some(format!("cannot list the node-proxy pods: {e}")),
@@ -283,15 +348,20 @@ pub async fn gather_cluster(client: &kube::Client, namespace: &str) -> Report {
                         });
                     let sub = subscribers
                         .iter()
-                        .find(|s| s["node"].as_str() == Some(node.as_str()));
+                        .find(|(s, ..)| s["node"].as_str() == Some(node.as_str()));
                     let mut n = NodeStatus::unknown(node.clone(), admin);
                     match sub {
-                        Some(sub) => {
+                        Some((sub, synced, epoch)) => {
                             n.connected = true;
                             n.version = string(sub, "proxyVersion").filter(|v| !v.is_empty());
-                            // A subscription is to this controller, so of its epoch.
-                            n.epoch = controller.epoch.clone();
-                            n.model_version = sub["ackedVersion"].as_u64().unwrap_or(0);
+                            if *synced {
+                                // Current with its replica: as current as the one shown.
+                                n.epoch = controller.epoch.clone();
+                                n.model_version = controller.model_version.unwrap_or(0);
+                            } else {
+                                n.epoch = epoch.clone();
+                                n.model_version = sub["ackedVersion"].as_u64().unwrap_or(0);
+                            }
                             n.last_error = string(sub, "lastRejection");
                         }
                         None if !ready => {
@@ -524,19 +594,36 @@ mod tests {
         }
     }
 
-    /// A scripted API server: the node-proxy pods and the controller's status through
-    /// the service proxy.
-    fn api_server(pods: Value, status: Option<Value>) -> kube::Client {
+    /// A scripted API server: the node-proxy pods, the controller's two replicas and
+    /// their statuses through the pod proxy (`None`: the replica does not answer).
+    fn api_server(pods: Value, statuses: [Option<Value>; 2]) -> kube::Client {
         crate::testing::api_server(move |path, query| {
-            if path == "/api/v1/namespaces/weft-system/pods" {
-                assert!(query.contains("labelSelector"), "{query}");
+            if path == "/api/v1/namespaces/weft-system/pods" && query.contains("weft-node-proxy") {
                 (200, pods.clone())
-            } else if path
-                == "/api/v1/namespaces/weft-system/services/weft-controller:admin/proxy/debug/status"
+            } else if path == "/api/v1/namespaces/weft-system/pods"
+                && query.contains("weft-controller")
             {
-                match &status {
+                (
+                    200,
+                    serde_json::json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": [
+                    {"metadata": {"name": "weft-controller-1", "namespace": "weft-system"}},
+                    {"metadata": {"name": "weft-controller-2", "namespace": "weft-system"}}]}),
+                )
+            } else if let Some(i) =
+                ["weft-controller-1", "weft-controller-2"]
+                    .iter()
+                    .position(|p| {
+                        path == format!(
+                            "/api/v1/namespaces/weft-system/pods/{p}:15014/proxy/debug/status"
+                        )
+                    })
+            {
+                match &statuses[i] {
                     Some(s) => (200, s.clone()),
-                    None => (503, serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": "no endpoints available for service \"weft-controller:admin\"", "reason": "ServiceUnavailable", "code": 503})),
+                    None => (
+                        503,
+                        serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": "error trying to reach service: connection refused", "reason": "ServiceUnavailable", "code": 503}),
+                    ),
                 }
             } else {
                 crate::testing::not_found()
@@ -554,14 +641,31 @@ mod tests {
     async fn a_cluster_is_read_through_the_api_server() {
         let pods = serde_json::json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": [
             pod("np-a", "node-a", true), pod("np-b", "node-b", true), pod("np-c", "node-c", false), pod("np-d", "node-d", true)]});
-        let status = serde_json::json!({"version": "0.1.0", "epoch": "00000000000000aa", "modelVersion": 9, "subscribers": [
+        // Two replicas, each serving some subscribers, numbering its own models; the
+        // second leads.
+        let first = serde_json::json!({"version": "0.1.0", "epoch": "00000000000000bb", "modelVersion": 4, "leading": false, "subscribers": [
+            {"node": "node-b", "ackedVersion": 3, "proxyVersion": "0.0.9", "lastRejection": "workload/x: bad port"},
+            {"node": "node-e", "ackedVersion": 4, "proxyVersion": "0.1.0"}]});
+        let second = serde_json::json!({"version": "0.1.0", "epoch": "00000000000000aa", "modelVersion": 9, "leading": true, "subscribers": [
             {"node": "node-a", "ackedVersion": 9, "proxyVersion": "0.1.0"},
-            {"node": "node-b", "ackedVersion": 8, "proxyVersion": "0.0.9", "lastRejection": "workload/x: bad port"},
             {"node": "waypoint shop/wp", "ackedVersion": 9, "proxyVersion": "0.1.0"}]});
-        let report = gather_cluster(&api_server(pods.clone(), Some(status)), "weft-system").await;
-        assert_eq!(report.controller.model_version, Some(9));
+        let mut pods = pods;
+        pods["items"]
+            .as_array_mut()
+            .unwrap()
+            .push(pod("np-e", "node-e", true));
+        let report = gather_cluster(
+            &api_server(pods.clone(), [Some(first.clone()), Some(second)]),
+            "weft-system",
+        )
+        .await;
+        assert_eq!(
+            report.controller.model_version,
+            Some(9),
+            "the leader is shown"
+        );
         let nodes: Vec<&str> = report.nodes.iter().map(|n| n.node.as_str()).collect();
-        assert_eq!(nodes, ["node-a", "node-b", "node-c", "node-d"]);
+        assert_eq!(nodes, ["node-a", "node-b", "node-c", "node-d", "node-e"]);
         let p = problems(&report, now());
         let about = |node: &str| -> Vec<&str> {
             p.iter()
@@ -570,6 +674,10 @@ mod tests {
                 .collect()
         };
         assert!(about("node-a").is_empty(), "{p:?}");
+        assert!(
+            about("node-e").is_empty(),
+            "current with the replica it is subscribed to: {p:?}"
+        );
         let b = about("node-b");
         assert!(b.iter().any(|w| w.contains("runs version 0.0.9")), "{b:?}");
         assert!(
@@ -584,11 +692,18 @@ mod tests {
         );
         assert!(table(&report, now()).contains("through the API server"));
 
-        // The controller has no ready endpoint: said so, with the API server's words.
-        let report = gather_cluster(&api_server(pods, None), "weft-system").await;
+        // One replica down: the other is read.
+        let report = gather_cluster(
+            &api_server(pods.clone(), [Some(first), None]),
+            "weft-system",
+        )
+        .await;
+        assert_eq!(report.controller.model_version, Some(4));
+        // None answers: said so, with the API server's words.
+        let report = gather_cluster(&api_server(pods, [None, None]), "weft-system").await;
         let p = problems(&report, now());
         assert_eq!(p[0].subject, "controller");
-        assert!(p[0].what.contains("no endpoints available"), "{p:?}");
+        assert!(p[0].what.contains("connection refused"), "{p:?}");
     }
 
     #[test]

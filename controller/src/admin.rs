@@ -1,5 +1,5 @@
 //! The admin endpoint: `/metrics`, `/healthz`, `/ready`, `/debug/status` (what
-//! `weftctl status` reads through the API server's service proxy), and the views of the
+//! `weftctl status` reads from each replica through the API server's pod proxy), and the views of the
 //! model, the subscribers and the problems found (`/debug/model`, `/debug/subscribers`,
 //! `/debug/problems`), which name the mesh's objects: in a cluster those answer only a
 //! caller the API server vouches for (a bearer token, TokenReview) and allows
