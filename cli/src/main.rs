@@ -124,7 +124,7 @@ enum Cmd {
     #[command(hide = true)]
     Controller {
         #[command(flatten)]
-        config: controller::Config,
+        config: Box<controller::Config>,
     },
 }
 
@@ -362,7 +362,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     runtime::startup::cancel_on_signals(shutdown.clone())?;
     match cli.command {
-        Cmd::Controller { config } => controller::run(config, shutdown).await,
+        Cmd::Controller { config } => controller::run(*config, shutdown).await,
         Cmd::Install { options } => {
             print!("{}", controller::install::yaml(&options.into())?);
             Ok(())

@@ -59,8 +59,9 @@ pub struct Admin {
     /// Who may read the [`PROTECTED`] views; `None`: anyone who reaches the port (the
     /// sandbox, whose admin endpoint is on the host's loopback).
     pub debug_auth: Option<Arc<dyn DebugAuth>>,
-    /// Whether this replica holds the Lease (in a cluster); `None` in manifest mode.
-    pub leading: Option<crate::leader::Leading>,
+    /// Whether this replica holds the Lease, and its name in it; `None` where nothing
+    /// is written back (manifest mode without a status directory).
+    pub leading: Option<(crate::leader::Leading, String)>,
 }
 
 fn respond(
@@ -142,7 +143,8 @@ impl Admin {
                     "version": env!("CARGO_PKG_VERSION"),
                     "epoch": format!("{epoch:016x}"),
                     "modelVersion": *self.shared.version.borrow(),
-                    "leading": self.leading.as_ref().map(crate::leader::is_leading),
+                    "leading": self.leading.as_ref().map(|(l, _)| crate::leader::is_leading(l)),
+                    "identity": self.leading.as_ref().map(|(_, id)| id),
                     "subscribers": self.shared.subscribers(),
                 }))
             }

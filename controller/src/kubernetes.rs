@@ -946,9 +946,19 @@ impl StatusWriter {
     /// A writer patching through `client` while `leading`: on becoming the leader it
     /// writes every status again (the previous leader's view may differ).
     pub fn with_leader(client: Client, metrics: Metrics, leading: crate::leader::Leading) -> Self {
-        let (tx, rx) = watch::channel(Arc::new(Vec::new()));
         tokio::spawn(class_loop(client.clone(), leading.clone()));
-        tokio::spawn(write_loop(client, metrics, rx, leading));
+        let events = kube::runtime::events::Recorder::new(client.clone(), reporter());
+        Self::to(Arc::new(KubeSink { client, events }), metrics, leading)
+    }
+
+    /// A writer to `sink` while `leading`.
+    pub fn to(
+        sink: Arc<dyn StatusSink>,
+        metrics: Metrics,
+        leading: crate::leader::Leading,
+    ) -> Self {
+        let (tx, rx) = watch::channel(Arc::new(Vec::new()));
+        tokio::spawn(write_loop(sink, metrics, rx, leading));
         StatusWriter { tx }
     }
 
@@ -1268,13 +1278,116 @@ pub fn reporter() -> kube::runtime::events::Reporter {
     }
 }
 
-async fn write_loop(
+/// Where statuses go: the API server in a cluster, files in manifest mode.
+pub trait StatusSink: Send + Sync + 'static {
+    /// Writes one object's status.
+    fn write<'a>(&'a self, desired: &'a DesiredStatus) -> BoxFuture<'a, Result<(), String>>;
+    /// The object's status is no longer wanted (the object is gone).
+    fn forget<'a>(&'a self, object: &'a ObjectRef) -> BoxFuture<'a, ()>;
+}
+
+/// The API server: status patched, an event for what is refused.
+struct KubeSink {
     client: Client,
+    events: kube::runtime::events::Recorder,
+}
+
+impl StatusSink for KubeSink {
+    fn write<'a>(&'a self, d: &'a DesiredStatus) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let uid = patch_one(&self.client, d)
+                .await
+                .map_err(|e| e.to_string())?;
+            if let Some(event) = rejection_event(d) {
+                let regarding = object_reference(&d.object, &uid);
+                if let Err(e) = self.events.publish(&event, &regarding).await {
+                    debug!(object = %d.object, "cannot record an event: {e}");
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn forget<'a>(&'a self, _: &'a ObjectRef) -> BoxFuture<'a, ()> {
+        // The object is gone, and its status with it.
+        Box::pin(async {})
+    }
+}
+
+/// Manifest mode: each object's status in `<dir>/<kind>/<namespace>/<name>.yaml`, as the
+/// object's `status` would read in a cluster (the same conditions, merged the same way),
+/// with the writing replica in the annotation `weft.dev/written-by`.
+pub struct FileSink {
+    dir: std::path::PathBuf,
+    identity: String,
+}
+
+/// The annotation naming the replica that wrote a status file.
+pub const WRITTEN_BY: &str = "weft.dev/written-by";
+
+impl FileSink {
+    /// Statuses under `dir`, written as `identity`.
+    pub fn new(dir: std::path::PathBuf, identity: String) -> Self {
+        FileSink { dir, identity }
+    }
+
+    /// Where `object`'s status is kept.
+    pub fn path(dir: &std::path::Path, object: &ObjectRef) -> std::path::PathBuf {
+        dir.join(object.kind.kind().to_ascii_lowercase())
+            .join(object.namespace.as_deref().unwrap_or("_cluster"))
+            .join(format!("{}.yaml", object.name))
+    }
+
+    fn write_file(&self, d: &DesiredStatus) -> std::io::Result<()> {
+        let path = Self::path(&self.dir, &d.object);
+        let current: Option<serde_json::Value> = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| serde_yaml_ng::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("status").cloned());
+        let patch = status_patch(d, current.as_ref());
+        let kind = d.object.kind;
+        let document = serde_json::json!({
+            "apiVersion": match kind {
+                ObjectKind::AuthorizationPolicy | ObjectKind::TrafficPolicy => format!("{}/v1alpha1", kind.group()),
+                _ => format!("{}/v1", kind.group()),
+            },
+            "kind": kind.kind(),
+            "metadata": {
+                "name": d.object.name,
+                "namespace": d.object.namespace,
+                "generation": d.generation,
+                "annotations": { WRITTEN_BY: self.identity },
+            },
+            "status": patch["status"],
+        });
+        let text = serde_yaml_ng::to_string(&document).map_err(std::io::Error::other)?;
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let tmp = path.with_extension("yaml.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(tmp, path)
+    }
+}
+
+impl StatusSink for FileSink {
+    fn write<'a>(&'a self, d: &'a DesiredStatus) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move { self.write_file(d).map_err(|e| e.to_string()) })
+    }
+
+    fn forget<'a>(&'a self, object: &'a ObjectRef) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let _ = std::fs::remove_file(Self::path(&self.dir, object));
+        })
+    }
+}
+
+async fn write_loop(
+    sink: Arc<dyn StatusSink>,
     metrics: Metrics,
     mut rx: watch::Receiver<Arc<Vec<DesiredStatus>>>,
     mut leading: crate::leader::Leading,
 ) {
-    let events = kube::runtime::events::Recorder::new(client.clone(), reporter());
     // What was written last, per object; a failed write is retried on the next round.
     let mut written: HashMap<crate::objects::ObjectRef, DesiredStatus> = HashMap::new();
     let mut was_leading = false;
@@ -1295,22 +1408,24 @@ async fn write_loop(
         let desired = rx.borrow_and_update().clone();
         let present: std::collections::HashSet<_> =
             desired.iter().map(|d| d.object.clone()).collect();
-        written.retain(|k, _| present.contains(k));
+        let gone: Vec<ObjectRef> = written
+            .keys()
+            .filter(|k| !present.contains(*k))
+            .cloned()
+            .collect();
+        for object in gone {
+            sink.forget(&object).await;
+            written.remove(&object);
+        }
         for d in desired.iter() {
             if written.get(&d.object) == Some(d) {
                 continue;
             }
-            match patch_one(&client, d).await {
-                Ok(uid) => {
+            match sink.write(d).await {
+                Ok(()) => {
                     debug!(object = %d.object, "status written");
                     Metrics::count(&metrics.status_writes, "ok");
                     written.insert(d.object.clone(), d.clone());
-                    if let Some(event) = rejection_event(d) {
-                        let regarding = object_reference(&d.object, &uid);
-                        if let Err(e) = events.publish(&event, &regarding).await {
-                            debug!(object = %d.object, "cannot record an event: {e}");
-                        }
-                    }
                 }
                 Err(e) => {
                     warn!(object = %d.object, "cannot write status: {e}");

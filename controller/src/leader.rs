@@ -13,9 +13,17 @@
 //!
 //! Expiry is judged by this replica's own clock, from when it last saw the record
 //! change, never by comparing the holder's timestamps with its own (clocks differ).
+//!
+//! The Lease is kept by the API server in a cluster ([`KubeLeases`]) and, in manifest
+//! mode (the sandbox), in a file beside the status it guards ([`FileLeases`]: the same
+//! record, with the same optimistic concurrency); the election is the same code.
 
 use std::time::Duration;
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, ObjectMeta, PostParams};
@@ -87,6 +95,151 @@ pub fn identity() -> String {
     format!("{host}_{:08x}", u32::from_le_bytes(bytes))
 }
 
+/// Why the Lease could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// The API server refused or could not be reached.
+    #[error("{0}")]
+    Api(#[from] kube::Error),
+    /// The lease file could not be read or written.
+    #[error("{path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Where the Lease is kept: read it, create it, replace it at the version read.
+pub trait LeaseStore: Send + Sync + 'static {
+    /// The Lease, if there is one.
+    fn get(&self) -> BoxFuture<'_, Result<Option<Lease>, LeaseError>>;
+    /// Creates it: `false` if another replica did first.
+    fn create<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<bool, LeaseError>>;
+    /// Replaces it at its `metadata.resourceVersion`: `false` if it changed since.
+    fn replace<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<bool, LeaseError>>;
+}
+
+/// The Lease `LEASE_NAME` in a namespace of the API server.
+pub struct KubeLeases(pub Api<Lease>);
+
+impl LeaseStore for KubeLeases {
+    fn get(&self) -> BoxFuture<'_, Result<Option<Lease>, LeaseError>> {
+        Box::pin(async move { Ok(self.0.get_opt(LEASE_NAME).await?) })
+    }
+
+    fn create<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<bool, LeaseError>> {
+        Box::pin(async move {
+            match self.0.create(&PostParams::default(), lease).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(s)) if s.is_already_exists() => Ok(false),
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+
+    fn replace<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<bool, LeaseError>> {
+        Box::pin(async move {
+            match self
+                .0
+                .replace(LEASE_NAME, &PostParams::default(), lease)
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+}
+
+/// The Lease in a file (manifest mode): JSON, its version in `metadata.resourceVersion`,
+/// each read-compare-write under an exclusive lock of `<file>.lock`, written by rename.
+pub struct FileLeases {
+    path: PathBuf,
+}
+
+impl FileLeases {
+    /// The Lease in `path`.
+    pub fn new(path: PathBuf) -> Self {
+        FileLeases { path }
+    }
+
+    fn fail(&self, source: std::io::Error) -> LeaseError {
+        LeaseError::File {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Runs `f` on the current record under the lock.
+    fn locked<T>(
+        &self,
+        f: impl FnOnce(Option<Lease>) -> Result<T, LeaseError>,
+    ) -> Result<T, LeaseError> {
+        let lock_path = self.path.with_extension("lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| self.fail(e))?;
+        let _lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, errno)| self.fail(std::io::Error::from(errno)))?;
+        let current = match std::fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).ok(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(self.fail(e)),
+        };
+        f(current)
+    }
+
+    fn store(&self, lease: &Lease, version: u64) -> Result<(), LeaseError> {
+        let mut lease = lease.clone();
+        lease.metadata.resource_version = Some(version.to_string());
+        let bytes = serde_json::to_vec(&lease).map_err(|e| self.fail(e.into()))?;
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, bytes).map_err(|e| self.fail(e))?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| self.fail(e))
+    }
+}
+
+fn version_of(lease: &Lease) -> u64 {
+    lease
+        .metadata
+        .resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+impl LeaseStore for FileLeases {
+    fn get(&self) -> BoxFuture<'_, Result<Option<Lease>, LeaseError>> {
+        Box::pin(async move { self.locked(Ok) })
+    }
+
+    fn create<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<bool, LeaseError>> {
+        Box::pin(async move {
+            self.locked(|current| match current {
+                Some(_) => Ok(false),
+                None => self.store(lease, 1).map(|()| true),
+            })
+        })
+    }
+
+    fn replace<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<bool, LeaseError>> {
+        Box::pin(async move {
+            self.locked(|current| match current {
+                Some(c) if version_of(&c) == version_of(lease) => {
+                    self.store(lease, version_of(lease) + 1).map(|()| true)
+                }
+                _ => Ok(false),
+            })
+        })
+    }
+}
+
 /// Starts electing in `namespace` as `identity`; runs until `shutdown`, then gives the
 /// Lease up if held.
 pub fn start(
@@ -108,9 +261,34 @@ pub fn spawn(
     timing: Timing,
     shutdown: CancellationToken,
 ) -> (Leading, tokio::task::JoinHandle<()>) {
+    let store = KubeLeases(Api::namespaced(client, namespace));
+    spawn_on(Arc::new(store), identity, timing, shutdown)
+}
+
+/// Elects on `store`, as [`spawn`].
+pub fn spawn_on(
+    store: Arc<dyn LeaseStore>,
+    identity: String,
+    timing: Timing,
+    shutdown: CancellationToken,
+) -> (Leading, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(false);
-    let api: Api<Lease> = Api::namespaced(client, namespace);
-    (rx, tokio::spawn(elect(api, identity, timing, tx, shutdown)))
+    (
+        rx,
+        tokio::spawn(elect(store, identity, timing, tx, shutdown)),
+    )
+}
+
+impl Timing {
+    /// client-go's proportions for a lease of `duration`: renewals given up after two
+    /// thirds of it, tried every seventh (at least every 200 ms).
+    pub fn for_duration(duration: Duration) -> Self {
+        Timing {
+            duration,
+            renew_deadline: duration * 2 / 3,
+            retry: (duration / 7).max(Duration::from_millis(200)),
+        }
+    }
 }
 
 /// A Lease's record as seen: its holder and last renewal.
@@ -121,7 +299,7 @@ fn now() -> MicroTime {
 }
 
 async fn elect(
-    api: Api<Lease>,
+    api: Arc<dyn LeaseStore>,
     me: String,
     timing: Timing,
     tx: watch::Sender<bool>,
@@ -132,7 +310,7 @@ async fn elect(
     let mut renewed: Option<Instant> = None;
     let seconds = i32::try_from(timing.duration.as_secs()).unwrap_or(i32::MAX);
     loop {
-        let led = match try_once(&api, &me, seconds, timing, &mut observed).await {
+        let led = match try_once(api.as_ref(), &me, seconds, timing, &mut observed).await {
             Ok(true) => {
                 renewed = Some(Instant::now());
                 true
@@ -162,19 +340,19 @@ async fn elect(
     }
     if *tx.borrow() {
         tx.send_replace(false);
-        release(&api, &me).await;
+        release(api.as_ref(), &me).await;
     }
 }
 
 /// One round: `Ok(true)` if this replica holds the Lease after it.
 async fn try_once(
-    api: &Api<Lease>,
+    api: &dyn LeaseStore,
     me: &str,
     seconds: i32,
     timing: Timing,
     observed: &mut Option<(Record, Instant)>,
-) -> Result<bool, kube::Error> {
-    let Some(mut lease) = api.get_opt(LEASE_NAME).await? else {
+) -> Result<bool, LeaseError> {
+    let Some(mut lease) = api.get().await? else {
         let lease = Lease {
             metadata: ObjectMeta {
                 name: Some(LEASE_NAME.into()),
@@ -189,12 +367,8 @@ async fn try_once(
                 ..Default::default()
             }),
         };
-        return match api.create(&PostParams::default(), &lease).await {
-            Ok(_) => Ok(true),
-            // Another replica created it first.
-            Err(kube::Error::Api(s)) if s.is_already_exists() => Ok(false),
-            Err(e) => Err(e),
-        };
+        // `false`: another replica created it first.
+        return api.create(&lease).await;
     };
     let spec = lease.spec.get_or_insert_with(Default::default);
     let record = (spec.holder_identity.clone(), spec.renew_time.clone());
@@ -224,25 +398,17 @@ async fn try_once(
     }
     spec.renew_time = Some(now());
     spec.lease_duration_seconds = Some(seconds);
-    // At the resourceVersion read: a concurrent taker makes this a 409.
-    match api
-        .replace(LEASE_NAME, &PostParams::default(), &lease)
-        .await
-    {
-        Ok(_) => {
-            if !held_by_me {
-                info!(identity = %me, previous = ?holder, "took the lease");
-            }
-            Ok(true)
-        }
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
-        Err(e) => Err(e),
+    // At the resourceVersion read: a concurrent taker makes this fail.
+    let replaced = api.replace(&lease).await?;
+    if replaced && !held_by_me {
+        info!(identity = %me, previous = ?holder, "took the lease");
     }
+    Ok(replaced)
 }
 
 /// Empties the Lease's holder, so another replica takes over at its next try.
-async fn release(api: &Api<Lease>, me: &str) {
-    let Ok(Some(mut lease)) = api.get_opt(LEASE_NAME).await else {
+async fn release(api: &dyn LeaseStore, me: &str) {
+    let Ok(Some(mut lease)) = api.get().await else {
         return;
     };
     let spec = lease.spec.get_or_insert_with(Default::default);
@@ -251,11 +417,66 @@ async fn release(api: &Api<Lease>, me: &str) {
     }
     spec.holder_identity = None;
     spec.renew_time = Some(now());
-    match api
-        .replace(LEASE_NAME, &PostParams::default(), &lease)
-        .await
-    {
-        Ok(_) => info!(identity = %me, "gave the lease up"),
+    match api.replace(&lease).await {
+        Ok(true) => info!(identity = %me, "gave the lease up"),
+        Ok(false) => debug!("the lease changed meanwhile; not given up"),
         Err(e) => debug!("cannot give the lease up: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The file-kept Lease: two electors, one leads; it dies without giving the Lease
+    /// up and the other leads once the Lease has run out; a graceful stop hands over
+    /// at once.
+    #[tokio::test]
+    async fn a_file_lease_elects_one_and_hands_over() {
+        let dir = std::env::temp_dir().join(format!("weft-lease-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let store = || -> Arc<dyn LeaseStore> { Arc::new(FileLeases::new(dir.join("lease.json"))) };
+        let timing = Timing::for_duration(Duration::from_secs(1));
+        let (a_stop, b_stop) = (CancellationToken::new(), CancellationToken::new());
+        let (a, a_task) = spawn_on(store(), "a".into(), timing, a_stop.clone());
+        let wait = |l: &Leading, limit: Duration| {
+            let l = l.clone();
+            async move {
+                let start = Instant::now();
+                while !is_leading(&l) {
+                    if start.elapsed() > limit {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Some(start.elapsed())
+            }
+        };
+        assert!(wait(&a, Duration::from_secs(2)).await.is_some(), "a leads");
+        let (b, _b_task) = spawn_on(store(), "b".into(), timing, b_stop.clone());
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(!is_leading(&b), "one leader at a time");
+        a_task.abort();
+        let took = wait(&b, Duration::from_secs(3))
+            .await
+            .expect("b takes over");
+        assert!(
+            took >= Duration::from_millis(700),
+            "not before a's lease ran out: {took:?}"
+        );
+        // b stops gracefully; a new elector leads at its first tries.
+        let (c, _c_task) = spawn_on(store(), "c".into(), timing, CancellationToken::new());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!is_leading(&c));
+        b_stop.cancel();
+        let took = wait(&c, Duration::from_secs(3))
+            .await
+            .expect("c takes over");
+        assert!(
+            took < Duration::from_millis(900),
+            "a hand-over, not a lease running out: {took:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        a_stop.cancel();
     }
 }

@@ -125,14 +125,26 @@ pub struct Config {
     /// given: it creates none.
     #[arg(long, env = "WEFT_WAYPOINT_IMAGE")]
     pub waypoint_image: Option<String>,
+    /// Manifest mode: write each object's status under this directory
+    /// (`<kind>/<namespace>/<name>.yaml`, as `status` would read in a cluster), the
+    /// replicas sharing it electing the one that writes with a Lease kept there
+    /// (`lease.json`). Not given: statuses are only logged and on `/debug/problems`.
+    #[arg(long, env = "WEFT_STATUS_DIR")]
+    pub status_dir: Option<PathBuf>,
+    /// How long the Lease electing the writing replica lasts without a renewal; a
+    /// replica that dies is replaced as writer after it.
+    #[arg(long, env = "WEFT_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
 }
 
 /// What the controller writes back to the API server.
 struct ClusterWriters {
     statuses: kubernetes::StatusWriter,
     waypoints: Option<waypoints::Deployer>,
-    debug_auth: Arc<dyn admin::DebugAuth>,
+    debug_auth: Option<Arc<dyn admin::DebugAuth>>,
     leading: leader::Leading,
+    /// This replica's name in the Lease.
+    identity: String,
     /// The election's task (taken by the controller, which waits for it on shutdown).
     election: Option<tokio::task::JoinHandle<()>>,
 }
@@ -156,6 +168,8 @@ impl Default for Config {
             token_audience: "weft-controller".into(),
             node_proxy_service_account: "weft-node-proxy".into(),
             waypoint_image: None,
+            status_dir: None,
+            lease_duration: Duration::from_secs(15),
         }
     }
 }
@@ -178,7 +192,8 @@ pub struct Controller {
     cluster: Option<ClusterWriters>,
     server_names: Vec<String>,
     debug_auth: Option<Arc<dyn admin::DebugAuth>>,
-    leading: Option<leader::Leading>,
+    /// Whether this replica writes, and its name in the Lease.
+    leading: Option<(leader::Leading, String)>,
     /// The election's task: on shutdown it gives the Lease up, waited for briefly.
     election: Option<tokio::task::JoinHandle<()>>,
 }
@@ -216,7 +231,35 @@ impl Controller {
                 .with_context(|| format!("cannot read node tokens in {}", tokens.display()))?;
             let source = manifests::ManifestSource::new(config.manifests.clone())?;
             tokio::spawn(source.clone().watch(changed.clone(), shutdown.clone()));
-            (ca, Arc::new(auth), source, None)
+            let writers = match &config.status_dir {
+                None => None,
+                Some(dir) => {
+                    std::fs::create_dir_all(dir).with_context(|| {
+                        format!("cannot create the status directory {}", dir.display())
+                    })?;
+                    let identity = leader::identity();
+                    let (leading, election) = leader::spawn_on(
+                        Arc::new(leader::FileLeases::new(dir.join("lease.json"))),
+                        identity.clone(),
+                        leader::Timing::for_duration(config.lease_duration),
+                        shutdown.clone(),
+                    );
+                    let sink = kubernetes::FileSink::new(dir.clone(), identity.clone());
+                    Some(ClusterWriters {
+                        statuses: kubernetes::StatusWriter::to(
+                            Arc::new(sink),
+                            metrics.clone(),
+                            leading.clone(),
+                        ),
+                        waypoints: None,
+                        debug_auth: None,
+                        leading,
+                        identity,
+                        election: Some(election),
+                    })
+                }
+            };
+            (ca, Arc::new(auth), source, writers)
         } else {
             let client = kube::Client::try_default().await.context(
                 "no --manifests given and no Kubernetes API reachable (in-cluster or kubeconfig)",
@@ -250,11 +293,12 @@ impl Controller {
             );
             let source =
                 kubernetes::KubeSource::start(client.clone(), changed.clone(), shutdown.clone());
+            let identity = leader::identity();
             let (leading, election) = leader::spawn(
                 client.clone(),
                 &config.namespace,
-                leader::identity(),
-                leader::Timing::default(),
+                identity.clone(),
+                leader::Timing::for_duration(config.lease_duration),
                 shutdown.clone(),
             );
             let waypoints = match &config.waypoint_image {
@@ -287,8 +331,9 @@ impl Controller {
                 Some(ClusterWriters {
                     statuses,
                     waypoints,
-                    debug_auth: Arc::new(kubernetes::DebugReviewer::new(client_for_debug)),
+                    debug_auth: Some(Arc::new(kubernetes::DebugReviewer::new(client_for_debug))),
                     leading,
+                    identity,
                     election: Some(election),
                 }),
             )
@@ -314,8 +359,10 @@ impl Controller {
             settings,
             debounce: config.debounce,
             election: statuses.as_mut().and_then(|c| c.election.take()),
-            debug_auth: statuses.as_ref().map(|c| c.debug_auth.clone()),
-            leading: statuses.as_ref().map(|c| c.leading.clone()),
+            debug_auth: statuses.as_ref().and_then(|c| c.debug_auth.clone()),
+            leading: statuses
+                .as_ref()
+                .map(|c| (c.leading.clone(), c.identity.clone())),
             cluster: statuses,
             server_names: config.server_names,
         })

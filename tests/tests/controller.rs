@@ -177,17 +177,47 @@ fn subscribed_nodes(admin: std::net::SocketAddr) -> Vec<String> {
 }
 
 /// Two controller replicas, as the install runs, under a request loop: the one every
-/// node-proxy is subscribed to dies (killed, and kept down); the node-proxies subscribe
-/// to the other. It comes back, and the other is killed (SIGKILL) and restarted as a
-/// Deployment's pod is; the node-proxies subscribe again. No request fails.
+/// node-proxy is subscribed to, which also holds the Lease and writes the statuses,
+/// dies (killed, and kept down); the node-proxies subscribe to the other, which takes
+/// the Lease once it runs out and writes the status of a route added then. The first
+/// comes back, and the other is killed (SIGKILL) and restarted as a Deployment's pod is;
+/// the node-proxies subscribe again. No request fails.
 #[test]
 #[ignore = "needs root"]
 fn a_controller_replica_killed_under_load_fails_no_request() {
-    let mut sb = Sandbox::up_with("e2e-ha", &mesh(), &["--controller-replicas", "2"]).unwrap();
+    const LEASE: Duration = Duration::from_secs(3);
+    let manifests = TempManifests::copy(&mesh()).unwrap();
+    let mut sb = Sandbox::up_with_env(
+        "e2e-ha",
+        manifests.path(),
+        &["--controller-replicas", "2"],
+        &[("WEFT_LEASE_DURATION", "3s")],
+    )
+    .unwrap();
     let replicas = sb.controller_replicas();
     assert_eq!(replicas.len(), 2, "two replicas run");
     let both = vec!["node-1".to_owned(), "node-2".to_owned()];
     let (first, second) = (replicas[0].0, replicas[1].0);
+    let debug_status = |admin| -> serde_json::Value {
+        weft_e2e::http_get(admin, "/debug/status")
+            .ok()
+            .and_then(|(_, b)| serde_json::from_str(&b).ok())
+            .unwrap_or_default()
+    };
+    // The first replica, started first, holds the Lease and writes the statuses.
+    let leads = eventually(Duration::from_secs(10), || {
+        (debug_status(first)["leading"] == true && debug_status(second)["leading"] == false)
+            .then_some(())
+    });
+    assert!(
+        leads.is_some(),
+        "the first replica leads, the second follows"
+    );
+    let second_identity = debug_status(second)["identity"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let status_file = sb.state_dir.join("status/httproute/shop/to-nowhere.yaml");
     // Every proxy tries the first replica first.
     let subscribed = eventually(Duration::from_secs(20), || {
         (subscribed_nodes(first) == both).then_some(())
@@ -217,6 +247,32 @@ fn a_controller_replica_killed_under_load_fails_no_request() {
         subscribed_nodes(second),
         tail(&sb.node_log("node-1")),
         tail(&sb.node_log("node-2"))
+    );
+    // The second takes the Lease once it has run out, and writes the statuses: a route
+    // added now gets its status from it.
+    let took_over = eventually(Duration::from_secs(15), || {
+        (debug_status(second)["leading"] == true).then(|| killed.elapsed())
+    })
+    .expect("the second replica takes the Lease");
+    assert!(
+        took_over <= LEASE + Duration::from_secs(2),
+        "within the lease's duration: {took_over:?}"
+    );
+    manifests
+        .write(
+            "route.yaml",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: to-nowhere, namespace: shop}\n\
+             spec:\n  parentRefs: [{group: \"\", kind: Service, name: echo}]\n  rules: [{backendRefs: [{name: nowhere, port: 80}]}]\n",
+        )
+        .unwrap();
+    let written = eventually(Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&status_file).ok()?;
+        (text.contains(&second_identity) && text.contains("BackendNotFound")).then_some(text)
+    });
+    assert!(
+        written.is_some(),
+        "the new leader writes the route's status: {:?}",
+        std::fs::read_to_string(&status_file)
     );
     std::thread::sleep(Duration::from_secs(2));
     sb.run_local(&["controller", "start"]).unwrap();

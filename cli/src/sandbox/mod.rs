@@ -531,7 +531,11 @@ impl Sandbox {
             .arg(&self.tokens_dir)
             .args(["--listen", &state.grpc.to_string()])
             .args(["--admin", &state.admin.to_string()])
-            .args(["--server-name", CONTROLLER_NAME]);
+            .args(["--server-name", CONTROLLER_NAME])
+            // Statuses, as `kubectl get -o yaml` shows them in a cluster, written by
+            // the replica holding the Lease kept beside them.
+            .arg("--status-dir")
+            .arg(self.opts.state_dir.join("status"));
         if let Some(ttl) = &self.opts.leaf_ttl {
             cmd.args(["--leaf-ttl", ttl]);
         }
