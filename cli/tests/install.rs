@@ -392,3 +392,64 @@ fn a_cni_directory_must_be_an_absolute_node_path() {
     assert_ne!(code, 0);
     assert!(err.contains("openshift"), "names the platforms: {err}");
 }
+
+/// The validation tier refuses what an API server refuses: a deliberately invalid object
+/// of each built-in kind Weft renders or ships is refused by `kubernetes-validate
+/// --strict` at the oldest and newest Kubernetes (an unknown field, a wrong type, a
+/// missing required field).
+#[test]
+#[ignore = "needs kubernetes-validate (scripts/deps installs it)"]
+fn the_validation_tier_refuses_an_invalid_object_of_each_kind() {
+    let tool = kubernetes_validate();
+    let dir = std::env::temp_dir().join(format!("weft-invalid-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let invalid = [
+        ("Namespace", "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\nspec: {finalizerz: []}\n"),
+        ("ServiceAccount", "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: x}\nautomountServiceAccountToken: sometimes\n"),
+        ("ConfigMap", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata: {a: {b: c}}\n"),
+        ("Service", "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: [{port: http}]}\n"),
+        ("Pod", "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec: {containers: [{name: c, imagePullPolicy: Always, nodeNme: y}]}\n"),
+        ("Deployment", "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\nspec: {replicas: two, selector: {}, template: {}}\n"),
+        ("DaemonSet", "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: x}\nspec: {template: {spec: {containers: [{name: c}]}}}\n"),
+        ("PodDisruptionBudget", "apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata: {name: x}\nspec: {minAvailable: 1, selector: {matchLabelz: {}}}\n"),
+        ("ClusterRole", "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {name: x}\nrules: [{apiGroups: [''], resources: [pods]}]\n"),
+        ("ClusterRoleBinding", "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {name: x}\nsubjects: []\n"),
+        ("Role", "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {name: x}\nrules: {}\n"),
+        ("RoleBinding", "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: x}\nroleRef: {kind: Role}\n"),
+        ("ResourceQuota", "apiVersion: v1\nkind: ResourceQuota\nmetadata: {name: x}\nspec: {hardd: {pods: \"1\"}}\n"),
+        ("ValidatingAdmissionPolicy", "apiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingAdmissionPolicy\nmetadata: {name: x}\nspec: {validations: [{message: m}]}\n"),
+        ("ValidatingAdmissionPolicyBinding", "apiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingAdmissionPolicyBinding\nmetadata: {name: x}\nspec: {validationActions: [Deny], policyNam: x}\n"),
+        ("CustomResourceDefinition", "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {name: x}\nspec: {group: g, scope: Somewhere}\n"),
+    ];
+    // Every kind `weftctl install` and the waypoints render is among them.
+    let (_, rendered, _) = weftctl(&["install", "--platform", "gke"]);
+    for doc in serde_yaml_ng::Deserializer::from_str(&rendered) {
+        let doc = <Value as serde::Deserialize>::deserialize(doc).unwrap();
+        let kind = doc["kind"].as_str().unwrap_or_default();
+        if kind.is_empty() || kind == "GatewayClass" {
+            continue;
+        }
+        assert!(
+            invalid.iter().any(|(k, _)| *k == kind),
+            "no deliberately invalid {kind} here"
+        );
+    }
+    for version in [controller::install::OLDEST_KUBERNETES, "1.37"] {
+        for (kind, text) in invalid {
+            let file = dir.join(format!("{kind}.yaml"));
+            std::fs::write(&file, text).unwrap();
+            let out = Command::new(&tool)
+                .args(["--strict", "--quiet", "--kubernetes-version", version])
+                .arg(&file)
+                .output()
+                .unwrap();
+            assert!(
+                !out.status.success(),
+                "Kubernetes {version} accepts the invalid {kind}:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
