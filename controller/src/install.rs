@@ -43,7 +43,7 @@ use kube::api::ObjectMeta;
 use kube::CustomResourceExt;
 use serde::Serialize;
 
-use crate::crd::{AuthorizationPolicy, TrafficPolicy};
+use crate::crd::{AuthorizationPolicy, TrafficPolicy, WaypointParameters};
 use crate::kubernetes::{ROOTS_CONFIGMAP, ROOTS_KEY, ROOT_SECRET};
 use crate::translate::{CONTROLLER_NAME, WAYPOINT_CLASS};
 
@@ -582,7 +582,11 @@ pub fn controller_cluster_rules() -> Vec<PolicyRule> {
         ),
         rule(
             "weft.dev",
-            &["authorizationpolicies", "trafficpolicies"],
+            &[
+                "authorizationpolicies",
+                "trafficpolicies",
+                "waypointparameters",
+            ],
             &["list", "watch"],
         ),
         rule(
@@ -1207,7 +1211,11 @@ fn node_agent_daemonset(o: &Options) -> DaemonSet {
 pub fn objects(o: &Options) -> Result<Vec<Object>, OptionsError> {
     o.validate()?;
     let ns = o.namespace.as_str();
-    let mut crds = [AuthorizationPolicy::crd(), TrafficPolicy::crd()];
+    let mut crds = [
+        AuthorizationPolicy::crd(),
+        TrafficPolicy::crd(),
+        WaypointParameters::crd(),
+    ];
     for crd in &mut crds {
         crd.metadata.labels = Some(labels("weft-crds"));
     }

@@ -37,7 +37,7 @@ use tunnel::identity::CertificateAuthority;
 
 use crate::auth::{AuthError, Authenticator, Caller};
 use crate::ca::{Ca, CaSetupError};
-use crate::crd::{AuthorizationPolicy, TrafficPolicy};
+use crate::crd::{AuthorizationPolicy, TrafficPolicy, WaypointParameters};
 use crate::metrics::Metrics;
 use crate::objects::{AnyObject, Effect, ObjectKind, ObjectRef, Objects, Origin, Problem};
 use crate::source::{Snapshot, Source};
@@ -438,6 +438,7 @@ pub struct KubeSource {
     reference_grants: Raw,
     authorization_policies: Kind<AuthorizationPolicy>,
     traffic_policies: Kind<TrafficPolicy>,
+    waypoint_parameters: Kind<WaypointParameters>,
 }
 
 impl KubeSource {
@@ -459,7 +460,8 @@ impl KubeSource {
                 n.clone(),
                 s.clone(),
             ),
-            traffic_policies: reflect(c, ObjectKind::TrafficPolicy, n, s),
+            traffic_policies: reflect(c, ObjectKind::TrafficPolicy, n.clone(), s.clone()),
+            waypoint_parameters: reflect(c, ObjectKind::WaypointParameters, n, s),
         })
     }
 
@@ -475,6 +477,7 @@ impl KubeSource {
             &self.reference_grants.ready,
             &self.authorization_policies.ready,
             &self.traffic_policies.ready,
+            &self.waypoint_parameters.ready,
         ]
         .iter()
         .all(|r| r.load(Ordering::SeqCst))
@@ -522,6 +525,11 @@ impl Source for KubeSource {
             &mut objects,
             &self.traffic_policies.store,
             AnyObject::TrafficPolicy,
+        );
+        add(
+            &mut objects,
+            &self.waypoint_parameters.store,
+            AnyObject::WaypointParameters,
         );
         Snapshot {
             objects: Arc::new(objects),
@@ -1254,7 +1262,9 @@ pub fn object_reference(
 ) -> k8s_openapi::api::core::v1::ObjectReference {
     let group = object.kind.group();
     let version = match object.kind {
-        ObjectKind::AuthorizationPolicy | ObjectKind::TrafficPolicy => "v1alpha1",
+        ObjectKind::AuthorizationPolicy
+        | ObjectKind::TrafficPolicy
+        | ObjectKind::WaypointParameters => "v1alpha1",
         _ => "v1",
     };
     k8s_openapi::api::core::v1::ObjectReference {
@@ -1348,7 +1358,9 @@ impl FileSink {
         let kind = d.object.kind;
         let document = serde_json::json!({
             "apiVersion": match kind {
-                ObjectKind::AuthorizationPolicy | ObjectKind::TrafficPolicy => format!("{}/v1alpha1", kind.group()),
+                ObjectKind::AuthorizationPolicy
+                | ObjectKind::TrafficPolicy
+                | ObjectKind::WaypointParameters => format!("{}/v1alpha1", kind.group()),
                 _ => format!("{}/v1", kind.group()),
             },
             "kind": kind.kind(),

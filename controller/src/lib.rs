@@ -485,12 +485,18 @@ async fn translate_loop(
                 statuses.extend(translate::gateway_statuses(&snapshot.objects));
                 cluster.statuses.write(statuses);
                 if let Some(deployer) = &cluster.waypoints {
-                    deployer.write(
+                    // A Gateway whose parameters do not resolve is left as it is (its
+                    // status says why).
+                    deployer.write_with(
                         snapshot
                             .objects
                             .gateways
                             .values()
-                            .map(|g| g.value.clone())
+                            .filter_map(|g| {
+                                let parameters =
+                                    waypoints::parameters(&g.value, &snapshot.objects).ok()?;
+                                Some((g.value.clone(), parameters.cloned()))
+                            })
                             .collect(),
                     );
                 }

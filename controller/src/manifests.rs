@@ -302,6 +302,7 @@ where
         ObjectKind::ReferenceGrant => AnyObject::ReferenceGrant(typed(d)?),
         ObjectKind::AuthorizationPolicy => AnyObject::AuthorizationPolicy(typed(d)?),
         ObjectKind::TrafficPolicy => AnyObject::TrafficPolicy(typed(d)?),
+        ObjectKind::WaypointParameters => AnyObject::WaypointParameters(typed(d)?),
     })
 }
 
@@ -631,6 +632,7 @@ fn merge(into: &mut Objects, from: Objects) {
     into.authorization_policies
         .extend(from.authorization_policies);
     into.traffic_policies.extend(from.traffic_policies);
+    into.waypoint_parameters.extend(from.waypoint_parameters);
 }
 
 /// Reads directories once, for `weftctl check`: the objects and every problem found.

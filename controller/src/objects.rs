@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Serialize;
 
-use crate::crd::{AuthorizationPolicy, TrafficPolicy};
+use crate::crd::{AuthorizationPolicy, TrafficPolicy, WaypointParameters};
 
 /// The kinds the controller reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -41,11 +41,13 @@ pub enum ObjectKind {
     AuthorizationPolicy,
     /// `weft.dev/v1alpha1` TrafficPolicy.
     TrafficPolicy,
+    /// `weft.dev/v1alpha1` WaypointParameters.
+    WaypointParameters,
 }
 
 impl ObjectKind {
     /// Every kind.
-    pub const ALL: [ObjectKind; 10] = [
+    pub const ALL: [ObjectKind; 11] = [
         ObjectKind::Namespace,
         ObjectKind::Pod,
         ObjectKind::Service,
@@ -56,6 +58,7 @@ impl ObjectKind {
         ObjectKind::ReferenceGrant,
         ObjectKind::AuthorizationPolicy,
         ObjectKind::TrafficPolicy,
+        ObjectKind::WaypointParameters,
     ];
 
     /// The Kubernetes kind, as in `kind:`.
@@ -71,6 +74,7 @@ impl ObjectKind {
             ObjectKind::ReferenceGrant => "ReferenceGrant",
             ObjectKind::AuthorizationPolicy => "AuthorizationPolicy",
             ObjectKind::TrafficPolicy => "TrafficPolicy",
+            ObjectKind::WaypointParameters => "WaypointParameters",
         }
     }
 
@@ -83,7 +87,9 @@ impl ObjectKind {
             | ObjectKind::HttpRoute
             | ObjectKind::GrpcRoute
             | ObjectKind::ReferenceGrant => "gateway.networking.k8s.io",
-            ObjectKind::AuthorizationPolicy | ObjectKind::TrafficPolicy => "weft.dev",
+            ObjectKind::AuthorizationPolicy
+            | ObjectKind::TrafficPolicy
+            | ObjectKind::WaypointParameters => "weft.dev",
         }
     }
 
@@ -190,6 +196,8 @@ pub struct Objects {
     pub authorization_policies: BTreeMap<ObjectName, Obj<AuthorizationPolicy>>,
     /// Weft TrafficPolicies.
     pub traffic_policies: BTreeMap<ObjectName, Obj<TrafficPolicy>>,
+    /// Weft WaypointParameters.
+    pub waypoint_parameters: BTreeMap<ObjectName, Obj<WaypointParameters>>,
 }
 
 /// One object of any kind the controller reads.
@@ -215,6 +223,8 @@ pub enum AnyObject {
     AuthorizationPolicy(Arc<AuthorizationPolicy>),
     /// A TrafficPolicy.
     TrafficPolicy(Arc<TrafficPolicy>),
+    /// A WaypointParameters.
+    WaypointParameters(Arc<WaypointParameters>),
 }
 
 impl AnyObject {
@@ -231,6 +241,7 @@ impl AnyObject {
             AnyObject::ReferenceGrant(_) => ObjectKind::ReferenceGrant,
             AnyObject::AuthorizationPolicy(_) => ObjectKind::AuthorizationPolicy,
             AnyObject::TrafficPolicy(_) => ObjectKind::TrafficPolicy,
+            AnyObject::WaypointParameters(_) => ObjectKind::WaypointParameters,
         }
     }
 
@@ -246,6 +257,7 @@ impl AnyObject {
             AnyObject::ReferenceGrant(o) => &o.metadata,
             AnyObject::AuthorizationPolicy(o) => &o.metadata,
             AnyObject::TrafficPolicy(o) => &o.metadata,
+            AnyObject::WaypointParameters(o) => &o.metadata,
         }
     }
 
@@ -363,6 +375,9 @@ impl Objects {
             AnyObject::TrafficPolicy(o) => {
                 put(&mut self.traffic_policies, name, o, origin, replace)
             }
+            AnyObject::WaypointParameters(o) => {
+                put(&mut self.waypoint_parameters, name, o, origin, replace)
+            }
         }
     }
 
@@ -378,6 +393,7 @@ impl Objects {
             + self.reference_grants.len()
             + self.authorization_policies.len()
             + self.traffic_policies.len()
+            + self.waypoint_parameters.len()
     }
 
     /// Whether there are none.

@@ -40,6 +40,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+use crate::crd::{ResourceAmounts, WaypointParametersSpec};
 use crate::install::{env, field_env};
 use crate::kubernetes::{ROOTS_CONFIGMAP, ROOTS_KEY};
 use crate::translate::WAYPOINT_CLASS;
@@ -75,6 +76,16 @@ pub struct Settings {
 /// A Deployment, Service and ServiceAccount for `gateway`, and the roots ConfigMap of its
 /// namespace, as JSON to apply; `None` for a Gateway of another class or without a uid.
 pub fn desired(gateway: &Gateway, s: &Settings) -> Option<Vec<(&'static str, Value)>> {
+    desired_with(gateway, None, s)
+}
+
+/// As [`desired`], with the settings of the Gateway's WaypointParameters (its
+/// `spec.infrastructure.parametersRef`) over the defaults.
+pub fn desired_with(
+    gateway: &Gateway,
+    parameters: Option<&WaypointParametersSpec>,
+    s: &Settings,
+) -> Option<Vec<(&'static str, Value)>> {
     if gateway.spec.gateway_class_name != WAYPOINT_CLASS {
         return None;
     }
@@ -172,14 +183,14 @@ pub fn desired(gateway: &Gateway, s: &Settings) -> Option<Vec<(&'static str, Val
         // Requests so a ResourceQuota admits it and the scheduler places it; a memory
         // limit so a leak is the waypoint's own restart, not the node's OOM.
         resources: Some(ResourceRequirements {
-            requests: Some(BTreeMap::from([
-                ("cpu".to_owned(), Quantity("100m".into())),
-                ("memory".to_owned(), Quantity("64Mi".into())),
-            ])),
-            limits: Some(BTreeMap::from([(
-                "memory".to_owned(),
-                Quantity("1Gi".into()),
-            )])),
+            requests: Some(amounts(
+                &[("cpu", "100m"), ("memory", "64Mi")],
+                parameters.and_then(|p| p.requests.as_ref()),
+            )),
+            limits: Some(amounts(
+                &[("memory", "1Gi")],
+                parameters.and_then(|p| p.limits.as_ref()),
+            )),
             ..Default::default()
         }),
         security_context: Some(SecurityContext {
@@ -200,7 +211,11 @@ pub fn desired(gateway: &Gateway, s: &Settings) -> Option<Vec<(&'static str, Val
     let deployment = Deployment {
         metadata: meta(&name),
         spec: Some(DeploymentSpec {
-            replicas: Some(WAYPOINT_REPLICAS),
+            replicas: Some(
+                parameters
+                    .and_then(|p| p.replicas)
+                    .unwrap_or(WAYPOINT_REPLICAS),
+            ),
             selector: LabelSelector {
                 match_labels: Some(selector.clone()),
                 ..Default::default()
@@ -307,6 +322,58 @@ pub fn desired(gateway: &Gateway, s: &Settings) -> Option<Vec<(&'static str, Val
     ])
 }
 
+/// Resource amounts: `defaults`, each replaced by what `given` sets.
+fn amounts(
+    defaults: &[(&str, &str)],
+    given: Option<&ResourceAmounts>,
+) -> BTreeMap<String, Quantity> {
+    let mut out: BTreeMap<String, Quantity> = defaults
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), Quantity((*v).to_owned())))
+        .collect();
+    if let Some(given) = given {
+        for (key, value) in [("cpu", &given.cpu), ("memory", &given.memory)] {
+            if let Some(v) = value {
+                out.insert(key.to_owned(), Quantity(v.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// The WaypointParameters a waypoint Gateway's `spec.infrastructure.parametersRef`
+/// names, from `objects`: `Ok(None)` when it names none, `Err(why)` when it names
+/// something else or something absent (the Gateway is then `Accepted: False`, reason
+/// `InvalidParameters`, and its waypoint is left as it is).
+pub fn parameters<'a>(
+    gateway: &Gateway,
+    objects: &'a crate::objects::Objects,
+) -> Result<Option<&'a WaypointParametersSpec>, String> {
+    let Some(r) = gateway
+        .spec
+        .infrastructure
+        .as_ref()
+        .and_then(|i| i.parameters_ref.as_ref())
+    else {
+        return Ok(None);
+    };
+    if r.group != "weft.dev" || r.kind != "WaypointParameters" {
+        return Err(format!(
+            "spec.infrastructure.parametersRef names a {}/{}; a waypoint takes a weft.dev WaypointParameters",
+            r.group, r.kind
+        ));
+    }
+    let namespace = gateway.metadata.namespace.clone().unwrap_or_default();
+    let name = api::ObjectName::new(&namespace, &r.name);
+    match objects.waypoint_parameters.get(&name) {
+        Some(p) => Ok(Some(&p.value.spec)),
+        None => Err(format!(
+            "spec.infrastructure.parametersRef: there is no WaypointParameters {namespace}/{}",
+            r.name
+        )),
+    }
+}
+
 /// A probe of the waypoint's admin endpoint.
 fn admin_probe(path: &str, period: i32, failures: i32) -> Probe {
     Probe {
@@ -376,11 +443,14 @@ enum Seen {
     Listed(String, Vec<Key>),
 }
 
+/// A waypoint Gateway and its parameters.
+pub type Waypoint = (Arc<Gateway>, Option<WaypointParametersSpec>);
+
 /// Applies the waypoints' objects in the background: latest set of Gateways wins. The
 /// objects are watched too: one deleted or changed by someone else is applied again
 /// at once (drift repair), with an event on its Gateway.
 pub struct Deployer {
-    tx: watch::Sender<Arc<Vec<Arc<Gateway>>>>,
+    tx: watch::Sender<Arc<Vec<Waypoint>>>,
 }
 
 impl Deployer {
@@ -405,9 +475,20 @@ impl Deployer {
         Deployer { tx }
     }
 
-    /// The Gateways of the latest translation.
+    /// The Gateways of the latest translation, with default settings.
     pub fn write(&self, gateways: Vec<Arc<Gateway>>) {
-        self.tx.send_replace(Arc::new(gateways));
+        self.write_with(
+            gateways
+                .into_iter()
+                .map(|gateway| (gateway, None))
+                .collect(),
+        );
+    }
+
+    /// The waypoint Gateways of the latest translation, each with its parameters (those
+    /// whose parameters cannot be resolved left out: their waypoints stay as they are).
+    pub fn write_with(&self, waypoints: Vec<Waypoint>) {
+        self.tx.send_replace(Arc::new(waypoints));
     }
 }
 
@@ -505,7 +586,7 @@ fn drifted(
 async fn apply_loop(
     client: Client,
     settings: Settings,
-    mut rx: watch::Receiver<Arc<Vec<Arc<Gateway>>>>,
+    mut rx: watch::Receiver<Arc<Vec<Waypoint>>>,
     mut seen: mpsc::UnboundedReceiver<Seen>,
     mut leading: crate::leader::Leading,
 ) {
@@ -597,8 +678,8 @@ async fn apply_loop(
             continue;
         }
         let gateways = rx.borrow_and_update().clone();
-        for gateway in gateways.iter() {
-            let Some(objects) = desired(gateway, &settings) else {
+        for (gateway, parameters) in gateways.iter() {
+            let Some(objects) = desired_with(gateway, parameters.as_ref(), &settings) else {
                 continue;
             };
             let mut created = Vec::new();
@@ -737,6 +818,77 @@ mod tests {
             controller_name: "weft-controller.weft-system.svc".into(),
             trust_domain: "cluster.local".into(),
             roots_pem: "ROOTS".into(),
+        }
+    }
+
+    /// A Gateway's `spec.infrastructure.parametersRef` to a WaypointParameters sets its
+    /// replicas and resources; one naming something else, or nothing there, makes the
+    /// Gateway `Accepted: False` (`InvalidParameters`) and leaves its waypoint alone.
+    #[test]
+    fn waypoint_parameters_are_read_through_the_gateways_parameters_ref() {
+        use crate::objects::{AnyObject, Objects, Origin};
+        let with_ref = |group: &str, kind: &str, name: &str| {
+            let mut g = gateway(WAYPOINT_CLASS);
+            g.spec.infrastructure = Some(
+                serde_json::from_value(serde_json::json!({
+                    "parametersRef": {"group": group, "kind": kind, "name": name}}))
+                .unwrap(),
+            );
+            g
+        };
+        let params: crate::crd::WaypointParameters = serde_json::from_value(serde_json::json!({
+            "apiVersion": "weft.dev/v1alpha1", "kind": "WaypointParameters",
+            "metadata": {"name": "big", "namespace": "shop"},
+            "spec": {"replicas": 3, "requests": {"cpu": "250m"}, "limits": {"memory": "2Gi"}}}))
+        .unwrap();
+        let mut objects = Objects::default();
+        objects
+            .insert(
+                AnyObject::WaypointParameters(Arc::new(params)),
+                Origin::Cluster,
+                true,
+            )
+            .unwrap();
+        let good = with_ref("weft.dev", "WaypointParameters", "big");
+        let spec = parameters(&good, &objects).unwrap().expect("found");
+        let d = desired_with(&good, Some(spec), &settings())
+            .unwrap()
+            .remove(2)
+            .1;
+        assert_eq!(d["spec"]["replicas"], 3);
+        let resources = &d["spec"]["template"]["spec"]["containers"][0]["resources"];
+        assert_eq!(resources["requests"]["cpu"], "250m");
+        assert_eq!(
+            resources["requests"]["memory"], "64Mi",
+            "the rest keeps its default"
+        );
+        assert_eq!(resources["limits"]["memory"], "2Gi");
+        assert_eq!(
+            parameters(&gateway(WAYPOINT_CLASS), &objects).unwrap(),
+            None
+        );
+        for (bad, says) in [
+            (
+                with_ref("weft.dev", "WaypointParameters", "small"),
+                "no WaypointParameters shop/small",
+            ),
+            (
+                with_ref("", "ConfigMap", "big"),
+                "takes a weft.dev WaypointParameters",
+            ),
+        ] {
+            let why = parameters(&bad, &objects).unwrap_err();
+            assert!(why.contains(says), "{why}");
+            let mut with_gateway = objects.clone();
+            with_gateway
+                .insert(AnyObject::Gateway(Arc::new(bad)), Origin::Cluster, true)
+                .unwrap();
+            let status = &crate::translate::gateway_statuses(&with_gateway)[0];
+            let accepted = &status.parents[0].1[0];
+            assert_eq!(
+                (accepted.type_, accepted.status, accepted.reason),
+                ("Accepted", false, "InvalidParameters")
+            );
         }
     }
 

@@ -58,7 +58,7 @@ struct Fake {
     leases: HashMap<String, Value>,
 }
 
-const PATHS: [(&str, &str, &str); 14] = [
+const PATHS: [(&str, &str, &str); 15] = [
     // What the controller applies for a waypoint, and watches for drift.
     ("/apis/apps/v1/deployments", "DeploymentList", "apps/v1"),
     ("/api/v1/serviceaccounts", "ServiceAccountList", "v1"),
@@ -104,6 +104,11 @@ const PATHS: [(&str, &str, &str); 14] = [
     (
         "/apis/weft.dev/v1alpha1/trafficpolicies",
         "TrafficPolicyList",
+        "weft.dev/v1alpha1",
+    ),
+    (
+        "/apis/weft.dev/v1alpha1/waypointparameters",
+        "WaypointParametersList",
         "weft.dev/v1alpha1",
     ),
 ];

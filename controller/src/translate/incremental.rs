@@ -309,6 +309,7 @@ fn same_except_pods(a: &Objects, b: &Objects) -> bool {
         reference_grants,
         authorization_policies,
         traffic_policies,
+        waypoint_parameters,
     } = a;
     same(namespaces, &b.namespaces)
         && same(services, &b.services)
@@ -319,6 +320,7 @@ fn same_except_pods(a: &Objects, b: &Objects) -> bool {
         && same(reference_grants, &b.reference_grants)
         && same(authorization_policies, &b.authorization_policies)
         && same(traffic_policies, &b.traffic_policies)
+        && same(waypoint_parameters, &b.waypoint_parameters)
 }
 
 /// The pods added, removed or changed between `a` and `b`, in name order (one walk of

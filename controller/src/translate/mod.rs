@@ -343,11 +343,19 @@ pub fn gateway_statuses(objects: &Objects) -> Vec<DesiredStatus> {
                         })
             })
             .count();
-        let accepted = Condition {
-            type_: "Accepted",
-            status: true,
-            reason: "Accepted",
-            message: "a waypoint of the mesh; the controller deploys it".into(),
+        let accepted = match crate::waypoints::parameters(&gateway.value, objects) {
+            Ok(_) => Condition {
+                type_: "Accepted",
+                status: true,
+                reason: "Accepted",
+                message: "a waypoint of the mesh; the controller deploys it".into(),
+            },
+            Err(why) => Condition {
+                type_: "Accepted",
+                status: false,
+                reason: "InvalidParameters",
+                message: format!("{why}; its waypoint is left as it is until this is fixed"),
+            },
         };
         let programmed = match ready {
             0 => Condition {
@@ -375,9 +383,16 @@ pub fn gateway_statuses(objects: &Objects) -> Vec<DesiredStatus> {
                 reason: "ResolvedRefs",
                 message: "nothing to resolve".into(),
             };
+            // A listener is accepted whatever the Gateway's parameters.
+            let listener_accepted = Condition {
+                type_: "Accepted",
+                status: true,
+                reason: "Accepted",
+                message: "the mesh's HBONE listener".into(),
+            };
             (
                 Some(serde_json::json!({ "listener": l.name })),
-                vec![accepted.clone(), programmed.clone(), resolved],
+                vec![listener_accepted, programmed.clone(), resolved],
             )
         });
         let mut parents = vec![(None, vec![accepted.clone(), programmed.clone()])];
