@@ -336,7 +336,7 @@ impl Object<'_> {
     }
 
     /// Decodes the document from the original text, so errors carry field path and location.
-    fn decode<T: Resource + DeserializeOwned>(
+    fn decode<T: Resource + DeserializeOwned + serde::Serialize>(
         &self,
         value: &Value,
         document: serde_yaml_ng::Deserializer<'_>,
@@ -354,11 +354,51 @@ impl Object<'_> {
                 ),
             ));
         }
-        T::deserialize(document).map_err(|source| ManifestError::Schema {
+        let decoded = T::deserialize(document).map_err(|source| ManifestError::Schema {
             file: self.file.to_owned(),
             object: self.label.clone(),
             source,
-        })
+        })?;
+        // Strict field validation, as `kubectl` asks of the API server: a field the
+        // kind does not have (lost when the object is read and written back) is refused.
+        let given = serde_json::to_value(value).unwrap_or_default();
+        let kept = serde_json::to_value(&decoded).unwrap_or_default();
+        if let Some(field) = unknown_field(&given, &kept, "") {
+            return Err(self.invalid(
+                field,
+                format!(
+                    "is not a field of a {} — the API server refuses it (strict field validation; a typo?)",
+                    T::KIND
+                ),
+            ));
+        }
+        Ok(decoded)
+    }
+}
+
+/// The first field of `given` that `kept` lacks, as a path (`spec.template.spec.nodeNme`,
+/// `spec.containers[0].portz`); nulls are nothing given.
+fn unknown_field(given: &serde_json::Value, kept: &serde_json::Value, at: &str) -> Option<String> {
+    use serde_json::Value as J;
+    match (given, kept) {
+        (J::Object(given), J::Object(kept)) => given.iter().find_map(|(key, value)| {
+            let path = if at.is_empty() {
+                key.clone()
+            } else {
+                format!("{at}.{key}")
+            };
+            match kept.get(key) {
+                None if !value.is_null() => Some(path),
+                None => None,
+                Some(k) => unknown_field(value, k, &path),
+            }
+        }),
+        (J::Array(given), J::Array(kept)) => given
+            .iter()
+            .zip(kept)
+            .enumerate()
+            .find_map(|(i, (g, k))| unknown_field(g, k, &format!("{at}[{i}]"))),
+        _ => None,
     }
 }
 
@@ -1329,6 +1369,49 @@ spec:
             ("routes.yaml", &route("{parentRefs: [{kind: Service, group: \"\", name: echo}], rules: [{matches: [{path: {type: Prefix, value: nope}}]}]}")),
         ]);
         assert!(load_dir(&dir.0).is_ok());
+    }
+
+    /// Every manifest directory the project ships or tests with is accepted as the
+    /// sandbox's API server (with the newest Gateway API CRDs) checks it.
+    #[test]
+    fn every_shipped_manifest_directory_is_accepted() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let api = ApiServer {
+            nodes: 2,
+            ..ApiServer::default()
+        }
+        .with_gateway_api(&root.join("../shared/gateway-api/v1.6.1/experimental"))
+        .expect("the CRDs are read from shared/gateway-api beside the repository");
+        let mut dirs = vec![root.join("examples/demo")];
+        for entry in fs::read_dir(root.join("tests/manifests")).unwrap() {
+            dirs.push(entry.unwrap().path());
+        }
+        for dir in dirs {
+            if let Err(e) = load_dir_with(&dir, &api) {
+                panic!("{}: {e}", dir.display());
+            }
+        }
+    }
+
+    /// As an API server with strict field validation: a field the kind lacks is refused,
+    /// named by its path.
+    #[test]
+    fn an_unknown_field_of_a_built_in_kind_is_refused() {
+        let text = APPS.replace(
+            "      serviceAccountName: cart\n",
+            "      serviceAcountName: cart\n",
+        );
+        assert_contains(
+            &error(&text),
+            &[
+                "Deployment shop/cart: spec.template.spec.serviceAcountName is not a field of a Deployment",
+                "strict field validation",
+            ],
+        );
+        let text = CLIENT.replace("  containers:\n", "  containerz: []\n  containers:\n");
+        assert_contains(&error(&text), &["Pod default/client: spec.containerz"]);
+        let text = APPS.replace("  - {port: 9090}\n", "  - {port: 9090, protocl: TCP}\n");
+        assert_contains(&error(&text), &["Service shop/cart: spec.ports[1].protocl"]);
     }
 
     #[test]
