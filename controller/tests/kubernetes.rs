@@ -558,6 +558,27 @@ fn collection_of(path: &str) -> Option<(String, String, String)> {
     }
 }
 
+/// What the tests' deployers run waypoints with, `image` telling them apart.
+fn waypoint_settings(image: &str) -> controller::waypoints::Settings {
+    controller::waypoints::Settings {
+        image: image.into(),
+        controller: "weft-controller.weft-system.svc:15012".into(),
+        controller_name: "weft-controller.weft-system.svc".into(),
+        trust_domain: "cluster.local".into(),
+        roots_pem: "ROOTS".into(),
+    }
+}
+
+/// The Gateway `demo/wp` of class weft-waypoint.
+fn waypoint_gateway() -> Arc<gateway_api::gateways::Gateway> {
+    Arc::new(
+        serde_json::from_value(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "wp", "namespace": "demo", "uid": "uid-wp"},
+            "spec": {"gatewayClassName": "weft-waypoint", "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}))
+        .unwrap(),
+    )
+}
+
 /// A JSON merge patch (RFC 7386), as the API server applies one.
 fn merge(target: &mut Value, patch: Value) {
     match patch {
@@ -955,16 +976,8 @@ async fn the_roots_are_published_in_a_configmap_without_the_key() {
 #[tokio::test]
 async fn a_waypoint_gateway_is_deployed_by_server_side_apply_once() {
     let state = Fake::new();
-    let deployer = controller::waypoints::Deployer::new(
-        client(&state),
-        controller::waypoints::Settings {
-            image: "weft:test".into(),
-            controller: "weft-controller.weft-system.svc:15012".into(),
-            controller_name: "weft-controller.weft-system.svc".into(),
-            trust_domain: "cluster.local".into(),
-            roots_pem: "ROOTS".into(),
-        },
-    );
+    let deployer =
+        controller::waypoints::Deployer::new(client(&state), waypoint_settings("weft:test"));
     let gateway = |class: &str, name: &str| -> Arc<gateway_api::gateways::Gateway> {
         Arc::new(
             serde_json::from_value(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
@@ -1029,22 +1042,9 @@ async fn a_waypoint_gateway_is_deployed_by_server_side_apply_once() {
 #[tokio::test]
 async fn a_waypoint_deleted_or_edited_by_hand_is_repaired_within_5_s() {
     let state = Fake::new();
-    let deployer = controller::waypoints::Deployer::new(
-        client(&state),
-        controller::waypoints::Settings {
-            image: "weft:test".into(),
-            controller: "weft-controller.weft-system.svc:15012".into(),
-            controller_name: "weft-controller.weft-system.svc".into(),
-            trust_domain: "cluster.local".into(),
-            roots_pem: "ROOTS".into(),
-        },
-    );
-    let gateway: Arc<gateway_api::gateways::Gateway> = Arc::new(
-        serde_json::from_value(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-            "metadata": {"name": "wp", "namespace": "demo", "uid": "uid-wp"},
-            "spec": {"gatewayClassName": "weft-waypoint", "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}))
-        .unwrap(),
-    );
+    let deployer =
+        controller::waypoints::Deployer::new(client(&state), waypoint_settings("weft:test"));
+    let gateway = waypoint_gateway();
     const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/demo/deployments/wp";
     const DEPLOYMENTS: &str = "/apis/apps/v1/deployments";
     let applies = |state: &Arc<Mutex<Fake>>| {
@@ -1251,12 +1251,7 @@ async fn two_replicas_elect_one_writer_and_the_other_takes_over() {
         renew_deadline: Duration::from_millis(1500),
         retry: Duration::from_millis(100),
     };
-    let gateway: Arc<gateway_api::gateways::Gateway> = Arc::new(
-        serde_json::from_value(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-            "metadata": {"name": "wp", "namespace": "demo", "uid": "uid-wp"},
-            "spec": {"gatewayClassName": "weft-waypoint", "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}))
-        .unwrap(),
-    );
+    let gateway = waypoint_gateway();
     // Each replica applies with its own image, so the writes tell who wrote.
     let replica = |name: &str, shutdown: &CancellationToken| {
         let (leading, task) = leader::spawn(
@@ -1268,13 +1263,7 @@ async fn two_replicas_elect_one_writer_and_the_other_takes_over() {
         );
         let deployer = controller::waypoints::Deployer::with_leader(
             client(&state),
-            controller::waypoints::Settings {
-                image: format!("weft:{name}"),
-                controller: "weft-controller.weft-system.svc:15012".into(),
-                controller_name: "weft-controller.weft-system.svc".into(),
-                trust_domain: "cluster.local".into(),
-                roots_pem: "ROOTS".into(),
-            },
+            waypoint_settings(&format!("weft:{name}")),
             leading.clone(),
         );
         deployer.write(vec![gateway.clone()]);
