@@ -307,19 +307,42 @@ async fn elect(
 ) {
     // The record last seen (holder, renewTime) and when it was first seen so.
     let mut observed: Option<(Record, Instant)> = None;
+    // When the last successful renewal was sent: leadership ends at it plus the
+    // renew deadline, whatever the API server does meanwhile.
     let mut renewed: Option<Instant> = None;
-    let seconds = i32::try_from(timing.duration.as_secs()).unwrap_or(i32::MAX);
+    // Whole seconds, at least one (the Lease holds seconds), rounded up.
+    let seconds =
+        i32::try_from(timing.duration.as_millis().div_ceil(1000).max(1)).unwrap_or(i32::MAX);
     loop {
-        let led = match try_once(api.as_ref(), &me, seconds, timing, &mut observed).await {
-            Ok(true) => {
-                renewed = Some(Instant::now());
+        let sent = Instant::now();
+        // A call that hangs must not keep a leader leading: bounded by what is left of
+        // the renew deadline (or the whole of it for a follower).
+        let budget = renewed
+            .map(|at| timing.renew_deadline.saturating_sub(at.elapsed()))
+            .unwrap_or(timing.renew_deadline)
+            .max(Duration::from_millis(50));
+        let outcome = tokio::time::timeout(
+            budget,
+            try_once(api.as_ref(), &me, seconds, timing, &mut observed),
+        )
+        .await;
+        let within_deadline = renewed.is_some_and(|at| at.elapsed() < timing.renew_deadline);
+        let led = match outcome {
+            Ok(Ok(Try::Holding)) => {
+                renewed = Some(sent);
                 true
             }
-            Ok(false) => false,
-            Err(e) => {
+            Ok(Ok(Try::HeldByAnother)) => false,
+            // Another write to the Lease meanwhile: a holder tries again, leading until
+            // the renew deadline, as through an error.
+            Ok(Ok(Try::Conflict)) => within_deadline,
+            Ok(Err(e)) => {
                 debug!("lease {LEASE_NAME}: {e}");
-                // A holder keeps leading through errors until the renew deadline.
-                renewed.is_some_and(|at| at.elapsed() < timing.renew_deadline)
+                within_deadline
+            }
+            Err(_) => {
+                debug!("lease {LEASE_NAME}: no answer within {budget:?}");
+                within_deadline
             }
         };
         if !led {
@@ -344,14 +367,24 @@ async fn elect(
     }
 }
 
-/// One round: `Ok(true)` if this replica holds the Lease after it.
+/// What one round found.
+enum Try {
+    /// This replica holds the Lease (created, renewed or taken).
+    Holding,
+    /// Another holds it and has not let it run out.
+    HeldByAnother,
+    /// The write lost to another (created or replaced meanwhile).
+    Conflict,
+}
+
+/// One round: whether this replica holds the Lease after it.
 async fn try_once(
     api: &dyn LeaseStore,
     me: &str,
     seconds: i32,
     timing: Timing,
     observed: &mut Option<(Record, Instant)>,
-) -> Result<bool, LeaseError> {
+) -> Result<Try, LeaseError> {
     let Some(mut lease) = api.get().await? else {
         let lease = Lease {
             metadata: ObjectMeta {
@@ -367,8 +400,11 @@ async fn try_once(
                 ..Default::default()
             }),
         };
-        // `false`: another replica created it first.
-        return api.create(&lease).await;
+        return Ok(match api.create(&lease).await? {
+            true => Try::Holding,
+            // Another replica created it first.
+            false => Try::HeldByAnother,
+        });
     };
     let spec = lease.spec.get_or_insert_with(Default::default);
     let record = (spec.holder_identity.clone(), spec.renew_time.clone());
@@ -389,7 +425,7 @@ async fn try_once(
         .map(Duration::from_secs)
         .unwrap_or(timing.duration);
     if !held_by_me && holder.is_some() && since.elapsed() < duration {
-        return Ok(false);
+        return Ok(Try::HeldByAnother);
     }
     if !held_by_me {
         spec.holder_identity = Some(me.to_owned());
@@ -399,11 +435,13 @@ async fn try_once(
     spec.renew_time = Some(now());
     spec.lease_duration_seconds = Some(seconds);
     // At the resourceVersion read: a concurrent taker makes this fail.
-    let replaced = api.replace(&lease).await?;
-    if replaced && !held_by_me {
+    if !api.replace(&lease).await? {
+        return Ok(Try::Conflict);
+    }
+    if !held_by_me {
         info!(identity = %me, previous = ?holder, "took the lease");
     }
-    Ok(replaced)
+    Ok(Try::Holding)
 }
 
 /// Empties the Lease's holder, so another replica takes over at its next try.
@@ -478,5 +516,78 @@ mod tests {
         );
         let _ = std::fs::remove_dir_all(&dir);
         a_stop.cancel();
+    }
+
+    /// A store whose calls hang once told to: an API server gone silent.
+    struct Hanging {
+        inner: FileLeases,
+        hang: std::sync::atomic::AtomicBool,
+    }
+
+    impl LeaseStore for Hanging {
+        fn get(&self) -> BoxFuture<'_, Result<Option<Lease>, LeaseError>> {
+            Box::pin(async move {
+                if self.hang.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::future::pending::<()>().await;
+                }
+                self.inner.get().await
+            })
+        }
+        fn create<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<bool, LeaseError>> {
+            self.inner.create(lease)
+        }
+        fn replace<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<bool, LeaseError>> {
+            self.inner.replace(lease)
+        }
+    }
+
+    /// A leader whose calls to the Lease hang stops leading at its renew deadline,
+    /// before another can take the Lease: never two leaders.
+    #[tokio::test]
+    async fn a_leader_cut_off_from_the_lease_stops_before_another_starts() {
+        let dir = std::env::temp_dir().join(format!("weft-lease-hang-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let timing = Timing::for_duration(Duration::from_secs(2));
+        let a_store = Arc::new(Hanging {
+            inner: FileLeases::new(dir.join("lease.json")),
+            hang: std::sync::atomic::AtomicBool::new(false),
+        });
+        let (a, _a_task) = spawn_on(
+            a_store.clone(),
+            "a".into(),
+            timing,
+            CancellationToken::new(),
+        );
+        let start = Instant::now();
+        while !is_leading(&a) {
+            assert!(start.elapsed() < Duration::from_secs(2), "a leads");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (b, _b_task) = spawn_on(
+            Arc::new(FileLeases::new(dir.join("lease.json"))),
+            "b".into(),
+            timing,
+            CancellationToken::new(),
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        a_store
+            .hang
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let cut = Instant::now();
+        let mut a_stopped = None;
+        while !is_leading(&b) {
+            assert!(cut.elapsed() < Duration::from_secs(6), "b takes over");
+            assert!(!(is_leading(&a) && is_leading(&b)), "never two leaders");
+            if a_stopped.is_none() && !is_leading(&a) {
+                a_stopped = Some(cut.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let a_stopped = a_stopped.expect("a stopped before b started");
+        assert!(
+            a_stopped <= timing.renew_deadline + Duration::from_millis(200),
+            "a stops at its renew deadline: {a_stopped:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
