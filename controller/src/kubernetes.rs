@@ -1400,13 +1400,17 @@ async fn write_loop(
     mut rx: watch::Receiver<Arc<Vec<DesiredStatus>>>,
     mut leading: crate::leader::Leading,
 ) {
-    // What was written last, per object; a failed write is retried on the next round.
+    // What was written last, per object; a failed write is retried on the next round,
+    // at the latest after 30 s.
     let mut written: HashMap<crate::objects::ObjectRef, DesiredStatus> = HashMap::new();
     let mut was_leading = false;
+    let mut retry = tokio::time::interval(Duration::from_secs(30));
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { return },
             _ = crate::leader::changed(&mut leading) => {}
+            _ = retry.tick() => {}
         }
         let now_leading = crate::leader::is_leading(&leading);
         if now_leading && !was_leading {
@@ -1432,6 +1436,10 @@ async fn write_loop(
         for d in desired.iter() {
             if written.get(&d.object) == Some(d) {
                 continue;
+            }
+            // Leadership may be lost during a round: a follower writes nothing more.
+            if !crate::leader::is_leading(&leading) {
+                break;
             }
             match sink.write(d).await {
                 Ok(()) => {

@@ -577,7 +577,8 @@ fn drifted(
 ) -> bool {
     if has_generation {
         // Status updates (available replicas) do not bump the generation; spec edits do.
-        generation.is_some() && generation != applied.generation
+        // An event older than the last apply (seen late) is not drift.
+        generation.is_some() && generation > applied.generation
     } else {
         rv.is_some() && *rv != applied.resource_version
     }
@@ -678,6 +679,8 @@ async fn apply_loop(
             continue;
         }
         let gateways = rx.borrow_and_update().clone();
+        // Every object some Gateway wants now.
+        let mut wanted: std::collections::HashSet<Key> = std::collections::HashSet::new();
         for (gateway, parameters) in gateways.iter() {
             let Some(objects) = desired_with(gateway, parameters.as_ref(), &settings) else {
                 continue;
@@ -696,8 +699,13 @@ async fn apply_loop(
                         .unwrap_or_default()
                         .to_owned(),
                 );
+                wanted.insert(key.clone());
                 if applied.get(&key).is_some_and(|a| a.object == object) {
                     continue;
+                }
+                // Leadership may be lost during a round: a follower applies nothing more.
+                if !crate::leader::is_leading(&leading) {
+                    break;
                 }
                 let new = listed.contains(kind) && !present.contains_key(&key);
                 match apply_one(&client, kind, &object).await {
@@ -774,8 +782,8 @@ async fn apply_loop(
             }
         }
         // A repair of an object no Gateway wants any more is not one.
-        repair.retain(|k, _| applied.contains_key(k) || present.contains_key(k));
-        unsure.retain(|k, _| !applied.contains_key(k));
+        repair.retain(|k, _| wanted.contains(k));
+        unsure.retain(|k, _| wanted.contains(k) && !applied.contains_key(k));
     }
 }
 
