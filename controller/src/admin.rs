@@ -116,6 +116,24 @@ impl Admin {
         self.route(req)
     }
 
+    /// The subscriptions as `/debug/status` shows them: in full where the debug views
+    /// are open (manifest mode); where they are authorized, without what names the
+    /// mesh's objects or peers (the last refusal, the peer address), which
+    /// `/debug/subscribers` keeps for an authorized caller.
+    fn status_subscribers(&self) -> serde_json::Value {
+        let subscribers = self.shared.subscribers();
+        let mut value = serde_json::to_value(&subscribers).unwrap_or_default();
+        if self.debug_auth.is_some() {
+            for s in value.as_array_mut().into_iter().flatten() {
+                if let Some(o) = s.as_object_mut() {
+                    o.remove("peer");
+                    o.remove("lastRejection");
+                }
+            }
+        }
+        value
+    }
+
     fn route(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         match req.uri().path() {
             "/metrics" => {
@@ -145,7 +163,7 @@ impl Admin {
                     "modelVersion": *self.shared.version.borrow(),
                     "leading": self.leading.as_ref().map(|(l, _)| crate::leader::is_leading(l)),
                     "identity": self.leading.as_ref().map(|(_, id)| id),
-                    "subscribers": self.shared.subscribers(),
+                    "subscribers": self.status_subscribers(),
                 }))
             }
             "/debug/problems" => {

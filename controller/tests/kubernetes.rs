@@ -1203,7 +1203,7 @@ async fn debug_views_refuse_an_unauthenticated_or_unauthorized_request() {
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(admin.serve(listener, shutdown.clone()));
+    tokio::spawn(admin.clone().serve(listener, shutdown.clone()));
 
     for path in controller::admin::PROTECTED {
         let (code, body) = admin_get(addr, path, None).await;
@@ -1223,6 +1223,29 @@ async fn debug_views_refuse_an_unauthenticated_or_unauthorized_request() {
     for path in ["/healthz", "/metrics", "/debug/status"] {
         assert_eq!(admin_get(addr, path, None).await.0, 200, "{path} is open");
     }
+    // What the open summary holds of a subscription names no object and no peer.
+    admin.shared.subscribers.lock().unwrap().insert(
+        1,
+        controller::server::SubscriberStatus {
+            node: "node-1".into(),
+            peer: Some("10.0.0.1:5000".parse().unwrap()),
+            since: 0,
+            start: "full",
+            sent_version: 3,
+            acked_version: 2,
+            proxy_version: "0.1.0".into(),
+            rejected: 1,
+            last_rejection: Some("workload/shop/secret-thing: bad port".into()),
+        },
+    );
+    let (_, open) = admin_get(addr, "/debug/status", None).await;
+    assert!(open.contains("\"ackedVersion\": 2"), "{open}");
+    assert!(
+        !open.contains("secret-thing") && !open.contains("10.0.0.1"),
+        "{open}"
+    );
+    let (_, full) = admin_get(addr, "/debug/subscribers", Some("a-person")).await;
+    assert!(full.contains("secret-thing"), "{full}");
     // What was asked: the path, as a non-resource URL, for the reviewed user.
     let asked: Vec<Value> = state
         .lock()
