@@ -624,9 +624,11 @@ pub fn controller_cluster_rules() -> Vec<PolicyRule> {
 /// The admission policy narrowing the controller's cluster-wide writes: RBAC grants
 /// `create` and `patch` on ServiceAccounts, Services, ConfigMaps, Deployments and
 /// PodDisruptionBudgets everywhere (a waypoint may be in any namespace); this policy
-/// lets the controller's service account write only a waypoint's objects (labelled with
-/// their Gateway and controlled by it, before and after the write) and the roots
-/// ConfigMap `weft-root-ca`, and delete none of them.
+/// lets the controller's service account write only a waypoint's objects (named after
+/// their Gateway, labelled with it and as Weft's, controlled by it, a Deployment running
+/// as the Gateway's service account; before the write already controlled by it, so
+/// nothing is taken over) and the roots ConfigMap `weft-root-ca`, in no system namespace,
+/// and delete none of them.
 pub fn controller_writes_policy(
     ns: &str,
 ) -> (ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding) {
@@ -643,12 +645,25 @@ pub fn controller_writes_policy(
         resources: strings(resources),
         ..Default::default()
     };
+    // Controlled by the Gateway its name says (a waypoint's objects are named after
+    // their Gateway).
+    let controlled = |o: &str| {
+        format!(
+            "has({o}.metadata.ownerReferences) && {o}.metadata.ownerReferences.exists(r, \
+             r.kind == 'Gateway' && r.apiVersion.startsWith('gateway.networking.k8s.io/') && \
+             r.name == {o}.metadata.name && has(r.controller) && r.controller)"
+        )
+    };
+    // Weft's waypoint object, as `waypoints::desired` makes it.
     let owned = |o: &str| {
         format!(
             "has({o}.metadata.labels) && '{GATEWAY_NAME_LABEL}' in {o}.metadata.labels && \
-             has({o}.metadata.ownerReferences) && {o}.metadata.ownerReferences.exists(r, \
-             r.kind == 'Gateway' && r.apiVersion.startsWith('gateway.networking.k8s.io/') && \
-             has(r.controller) && r.controller)"
+             {o}.metadata.labels['{GATEWAY_NAME_LABEL}'] == {o}.metadata.name && \
+             'app.kubernetes.io/part-of' in {o}.metadata.labels && \
+             {o}.metadata.labels['app.kubernetes.io/part-of'] == 'weft' && {} && \
+             (request.resource.resource != 'deployments' || \
+             {o}.spec.template.spec.serviceAccountName == {o}.metadata.name)",
+            controlled(o)
         )
     };
     let policy = ValidatingAdmissionPolicy {
@@ -671,11 +686,13 @@ pub fn controller_writes_policy(
             }]),
             validations: Some(vec![Validation {
                 expression: format!(
-                    "request.operation != 'DELETE' && (request.resource.resource == 'configmaps' \
+                    "request.operation != 'DELETE' && \
+                     !(request.namespace in ['kube-system', 'kube-public', 'kube-node-lease']) && \
+                     (request.resource.resource == 'configmaps' \
                      ? object.metadata.name == '{ROOTS_CONFIGMAP}' \
                      : {} && (oldObject == null || {}))",
                     owned("object"),
-                    owned("oldObject")
+                    controlled("oldObject")
                 ),
                 message_expression: Some(format!(
                     "'{CONTROLLER} writes only the objects of a waypoint (labelled {GATEWAY_NAME_LABEL} \

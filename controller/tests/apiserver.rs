@@ -398,6 +398,47 @@ fn the_controllers_cluster_wide_writes_are_limited_to_waypoints() {
         verdict(controller, "UPDATE", service, &theirs).is_some(),
         "an object the Gateway did not control before is not taken over"
     );
+    // Another implementation's Gateway objects (its label, no part-of weft), an object
+    // owned by a Gateway of another name, a Deployment running as another service
+    // account, anything in kube-system: refused, even with a forged owner.
+    let deployment = objects
+        .iter()
+        .find(|(k, _)| *k == "Deployment")
+        .unwrap()
+        .1
+        .clone();
+    let mut theirs = deployment.clone();
+    theirs["metadata"]["labels"]["app.kubernetes.io/part-of"] = Value::from("istio");
+    assert!(
+        verdict(controller, "UPDATE", &theirs, &theirs).is_some(),
+        "another implementation's"
+    );
+    let mut renamed = deployment.clone();
+    renamed["metadata"]["ownerReferences"][0]["name"] = Value::from("other-gateway");
+    assert!(
+        verdict(controller, "CREATE", &renamed, &Value::Null).is_some(),
+        "owner of another name"
+    );
+    let mut escalated = deployment.clone();
+    escalated["spec"]["template"]["spec"]["serviceAccountName"] = Value::from("cluster-admin-sa");
+    assert!(
+        verdict(controller, "CREATE", &escalated, &Value::Null).is_some(),
+        "another service account"
+    );
+    let mut system = deployment.clone();
+    system["metadata"]["namespace"] = Value::from("kube-system");
+    assert!(
+        verdict(controller, "CREATE", &system, &Value::Null).is_some(),
+        "kube-system"
+    );
+    // A waypoint object whose labels someone removed is still repaired.
+    let mut unlabelled = deployment.clone();
+    unlabelled["metadata"]["labels"] = serde_json::json!({});
+    assert_eq!(
+        verdict(controller, "UPDATE", &deployment, &unlabelled),
+        None,
+        "repaired"
+    );
     // Anyone else is not this policy's business.
     assert_eq!(verdict("alice", "UPDATE", &coredns, &coredns), None);
 }
