@@ -285,7 +285,9 @@ pub fn desired_with(
     let budget = PodDisruptionBudget {
         metadata: meta(&name),
         spec: Some(PodDisruptionBudgetSpec {
-            min_available: Some(IntOrString::Int(1)),
+            // One pod at a time: with two or more, one keeps serving; with one
+            // (WaypointParameters `replicas: 1`), a drain may still evict it.
+            max_unavailable: Some(IntOrString::Int(1)),
             selector: Some(LabelSelector {
                 match_labels: Some(selector.clone()),
                 ..Default::default()
@@ -932,7 +934,8 @@ mod tests {
         // Two replicas spread over nodes, one kept through voluntary disruptions.
         assert_eq!(d["spec"]["replicas"], 2);
         let pdb = by("PodDisruptionBudget");
-        assert_eq!(pdb["spec"]["minAvailable"], 1);
+        assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+        assert!(pdb["spec"]["minAvailable"].is_null(), "a drain can evict a lone pod");
         assert_eq!(
             pdb["spec"]["selector"]["matchLabels"][GATEWAY_NAME_LABEL],
             "wp"
