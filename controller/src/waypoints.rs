@@ -935,7 +935,10 @@ mod tests {
         assert_eq!(d["spec"]["replicas"], 2);
         let pdb = by("PodDisruptionBudget");
         assert_eq!(pdb["spec"]["maxUnavailable"], 1);
-        assert!(pdb["spec"]["minAvailable"].is_null(), "a drain can evict a lone pod");
+        assert!(
+            pdb["spec"]["minAvailable"].is_null(),
+            "a drain can evict a lone pod"
+        );
         assert_eq!(
             pdb["spec"]["selector"]["matchLabels"][GATEWAY_NAME_LABEL],
             "wp"

@@ -136,6 +136,10 @@ fn read(path: &PathBuf) -> Result<String, ControllerError> {
 
 /// A lazily connected channel to the controller over TLS.
 pub fn channel(config: &ControllerConfig) -> Channel {
+    // Time for every replica to be tried in turn.
+    let replicas = u32::try_from(config.addr.split(',').count())
+        .unwrap_or(1)
+        .max(1);
     let config = config.clone();
     // The replica to try first: the last one connected to.
     let next = Arc::new(AtomicUsize::new(0));
@@ -160,22 +164,20 @@ pub fn channel(config: &ControllerConfig) -> Channel {
             tls.alpn_protocols = vec![b"h2".to_vec()];
             let name = rustls_pki_types::ServerName::try_from(config.server_name.clone())
                 .map_err(ControllerError::transport)?;
-            let tcp = connect_any(&config.addr, &next).await?;
-            let _ = tcp.set_nodelay(true);
-            let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-                .connect(name, tcp)
-                .await
-                .map_err(|e| {
-                    ControllerError::Transport(format!(
-                        "TLS with {} ({}) failed: {e}",
-                        config.addr, config.server_name
-                    ))
-                })?;
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+            let stream = connect_any(&config.addr, &next, |tcp| {
+                let (connector, name) = (connector.clone(), name.clone());
+                async move {
+                    let _ = tcp.set_nodelay(true);
+                    connector.connect(name, tcp).await
+                }
+            })
+            .await?;
             Ok::<_, ControllerError>(hyper_util::rt::TokioIo::new(stream))
         }
     });
     Endpoint::from_static("http://weft-controller")
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(CONNECT_EACH * replicas + Duration::from_secs(1))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true)
@@ -187,12 +189,17 @@ pub fn channel(config: &ControllerConfig) -> Channel {
 const CONNECT_EACH: Duration = Duration::from_secs(2);
 
 /// Connects to one of `addrs` (`host:port`, comma-separated: the controller's replicas,
-/// or one name a Service balances), starting with the one that answered last and going
-/// round the others when it does not.
-async fn connect_any(
+/// or one name a Service balances) and completes `handshake` (TLS) with it, each within
+/// [`CONNECT_EACH`], starting with the one that answered last and going round the
+/// others when it does not; after a round of failures the next try starts one further.
+async fn connect_any<S, F>(
     addrs: &str,
     next: &AtomicUsize,
-) -> Result<tokio::net::TcpStream, ControllerError> {
+    handshake: impl Fn(tokio::net::TcpStream) -> F,
+) -> Result<S, ControllerError>
+where
+    F: std::future::Future<Output = std::io::Result<S>>,
+{
     let list: Vec<&str> = addrs
         .split(',')
         .map(str::trim)
@@ -207,8 +214,14 @@ async fn connect_any(
     let mut errors = Vec::new();
     for i in 0..list.len() {
         let at = (first + i) % list.len();
-        match tokio::time::timeout(CONNECT_EACH, tokio::net::TcpStream::connect(list[at])).await {
-            Ok(Ok(tcp)) => {
+        let attempt = async {
+            let tcp = tokio::net::TcpStream::connect(list[at])
+                .await
+                .map_err(|e| format!("cannot connect: {e}"))?;
+            handshake(tcp).await.map_err(|e| format!("TLS failed: {e}"))
+        };
+        match tokio::time::timeout(CONNECT_EACH, attempt).await {
+            Ok(Ok(stream)) => {
                 if at != first {
                     info!(
                         controller = list[at],
@@ -216,12 +229,13 @@ async fn connect_any(
                     );
                 }
                 next.store(at, Ordering::Relaxed);
-                return Ok(tcp);
+                return Ok(stream);
             }
             Ok(Err(e)) => errors.push(format!("{}: {e}", list[at])),
             Err(_) => errors.push(format!("{}: no answer in {CONNECT_EACH:?}", list[at])),
         }
     }
+    next.store(first + 1, Ordering::Relaxed);
     Err(ControllerError::Transport(format!(
         "cannot connect to the controller ({})",
         errors.join("; ")
@@ -596,5 +610,79 @@ pub async fn wait_for<T>(
         {
             return ok(&model.load());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A handshake: send a byte, wait for one back (a replica that accepts connections
+    /// but never answers fails it).
+    async fn ping(mut tcp: tokio::net::TcpStream) -> std::io::Result<tokio::net::TcpStream> {
+        tcp.write_all(b"?").await?;
+        let mut byte = [0u8; 1];
+        tcp.read_exact(&mut byte).await?;
+        Ok(tcp)
+    }
+
+    /// A replica that accepts but never completes the handshake is passed over for the
+    /// next one, which is then tried first; a refused one likewise.
+    #[tokio::test]
+    async fn a_replica_that_does_not_answer_is_passed_over_and_the_next_remembered() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let refused = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let silent_addr = silent.local_addr().expect("addr");
+        let good_addr = good.local_addr().expect("addr");
+        let silent_accepts = Arc::new(AtomicUsize::new(0));
+        let counted = silent_accepts.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = silent.accept().await {
+                counted.fetch_add(1, Ordering::Relaxed);
+                held.push(s);
+            }
+        });
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = good.accept().await {
+                tokio::spawn(async move {
+                    let mut byte = [0u8; 1];
+                    if s.read_exact(&mut byte).await.is_ok() {
+                        let _ = s.write_all(b"!").await;
+                    }
+                    let _ = s.read(&mut byte).await;
+                });
+            }
+        });
+        let addrs = format!("{silent_addr},{refused},{good_addr}");
+        let next = AtomicUsize::new(0);
+        let stream = connect_any(&addrs, &next, ping).await.expect("connected");
+        assert_eq!(stream.peer_addr().expect("peer"), good_addr);
+        assert_eq!(
+            next.load(Ordering::Relaxed),
+            2,
+            "the good one is tried first next"
+        );
+        let before = silent_accepts.load(Ordering::Relaxed);
+        connect_any(&addrs, &next, ping).await.expect("connected");
+        assert_eq!(
+            silent_accepts.load(Ordering::Relaxed),
+            before,
+            "straight to the good one"
+        );
+        // None answers: the next round starts one further on.
+        let none = format!("{silent_addr},{refused}");
+        let next = AtomicUsize::new(0);
+        assert!(connect_any(&none, &next, ping).await.is_err());
+        assert_eq!(next.load(Ordering::Relaxed), 1);
     }
 }
