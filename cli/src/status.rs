@@ -30,8 +30,10 @@ const EXPIRY_WARNING: Duration = Duration::from_secs(60 * 60);
 /// Where to read: the controller's admin endpoint and each node's node-proxy's.
 #[derive(Debug, Clone)]
 pub struct Targets {
-    /// The controller's admin endpoint.
+    /// The controller's admin endpoint (its first replica).
     pub controller: SocketAddr,
+    /// Its other replicas' admin endpoints.
+    pub replicas: Vec<SocketAddr>,
     /// (node, node-proxy admin endpoint).
     pub nodes: Vec<(String, SocketAddr)>,
 }
@@ -46,6 +48,7 @@ impl Targets {
             .with_context(|| format!("cannot read {}", path.display()))?;
         Ok(Targets {
             controller: state.controller.admin,
+            replicas: state.replicas.iter().map(|r| r.admin).collect(),
             nodes: state.nodes.into_iter().map(|n| (n.name, n.admin)).collect(),
         })
     }
@@ -192,9 +195,27 @@ fn string(v: &Value, key: &str) -> Option<String> {
 
 /// Reads the controller and every node-proxy, all at once.
 pub async fn gather(targets: &Targets) -> Report {
+    // Every replica: the one shown is the one leading, else the first that answers.
     let controller = async {
-        let read = get_json(targets.controller, "/debug/status").await;
-        ControllerStatus::from_read(targets.controller, read.as_ref())
+        let all: Vec<SocketAddr> = std::iter::once(targets.controller)
+            .chain(targets.replicas.iter().copied())
+            .collect();
+        let reads =
+            futures::future::join_all(all.iter().map(|a| get_json(*a, "/debug/status"))).await;
+        let shown = reads
+            .iter()
+            .position(|r| r.as_ref().is_ok_and(|v| v["leading"] == true))
+            .or_else(|| reads.iter().position(Result::is_ok))
+            .unwrap_or(0);
+        let replicas: Vec<(Option<String>, Option<u64>)> = reads
+            .iter()
+            .flatten()
+            .map(|v| (string(v, "epoch"), v["modelVersion"].as_u64()))
+            .collect();
+        (
+            ControllerStatus::from_read(all[shown], reads[shown].as_ref()),
+            replicas,
+        )
     };
     let nodes = futures::future::join_all(targets.nodes.iter().map(|(node, addr)| async move {
         let mut status = NodeStatus::unknown(node.clone(), *addr);
@@ -215,7 +236,18 @@ pub async fn gather(targets: &Targets) -> Report {
         }
         status
     }));
-    let (controller, nodes) = futures::join!(controller, nodes);
+    let ((controller, replicas), mut nodes) = futures::join!(controller, nodes);
+    // A node-proxy current with the replica it is subscribed to (its epoch) is as
+    // current as the replica shown (each replica numbers its own models).
+    for n in &mut nodes {
+        let current = replicas.iter().any(|(epoch, version)| {
+            n.epoch.is_some() && *epoch == n.epoch && *version == Some(n.model_version)
+        });
+        if current && n.model_version > 0 {
+            n.epoch = controller.epoch.clone();
+            n.model_version = controller.model_version.unwrap_or(0);
+        }
+    }
     Report { controller, nodes }
 }
 

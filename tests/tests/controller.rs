@@ -274,6 +274,19 @@ fn a_controller_replica_killed_under_load_fails_no_request() {
         "the new leader writes the route's status: {:?}",
         std::fs::read_to_string(&status_file)
     );
+    // `weftctl check` reads every replica: node-proxies on the second are in sync.
+    let checked = eventually(Duration::from_secs(10), || {
+        let out = std::process::Command::new(weftctl().unwrap())
+            .args(["check", "--local", &sb.name, "--state-dir"])
+            .arg(&sb.state_dir)
+            .output()
+            .ok()?;
+        out.status.success().then_some(())
+    });
+    assert!(
+        checked.is_some(),
+        "weftctl check is clean with the first replica down"
+    );
     std::thread::sleep(Duration::from_secs(2));
     sb.run_local(&["controller", "start"]).unwrap();
     let back = eventually(Duration::from_secs(30), || {

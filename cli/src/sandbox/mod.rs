@@ -1602,10 +1602,12 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
             opts.name
         );
     }
+    // Statuses and the Lease start afresh, as the objects do.
     let dirs = [
         state_dir.join("logs"),
         state_dir.join("cluster"),
         state_dir.join("tokens"),
+        state_dir.join("status"),
     ];
     for d in &dirs {
         let _ = std::fs::remove_dir_all(d);
