@@ -824,10 +824,35 @@ fn route(objects: &Objects, input: RouteInput<'_>, out: &mut Translation) {
                 .unwrap_or_else(|| name.namespace.clone()),
             &p.name,
         );
-        let port = p.port.unwrap_or(0);
-        let problem = match objects.services.get(&service) {
-            None => Some(format!("there is no Service {service}")),
-            Some(s)
+        let mut port = p.port.unwrap_or(0);
+        let service_ports = objects
+            .services
+            .get(&service)
+            .and_then(|s| s.value.spec.as_ref())
+            .and_then(|sp| sp.ports.clone())
+            .unwrap_or_default();
+        // `sectionName` names one of the Service's ports: the route applies to it only.
+        let section = p.section_name.as_ref().map(|section| {
+            match service_ports
+                .iter()
+                .find(|sp| sp.name.as_deref() == Some(section.as_str()))
+            {
+                None => Err(format!("Service {service} has no port named {section:?}")),
+                Some(sp) if port != 0 && sp.port != port => Err(format!(
+                    "Service {service}'s port {section:?} is {}, not the parentRef's port {port}",
+                    sp.port
+                )),
+                Some(sp) => Ok(sp.port),
+            }
+        });
+        let problem = match (objects.services.get(&service), section) {
+            (None, _) => Some(format!("there is no Service {service}")),
+            (Some(_), Some(Err(why))) => Some(why),
+            (Some(_), Some(Ok(section_port))) => {
+                port = section_port;
+                None
+            }
+            (Some(s), None)
                 if port != 0
                     && !s
                         .value
@@ -838,7 +863,7 @@ fn route(objects: &Objects, input: RouteInput<'_>, out: &mut Translation) {
             {
                 Some(format!("Service {service} has no port {port}"))
             }
-            Some(_) => None,
+            (Some(_), None) => None,
         };
         if let Some(why) = &problem {
             check.problems.push(Problem {
