@@ -665,10 +665,15 @@ fn matched_prefix(rule: &proto::RouteRule) -> Option<&str> {
     })
 }
 
-fn redirect(
-    req: &Request<Incoming>,
+/// The answer of a `RequestRedirect` to a request addressed to the Service's
+/// `listener_port` (the mesh's listener port). With no port given, the redirect keeps
+/// that port, unless it changes the scheme, which takes the scheme's own port (80, 443);
+/// the port is left out of `Location` where it is the scheme's.
+fn redirect<B>(
+    req: &Request<B>,
     r: &proto::Redirect,
     rule: &proto::RouteRule,
+    listener_port: u16,
 ) -> Response<Body> {
     let scheme = if r.scheme.is_empty() {
         "http"
@@ -686,15 +691,18 @@ fn redirect(
     } else {
         &r.hostname
     };
-    let port = match r.port {
-        0 => host_header
-            .rsplit_once(':')
-            .map(|(_, p)| format!(":{p}"))
-            .filter(|_| r.hostname.is_empty() && r.scheme.is_empty())
-            .unwrap_or_default(),
-        80 if scheme == "http" => String::new(),
-        443 if scheme == "https" => String::new(),
-        p => format!(":{p}"),
+    let port = match u16::try_from(r.port).unwrap_or(0) {
+        0 if r.scheme.is_empty() => listener_port,
+        0 => match scheme {
+            "http" => 80,
+            "https" => 443,
+            _ => listener_port,
+        },
+        p => p,
+    };
+    let port = match (scheme, port) {
+        ("http", 80) | ("https", 443) => String::new(),
+        (_, p) => format!(":{p}"),
     };
     let path = match &r.path {
         Some(m) => modified_path(req.uri().path(), m, matched_prefix(rule)),
@@ -795,7 +803,7 @@ async fn route(
     let mut mirrors = Vec::new();
     for f in rule.filters.iter().filter_map(|f| f.filter.as_ref()) {
         match f {
-            Filter::RequestRedirect(r) => return redirect(&req, r, rule),
+            Filter::RequestRedirect(r) => return redirect(&req, r, rule, conn.port),
             Filter::RequestHeaderModifier(m) => modify_headers(req.headers_mut(), m),
             Filter::ResponseHeaderModifier(m) => response_modifiers.push(m.clone()),
             Filter::UrlRewrite(rw) => {
@@ -1179,6 +1187,48 @@ fn mirror(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A redirect keeps the port the client addressed unless it says otherwise: a
+    /// hostname alone keeps 8080; a scheme change takes the scheme's port; a port given
+    /// wins; the scheme's own port is left out.
+    #[test]
+    fn a_redirect_keeps_the_listener_port_unless_told() {
+        let req = Request::builder()
+            .uri("/a/b?x=1")
+            .header(header::HOST, "echo.shop:8080")
+            .body(())
+            .expect("a request");
+        let location = |r: proto::Redirect, listener: u16| {
+            let resp = redirect(&req, &r, &proto::RouteRule::default(), listener);
+            resp.headers()[header::LOCATION]
+                .to_str()
+                .expect("ascii")
+                .to_owned()
+        };
+        let host = |h: &str| proto::Redirect {
+            hostname: h.into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            location(host("example.org"), 8080),
+            "http://example.org:8080/a/b?x=1"
+        );
+        assert_eq!(
+            location(host("example.org"), 80),
+            "http://example.org/a/b?x=1"
+        );
+        assert_eq!(location(host(""), 8080), "http://echo.shop:8080/a/b?x=1");
+        let https = proto::Redirect {
+            scheme: "https".into(),
+            ..Default::default()
+        };
+        assert_eq!(location(https.clone(), 8080), "https://echo.shop/a/b?x=1");
+        let port = proto::Redirect {
+            port: 9443,
+            ..https
+        };
+        assert_eq!(location(port, 8080), "https://echo.shop:9443/a/b?x=1");
+    }
 
     #[test]
     fn http_is_told_from_other_protocols_by_its_first_bytes() {
