@@ -929,3 +929,48 @@ impl Drop for RemoveOnDrop {
         let _ = std::fs::remove_file(&self.0);
     }
 }
+
+/// Two waypoints in one sandbox, as two Gateways in a namespace, on two nodes (so started
+/// in the same round): each gets its own admin port, both run, and each serves the
+/// service that names it.
+#[test]
+#[ignore = "needs root"]
+fn two_waypoints_in_one_sandbox_each_serve_their_service() {
+    let manifests = TempManifests::copy(&repo_root().join("examples/demo")).unwrap();
+    manifests
+        .write(
+            "50-second-waypoint.yaml",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: second\n  namespace: demo\n  annotations: {sandbox.weft.dev/node: node-2}\n\
+             spec:\n  gatewayClassName: weft-waypoint\n  listeners:\n    - {name: mesh, port: 15008, protocol: HBONE}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata:\n  name: echo-second\n  namespace: demo\n  labels:\n    weft.dev/use-waypoint: second\n\
+             spec:\n  selector: {app: echo, version: v1}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n",
+        )
+        .unwrap();
+    let sb = Sandbox::up("e2e-two-wp", manifests.path()).unwrap();
+    let admins: Vec<String> = sb.state["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["admin"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        admins.len(),
+        2,
+        "two waypoint pods with admin ports: {admins:?}"
+    );
+    assert_ne!(admins[0], admins[1], "each its own");
+    let served = eventually(Duration::from_secs(30), || {
+        let (code, body) = sb.curl("demo/client", "http://echo-second/").ok()?;
+        (code == 0 && !body.is_empty()).then_some(())
+    });
+    assert!(served.is_some(), "the second waypoint's service answers");
+    let through = eventually(Duration::from_secs(10), || {
+        let m = sb.waypoint_metrics("demo/second-0").ok()?;
+        (metric_sum(&m, "weft_requests_total", &[("response_code", "200")]) >= 1.0).then_some(())
+    });
+    assert!(through.is_some(), "through the second waypoint");
+    assert!(
+        sb.waypoint_metrics("demo/waypoint-0").is_ok(),
+        "the first still runs"
+    );
+}

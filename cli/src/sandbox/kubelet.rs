@@ -751,7 +751,8 @@ pub struct Launch {
     /// The controller's token directory.
     pub tokens: PathBuf,
     /// Admin addresses free for waypoint pods.
-    pub waypoint_admin_ports: Vec<std::net::SocketAddr>,
+    /// (Taken from as each waypoint starts, so two started in one round differ.)
+    pub waypoint_admin_ports: std::sync::Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>,
     /// Where waypoints export spans.
     pub otlp_endpoint: Option<String>,
 }
@@ -775,12 +776,19 @@ fn waypoint_command(
         .join(format!("{sa}{}", controller::auth::TOKEN_SUFFIX));
     let admin = match pod.state.admin {
         Some(a) => a,
-        None => *launch.waypoint_admin_ports.first().with_context(|| {
-            format!(
-                "waypoint {gateway}: the sandbox runs at most {} waypoints",
-                super::MAX_WAYPOINTS
-            )
-        })?,
+        None => {
+            let mut free = launch
+                .waypoint_admin_ports
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if free.is_empty() {
+                anyhow::bail!(
+                    "waypoint {gateway}: the sandbox runs at most {} waypoints",
+                    super::MAX_WAYPOINTS
+                );
+            }
+            free.remove(0)
+        }
     };
     pod.state.admin = Some(admin);
     let ip = pod.state.ip.context("a waypoint pod without an address")?;

@@ -621,11 +621,13 @@ impl Sandbox {
             controller_ca: self.ca_dir.join(controller::ca::ROOT_CERT),
             tokens: self.tokens_dir.clone(),
             otlp_endpoint: self.opts.otlp_endpoint.clone(),
-            waypoint_admin_ports: (self.opts.admin_base_port + WAYPOINT_ADMIN_OFFSET
-                ..self.opts.admin_base_port + WAYPOINT_ADMIN_OFFSET + MAX_WAYPOINTS)
-                .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
-                .filter(|a| !self.pods.values().any(|p| p.state.admin == Some(*a)))
-                .collect(),
+            waypoint_admin_ports: std::sync::Arc::new(std::sync::Mutex::new(
+                (self.opts.admin_base_port + WAYPOINT_ADMIN_OFFSET
+                    ..self.opts.admin_base_port + WAYPOINT_ADMIN_OFFSET + MAX_WAYPOINTS)
+                    .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+                    .filter(|a| !self.pods.values().any(|p| p.state.admin == Some(*a)))
+                    .collect(),
+            )),
         }
     }
 
