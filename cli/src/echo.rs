@@ -1,12 +1,16 @@
 //! `weftctl echo`: the sandbox's demo application.
 //!
-//! An HTTP/1.1 server that answers every request with who served it (pod, namespace,
-//! version) and what it saw (peer address, method, path, headers), after an injected
-//! latency and with an injected, deterministic failure rate. Tests and benchmarks read its
-//! JSON bodies and grep its one-line-per-request stdout log.
+//! An HTTP/1.1 and HTTP/2 (h2c, prior knowledge) server that answers every request with
+//! who served it (pod, namespace, version) and what it saw (peer address, method, path,
+//! headers), after an injected latency and with an injected, deterministic failure rate.
+//! Tests and benchmarks read its JSON bodies and grep its one-line-per-request stdout log.
+//!
+//! A request may also ask for itself ([`CONTROLS`]): a delay, a status, a status for its
+//! first N tries (by request id, as retries repeat it), extra response headers; so users
+//! and tests can exercise retries, timeouts and header filters with Weft's own app.
 //!
 //! ```text
-//! accept (bounded) -> http1 connection (keep-alive) -> handle: sleep latency -> 200 | 503
+//! accept (bounded) -> HTTP/1.1 or h2c connection -> handle: controls, latency -> status
 //!                                     ^ shutdown: graceful_shutdown, in-flight requests finish
 //! ```
 
@@ -22,9 +26,9 @@ use bytes::Bytes;
 use http::{header, HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -52,11 +56,115 @@ pub struct EchoConfig {
     pub fail_flag: Option<std::path::PathBuf>,
 }
 
+/// The request headers a request controls its answer with.
+pub const CONTROLS: [(&str, &str); 5] = [
+    ("x-echo-delay", "wait this long before answering (e.g. 250ms, 2s)"),
+    ("x-echo-status", "answer with this status (100 to 599)"),
+    (
+        "x-echo-fail-first",
+        "answer the first N tries of this request id (x-echo-request-id) with x-echo-status, or 503",
+    ),
+    ("x-echo-request-id", "the id tries of one request share"),
+    (
+        "x-echo-response-header",
+        "add this header (`name: value`) to the answer; repeatable",
+    ),
+];
+
+/// Request ids whose tries are counted at once; the oldest is forgotten past it.
+const MAX_TRACKED_IDS: usize = 10_000;
+
 /// Shared by all connections of one server.
 struct Echo {
     config: EchoConfig,
     /// Requests counted so far (not `/healthz`), which decides the ones that fail.
     requests: AtomicU64,
+    /// Tries seen per request id (`x-echo-request-id`), oldest first.
+    tries: std::sync::Mutex<(BTreeMap<String, u64>, std::collections::VecDeque<String>)>,
+}
+
+impl Echo {
+    fn new(config: EchoConfig) -> Self {
+        Echo {
+            config,
+            requests: AtomicU64::new(0),
+            tries: std::sync::Mutex::new(Default::default()),
+        }
+    }
+
+    /// This try's number (from 1) of request `id`.
+    fn try_of(&self, id: &str) -> u64 {
+        let mut guard = self
+            .tries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (counts, order) = &mut *guard;
+        if !counts.contains_key(id) {
+            if order.len() >= MAX_TRACKED_IDS {
+                if let Some(oldest) = order.pop_front() {
+                    counts.remove(&oldest);
+                }
+            }
+            order.push_back(id.to_owned());
+        }
+        let n = counts.entry(id.to_owned()).or_insert(0);
+        *n += 1;
+        *n
+    }
+}
+
+/// What a request asked for with [`CONTROLS`], or why it cannot be had.
+#[derive(Debug, Default, PartialEq)]
+struct Controls {
+    delay: Option<Duration>,
+    status: Option<StatusCode>,
+    fail_first: Option<(u64, String)>,
+    headers: Vec<(header::HeaderName, header::HeaderValue)>,
+}
+
+fn controls(headers: &HeaderMap) -> Result<Controls, String> {
+    let text = |name: &str| -> Result<Option<&str>, String> {
+        headers
+            .get(name)
+            .map(|v| v.to_str().map_err(|_| format!("{name} is not text")))
+            .transpose()
+    };
+    let mut out = Controls::default();
+    if let Some(d) = text("x-echo-delay")? {
+        let d =
+            controller::parse_duration(d.trim()).map_err(|e| format!("x-echo-delay {d:?}: {e}"))?;
+        out.delay = Some(d.min(Duration::from_secs(60)));
+    }
+    if let Some(s) = text("x-echo-status")? {
+        let code = s
+            .trim()
+            .parse::<u16>()
+            .ok()
+            .and_then(|c| StatusCode::from_u16(c).ok());
+        out.status = Some(code.ok_or_else(|| format!("x-echo-status {s:?} is not a status"))?);
+    }
+    if let Some(n) = text("x-echo-fail-first")? {
+        let n = n
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| format!("x-echo-fail-first {n:?} is not a count"))?;
+        let id = text("x-echo-request-id")?.ok_or("x-echo-fail-first needs x-echo-request-id")?;
+        out.fail_first = Some((n, id.to_owned()));
+    }
+    for v in headers.get_all("x-echo-response-header") {
+        let v = v
+            .to_str()
+            .map_err(|_| "x-echo-response-header is not text".to_owned())?;
+        let (name, value) = v
+            .split_once(':')
+            .ok_or_else(|| format!("x-echo-response-header {v:?} is not `name: value`"))?;
+        let name = header::HeaderName::try_from(name.trim())
+            .map_err(|_| format!("x-echo-response-header: {name:?} is not a header name"))?;
+        let value = header::HeaderValue::try_from(value.trim())
+            .map_err(|_| format!("x-echo-response-header: {value:?} is not a header value"))?;
+        out.headers.push((name, value));
+    }
+    Ok(out)
 }
 
 /// Serves echo requests on `listener` until `shutdown` is cancelled.
@@ -69,11 +177,7 @@ pub async fn serve(
     config: EchoConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let echo = Arc::new(Echo {
-        config,
-        requests: AtomicU64::new(0),
-    });
-    serve_shared(listener, echo, shutdown).await
+    serve_shared(listener, Arc::new(Echo::new(config)), shutdown).await
 }
 
 async fn serve_shared(
@@ -100,10 +204,9 @@ async fn serve_shared(
             async move {
                 let _permit = permit;
                 let service = service_fn(move |req| handle(echo.clone(), peer, req));
-                let conn = http1::Builder::new()
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .with_upgrades();
+                // HTTP/1.1 (keep-alive, upgrades) or h2c by its preface.
+                let builder = auto::Builder::new(TokioExecutor::new());
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                 let mut conn = std::pin::pin!(conn);
                 let result = tokio::select! {
                     result = conn.as_mut() => result,
@@ -137,20 +240,38 @@ async fn handle(
         log_request(&config.pod, peer, &method, &path, response.status());
         return Ok(response);
     }
-    let (status, content_type, body) = if path == "/healthz" {
-        (StatusCode::OK, "text/plain", Bytes::from_static(b"ok"))
+    let (status, content_type, body, extra) = if path == "/healthz" {
+        (
+            StatusCode::OK,
+            "text/plain",
+            Bytes::from_static(b"ok"),
+            Vec::new(),
+        )
     } else {
         let n = echo.requests.fetch_add(1, Ordering::Relaxed);
         let headers = headers_json(req.headers());
+        let asked = controls(req.headers());
         // Read the body to its end so the connection can be kept alive.
         let mut body = req.into_body();
         while let Some(Ok(_)) = body.frame().await {}
-        tokio::time::sleep(config.latency).await;
+        let asked = match asked {
+            Ok(a) => a,
+            Err(why) => {
+                log_request(&config.pod, peer, &method, &path, StatusCode::BAD_REQUEST);
+                let mut r = Response::new(Full::new(Bytes::from(format!("{why}\n"))));
+                *r.status_mut() = StatusCode::BAD_REQUEST;
+                return Ok(r);
+            }
+        };
+        tokio::time::sleep(asked.delay.unwrap_or(config.latency)).await;
         let flagged = config.fail_flag.as_ref().is_some_and(|f| f.exists());
-        let status = if flagged || fails(n, config.failure_rate) {
-            StatusCode::SERVICE_UNAVAILABLE
-        } else {
-            StatusCode::OK
+        let status = match &asked.fail_first {
+            Some((first, id)) => match echo.try_of(id) <= *first {
+                true => asked.status.unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                false => StatusCode::OK,
+            },
+            None if flagged || fails(n, config.failure_rate) => StatusCode::SERVICE_UNAVAILABLE,
+            None => asked.status.unwrap_or(StatusCode::OK),
         };
         let body = serde_json::json!({
             "pod": config.pod,
@@ -161,7 +282,12 @@ async fn handle(
             "path": path,
             "headers": headers,
         });
-        (status, "application/json", Bytes::from(body.to_string()))
+        (
+            status,
+            "application/json",
+            Bytes::from(body.to_string()),
+            asked.headers,
+        )
     };
     log_request(&config.pod, peer, &method, &path, status);
     let mut response = Response::new(Full::new(body));
@@ -170,6 +296,9 @@ async fn handle(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static(content_type),
     );
+    for (name, value) in extra {
+        response.headers_mut().append(name, value);
+    }
     Ok(response)
 }
 
@@ -298,10 +427,7 @@ mod tests {
     async fn start(config: EchoConfig) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let echo = Arc::new(Echo {
-            config,
-            requests: AtomicU64::new(0),
-        });
+        let echo = Arc::new(Echo::new(config));
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(serve_shared(listener, echo.clone(), shutdown.clone()));
         Server {
@@ -452,5 +578,109 @@ mod tests {
         };
         late.await.unwrap_err();
         TcpStream::connect(server.addr).await.unwrap_err();
+    }
+
+    /// One request with `headers`: its status and response headers.
+    async fn ask(addr: SocketAddr, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap, String) {
+        let (mut sender, _) = connect(addr).await;
+        let mut req = get("/controlled");
+        for (k, v) in headers {
+            req.headers_mut().append(
+                header::HeaderName::try_from(*k).unwrap(),
+                header::HeaderValue::try_from(*v).unwrap(),
+            );
+        }
+        sender.ready().await.unwrap();
+        let response = sender.send_request(req).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    }
+
+    /// A request sets its own status, delay and extra headers; the first N tries of a
+    /// request id fail (with the status asked, else 503) and the next succeeds; a
+    /// control that cannot be had is answered 400 saying why.
+    #[tokio::test]
+    async fn a_request_controls_its_answer() {
+        let server = start(config(Duration::ZERO, 0.0)).await;
+        let (status, headers, _) = ask(
+            server.addr,
+            &[
+                ("x-echo-status", "418"),
+                ("x-echo-response-header", "x-a: 1"),
+                ("x-echo-response-header", "x-b: two words"),
+            ],
+        )
+        .await;
+        assert_eq!(status, StatusCode::IM_A_TEAPOT);
+        assert_eq!(headers["x-a"], "1");
+        assert_eq!(headers["x-b"], "two words");
+        let tries = |id: &'static str, asked: Option<&'static str>| {
+            let addr = server.addr;
+            async move {
+                let mut h = vec![("x-echo-fail-first", "2"), ("x-echo-request-id", id)];
+                if let Some(s) = asked {
+                    h.push(("x-echo-status", s));
+                }
+                let mut out = Vec::new();
+                for _ in 0..3 {
+                    out.push(ask(addr, &h).await.0.as_u16());
+                }
+                out
+            }
+        };
+        assert_eq!(tries("r1", None).await, [503, 503, 200]);
+        assert_eq!(
+            tries("r2", Some("429")).await,
+            [429, 429, 200],
+            "ids counted apart"
+        );
+        let start = Instant::now();
+        assert_eq!(
+            ask(server.addr, &[("x-echo-delay", "150ms")]).await.0,
+            StatusCode::OK
+        );
+        assert!(
+            start.elapsed() >= Duration::from_millis(150),
+            "the delay asked"
+        );
+        for bad in [
+            ("x-echo-status", "lots"),
+            ("x-echo-delay", "soon"),
+            ("x-echo-fail-first", "2"),
+            ("x-echo-response-header", "no colon"),
+        ] {
+            let (status, _, body) = ask(server.addr, &[bad]).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad:?}");
+            assert!(body.contains(bad.0), "{bad:?}: {body}");
+        }
+    }
+
+    /// The same server answers HTTP/2 with prior knowledge (h2c), as gRPC clients and
+    /// h2load --h2 speak it.
+    #[tokio::test]
+    async fn h2c_is_answered_beside_http1() {
+        let server = start(config(Duration::ZERO, 0.0)).await;
+        let stream = TcpStream::connect(server.addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .uri(format!("http://{}/h2", server.addr))
+            .header("x-echo-response-header", "x-over: h2")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(req).await.unwrap();
+        assert_eq!(response.version(), http::Version::HTTP_2);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["x-over"], "h2");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains(r#""path":"/h2""#));
     }
 }
