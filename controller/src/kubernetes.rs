@@ -1255,23 +1255,26 @@ fn rejection_event(desired: &DesiredStatus) -> Option<kube::runtime::events::Eve
     })
 }
 
+/// The `apiVersion` statuses are written at: Weft's kinds at theirs, the others at
+/// `v1` (served by every Gateway API release Weft supports).
+fn status_api_version(kind: ObjectKind) -> String {
+    let version = match kind.group() {
+        "weft.dev" => "v1alpha1",
+        _ => "v1",
+    };
+    match kind.group() {
+        "" => version.to_owned(),
+        group => format!("{group}/{version}"),
+    }
+}
+
 /// A reference to `object` (with its uid, so `kubectl describe` shows its events).
 pub fn object_reference(
     object: &ObjectRef,
     uid: &str,
 ) -> k8s_openapi::api::core::v1::ObjectReference {
-    let group = object.kind.group();
-    let version = match object.kind {
-        ObjectKind::AuthorizationPolicy
-        | ObjectKind::TrafficPolicy
-        | ObjectKind::WaypointParameters => "v1alpha1",
-        _ => "v1",
-    };
     k8s_openapi::api::core::v1::ObjectReference {
-        api_version: Some(match group {
-            "" => version.to_owned(),
-            g => format!("{g}/{version}"),
-        }),
+        api_version: Some(status_api_version(object.kind)),
         kind: Some(object.kind.kind().to_owned()),
         name: Some(object.name.clone()),
         namespace: object.namespace.clone(),
@@ -1357,12 +1360,7 @@ impl FileSink {
         let patch = status_patch(d, current.as_ref());
         let kind = d.object.kind;
         let document = serde_json::json!({
-            "apiVersion": match kind {
-                ObjectKind::AuthorizationPolicy
-                | ObjectKind::TrafficPolicy
-                | ObjectKind::WaypointParameters => format!("{}/v1alpha1", kind.group()),
-                _ => format!("{}/v1", kind.group()),
-            },
+            "apiVersion": status_api_version(kind),
             "kind": kind.kind(),
             "metadata": {
                 "name": d.object.name,
