@@ -323,6 +323,61 @@ fn routing_filters_and_l7_authorization() {
         )
         .unwrap();
     assert_eq!(run.status_2xx, 200, "{}", run.text);
+
+    // A consumer route (70-consumer.yaml): front's clients get v2 for every path, the
+    // producer's redirect and split included, from a backend in shop with no
+    // ReferenceGrant; shop's own client still gets the producer's routes; and shop's L7
+    // policy still applies to front's requests.
+    let front = |path: &str| {
+        let out = sb
+            .exec(
+                "front/client",
+                &[
+                    "curl",
+                    "-sS",
+                    "-i",
+                    "--max-time",
+                    "5",
+                    &format!("{ECHO}{path}"),
+                ],
+            )
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let code: u16 = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (code, text)
+    };
+    for path in ["/", "/old/page", "/api/items", "/nowhere"] {
+        for _ in 0..3 {
+            let (code, text) = front(path);
+            assert_eq!(
+                (code, version(&text).as_str()),
+                (200, "v2"),
+                "{path}: {text}"
+            );
+        }
+    }
+    let (code, text) = get(&sb, &format!("{ECHO}/old/page"), &[]);
+    assert_eq!(code, 301, "shop's client keeps the producer route: {text}");
+    let (code, text) = front("/admin/users");
+    assert_eq!(code, 403, "{text}");
+    let m = sb.waypoint_metrics(WAYPOINT).unwrap();
+    assert!(
+        metric_sum(
+            &m,
+            "weft_requests_total",
+            &[
+                ("source_namespace", "front"),
+                ("route", "front/echo-for-front"),
+                ("destination_workload", "echo-v2-0"),
+                ("response_code", "200")
+            ]
+        ) >= 12.0,
+        "{m}"
+    );
 }
 
 #[test]

@@ -628,17 +628,16 @@ impl Check<'_> {
         let group = b.group.as_deref().unwrap_or("");
         let backend_kind = b.kind.as_deref().unwrap_or("Service");
         let port = b.port.unwrap_or(0);
+        // Every route Weft serves is a mesh route (its parents are Services), and a mesh
+        // route may name a backend in any namespace without a ReferenceGrant (GEP-1294):
+        // the request reaches the backend's pods as the client that sent it (the
+        // waypoint names it on the HBONE stream), so the backend namespace's
+        // authorization policies still decide.
         let invalid = if !(group.is_empty() || group == "core") || backend_kind != "Service" {
             self.unresolved(
                 field.to_owned(),
                 "InvalidKind",
                 format!("{group}/{backend_kind} is not a kind Weft routes to; use a Service"),
-            )
-        } else if namespace != route_ns && !self.granted(route_ns, &namespace, &b.name, kind) {
-            self.unresolved(
-                format!("{field}.namespace"),
-                "RefNotPermitted",
-                format!("no ReferenceGrant in namespace {namespace} lets {}s of {route_ns} refer to Service {}", kind.kind(), b.name),
             )
         } else if !(1..=65535).contains(&port) {
             self.unresolved(
@@ -682,27 +681,6 @@ impl Check<'_> {
             invalid,
             filters,
         }
-    }
-
-    /// Whether a ReferenceGrant in `to_ns` allows routes of `from_ns` to name the
-    /// Service `name`.
-    fn granted(&self, from_ns: &str, to_ns: &str, name: &str, kind: ObjectKind) -> bool {
-        self.objects
-            .reference_grants
-            .iter()
-            .filter(|(n, _)| n.namespace == to_ns)
-            .any(|(_, g)| {
-                let spec = &g.value.spec;
-                spec.from.iter().any(|f| {
-                    f.group == "gateway.networking.k8s.io"
-                        && f.kind == kind.kind()
-                        && f.namespace == from_ns
-                }) && spec.to.iter().any(|t| {
-                    (t.group.is_empty() || t.group == "core")
-                        && t.kind == "Service"
-                        && t.name.as_deref().is_none_or(|n| n == name)
-                })
-            })
     }
 
     /// Most retries a rule may ask for; more only multiply an outage.
