@@ -142,6 +142,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         changed: changed_tx,
         identities: identities.clone(),
         metrics: config_metrics,
+        check: None,
     };
     // The admin endpoint first, on this process's own address: the kubelet's probes
     // reach this process, not the one it replaces.

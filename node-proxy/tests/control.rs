@@ -71,6 +71,15 @@ fn controller_config(c: &TestController, node: &str) -> ControllerConfig {
 }
 
 fn subscribe(c: &TestController, node: &str, model: Option<SharedModel>) -> Proxy {
+    subscribe_with(c, node, model, None)
+}
+
+fn subscribe_with(
+    c: &TestController,
+    node: &str,
+    model: Option<SharedModel>,
+    check: Option<config_client::Check>,
+) -> Proxy {
     let config = controller_config(c, node);
     let channel = config_client::channel(&config);
     let shutdown = CancellationToken::new();
@@ -91,6 +100,7 @@ fn subscribe(c: &TestController, node: &str, model: Option<SharedModel>) -> Prox
         changed: tx,
         identities,
         metrics: ConfigMetrics::default(),
+        check,
     };
     let task = tokio::spawn(subscription.run(shutdown.clone()));
     Proxy {
@@ -338,6 +348,48 @@ async fn a_resource_the_proxy_refuses_is_reported_and_the_rest_applies() {
         1
     );
     assert_eq!(s.acked_version, version);
+    p.stop().await;
+    c.stop().await;
+}
+
+/// A proxy's own check of a model (a waypoint compiling its routes) refuses what it
+/// cannot use in the ack, as a refusal of the model's would be: the controller counts
+/// it and shows it for that subscriber.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_proxys_own_check_refuses_reaches_the_controller_in_the_ack() {
+    let d = dir("checked");
+    let c = start_controller(&d).await;
+    let check: config_client::Check = Arc::new(|m: &Arc<Model>| {
+        m.workload("uid-b")
+            .map(|_| {
+                (
+                    api::Key::new(api::Kind::HttpRoute, "demo/broken"),
+                    "rules[0]: matches[0]: cannot be compiled".to_owned(),
+                )
+            })
+            .into_iter()
+            .collect()
+    });
+    let mut p = subscribe_with(&c, "node-1", None, Some(check));
+    p.until("the full state", |m| m.workload("uid-b").is_some())
+        .await;
+    let refused = async {
+        loop {
+            if let Some(s) = c.shared.subscribers().into_iter().find(|s| s.rejected > 0) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let s = tokio::time::timeout(Duration::from_secs(5), refused)
+        .await
+        .expect("the refusal reaches the controller");
+    let last = s.last_rejection.unwrap_or_default();
+    assert!(
+        last.contains("demo/broken") && last.contains("cannot be compiled"),
+        "{last}"
+    );
+    assert!(p.status.lock().unwrap().rejected[0].contains("demo/broken"));
     p.stop().await;
     c.stop().await;
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use api::proto::certificates_client::CertificatesClient;
 use api::proto::mesh_config_client::MeshConfigClient;
 use api::proto::{self, subscribe_request};
-use api::{Kind, Model};
+use api::{Key, Kind, Model};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -389,7 +389,13 @@ pub struct Subscription {
     pub identities: Arc<Identities>,
     /// Metrics.
     pub metrics: ConfigMetrics,
+    /// Run on each new model before it is acknowledged: what the proxy cannot use of
+    /// it (a waypoint's routes it cannot compile), reported in the ack as refusals.
+    pub check: Option<Check>,
 }
+
+/// A proxy's own check of a new model: the keys it cannot use, and why.
+pub type Check = Arc<dyn Fn(&Arc<Model>) -> Vec<(Key, String)> + Send + Sync>;
 
 const MAX_MESSAGE: usize = 256 * 1024 * 1024;
 
@@ -503,7 +509,7 @@ impl Subscription {
                 }
             }
         };
-        let ack = applied.ack();
+        let mut ack = applied.ack();
         let node = &self.config.node;
         let local_workloads = applied.changed.iter().any(|k| {
             k.kind == Kind::Workload
@@ -517,6 +523,16 @@ impl Subscription {
         let bundle_changed = applied.changed_kind(Kind::TrustBundle);
         let model = Arc::new(applied.model);
         self.model.store(model.clone());
+        let mut rejected = applied.rejected;
+        if let Some(check) = &self.check {
+            let refused = check(&model);
+            ack.rejected
+                .extend(refused.iter().map(|(key, reason)| proto::Rejection {
+                    key: Some(key.to_proto()),
+                    reason: reason.clone(),
+                }));
+            rejected.extend(refused);
+        }
         if bundle_changed {
             if let Some(b) = model.trust_bundle() {
                 let roots = b
@@ -546,7 +562,7 @@ impl Subscription {
         };
         crate::metrics::count(&self.metrics.updates, label);
         self.metrics.version.set(model.version() as i64);
-        for (key, reason) in &applied.rejected {
+        for (key, reason) in &rejected {
             crate::metrics::count(&self.metrics.rejected, key.kind.as_str());
             warn!(
                 version = model.version(),
@@ -562,11 +578,7 @@ impl Subscription {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or_default();
-            st.rejected = applied
-                .rejected
-                .iter()
-                .map(|(k, r)| format!("{k}: {r}"))
-                .collect();
+            st.rejected = rejected.iter().map(|(k, r)| format!("{k}: {r}")).collect();
         }
         debug!(
             version = model.version(),

@@ -27,6 +27,8 @@ pub mod prefixed;
 pub mod proxy;
 pub mod resilience;
 pub mod router;
+pub mod stages;
+pub mod target;
 pub mod trace;
 pub mod upstream;
 
@@ -139,14 +141,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let status = Arc::new(Mutex::new(ModelStatus::default()));
     let model = Arc::new(ArcSwap::from_pointee(api::Model::default()));
+    let compiled = Arc::new(ArcSwap::from_pointee(target::Compiled::default()));
     let controller = config
         .control
         .config(&config.node, Some(gateway.to_string()));
     let channel = config_client::channel(&controller);
     let ca = config_client::CaClient::new(controller.clone(), channel.clone());
     let identities = Identities::new(Arc::new(ca), shutdown.clone());
-    let (changed_tx, mut changed_rx) =
-        tokio::sync::watch::channel(config_client::Changed::default());
+    let (changed_tx, _) = tokio::sync::watch::channel(config_client::Changed::default());
     tokio::spawn(
         config_client::Subscription {
             config: controller,
@@ -156,6 +158,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             changed: changed_tx,
             identities: identities.clone(),
             metrics: config_metrics,
+            check: Some(proxy::compile_on_change(gateway.clone(), compiled.clone())),
         }
         .run(shutdown.clone()),
     );
@@ -209,8 +212,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     .context("cannot set up OTLP export")?;
     let wp = proxy::Waypoint::new(
         gateway.clone(),
-        config.trust_domain.clone(),
         model.clone(),
+        compiled,
         upstreams,
         metrics,
         tracing,
@@ -226,10 +229,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = sweep.tick() => wp.upstreams.sweep(),
-                    r = changed_rx.changed() => match r {
-                        Ok(()) => wp.model_changed(),
-                        Err(_) => return,
-                    },
                 }
             }
         });
@@ -300,7 +299,7 @@ impl Admin {
                 let dump = serde_json::json!({
                     "gateway": self.wp.gateway.to_string(),
                     "model": status,
-                    "routedParents": self.wp.table.load().len(),
+                    "routedParents": self.wp.compiled.load().routed(),
                     "idleConnections": idle,
                     "http2Connections": shared,
                 });

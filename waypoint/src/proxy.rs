@@ -6,32 +6,27 @@
 //!  HBONE CONNECT(vip:port) from client node-proxy
 //!    -> identity == owner of source IP, service uses this waypoint
 //!    -> protocol: declared (appProtocol / port name) or sniffed (first bytes, 100 ms)
-//!       HTTP: hyper server (h1 + h2) -> per request:
-//!             route select -> L7 authz (403) -> filters (redirect, headers, rewrite, mirror)
-//!             -> [rate limit 429, fault] -> attempts { backend by weight (500 if invalid)
-//!                -> endpoint (P2C/RR, ejected skipped; 503 none) -> limits (503)
-//!                -> send (per-try timeout) -> retry if budget allows } (request timeout 504)
-//!             -> response filters -> metrics + access log
+//!       HTTP: hyper server (h1 + h2) -> per request, against the compiled model
+//!             (crate::target) the connection resolved its service port in:
+//!             route select -> L7 authz (403) -> the stages of crate::stages
+//!             (filters, split, admit, balance, upstream, retry, timeouts)
+//!             -> metrics (series cached per connection) + access log
 //!       TCP:  endpoint of the service -> copy both ways
 //! ```
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use api::authz;
-use api::model::Target;
-use api::proto::{self, route_filter::Filter};
 use api::{Model, ObjectName, Workload};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::{Body as _, Incoming};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry::KeyValue;
@@ -43,25 +38,19 @@ use tunnel::hbone::{Handler, InboundRequest, Refusal};
 use tunnel::identity::Identity;
 
 use crate::metrics::{AccessLog, Metrics, RequestLabels, ServiceLabels};
-use crate::resilience::{Backend, Limited, Outcome};
-use crate::router::{self, RequestView, Selected, Table};
-use crate::upstream::{Body, BoxError, Upstreams};
+use crate::router::{RequestView, Selected};
+use crate::stages::{Outcomes, Path, Refused};
+use crate::target::{Compiled, Front, Target};
+use crate::upstream::{Body, Upstreams};
 
-/// Request bodies up to this size are buffered so that they can be retried or
-/// mirrored; larger or unsized ones are streamed and tried once.
-const MAX_BUFFERED_BODY: u64 = 64 * 1024;
+pub use crate::stages::LIMITED_HEADER;
+
 /// How long the first bytes of a connection to a port of unknown protocol are awaited
 /// before it is taken for a server-speaks-first protocol and forwarded as TCP.
 const SNIFF_WAIT: Duration = Duration::from_millis(100);
 /// Mirrored requests in flight at once, over all routes; past it a copy is not sent
 /// (and counted), so a slow mirror backend cannot pile up tasks, bodies and connections.
 const MAX_MIRRORS: usize = 256;
-/// How long a mirrored request may take before it is abandoned.
-const MIRROR_TIMEOUT: Duration = Duration::from_secs(15);
-/// The first wait between attempts when a route's retry gives none.
-const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
-/// The response header that says why the waypoint refused a request itself.
-pub const LIMITED_HEADER: &str = "weft-limited";
 
 /// Shared by every stream and request.
 pub struct Waypoint {
@@ -71,10 +60,8 @@ pub struct Waypoint {
     pub trust_domain: String,
     /// The current model.
     pub model: Arc<ArcSwap<Model>>,
-    /// Routes compiled from it.
-    pub table: ArcSwap<Table>,
-    /// Per backend service resilience state.
-    backends: Mutex<HashMap<ObjectName, Arc<Backend>>>,
+    /// What the request path reads, compiled from it (by [`compile_on_change`]).
+    pub compiled: Arc<ArcSwap<Compiled>>,
     /// Connections to endpoints.
     pub upstreams: Arc<Upstreams>,
     /// Metrics.
@@ -101,6 +88,8 @@ struct Conn {
     port: u16,
     /// The series its last request was counted in.
     series: Mutex<Option<Series>>,
+    /// Its service port as compiled, and the model version it was compiled from.
+    front: Mutex<Option<(u64, Option<Arc<Front>>)>>,
 }
 
 /// A request series and what it was made for, so that a connection's requests with
@@ -116,21 +105,29 @@ struct Series {
 }
 
 impl Conn {
+    /// Its service port in the current compiled model: looked up once per model
+    /// version, not per request.
+    fn front(&self, wp: &Waypoint) -> Option<Arc<Front>> {
+        let compiled = wp.compiled.load();
+        let mut cached = self.front.lock().expect("front lock");
+        match &*cached {
+            Some((version, front)) if *version == compiled.version => front.clone(),
+            _ => {
+                let front = compiled.front(&self.name, self.port).cloned();
+                *cached = Some((compiled.version, front.clone()));
+                front
+            }
+        }
+    }
+
     /// Counts a request in `weft_requests_total` and `weft_request_duration_seconds`.
-    fn count(
-        &self,
-        wp: &Waypoint,
-        front: &ObjectName,
-        out: &Outcomes,
-        status: u16,
-        flags: &str,
-        elapsed: Duration,
-    ) {
+    fn count(&self, wp: &Waypoint, out: &Outcomes, status: u16, flags: &str, elapsed: Duration) {
         let endpoint = out.endpoint.as_ref().and_then(|t| t.workload.as_ref());
+        let route = out.route.as_deref().unwrap_or("");
         let mut series = self.series.lock().expect("series lock");
         let same = series.as_ref().is_some_and(|s| {
             s.labels.response_code == status
-                && s.labels.route == out.route
+                && s.labels.route == route
                 && s.labels.response_flags == flags
                 && match (&s.endpoint, endpoint) {
                     (None, None) => true,
@@ -148,7 +145,7 @@ impl Conn {
                 source_workload: self.workload.clone(),
                 source_namespace: self.namespace.clone(),
                 source_principal: self.principal.clone(),
-                destination_service: front.to_string(),
+                destination_service: self.name.to_string(),
                 destination_workload: endpoint.map(|w| w.name.clone()).unwrap_or_default(),
                 destination_principal: endpoint
                     .map(|w| {
@@ -158,7 +155,7 @@ impl Conn {
                         )
                     })
                     .unwrap_or_default(),
-                route: out.route.clone(),
+                route: route.to_owned(),
                 response_code: status,
                 response_flags: flags.to_owned(),
             };
@@ -176,43 +173,22 @@ impl Conn {
     }
 }
 
-/// What a request became, for metrics and the log.
-#[derive(Debug, Default)]
-struct Outcomes {
-    route: String,
-    backend: String,
-    endpoint: Option<Target>,
-    attempts: u32,
-    flags: Vec<&'static str>,
-    denied_by: Option<String>,
-}
-
-impl Outcomes {
-    fn flag(&mut self, f: &'static str) {
-        if !self.flags.contains(&f) {
-            self.flags.push(f);
-        }
-    }
-}
-
 impl Waypoint {
     /// A waypoint serving `gateway`'s services.
     pub fn new(
         gateway: ObjectName,
-        trust_domain: String,
         model: Arc<ArcSwap<Model>>,
+        compiled: Arc<ArcSwap<Compiled>>,
         upstreams: Arc<Upstreams>,
         metrics: Metrics,
         tracing: crate::trace::Tracing,
         max_streams: usize,
     ) -> Arc<Self> {
-        let table = Table::compile(&model.load());
         Arc::new(Waypoint {
             gateway,
-            trust_domain,
+            trust_domain: upstreams.trust_domain.clone(),
             model,
-            table: ArcSwap::from_pointee(table),
-            backends: Mutex::new(HashMap::new()),
+            compiled,
             upstreams,
             metrics,
             tracing,
@@ -220,29 +196,21 @@ impl Waypoint {
             streams: Arc::new(tokio::sync::Semaphore::new(max_streams)),
         })
     }
+}
 
-    /// Recompiles the routes from the current model.
-    pub fn model_changed(&self) {
-        let model = self.model.load();
-        self.table.store(Arc::new(Table::compile(&model)));
-        let mut backends = self.backends.lock().expect("backends lock");
-        backends.retain(|name, b| {
-            model.service(name).is_some() && b.is_for(model.traffic_policy(name).map(|p| &**p))
-        });
-    }
-
-    fn backend(&self, model: &Model, service: &ObjectName) -> Arc<Backend> {
-        let policy = model.traffic_policy(service).map(|p| &**p);
-        let mut backends = self.backends.lock().expect("backends lock");
-        match backends.get(service) {
-            Some(b) if b.is_for(policy) => b.clone(),
-            _ => {
-                let b = Arc::new(Backend::new(policy));
-                backends.insert(service.clone(), b.clone());
-                b
-            }
-        }
-    }
+/// The subscription's check: each new model compiled for `gateway` into `compiled`
+/// (reusing what did not change) before it is acknowledged, off the request path; the
+/// routes that cannot be compiled are refused in the ack.
+pub fn compile_on_change(
+    gateway: ObjectName,
+    compiled: Arc<ArcSwap<Compiled>>,
+) -> runtime::config_client::Check {
+    Arc::new(move |model: &Arc<Model>| {
+        let next = Compiled::compile(&gateway, model, &compiled.load());
+        let problems = next.problems.clone();
+        compiled.store(Arc::new(next));
+        problems
+    })
 }
 
 /// The HBONE handler.
@@ -347,6 +315,7 @@ impl Streams {
             name: service.object_name(),
             port: port.port,
             series: Mutex::new(None),
+            front: Mutex::new(None),
         });
         let protocol = port.protocol;
         let Ok(mut stream) = request.accept() else {
@@ -394,13 +363,21 @@ fn looks_like_http(first: &[u8]) -> bool {
 }
 
 async fn serve_tcp(wp: Arc<Waypoint>, conn: Arc<Conn>, mut io: crate::prefixed::Prefixed) {
-    let model = wp.model.load_full();
-    let name = conn.name.clone();
-    let targets = model.endpoints(&name, conn.port);
-    let backend = wp.backend(&model, &name);
-    let Some(target) = backend.pick(targets).cloned() else {
-        info!(service = %name, "TCP connection dropped: no ready endpoint");
+    let name = &conn.name;
+    let Some(front) = conn.front(&wp) else {
+        info!(service = %name, "TCP connection dropped: the service is not served by this waypoint");
         return;
+    };
+    let endpoint = match front.default.split.backends.first().map(|b| &b.to) {
+        Some(Ok(pool)) => crate::stages::balance(pool).map(|e| e.target.clone()),
+        _ => Err(Refused::NotServed(name.to_string())),
+    };
+    let target = match endpoint {
+        Ok(t) => t,
+        Err(why) => {
+            info!(service = %name, "TCP connection dropped: {:?}", why);
+            return;
+        }
     };
     wp.metrics
         .tcp
@@ -458,18 +435,6 @@ impl authz::Request for Attributes<'_> {
     }
 }
 
-fn local(status: StatusCode, body: &str) -> Response<Body> {
-    let mut r = Response::new(
-        Full::new(Bytes::from(format!("{body}\n")))
-            .map_err(|e| -> BoxError { match e {} })
-            .boxed(),
-    );
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    r
-}
-
 /// W3C trace context when spans are not exported: the caller's trace id (or a new one)
 /// and a new span id.
 fn trace_context(parent: Option<(TraceId, SpanId)>) -> (TraceId, SpanId) {
@@ -483,15 +448,13 @@ fn trace_context(parent: Option<(TraceId, SpanId)>) -> (TraceId, SpanId) {
 async fn handle(wp: Arc<Waypoint>, conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
     let started_at = SystemTime::now();
-    let model = wp.model.load_full();
-    let table = wp.table.load_full();
-    let front = &conn.name;
+    let front = conn.front(&wp);
     let parent = req
         .headers()
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .and_then(crate::trace::parse_traceparent);
-    let span = wp.tracing.start(front, parent);
+    let span = wp.tracing.start(&conn.name, parent);
     let (trace_id, span_id) = span.ids().unwrap_or_else(|| trace_context(parent));
     let method = req.method().clone();
     // Both share the request's buffers: cloning them copies no bytes.
@@ -499,33 +462,32 @@ async fn handle(wp: Arc<Waypoint>, conn: Arc<Conn>, mut req: Request<Incoming>) 
     let host = req.headers().get(header::HOST).cloned();
     let version = req.version();
     let mut out = Outcomes::default();
-
-    let selected = {
-        let view = RequestView {
-            method: req.method(),
-            path: req.uri().path(),
-            query: req.uri().query(),
-            headers: req.headers(),
-        };
-        table.select(front, conn.port, Some(&conn.namespace), &view)
-    };
-    let response = match authorize(&model, &conn, front, &req) {
-        Err(policy) => {
-            info!(service = %front, principal = %conn.principal, path = %req.uri().path(), %policy, "request denied");
-            out.flag("denied");
-            out.denied_by = Some(policy.clone());
-            local(
-                StatusCode::FORBIDDEN,
-                &format!("RBAC: access denied by {policy}"),
-            )
+    let response = match route(&wp, &conn, front.as_deref(), &mut req) {
+        Err(refused) => {
+            if let Refused::Denied(policy) = &refused {
+                info!(service = %conn.name, principal = %conn.principal, path = %req.uri().path(), %policy, "request denied");
+                out.denied_by = Some(policy.clone());
+            }
+            if let Some(f) = refused.flag() {
+                out.flag(f);
+            }
+            refused.response()
         }
-        Ok(()) => {
+        Ok(target) => {
             req.headers_mut().insert(
                 "traceparent",
                 HeaderValue::from_maybe_shared(Bytes::from(format!("00-{trace_id}-{span_id}-01")))
                     .unwrap_or_else(|_| HeaderValue::from_static("")),
             );
-            route(&wp, &model, &conn, front, selected, req, &mut out).await
+            let path = Path {
+                upstream: &wp.upstreams,
+                mirrors: &wp.mirrors,
+                mirrors_skipped: &wp.metrics.mirrors_skipped,
+                principal: &conn.principal,
+                forwarded_for: conn.forwarded_for.as_ref(),
+                listener_port: conn.port,
+            };
+            path.forward(&target, req, &mut out).await
         }
     };
     let status = response.status().as_u16();
@@ -534,7 +496,8 @@ async fn handle(wp: Arc<Waypoint>, conn: Arc<Conn>, mut req: Request<Incoming>) 
         false => Cow::Owned(out.flags.join(",")),
     };
     let elapsed = start.elapsed();
-    conn.count(&wp, front, &out, status, &flags, elapsed);
+    conn.count(&wp, &out, status, &flags, elapsed);
+    let route = out.route.as_deref().unwrap_or("");
     if wp.metrics.log.admit() {
         AccessLog {
             start_time: crate::metrics::rfc3339(started_at),
@@ -554,8 +517,8 @@ async fn handle(wp: Arc<Waypoint>, conn: Arc<Conn>, mut req: Request<Incoming>) 
             },
             response_code: status,
             response_flags: &flags,
-            route: &out.route,
-            upstream_service: &out.backend,
+            route,
+            upstream_service: out.backend.as_deref().unwrap_or(""),
             upstream_host: out.endpoint.as_ref().map(|t| t.addr),
             attempts: out.attempts,
             duration_ms: elapsed.as_secs_f64() * 1e3,
@@ -572,7 +535,7 @@ async fn handle(wp: Arc<Waypoint>, conn: Arc<Conn>, mut req: Request<Incoming>) 
                 uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
             ),
             KeyValue::new("http.response.status_code", i64::from(status)),
-            KeyValue::new("weft.route", out.route.clone()),
+            KeyValue::new("weft.route", route.to_owned()),
             KeyValue::new("weft.response_flags", flags.into_owned()),
             KeyValue::new("source.principal", conn.principal.clone()),
         ]
@@ -580,25 +543,46 @@ async fn handle(wp: Arc<Waypoint>, conn: Arc<Conn>, mut req: Request<Incoming>) 
     response
 }
 
+/// The route stage and L7 authorization: the target a request takes, or why it is
+/// refused before any backend is tried.
+fn route(
+    wp: &Waypoint,
+    conn: &Conn,
+    front: Option<&Front>,
+    req: &mut Request<Incoming>,
+) -> Result<Arc<Target>, Refused> {
+    let Some(front) = front else {
+        return Err(Refused::NotServed(conn.name.to_string()));
+    };
+    let selected = front.routes.select(
+        &conn.namespace,
+        &RequestView {
+            method: req.method(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            headers: req.headers(),
+        },
+    );
+    authorize(wp, conn, front, req).map_err(Refused::Denied)?;
+    match selected {
+        Selected::NoMatch => Err(Refused::NoMatch),
+        Selected::NoRoutes => Ok(front.default.clone()),
+        Selected::Rule(t) => Ok(t.clone()),
+    }
+}
+
 /// L7 authorization against the policies of the service's workloads; the denying
 /// policy's name on refusal.
 fn authorize(
-    model: &Model,
+    wp: &Waypoint,
     conn: &Conn,
-    front: &ObjectName,
+    front: &Front,
     req: &Request<Incoming>,
 ) -> Result<(), String> {
-    let Some(workload) = model
-        .endpoints(front, conn.port)
-        .iter()
-        .find_map(|t| t.workload.as_ref())
-    else {
+    let Some((workload, target_port)) = &front.authz else {
         return Ok(());
     };
-    let target_port = model
-        .endpoints(front, conn.port)
-        .first()
-        .map_or(conn.port, |t| t.addr.port());
+    let model = wp.model.load();
     let attrs = Attributes {
         path: req.uri().path(),
         method: req.method().as_str(),
@@ -607,7 +591,7 @@ fn authorize(
     let c = authz::Connection {
         principal: Some(&conn.principal),
         namespace: Some(&conn.namespace),
-        port: target_port,
+        port: *target_port,
         http: authz::Http::Request(&attrs),
     };
     authz::check(model.policies_for(workload).map(|p| &**p), &c)
@@ -615,620 +599,9 @@ fn authorize(
         .map_err(|d| d.policy())
 }
 
-fn modify_headers(headers: &mut HeaderMap, m: &proto::HeaderModifier) {
-    for h in &m.set {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::try_from(h.name.as_str()),
-            HeaderValue::try_from(h.value.as_str()),
-        ) {
-            headers.insert(n, v);
-        }
-    }
-    for h in &m.add {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::try_from(h.name.as_str()),
-            HeaderValue::try_from(h.value.as_str()),
-        ) {
-            headers.append(n, v);
-        }
-    }
-    for name in &m.remove {
-        headers.remove(name.as_str());
-    }
-}
-
-/// The path after a `PathModifier`: a full replacement, or the matched prefix replaced.
-fn modified_path(path: &str, m: &proto::PathModifier, matched_prefix: Option<&str>) -> String {
-    match &m.path {
-        Some(proto::path_modifier::Path::Full(full)) => full.clone(),
-        Some(proto::path_modifier::Path::Prefix(replacement)) => {
-            let prefix = matched_prefix.unwrap_or("/").trim_end_matches('/');
-            let rest = path.strip_prefix(prefix).unwrap_or(path);
-            let replacement = replacement.trim_end_matches('/');
-            match (replacement.is_empty(), rest.is_empty()) {
-                (true, true) => "/".into(),
-                (true, false) => rest.into(),
-                (false, _) => format!("{replacement}{rest}"),
-            }
-        }
-        None => path.to_owned(),
-    }
-}
-
-/// The prefix a rule's first PathPrefix match names, for prefix rewrites.
-fn matched_prefix(rule: &proto::RouteRule) -> Option<&str> {
-    rule.matches.iter().find_map(|m| {
-        m.path
-            .as_ref()
-            .filter(|p| p.r#type == proto::PathMatchType::PathPrefix as i32)
-            .map(|p| p.value.as_str())
-    })
-}
-
-/// The answer of a `RequestRedirect` to a request addressed to the Service's
-/// `listener_port` (the mesh's listener port). With no port given, the redirect keeps
-/// that port, unless it changes the scheme, which takes the scheme's own port (80, 443);
-/// the port is left out of `Location` where it is the scheme's.
-fn redirect<B>(
-    req: &Request<B>,
-    r: &proto::Redirect,
-    rule: &proto::RouteRule,
-    listener_port: u16,
-) -> Response<Body> {
-    let scheme = if r.scheme.is_empty() {
-        "http"
-    } else {
-        &r.scheme
-    };
-    let host_header = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()))
-        .unwrap_or("");
-    let host = if r.hostname.is_empty() {
-        host_header.split(':').next().unwrap_or("")
-    } else {
-        &r.hostname
-    };
-    let port = match u16::try_from(r.port).unwrap_or(0) {
-        0 if r.scheme.is_empty() => listener_port,
-        0 => match scheme {
-            "http" => 80,
-            "https" => 443,
-            _ => listener_port,
-        },
-        p => p,
-    };
-    let port = match (scheme, port) {
-        ("http", 80) | ("https", 443) => String::new(),
-        (_, p) => format!(":{p}"),
-    };
-    let path = match &r.path {
-        Some(m) => modified_path(req.uri().path(), m, matched_prefix(rule)),
-        None => req.uri().path().to_owned(),
-    };
-    let query = req
-        .uri()
-        .query()
-        .map(|q| format!("?{q}"))
-        .unwrap_or_default();
-    let status = StatusCode::from_u16(u16::try_from(r.status_code).unwrap_or(302))
-        .ok()
-        .filter(|s| s.is_redirection())
-        .unwrap_or(StatusCode::FOUND);
-    let mut resp = Response::new(Empty::new().map_err(|e| -> BoxError { match e {} }).boxed());
-    *resp.status_mut() = status;
-    if let Ok(v) = HeaderValue::try_from(format!("{scheme}://{host}{port}{path}{query}")) {
-        resp.headers_mut().insert(header::LOCATION, v);
-    }
-    resp
-}
-
-/// Hop-by-hop headers, not forwarded (RFC 9110 7.6.1), except for upgrades.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-    "trailer",
-];
-
-fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    for h in HOP_BY_HOP {
-        if keep_upgrade && (h == "connection" || h == "upgrade") {
-            continue;
-        }
-        if h == "te" && headers.get("te").is_some_and(|v| v == "trailers") {
-            continue;
-        }
-        headers.remove(h);
-    }
-}
-
-/// A request body that can be sent more than once, or one that can be sent once.
-enum Payload {
-    Buffered(Bytes),
-    Streaming(Option<Incoming>),
-}
-
-impl Payload {
-    fn take(&mut self) -> Option<Body> {
-        match self {
-            Payload::Buffered(b) => Some(
-                Full::new(b.clone())
-                    .map_err(|e| -> BoxError { match e {} })
-                    .boxed(),
-            ),
-            Payload::Streaming(s) => s
-                .take()
-                .map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed()),
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn route(
-    wp: &Arc<Waypoint>,
-    model: &Arc<Model>,
-    conn: &Arc<Conn>,
-    front: &ObjectName,
-    selected: Selected,
-    mut req: Request<Incoming>,
-    out: &mut Outcomes,
-) -> Response<Body> {
-    let default_rule;
-    let rule: &proto::RouteRule = match &selected {
-        Selected::NoMatch => return local(StatusCode::NOT_FOUND, "no route matches"),
-        Selected::NoRoutes => {
-            default_rule = proto::RouteRule {
-                backends: vec![proto::Backend {
-                    service: front.to_string(),
-                    port: u32::from(conn.port),
-                    weight: 1,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            };
-            &default_rule
-        }
-        Selected::Rule(r, i) => {
-            out.route = r.name.to_string();
-            &r.rules[*i].spec
-        }
-    };
-    let mut response_modifiers = Vec::new();
-    let mut mirrors = Vec::new();
-    for f in rule.filters.iter().filter_map(|f| f.filter.as_ref()) {
-        match f {
-            Filter::RequestRedirect(r) => return redirect(&req, r, rule, conn.port),
-            Filter::RequestHeaderModifier(m) => modify_headers(req.headers_mut(), m),
-            Filter::ResponseHeaderModifier(m) => response_modifiers.push(m.clone()),
-            Filter::UrlRewrite(rw) => {
-                if !rw.hostname.is_empty() {
-                    if let Ok(v) = HeaderValue::try_from(rw.hostname.as_str()) {
-                        req.headers_mut().insert(header::HOST, v);
-                    }
-                }
-                if let Some(m) = &rw.path {
-                    let path = modified_path(req.uri().path(), m, matched_prefix(rule));
-                    let pq = match req.uri().query() {
-                        Some(q) => format!("{path}?{q}"),
-                        None => path,
-                    };
-                    let mut parts = req.uri().clone().into_parts();
-                    if let Ok(p) = pq.parse() {
-                        parts.path_and_query = Some(p);
-                    }
-                    if let Ok(u) = Uri::from_parts(parts) {
-                        *req.uri_mut() = u;
-                    }
-                }
-            }
-            Filter::RequestMirror(m) => mirrors.push(m.clone()),
-        }
-    }
-    let upgrade = req.version() != Version::HTTP_2 && req.headers().contains_key(header::UPGRADE);
-    let no_retry = proto::Retry::default();
-    let retry = rule.retry.as_ref().unwrap_or(&no_retry);
-    let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (mut parts, body) = req.into_parts();
-    let wants_copies = retry.attempts > 0 || !mirrors.is_empty();
-    let mut payload = if wants_copies
-        && !upgrade
-        && body
-            .size_hint()
-            .upper()
-            .is_some_and(|n| n <= MAX_BUFFERED_BODY)
-    {
-        match body.collect().await {
-            Ok(b) => Payload::Buffered(b.to_bytes()),
-            Err(e) => {
-                return local(
-                    StatusCode::BAD_REQUEST,
-                    &format!("cannot read the request body: {e}"),
-                )
-            }
-        }
-    } else {
-        Payload::Streaming(Some(body))
-    };
-    let attempts = match payload {
-        Payload::Buffered(_) => retry.attempts,
-        Payload::Streaming(_) => 0,
-    };
-    if let Payload::Buffered(bytes) = &payload {
-        for m in mirrors {
-            mirror(wp, model, conn, &parts, bytes.clone(), &m);
-        }
-    }
-    strip_hop_by_hop(&mut parts.headers, upgrade);
-    if let Some(v) = &conn.forwarded_for {
-        parts.headers.append("x-forwarded-for", v.clone());
-    }
-    let retryable_status = |s: u16| match retry.codes.is_empty() {
-        true => matches!(s, 500 | 502 | 503 | 504),
-        false => retry.codes.contains(&u32::from(s)),
-    };
-    let per_try = (rule.backend_request_timeout_ms > 0)
-        .then(|| Duration::from_millis(u64::from(rule.backend_request_timeout_ms)));
-    let overall = (rule.request_timeout_ms > 0)
-        .then(|| Duration::from_millis(u64::from(rule.request_timeout_ms)));
-    let backoff = match retry.backoff_ms {
-        0 => DEFAULT_BACKOFF,
-        ms => Duration::from_millis(u64::from(ms)),
-    };
-
-    let attempt_loop = async {
-        let mut attempt = 0u32;
-        loop {
-            out.attempts = attempt + 1;
-            let Some(backend) = router::pick_backend(&rule.backends) else {
-                return local(StatusCode::INTERNAL_SERVER_ERROR, "no backend has a weight");
-            };
-            out.backend = backend.service.clone();
-            if !backend.invalid.is_empty() {
-                return local(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    &format!(
-                        "backend {} is invalid: {}",
-                        backend.service, backend.invalid
-                    ),
-                );
-            }
-            let Some((ns, name)) = backend.service.split_once('/') else {
-                return local(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "backend without a namespace",
-                );
-            };
-            let svc = ObjectName::new(ns, name);
-            let state = wp.backend(model, &svc);
-            if attempt == 0 {
-                state.count_request();
-                if let Err(l) = state.admit() {
-                    out.flag("limited");
-                    return limited(StatusCode::TOO_MANY_REQUESTS, l);
-                }
-                let (delay, abort) = state.fault();
-                if let Some(d) = delay {
-                    out.flag("faulted");
-                    tokio::time::sleep(d).await;
-                }
-                if let Some(status) = abort {
-                    out.flag("faulted");
-                    return local(
-                        StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
-                        "fault injected",
-                    );
-                }
-            }
-            let port = u16::try_from(backend.port).unwrap_or(conn.port);
-            let targets = model.endpoints(&svc, port);
-            if targets.is_empty() {
-                out.flag("no_endpoints");
-                return local(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("service {svc} has no ready endpoint"),
-                );
-            }
-            let Some(target) = state.pick(targets).cloned() else {
-                out.flag("ejected");
-                return local(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("every endpoint of {svc} is ejected"),
-                );
-            };
-            out.endpoint = Some(target.clone());
-            let flight = match state.start(&target).await {
-                Ok(f) => f,
-                Err(l) => {
-                    out.flag("limited");
-                    return limited(StatusCode::SERVICE_UNAVAILABLE, l);
-                }
-            };
-            let Some(body) = payload.take() else {
-                return local(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the request body was already sent",
-                );
-            };
-            let h2 = upstream_h2(model, &svc, port, parts.version);
-            let upstream_req = upstream_request(&parts, &target, body, h2);
-            let sent = async {
-                match upgrade {
-                    true => {
-                        wp.upstreams
-                            .send_upgrade(&target, &conn.principal, upstream_req)
-                            .await
-                    }
-                    false => {
-                        wp.upstreams
-                            .send(&target, &conn.principal, upstream_req)
-                            .await
-                    }
-                }
-            };
-            let result = match per_try {
-                Some(t) => tokio::time::timeout(t, sent).await.ok(),
-                None => Some(sent.await),
-            };
-            let (outcome, response) = match result {
-                None => (Outcome::Timeout, None),
-                Some(Err(crate::upstream::UpstreamError::Connect { why, .. })) => {
-                    debug!(%svc, endpoint = %target.addr, "connect failed: {why}");
-                    (Outcome::ConnectFailure, None)
-                }
-                Some(Err(e)) => {
-                    debug!(%svc, "request failed: {e}");
-                    (Outcome::ConnectFailure, None)
-                }
-                Some(Ok(r)) => (Outcome::Status(r.status().as_u16()), Some(r)),
-            };
-            if state.finish(flight, outcome, targets.len()) {
-                info!(service = %svc, endpoint = %target.addr, "endpoint ejected");
-                out.flag("ejected");
-            }
-            let retryable = match outcome {
-                Outcome::Status(s) => retryable_status(s),
-                Outcome::ConnectFailure | Outcome::Timeout => true,
-            };
-            if retryable && attempt < attempts && state.allow_retry() {
-                out.flag("retried");
-                let wait = backoff * 2u32.saturating_pow(attempt.min(6));
-                let jitter = fastrand::u64(0..=wait.as_millis() as u64 / 2);
-                tokio::time::sleep(wait / 2 + Duration::from_millis(jitter)).await;
-                attempt += 1;
-                continue;
-            }
-            return match (response, outcome) {
-                (Some(mut r), _) => {
-                    if let (Some(down), true) =
-                        (on_upgrade, r.status() == StatusCode::SWITCHING_PROTOCOLS)
-                    {
-                        let up = hyper::upgrade::on(&mut r);
-                        tokio::spawn(async move {
-                            if let (Ok(down), Ok(up)) = (down.await, up.await) {
-                                let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-                                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-                            }
-                        });
-                    }
-                    r.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed())
-                }
-                (None, Outcome::Timeout) => {
-                    out.flag("timed_out");
-                    local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
-                }
-                (None, _) => local(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("upstream {} unreachable", target.addr),
-                ),
-            };
-        }
-    };
-    let mut response = match overall {
-        Some(t) => match tokio::time::timeout(t, attempt_loop).await {
-            Ok(r) => r,
-            Err(_) => {
-                out.flag("timed_out");
-                local(StatusCode::GATEWAY_TIMEOUT, "request timeout")
-            }
-        },
-        None => attempt_loop.await,
-    };
-    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        strip_hop_by_hop(response.headers_mut(), false);
-    }
-    for m in &response_modifiers {
-        modify_headers(response.headers_mut(), m);
-    }
-    response
-}
-
-fn limited(status: StatusCode, why: Limited) -> Response<Body> {
-    let mut r = local(
-        status,
-        &format!("request refused by the waypoint: {}", why.as_str()),
-    );
-    r.headers_mut()
-        .insert(LIMITED_HEADER, HeaderValue::from_static(why.as_str()));
-    r
-}
-
-/// Whether requests to `service`:`port` go out as HTTP/2: when the port declares
-/// HTTP/2 or gRPC; HTTP/1.1 when it declares HTTP; else as the client spoke.
-fn upstream_h2(model: &Model, service: &ObjectName, port: u16, downstream: Version) -> bool {
-    use api::AppProtocol as P;
-    let declared = model
-        .service(service)
-        .and_then(|s| s.ports.iter().find(|p| p.port == port).map(|p| p.protocol))
-        .unwrap_or(P::Unknown);
-    match declared {
-        P::Http2 | P::Grpc => true,
-        P::Http | P::Tcp => false,
-        P::Unknown => downstream == Version::HTTP_2,
-    }
-}
-
-/// The request to send to `target`: origin-form for HTTP/1.1, absolute for HTTP/2.
-fn upstream_request(
-    parts: &http::request::Parts,
-    target: &Target,
-    body: Body,
-    h2: bool,
-) -> Request<Body> {
-    let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
-    *req.headers_mut() = parts.headers.clone();
-    let pq = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    *req.version_mut() = if h2 {
-        Version::HTTP_2
-    } else {
-        Version::HTTP_11
-    };
-    let authority = || {
-        parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .unwrap_or_else(|| target.addr.to_string())
-    };
-    let mut uri = http::uri::Parts::default();
-    if h2 {
-        req.headers_mut().remove(header::HOST);
-        uri.scheme = Some(http::uri::Scheme::HTTP);
-        uri.authority = authority().parse().ok();
-    } else if !req.headers().contains_key(header::HOST) {
-        if let Ok(v) = HeaderValue::try_from(authority()) {
-            req.headers_mut().insert(header::HOST, v);
-        }
-    }
-    uri.path_and_query = Some(pq);
-    if let Ok(u) = Uri::from_parts(uri) {
-        *req.uri_mut() = u;
-    }
-    req
-}
-
-/// Sends a copy of the request to the mirror backend and drops the answer.
-fn mirror(
-    wp: &Arc<Waypoint>,
-    model: &Arc<Model>,
-    conn: &Arc<Conn>,
-    parts: &http::request::Parts,
-    body: Bytes,
-    m: &proto::Mirror,
-) {
-    let Some(backend) = &m.backend else { return };
-    if m.fraction_ppm < 1_000_000 && fastrand::u32(0..1_000_000) >= m.fraction_ppm {
-        return;
-    }
-    let Some((ns, name)) = backend.service.split_once('/') else {
-        return;
-    };
-    let svc = ObjectName::new(ns, name);
-    let port = u16::try_from(backend.port).unwrap_or(conn.port);
-    let state = wp.backend(model, &svc);
-    let Some(target) = state.pick(model.endpoints(&svc, port)).cloned() else {
-        return;
-    };
-    let Ok(permit) = wp.mirrors.clone().try_acquire_owned() else {
-        wp.metrics
-            .mirrors_skipped
-            .get_or_create(&ServiceLabels {
-                destination_service: backend.service.clone(),
-            })
-            .inc();
-        debug!(mirror = %svc, "{MAX_MIRRORS} mirrored requests in flight; this one is not sent");
-        return;
-    };
-    let mut parts = parts.clone();
-    strip_hop_by_hop(&mut parts.headers, false);
-    let h2 = upstream_h2(model, &svc, port, parts.version);
-    let req = upstream_request(
-        &parts,
-        &target,
-        Full::new(body)
-            .map_err(|e| -> BoxError { match e {} })
-            .boxed(),
-        h2,
-    );
-    let (wp, principal) = (wp.clone(), conn.principal.clone());
-    tokio::spawn(async move {
-        let sent = async {
-            match wp.upstreams.send(&target, &principal, req).await {
-                Ok(r) => {
-                    let _ = r.into_body().collect().await;
-                }
-                Err(e) => debug!(mirror = %svc, "mirrored request failed: {e}"),
-            }
-        };
-        if tokio::time::timeout(MIRROR_TIMEOUT, sent).await.is_err() {
-            debug!(mirror = %svc, "mirrored request abandoned after {MIRROR_TIMEOUT:?}");
-        }
-        drop(permit);
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A redirect keeps the port the client addressed unless it says otherwise: a
-    /// hostname alone keeps 8080; a scheme change takes the scheme's port; a port given
-    /// wins; the scheme's own port is left out.
-    #[test]
-    fn a_redirect_keeps_the_listener_port_unless_told() {
-        let req = Request::builder()
-            .uri("/a/b?x=1")
-            .header(header::HOST, "echo.shop:8080")
-            .body(())
-            .expect("a request");
-        let location = |r: proto::Redirect, listener: u16| {
-            let resp = redirect(&req, &r, &proto::RouteRule::default(), listener);
-            resp.headers()[header::LOCATION]
-                .to_str()
-                .expect("ascii")
-                .to_owned()
-        };
-        let host = |h: &str| proto::Redirect {
-            hostname: h.into(),
-            ..Default::default()
-        };
-        assert_eq!(
-            location(host("example.org"), 8080),
-            "http://example.org:8080/a/b?x=1"
-        );
-        assert_eq!(
-            location(host("example.org"), 80),
-            "http://example.org/a/b?x=1"
-        );
-        assert_eq!(location(host(""), 8080), "http://echo.shop:8080/a/b?x=1");
-        let https = proto::Redirect {
-            scheme: "https".into(),
-            ..Default::default()
-        };
-        assert_eq!(location(https.clone(), 8080), "https://echo.shop/a/b?x=1");
-        let port = proto::Redirect {
-            port: 9443,
-            ..https
-        };
-        assert_eq!(location(port, 8080), "https://echo.shop:9443/a/b?x=1");
-    }
 
     #[test]
     fn http_is_told_from_other_protocols_by_its_first_bytes() {
@@ -1238,25 +611,5 @@ mod tests {
         assert!(!looks_like_http(b"\x16\x03\x01\x02\x00"));
         assert!(!looks_like_http(b"SSH-2.0-OpenSSH_9.2\r\n"));
         assert!(!looks_like_http(b"PING\r\n"));
-    }
-
-    #[test]
-    fn prefix_rewrites_replace_the_matched_prefix() {
-        let prefix = |p: &str| proto::PathModifier {
-            path: Some(proto::path_modifier::Path::Prefix(p.into())),
-        };
-        assert_eq!(
-            modified_path("/api/v1/items", &prefix("/v2"), Some("/api/v1")),
-            "/v2/items"
-        );
-        assert_eq!(modified_path("/api/v1", &prefix("/"), Some("/api/v1")), "/");
-        assert_eq!(
-            modified_path("/api/v1/x", &prefix("/"), Some("/api/v1/")),
-            "/x"
-        );
-        let full = proto::PathModifier {
-            path: Some(proto::path_modifier::Path::Full("/fixed".into())),
-        };
-        assert_eq!(modified_path("/anything", &full, None), "/fixed");
     }
 }

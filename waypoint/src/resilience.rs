@@ -32,14 +32,17 @@ const EWMA_TAU_SECS: f64 = 1.0;
 /// one slow answer, or a tie lost by noise, does not starve it.
 const IDLE_TAU_SECS: f64 = 0.1;
 
-/// One endpoint's counters.
+/// One endpoint's counters, kept across model versions while the endpoint stays.
 #[derive(Debug, Default)]
-struct Endpoint {
+pub struct Stats {
     outstanding: AtomicUsize,
     /// Latency EWMA in µs, as f64 bits.
     ewma_us: AtomicU64,
     /// When it was last updated, in µs since the backend's start.
     updated_us: AtomicU64,
+    /// Ejected until this many µs after the backend's start; 0 when not ejected. Read
+    /// by every pick without a lock.
+    ejected_until_us: AtomicU64,
     health: Mutex<Health>,
 }
 
@@ -47,8 +50,16 @@ struct Endpoint {
 struct Health {
     consecutive_5xx: u32,
     consecutive_connect_failures: u32,
-    ejected_until: Option<Instant>,
     ejections: u32,
+}
+
+/// An endpoint of a model version with its counters: what balancing picks from.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// Where it is.
+    pub target: Target,
+    /// Its counters.
+    pub stats: Arc<Stats>,
 }
 
 /// How an attempt on an endpoint ended, for outlier detection and the EWMA.
@@ -85,8 +96,9 @@ impl Limited {
 #[derive(Debug)]
 pub struct Backend {
     policy: proto::TrafficPolicy,
-    endpoints: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
+    endpoints: Mutex<HashMap<SocketAddr, Arc<Stats>>>,
     round_robin: AtomicUsize,
+    round_robin_policy: bool,
     connections: Option<Arc<Semaphore>>,
     pending: AtomicUsize,
     bucket: Mutex<Bucket>,
@@ -139,7 +151,7 @@ impl Bucket {
 /// Holds a connection slot and the endpoint's outstanding count while a request is out.
 #[derive(Debug)]
 pub struct InFlight {
-    endpoint: Arc<Endpoint>,
+    endpoint: Arc<Stats>,
     started: Instant,
     _slot: Option<OwnedSemaphorePermit>,
 }
@@ -168,12 +180,15 @@ impl Backend {
         let floor = f64::from(budget.min_per_second);
         let mut budget_bucket = Bucket::new(floor.max(1.0) * 10.0 + 100.0, floor);
         budget_bucket.tokens = floor;
+        let round_robin_policy = proto::LoadBalancer::try_from(policy.load_balancer)
+            == Ok(proto::LoadBalancer::RoundRobin);
         Backend {
             connections: (limits.max_connections > 0)
                 .then(|| Arc::new(Semaphore::new(limits.max_connections as usize))),
             policy,
             endpoints: Mutex::new(HashMap::new()),
             round_robin: AtomicUsize::new(0),
+            round_robin_policy,
             pending: AtomicUsize::new(0),
             bucket: Mutex::new(bucket),
             budget: Mutex::new(budget_bucket),
@@ -226,70 +241,73 @@ impl Backend {
         self.budget.lock().expect("budget lock").take()
     }
 
-    /// Picks an endpoint among `targets`, skipping ejected ones.
-    pub fn pick<'t>(&self, targets: &'t [Target]) -> Option<&'t Target> {
-        let now = Instant::now();
-        let eps = self.endpoints_for(targets);
-        let healthy: Vec<usize> = (0..targets.len())
-            .filter(|&i| {
-                eps[i]
-                    .health
-                    .lock()
-                    .expect("health lock")
-                    .ejected_until
-                    .is_none_or(|t| t <= now)
-            })
-            .collect();
-        if healthy.is_empty() {
-            return None;
-        }
-        let round_robin = proto::LoadBalancer::try_from(self.policy.load_balancer)
-            == Ok(proto::LoadBalancer::RoundRobin);
-        let chosen = if round_robin || healthy.len() == 1 {
-            healthy[self.round_robin.fetch_add(1, Ordering::Relaxed) % healthy.len()]
-        } else {
-            // Power of two choices: the cheaper of two random endpoints, by latency
-            // EWMA weighted by outstanding requests.
-            let i = fastrand::usize(0..healthy.len());
-            let mut j = fastrand::usize(0..healthy.len() - 1);
-            if j >= i {
-                j += 1;
-            }
-            let (a, b) = (healthy[i], healthy[j]);
-            // Peak-EWMA style: the cost of an endpoint that got no answer for a while
-            // decays, so one slow sample does not starve it.
-            let now_us = self.born.elapsed().as_micros() as f64;
-            let cost = |i: usize| {
-                let e = &eps[i];
-                let ewma = f64::from_bits(e.ewma_us.load(Ordering::Relaxed));
-                let ewma = if ewma == 0.0 { EWMA_START_US } else { ewma };
-                let idle = (now_us - e.updated_us.load(Ordering::Relaxed) as f64).max(0.0) / 1e6;
-                let decayed = ewma * (-idle / IDLE_TAU_SECS).exp();
-                decayed * (e.outstanding.load(Ordering::Relaxed) as f64 + 1.0)
-            };
-            if cost(b) < cost(a) {
-                b
-            } else {
-                a
-            }
-        };
-        Some(&targets[chosen])
-    }
-
-    fn endpoints_for(&self, targets: &[Target]) -> Vec<Arc<Endpoint>> {
+    /// The counters of each of `targets` (made for new ones, kept for known ones),
+    /// in order: once per model version, so that picks take no lock.
+    pub fn stats_for(&self, targets: &[Target]) -> Vec<Endpoint> {
         let mut map = self.endpoints.lock().expect("endpoints lock");
         if map.len() > targets.len() * 2 + 16 {
             map.retain(|addr, _| targets.iter().any(|t| t.addr == *addr));
         }
         targets
             .iter()
-            .map(|t| map.entry(t.addr).or_default().clone())
+            .map(|t| Endpoint {
+                target: t.clone(),
+                stats: map.entry(t.addr).or_default().clone(),
+            })
             .collect()
+    }
+
+    fn now_us(&self) -> u64 {
+        self.born.elapsed().as_micros() as u64
+    }
+
+    /// Picks one of `endpoints`, skipping ejected ones: power of two choices (two
+    /// random endpoints, neither scanned nor locked beyond those two) or round robin.
+    pub fn pick<'e>(&self, endpoints: &'e [Endpoint]) -> Option<&'e Endpoint> {
+        let n = endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        let now_us = self.now_us();
+        let up = |e: &Endpoint| {
+            let until = e.stats.ejected_until_us.load(Ordering::Relaxed);
+            until == 0 || until <= now_us
+        };
+        let round_robin = self.round_robin_policy;
+        if round_robin || n == 1 {
+            let start = self.round_robin.fetch_add(1, Ordering::Relaxed);
+            return (0..n).map(|k| &endpoints[(start + k) % n]).find(|e| up(e));
+        }
+        let i = fastrand::usize(0..n);
+        let mut j = fastrand::usize(0..n - 1);
+        if j >= i {
+            j += 1;
+        }
+        let (a, b) = (&endpoints[i], &endpoints[j]);
+        match (up(a), up(b)) {
+            (true, true) => {}
+            (true, false) => return Some(a),
+            (false, true) => return Some(b),
+            // Both ejected (rare: at most the set share of endpoints is): the first
+            // endpoint up after them.
+            (false, false) => return (1..n).map(|k| &endpoints[(i + k) % n]).find(|e| up(e)),
+        }
+        // Peak-EWMA style: the cost of an endpoint that got no answer for a while
+        // decays, so one slow sample does not starve it.
+        let cost = |e: &Endpoint| {
+            let s = &e.stats;
+            let ewma = f64::from_bits(s.ewma_us.load(Ordering::Relaxed));
+            let ewma = if ewma == 0.0 { EWMA_START_US } else { ewma };
+            let idle = now_us.saturating_sub(s.updated_us.load(Ordering::Relaxed)) as f64 / 1e6;
+            let decayed = ewma * (-idle / IDLE_TAU_SECS).exp();
+            decayed * (s.outstanding.load(Ordering::Relaxed) as f64 + 1.0)
+        };
+        Some(if cost(b) < cost(a) { b } else { a })
     }
 
     /// Waits for a connection slot (circuit breaking) and marks a request outstanding
     /// on `target`.
-    pub async fn start(&self, target: &Target) -> Result<InFlight, Limited> {
+    pub async fn start(&self, endpoint: &Endpoint) -> Result<InFlight, Limited> {
         let slot = match &self.connections {
             None => None,
             Some(sem) => match sem.clone().try_acquire_owned() {
@@ -309,13 +327,7 @@ impl Backend {
                 }
             },
         };
-        let endpoint = self
-            .endpoints
-            .lock()
-            .expect("endpoints lock")
-            .entry(target.addr)
-            .or_default()
-            .clone();
+        let endpoint = endpoint.stats.clone();
         endpoint.outstanding.fetch_add(1, Ordering::Relaxed);
         Ok(InFlight {
             endpoint,
@@ -329,7 +341,7 @@ impl Backend {
         let e = flight.endpoint.clone();
         let sample = flight.started.elapsed().as_secs_f64() * 1e6;
         let old = f64::from_bits(e.ewma_us.load(Ordering::Relaxed));
-        let now_us = self.born.elapsed().as_micros() as u64;
+        let now_us = self.now_us();
         let dt = now_us.saturating_sub(e.updated_us.swap(now_us, Ordering::Relaxed)) as f64 / 1e6;
         let new = if old == 0.0 {
             sample
@@ -344,6 +356,7 @@ impl Backend {
             return false;
         };
         let mut h = e.health.lock().expect("health lock");
+        let ejected_until = e.ejected_until_us.load(Ordering::Relaxed);
         match outcome {
             Outcome::Status(s) if s >= 500 => {
                 h.consecutive_5xx += 1;
@@ -352,8 +365,8 @@ impl Backend {
             Outcome::Status(_) => {
                 h.consecutive_5xx = 0;
                 h.consecutive_connect_failures = 0;
-                if h.ejected_until.is_some_and(|t| t <= Instant::now()) {
-                    h.ejected_until = None;
+                if ejected_until != 0 && ejected_until <= now_us {
+                    e.ejected_until_us.store(0, Ordering::Relaxed);
                 }
                 return false;
             }
@@ -364,7 +377,7 @@ impl Backend {
         let tripped = (od.consecutive_5xx > 0 && h.consecutive_5xx >= od.consecutive_5xx)
             || (od.consecutive_connect_failures > 0
                 && h.consecutive_connect_failures >= od.consecutive_connect_failures);
-        if !tripped || h.ejected_until.is_some_and(|t| t > Instant::now()) {
+        if !tripped || ejected_until > now_us {
             return false;
         }
         drop(h);
@@ -373,19 +386,12 @@ impl Backend {
             0 => DEFAULT_MAX_EJECTION_PERCENT,
             p => p.min(100),
         };
-        let now = Instant::now();
         let ejected = self
             .endpoints
             .lock()
             .expect("endpoints lock")
             .values()
-            .filter(|x| {
-                x.health
-                    .lock()
-                    .expect("health lock")
-                    .ejected_until
-                    .is_some_and(|t| t > now)
-            })
+            .filter(|x| x.ejected_until_us.load(Ordering::Relaxed) > now_us)
             .count();
         let allowed = ((endpoints as u64 * u64::from(max_percent)) / 100).max(1) as usize;
         if ejected >= allowed {
@@ -398,7 +404,8 @@ impl Backend {
             ms => Duration::from_millis(u64::from(ms)),
         };
         // Each ejection lasts longer: base times the number of ejections so far.
-        h.ejected_until = Some(now + base * h.ejections.min(10));
+        let until = now_us + (base * h.ejections.min(10)).as_micros() as u64;
+        e.ejected_until_us.store(until.max(1), Ordering::Relaxed);
         h.consecutive_5xx = 0;
         h.consecutive_connect_failures = 0;
         true
@@ -418,6 +425,10 @@ mod tests {
             .collect()
     }
 
+    fn endpoints(b: &Backend, n: u8) -> Vec<Endpoint> {
+        b.stats_for(&targets(n))
+    }
+
     #[tokio::test]
     async fn an_endpoint_failing_in_a_row_is_ejected_then_returns() {
         let policy = proto::TrafficPolicy {
@@ -431,46 +442,37 @@ mod tests {
             ..Default::default()
         };
         let b = Backend::new(Some(&policy));
-        let ts = targets(3);
-        let bad = ts[0].addr;
+        let ts = endpoints(&b, 3);
+        let bad = ts[0].target.addr;
         let mut ejected = false;
         for _ in 0..30 {
             let t = b.pick(&ts).expect("an endpoint").clone();
             let f = b.start(&t).await.expect("no limits");
-            let status = if t.addr == bad { 503 } else { 200 };
+            let status = if t.target.addr == bad { 503 } else { 200 };
             ejected |= b.finish(f, Outcome::Status(status), ts.len());
         }
         assert!(ejected);
         for _ in 0..20 {
-            assert_ne!(b.pick(&ts).expect("an endpoint").addr, bad);
+            assert_ne!(b.pick(&ts).expect("an endpoint").target.addr, bad);
         }
         tokio::time::sleep(Duration::from_millis(60)).await;
-        assert!((0..20).any(|_| b.pick(&ts).is_some_and(|t| t.addr == bad)));
+        assert!((0..20).any(|_| b.pick(&ts).is_some_and(|t| t.target.addr == bad)));
         // With one of three allowed (50%), a second failing endpoint stays in.
-        let second = ts[1].addr;
+        let second = ts[1].target.addr;
         for _ in 0..60 {
             let t = b.pick(&ts).expect("an endpoint").clone();
             let f = b.start(&t).await.expect("no limits");
-            let status = if t.addr == bad || t.addr == second {
+            let status = if t.target.addr == bad || t.target.addr == second {
                 503
             } else {
                 200
             };
             b.finish(f, Outcome::Status(status), ts.len());
         }
-        let now = Instant::now();
-        let out = b
-            .endpoints
-            .lock()
-            .expect("lock")
-            .values()
-            .filter(|e| {
-                e.health
-                    .lock()
-                    .expect("lock")
-                    .ejected_until
-                    .is_some_and(|t| t > now)
-            })
+        let now = b.now_us();
+        let out = ts
+            .iter()
+            .filter(|e| e.stats.ejected_until_us.load(Ordering::Relaxed) > now)
             .count();
         assert_eq!(out, 1);
     }
@@ -480,14 +482,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn p2c_shares_equal_endpoints_and_prefers_the_faster() {
         let b = Backend::new(None);
-        let ts = targets(2);
+        let ts = endpoints(&b, 2);
         let run = |slow_first: bool| {
             let (b, ts) = (&b, &ts);
             async move {
                 let mut first = 0;
                 for _ in 0..300 {
                     let t = b.pick(ts).expect("an endpoint").clone();
-                    let is_first = t.addr == ts[0].addr;
+                    let is_first = t.target.addr == ts[0].target.addr;
                     first += usize::from(is_first);
                     let f = b.start(&t).await.expect("no limits");
                     let ms = if slow_first && is_first { 5 } else { 1 };
@@ -516,7 +518,7 @@ mod tests {
             ..Default::default()
         };
         let b = Arc::new(Backend::new(Some(&policy)));
-        let t = targets(1).remove(0);
+        let t = endpoints(&b, 1).remove(0);
         let first = b.start(&t).await.expect("a slot");
         let waiting = {
             let (b, t) = (b.clone(), t.clone());

@@ -1,9 +1,10 @@
-//! Route selection: the HTTPRoutes and GRPCRoutes of the model compiled per
-//! (service, port), and the Gateway API's precedence to pick one rule for a request.
+//! Route selection, the first stage of a request: the routes attached to a service
+//! port (compiled in [`crate::target`]), and the Gateway API's precedence to pick one
+//! rule for a request.
 //!
 //! ```text
-//!  Model --compile--> Table { (service, port) -> [Route { rules: [Rule { matches }] }] }
-//!  request --select(service, port, client namespace)--> Selected { route, rule } | NoMatch | NoRoutes
+//!  Routes { producers, consumers by namespace } --select(client namespace, request)-->
+//!    Selected::Rule(target) | NoMatch (404) | NoRoutes (the service's default)
 //! ```
 //!
 //! Which routes apply: a route in the client's namespace that names the service as a
@@ -22,13 +23,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use api::proto::{self, PathMatchType, RouteKind};
-use api::{Model, ObjectName};
+use api::ObjectName;
 use http::{HeaderMap, Method};
-use tracing::warn;
+
+use crate::target::Target;
 
 /// One compiled match.
 #[derive(Debug)]
-struct Match {
+pub struct Match {
     path: PathRule,
     headers: Vec<(http::HeaderName, Value)>,
     query: Vec<(String, Value)>,
@@ -58,12 +60,13 @@ impl Value {
     }
 }
 
-/// A compiled route rule.
+/// A compiled route rule: its matches and what it does.
 #[derive(Debug)]
 pub struct Rule {
-    /// The rule as sent (filters, backends, timeouts, retry).
-    pub spec: proto::RouteRule,
-    matches: Vec<Match>,
+    /// Its matches (shared with the versions compiled from the same route object).
+    pub matches: Arc<[Match]>,
+    /// What a request it selects takes.
+    pub target: Arc<Target>,
 }
 
 /// A compiled route.
@@ -73,26 +76,31 @@ pub struct Route {
     pub name: ObjectName,
     /// HTTP or gRPC.
     pub kind: RouteKind,
-    created: i64,
+    /// Its creation time (Unix seconds, 0 when unknown).
+    pub created: i64,
     /// Its rules, in order.
     pub rules: Vec<Rule>,
 }
 
-/// Every route, by the (service, port) it is attached to; port 0 is every port.
+/// The routes attached to one service port: a route in the client's namespace that
+/// names the service as a parent (a consumer route) hides every producer route of that
+/// service; otherwise the routes in the service's own namespace apply. Routes in a
+/// third namespace apply to no one.
 #[derive(Debug, Default)]
-pub struct Table {
-    by_parent: HashMap<(ObjectName, u16), Vec<Arc<Route>>>,
+pub struct Routes {
+    producers: Vec<Arc<Route>>,
+    consumers: HashMap<String, Vec<Arc<Route>>>,
 }
 
 /// What a request's attributes select.
-#[derive(Debug, Clone)]
-pub enum Selected {
+#[derive(Debug, Clone, Copy)]
+pub enum Selected<'a> {
     /// No route is attached to the service: it goes to the service itself.
     NoRoutes,
     /// Routes are attached but none matches: 404.
     NoMatch,
-    /// This rule of this route.
-    Rule(Arc<Route>, usize),
+    /// This rule's target.
+    Rule(&'a Arc<Target>),
 }
 
 /// The parts of a request that routing looks at.
@@ -111,82 +119,38 @@ pub struct RequestView<'a> {
 /// A sort key, larger wins.
 type Rank = (u8, usize, bool, usize, usize);
 
-impl Table {
-    /// Compiles every route of `model`; a match that cannot be compiled (a regular
-    /// expression the controller let through) is dropped with a warning naming it.
-    pub fn compile(model: &Model) -> Table {
-        let mut by_parent: HashMap<(ObjectName, u16), Vec<Arc<Route>>> = HashMap::new();
-        for r in model.routes() {
-            let name = ObjectName::new(&r.namespace, &r.name);
-            let route = Arc::new(Route {
-                kind: RouteKind::try_from(r.kind).unwrap_or(RouteKind::Http),
-                created: r.created,
-                rules: r
-                    .rules
-                    .iter()
-                    .map(|rule| Rule {
-                        matches: compile_matches(&name, rule),
-                        spec: rule.clone(),
-                    })
-                    .collect(),
-                name,
-            });
-            for parent in &r.parents {
-                let Some((ns, svc)) = parent.service.split_once('/') else {
-                    continue;
-                };
-                let port = u16::try_from(parent.port).unwrap_or(0);
-                by_parent
-                    .entry((ObjectName::new(ns, svc), port))
+impl Routes {
+    /// The routes of `service`, split by who they apply to.
+    pub fn new(service: &ObjectName, routes: Vec<Arc<Route>>) -> Routes {
+        let mut r = Routes::default();
+        for route in routes {
+            if route.name.namespace == service.namespace {
+                r.producers.push(route);
+            } else {
+                r.consumers
+                    .entry(route.name.namespace.clone())
                     .or_default()
-                    .push(route.clone());
+                    .push(route);
             }
         }
-        Table { by_parent }
+        r
     }
 
-    /// How many (service, port) parents have routes.
-    pub fn len(&self) -> usize {
-        self.by_parent.len()
-    }
-
-    /// Whether no route is attached anywhere.
+    /// Whether no route is attached.
     pub fn is_empty(&self) -> bool {
-        self.by_parent.is_empty()
+        self.producers.is_empty() && self.consumers.is_empty()
     }
 
-    /// The rule a request to `service`:`port` from a client in `client_ns` takes.
-    pub fn select(
-        &self,
-        service: &ObjectName,
-        port: u16,
-        client_ns: Option<&str>,
-        req: &RequestView<'_>,
-    ) -> Selected {
-        let attached = [(service.clone(), port), (service.clone(), 0)];
-        let all: Vec<&Arc<Route>> = attached
-            .iter()
-            .filter_map(|k| self.by_parent.get(k))
-            .flatten()
-            .collect();
-        let consumer: Vec<&Arc<Route>> = all
-            .iter()
-            .copied()
-            .filter(|r| {
-                client_ns.is_some_and(|ns| ns == r.name.namespace && ns != service.namespace)
-            })
-            .collect();
-        let routes = match consumer.is_empty() {
-            false => consumer,
-            true => all
-                .into_iter()
-                .filter(|r| r.name.namespace == service.namespace)
-                .collect(),
+    /// The rule a request from a client in `client_ns` takes.
+    pub fn select<'a>(&'a self, client_ns: &str, req: &RequestView<'_>) -> Selected<'a> {
+        let routes = match self.consumers.get(client_ns) {
+            Some(c) => c,
+            None => &self.producers,
         };
         if routes.is_empty() {
             return Selected::NoRoutes;
         }
-        let mut best: Option<(Rank, &Arc<Route>, usize, usize)> = None;
+        let mut best: Option<(Rank, &'a Arc<Route>, usize, usize)> = None;
         for route in routes {
             for (ri, rule) in route.rules.iter().enumerate() {
                 for (mi, m) in rule.matches.iter().enumerate() {
@@ -207,7 +171,7 @@ impl Table {
             }
         }
         match best {
-            Some((_, route, ri, _)) => Selected::Rule(route.clone(), ri),
+            Some((_, route, ri, _)) => Selected::Rule(&route.rules[ri].target),
             None => Selected::NoMatch,
         }
     }
@@ -302,20 +266,15 @@ fn query_value<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
     })
 }
 
-fn compile_matches(route: &ObjectName, rule: &proto::RouteRule) -> Vec<Match> {
-    let specs: Vec<proto::RouteMatch> = match rule.matches.is_empty() {
-        true => vec![proto::RouteMatch::default()],
-        false => rule.matches.clone(),
-    };
-    specs
+/// A rule's matches compiled (no match: every request), or why one cannot be.
+pub fn compile_matches(rule: &proto::RouteRule) -> Result<Vec<Match>, String> {
+    if rule.matches.is_empty() {
+        return compile_match(&proto::RouteMatch::default()).map(|m| vec![m]);
+    }
+    rule.matches
         .iter()
-        .filter_map(|m| match compile_match(m) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                warn!(%route, rule = rule.index, "route match dropped: {e}");
-                None
-            }
-        })
+        .enumerate()
+        .map(|(i, m)| compile_match(m).map_err(|why| format!("matches[{i}]: {why}")))
         .collect()
 }
 
@@ -402,27 +361,10 @@ fn compile_match(m: &proto::RouteMatch) -> Result<Match, String> {
     })
 }
 
-/// Picks a backend by weight: `None` when every weight is 0 (the request gets 500).
-pub fn pick_backend(backends: &[proto::Backend]) -> Option<&proto::Backend> {
-    let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
-    if total == 0 {
-        return None;
-    }
-    let mut r = fastrand::u64(0..total);
-    for b in backends {
-        let w = u64::from(b.weight);
-        if r < w {
-            return Some(b);
-        }
-        r -= w;
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use api::proto::{ParentRef, PathMatch, RouteMatch, ValueMatch};
+    use api::proto::{PathMatch, RouteMatch, ValueMatch};
 
     fn route(ns: &str, name: &str, created: i64, rules: Vec<Vec<RouteMatch>>) -> Arc<Route> {
         let name = ObjectName::new(ns, name);
@@ -439,8 +381,12 @@ mod tests {
                         ..Default::default()
                     };
                     Rule {
-                        matches: compile_matches(&name, &spec),
-                        spec,
+                        matches: compile_matches(&spec).expect("compiles").into(),
+                        // The label says which rule was picked.
+                        target: Arc::new(Target {
+                            route: Some(format!("{name}#{i}").into()),
+                            ..Target::default()
+                        }),
                     }
                 })
                 .collect(),
@@ -458,14 +404,11 @@ mod tests {
         }
     }
 
-    fn table(routes: Vec<Arc<Route>>) -> Table {
-        let svc = ObjectName::new("shop", "echo");
-        let mut t = Table::default();
-        t.by_parent.insert((svc, 80), routes);
-        t
+    fn table(routes: Vec<Arc<Route>>) -> Routes {
+        Routes::new(&ObjectName::new("shop", "echo"), routes)
     }
 
-    fn pick(t: &Table, client: &str, method: &str, uri: &str, headers: &[(&str, &str)]) -> String {
+    fn pick(t: &Routes, client: &str, method: &str, uri: &str, headers: &[(&str, &str)]) -> String {
         let uri: http::Uri = uri.parse().expect("uri");
         let method = Method::from_bytes(method.as_bytes()).expect("method");
         let mut h = HeaderMap::new();
@@ -481,8 +424,8 @@ mod tests {
             query: uri.query(),
             headers: &h,
         };
-        match t.select(&ObjectName::new("shop", "echo"), 80, Some(client), &req) {
-            Selected::Rule(r, i) => format!("{}#{i}", r.name),
+        match t.select(client, &req) {
+            Selected::Rule(t) => t.route.as_deref().unwrap_or("?").to_owned(),
             Selected::NoMatch => "404".into(),
             Selected::NoRoutes => "none".into(),
         }
@@ -636,27 +579,5 @@ mod tests {
             pick(&t, "shop", "POST", "/echo.Echo/Unary", &[]),
             "shop/r#0"
         );
-    }
-
-    #[test]
-    fn weights_split_and_zero_weights_get_nothing() {
-        let b = |svc: &str, weight| proto::Backend {
-            service: svc.into(),
-            port: 80,
-            weight,
-            ..Default::default()
-        };
-        let backends = [b("v1", 80), b("v2", 20), b("v3", 0)];
-        let mut v1 = 0;
-        for _ in 0..10_000 {
-            match pick_backend(&backends).map(|b| b.service.as_str()) {
-                Some("v1") => v1 += 1,
-                Some("v2") => {}
-                other => panic!("picked {other:?}"),
-            }
-        }
-        assert!((7700..=8300).contains(&v1), "{v1}");
-        assert!(pick_backend(&[b("v1", 0)]).is_none());
-        let _ = ParentRef::default();
     }
 }

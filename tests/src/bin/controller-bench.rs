@@ -245,6 +245,7 @@ async fn run() -> anyhow::Result<()> {
             changed: tx,
             identities: Identities::new(Arc::new(NoCertificates), shutdown.clone()),
             metrics: ConfigMetrics::default(),
+            check: None,
         };
         tokio::spawn(subscription.run(shutdown.clone()));
         let done: Arc<Mutex<Option<Instant>>> = Arc::default();
