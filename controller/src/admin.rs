@@ -128,6 +128,7 @@ impl Admin {
                 if let Some(o) = s.as_object_mut() {
                     o.remove("peer");
                     o.remove("lastRejection");
+                    o.remove("refusedRoutes");
                 }
             }
         }

@@ -483,6 +483,7 @@ async fn translate_loop(
                 let mut statuses = output.statuses;
                 statuses.extend(snapshot.statuses.iter().cloned());
                 statuses.extend(translate::gateway_statuses(&snapshot.objects));
+                refuse_routes(&mut statuses, &shared.subscribers());
                 cluster.statuses.write(statuses);
                 if let Some(deployer) = &cluster.waypoints {
                     // A Gateway whose parameters do not resolve is left as it is (its
@@ -508,10 +509,44 @@ async fn translate_loop(
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             _ = changed.notified() => {}
+            _ = shared.refusals_changed.notified() => {}
         }
         // More changes usually follow the first (a file written twice, a rollout):
         // they are taken together.
         tokio::time::sleep(debounce).await;
+    }
+}
+
+/// The routes a proxy refused (a waypoint that cannot compile them, as when it is of
+/// an older release than the controller): each parent of theirs gets `Accepted: False`,
+/// `UnsupportedValue`, naming the proxy and why, until an ack no longer refuses them.
+fn refuse_routes(
+    statuses: &mut [translate::DesiredStatus],
+    subscribers: &[server::SubscriberStatus],
+) {
+    for s in subscribers {
+        for refused in &s.refused_routes {
+            let kind = match refused.kind {
+                "grpc_route" => objects::ObjectKind::GrpcRoute,
+                _ => objects::ObjectKind::HttpRoute,
+            };
+            let Some((ns, name)) = refused.name.split_once('/') else {
+                continue;
+            };
+            for status in statuses.iter_mut().filter(|d| {
+                d.object.kind == kind
+                    && d.object.namespace.as_deref() == Some(ns)
+                    && d.object.name == name
+            }) {
+                for (_, conditions) in &mut status.parents {
+                    for c in conditions.iter_mut().filter(|c| c.type_ == "Accepted") {
+                        c.status = false;
+                        c.reason = "UnsupportedValue";
+                        c.message = format!("{} cannot serve it: {}", s.node, refused.reason);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -529,3 +564,62 @@ fn report(reported: &mut BTreeSet<String>, problems: &[Problem]) {
 
 /// Statuses the translation wants written (unused in manifest mode).
 pub type Statuses = Vec<DesiredStatus>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objects::{ObjectKind, ObjectRef};
+    use crate::server::{RefusedRoute, SubscriberStatus};
+    use crate::translate::{Condition, DesiredStatus};
+
+    fn status(name: &str) -> DesiredStatus {
+        DesiredStatus {
+            object: ObjectRef::new(ObjectKind::HttpRoute, &api::ObjectName::new("shop", name)),
+            generation: Some(1),
+            parents: vec![(
+                Some(serde_json::json!({"kind": "Service", "name": "echo"})),
+                vec![Condition {
+                    type_: "Accepted",
+                    status: true,
+                    reason: "Accepted",
+                    message: "applies".into(),
+                }],
+            )],
+        }
+    }
+
+    /// A route a waypoint refused in its ack is shown not accepted, naming the
+    /// waypoint and why; the others are left alone.
+    #[test]
+    fn a_route_a_waypoint_refuses_is_not_accepted_at_its_parents() {
+        let mut statuses = vec![status("broken"), status("fine")];
+        let waypoint = SubscriberStatus {
+            node: "waypoint shop/wp".into(),
+            peer: None,
+            since: 0,
+            start: "full",
+            sent_version: 2,
+            acked_version: 2,
+            proxy_version: "0.0.9".into(),
+            rejected: 1,
+            last_rejection: None,
+            refused_routes: vec![RefusedRoute {
+                kind: "http_route",
+                name: "shop/broken".into(),
+                reason: "rules[0]: filters[0]: \"x y\" is not a header name".into(),
+            }],
+        };
+        refuse_routes(&mut statuses, &[waypoint]);
+        let accepted = &statuses[0].parents[0].1[0];
+        assert!(!accepted.status);
+        assert_eq!(accepted.reason, "UnsupportedValue");
+        assert_eq!(
+            accepted.message,
+            "waypoint shop/wp cannot serve it: rules[0]: filters[0]: \"x y\" is not a header name"
+        );
+        assert!(
+            statuses[1].parents[0].1[0].status,
+            "another route is untouched"
+        );
+    }
+}

@@ -78,6 +78,21 @@ pub struct SubscriberStatus {
     pub rejected: u64,
     /// The last refusal, as `key: reason`.
     pub last_rejection: Option<String>,
+    /// The routes its last ack refused (a waypoint that cannot compile them): their
+    /// parents' `Accepted` condition says so.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refused_routes: Vec<RefusedRoute>,
+}
+
+/// A route a proxy refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RefusedRoute {
+    /// `http_route` or `grpc_route`.
+    pub kind: &'static str,
+    /// `namespace/name`.
+    pub name: String,
+    /// Why.
+    pub reason: String,
 }
 
 /// State the services share with the translation loop.
@@ -96,6 +111,9 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Open subscriptions.
     pub subscribers: Mutex<BTreeMap<u64, SubscriberStatus>>,
+    /// Told when the routes some proxy refuses change, so that statuses are written
+    /// again.
+    pub refusals_changed: tokio::sync::Notify,
     next_id: AtomicU64,
     full_states: Semaphore,
     /// Stops every stream.
@@ -119,6 +137,7 @@ impl Shared {
             auth,
             metrics,
             subscribers: Mutex::new(BTreeMap::new()),
+            refusals_changed: tokio::sync::Notify::new(),
             next_id: AtomicU64::new(1),
             full_states: Semaphore::new(CONCURRENT_FULL_STATES),
             shutdown,
@@ -230,6 +249,9 @@ impl Drop for Registration {
             .expect("subscribers lock is never poisoned")
             .remove(&self.id);
         if let Some(s) = removed {
+            if !s.refused_routes.is_empty() {
+                self.shared.refusals_changed.notify_one();
+            }
             self.shared.metrics.subscribers.dec();
             info!(node = %s.node, acked = s.acked_version, "proxy unsubscribed");
         }
@@ -354,21 +376,40 @@ async fn read_acks(
             })) => {
                 shared.metrics.acks.inc();
                 let mut last = None;
+                let mut routes = Vec::new();
                 for r in &ack.rejected {
                     let key = r.key.as_ref().and_then(Key::from_proto);
+                    if let Some(k) = key
+                        .as_ref()
+                        .filter(|k| matches!(k.kind, api::Kind::HttpRoute | api::Kind::GrpcRoute))
+                    {
+                        routes.push(RefusedRoute {
+                            kind: k.kind.as_str(),
+                            name: k.name.clone(),
+                            reason: r.reason.clone(),
+                        });
+                    }
                     let kind = key.as_ref().map_or("unknown", |k| k.kind.as_str());
                     Metrics::count(&shared.metrics.rejections, kind);
                     let key = key.map_or_else(|| "an unknown key".to_owned(), |k| k.to_string());
                     warn!(%node, version = ack.version, "the proxy refused {key}: {}", r.reason);
                     last = Some(format!("{key}: {}", r.reason));
                 }
+                let mut routes_changed = false;
                 shared.update_status(id, |s| {
                     s.acked_version = ack.version;
                     s.rejected += ack.rejected.len() as u64;
                     if last.is_some() {
                         s.last_rejection = last;
                     }
+                    if s.refused_routes != routes {
+                        s.refused_routes = routes;
+                        routes_changed = true;
+                    }
                 });
+                if routes_changed {
+                    shared.refusals_changed.notify_one();
+                }
             }
             Ok(Some(other)) => {
                 warn!(%node, "subscription ended: expected an Ack, got {other:?}");
@@ -507,6 +548,7 @@ impl MeshConfig for MeshConfigService {
                     proxy_version: hello.proxy_version.clone(),
                     rejected: 0,
                     last_rejection: None,
+                    refused_routes: Vec::new(),
                 },
             );
         shared.metrics.subscribers.inc();

@@ -1236,12 +1236,19 @@ async fn debug_views_refuse_an_unauthenticated_or_unauthorized_request() {
             proxy_version: "0.1.0".into(),
             rejected: 1,
             last_rejection: Some("workload/shop/secret-thing: bad port".into()),
+            refused_routes: vec![controller::server::RefusedRoute {
+                kind: "http_route",
+                name: "shop/secret-route".into(),
+                reason: "bad".into(),
+            }],
         },
     );
     let (_, open) = admin_get(addr, "/debug/status", None).await;
     assert!(open.contains("\"ackedVersion\": 2"), "{open}");
     assert!(
-        !open.contains("secret-thing") && !open.contains("10.0.0.1"),
+        !open.contains("secret-thing")
+            && !open.contains("secret-route")
+            && !open.contains("10.0.0.1"),
         "{open}"
     );
     let (_, full) = admin_get(addr, "/debug/subscribers", Some("a-person")).await;

@@ -389,6 +389,15 @@ async fn what_a_proxys_own_check_refuses_reaches_the_controller_in_the_ack() {
         last.contains("demo/broken") && last.contains("cannot be compiled"),
         "{last}"
     );
+    // Kept as a refused route, which the route's status then shows.
+    assert_eq!(
+        s.refused_routes,
+        vec![controller::server::RefusedRoute {
+            kind: "http_route",
+            name: "demo/broken".into(),
+            reason: "rules[0]: matches[0]: cannot be compiled".into(),
+        }]
+    );
     assert!(p.status.lock().unwrap().rejected[0].contains("demo/broken"));
     p.stop().await;
     c.stop().await;

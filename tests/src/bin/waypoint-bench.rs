@@ -553,7 +553,11 @@ fn main() -> anyhow::Result<()> {
                 while !stop.load(Ordering::Relaxed)
                     && started.elapsed() < Duration::from_secs(flip_seconds + 5)
                 {
-                    let (v1, v2) = if flips.is_multiple_of(2) { (0, 1) } else { (1, 0) };
+                    let (v1, v2) = if flips.is_multiple_of(2) {
+                        (0, 1)
+                    } else {
+                        (1, 0)
+                    };
                     let tmp = dir.join(".route.yaml.swp");
                     if std::fs::write(&tmp, route(v1, v2)).is_ok() {
                         let _ = std::fs::rename(&tmp, dir.join("route.yaml"));
