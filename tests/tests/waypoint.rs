@@ -33,10 +33,15 @@ fn answered(sb: &Sandbox, service: &str, workload: &str, code: Option<&str>) -> 
 
 /// `curl` from the client: (status, headers and body).
 fn get(sb: &Sandbox, url: &str, extra: &[&str]) -> (u16, String) {
+    get_from(sb, CLIENT, url, extra)
+}
+
+/// `curl` from `pod`: (status, headers and body).
+fn get_from(sb: &Sandbox, pod: &str, url: &str, extra: &[&str]) -> (u16, String) {
     let mut args = vec!["curl", "-sS", "-i", "--max-time", "5"];
     args.extend_from_slice(extra);
     args.push(url);
-    let out = sb.exec(CLIENT, &args).unwrap();
+    let out = sb.exec(pod, &args).unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let status = text
         .split_whitespace()
@@ -328,28 +333,7 @@ fn routing_filters_and_l7_authorization() {
     // producer's redirect and split included, from a backend in shop with no
     // ReferenceGrant; shop's own client still gets the producer's routes; and shop's L7
     // policy still applies to front's requests.
-    let front = |path: &str| {
-        let out = sb
-            .exec(
-                "front/client",
-                &[
-                    "curl",
-                    "-sS",
-                    "-i",
-                    "--max-time",
-                    "5",
-                    &format!("{ECHO}{path}"),
-                ],
-            )
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let code: u16 = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        (code, text)
-    };
+    let front = |path: &str| get_from(&sb, "front/client", &format!("{ECHO}{path}"), &[]);
     for path in ["/", "/old/page", "/api/items", "/nowhere"] {
         for _ in 0..3 {
             let (code, text) = front(path);

@@ -413,10 +413,11 @@ impl Backend {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn targets(n: u8) -> Vec<Target> {
+    /// `n` plain endpoints, 10.244.0.1:8080 on.
+    pub(crate) fn targets(n: u8) -> Vec<Target> {
         (1..=n)
             .map(|i| Target {
                 workload: None,

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use api::model::Target as Addr;
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
@@ -457,28 +457,32 @@ pub struct Path<'a, U> {
     pub listener_port: u16,
 }
 
-/// Hop-by-hop headers, not forwarded (RFC 9110 7.6.1), except for upgrades.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-    "trailer",
+/// Hop-by-hop headers, not forwarded (RFC 9110 7.6.1), except for upgrades; names
+/// made once, not parsed per request.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TE,
+    header::TRAILER,
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    for h in HOP_BY_HOP {
-        if keep_upgrade && (h == "connection" || h == "upgrade") {
+    for h in &HOP_BY_HOP {
+        if keep_upgrade && (h == header::CONNECTION || h == header::UPGRADE) {
             continue;
         }
-        if h == "te" && headers.get("te").is_some_and(|v| v == "trailers") {
+        if h == header::TE && headers.get(header::TE).is_some_and(|v| v == "trailers") {
             continue;
         }
         headers.remove(h);
     }
 }
+
+/// The `x-forwarded-for` header's name.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 impl<U: Upstream> Path<'_, U> {
     /// Every stage after routing, for a request that selected `t`.
@@ -524,15 +528,18 @@ impl<U: Upstream> Path<'_, U> {
         }
         strip_hop_by_hop(&mut parts.headers, upgrade);
         if let Some(v) = self.forwarded_for {
-            parts.headers.append("x-forwarded-for", v.clone());
+            parts.headers.append(X_FORWARDED_FOR, v.clone());
         }
         let mut retrier = Retrier::new(&t.retry, matches!(payload, Payload::Buffered(_)));
+        // Moved into the request when it cannot be sent again, copied otherwise.
+        let reused = retrier.allowed > 0;
+        let mut parts = Some(parts);
         let attempts = async {
             let mut first = true;
             loop {
                 out.attempts += 1;
                 let (outcome, result, state) = self
-                    .attempt(t, &parts, &mut payload, upgrade, first, out)
+                    .attempt(t, &mut parts, reused, &mut payload, upgrade, first, out)
                     .await;
                 first = false;
                 if let (Some(outcome), Some(state)) = (outcome, &state) {
@@ -583,10 +590,12 @@ impl<U: Upstream> Path<'_, U> {
     /// One attempt: split, admission (first only), balance, upstream with the per-try
     /// timeout, outlier detection. The outcome is `None` when nothing was sent (not
     /// retried).
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         t: &Target,
-        parts: &http::request::Parts,
+        parts: &mut Option<http::request::Parts>,
+        reused: bool,
         payload: &mut Payload,
         upgrade: bool,
         first: bool,
@@ -625,11 +634,15 @@ impl<U: Upstream> Path<'_, U> {
                 )
             }
         };
-        let Some(body) = payload.take() else {
+        let head = match reused {
+            true => parts.clone(),
+            false => parts.take(),
+        };
+        let (Some(body), Some(head)) = (payload.take(), head) else {
             return (None, Err(Refused::BodySent), None);
         };
-        let h2 = pool.h2.unwrap_or(parts.version == Version::HTTP_2);
-        let req = upstream_request(parts, &endpoint.target, body, h2);
+        let h2 = pool.h2.unwrap_or(head.version == Version::HTTP_2);
+        let req = upstream_request(head, &endpoint.target, body, h2);
         let addr = endpoint.target.addr;
         let sent = self
             .upstream
@@ -668,7 +681,7 @@ impl<U: Upstream> Path<'_, U> {
         strip_hop_by_hop(&mut parts.headers, false);
         let h2 = pool.h2.unwrap_or(parts.version == Version::HTTP_2);
         let req = upstream_request(
-            &parts,
+            parts,
             &endpoint.target,
             Full::new(body)
                 .map_err(|e| -> BoxError { match e {} })
@@ -700,50 +713,52 @@ impl<U: Upstream> Path<'_, U> {
 
 /// The request to send to `target`: origin-form for HTTP/1.1, absolute for HTTP/2.
 fn upstream_request(
-    parts: &http::request::Parts,
+    parts: http::request::Parts,
     target: &Addr,
     body: Body,
     h2: bool,
 ) -> Request<Body> {
-    let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
-    *req.headers_mut() = parts.headers.clone();
-    let pq = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    *req.version_mut() = if h2 {
-        Version::HTTP_2
-    } else {
-        Version::HTTP_11
-    };
-    let authority = || {
-        parts
-            .uri
-            .authority()
+    let http::request::Parts {
+        method,
+        uri,
+        mut headers,
+        ..
+    } = parts;
+    let authority = |headers: &HeaderMap| {
+        uri.authority()
             .map(|a| a.as_str().to_owned())
             .or_else(|| {
-                parts
-                    .headers
+                headers
                     .get(header::HOST)
                     .and_then(|h| h.to_str().ok())
                     .map(str::to_owned)
             })
             .unwrap_or_else(|| target.addr.to_string())
     };
-    let mut uri = http::uri::Parts::default();
+    let mut out = http::uri::Parts::default();
     if h2 {
-        req.headers_mut().remove(header::HOST);
-        uri.scheme = Some(http::uri::Scheme::HTTP);
-        uri.authority = authority().parse().ok();
-    } else if !req.headers().contains_key(header::HOST) {
-        if let Ok(v) = HeaderValue::try_from(authority()) {
-            req.headers_mut().insert(header::HOST, v);
+        out.scheme = Some(http::uri::Scheme::HTTP);
+        out.authority = authority(&headers).parse().ok();
+        headers.remove(header::HOST);
+    } else if !headers.contains_key(header::HOST) {
+        if let Ok(v) = HeaderValue::try_from(authority(&headers)) {
+            headers.insert(header::HOST, v);
         }
     }
-    uri.path_and_query = Some(pq);
-    if let Ok(u) = Uri::from_parts(uri) {
+    out.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.headers_mut() = headers;
+    *req.version_mut() = if h2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    if let Ok(u) = Uri::from_parts(out) {
         *req.uri_mut() = u;
     }
     req
@@ -836,22 +851,13 @@ mod tests {
         }
     }
 
-    fn addrs(n: u8) -> Vec<Addr> {
-        (1..=n)
-            .map(|i| Addr {
-                workload: None,
-                addr: SocketAddr::from(([10, 244, 0, i], 8080)),
-            })
-            .collect()
-    }
-
     fn pool_with(name: &str, n: u8, policy: Option<proto::TrafficPolicy>) -> Arc<Pool> {
         Arc::new(Pool::new(
             ObjectName::new("shop", name),
             80,
             Some(false),
             Arc::new(Backend::new(policy.as_ref())),
-            &addrs(n),
+            &crate::resilience::tests::targets(n),
         ))
     }
 
