@@ -52,23 +52,26 @@ impl AsyncRead for ReadAhead<TcpStream> {
                 return Pin::new(&mut this.io).poll_read(cx, out);
             }
             // Allocate only once the socket is readable, so waiting costs no memory.
-            loop {
-                std::task::ready!(this.io.poll_read_ready(cx))?;
-                let mut buf = BytesMut::with_capacity(this.size);
-                match this.io.try_read_buf(&mut buf) {
-                    Ok(0) => return Poll::Ready(Ok(())),
-                    Ok(n) => {
-                        if n >= this.size {
-                            this.size = (this.size * 2).min(READ_AHEAD);
-                        } else if n < this.size / 4 {
-                            this.size = (this.size / 2).max(READ_MIN);
-                        }
-                        this.buf = buf;
-                        break;
+            // The read goes through Tokio's read path, which takes a short read for a
+            // drained socket (the next read waits for epoll instead of getting EAGAIN);
+            // if it finds nothing after all, the buffer goes and the wait goes on.
+            std::task::ready!(this.io.poll_read_ready(cx))?;
+            let mut buf = BytesMut::with_capacity(this.size);
+            match std::task::ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut this.io),
+                cx,
+                &mut buf
+            )) {
+                Ok(0) => return Poll::Ready(Ok(())),
+                Ok(n) => {
+                    if n >= this.size {
+                        this.size = (this.size * 2).min(READ_AHEAD);
+                    } else if n < this.size / 4 {
+                        this.size = (this.size / 2).max(READ_MIN);
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Poll::Ready(Err(e)),
+                    this.buf = buf;
                 }
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
         let n = this.buf.len().min(out.remaining());

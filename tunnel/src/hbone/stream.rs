@@ -189,6 +189,26 @@ impl Progress for () {
     fn stream_to_tcp(&self, _: u64) {}
 }
 
+/// One read of what `rd` holds into `buf`'s spare room, polled once, without waiting:
+/// `None` when there was nothing after all (the caller waits for readiness again).
+///
+/// The buffer is made by the caller once the socket is readable, so a waiting
+/// connection holds none. The read goes through Tokio's read path, which takes a short
+/// read for a drained socket and waits for epoll next time; `try_read_buf` would try
+/// the socket again and get EAGAIN, one wasted `recvfrom` per message. Polled here
+/// rather than awaited, so the copy loop's future (one per connection) does not grow.
+fn read_now(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    buf: &mut bytes::BytesMut,
+) -> Option<io::Result<usize>> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match tokio_util::io::poll_read_buf(std::pin::Pin::new(rd), &mut cx, buf) {
+        std::task::Poll::Ready(r) => Some(r),
+        // Readiness was cleared; the caller's `readable()` registers its own waker.
+        std::task::Poll::Pending => None,
+    }
+}
+
 impl H2Stream {
     /// [`copy_bidirectional_counted`](Self::copy_bidirectional_counted) without a
     /// [`Progress`].
@@ -209,7 +229,7 @@ impl H2Stream {
     ) -> io::Result<(u64, u64)> {
         use tokio::io::AsyncWriteExt;
 
-        let (rd, mut wr) = tcp.into_split();
+        let (mut rd, mut wr) = tcp.into_split();
         let (send, recv, pending) = (
             &mut self.send,
             &mut self.recv,
@@ -221,14 +241,17 @@ impl H2Stream {
             loop {
                 rd.readable().await?;
                 let mut buf = bytes::BytesMut::with_capacity(size);
-                match rd.try_read_buf(&mut buf) {
+                let Some(read) = read_now(&mut rd, &mut buf) else {
+                    continue;
+                };
+                match read {
                     Ok(0) => {
                         send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
                         return Ok::<u64, io::Error>(total);
                     }
                     Ok(n) => {
                         total += n as u64;
-                        if n == size {
+                        if n >= size {
                             size = (size * 2).min(READ_MAX);
                         } else if n < size / 4 {
                             size = (size / 2).max(READ_MIN);
@@ -246,7 +269,6 @@ impl H2Stream {
                             progress.tcp_to_stream(len);
                         }
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Err(e),
                 }
             }
