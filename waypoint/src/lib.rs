@@ -9,14 +9,17 @@
 //! authorizes and counts the client.
 //!
 //! ```text
-//!  controller --Subscribe(role waypoint)--> model --> router::Table (recompiled per change)
+//!  controller --Subscribe(role waypoint)--> model --> target::Compiled (per version, before the ack)
 //!  controller --CA (own identity only)----> leaf
 //!  pod netns: HBONE :15008 --> proxy::Streams --> upstream::Upstreams --HBONE--> node-proxy
 //!  host:      admin (/ready, /metrics, /config_dump)
 //! ```
 //!
-//! - [`router`]: route compilation and the Gateway API's precedence.
-//! - [`proxy`]: the data path (protocol detection, filters, retries, timeouts, authz).
+//! - [`target`]: the model compiled per version into typed targets (only what changed).
+//! - [`router`]: route matches and the Gateway API's precedence.
+//! - [`proxy`]: the data path (identity, protocol detection, routing, authz, metrics).
+//! - [`stages`]: the request path after routing (filters, split, balance, upstream,
+//!   retries, timeouts) and the one place refusals become answers.
 //! - [`resilience`]: TrafficPolicy state (load balancing, outlier detection, limits,
 //!   retry budget, faults, rate limit).
 //! - [`upstream`]: connections to endpoints.
