@@ -88,7 +88,7 @@ struct Conn {
     port: u16,
     /// The series its last request was counted in.
     series: Mutex<Option<Series>>,
-    /// Its service port as compiled, and the model version it was compiled from.
+    /// Its service port as compiled, and the compilation it is from.
     front: Mutex<Option<(u64, Option<Arc<Front>>)>>,
 }
 
@@ -111,10 +111,10 @@ impl Conn {
         let compiled = wp.compiled.load();
         let mut cached = self.front.lock().expect("front lock");
         match &*cached {
-            Some((version, front)) if *version == compiled.version => front.clone(),
+            Some((generation, front)) if *generation == compiled.generation => front.clone(),
             _ => {
                 let front = compiled.front(&self.name, self.port).cloned();
-                *cached = Some((compiled.version, front.clone()));
+                *cached = Some((compiled.generation, front.clone()));
                 front
             }
         }

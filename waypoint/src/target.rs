@@ -30,6 +30,9 @@ use http::StatusCode;
 use crate::resilience::{Backend, Endpoint};
 use crate::router::{self, Match, Route, Routes, Rule};
 
+/// Numbers compilations; 0 is the empty one before the first model.
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// The first wait between attempts when a route's retry gives none.
 pub const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
 
@@ -38,6 +41,10 @@ pub const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
 pub struct Compiled {
     /// The model version compiled.
     pub version: u64,
+    /// This compilation's number in the process, never reused (a model version may be
+    /// seen again from a restarted controller): what connections cache their
+    /// [`Front`] by.
+    pub generation: u64,
     fronts: HashMap<(ObjectName, u16), Arc<Front>>,
     /// Routes that could not be compiled, and why; they serve no request.
     pub problems: Vec<(Key, String)>,
@@ -289,6 +296,7 @@ impl Compiled {
     pub fn compile(gateway: &ObjectName, model: &Model, previous: &Compiled) -> Compiled {
         let mut next = Compiled {
             version: model.version(),
+            generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             ..Compiled::default()
         };
         let mut cx = Cx {
