@@ -25,6 +25,8 @@
 //! - [`upstream`]: connections to endpoints.
 //! - [`metrics`]: request metrics and the access log.
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod prefixed;
 pub mod proxy;

@@ -97,6 +97,8 @@ pub enum Refused {
     Timeout,
     /// The request body could not be read.
     BadBody(String),
+    /// The request cannot be answered as asked (a redirect to a `Host` that is none).
+    BadRequest(String),
     /// A streamed body cannot be sent again.
     BodySent,
     /// An authorization policy denied it.
@@ -160,6 +162,7 @@ impl Refused {
                 StatusCode::BAD_REQUEST,
                 format!("cannot read the request body: {e}"),
             ),
+            Refused::BadRequest(why) => (StatusCode::BAD_REQUEST, why.clone()),
             Refused::BodySent => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the request body was already sent".into(),
@@ -318,11 +321,18 @@ pub fn redirect<B>(
         .query()
         .map(|q| format!("?{q}"))
         .unwrap_or_default();
+    // The host may come from the client's `Host` header: a Location that is not a URI
+    // (a host with a space, say) is the client's error, not a redirect.
+    let location = format!("{scheme}://{host}{port}{path}{query}");
+    let Ok(location) = Uri::try_from(location.as_str())
+        .map_err(drop)
+        .and_then(|_| HeaderValue::try_from(location).map_err(drop))
+    else {
+        return Refused::BadRequest(format!("the Host header {host:?} is not a host")).response();
+    };
     let mut resp = Response::new(Empty::new().map_err(|e| -> BoxError { match e {} }).boxed());
     *resp.status_mut() = r.status;
-    if let Ok(v) = HeaderValue::try_from(format!("{scheme}://{host}{port}{path}{query}")) {
-        resp.headers_mut().insert(header::LOCATION, v);
-    }
+    resp.headers_mut().insert(header::LOCATION, location);
     resp
 }
 
@@ -967,6 +977,13 @@ mod tests {
             ..https
         };
         assert_eq!(location(port, 8080), "https://echo.shop:9443/a/b?x=1");
+        // A Host that is no host (found by fuzzing): 400, not a broken Location.
+        let mut bad = request("/a");
+        bad.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("a b"));
+        let resp = redirect(&bad, &base, None, 8080);
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        assert!(!resp.headers().contains_key(header::LOCATION));
     }
 
     #[test]
