@@ -269,7 +269,10 @@ pub fn changed_path(path: &str, change: &PathChange, matched_prefix: Option<&str
             let replacement = replacement.trim_end_matches('/');
             match (replacement.is_empty(), rest.is_empty()) {
                 (true, true) => "/".into(),
-                (true, false) => rest.into(),
+                (true, false) if rest.starts_with('/') => rest.into(),
+                // What follows the prefix is not a path of its own (found by fuzzing:
+                // `/api*` with the prefix `/api/`): it stays one.
+                (true, false) => format!("/{rest}"),
                 (false, _) => format!("{replacement}{rest}"),
             }
         }
