@@ -551,11 +551,11 @@ impl<U: Upstream> Path<'_, U> {
             let mut first = true;
             loop {
                 out.attempts += 1;
-                let (outcome, result, state) = self
+                let (result, tried) = self
                     .attempt(t, &mut parts, reused, &mut payload, upgrade, first, out)
                     .await;
                 first = false;
-                if let (Some(outcome), Some(state)) = (outcome, &state) {
+                if let Some((outcome, state)) = tried {
                     if let Some(wait) = retrier.again(outcome, state) {
                         out.flag("retried");
                         tokio::time::sleep(wait).await;
@@ -601,12 +601,12 @@ impl<U: Upstream> Path<'_, U> {
     }
 
     /// One attempt: split, admission (first only), balance, upstream with the per-try
-    /// timeout, outlier detection. The outcome is `None` when nothing was sent (not
-    /// retried).
+    /// timeout, outlier detection. With how it ended and the backend whose budget a retry
+    /// takes, unless nothing was sent (then it is not retried).
     #[allow(clippy::too_many_arguments)]
-    async fn attempt(
+    async fn attempt<'t>(
         &self,
-        t: &Target,
+        t: &'t Target,
         parts: &mut Option<http::request::Parts>,
         reused: bool,
         payload: &mut Payload,
@@ -614,34 +614,32 @@ impl<U: Upstream> Path<'_, U> {
         first: bool,
         out: &mut Outcomes,
     ) -> (
-        Option<Outcome>,
         Result<Response<Body>, Refused>,
-        Option<Arc<Backend>>,
+        Option<(Outcome, &'t Backend)>,
     ) {
         let Some(backend) = split(t) else {
-            return (None, Err(Refused::NoWeight), None);
+            return (Err(Refused::NoWeight), None);
         };
         out.backend = Some(backend.name.clone());
         let pool = match &backend.to {
             Ok(p) => p,
-            Err(why) => return (None, Err(Refused::InvalidBackend(why.clone())), None),
+            Err(why) => return (Err(Refused::InvalidBackend(why.clone())), None),
         };
         let state = &pool.state;
         if first {
             if let Err(r) = admit(state, out).await {
-                return (None, Err(r), None);
+                return (Err(r), None);
             }
         }
         let endpoint = match balance(pool) {
             Ok(e) => e,
-            Err(r) => return (None, Err(r), None),
+            Err(r) => return (Err(r), None),
         };
         out.endpoint = Some(endpoint.target.clone());
         let flight = match state.start(endpoint).await {
             Ok(f) => f,
             Err(l) => {
                 return (
-                    None,
                     Err(Refused::Limited(StatusCode::SERVICE_UNAVAILABLE, l)),
                     None,
                 )
@@ -652,7 +650,7 @@ impl<U: Upstream> Path<'_, U> {
             false => parts.take(),
         };
         let (Some(body), Some(head)) = (payload.take(), head) else {
-            return (None, Err(Refused::BodySent), None);
+            return (Err(Refused::BodySent), None);
         };
         let h2 = pool.h2.unwrap_or(head.version == Version::HTTP_2);
         let req = upstream_request(head, &endpoint.target, body, h2);
@@ -672,7 +670,7 @@ impl<U: Upstream> Path<'_, U> {
             info!(service = %pool.label, endpoint = %addr, "endpoint ejected");
             out.flag("ejected");
         }
-        (Some(outcome), result, Some(state.clone()))
+        (result, Some((outcome, state)))
     }
 
     /// Sends a copy of the request to `pool` and drops the answer; bounded by the

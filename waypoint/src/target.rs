@@ -39,8 +39,6 @@ pub const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
 /// Everything the request path reads, for one model version.
 #[derive(Debug, Default)]
 pub struct Compiled {
-    /// The model version compiled.
-    pub version: u64,
     /// This compilation's number in the process, never reused (a model version may be
     /// seen again from a restarted controller): what connections cache their
     /// [`Front`] by.
@@ -295,7 +293,6 @@ impl Compiled {
     /// from the same objects.
     pub fn compile(gateway: &ObjectName, model: &Model, previous: &Compiled) -> Compiled {
         let mut next = Compiled {
-            version: model.version(),
             generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             ..Compiled::default()
         };
@@ -360,25 +357,20 @@ impl Compiled {
                     let target_port = endpoints.first().map_or(port.port, |t| t.addr.port());
                     (w, target_port)
                 });
-                next_front(
-                    cx.next,
-                    Front {
+                cx.next.fronts.insert(
+                    (name.clone(), port.port),
+                    Arc::new(Front {
                         routes: Routes::new(&name, routes),
                         service: name.clone(),
                         port: port.port,
                         default,
                         authz,
-                    },
+                    }),
                 );
             }
         }
         next
     }
-}
-
-fn next_front(next: &mut Compiled, front: Front) {
-    next.fronts
-        .insert((front.service.clone(), front.port), Arc::new(front));
 }
 
 /// The compile step's context.
