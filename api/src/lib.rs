@@ -24,6 +24,7 @@
 pub mod authz;
 pub mod digest;
 pub mod enrollment;
+pub mod fuzzing;
 pub mod model;
 pub mod resource;
 

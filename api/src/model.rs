@@ -313,6 +313,25 @@ impl Model {
         self.hashes.iter()
     }
 
+    /// The resource held under `key`, as it was accepted.
+    pub fn resource(&self, key: &Key) -> Option<Resource> {
+        let object = || key.name.parse::<ObjectName>().ok();
+        Some(match key.kind {
+            Kind::Namespace => Resource::Namespace((**self.namespaces.get(&key.name)?).clone()),
+            Kind::Workload => Resource::Workload((**self.workloads.get(&key.name)?).clone()),
+            Kind::Service => Resource::Service((**self.services.get(&object()?)?).clone()),
+            Kind::AuthorizationPolicy => {
+                Resource::AuthorizationPolicy((**self.policies.get(&object()?)?).clone())
+            }
+            Kind::Waypoint => Resource::Waypoint((**self.waypoints.get(&object()?)?).clone()),
+            Kind::HttpRoute | Kind::GrpcRoute => Resource::Route((**self.routes.get(key)?).clone()),
+            Kind::TrafficPolicy => {
+                Resource::TrafficPolicy((**self.traffic_policies.get(&object()?)?).clone())
+            }
+            Kind::TrustBundle => Resource::TrustBundle((**self.trust_bundle.as_ref()?).clone()),
+        })
+    }
+
     /// Applies one update, returning the new model; `self` is unchanged.
     pub fn apply(&self, update: &proto::Update) -> Applied {
         let kind = proto::UpdateKind::try_from(update.kind).unwrap_or(proto::UpdateKind::Full);
@@ -342,8 +361,15 @@ impl Model {
             }
         }
 
-        let mut parsed = Vec::with_capacity(update.upserts.len());
-        for wire in &update.upserts {
+        // A key upserted twice in one update: the last upsert counts, as it would in two
+        // updates (each key is indexed and hashed into the position once).
+        let mut seen = HashSet::new();
+        let mut upserts: Vec<&proto::Resource> = (update.upserts.iter().rev())
+            .filter(|w| (w.key.as_ref().and_then(Key::from_proto)).is_none_or(|k| seen.insert(k)))
+            .collect();
+        upserts.reverse();
+        let mut parsed = Vec::with_capacity(upserts.len());
+        for wire in upserts {
             match Resource::from_proto(wire) {
                 Ok(Some((key, resource))) => {
                     if next.hashes.get(&key) != Some(&wire.hash) {
@@ -989,6 +1015,31 @@ mod tests {
             ))
             .model;
         assert_eq!(m3.position().buckets, m1.position().buckets);
+    }
+
+    /// Found by fuzzing: the position counted both upserts of a key sent twice in one
+    /// update, so a resume from it resent everything of that bucket.
+    #[test]
+    fn a_key_upserted_twice_in_one_update_counts_once_and_the_last_wins() {
+        let m1 = base();
+        let first = workload("a", "10.244.1.1", &[("echo", 80, 8080)]);
+        let last = workload("a", "10.244.1.9", &[("echo", 80, 8080)]);
+        let update = delta(
+            2,
+            vec![Resource::Workload(first), Resource::Workload(last)],
+            vec![],
+        );
+        let m2 = m1.apply(&update).model;
+        let expected = digests_of(m2.hashes().map(|(k, h)| (k, *h)));
+        assert_eq!(m2.position().buckets, expected.to_vec());
+        assert_eq!(
+            addrs(&m2, "echo", 80),
+            ["10.244.1.9:8080", "10.244.1.2:8081"]
+        );
+        assert!(
+            m2.apply(&update).changed.is_empty(),
+            "applied again, it changes nothing"
+        );
     }
 
     #[test]

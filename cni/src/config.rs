@@ -253,6 +253,20 @@ pub struct NetConf {
     pub prev_result: Option<Value>,
 }
 
+/// A value as compact JSON, cut to 40 bytes: enough to recognize it in an error.
+fn excerpt(value: &Value) -> String {
+    let mut text = value.to_string();
+    if text.len() > 40 {
+        let mut cut = 40;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str("...");
+    }
+    text
+}
+
 fn field<'a>(conf: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
     conf.get(name).filter(|v| !v.is_null())
 }
@@ -267,7 +281,7 @@ fn string(conf: &Map<String, Value>, name: &str) -> Result<Option<String>, CniEr
         }),
         Some(other) => Err(CniError::Config {
             field: name.into(),
-            reason: format!("must be a string, not {other}"),
+            reason: format!("must be a string, not {}", excerpt(other)),
         }),
     }
 }
@@ -291,7 +305,8 @@ impl NetConf {
         })?;
         let Value::Object(conf) = value else {
             return Err(CniError::Decode(format!(
-                "expected a JSON object, got {value:.40}"
+                "expected a JSON object, got {}",
+                excerpt(&value)
             )));
         };
         let missing = |name: &str| CniError::Config {
@@ -339,14 +354,14 @@ impl NetConf {
                     Value::String(s) if !s.is_empty() => Ok(s.clone()),
                     other => Err(CniError::Config {
                         field: format!("excludeNamespaces[{i}]"),
-                        reason: format!("must be a namespace name, not {other}"),
+                        reason: format!("must be a namespace name, not {}", excerpt(other)),
                     }),
                 })
                 .collect::<Result<_, _>>()?,
             Some(other) => {
                 return Err(CniError::Config {
                     field: "excludeNamespaces".into(),
-                    reason: format!("must be a list of namespace names, not {other:.40}"),
+                    reason: format!("must be a list of namespace names, not {}", excerpt(other)),
                 })
             }
         };
@@ -356,7 +371,7 @@ impl NetConf {
             Some(other) => {
                 return Err(CniError::Config {
                     field: "failOpen".into(),
-                    reason: format!("must be true or false, not {other:.40}"),
+                    reason: format!("must be true or false, not {}", excerpt(other)),
                 })
             }
         };
@@ -366,7 +381,7 @@ impl NetConf {
             Some(other) => {
                 return Err(CniError::Config {
                     field: "prevResult".into(),
-                    reason: format!("must be an object, not {other:.40}"),
+                    reason: format!("must be an object, not {}", excerpt(other)),
                 })
             }
             None if matches!(command, Command::Add | Command::Check) => {
@@ -433,7 +448,10 @@ impl NetConf {
                         .ok_or_else(|| {
                             bad(
                                 format!("{field}.interface"),
-                                format!("{index} is not an index into prevResult.interfaces"),
+                                format!(
+                                    "{} is not an index into prevResult.interfaces",
+                                    excerpt(index)
+                                ),
                             )
                         })?;
                     interface

@@ -152,12 +152,16 @@ impl CniError {
             msg: String,
             details: String,
         }
-        let details = self.to_string();
+        // Errors quote what they refuse; runtimes put the text in events and logs.
+        let details = ipc::shorten(self.to_string(), ipc::MAX_ERROR_TEXT);
         let out = Out {
             cni_version,
             code: self.code(),
             // Runtimes often show only `msg`: it carries the whole story, prefixed.
-            msg: format!("weft-cni: {}: {details}", self.summary()),
+            msg: ipc::shorten(
+                format!("weft-cni: {}: {details}", self.summary()),
+                ipc::MAX_ERROR_TEXT,
+            ),
             details,
         };
         serde_json::to_string(&out).expect("a struct of strings and a number always serializes")

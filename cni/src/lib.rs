@@ -18,6 +18,7 @@
 
 pub mod config;
 pub mod error;
+pub mod fuzzing;
 
 use std::fs::File;
 use std::os::fd::AsFd;

@@ -18,6 +18,7 @@ pub mod admin;
 pub mod auth;
 pub mod ca;
 pub mod crd;
+pub mod fuzzing;
 pub mod install;
 pub mod kubernetes;
 pub mod leader;

@@ -74,7 +74,9 @@ pub fn describe_yaml_error(doc: &Document<'_>, e: &serde_yaml_ng::Error) -> (usi
         .to_owned();
     match e.location() {
         Some(loc) => {
-            let line = doc.line + loc.line() - 1;
+            // At the end of a text without a final line break the parser points one
+            // line past it: name the last line instead.
+            let line = doc.line + loc.line().saturating_sub(1).min(yaml_lines(doc.text) - 1);
             (
                 line,
                 format!("{message} (line {line}, column {})", loc.column()),
@@ -82,6 +84,11 @@ pub fn describe_yaml_error(doc: &Document<'_>, e: &serde_yaml_ng::Error) -> (usi
         }
         None => (doc.line, message),
     }
+}
+
+/// How many lines YAML counts in `text`: a line ends at `\n`, `\r\n` or a lone `\r`.
+pub fn yaml_lines(text: &str) -> usize {
+    text.replace("\r\n", "\n").split(['\r', '\n']).count()
 }
 
 /// A file that is not YAML.

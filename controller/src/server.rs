@@ -339,7 +339,7 @@ impl Feed {
 }
 
 /// The first update of a subscription.
-fn initial(
+pub(crate) fn initial(
     store: &Store,
     view: &View,
     position: Option<proto::Position>,
@@ -356,6 +356,40 @@ fn initial(
         Some(held) => ("resync", store.resync(view, &held)),
         None => ("full", store.full(view)),
     }
+}
+
+/// What an acknowledgement says, read for the status and the log.
+pub(crate) struct AckReading<'a> {
+    /// The routes it refuses (a waypoint that cannot compile them).
+    pub(crate) routes: Vec<RefusedRoute>,
+    /// Each refusal: the kind (a metric label), the key as text, and the reason.
+    pub(crate) refusals: Vec<(&'static str, String, &'a str)>,
+}
+
+/// Reads an acknowledgement's refusals; a key the controller does not know is named
+/// "an unknown key", not refused.
+pub(crate) fn read_ack(ack: &proto::Ack) -> AckReading<'_> {
+    let mut reading = AckReading {
+        routes: Vec::new(),
+        refusals: Vec::with_capacity(ack.rejected.len()),
+    };
+    for r in &ack.rejected {
+        let key = r.key.as_ref().and_then(Key::from_proto);
+        if let Some(k) = key
+            .as_ref()
+            .filter(|k| matches!(k.kind, api::Kind::HttpRoute | api::Kind::GrpcRoute))
+        {
+            reading.routes.push(RefusedRoute {
+                kind: k.kind.as_str(),
+                name: k.name.clone(),
+                reason: r.reason.clone(),
+            });
+        }
+        let kind = key.as_ref().map_or("unknown", |k| k.kind.as_str());
+        let key = key.map_or_else(|| "an unknown key".to_owned(), |k| k.to_string());
+        reading.refusals.push((kind, key, &r.reason));
+    }
+    reading
 }
 
 async fn read_acks(
@@ -375,25 +409,12 @@ async fn read_acks(
                 message: Some(subscribe_request::Message::Ack(ack)),
             })) => {
                 shared.metrics.acks.inc();
+                let AckReading { routes, refusals } = read_ack(&ack);
                 let mut last = None;
-                let mut routes = Vec::new();
-                for r in &ack.rejected {
-                    let key = r.key.as_ref().and_then(Key::from_proto);
-                    if let Some(k) = key
-                        .as_ref()
-                        .filter(|k| matches!(k.kind, api::Kind::HttpRoute | api::Kind::GrpcRoute))
-                    {
-                        routes.push(RefusedRoute {
-                            kind: k.kind.as_str(),
-                            name: k.name.clone(),
-                            reason: r.reason.clone(),
-                        });
-                    }
-                    let kind = key.as_ref().map_or("unknown", |k| k.kind.as_str());
+                for (kind, key, reason) in refusals {
                     Metrics::count(&shared.metrics.rejections, kind);
-                    let key = key.map_or_else(|| "an unknown key".to_owned(), |k| k.to_string());
-                    warn!(%node, version = ack.version, "the proxy refused {key}: {}", r.reason);
-                    last = Some(format!("{key}: {}", r.reason));
+                    warn!(%node, version = ack.version, "the proxy refused {key}: {reason}");
+                    last = Some(format!("{key}: {reason}"));
                 }
                 let mut routes_changed = false;
                 shared.update_status(id, |s| {

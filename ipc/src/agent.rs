@@ -178,12 +178,13 @@ impl Reply {
         }
     }
 
-    /// A failure; `retry`: it is transient.
+    /// A failure; `retry`: it is transient. The message is cut to
+    /// [`MAX_ERROR_TEXT`](crate::MAX_ERROR_TEXT).
     pub fn error(message: impl Into<String>, retry: bool) -> Self {
         Reply {
             ok: false,
             verdict: None,
-            message: message.into(),
+            message: crate::shorten(message.into(), crate::MAX_ERROR_TEXT),
             retry,
             version: VERSION,
         }

@@ -19,8 +19,10 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-/// The most plugin connections served at once; more wait in the socket's backlog.
-const MAX_CONNECTIONS: usize = 64;
+/// The most plugin connections served at once (a task each; a buffer only while one
+/// is read); more wait in the socket's backlog, at most [`READ_TIMEOUT`] when the others
+/// send nothing.
+const MAX_CONNECTIONS: usize = 256;
 /// How long a plugin may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -76,6 +78,11 @@ pub async fn serve(
 }
 
 async fn one(sock: UnixStream, to: mpsc::Sender<CniRequest>) -> std::io::Result<()> {
+    // The buffer only once there is something to read: a connection that sends
+    // nothing costs a task, not 64 KiB.
+    tokio::time::timeout(READ_TIMEOUT, sock.readable())
+        .await
+        .map_err(|_| std::io::Error::other("the plugin sent nothing in time"))??;
     let mut buf = vec![0u8; MAX_MESSAGE];
     let received = tokio::time::timeout(
         READ_TIMEOUT,
@@ -113,7 +120,7 @@ async fn one(sock: UnixStream, to: mpsc::Sender<CniRequest>) -> std::io::Result<
 }
 
 /// A request and its namespace, or why it is refused.
-fn parse(
+pub(crate) fn parse(
     bytes: &[u8],
     truncated: bool,
     fds: Vec<OwnedFd>,

@@ -23,6 +23,7 @@ pub mod chain;
 pub mod cni;
 pub mod config;
 pub mod discover;
+pub mod fuzzing;
 pub mod link;
 pub mod metrics;
 pub mod plan;

@@ -47,6 +47,13 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 /// pod's workload to reach the model (10 s by default).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How long node-proxy waits for a new connection's `hello`.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many senders node-proxy serves at once (the node agent, a node-proxy taking
+/// over, tools), each with a 64 KiB buffer; more wait until one closes, at most
+/// [`HELLO_TIMEOUT`] when the others say nothing.
+pub const MAX_CONNECTIONS: usize = 256;
+
 /// Where node-proxy serves the handoff socket on a node.
 pub const DEFAULT_SOCKET: &str = "/run/weft/handoff.sock";
 
@@ -110,7 +117,7 @@ enum Message {
 /// One part of a takeover answer, with its descriptors attached.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-enum Handed {
+pub(crate) enum Handed {
     /// The admin listener.
     Admin {},
     /// A pod: its namespace, then its outbound, inbound plaintext and HBONE listeners.
@@ -151,25 +158,26 @@ pub struct SnapshotPod<'a> {
 
 /// node-proxy's answer to one message.
 #[derive(Debug, Serialize, Deserialize)]
-struct Reply {
+pub(crate) struct Reply {
     ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
+    pub(crate) error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     version: Option<u32>,
 }
 
 impl Reply {
-    fn encode(result: Result<(), String>, version: Option<u32>) -> Vec<u8> {
+    pub(crate) fn encode(result: Result<(), String>, version: Option<u32>) -> Vec<u8> {
         let (ok, error) = match result {
             Ok(()) => (true, None),
-            Err(e) => (false, Some(e)),
+            // Errors quote what they refuse: cut, so the reply fits the sender's buffer.
+            Err(e) => (false, Some(ipc::shorten(e, ipc::MAX_ERROR_TEXT))),
         };
         serde_json::to_vec(&Reply { ok, error, version })
             .expect("a reply of bools and strings always serializes")
     }
 
-    fn into_result(self) -> Result<(), HandoffError> {
+    pub(crate) fn into_result(self) -> Result<(), HandoffError> {
         match self.ok {
             true => Ok(()),
             false => Err(HandoffError::Rejected(self.error.unwrap_or_default())),
@@ -237,6 +245,9 @@ pub enum HandoffError {
         /// The peer's version.
         theirs: u32,
     },
+    /// A sender connected and said no `hello` within [`HELLO_TIMEOUT`].
+    #[error("a sender on {} said no hello within {}s; closed", .0.display(), HELLO_TIMEOUT.as_secs())]
+    NoHello(PathBuf),
     /// node-proxy's reply could not be read.
     #[error("node-proxy at {path} sent an unreadable reply: {1}", path = .0.display())]
     BadReply(PathBuf, String),
@@ -292,8 +303,7 @@ impl HandoffListener {
             sock,
             path: self.path.clone(),
             buf: vec![0; MAX_MESSAGE],
-            greeted: false,
-            in_snapshot: false,
+            conversation: Conversation::default(),
             awaiting_reply: false,
             unsent: None,
         })
@@ -335,15 +345,22 @@ pub struct HandoffConn {
     sock: UnixStream,
     path: Arc<Path>,
     buf: Vec<u8>,
-    greeted: bool,
-    in_snapshot: bool,
+    conversation: Conversation,
     awaiting_reply: bool,
     /// A reply not yet sent, kept so that a cancelled `next` or `reply` loses nothing.
     unsent: Option<Vec<u8>>,
 }
 
+/// Where a sender's conversation stands: what each next message is checked against.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Conversation {
+    greeted: bool,
+    in_snapshot: bool,
+}
+
 /// What to do with one received message.
-enum Outcome {
+#[derive(Debug)]
+pub(crate) enum Outcome {
     Deliver(Request),
     Answer(Result<(), String>),
     Mismatch(u32),
@@ -379,14 +396,20 @@ impl HandoffConn {
             }
             let sock = &self.sock;
             let buf = &mut self.buf;
-            let received = sock
-                .async_io(Interest::READABLE, || datagram::recv(sock.as_fd(), buf))
-                .await
-                .map_err(|source| self.io(source))?;
+            let recv = sock.async_io(Interest::READABLE, || datagram::recv(sock.as_fd(), buf));
+            // A sender says hello first thing; a connection that does not holds a slot
+            // of the listener's for nothing.
+            let received = match self.conversation.greeted() {
+                true => recv.await,
+                false => tokio::time::timeout(HELLO_TIMEOUT, recv)
+                    .await
+                    .map_err(|_| HandoffError::NoHello(self.path.to_path_buf()))?,
+            }
+            .map_err(|source| self.io(source))?;
             if received.is_end() {
                 return Ok(None);
             }
-            match self.interpret(received) {
+            match self.conversation.interpret(received, &self.buf) {
                 Outcome::Deliver(request) => {
                     self.awaiting_reply = true;
                     return Ok(Some(request));
@@ -471,8 +494,16 @@ impl HandoffConn {
     fn io(&self, source: io::Error) -> HandoffError {
         HandoffError::Io(self.path.to_path_buf(), source)
     }
+}
 
-    fn interpret(&mut self, received: datagram::Received) -> Outcome {
+impl Conversation {
+    /// Whether the sender said hello.
+    pub(crate) fn greeted(&self) -> bool {
+        self.greeted
+    }
+
+    /// Checks one message (`buf[..received.len]`) against the conversation so far.
+    pub(crate) fn interpret(&mut self, received: datagram::Received, buf: &[u8]) -> Outcome {
         let datagram::Received {
             len,
             truncated,
@@ -489,7 +520,7 @@ impl HandoffConn {
         if fds_truncated {
             return Outcome::Answer(Err("message rejected: too many file descriptors".into()));
         }
-        let (message, what) = match parse(&self.buf[..len]) {
+        let (message, what) = match parse(&buf[..len]) {
             Ok(parsed) => parsed,
             Err(e) => return Outcome::Answer(Err(e)),
         };

@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod config_client;
+pub mod fuzzing;
 pub mod handoff;
 pub mod metrics;
 pub mod netns;
