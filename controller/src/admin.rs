@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +20,11 @@ use tracing::debug;
 
 use crate::objects::Problem;
 use crate::server::Shared;
+
+/// Connections the admin endpoint serves at once; more wait in the listen queue.
+const MAX_CONNECTIONS: usize = 512;
+/// A client sends each request head within this or is disconnected.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The debug views that name the mesh's objects, and so are authorized.
 pub const PROTECTED: [&str; 3] = ["/debug/model", "/debug/subscribers", "/debug/problems"];
@@ -193,18 +198,27 @@ impl Admin {
 
     /// Serves until `shutdown`.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        // As the proxies' admin endpoints: bounded connections, each request head read
+        // within a deadline.
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
             let stream = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 (s, _) = tunnel::net::accept(&listener, "admin") => s,
             };
             let this = self.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let service = hyper::service::service_fn(move |req| {
                     let this = this.clone();
                     async move { Ok::<_, Infallible>(this.handle(&req).await) }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service)
                     .await
                 {

@@ -908,7 +908,14 @@ pub async fn serve_handoff(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let taken_over = Arc::new(Mutex::new(Some(taken_over)));
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        runtime::handoff::MAX_CONNECTIONS,
+    ));
     loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            p = slots.clone().acquire_owned() => p.map_err(std::io::Error::other)?,
+        };
         let mut conn = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             c = listener.accept() => match c {
@@ -925,6 +932,7 @@ pub async fn serve_handoff(
         let shutdown = shutdown.clone();
         let taken_over = taken_over.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut handover = Handover {
                 pods: pods.clone(),
                 armed: false,

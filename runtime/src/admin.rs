@@ -3,11 +3,12 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -49,15 +50,26 @@ pub fn json(value: &impl serde::Serialize) -> Answer {
     )
 }
 
+/// Connections the admin endpoint serves at once; more wait in the listen queue.
+pub const MAX_CONNECTIONS: usize = 512;
+/// A client sends each request head within this or is disconnected, so that slow or
+/// silent clients cannot hold the connections scrapers need.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves `routes` on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, routes: Arc<dyn Routes>, shutdown: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
             (s, _) = tunnel::net::accept(&listener, "admin") => s,
         };
         let routes = routes.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let routes = routes.clone();
@@ -72,6 +84,8 @@ pub async fn serve(listener: TcpListener, routes: Arc<dyn Routes>, shutdown: Can
                     }
                 });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
