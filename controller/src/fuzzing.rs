@@ -127,8 +127,8 @@ fn store() -> &'static Store {
     static STORE: OnceLock<Store> = OnceLock::new();
     STORE.get_or_init(|| {
         let mut store = Store::new(7);
-        for text in [MODEL_V1, MODEL_V2] {
-            let file = parse_file(Path::new("model.yaml"), text).expect("the fixture is YAML");
+        for text in [MODEL_V1.to_owned(), model_v2()] {
+            let file = parse_file(Path::new("model.yaml"), &text).expect("the fixture is YAML");
             let mut objects = Objects::default();
             for (object, origin) in file.objects {
                 objects
@@ -158,27 +158,13 @@ metadata: {name: cart, namespace: shop}
 spec: {clusterIP: 10.96.0.10, selector: {app: cart}, ports: [{port: 80, targetPort: 8080}]}
 ";
 
-const MODEL_V2: &str = "\
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop, labels: {weft.dev/mesh: enabled}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: cart-1, namespace: shop, uid: u1, labels: {app: cart}}
-spec: {nodeName: node-a, serviceAccountName: cart, containers: [{name: c, image: i}]}
-status: {phase: Running, podIP: 10.244.1.5, podIPs: [{ip: 10.244.1.5}]}
+const MODEL_V2_ADDS: &str = "\
 ---
 apiVersion: v1
 kind: Pod
 metadata: {name: web-1, namespace: shop, uid: u2, labels: {app: web}}
 spec: {nodeName: node-b, serviceAccountName: web, containers: [{name: c, image: i}]}
 status: {phase: Running, podIP: 10.244.2.7, podIPs: [{ip: 10.244.2.7}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: cart, namespace: shop}
-spec: {clusterIP: 10.96.0.10, selector: {app: cart}, ports: [{port: 80, targetPort: 8080}]}
 ---
 apiVersion: weft.dev/v1alpha1
 kind: AuthorizationPolicy
@@ -256,11 +242,16 @@ pub fn request_seeds() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// Version 2 of the fixture: version 1, a pod on node-b and a policy.
+fn model_v2() -> String {
+    format!("{MODEL_V1}{MODEL_V2_ADDS}")
+}
+
 /// The fixture's manifests, as seeds for `manifests`.
 pub fn manifest_seeds() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("seed-model-v1", MODEL_V1.into()),
-        ("seed-model-v2", MODEL_V2.into()),
+        ("seed-model-v2", model_v2().into()),
     ]
 }
 

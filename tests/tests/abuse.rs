@@ -233,19 +233,6 @@ impl UnixAbuse {
     }
 }
 
-/// Resident memory and open descriptors of a process.
-fn usage(pid: i32) -> (u64, usize) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap_or_default()
-        * 1024;
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
-    (rss, fds)
-}
-
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -412,7 +399,10 @@ fn every_listener_keeps_serving_under_abuse() {
         ("controller", sb.controller_pid()),
         ("node agent node-1", sb.agent_pid("node-1")),
     ];
-    let start_usage: Vec<(u64, usize)> = processes.iter().map(|(_, pid)| usage(*pid)).collect();
+    let start_usage: Vec<(u64, usize)> = processes
+        .iter()
+        .map(|(_, pid)| weft_e2e::usage(*pid))
+        .collect();
 
     // The abuse, all at once. TLS listeners get a record header and then one byte a
     // second; HTTP listeners a request head that never ends.
@@ -551,7 +541,7 @@ fn every_listener_keeps_serving_under_abuse() {
     load[0] += handoff.idle.len();
     load[4] += agent.idle.len();
     for (((name, pid), (rss0, _)), extra) in processes.iter().zip(&start_usage).zip(load) {
-        let (rss, fds) = usage(*pid);
+        let (rss, fds) = weft_e2e::usage(*pid);
         let bound = rss0 + ALLOWANCE + PER_CONNECTION * extra as u64;
         println!(
             "{name}: {} KiB resident ({} KiB before, bound {} KiB), {fds} descriptors",
@@ -612,13 +602,13 @@ fn every_listener_keeps_serving_under_abuse() {
     drop(agent);
     for ((name, pid), (_, fds0)) in processes.iter().zip(&start_usage) {
         let back = eventually(Duration::from_secs(30), || {
-            let (_, fds) = usage(*pid);
+            let (_, fds) = weft_e2e::usage(*pid);
             (fds <= fds0 + fds0 / 10 + 2).then_some(fds)
         });
         assert!(
             back.is_some(),
             "{name}: descriptors did not come back to {fds0}: {:?}",
-            usage(*pid)
+            weft_e2e::usage(*pid)
         );
     }
 }

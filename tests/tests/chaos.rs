@@ -99,19 +99,6 @@ fn wait_dead(pid: i32) -> Instant {
     .expect("a killed process dies")
 }
 
-/// Resident memory (bytes) and open descriptors.
-fn usage(pid: i32) -> (u64, usize) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap_or_default()
-        * 1024;
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
-    (rss, fds)
-}
-
 /// What a process's descriptors are, counted by kind (`socket`, `anon_inode:[eventfd]`,
 /// a path): printed when a leak check fails.
 fn fd_kinds(pid: i32) -> BTreeMap<String, usize> {
@@ -309,7 +296,7 @@ fn the_mesh_serves_through_a_seeded_schedule_of_kills() {
     // Measured with the paths warm (their pooled connections open), as after the run.
     let start_usage: BTreeMap<Part, (u64, usize)> = VICTIMS
         .iter()
-        .map(|p| (*p, usage(pid_of(&sb, *p))))
+        .map(|p| (*p, weft_e2e::usage(pid_of(&sb, *p))))
         .collect();
     let start_fds: BTreeMap<Part, BTreeMap<String, usize>> = VICTIMS
         .iter()
@@ -447,10 +434,10 @@ fn the_mesh_serves_through_a_seeded_schedule_of_kills() {
         let (rss0, fds0) = start_usage[&part];
         // Pooled HBONE connections opened during the run close after 60 s idle.
         let settled = eventually(Duration::from_secs(75), || {
-            let (rss, fds) = usage(pid_of(&sb, part));
+            let (rss, fds) = weft_e2e::usage(pid_of(&sb, part));
             (rss * 10 <= rss0 * 11 && fds * 10 <= fds0 * 11).then_some((rss, fds))
         });
-        let (rss, fds) = usage(pid_of(&sb, part));
+        let (rss, fds) = weft_e2e::usage(pid_of(&sb, part));
         println!(
             "{part:?}: {} KiB resident, {fds} descriptors (at the start {} KiB, {fds0})",
             rss / 1024,
