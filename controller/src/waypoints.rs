@@ -211,11 +211,7 @@ pub fn desired_with(
     let deployment = Deployment {
         metadata: meta(&name),
         spec: Some(DeploymentSpec {
-            replicas: Some(
-                parameters
-                    .and_then(|p| p.replicas)
-                    .unwrap_or(WAYPOINT_REPLICAS),
-            ),
+            replicas: Some(replicas(parameters)),
             selector: LabelSelector {
                 match_labels: Some(selector.clone()),
                 ..Default::default()
@@ -341,6 +337,13 @@ fn amounts(
         }
     }
     out
+}
+
+/// How many pods a waypoint runs: its WaypointParameters' `replicas`, or the default.
+pub fn replicas(parameters: Option<&WaypointParametersSpec>) -> i32 {
+    parameters
+        .and_then(|p| p.replicas)
+        .unwrap_or(WAYPOINT_REPLICAS)
 }
 
 /// The WaypointParameters a waypoint Gateway's `spec.infrastructure.parametersRef`

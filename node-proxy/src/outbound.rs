@@ -6,7 +6,7 @@
 //! destinations are reached over HBONE from this pod's own IP with its own identity;
 //! anything else passes through as plain TCP from the pod's namespace.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
@@ -72,8 +72,14 @@ pub enum Route {
     },
 }
 
-/// Decides where a connection to `dst` goes.
-pub fn route(ctx: &Ctx, dst: SocketAddr) -> Route {
+/// Most endpoints one captured connection tries: a service's next endpoint is tried when
+/// one cannot be connected to (its pod just died, its node-proxy is restarting), as long
+/// as nothing of the application's was sent.
+const MAX_ATTEMPTS: usize = 3;
+
+/// Decides where a connection to `dst` goes, passing over the endpoints in `failed`
+/// (addresses this connection could not reach).
+pub fn route(ctx: &Ctx, dst: SocketAddr, failed: &[IpAddr]) -> Route {
     let model = ctx.model.load();
     let (workload, target, service) = match model.service_by_vip(dst) {
         Some((svc, port)) => {
@@ -83,13 +89,8 @@ pub fn route(ctx: &Ctx, dst: SocketAddr) -> Route {
                     .waypoint(wp)
                     .map(|w| model.endpoints(&w.service, tunnel::hbone::PORT))
                     .unwrap_or_default();
-                let chosen = match pods.len() {
-                    0 => None,
-                    n => {
-                        let t = &pods[ctx.next_endpoint(wp, n)];
-                        t.workload.as_ref().map(|w| (t.addr.ip(), w))
-                    }
-                };
+                let chosen = pick(ctx, wp, pods, failed)
+                    .and_then(|t| t.workload.as_ref().map(|w| (t.addr.ip(), w)));
                 return match chosen {
                     Some((ip, w)) => Route::Waypoint {
                         ip,
@@ -106,12 +107,11 @@ pub fn route(ctx: &Ctx, dst: SocketAddr) -> Route {
                 };
             }
             let targets = model.endpoints_like(&name, port.port, dst.ip());
-            if targets.is_empty() {
+            let Some(t) = pick(ctx, &name, targets, failed) else {
                 return Route::NoEndpoints {
                     service: name.to_string(),
                 };
-            }
-            let t = &targets[ctx.next_endpoint(&name, targets.len())];
+            };
             (t.workload.clone(), t.addr, Some(name.to_string()))
         }
         None => (model.workload_by_ip(dst.ip()).cloned(), dst, None),
@@ -130,6 +130,22 @@ pub fn route(ctx: &Ctx, dst: SocketAddr) -> Route {
             workload: other.map(|w| (w.namespace.clone(), w.name.clone())),
         },
     }
+}
+
+/// The next of `service`'s `endpoints`, round-robin, passing over those in `failed`.
+fn pick<'a>(
+    ctx: &Ctx,
+    service: &api::ObjectName,
+    endpoints: &'a [api::Target],
+    failed: &[IpAddr],
+) -> Option<&'a api::Target> {
+    if endpoints.is_empty() {
+        return None;
+    }
+    let start = ctx.next_endpoint(service, endpoints.len());
+    (0..endpoints.len())
+        .map(|i| &endpoints[(start + i) % endpoints.len()])
+        .find(|t| !failed.contains(&t.addr.ip()))
 }
 
 /// What a captured connection was connected to.
@@ -188,6 +204,55 @@ async fn connect(
         debug!(%dst, "connection made to the outbound port itself; refused");
         return None;
     }
+    let mut failed: Vec<IpAddr> = Vec::new();
+    loop {
+        let route = route(ctx, dst, &failed);
+        let Some(endpoint) = route.endpoint() else {
+            return connect_once(ctx, pod, app, dst, route).await.ok();
+        };
+        match connect_once(ctx, pod, app, dst, route).await {
+            Ok(connected) => return Some(connected),
+            Err(Retry::Another) if failed.len() + 1 < MAX_ATTEMPTS => {
+                info!(%dst, %endpoint, "trying another endpoint");
+                failed.push(endpoint);
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Why one attempt did not connect.
+enum Retry {
+    /// The endpoint could not be reached and nothing was sent: another may be tried.
+    Another,
+    /// Final (refused by policy or by the model, or failed after sending).
+    No,
+}
+
+impl Route {
+    /// The endpoint chosen among a service's (or its waypoint's), which another could
+    /// replace when it cannot be reached; `None` for a pod addressed directly.
+    fn endpoint(&self) -> Option<IpAddr> {
+        match self {
+            Route::Hbone {
+                target,
+                service: Some(_),
+                ..
+            } => Some(target.ip()),
+            Route::Waypoint { ip, .. } => Some(*ip),
+            _ => None,
+        }
+    }
+}
+
+/// Connects `app`'s connection along `route` (logged here when it cannot).
+async fn connect_once(
+    ctx: &Ctx,
+    pod: &Pod,
+    app: &TcpStream,
+    dst: SocketAddr,
+    route: Route,
+) -> Result<(Upstream, ConnLabels, SocketAddr), Retry> {
     let mut labels = ConnLabels {
         direction: "outbound",
         source_workload: pod.info.name.clone(),
@@ -195,7 +260,7 @@ async fn connect(
         source_principal: pod.tls.identity().to_string(),
         ..ConnLabels::default()
     };
-    match route(ctx, dst) {
+    match route {
         Route::Hbone {
             target,
             namespace,
@@ -233,10 +298,10 @@ async fn connect(
             labels.connection_security_policy = "none";
             let upstream = async { pod.netns.outbound_socket(target)?.connect(target).await };
             match upstream.await {
-                Ok(s) => Some((Upstream::Plain(s), labels, dst)),
+                Ok(s) => Ok((Upstream::Plain(s), labels, dst)),
                 Err(e) => {
                     debug!(%target, "passthrough connect failed: {e}");
-                    None
+                    Err(Retry::No)
                 }
             }
         }
@@ -267,11 +332,11 @@ async fn connect(
         }
         Route::NoWaypoint { service, waypoint } => {
             info!(%dst, "service {service} uses waypoint {waypoint}, which has no ready pod; refusing the connection");
-            None
+            Err(Retry::No)
         }
         Route::NoEndpoints { service } => {
             info!(%dst, "service {service} has no ready endpoint; refusing the connection");
-            None
+            Err(Retry::No)
         }
     }
 }
@@ -291,12 +356,12 @@ async fn tunnel(
     hbone_ip: std::net::IpAddr,
     target: SocketAddr,
     mut labels: ConnLabels,
-) -> Option<(Upstream, ConnLabels, SocketAddr)> {
+) -> Result<(Upstream, ConnLabels, SocketAddr), Retry> {
     let dst_id = match ctx.identity(namespace, service_account) {
         Ok(id) => id,
         Err(e) => {
             info!(%dst, "cannot reach {to}: {e}");
-            return None;
+            return Err(Retry::No);
         }
     };
     labels.destination_namespace = namespace.to_owned();
@@ -314,10 +379,13 @@ async fn tunnel(
         on_behalf_of: None,
     };
     match ctx.pool.connect_sending(&request, app).await {
-        Ok((s, early)) => Some((Upstream::Tunnel(s, early), labels, dst)),
+        Ok((s, early)) => Ok((Upstream::Tunnel(s, early), labels, dst)),
         Err(e) => {
             info!(%dst, %target, "connection to {to} failed: {e}");
-            None
+            Err(match e.before_stream() {
+                true => Retry::Another,
+                false => Retry::No,
+            })
         }
     }
 }

@@ -391,6 +391,34 @@ impl Sandbox {
         Ok(http_get(admin, "/metrics")?.1)
     }
 
+    /// The pods of waypoint `gateway` (`namespace/name`), `namespace/<name>-<i>`.
+    pub fn waypoint_pods(&self, gateway: &str) -> Vec<String> {
+        let (namespace, name) = gateway.split_once('/').unwrap_or(("", gateway));
+        let prefix = format!("{name}-");
+        self.state["pods"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["namespace"] == namespace && p["admin"].is_string())
+            .filter_map(|p| p["name"].as_str())
+            .filter(|n| {
+                n.strip_prefix(&prefix)
+                    .is_some_and(|i| i.parse::<u32>().is_ok())
+            })
+            .map(|n| format!("{namespace}/{n}"))
+            .collect()
+    }
+
+    /// The `/metrics` of every pod of waypoint `gateway`, one after the other: a
+    /// [`metric_sum`] over it sums the replicas. Pods that do not answer are left out.
+    pub fn gateway_metrics(&self, gateway: &str) -> String {
+        self.waypoint_pods(gateway)
+            .iter()
+            .filter_map(|pod| self.waypoint_metrics(pod).ok())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// `h2load` from a pod (`args` after the program name); its summary lines.
     pub fn h2load(&self, pod: &str, args: &[&str]) -> anyhow::Result<H2load> {
         let mut all = vec!["h2load"];

@@ -876,10 +876,11 @@ fn a_span_per_request_reaches_an_otlp_receiver_with_the_callers_trace_id() {
 #[ignore = "needs root"]
 fn the_demo_shows_mtls_a_canary_a_retry_and_a_denial() {
     let sb = Sandbox::up("e2e-demo", &repo_root().join("examples/demo")).unwrap();
-    let wp = "demo/waypoint-0";
+    // The demo's waypoint runs the default two replicas; their counts are summed.
+    let wp = "demo/waypoint";
+    assert_eq!(sb.waypoint_pods(wp).len(), 2, "{}", sb.state["pods"]);
     let requests = |labels: &[(&str, &str)]| {
-        let m = sb.waypoint_metrics(wp).unwrap_or_default();
-        metric_sum(&m, "weft_requests_total", labels)
+        metric_sum(&sb.gateway_metrics(wp), "weft_requests_total", labels)
     };
     // Enough answers for the split to show: with 80/20, v2 answering at least as many of
     // 40 as v1 has a chance of about 1 in 100,000.
@@ -894,24 +895,24 @@ fn the_demo_shows_mtls_a_canary_a_retry_and_a_denial() {
         let denied = requests(&[("source_workload", "intruder"), ("response_code", "403")]);
         (v1 + v2 >= 40.0 && v2 >= 1.0 && retried >= 1.0 && denied >= 1.0).then_some((v1, v2))
     });
-    let m = sb.waypoint_metrics(wp).unwrap_or_default();
+    let m = sb.gateway_metrics(wp);
     let (v1, v2) = seen.unwrap_or_else(|| panic!("the demo did not show it all:\n{m}"));
     assert!(v1 > v2, "80/20: v1 {v1}, v2 {v2}");
     let client_failures = requests(&[("source_workload", "client"), ("response_code", "503")]);
     assert_eq!(client_failures, 0.0, "v2's failures are retried away:\n{m}");
     let node1 = sb.metrics("node-1").unwrap();
-    assert!(
+    let to = |pod| {
         metric_sum(
             &node1,
             "weft_tcp_connections_opened_total",
             &[
                 ("source_workload", "client"),
-                ("destination_workload", "waypoint-0"),
+                ("destination_workload", pod),
                 ("connection_security_policy", "mutual_tls"),
             ],
-        ) >= 1.0,
-        "{node1}"
-    );
+        )
+    };
+    assert!(to("waypoint-0") + to("waypoint-1") >= 1.0, "{node1}");
 }
 
 /// The traffic-management guide shows these manifests as they are: a block that names a
@@ -969,9 +970,9 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Two waypoints in one sandbox, as two Gateways in a namespace, on two nodes (so started
-/// in the same round): each gets its own admin port, both run, and each serves the
-/// service that names it.
+/// Two waypoints in one sandbox, as two Gateways in a namespace, two pods each over two
+/// nodes (so started in the same round): each pod gets its own admin port, all run, and
+/// each waypoint serves the service that names it.
 #[test]
 #[ignore = "needs root"]
 fn two_waypoints_in_one_sandbox_each_serve_their_service() {
@@ -992,19 +993,22 @@ fn two_waypoints_in_one_sandbox_each_serve_their_service() {
         .iter()
         .filter_map(|p| p["admin"].as_str().map(str::to_owned))
         .collect();
+    // Each Gateway's Deployment runs the default two replicas.
     assert_eq!(
         admins.len(),
-        2,
-        "two waypoint pods with admin ports: {admins:?}"
+        4,
+        "four waypoint pods with admin ports: {admins:?}"
     );
-    assert_ne!(admins[0], admins[1], "each its own");
+    let distinct: std::collections::BTreeSet<&String> = admins.iter().collect();
+    assert_eq!(distinct.len(), 4, "each its own: {admins:?}");
+    assert_eq!(sb.waypoint_pods("demo/second").len(), 2);
     let served = eventually(Duration::from_secs(30), || {
         let (code, body) = sb.curl("demo/client", "http://echo-second/").ok()?;
         (code == 0 && !body.is_empty()).then_some(())
     });
     assert!(served.is_some(), "the second waypoint's service answers");
     let through = eventually(Duration::from_secs(10), || {
-        let m = sb.waypoint_metrics("demo/second-0").ok()?;
+        let m = sb.gateway_metrics("demo/second");
         (metric_sum(&m, "weft_requests_total", &[("response_code", "200")]) >= 1.0).then_some(())
     });
     assert!(through.is_some(), "through the second waypoint");

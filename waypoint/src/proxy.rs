@@ -27,7 +27,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry::KeyValue;
 use prometheus_client::metrics::counter::Counter;
@@ -48,6 +48,11 @@ pub use crate::stages::LIMITED_HEADER;
 /// How long the first bytes of a connection to a port of unknown protocol are awaited
 /// before it is taken for a server-speaks-first protocol and forwarded as TCP.
 const SNIFF_WAIT: Duration = Duration::from_millis(100);
+/// The longest an HTTP/1.1 client may take to send a request head, and to start the
+/// next one on a kept-alive connection (hyper counts both): a client sending a byte a
+/// second holds its stream no longer than this. HTTP/2 clients are bound by the HBONE
+/// stream limits instead (an idle HTTP/2 connection is normal).
+pub const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Mirrored requests in flight at once, over all routes; past it a copy is not sent
 /// (and counted), so a slow mirror backend cannot pile up tasks, bodies and connections.
 const MAX_MIRRORS: usize = 256;
@@ -406,7 +411,11 @@ async fn serve_http(wp: Arc<Waypoint>, conn: Arc<Conn>, io: crate::prefixed::Pre
         let (wp, conn) = (wp.clone(), conn.clone());
         async move { Ok::<_, Infallible>(handle(wp, conn, req).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_HEAD_TIMEOUT);
     if let Err(e) = builder
         .serve_connection_with_upgrades(TokioIo::new(io), service)
         .await

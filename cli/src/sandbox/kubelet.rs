@@ -783,7 +783,7 @@ fn waypoint_command(
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if free.is_empty() {
                 anyhow::bail!(
-                    "waypoint {gateway}: the sandbox runs at most {} waypoints",
+                    "waypoint {gateway}: the sandbox runs at most {} waypoint pods (lower a WaypointParameters' replicas)",
                     super::MAX_WAYPOINTS
                 );
             }

@@ -307,6 +307,8 @@ pub fn load_dir_with(dir: &Path, api: &ApiServer) -> Result<Cluster, ManifestErr
         cluster: Cluster::default(),
         defined: HashMap::new(),
         uses: Vec::new(),
+        waypoint_parameters: HashMap::new(),
+        waypoints: Vec::new(),
     };
     for file in &files {
         let text = fs::read_to_string(file).map_err(|source| ManifestError::Read {
@@ -445,6 +447,22 @@ struct Loader<'a> {
     defined: HashMap<(&'static str, String, String), Definition>,
     /// Objects and the namespace they use, checked once every file is read.
     uses: Vec<(Definition, String)>,
+    /// WaypointParameters by `namespace/name`.
+    waypoint_parameters: HashMap<String, controller::crd::WaypointParametersSpec>,
+    /// The waypoint Gateways read, whose other replicas are added once every file is
+    /// read (their WaypointParameters may come later).
+    waypoints: Vec<WaypointReplicas>,
+}
+
+/// A waypoint Gateway's pods beyond its first, to run once its WaypointParameters are
+/// known.
+struct WaypointReplicas {
+    definition: Definition,
+    /// The WaypointParameters its `spec.infrastructure.parametersRef` names,
+    /// `namespace/name`.
+    parameters: Option<String>,
+    /// Its first pod, the template of the others.
+    first: PodSpec,
 }
 
 impl Loader<'_> {
@@ -554,6 +572,17 @@ impl Loader<'_> {
                 ));
             }
         }
+        if kind == "WaypointParameters" {
+            // Read here for the replicas of the waypoints naming it (the controller
+            // would render them into their Deployments); checked against the CRD above.
+            if let (Some(name), Some(spec)) = (&name, value.get("spec")) {
+                let spec = serde_yaml_ng::from_value(spec.clone())
+                    .map_err(|e| object.invalid("spec", e.to_string()))?;
+                self.waypoint_parameters
+                    .insert(format!("{namespace}/{name}"), spec);
+            }
+            return Ok(());
+        }
         let kind = match kind.as_str() {
             "Namespace" => Kind::Namespace,
             "Pod" => Kind::Pod,
@@ -654,7 +683,7 @@ impl Loader<'_> {
                     (GATEWAY_NAME_LABEL.to_owned(), name.clone()),
                     ("weft.dev/mesh".to_owned(), "disabled".to_owned()),
                 ]);
-                self.cluster.pods.push(PodSpec {
+                let first = PodSpec {
                     name: pod_name,
                     namespace: namespace.clone(),
                     node,
@@ -666,7 +695,23 @@ impl Loader<'_> {
                     waypoint: Some(format!("{namespace}/{name}")),
                     readiness: None,
                     liveness: None,
+                };
+                let infrastructure = value.get("spec").and_then(|s| s.get("infrastructure"));
+                let reference = infrastructure.and_then(|i| i.get("parametersRef"));
+                let parameters = reference
+                    .filter(|r| {
+                        r.get("group").and_then(Value::as_str) == Some("weft.dev")
+                            && r.get("kind").and_then(Value::as_str) == Some("WaypointParameters")
+                    })
+                    .and_then(|r| r.get("name"))
+                    .and_then(Value::as_str)
+                    .map(|p| format!("{namespace}/{p}"));
+                self.waypoints.push(WaypointReplicas {
+                    definition: (object.file.to_owned(), object.label.clone()),
+                    parameters,
+                    first: first.clone(),
                 });
+                self.cluster.pods.push(first);
                 let service: Service = serde_json::from_value(serde_json::json!({
                     "apiVersion": "v1",
                     "kind": "Service",
@@ -813,6 +858,44 @@ impl Loader<'_> {
     }
 
     fn finish(mut self) -> Result<Cluster, ManifestError> {
+        // A waypoint runs the replicas of the Deployment the controller renders for it
+        // (`weft.dev` WaypointParameters' `replicas`, or the controller's default), its
+        // first pod on the Gateway's node and the others spread over the next nodes, as
+        // the Deployment's topology spread asks.
+        for waypoint in std::mem::take(&mut self.waypoints) {
+            let parameters = waypoint
+                .parameters
+                .as_ref()
+                .and_then(|p| self.waypoint_parameters.get(p));
+            let replicas = u32::try_from(controller::waypoints::replicas(parameters)).unwrap_or(1);
+            let gateway = waypoint.first.waypoint.clone().unwrap_or_default();
+            let base = waypoint.first.name.trim_end_matches("-0").to_owned();
+            let first_node = waypoint
+                .first
+                .node
+                .strip_prefix("node-")
+                .and_then(|n| n.parse::<u32>().ok());
+            let object = Object {
+                file: &waypoint.definition.0,
+                label: waypoint.definition.1.clone(),
+            };
+            for i in 1..replicas {
+                let name = format!("{base}-{i}");
+                self.define(&object, "Pod", &waypoint.first.namespace, &name)?;
+                let node = match first_node {
+                    Some(n) => format!(
+                        "node-{}",
+                        1 + (n.saturating_sub(1) + i) % u32::from(self.api.nodes.max(1))
+                    ),
+                    None => self.api.schedule(&gateway, i),
+                };
+                self.cluster.pods.push(PodSpec {
+                    name,
+                    node,
+                    ..waypoint.first.clone()
+                });
+            }
+        }
         for ((file, label), namespace) in &self.uses {
             if self
                 .cluster
@@ -1063,6 +1146,53 @@ mod tests {
         fn drop(&mut self) {
             let _ = fs::remove_dir_all(&self.0);
         }
+    }
+
+    /// A waypoint runs the replicas its WaypointParameters ask for (read after the
+    /// Gateway that names them), the first on the Gateway's node and the next on the
+    /// following nodes; one naming none runs the controller's default.
+    #[test]
+    fn a_waypoint_runs_its_parameters_replicas_spread_over_nodes() {
+        let gateway = |name: &str, parameters: &str| {
+            format!(
+                "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: {name}\n  namespace: shop\n  annotations: {{sandbox.weft.dev/node: node-2}}\nspec:\n  gatewayClassName: weft-waypoint\n{parameters}  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]\n"
+            )
+        };
+        let busy = gateway(
+            "busy",
+            "  infrastructure:\n    parametersRef: {group: weft.dev, kind: WaypointParameters, name: three}\n",
+        );
+        let plain = gateway("plain", "");
+        let dir = TempDir::with(&[
+            ("a.yaml", &format!("{NAMESPACE}{busy}{plain}")),
+            (
+                "b.yaml",
+                "apiVersion: weft.dev/v1alpha1\nkind: WaypointParameters\nmetadata: {name: three, namespace: shop}\nspec: {replicas: 3}\n",
+            ),
+        ]);
+        let cluster = load_dir_with(
+            &dir.0,
+            &ApiServer {
+                nodes: 3,
+                ..ApiServer::default()
+            },
+        )
+        .unwrap();
+        let pods: Vec<(&str, &str, Option<&str>)> = cluster
+            .pods
+            .iter()
+            .map(|p| (p.name.as_str(), p.node.as_str(), p.waypoint.as_deref()))
+            .collect();
+        assert_eq!(
+            pods,
+            [
+                ("busy-0", "node-2", Some("shop/busy")),
+                ("plain-0", "node-2", Some("shop/plain")),
+                ("busy-1", "node-3", Some("shop/busy")),
+                ("busy-2", "node-1", Some("shop/busy")),
+                ("plain-1", "node-3", Some("shop/plain")),
+            ]
+        );
     }
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

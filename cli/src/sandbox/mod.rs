@@ -55,7 +55,7 @@ use self::probe::Prober;
 pub const CONTROLLER_OFFSET: u16 = 12;
 /// Waypoint pods' admin ports are `admin_base_port + WAYPOINT_ADMIN_OFFSET` and up.
 pub const WAYPOINT_ADMIN_OFFSET: u16 = 15;
-/// The most waypoints one sandbox runs.
+/// The most waypoint pods one sandbox runs.
 pub const MAX_WAYPOINTS: u16 = 5;
 /// Where each node agent's admin endpoint listens, inside its node's namespace.
 pub const AGENT_ADMIN: SocketAddr =

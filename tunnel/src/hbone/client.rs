@@ -150,6 +150,9 @@ pub enum ConnectError {
     },
 }
 
+/// The one step whose timeout comes after a stream was opened.
+const CONNECT_RESPONSE: &str = "CONNECT response";
+
 fn reason(status: StatusCode) -> &'static str {
     match status {
         StatusCode::SERVICE_UNAVAILABLE => " (target unreachable)",
@@ -165,6 +168,21 @@ impl ConnectError {
         match self {
             ConnectError::Refused { status, .. } => Some(*status),
             _ => None,
+        }
+    }
+
+    /// Whether the failure came before a stream was opened on the connection (TCP,
+    /// TLS or HTTP/2 setup): nothing of the application's was sent, and the server
+    /// never saw the request, so another endpoint may be tried with the same bytes.
+    pub fn before_stream(&self) -> bool {
+        match self {
+            ConnectError::Tcp { .. } | ConnectError::Tls { .. } | ConnectError::NoAlpn { .. } => {
+                true
+            }
+            ConnectError::Timeout { what, .. } => what != &CONNECT_RESPONSE,
+            ConnectError::H2 { .. }
+            | ConnectError::BadRequest { .. }
+            | ConnectError::Refused { .. } => false,
         }
     }
 
@@ -694,7 +712,7 @@ impl Inner {
             Err(_) => {
                 release();
                 return Err(ConnectError::Timeout {
-                    what: "CONNECT response",
+                    what: CONNECT_RESPONSE,
                     addr,
                     after: timeout,
                 });
