@@ -48,10 +48,11 @@ pub use crate::stages::LIMITED_HEADER;
 /// How long the first bytes of a connection to a port of unknown protocol are awaited
 /// before it is taken for a server-speaks-first protocol and forwarded as TCP.
 const SNIFF_WAIT: Duration = Duration::from_millis(100);
-/// The longest an HTTP/1.1 client may take to send a request head, and to start the
-/// next one on a kept-alive connection (hyper counts both): a client sending a byte a
-/// second holds its stream no longer than this. HTTP/2 clients are bound by the HBONE
-/// stream limits instead (an idle HTTP/2 connection is normal).
+/// The longest a client of an HTTP service may wait before its first bytes, and an
+/// HTTP/1.1 client may take to send a request head or to start the next one on a
+/// kept-alive connection (hyper counts both): a client that sends nothing, or a byte a
+/// second, holds its stream no longer than this. An HTTP/2 connection past its preface
+/// may idle (that is normal); it is bound by the stream limit (`--max-streams`).
 pub const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Mirrored requests in flight at once, over all routes; past it a copy is not sent
 /// (and counted), so a slow mirror backend cannot pile up tasks, bodies and connections.
@@ -328,7 +329,22 @@ impl Streams {
         };
         use api::AppProtocol as P;
         let (http, prefix) = match protocol {
-            P::Http | P::Http2 | P::Grpc => (true, Bytes::new()),
+            P::Http | P::Http2 | P::Grpc => {
+                // hyper runs no timer until it has told HTTP/1.1 from HTTP/2: the first
+                // bytes are waited for here, as long as a request head may take.
+                let mut buf = vec![0u8; 1024];
+                match tokio::time::timeout(REQUEST_HEAD_TIMEOUT, stream.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => {
+                        buf.truncate(n);
+                        (true, Bytes::from(buf))
+                    }
+                    Ok(_) => return None,
+                    Err(_) => {
+                        debug!(peer = %conn.principal, service = %conn.name, "HTTP stream closed: nothing sent within {REQUEST_HEAD_TIMEOUT:?}");
+                        return None;
+                    }
+                }
+            }
             P::Tcp => (false, Bytes::new()),
             P::Unknown => {
                 let mut buf = vec![0u8; 1024];
