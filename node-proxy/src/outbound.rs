@@ -208,6 +208,11 @@ async fn connect(
     loop {
         let route = route(ctx, dst, &failed);
         let Some(endpoint) = route.endpoint() else {
+            if !failed.is_empty() {
+                // Every endpoint was tried: not "no ready endpoint", as the model has.
+                info!(%dst, "no endpoint could be reached ({} tried); refusing the connection", failed.len());
+                return None;
+            }
             return connect_once(ctx, pod, app, dst, route).await.ok();
         };
         match connect_once(ctx, pod, app, dst, route).await {
