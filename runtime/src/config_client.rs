@@ -9,7 +9,7 @@
 //!  the controller away: keep serving the last model; reconnect with jittered backoff
 //! ```
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -127,9 +127,9 @@ impl ControllerError {
     }
 }
 
-fn read(path: &PathBuf) -> Result<String, ControllerError> {
+fn read(path: &Path) -> Result<String, ControllerError> {
     std::fs::read_to_string(path).map_err(|source| ControllerError::File {
-        path: path.clone(),
+        path: path.to_owned(),
         source,
     })
 }
@@ -147,21 +147,7 @@ pub fn channel(config: &ControllerConfig) -> Channel {
         let config = config.clone();
         let next = next.clone();
         async move {
-            let roots_pem = read(&config.roots)?;
-            let mut roots = rustls::RootCertStore::empty();
-            let bundle = TrustBundle::from_pem(&roots_pem)
-                .map_err(|_| ControllerError::Roots(config.roots.clone()))?;
-            for root in bundle.roots() {
-                roots
-                    .add(root.clone())
-                    .map_err(|_| ControllerError::Roots(config.roots.clone()))?;
-            }
-            let mut tls = rustls::ClientConfig::builder_with_provider(tunnel::tls::provider())
-                .with_protocol_versions(&[&rustls::version::TLS13])
-                .map_err(ControllerError::transport)?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            tls.alpn_protocols = vec![b"h2".to_vec()];
+            let tls = client_tls(&config.roots)?;
             let name = rustls_pki_types::ServerName::try_from(config.server_name.clone())
                 .map_err(ControllerError::transport)?;
             let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
@@ -182,6 +168,27 @@ pub fn channel(config: &ControllerConfig) -> Channel {
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true)
         .connect_with_connector_lazy(connector)
+}
+
+/// The TLS a client of the controller speaks: TLS 1.3, HTTP/2, trusting the roots (PEM)
+/// in the file `roots`.
+pub fn client_tls(roots: &Path) -> Result<rustls::ClientConfig, ControllerError> {
+    let roots_pem = read(roots)?;
+    let bundle =
+        TrustBundle::from_pem(&roots_pem).map_err(|_| ControllerError::Roots(roots.to_owned()))?;
+    let mut store = rustls::RootCertStore::empty();
+    for root in bundle.roots() {
+        store
+            .add(root.clone())
+            .map_err(|_| ControllerError::Roots(roots.to_owned()))?;
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(tunnel::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(ControllerError::transport)?
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tls)
 }
 
 /// How long one controller address may take to accept a connection before the next
@@ -242,7 +249,7 @@ where
     )))
 }
 
-fn with_token<T>(message: T, token: &PathBuf) -> Result<tonic::Request<T>, ControllerError> {
+fn with_token<T>(message: T, token: &Path) -> Result<tonic::Request<T>, ControllerError> {
     let token = read(token)?;
     let mut request = tonic::Request::new(message);
     let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {

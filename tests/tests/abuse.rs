@@ -287,19 +287,7 @@ impl GrpcPort {
     /// beneath TLS, so that nothing the controller sends is read from then on, not even
     /// its keepalive pings.
     async fn stalling_channel(&self, stalled: Arc<AtomicBool>) -> Result<Channel, String> {
-        let pem = std::fs::read_to_string(&self.roots)
-            .map_err(|e| format!("{}: {e}", self.roots.display()))?;
-        let bundle = tunnel::identity::TrustBundle::from_pem(&pem).map_err(|e| e.to_string())?;
-        let mut roots = rustls::RootCertStore::empty();
-        for root in bundle.roots() {
-            roots.add(root.clone()).map_err(|e| e.to_string())?;
-        }
-        let mut tls = rustls::ClientConfig::builder_with_provider(tunnel::tls::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let tls = runtime::config_client::client_tls(&self.roots).map_err(|e| e.to_string())?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
         let addr = self.addr;
         let connect = tower::service_fn(move |_: tonic::transport::Uri| {
