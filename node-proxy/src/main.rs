@@ -3,6 +3,7 @@
 //! of under a third of weftctl's size: the node role does not link the controller, the
 //! waypoint or the Kubernetes client, so its resident code stays small.
 
+use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
@@ -17,12 +18,21 @@ struct Cli {
     config: node_proxy::Config,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     runtime::startup::init_logging();
     let cli = Cli::parse();
     runtime::startup::raise_fd_limit();
-    let shutdown = CancellationToken::new();
-    runtime::startup::cancel_on_signals(shutdown.clone())?;
-    node_proxy::run(cli.config, shutdown).await
+    // Multi-threaded even with one worker: `run` itself is driven here, on the main
+    // thread, and blocking work (entering a pod's network namespace) has threads of its
+    // own, so the worker only moves bytes.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(cli.config.worker_threads))
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        runtime::startup::cancel_on_signals(shutdown.clone())?;
+        node_proxy::run(cli.config, shutdown).await
+    })
 }

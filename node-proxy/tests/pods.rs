@@ -175,6 +175,7 @@ fn run_limited(
         max_node_connections,
         pod_wait: 2,
         access_log_rate: 1000,
+        worker_threads: 1,
     };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(node_proxy::run(config, shutdown.clone()));
