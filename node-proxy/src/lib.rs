@@ -94,9 +94,9 @@ pub struct Config {
     #[arg(long, env = "WEFT_ACCESS_LOG_RATE", default_value_t = 1000)]
     pub access_log_rate: u32,
     /// Threads serving connections (read by the `node-proxy` binary, which builds its
-    /// runtime from it). One costs the least CPU per request under concurrent load: with
-    /// two, the workers wake each other (a `futex` call for most requests) to share the
-    /// work (docs/performance.md). Raise it on a node whose meshed traffic needs more
+    /// runtime from it). One, a single-threaded runtime, costs the least CPU per request:
+    /// with two, the workers wake each other (a `futex` call for most requests) to share
+    /// the work (docs/performance.md). Raise it on a node whose meshed traffic needs more
     /// than a core.
     #[arg(long, env = "WEFT_WORKER_THREADS", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..))]

@@ -22,13 +22,8 @@ fn main() -> anyhow::Result<()> {
     runtime::startup::init_logging();
     let cli = Cli::parse();
     runtime::startup::raise_fd_limit();
-    // Multi-threaded even with one worker: `run` itself is driven here, on the main
-    // thread, and blocking work (entering a pod's network namespace) has threads of its
-    // own, so the worker only moves bytes.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(usize::from(cli.config.worker_threads))
-        .enable_all()
-        .build()
+    // One worker (the default): everything on this thread, `run` included.
+    let runtime = runtime::startup::proxy_runtime(usize::from(cli.config.worker_threads))
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();

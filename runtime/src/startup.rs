@@ -29,6 +29,23 @@ pub fn raise_fd_limit() {
     }
 }
 
+/// The async runtime for a proxy serving on `worker_threads` threads. With one, Tokio's
+/// current-thread runtime: everything runs on the calling thread, nothing is handed
+/// between threads, and the scheduler keeps no per-batch statistics (the multi-threaded
+/// one reads the clock four times and takes a `powf` each time its worker wakes).
+/// Measured in docs/performance.md; blocking work goes to Tokio's blocking pool either
+/// way.
+pub fn proxy_runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if worker_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(worker_threads);
+        b
+    };
+    builder.enable_all().build()
+}
+
 /// Cancels `token` on SIGTERM or SIGINT.
 pub fn cancel_on_signals(token: CancellationToken) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};

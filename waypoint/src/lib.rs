@@ -116,19 +116,6 @@ fn access_log(rate: u32) -> anyhow::Result<metrics::LogWriter> {
 /// How long the waypoint waits for its first model and certificate.
 const START_WAIT: Duration = Duration::from_secs(30);
 
-/// The runtime for `worker_threads`: with one, Tokio's current-thread runtime, where
-/// everything runs on one thread and nothing is handed between threads.
-pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = if worker_threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(worker_threads);
-        b
-    };
-    builder.enable_all().build()
-}
-
 /// Runs the waypoint until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let gateway = config

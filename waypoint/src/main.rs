@@ -22,8 +22,8 @@ fn main() -> anyhow::Result<()> {
     runtime::startup::init_logging();
     let cli = Cli::parse();
     runtime::startup::raise_fd_limit();
-    let runtime =
-        waypoint::runtime(cli.config.worker_threads).context("cannot start the async runtime")?;
+    let runtime = runtime::startup::proxy_runtime(cli.config.worker_threads)
+        .context("cannot start the async runtime")?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         runtime::startup::cancel_on_signals(shutdown.clone())?;
