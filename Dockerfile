@@ -3,9 +3,10 @@
 # (run by the node-proxy DaemonSet) and waypoint (run by each Gateway's Deployment), each
 # role's own binary. The manifests are rendered by `weftctl install`; see docs/install.md.
 #
-# The binaries are built beforehand by scripts/release (stripped, debug information kept
-# in target/dist/debug; weft-cni static), on a glibc no newer than the base image's
-# (Debian 12), and copied in; nothing is compiled here:
+# The binaries are built beforehand by scripts/release, as root (stripped, debug
+# information kept in target/dist/debug; weft-cni static; node-proxy and the waypoint
+# optimised with the profile of a training run in the sandbox), on a glibc no newer than
+# the base image's (Debian 12), and copied in; nothing is compiled here:
 #
 #   scripts/release
 #   docker build -t <registry>/weft:<version> .

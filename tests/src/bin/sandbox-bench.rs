@@ -2,7 +2,7 @@
 //! two node-proxies (captured, HBONE, mTLS), measured in one run on the same machine, with
 //! a peer for scale: two HAProxy processes relaying plain TCP over the same hops.
 //!
-//! `cargo build --profile ship --workspace --bins && sudo target/ship/sandbox-bench`
+//! `sudo scripts/ship && sudo target/ship-pgo/sandbox-bench` (the binaries the image ships)
 //! (or `bench/sandbox/run`). Prints a Markdown report. `WEFT_BENCH_SECONDS` sets the
 //! iperf3 duration (default 10), `WEFT_BENCH_HOLD` the idle connections held (10000).
 

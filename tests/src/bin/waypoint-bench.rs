@@ -19,7 +19,7 @@
 //! flipped every 100 ms beside one without, both of the same length; every request
 //! must succeed and the p99s are compared.
 //!
-//! `cargo build --profile ship --workspace --bins && sudo target/ship/waypoint-bench`
+//! `sudo scripts/ship && sudo target/ship-pgo/waypoint-bench` (the binaries the image ships)
 //! (or `bench/waypoint/run`). `WEFT_BENCH_REQUESTS` sets the requests per round
 //! (default 20000), `WEFT_BENCH_ROUNDS` the rounds per path (5), `WEFT_BENCH_CLIENTS`
 //! the connections (8), `WEFT_BENCH_FLIP_SECONDS` the length of the flip runs (10).
