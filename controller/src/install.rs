@@ -242,16 +242,6 @@ pub enum OptionsError {
     },
 }
 
-/// An RFC 1123 label, as Kubernetes wants for namespace names.
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 impl Options {
     /// Refuses values that would render objects the API server or the mesh refuses.
     pub fn validate(&self) -> Result<(), OptionsError> {
@@ -262,7 +252,7 @@ impl Options {
                 reason,
             })
         };
-        if !is_dns_label(&self.namespace) {
+        if tunnel::identity::check_dns_label(&self.namespace).is_err() {
             return invalid(
                 "namespace",
                 &self.namespace,

@@ -254,6 +254,17 @@ fn push_decoded(
         });
         return;
     }
+    if let Err((field, reason)) = check_names(&reference) {
+        out.problems.push(Problem {
+            object: Some(reference),
+            origin: origin.clone(),
+            field: field.into(),
+            reason,
+            effect: Effect::Rejected,
+            condition_reason: "Invalid",
+        });
+        return;
+    }
     match decoded {
         Ok(object) => out.objects.push((object, origin.clone())),
         Err(reason) => out.problems.push(Problem {
@@ -265,6 +276,37 @@ fn push_decoded(
             condition_reason: "Invalid",
         }),
     }
+}
+
+/// The API server's checks of `metadata.name` and `metadata.namespace`, which a
+/// manifest directory stands in for: a namespace name is a DNS-1123 label, a Service
+/// name a DNS-1035 label (it starts with a letter), every other name a DNS-1123
+/// subdomain. A name outside them would become a key a proxy refuses.
+fn check_names(reference: &ObjectRef) -> Result<(), (&'static str, String)> {
+    use tunnel::identity::{check_dns_label, check_dns_subdomain};
+    let explain = |field, value: &str, rule: &str, why: &str| {
+        (field, format!("{value:?} is not a {rule}: {why}"))
+    };
+    if let Some(namespace) = &reference.namespace {
+        check_dns_label(namespace)
+            .map_err(|why| explain("metadata.namespace", namespace, "namespace name", why))?;
+    }
+    let name = reference.name.as_str();
+    let (rule, checked) = match reference.kind {
+        ObjectKind::Namespace => ("DNS-1123 label", check_dns_label(name)),
+        ObjectKind::Service => (
+            "DNS-1035 label, as a Service name must be",
+            check_dns_label(name).and_then(|()| {
+                if name.starts_with(|c: char| c.is_ascii_lowercase()) {
+                    Ok(())
+                } else {
+                    Err("it must start with a letter")
+                }
+            }),
+        ),
+        _ => ("DNS-1123 subdomain", check_dns_subdomain(name)),
+    };
+    checked.map_err(|why| explain("metadata.name", name, rule, why))
 }
 
 fn reference_of(kind: ObjectKind, value: &Value) -> ObjectRef {
@@ -738,5 +780,56 @@ items:
             parse_file(Path::new("x.yaml"), text).expect("YAML").skipped,
             1
         );
+    }
+
+    /// The fuzzer's find: a Gateway named `w!!!~aypoin/` became the waypoint key
+    /// `shop/w!!!~aypoin/`, which every proxy refuses. Names are now checked as the API
+    /// server checks them, and the refusal names the object and field.
+    #[test]
+    fn names_the_api_server_refuses_are_refused() {
+        let text = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: w!!!~aypoin/, namespace: shop}
+spec:
+  gatewayClassName: weft-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: 9lives, namespace: shop}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: Shop}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: a.b}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1.shop, namespace: shop}
+spec: {containers: [{name: c, image: i}]}
+";
+        let f = parse_file(Path::new("x.yaml"), text).expect("YAML");
+        let problems: Vec<String> = f.problems.iter().map(ToString::to_string).collect();
+        let expected = [
+            "x.yaml:1: Gateway shop/w!!!~aypoin/: metadata.name: \"w!!!~aypoin/\" is not a DNS-1123 subdomain",
+            "x.yaml:8: Service shop/9lives: metadata.name: \"9lives\" is not a DNS-1035 label",
+            "x.yaml:12: Service Shop/web: metadata.namespace: \"Shop\" is not a namespace name",
+            "x.yaml:16: Namespace a.b: metadata.name: \"a.b\" is not a DNS-1123 label",
+        ];
+        assert_eq!(problems.len(), expected.len(), "{problems:#?}");
+        for (p, e) in problems.iter().zip(expected) {
+            assert!(p.starts_with(e), "{p}\n does not start with\n{e}");
+        }
+        // A dotted name is a subdomain, as Pods may have.
+        let names: Vec<String> = f
+            .objects
+            .iter()
+            .map(|(o, _)| o.reference().to_string())
+            .collect();
+        assert_eq!(names, ["Pod shop/web-1.shop"]);
     }
 }

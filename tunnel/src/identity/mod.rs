@@ -130,8 +130,8 @@ impl FromStr for Identity {
             value: value.to_owned(),
             why,
         };
-        check_label(ns, 63).map_err(|why| name_err("namespace", ns, why))?;
-        check_subdomain(sa).map_err(|why| name_err("service account", sa, why))?;
+        check_dns_label(ns).map_err(|why| name_err("namespace", ns, why))?;
+        check_dns_subdomain(sa).map_err(|why| name_err("service account", sa, why))?;
         // Bounded by the checks above: 9 + 255 + 4 + 63 + 4 + 253 bytes.
         let at = |n: usize| u16::try_from(n).expect("identity length is bounded by parsing");
         let td_end = SCHEME.len() + td.len();
@@ -178,13 +178,13 @@ fn check_trust_domain(td: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Kubernetes DNS-1123 label (namespace names): lowercase alphanumerics and '-',
-/// starting and ending with an alphanumeric.
-fn check_label(s: &str, max: usize) -> Result<(), &'static str> {
+/// Kubernetes DNS-1123 label (namespace names): at most 63 lowercase alphanumerics and
+/// '-', starting and ending with an alphanumeric. The error says what is wrong.
+pub fn check_dns_label(s: &str) -> Result<(), &'static str> {
     if s.is_empty() {
         return Err("it is empty");
     }
-    if s.len() > max {
+    if s.len() > 63 {
         return Err("it is longer than 63 characters");
     }
     if !s
@@ -199,13 +199,16 @@ fn check_label(s: &str, max: usize) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Kubernetes DNS-1123 subdomain (service account names): dot-separated labels, at
-/// most 253 characters.
-fn check_subdomain(s: &str) -> Result<(), &'static str> {
+/// Kubernetes DNS-1123 subdomain (service account names, and the names of most
+/// objects): dot-separated DNS-1123 labels, at most 253 characters.
+pub fn check_dns_subdomain(s: &str) -> Result<(), &'static str> {
     if s.len() > 253 {
         return Err("it is longer than 253 characters");
     }
-    s.split('.').try_for_each(|label| check_label(label, 63))
+    if s.split('.').count() > 1 && s.split('.').any(str::is_empty) {
+        return Err("it must start and end with a letter or digit, with no '..'");
+    }
+    s.split('.').try_for_each(check_dns_label)
 }
 
 #[cfg(test)]
