@@ -254,19 +254,20 @@ fn push_decoded(
         });
         return;
     }
-    if let Err((field, reason)) = check_names(&reference) {
-        out.problems.push(Problem {
-            object: Some(reference),
-            origin: origin.clone(),
-            field: field.into(),
-            reason,
-            effect: Effect::Rejected,
-            condition_reason: "Invalid",
-        });
-        return;
-    }
     match decoded {
-        Ok(object) => out.objects.push((object, origin.clone())),
+        // Checked as decoded, which is what the controller uses: a YAML tag can make
+        // the text's namespace another than the object's (`namespace: !x shop` is "").
+        Ok(object) => match check_names(&object.reference()).and_then(|()| check_labels(&object)) {
+            Ok(()) => out.objects.push((object, origin.clone())),
+            Err((field, reason)) => out.problems.push(Problem {
+                object: Some(object.reference()),
+                origin: origin.clone(),
+                field,
+                reason,
+                effect: Effect::Rejected,
+                condition_reason: "Invalid",
+            }),
+        },
         Err(reason) => out.problems.push(Problem {
             object: Some(reference),
             origin: origin.clone(),
@@ -282,10 +283,13 @@ fn push_decoded(
 /// manifest directory stands in for: a namespace name is a DNS-1123 label, a Service
 /// name a DNS-1035 label (it starts with a letter), every other name a DNS-1123
 /// subdomain. A name outside them would become a key a proxy refuses.
-fn check_names(reference: &ObjectRef) -> Result<(), (&'static str, String)> {
+fn check_names(reference: &ObjectRef) -> Result<(), (String, String)> {
     use tunnel::identity::{check_dns_label, check_dns_subdomain};
-    let explain = |field, value: &str, rule: &str, why: &str| {
-        (field, format!("{value:?} is not a {rule}: {why}"))
+    let explain = |field: &str, value: &str, rule: &str, why: &str| {
+        (
+            field.to_owned(),
+            format!("{value:?} is not a {rule}: {why}"),
+        )
     };
     if let Some(namespace) = &reference.namespace {
         check_dns_label(namespace)
@@ -307,6 +311,85 @@ fn check_names(reference: &ObjectRef) -> Result<(), (&'static str, String)> {
         _ => ("DNS-1123 subdomain", check_dns_subdomain(name)),
     };
     checked.map_err(|why| explain("metadata.name", name, rule, why))
+}
+
+/// The API server's checks of `metadata.labels` and `metadata.annotations`: every key a
+/// qualified name (`[prefix/]name`), every label value at most 63 characters of the same
+/// alphabet or empty, the annotations at most 256 KiB in all.
+fn check_labels(object: &AnyObject) -> Result<(), (String, String)> {
+    let meta = object.metadata();
+    for (key, value) in meta.labels.iter().flatten() {
+        check_qualified_name(key).map_err(|why| {
+            (
+                "metadata.labels".into(),
+                format!("key {key:?} is invalid: {why}"),
+            )
+        })?;
+        if !value.is_empty() {
+            check_name_part(value).map_err(|why| {
+                (
+                    format!("metadata.labels[{key}]"),
+                    format!("{value:?} is not a label value: {why}"),
+                )
+            })?;
+        }
+    }
+    let mut size = 0;
+    for (key, value) in meta.annotations.iter().flatten() {
+        check_qualified_name(&key.to_ascii_lowercase()).map_err(|why| {
+            (
+                "metadata.annotations".into(),
+                format!("key {key:?} is invalid: {why}"),
+            )
+        })?;
+        size += key.len() + value.len();
+    }
+    if size > 256 * 1024 {
+        return Err((
+            "metadata.annotations".into(),
+            format!("they hold {size} bytes; the API server takes at most 262144"),
+        ));
+    }
+    Ok(())
+}
+
+/// A qualified name, as label and annotation keys are: an optional DNS-1123 subdomain
+/// prefix and `/`, then a name part.
+fn check_qualified_name(key: &str) -> Result<(), String> {
+    let name = match key.split_once('/') {
+        Some((prefix, name)) => {
+            tunnel::identity::check_dns_subdomain(prefix).map_err(|why| {
+                format!("its prefix {prefix:?} is not a DNS-1123 subdomain: {why}")
+            })?;
+            name
+        }
+        None => key,
+    };
+    if name.is_empty() {
+        return Err("the name after the prefix is empty".into());
+    }
+    check_name_part(name).map_err(str::to_owned)
+}
+
+/// The name part of a qualified name, and a non-empty label value: at most 63
+/// characters, letters, digits, '-', '_' and '.', starting and ending with a letter or
+/// digit.
+fn check_name_part(s: &str) -> Result<(), &'static str> {
+    if s.len() > 63 {
+        return Err("it is longer than 63 characters");
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err("only letters, digits, '-', '_' and '.' are allowed");
+    }
+    if !s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        || !s.ends_with(|c: char| c.is_ascii_alphanumeric())
+    {
+        return Err("it must start and end with a letter or digit");
+    }
+    Ok(())
 }
 
 fn reference_of(kind: ObjectKind, value: &Value) -> ObjectRef {
@@ -808,8 +891,30 @@ kind: Namespace
 metadata: {name: a.b}
 ---
 apiVersion: v1
+kind: Service
+metadata:
+  name: cart
+  namespace: shop
+  labels: {etfw .dev/use-waypoint: waypoint}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: cart
+  namespace: shop
+  labels: {istio.io/use-waypoint: \"w!\"}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: tagged, namespace: !x, labels: {app: web}}
+---
+apiVersion: v1
 kind: Pod
-metadata: {name: web-1.shop, namespace: shop}
+metadata:
+  name: web-1.shop
+  namespace: shop
+  labels: {app: web, weft.dev/empty: \"\"}
+  annotations: {Weft.dev/Note: \"Anything at all, with spaces\"}
 spec: {containers: [{name: c, image: i}]}
 ";
         let f = parse_file(Path::new("x.yaml"), text).expect("YAML");
@@ -819,6 +924,9 @@ spec: {containers: [{name: c, image: i}]}
             "x.yaml:8: Service shop/9lives: metadata.name: \"9lives\" is not a DNS-1035 label",
             "x.yaml:12: Service Shop/web: metadata.namespace: \"Shop\" is not a namespace name",
             "x.yaml:16: Namespace a.b: metadata.name: \"a.b\" is not a DNS-1123 label",
+            "x.yaml:20: Service shop/cart: metadata.labels: key \"etfw .dev/use-waypoint\" is invalid: its prefix",
+            "x.yaml:27: Service shop/cart: metadata.labels[istio.io/use-waypoint]: \"w!\" is not a label value: only letters",
+            "x.yaml:34: Service /tagged: metadata.namespace: \"\" is not a namespace name: it is empty",
         ];
         assert_eq!(problems.len(), expected.len(), "{problems:#?}");
         for (p, e) in problems.iter().zip(expected) {

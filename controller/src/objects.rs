@@ -245,7 +245,8 @@ impl AnyObject {
         }
     }
 
-    fn metadata(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+    /// Its metadata.
+    pub(crate) fn metadata(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
         match self {
             AnyObject::Namespace(o) => &o.metadata,
             AnyObject::Pod(o) => &o.metadata,
