@@ -255,8 +255,8 @@ fn push_decoded(
         return;
     }
     match decoded {
-        // Checked as decoded, which is what the controller uses: a YAML tag can make
-        // the text's namespace another than the object's (`namespace: !x shop` is "").
+        // Checked as decoded, which is what the controller uses: a tag with no value
+        // (`namespace: !x`) reads as no namespace in the text but decodes as "".
         Ok(object) => match check_names(&object.reference()).and_then(|()| check_labels(&object)) {
             Ok(()) => out.objects.push((object, origin.clone())),
             Err((field, reason)) => out.problems.push(Problem {
