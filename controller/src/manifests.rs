@@ -892,17 +892,11 @@ metadata: {name: a.b}
 ---
 apiVersion: v1
 kind: Service
-metadata:
-  name: cart
-  namespace: shop
-  labels: {etfw .dev/use-waypoint: waypoint}
+metadata: {name: cart, namespace: shop, labels: {etfw .dev/use-waypoint: waypoint}}
 ---
 apiVersion: v1
 kind: Service
-metadata:
-  name: cart
-  namespace: shop
-  labels: {istio.io/use-waypoint: \"w!\"}
+metadata: {name: cart, namespace: shop, labels: {istio.io/use-waypoint: \"w!\"}}
 ---
 apiVersion: v1
 kind: Service
@@ -925,8 +919,8 @@ spec: {containers: [{name: c, image: i}]}
             "x.yaml:12: Service Shop/web: metadata.namespace: \"Shop\" is not a namespace name",
             "x.yaml:16: Namespace a.b: metadata.name: \"a.b\" is not a DNS-1123 label",
             "x.yaml:20: Service shop/cart: metadata.labels: key \"etfw .dev/use-waypoint\" is invalid: its prefix",
-            "x.yaml:27: Service shop/cart: metadata.labels[istio.io/use-waypoint]: \"w!\" is not a label value: only letters",
-            "x.yaml:34: Service /tagged: metadata.namespace: \"\" is not a namespace name: it is empty",
+            "x.yaml:24: Service shop/cart: metadata.labels[istio.io/use-waypoint]: \"w!\" is not a label value: only letters",
+            "x.yaml:28: Service /tagged: metadata.namespace: \"\" is not a namespace name: it is empty",
         ];
         assert_eq!(problems.len(), expected.len(), "{problems:#?}");
         for (p, e) in problems.iter().zip(expected) {
