@@ -5,6 +5,7 @@
 //! ```text
 //!  in the pod (table inet weft: IPv4 and IPv6 alike):
 //!   app --connect(any:port)--> [nat output]     --redirect--> loopback:15001 (outbound)
+//!   (connections the pod had open before its rules keep their path: set open_before_v4/v6)
 //!   peer --> pod-ip:15008  ------------------------------------> HBONE listener
 //!   169.254.7.127 / fd77:6566:74::7f (the node: a probe) --> pod-ip:port --> the app
 //!   peer --> pod-ip:port   --> [nat prerouting] --redirect--> :15006 (inbound plaintext)
@@ -27,12 +28,12 @@ use std::os::fd::BorrowedFd;
 
 use nlink::netlink::nftables::{
     BaseChain, Chain, CtDirection, Family, FibFlags, FilterHook, NatHook, PacketField, Policy,
-    Priority, Rule, Set, SetElement, SetKeyType, Transaction,
+    Priority, Rule, Set, SetElement, SetKeyType, TcpFlags, Transaction,
 };
 use nlink::netlink::route::{Ipv4Route, Ipv6Route};
 use nlink::netlink::rule::RuleBuilder;
 use nlink::netlink::types::route::RouteType;
-use nlink::netlink::{Connection, Nftables, Route};
+use nlink::netlink::{Connection, Nftables, Route, SockDiag};
 use runtime::netns::{
     HBONE_PORT, INBOUND_PLAINTEXT_PORT, MARK_INBOUND, MARK_OUTBOUND, OUTBOUND_PORT,
 };
@@ -67,6 +68,11 @@ const PROBE_TARGETS_V6: &str = "probe_targets_v6";
 /// one, and removed with it.
 const LEGACY: Family = Family::Ip;
 const TCP: u8 = 6;
+/// The flags that tell a connection's first segment: a pure SYN (ECN's bits aside). A
+/// connection the pod had open before its rules first shows up mid-stream (connection
+/// tracking starts with the rules and picks it up on its next segment).
+const OPENING: TcpFlags =
+    TcpFlags(TcpFlags::SYN.0 | TcpFlags::ACK.0 | TcpFlags::RST.0 | TcpFlags::FIN.0);
 
 /// Why rules could not be changed or read.
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +143,13 @@ async fn replace_table(
 /// `pod` names it in errors. `ipv6`: capture its IPv6 connections too, which needs
 /// listeners that take IPv6 ([`runtime::netns::pod_listen_addrs`] for a pod with an IPv6
 /// address); without, IPv6 passes uncaptured, as an earlier release left it.
+///
+/// Connections the pod already has open keep their path until they close: redirecting
+/// one mid-stream to a proxy that never saw its handshake would hang it. The rules go
+/// in twice. First every new connection (its SYN) is redirected and any other segment
+/// passes; then, with nothing able to open uncaptured, the pod's open connections are
+/// listed and only their segments keep passing. A stranger's segment without a SYN
+/// (which a listener could take as a SYN cookie) is redirected, as before, and refused.
 pub async fn install(
     netns: BorrowedFd<'_>,
     pod: &str,
@@ -145,88 +158,19 @@ pub async fn install(
 ) -> Result<(), CaptureError> {
     let nft = Connection::<Nftables>::new_in(netns)
         .map_err(netlink(pod, "open netlink in its network namespace"))?;
-    let ip = Family::Inet;
-    replace_table(&nft, ip, pod, |tx| {
-        let rule = |chain: &str| Rule::new(TABLE, chain).family(ip);
-        let mut tx =
-            tx.add_chain(Chain::new(TABLE, "prerouting")?.family(ip).base(
-                BaseChain::nat(NatHook::Prerouting, Priority::DstNat).policy(Policy::Accept),
-            ))
-            .add_chain(
-                Chain::new(TABLE, "output")?
-                    .family(ip)
-                    .base(BaseChain::nat(NatHook::Output, Priority::DstNat).policy(Policy::Accept)),
-            )
-            .add_chain(
-                Chain::new(TABLE, "mark_replies")?
-                    .family(ip)
-                    .base(BaseChain::route(Priority::Mangle).policy(Policy::Accept)),
-            );
-        if !ipv6 {
-            // Any IPv6 packet (the address matchers carry the family's guard).
-            let any6 = |chain: &str| rule(chain).match_saddr_v6(Ipv6Addr::UNSPECIFIED, 0);
-            tx = tx
-                .add_chain(Chain::new(TABLE, IPV4_ONLY)?.family(ip))
-                .add_rule(any6("prerouting").accept())
-                .add_rule(any6("output").accept());
-        }
-        Ok(tx
-            .add_rule(rule("prerouting").match_l4proto_not(TCP).accept())
-            .add_rule(rule("prerouting").match_iif("lo").accept())
-            // The node's probes reach the application itself, without identity or
-            // policy: the node only ever sends them from this address.
-            .add_rule(
-                rule("prerouting")
-                    .match_saddr_v4(probe_source.v4, 32)
-                    .accept(),
-            )
-            .add_rule(
-                rule("prerouting")
-                    .match_saddr_v6(probe_source.v6, 128)
-                    .accept(),
-            )
-            .add_rule(rule("prerouting").match_tcp_dport(HBONE_PORT).accept())
-            .add_rule(
-                rule("prerouting")
-                    .match_fib_type(FibFlags::DADDR, RouteType::Local)
-                    .match_l4proto(TCP)
-                    .redirect(Some(INBOUND_PLAINTEXT_PORT)),
-            )
-            .add_rule(rule("output").match_l4proto_not(TCP).accept())
-            .add_rule(rule("output").match_mark(MARK_OUTBOUND).accept())
-            .add_rule(rule("output").match_mark(MARK_INBOUND).accept())
-            .add_rule(rule("output").match_oif("lo").accept())
-            .add_rule(
-                rule("output")
-                    .match_daddr_v4(Ipv4Addr::LOCALHOST, 8)
-                    .accept(),
-            )
-            .add_rule(
-                rule("output")
-                    .match_daddr_v6(Ipv6Addr::LOCALHOST, 128)
-                    .accept(),
-            )
-            // Link-local destinations need the interface, which a redirect loses: they
-            // leave uncaptured, and a captured peer checks them as it does plaintext.
-            .add_rule(rule("output").match_daddr_v6(LINK_LOCAL, 10).accept())
-            .add_rule(
-                rule("output")
-                    .match_l4proto(TCP)
-                    .redirect(Some(OUTBOUND_PORT)),
-            )
-            .add_rule(
-                rule("mark_replies")
-                    .match_mark(MARK_INBOUND)
-                    .set_ct_mark(MARK_INBOUND),
-            )
-            .add_rule(
-                rule("mark_replies")
-                    .match_ct_direction(CtDirection::Reply)
-                    .match_ct_mark(MARK_INBOUND)
-                    .set_mark(MARK_INBOUND),
-            ))
+    replace_table(&nft, Family::Inet, pod, |tx| {
+        pod_rules(tx, probe_source, ipv6)
     })
     .await?;
+    let kept = match open_connections(netns, pod).await {
+        Ok(open) => keep_open(&nft, pod, &open).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = kept {
+        // Nothing half-installed: the caller takes the pod back from node-proxy.
+        let _ = nft.del_table_if_exists(TABLE, Family::Inet).await;
+        return Err(e);
+    }
     let rt = Connection::<Route>::new_in(netns)
         .map_err(netlink(pod, "open netlink in its network namespace"))?;
     for v6 in [false, true] {
@@ -245,6 +189,250 @@ pub async fn install(
         .map_err(netlink(pod, "add the local route for transparent replies"))?;
     }
     Ok(())
+}
+
+/// The connections a pod had open, as set elements keyed peer address, peer port, pod
+/// address, pod port (IPv4 and IPv6 apart).
+#[derive(Debug, Default)]
+struct Open {
+    v4: Vec<SetElement>,
+    v6: Vec<SetElement>,
+}
+
+/// The most open connections kept on their path; any more are captured (and so reset)
+/// on their next segment. It bounds the rules' size (under 1 MB of set elements).
+const OPEN_MAX: usize = 16_384;
+/// The marker chain of the second pass of [`install`]: without it, the pod's rules are
+/// not complete.
+const KEPT_OPEN: &str = "kept_open";
+/// Set elements per netlink message: an IPv6 connection's takes about 52 bytes of the
+/// 64 KiB a message's list can hold.
+const ELEMENTS_PER_MESSAGE: usize = 1024;
+/// The sets of open connections, for the two families.
+const OPEN_V4: &str = "open_before_v4";
+const OPEN_V6: &str = "open_before_v6";
+
+/// The pod's TCP connections (every state but listening) with a peer off loopback, but
+/// for node-proxy's own on its listeners (already captured).
+async fn open_connections(netns: BorrowedFd<'_>, pod: &str) -> Result<Open, CaptureError> {
+    let diag = Connection::<SockDiag>::new_in(netns)
+        .map_err(netlink(pod, "open netlink in its network namespace"))?;
+    let sockets = diag
+        .query_tcp()
+        .await
+        .map_err(netlink(pod, "list its TCP connections"))?;
+    let mut open = Open::default();
+    let mut left = 0;
+    for s in sockets {
+        let (peer, local) = (s.remote.ip().to_canonical(), s.local.ip().to_canonical());
+        let proxied = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT].contains(&s.local.port());
+        if s.remote.port() == 0 || peer.is_loopback() || peer.is_unspecified() || proxied {
+            continue;
+        }
+        if open.v4.len() + open.v6.len() >= OPEN_MAX {
+            left += 1;
+            continue;
+        }
+        let ports = (
+            SetElement::port(s.remote.port()),
+            SetElement::port(s.local.port()),
+        );
+        match (peer, local) {
+            (IpAddr::V4(p), IpAddr::V4(l)) => open.v4.push(SetElement::concat([
+                SetElement::ipv4(p),
+                ports.0,
+                SetElement::ipv4(l),
+                ports.1,
+            ])),
+            (IpAddr::V6(p), IpAddr::V6(l)) => open.v6.push(SetElement::concat([
+                SetElement::ipv6(p),
+                ports.0,
+                SetElement::ipv6(l),
+                ports.1,
+            ])),
+            _ => {}
+        }
+    }
+    if left > 0 {
+        tracing::warn!(
+            pod,
+            kept = OPEN_MAX,
+            left,
+            "more connections open than are kept on their path: the rest are reset"
+        );
+    }
+    Ok(open)
+}
+
+/// The pod's rules as the first pass of [`install`] leaves them: a SYN is redirected,
+/// any other segment passes.
+fn pod_rules(
+    tx: Transaction,
+    probe_source: ProbeSource,
+    ipv6: bool,
+) -> Result<Transaction, nlink::Error> {
+    let ip = Family::Inet;
+    let rule = |chain: &str| Rule::new(TABLE, chain).family(ip);
+    let mut tx = tx
+        .add_chain(
+            Chain::new(TABLE, "prerouting")?
+                .family(ip)
+                .base(BaseChain::nat(NatHook::Prerouting, Priority::DstNat).policy(Policy::Accept)),
+        )
+        .add_chain(
+            Chain::new(TABLE, "output")?
+                .family(ip)
+                .base(BaseChain::nat(NatHook::Output, Priority::DstNat).policy(Policy::Accept)),
+        )
+        .add_chain(
+            Chain::new(TABLE, "mark_replies")?
+                .family(ip)
+                .base(BaseChain::route(Priority::Mangle).policy(Policy::Accept)),
+        );
+    if !ipv6 {
+        // Any IPv6 packet (the address matchers carry the family's guard).
+        let any6 = |chain: &str| rule(chain).match_saddr_v6(Ipv6Addr::UNSPECIFIED, 0);
+        tx = tx
+            .add_chain(Chain::new(TABLE, IPV4_ONLY)?.family(ip))
+            .add_rule(any6("prerouting").accept())
+            .add_rule(any6("output").accept());
+    }
+    let inbound = || {
+        rule("prerouting")
+            .match_fib_type(FibFlags::DADDR, RouteType::Local)
+            .match_l4proto(TCP)
+    };
+    let outbound = || rule("output").match_l4proto(TCP);
+    tx = tx
+        .add_rule(rule("prerouting").match_l4proto_not(TCP).accept())
+        .add_rule(rule("prerouting").match_iif("lo").accept())
+        // The node's probes reach the application itself, without identity or
+        // policy: the node only ever sends them from this address.
+        .add_rule(
+            rule("prerouting")
+                .match_saddr_v4(probe_source.v4, 32)
+                .accept(),
+        )
+        .add_rule(
+            rule("prerouting")
+                .match_saddr_v6(probe_source.v6, 128)
+                .accept(),
+        )
+        .add_rule(rule("prerouting").match_tcp_dport(HBONE_PORT).accept())
+        .add_rule(
+            inbound()
+                .match_tcp_flags(TcpFlags::SYN, OPENING)
+                .redirect(Some(INBOUND_PLAINTEXT_PORT)),
+        )
+        .add_rule(rule("output").match_l4proto_not(TCP).accept())
+        .add_rule(rule("output").match_mark(MARK_OUTBOUND).accept())
+        .add_rule(rule("output").match_mark(MARK_INBOUND).accept())
+        .add_rule(rule("output").match_oif("lo").accept())
+        .add_rule(
+            rule("output")
+                .match_daddr_v4(Ipv4Addr::LOCALHOST, 8)
+                .accept(),
+        )
+        .add_rule(
+            rule("output")
+                .match_daddr_v6(Ipv6Addr::LOCALHOST, 128)
+                .accept(),
+        )
+        // Link-local destinations need the interface, which a redirect loses: they
+        // leave uncaptured, and a captured peer checks them as it does plaintext.
+        .add_rule(rule("output").match_daddr_v6(LINK_LOCAL, 10).accept())
+        .add_rule(
+            outbound()
+                .match_tcp_flags(TcpFlags::SYN, OPENING)
+                .redirect(Some(OUTBOUND_PORT)),
+        );
+    Ok(tx
+        .add_rule(
+            rule("mark_replies")
+                .match_mark(MARK_INBOUND)
+                .set_ct_mark(MARK_INBOUND),
+        )
+        .add_rule(
+            rule("mark_replies")
+                .match_ct_direction(CtDirection::Reply)
+                .match_ct_mark(MARK_INBOUND)
+                .set_mark(MARK_INBOUND),
+        ))
+}
+
+/// The second pass of [`install`]: the pod's `open` connections are let through and any
+/// other segment without a SYN is redirected (and refused). The sets are filled a message
+/// per transaction (a batch is bounded by the socket's buffer), then the rules and their
+/// marker chain go in at once.
+async fn keep_open(nft: &Connection<Nftables>, pod: &str, open: &Open) -> Result<(), CaptureError> {
+    use PacketField::{Ip4Daddr, Ip4Saddr, Ip6Daddr, Ip6Saddr, TcpDport, TcpSport};
+    let ip = Family::Inet;
+    let key = |addr: SetKeyType| {
+        SetKeyType::Concat(vec![
+            addr.clone(),
+            SetKeyType::InetService,
+            addr,
+            SetKeyType::InetService,
+        ])
+    };
+    let v4 = Set::new(TABLE, OPEN_V4)
+        .family(ip)
+        .key_type(key(SetKeyType::Ipv4Addr));
+    let v6 = Set::new(TABLE, OPEN_V6)
+        .family(ip)
+        .key_type(key(SetKeyType::Ipv6Addr));
+    let failed = |what| netlink(pod, what);
+    nft.transaction()
+        .add_set(v4.clone())
+        .add_set(v6.clone())
+        .commit(nft)
+        .await
+        .map_err(failed("add the sets of its open connections"))?;
+    for (set, elements) in [(&v4, &open.v4), (&v6, &open.v6)] {
+        // A message's list of elements is one attribute, at most 64 KiB long.
+        for chunk in elements.chunks(ELEMENTS_PER_MESSAGE) {
+            nft.transaction()
+                .add_set_elements(set, chunk)
+                .commit(nft)
+                .await
+                .map_err(failed("list its open connections in the rules"))?;
+        }
+    }
+    let rule = |chain: &str| Rule::new(TABLE, chain).family(ip).match_l4proto(TCP);
+    let inbound = || rule("prerouting").match_fib_type(FibFlags::DADDR, RouteType::Local);
+    let outbound = || rule("output");
+    // The peer first: its source on the way in, its destination on the way out.
+    nft.transaction()
+        .add_chain(
+            Chain::new(TABLE, KEPT_OPEN)
+                .map_err(failed("name a chain"))?
+                .family(ip),
+        )
+        .add_rule(
+            inbound()
+                .match_concat_in_set(&[Ip4Saddr, TcpSport, Ip4Daddr, TcpDport], OPEN_V4)
+                .accept(),
+        )
+        .add_rule(
+            inbound()
+                .match_concat_in_set(&[Ip6Saddr, TcpSport, Ip6Daddr, TcpDport], OPEN_V6)
+                .accept(),
+        )
+        .add_rule(inbound().redirect(Some(INBOUND_PLAINTEXT_PORT)))
+        .add_rule(
+            outbound()
+                .match_concat_in_set(&[Ip4Daddr, TcpDport, Ip4Saddr, TcpSport], OPEN_V4)
+                .accept(),
+        )
+        .add_rule(
+            outbound()
+                .match_concat_in_set(&[Ip6Daddr, TcpDport, Ip6Saddr, TcpSport], OPEN_V6)
+                .accept(),
+        )
+        .add_rule(outbound().redirect(Some(OUTBOUND_PORT)))
+        .commit(nft)
+        .await
+        .map_err(failed("refuse segments of no open connection"))
 }
 
 fn reply_rule(v6: bool) -> RuleBuilder {
@@ -356,7 +544,7 @@ pub async fn installed(netns: BorrowedFd<'_>, pod: &str) -> Result<Installed, Ca
             .list_chains_in(TABLE, Family::Inet)
             .await
             .map_err(netlink(pod, "list nftables chains"))?;
-        for chain in ["prerouting", "output", "mark_replies"] {
+        for chain in ["prerouting", "output", "mark_replies", KEPT_OPEN] {
             note(
                 chains.iter().any(|c| c.name == chain),
                 format!("nftables chain inet {TABLE} {chain}"),
@@ -626,6 +814,81 @@ mod tests {
         remove(ns.0.as_fd(), pod)
             .await
             .expect("removing nothing is fine");
+    }
+
+    #[ignore = "needs root"]
+    #[tokio::test]
+    async fn connections_open_before_the_rules_keep_their_path_and_the_most_fit() {
+        let ns = Ns::new();
+        let pod = "shop/cart";
+        ns.run(&[
+            "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+        ]);
+        ns.run(&["ip", "addr", "add", "10.0.0.1/24", "dev", "eth0"]);
+        ns.run(&["ip", "addr", "add", "fd00::1/64", "dev", "eth0", "nodad"]);
+        ns.run(&["ip", "link", "set", "eth0", "up"]);
+        // Two connections the pod has open (to itself, off loopback), one per family.
+        let inside =
+            runtime::netns::Netns::enter(ns.0.try_clone().expect("dup"), pod).expect("enter");
+        let open = inside
+            .run_blocking(|| -> std::io::Result<Vec<std::net::TcpStream>> {
+                let mut held = Vec::new();
+                for at in ["10.0.0.1:9000", "[fd00::1]:9000"] {
+                    let listener = std::net::TcpListener::bind(at)?;
+                    held.push(std::net::TcpStream::connect(at)?);
+                    held.push(listener.accept()?.0);
+                }
+                Ok(held)
+            })
+            .expect("run")
+            .expect("connections");
+        install(ns.0.as_fd(), pod, PROBE_SOURCE, true)
+            .await
+            .expect("install");
+        let ruleset = ns.run(&["nft", "-n", "list", "ruleset"]);
+        for s in &open {
+            let (local, peer) = (s.local_addr().expect("local"), s.peer_addr().expect("peer"));
+            let element = format!(
+                "{} . {} . {} . {}",
+                peer.ip(),
+                peer.port(),
+                local.ip(),
+                local.port()
+            );
+            assert!(ruleset.contains(&element), "{element}: {ruleset}");
+        }
+        // A SYN is redirected before the open connections are let through.
+        let output = ruleset.split("chain output").nth(1).unwrap_or("");
+        let syn = output.find("redirect to :15001").unwrap_or(usize::MAX);
+        let kept = output.find("@open_before_v4 accept").unwrap_or(0);
+        assert!(syn < kept, "{output}");
+        // The most there can be fit in one transaction (IPv6's are the longest).
+        let most = Open {
+            v4: Vec::new(),
+            v6: (0..OPEN_MAX)
+                .map(|i| {
+                    let peer = Ipv6Addr::from(0xfd00_u128 << 112 | i as u128);
+                    SetElement::concat([
+                        SetElement::ipv6(peer),
+                        SetElement::port(443),
+                        SetElement::ipv6("fd00::1".parse().expect("literal")),
+                        SetElement::port(40_000),
+                    ])
+                })
+                .collect(),
+        };
+        let nft = Connection::<Nftables>::new_in(ns.0.as_fd()).expect("netlink");
+        replace_table(&nft, Family::Inet, pod, |tx| {
+            pod_rules(tx, PROBE_SOURCE, true)
+        })
+        .await
+        .expect("first pass");
+        keep_open(&nft, pod, &most)
+            .await
+            .expect("the most open connections");
+        let set = ns.run(&["nft", "-n", "list", "set", "inet", "weft", OPEN_V6]);
+        assert_eq!(set.matches(". 443 .").count(), OPEN_MAX);
+        drop(open);
     }
 
     #[ignore = "needs root"]

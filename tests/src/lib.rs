@@ -456,6 +456,13 @@ impl Sandbox {
             .with_context(|| format!("ip netns exec {ns} {args:?}"))
     }
 
+    /// A thread inside a pod's network namespace, for the test's own sockets there.
+    pub fn enter(&self, pod: &str) -> anyhow::Result<runtime::netns::Netns> {
+        let path = format!("/run/netns/{}", self.netns(pod)?);
+        let fd = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
+        Ok(runtime::netns::Netns::enter(fd.into(), pod)?)
+    }
+
     /// Starts a command inside a pod's network namespace, in the background.
     pub fn spawn(&self, pod: &str, args: &[&str]) -> anyhow::Result<std::process::Child> {
         let ns = self.netns(pod)?;

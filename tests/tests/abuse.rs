@@ -576,13 +576,7 @@ fn get(addr: SocketAddr, path: &str) -> Result<(), String> {
 }
 
 fn enter(sb: &Sandbox, pod: &str) -> Origin {
-    let path = format!("/run/netns/{}", sb.netns(pod).expect("the pod's namespace"));
-    let fd: OwnedFd = std::fs::File::open(&path)
-        .expect("open the namespace")
-        .into();
-    Origin::Pod(Arc::new(
-        Netns::enter(fd, pod).expect("enter the namespace"),
-    ))
+    Origin::Pod(Arc::new(sb.enter(pod).expect("enter the namespace")))
 }
 
 #[test]

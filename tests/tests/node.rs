@@ -312,6 +312,50 @@ fn segments_to(pcap: &std::path::Path, port: u16) -> usize {
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
+/// An application of the test's own in `pod`: it echoes what each connection sends.
+fn serve_echo(sb: &Sandbox, pod: &str, port: u16) {
+    let listener = sb
+        .enter(pod)
+        .unwrap()
+        .run_blocking(move || std::net::TcpListener::bind(("0.0.0.0", port)))
+        .unwrap()
+        .unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let Ok(mut from) = stream.try_clone() else {
+                    return;
+                };
+                let mut to = stream;
+                let _ = std::io::copy(&mut from, &mut to);
+            });
+        }
+    });
+}
+
+/// A connection made from inside a pod and held open, as a client's pool holds one.
+struct Held(std::net::TcpStream);
+
+impl Held {
+    fn open(sb: &Sandbox, pod: &str, to: std::net::SocketAddr) -> anyhow::Result<Held> {
+        let stream = sb.enter(pod)?.run_blocking(move || {
+            std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))
+        })??;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(Held(stream))
+    }
+
+    /// Sends `text` to the echo at the other end and reads it back.
+    fn echo(&mut self, text: &str) -> anyhow::Result<()> {
+        use std::io::{Read, Write};
+        self.0.write_all(text.as_bytes())?;
+        let mut back = vec![0; text.len()];
+        self.0.read_exact(&mut back)?;
+        anyhow::ensure!(back == text.as_bytes(), "echoed {back:?}");
+        Ok(())
+    }
+}
+
 #[test]
 #[ignore = "needs root"]
 fn labelling_a_running_namespace_moves_its_pods_to_mtls_and_unlabelling_back() {
@@ -345,6 +389,11 @@ fn labelling_a_running_namespace_moves_its_pods_to_mtls_and_unlabelling_back() {
     let (code, body) = sb.curl(from, &url("before-the-label")).unwrap();
     assert_eq!(code, 0, "{body}");
     assert_eq!(mtls(), 0.0, "outside the mesh, it talks plaintext");
+    // A connection open across the label, both of its ends in the labelled namespace.
+    serve_echo(&sb, "legacy/outsider-2", 9000);
+    let to = format!("{}:9000", sb.ip("legacy/outsider-2").unwrap());
+    let mut held = Held::open(&sb, from, to.parse().unwrap()).unwrap();
+    held.echo("held-open").unwrap();
 
     // The label, as `kubectl label` would put it on the object.
     let namespaces = std::fs::read_to_string(manifests.path().join("00-namespaces.yaml")).unwrap();
@@ -378,6 +427,21 @@ fn labelling_a_running_namespace_moves_its_pods_to_mtls_and_unlabelling_back() {
         assert_eq!(code, 0, "{body}");
     }
     assert!(sb.rules(from).unwrap().contains("redirect to :15001"));
+    for pod in [from, "legacy/outsider-2"] {
+        // Both passes of the capture are in: the open connections listed.
+        eventually(Duration::from_secs(10), || {
+            let rules = sb.rules(pod).ok()?;
+            rules.contains("chain kept_open").then_some(())
+        })
+        .unwrap_or_else(|| panic!("{pod} is captured"));
+    }
+    // A connection the pods had open before keeps its path until it closes.
+    let answer = held.echo("held-open-across-the-label");
+    assert!(
+        answer.is_ok(),
+        "the connection open before the label: {answer:?}"
+    );
+    drop(held);
 
     // Unlabelled: plaintext again, and the rules are gone.
     manifests.write("00-namespaces.yaml", &namespaces).unwrap();
@@ -406,6 +470,10 @@ fn labelling_a_running_namespace_moves_its_pods_to_mtls_and_unlabelling_back() {
         "after the label, the request crossed the fabric encrypted"
     );
     assert!(segments_to(&pcap, 15008) > 0, "through HBONE, port 15008");
+    assert!(
+        on_the_wire(&pcap, "held-open-across-the-label"),
+        "the connection open before the label went on as it was"
+    );
     assert!(
         on_the_wire(&pcap, "after-the-unlabel"),
         "plaintext again after the unlabel"
