@@ -266,19 +266,44 @@ impl Netns {
             }
             s.set_tcp_nodelay(true)?;
             pod_local_congestion(&s);
-            // Port 0: the client's port may already be in use here. Choosing it at
-            // connect time (by 4-tuple) instead of at bind keeps connection setup
-            // fast when many ports sit in TIME_WAIT.
-            nix::sys::socket::setsockopt(
-                &s,
-                nix::sys::socket::sockopt::IpBindAddressNoPort,
-                &true,
-            )?;
-            s.bind(&SockAddr::from(SocketAddr::new(src.ip(), 0)))?;
+            bind_transparent(&s, src.ip())?;
             Ok(s)
         })?;
         Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
     }
+}
+
+/// The source ports of connections made from a client's address to the application:
+/// below the range Linux hands out by default (32768-60999). A client with that range
+/// never opens a connection of its own from one of them, so its next connection cannot
+/// have the 4-tuple of one of ours: connection tracking in the pod would take that
+/// client's SYN for our connection's, and neither would survive.
+///
+/// Letting the kernel choose at connect time (`IP_BIND_ADDRESS_NO_PORT`) did collide: it
+/// picks by a hash of the 4-tuple with a secret of the kernel's, so a client on the same
+/// node, connecting at the same moment, was given the very same port.
+pub const TRANSPARENT_PORTS: std::ops::Range<u16> = 1024..32768;
+/// Random ports tried before the kernel is left to choose.
+const TRANSPARENT_TRIES: usize = 8;
+
+/// Binds `s` to `ip` and a random port of [`TRANSPARENT_PORTS`]; when every try is in use
+/// (tens of thousands of recent connections from that one client), to a port the kernel
+/// chooses at connect time.
+fn bind_transparent(s: &Socket, ip: IpAddr) -> io::Result<()> {
+    let mut random = [0u8; 2 * TRANSPARENT_TRIES];
+    // Spread, not secrecy: a failure leaves zeros, and the kernel's choice.
+    let _ = aws_lc_rs::rand::fill(&mut random);
+    let span = TRANSPARENT_PORTS.end - TRANSPARENT_PORTS.start;
+    for pair in random.chunks_exact(2) {
+        let port = TRANSPARENT_PORTS.start + u16::from_le_bytes([pair[0], pair[1]]) % span;
+        match s.bind(&SockAddr::from(SocketAddr::new(ip, port))) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)?;
+    s.bind(&SockAddr::from(SocketAddr::new(ip, 0)))
 }
 
 /// Makes outbound sockets inside a pod's namespace, for the HBONE client pool.
@@ -505,6 +530,24 @@ mod tests {
             host.accept().is_ok(),
             "the thread makes sockets on the host again"
         );
+    }
+
+    #[ignore = "needs root"]
+    #[tokio::test(flavor = "current_thread")]
+    async fn connections_from_a_clients_address_use_ports_no_default_client_picks() {
+        let ns = Netns::enter(fresh_netns(), "shop/cart").unwrap();
+        let app = ns.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let target = app.local_addr().unwrap();
+        let mut held = Vec::new();
+        for _ in 0..64 {
+            let socket = ns
+                .transparent_socket("127.0.0.2:40000".parse().unwrap())
+                .unwrap();
+            let conn = socket.connect(target).await.unwrap();
+            let port = conn.local_addr().unwrap().port();
+            assert!(TRANSPARENT_PORTS.contains(&port), "port {port}");
+            held.push((conn, app.accept().await.unwrap()));
+        }
     }
 
     #[test]
