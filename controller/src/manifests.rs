@@ -565,8 +565,14 @@ impl ManifestSource {
     pub async fn watch(self: Arc<Self>, changed: Arc<Notify>, shutdown: CancellationToken) {
         use notify::Watcher;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<Vec<PathBuf>>>();
-        let handler = move |event: notify::Result<notify::Event>| {
-            let _ = tx.send(event.ok().map(|e| e.paths));
+        let handler = move |event: notify::Result<notify::Event>| match event {
+            Ok(e) if is_edit(&e.kind) => {
+                let _ = tx.send(Some(e.paths));
+            }
+            Ok(_) => {}
+            Err(_) => {
+                let _ = tx.send(None);
+            }
         };
         let mut watcher = match notify::recommended_watcher(handler) {
             Ok(w) => Some(w),
@@ -627,6 +633,19 @@ impl ManifestSource {
                 changed.notify_one();
             }
         }
+    }
+}
+
+/// Whether an inotify event can mean a manifest changed. inotify also reports a file
+/// being opened (notify's `Access`); counted as a change, every reader of the directories
+/// (the sandbox's node agents, this watcher's own rescans) would keep the controller
+/// rescanning. A file closed after writing is a change.
+fn is_edit(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
     }
 }
 
@@ -775,6 +794,44 @@ pub fn load(dirs: &[PathBuf]) -> Result<Snapshot, std::io::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reading_manifests_is_not_an_edit_and_writing_one_is() {
+        use notify::Watcher;
+        let dir = std::env::temp_dir().join(format!("weft-manifest-edits-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("a.yaml"), "a: 1\n").expect("write");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut watcher = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+            if let Ok(e) = e {
+                let _ = tx.send(e.kind);
+            }
+        })
+        .expect("watcher");
+        watcher
+            .watch(&dir, notify::RecursiveMode::NonRecursive)
+            .expect("watch");
+        let edits = |wait| {
+            let mut kinds = Vec::new();
+            while let Ok(kind) = rx.recv_timeout(wait) {
+                kinds.push(kind);
+            }
+            let seen = kinds.len();
+            kinds.retain(is_edit);
+            (seen, kinds)
+        };
+        for entry in std::fs::read_dir(&dir).expect("list") {
+            std::fs::read_to_string(entry.expect("entry").path()).expect("read");
+        }
+        let (seen, read) = edits(Duration::from_millis(300));
+        assert!(seen > 0, "inotify reported nothing of the reads");
+        assert_eq!(read, [], "reading a manifest was taken for an edit");
+        std::fs::write(dir.join("a.yaml"), "a: 2\n").expect("write");
+        let (_, written) = edits(Duration::from_millis(300));
+        assert!(!written.is_empty(), "writing a manifest was not an edit");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn documents_keep_their_lines() {

@@ -371,15 +371,8 @@ pub async fn keep(
     chained_now: tokio::sync::watch::Sender<bool>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    use notify::Watcher;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-    let watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
-        let _ = tx.try_send(());
-    })
-    .and_then(|mut w| {
-        w.watch(&chain.conf_dir, notify::RecursiveMode::NonRecursive)
-            .map(|()| w)
-    });
+    let watcher = crate::dir_watch::edits(&chain.conf_dir, tx);
     if let Err(e) = &watcher {
         tracing::warn!(dir = %chain.conf_dir.display(), "cannot watch (checking every second): {e}");
     }

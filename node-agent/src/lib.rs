@@ -22,6 +22,7 @@ pub mod capture;
 pub mod chain;
 pub mod cni;
 pub mod config;
+pub mod dir_watch;
 pub mod discover;
 pub mod fuzzing;
 pub mod link;

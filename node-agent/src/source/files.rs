@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use notify::Watcher;
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -102,13 +101,7 @@ impl Source for Files {
         Box::pin(async move {
             let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
             // inotify for promptness; a slow poll in case an event is missed.
-            let watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
-                let _ = tx.try_send(());
-            })
-            .and_then(|mut w| {
-                w.watch(&self.dir, notify::RecursiveMode::NonRecursive)
-                    .map(|()| w)
-            });
+            let watcher = crate::dir_watch::edits(&self.dir, tx);
             if let Err(e) = &watcher {
                 warn!(dir = %self.dir.display(), "cannot watch (polling instead): {e}");
             }
