@@ -366,6 +366,10 @@ pub struct Chain {
 /// configuration directory every second (and whenever it changes) and chains the plugin
 /// again when the cluster's network plugin has rewritten its configuration without it.
 /// `chained` says whether it is in the chain now.
+///
+/// The first pass installs whatever [`chained`] says: an upgraded agent finds the chain
+/// in place and an older plugin in `bin_dir`, which [`install`] replaces (it rewrites
+/// only what differs). The later passes only check.
 pub async fn keep(
     chain: Chain,
     chained_now: tokio::sync::watch::Sender<bool>,
@@ -379,7 +383,7 @@ pub async fn keep(
     let mut last_error = None;
     let mut first = true;
     loop {
-        if !chained(&chain.bin_dir, &chain.conf_dir, &chain.entry) {
+        if first || !chained(&chain.bin_dir, &chain.conf_dir, &chain.entry) {
             let c = chain.clone();
             let result = tokio::task::spawn_blocking(move || {
                 install(&c.binary, &c.bin_dir, &c.conf_dir, &c.entry)
@@ -598,6 +602,39 @@ mod tests {
         assert!(!bin.exists());
         let again = uninstall(&d.bin(), &d.conf()).expect("uninstall again");
         assert!(again.is_empty(), "{again:?}");
+    }
+
+    /// An upgrade of the agent finds the chain in place, made by the release before,
+    /// and that release's plugin in the runtime's directory: the new plugin replaces it.
+    #[tokio::test]
+    async fn an_upgraded_agent_replaces_the_plugin_of_the_release_before() {
+        let d = Dir::new("upgrade");
+        d.write("10-bridge.conflist", BRIDGE);
+        let binary = d.binary();
+        install(&binary, &d.bin(), &d.conf(), &entry()).expect("install");
+        std::fs::write(&binary, "#!/bin/sh\n# the next release\n").expect("write");
+        assert!(
+            chained(&d.bin(), &d.conf(), &entry()),
+            "the chain is in place"
+        );
+
+        let (tx, mut rx) = tokio::sync::watch::channel(false);
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let chain = Chain {
+            binary: binary.clone(),
+            bin_dir: d.bin(),
+            conf_dir: d.conf(),
+            entry: entry(),
+        };
+        let kept = tokio::spawn(keep(chain, tx, shutdown.clone()));
+        rx.wait_for(|chained| *chained).await.expect("keep runs");
+        shutdown.cancel();
+        kept.await.expect("keep ends");
+        assert_eq!(
+            std::fs::read(d.bin().join(PLUGIN)).expect("read the plugin"),
+            std::fs::read(&binary).expect("read the new plugin"),
+            "the runtime's plugin is the new release's"
+        );
     }
 
     /// Multus on OpenShift writes `00-multus.conf`, one plugin: the runtime reads it
