@@ -160,6 +160,8 @@ pub struct Agent {
     tombstones: HashMap<String, (NetnsId, Instant)>,
     status: Arc<Mutex<Status>>,
     metrics: Arc<Metrics>,
+    /// The pods outside the mesh were looked at for rules left from before this agent.
+    swept: bool,
 }
 
 impl Agent {
@@ -188,6 +190,7 @@ impl Agent {
             tombstones: HashMap::new(),
             status,
             metrics,
+            swept: false,
         }
     }
 
@@ -211,6 +214,10 @@ impl Agent {
                     None => break,
                 },
                 _ = tick.tick() => self.tick(),
+            }
+            if !self.swept && self.view.synced {
+                self.swept = true;
+                self.sweep().await;
             }
             self.attach_pending();
             self.settle().await;
@@ -299,6 +306,64 @@ impl Agent {
         self.last_scan = Some(Instant::now());
         self.last_found = found.clone();
         self.found = Some(found);
+    }
+
+    /// Takes the capture rules out of this node's pods that are outside the mesh and not
+    /// held: a namespace unlabelled (or a pod labelled `weft.dev/mesh=disabled`) while no
+    /// agent ran, during a restart or an upgrade, leaves its pods' rules in place, and
+    /// they send every connection to listeners nobody serves. Once, when the source has
+    /// listed everything: a running agent releases what it holds.
+    async fn sweep(&mut self) {
+        let uids: BTreeSet<String> = self
+            .view
+            .pods
+            .iter()
+            .filter(|(uid, p)| {
+                !self.view.keeps(p) && !p.host_network && !self.held.contains_key(*uid)
+            })
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        if uids.is_empty() {
+            return;
+        }
+        let proc = self.settings.proc.clone();
+        let found = discover::scan(&proc, &uids, self.settings.node_netns);
+        for (uid, found) in found {
+            let name = self
+                .view
+                .pods
+                .get(&uid)
+                .map_or_else(|| uid.clone(), |p| p.name());
+            let file = match discover::open(&proc, &found) {
+                Ok(f) => OwnedFd::from(f),
+                // It exited while it was looked at: nothing left to serve.
+                Err(e) => {
+                    debug!(pod = %name, "cannot open its namespace: {e}");
+                    continue;
+                }
+            };
+            let left = match capture::installed(file.as_fd(), &name).await {
+                Ok(installed) => installed.present,
+                Err(e) => {
+                    warn!(pod = %name, "cannot read its network namespace's rules: {e}");
+                    continue;
+                }
+            };
+            if left.is_empty() {
+                continue;
+            }
+            match capture::remove(file.as_fd(), &name).await {
+                Ok(()) => info!(
+                    pod = %name,
+                    "removed the capture rules left from when it was in the mesh ({})",
+                    left.join(", ")
+                ),
+                Err(e) => warn!(
+                    pod = %name,
+                    "cannot remove the capture rules left from when it was in the mesh: {e}"
+                ),
+            }
+        }
     }
 
     /// Decides and acts until nothing is left to do (bounded: a pod whose action fails

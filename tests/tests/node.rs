@@ -677,6 +677,58 @@ fn a_rewritten_cni_configuration_is_chained_again_and_the_next_pod_captured_with
     );
 }
 
+/// A namespace unlabelled while its node's agent is away (restarting, or upgraded): the
+/// agent, back, takes the rules out of its pods, which talk plaintext again.
+#[test]
+#[ignore = "needs root"]
+fn a_namespace_unlabelled_while_the_agent_is_away_is_released_once_it_is_back() {
+    let manifests = TempManifests::copy(&manifests()).unwrap();
+    let sb = Sandbox::up("e2e-unlabel-away", manifests.path()).unwrap();
+    let pod = "legacy/outsider";
+    let url = format!("http://{}:8080/", sb.ip("shop/echo-2").unwrap());
+    let namespaces = std::fs::read_to_string(manifests.path().join("00-namespaces.yaml")).unwrap();
+    let labelled = namespaces.replace(
+        "metadata:\n  name: legacy\n",
+        "metadata:\n  name: legacy\n  labels:\n    weft.dev/mesh: enabled\n",
+    );
+    assert_ne!(labelled, namespaces, "the test labels the legacy namespace");
+    manifests.write("00-namespaces.yaml", &labelled).unwrap();
+    eventually(Duration::from_secs(20), || {
+        let rules = sb.rules(pod).ok()?;
+        rules.contains("chain kept_open").then_some(())
+    })
+    .expect("the labelled namespace's pod is captured");
+    let (code, body) = sb.curl(pod, &url).unwrap();
+    assert_eq!(code, 0, "through the mesh: {body}");
+
+    sb.run_local(&["agent", "stop", "--node", "node-1"])
+        .unwrap();
+    manifests.write("00-namespaces.yaml", &namespaces).unwrap();
+    let object = sb.state_dir.join("cluster/namespace_legacy.yaml");
+    eventually(Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&object).ok()?;
+        (!text.contains("weft.dev/mesh")).then_some(())
+    })
+    .expect("the API server holds the namespace without its label");
+    assert!(
+        sb.rules(pod).unwrap().contains("redirect to :15001"),
+        "with no agent, nothing has touched the pod's rules yet"
+    );
+    sb.run_local(&["agent", "start", "--node", "node-1"])
+        .unwrap();
+    let released = eventually(Duration::from_secs(20), || {
+        let rules = sb.rules(pod).ok()?;
+        (!rules.contains("redirect to") && !rules.contains("fwmark 0x53a")).then_some(())
+    });
+    assert!(
+        released.is_some(),
+        "the agent back removes the rules: {}",
+        sb.rules(pod).unwrap()
+    );
+    let (code, body) = sb.curl(pod, &url).unwrap();
+    assert_eq!(code, 0, "plaintext again: {body}");
+}
+
 #[test]
 #[ignore = "needs root"]
 fn with_the_agent_stopped_only_enrolled_pods_wait_and_start_once_it_is_back() {
