@@ -1028,11 +1028,11 @@ type Seen = tokio::task::JoinHandle<Vec<Vec<u8>>>;
 /// [`reading_server`] that answers only once it has those 5 bytes: without early data
 /// both sides would wait for each other. Returns the application's end, the relay
 /// between it and the stream, and the server.
-async fn hello_before_the_answer(hang_up_first: bool) -> (TcpStream, Relay, Seen) {
+async fn hello_before_the_answer() -> (TcpStream, Relay, Seen) {
     let mesh = TestMesh::new();
     let server_tls = mesh.workload("shop", "cart");
     let client = mesh.workload("web", "frontend");
-    let (addr, server) = reading_server(server_tls.clone(), 5, hang_up_first).await;
+    let (addr, server) = reading_server(server_tls.clone(), 5, false).await;
     let (mut app, proxy) = app_pair().await;
     app.write_all(b"hello").await.unwrap();
     let req = request(&client, server_tls.identity(), addr, addr);
@@ -1049,7 +1049,7 @@ async fn hello_before_the_answer(hang_up_first: bool) -> (TcpStream, Relay, Seen
 
 #[tokio::test]
 async fn bytes_sent_before_the_answer_are_forwarded_at_once() {
-    let (mut app, relay, server) = hello_before_the_answer(false).await;
+    let (mut app, relay, server) = hello_before_the_answer().await;
     app.write_all(b" world").await.unwrap();
     app.shutdown().await.unwrap();
     let mut echoed = Vec::new();
@@ -1111,17 +1111,32 @@ fn proxy_peek_dup(s: &TcpStream) -> std::os::fd::OwnedFd {
 }
 
 #[tokio::test]
-async fn early_data_goes_again_when_the_stream_is_retried() {
-    // The first connection takes the CONNECT and its bytes, then hangs up unanswered;
-    // the pool opens the stream again on a new connection, which needs the same bytes.
-    let (mut app, relay, server) = hello_before_the_answer(true).await;
-    app.shutdown().await.unwrap();
-    let mut echoed = Vec::new();
-    app.read_to_end(&mut echoed).await.unwrap();
-    assert_eq!(echoed, b"hello");
-    relay.await.unwrap().unwrap();
-    assert_eq!(
-        server.await.unwrap(),
-        vec![b"hello".to_vec(), b"hello".to_vec()]
+async fn early_data_is_never_sent_twice() {
+    // The first connection takes the CONNECT and its bytes, then hangs up unanswered.
+    // The server may have passed them on to its application: opening the stream again
+    // elsewhere would deliver them twice, so the stream fails instead.
+    let mesh = TestMesh::new();
+    let server_tls = mesh.workload("shop", "cart");
+    let client = mesh.workload("web", "frontend");
+    let (addr, server) = reading_server(server_tls.clone(), 5, true).await;
+    let (mut app, proxy) = app_pair().await;
+    app.write_all(b"hello").await.unwrap();
+    let req = request(&client, server_tls.identity(), addr, addr);
+    let failed = tokio::time::timeout(
+        Duration::from_secs(10),
+        pool().connect_sending(&req, &proxy),
+    )
+    .await
+    .expect("the CONNECT fails without waiting for its answer");
+    let err = failed.expect_err("the connection died with the bytes in flight");
+    assert!(
+        !err.before_stream(),
+        "no other endpoint may be tried: {err}"
+    );
+    server.abort();
+    let seen = server.await;
+    assert!(
+        seen.is_err_and(|e| e.is_cancelled()),
+        "the server still waited for a second connection: it saw the bytes once"
     );
 }

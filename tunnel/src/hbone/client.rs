@@ -221,8 +221,7 @@ const _: () = assert!(
 /// The default for [`PoolConfig::max_streams_per_connection`].
 const MAX_STREAMS_PER_CONNECTION: usize = 1000;
 
-/// Bytes the application sent before the CONNECT was answered. Kept until the answer,
-/// so that a retry on a fresh connection sends them again.
+/// Bytes the application sent before the CONNECT was answered, until the answer.
 struct EarlyData<'a> {
     source: Option<&'a TcpStream>,
     sent: Vec<Bytes>,
@@ -391,7 +390,8 @@ impl Pool {
     /// [`EARLY_DATA_MAX`] bytes) is forwarded on the stream at once instead of after the
     /// answer, which takes one round trip between the proxies off a client-speaks-first
     /// connection. Returns the stream and how many bytes were forwarded early; on an
-    /// error those bytes are gone with the refused stream, as the connection is.
+    /// error those bytes are gone with the refused stream, as the connection is. They
+    /// are sent at most once: a stream that fails after them is not opened again.
     pub async fn connect_sending(
         &self,
         req: &ConnectRequest,
@@ -414,13 +414,20 @@ impl Pool {
             dst_addr: req.dst_addr,
         };
         // A pooled connection can die between the check and the send; one retry on a
-        // fresh connection covers that without looping on a broken destination.
+        // fresh connection covers that without looping on a broken destination. Not once
+        // the application's first bytes went out on the stream: the server may have
+        // passed them on before the connection died, and sent again they would reach an
+        // application twice (a request run twice). The stream fails then, as a TCP
+        // connection cut in flight does, and nothing is sent anywhere else either: its
+        // error is not `before_stream`.
         let mut retried = false;
         loop {
             let conn = self.inner.checkout(&key, req).await?;
             match self.inner.open_stream(&conn, req, early).await {
                 Err(ConnectError::H2 { source, .. })
-                    if !retried && (source.is_go_away() || source.is_io()) =>
+                    if !retried
+                        && early.sent.is_empty()
+                        && (source.is_go_away() || source.is_io()) =>
                 {
                     conn.closed.store(true, Ordering::Release);
                     retried = true;
@@ -691,7 +698,8 @@ impl Inner {
             }
         };
         // h2 buffers DATA beyond the peer's window, and early data is bounded, so
-        // these sends never wait. On a retry, what the first stream took goes again.
+        // these sends never wait. (Empty: a stream is opened again only when nothing
+        // had been sent on the one before.)
         let sending = early
             .sent
             .iter()
