@@ -920,6 +920,46 @@ async fn the_server_closes_connections_left_without_streams() {
 }
 
 #[tokio::test]
+async fn a_peer_that_says_nothing_after_tls_is_cut_off() {
+    let Fixture { mesh, server, .. } = fixture(ServerConfig {
+        handshake_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    })
+    .await;
+    let c = mesh.cert("web", "frontend");
+    let mut tls = raw_tls(server.addr, Some((c.chain, c.key)))
+        .await
+        .expect("a peer of the mesh completes TLS");
+    // No HTTP/2 preface follows: the server closes the connection.
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut rest)).await;
+    assert!(end.is_ok(), "the server still holds the connection");
+    wait_for(|| server.metrics.refusals(INBOUND, "timeout") == 1).await;
+}
+
+#[tokio::test]
+async fn a_peer_that_does_not_let_an_idle_connection_close_is_cut_off() {
+    let Fixture { mesh, server, .. } = fixture(ServerConfig {
+        idle_timeout: Duration::from_millis(200),
+        ..ServerConfig::default()
+    })
+    .await;
+    let c = mesh.cert("web", "frontend");
+    let mut tls = raw_tls(server.addr, Some((c.chain, c.key)))
+        .await
+        .expect("a peer of the mesh completes TLS");
+    // The preface and SETTINGS, then nothing: no stream, and no answer to the PING
+    // that comes with the server's GOAWAY.
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut rest)).await;
+    assert!(end.is_ok(), "the server still holds the connection");
+    wait_for(|| open_connections(&server) == 0).await;
+}
+
+#[tokio::test]
 async fn drain_lets_open_streams_finish_then_forces_close() {
     let Fixture {
         server_tls,

@@ -41,11 +41,14 @@ pub struct ServerConfig {
     pub require_local_authority: bool,
     /// Target ports refused with 503 because they are the proxy's own.
     pub proxy_ports: Vec<u16>,
-    /// A TLS handshake that takes longer is abandoned.
+    /// A TLS handshake that takes longer is abandoned, and so is a connection whose
+    /// HTTP/2 preface does not follow within as long again.
     pub handshake_timeout: Duration,
     /// A connection with no stream open for this long (up to twice it) is closed with
     /// GOAWAY, so peers that open connections and leave them cannot hold them forever.
-    /// Longer than the client pool's idle timeout, which normally closes first.
+    /// A peer that does not let it close (it does not answer the GOAWAY's PING) is cut
+    /// off one period later. Longer than the client pool's idle timeout, which normally
+    /// closes first.
     pub idle_timeout: Duration,
 }
 
@@ -370,23 +373,36 @@ impl Server {
             let open = self.metrics.connections_open.get_or_create(&dir).clone();
             open.inc();
             debug!(peer = %peer.0, "HBONE connection established");
-            let conn = h2::server::Builder::new()
-                .initial_window_size(super::STREAM_WINDOW)
-                .initial_connection_window_size(super::CONNECTION_WINDOW)
-                .max_frame_size(super::MAX_FRAME)
-                .max_send_buffer_size(super::SEND_BUFFER)
-                .max_concurrent_streams(self.config.max_streams_per_connection)
-                .max_header_list_size(super::MAX_HEADER_LIST)
-                .handshake::<_, Bytes>(tls)
-                .await;
+            // A peer that finished TLS and then says nothing would otherwise hold its
+            // slot of `max_connections` for good.
+            let conn = tokio::time::timeout(
+                self.config.handshake_timeout,
+                h2::server::Builder::new()
+                    .initial_window_size(super::STREAM_WINDOW)
+                    .initial_connection_window_size(super::CONNECTION_WINDOW)
+                    .max_frame_size(super::MAX_FRAME)
+                    .max_send_buffer_size(super::SEND_BUFFER)
+                    .max_concurrent_streams(self.config.max_streams_per_connection)
+                    .max_header_list_size(super::MAX_HEADER_LIST)
+                    .handshake::<_, Bytes>(tls),
+            )
+            .await;
             match conn {
-                Ok(conn) => {
+                Ok(Ok(conn)) => {
                     self.drive(conn, peer, peer_addr, local_addr, handler, drain, force)
                         .await
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     self.metrics.handshake_failed(INBOUND, "not_h2");
                     info!("HBONE connection refused: HTTP/2 handshake failed: {e}");
+                }
+                Err(_) => {
+                    self.metrics.handshake_failed(INBOUND, "timeout");
+                    info!(
+                        peer = %peer.0,
+                        "HBONE connection refused: no HTTP/2 preface within {:?} of the TLS handshake",
+                        self.config.handshake_timeout
+                    );
                 }
             }
             open.dec();
@@ -420,7 +436,17 @@ impl Server {
         loop {
             let next = tokio::select! {
                 next = conn.accept() => next,
-                _ = idle.tick(), if !draining => {
+                _ = idle.tick() => {
+                    if draining {
+                        // A period after the GOAWAY: a connection still open without
+                        // a stream has a peer that does not let it close.
+                        if streams.is_empty() {
+                            debug!(peer = %peer.0, "HBONE connection not closed by its peer a period after GOAWAY; cutting it off");
+                            conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                            return;
+                        }
+                        continue;
+                    }
                     if accepted == 0 && was_empty {
                         debug!(peer = %peer.0, "HBONE connection idle for {:?}; closing", self.config.idle_timeout);
                         conn.graceful_shutdown();
