@@ -959,6 +959,124 @@ async fn a_peer_that_does_not_let_an_idle_connection_close_is_cut_off() {
     wait_for(|| open_connections(&server) == 0).await;
 }
 
+/// Runs `test` on a thread in a network namespace of its own, whose loopback the test
+/// may cut (root). Commands the test runs are forked from that thread, so they act on
+/// the same namespace.
+fn in_own_netns<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F + Send + 'static) {
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("a network namespace of its own (needs root)");
+        run(&["ip", "link", "set", "lo", "up"]);
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(test());
+    })
+    .join()
+    .expect("the test thread");
+}
+
+fn run(args: &[&str]) {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{args:?}: {out:?}");
+}
+
+/// From now on, every packet to or from `port` in this namespace is lost.
+fn cut(port: u16) {
+    run(&[
+        "nft",
+        &format!(
+            "add table inet cut; add chain inet cut out {{ type filter hook output priority 0; }}; \
+             add rule inet cut out tcp dport {port} drop; add rule inet cut out tcp sport {port} drop"
+        ),
+    ]);
+}
+
+/// A peer that goes silent without a word (its node powered off, a partition): both
+/// ends give the connection up once `peer_silence` has passed.
+#[test]
+#[ignore = "needs root"]
+fn a_silent_peer_is_given_up_at_both_ends() {
+    in_own_netns(|| async {
+        let silence = Duration::from_secs(3);
+        let Fixture {
+            server_tls,
+            server,
+            client,
+            target,
+            ..
+        } = fixture(ServerConfig {
+            peer_silence: silence,
+            ..ServerConfig::default()
+        })
+        .await;
+        let pool = Pool::new(
+            PoolConfig {
+                peer_silence: silence,
+                ..PoolConfig::default()
+            },
+            Metrics::default(),
+        );
+        let req = request(&client, server_tls.identity(), server.addr, target);
+        let mut stream = pool.connect(&req).await.unwrap();
+        stream.write_all(b"ping").await.unwrap();
+        let mut b = [0u8; 4];
+        stream.read_exact(&mut b).await.unwrap();
+        assert_eq!(pool.connections(), 1);
+        cut(server.addr.port());
+        let read = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut b)).await;
+        assert!(
+            matches!(read, Ok(Err(_)) | Ok(Ok(0))),
+            "the client's stream ends instead of waiting for good: {read:?}"
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while (pool.connections() > 0 || open_connections(&server) > 0)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(pool.connections(), 0, "the pool lets the connection go");
+        assert_eq!(open_connections(&server), 0, "and so does the server");
+    });
+}
+
+/// A CONNECT left unanswered: the next stream does not go on that connection.
+#[test]
+#[ignore = "needs root"]
+fn a_connection_that_leaves_a_connect_unanswered_takes_no_more_streams() {
+    in_own_netns(|| async {
+        let Fixture {
+            server_tls,
+            server,
+            client,
+            target,
+            ..
+        } = fixture(ServerConfig::default()).await;
+        let pool = Pool::new(
+            PoolConfig {
+                response_timeout: Duration::from_millis(500),
+                connect_timeout: Duration::from_millis(500),
+                ..PoolConfig::default()
+            },
+            Metrics::default(),
+        );
+        let req = request(&client, server_tls.identity(), server.addr, target);
+        echo_check(pool.connect(&req).await.unwrap(), 10, 12).await;
+        assert_eq!(pool.connections(), 1);
+        cut(server.addr.port());
+        let err = pool.connect(&req).await.expect_err("no answer");
+        assert!(matches!(err, ConnectError::Timeout { .. }), "{err}");
+        assert_eq!(pool.connections(), 0, "the connection left the pool");
+        // The next stream dials a fresh connection (which the cut stops too).
+        let err = pool.connect(&req).await.expect_err("no answer");
+        assert!(err.before_stream(), "a new connection was dialled: {err}");
+    });
+}
+
 #[tokio::test]
 async fn drain_lets_open_streams_finish_then_forces_close() {
     let Fixture {

@@ -33,6 +33,9 @@ pub struct PoolConfig {
     pub response_timeout: Duration,
     /// A connection with no streams for this long is closed and leaves the pool.
     pub idle_timeout: Duration,
+    /// A connection whose server stays silent this long is given up (see
+    /// [`PEER_SILENCE`](super::PEER_SILENCE)).
+    pub peer_silence: Duration,
 }
 
 impl Default for PoolConfig {
@@ -42,6 +45,7 @@ impl Default for PoolConfig {
             connect_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            peer_silence: super::PEER_SILENCE,
         }
     }
 }
@@ -432,6 +436,13 @@ impl Pool {
                     conn.closed.store(true, Ordering::Release);
                     retried = true;
                 }
+                Err(e @ ConnectError::Timeout { .. }) => {
+                    // A connection that leaves a CONNECT unanswered may lead to a peer
+                    // that is gone without a word: new streams go on a fresh one, and
+                    // this one ends with the streams it has.
+                    conn.closed.store(true, Ordering::Release);
+                    return Err(e);
+                }
                 other => return other,
             }
         }
@@ -538,6 +549,7 @@ impl Inner {
             .map_err(|_| timed_out("TCP connect"))?
             .map_err(|source| ConnectError::Tcp { addr, source })?;
         let _ = tcp.set_nodelay(true);
+        super::watch_peer(&tcp, self.config.peer_silence);
         let connector = TlsConnector::from(req.src.client_config(req.dst.clone()));
         let tls = match tokio::time::timeout_at(
             deadline,

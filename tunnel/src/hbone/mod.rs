@@ -26,6 +26,35 @@ pub use stream::{H2Stream, Progress};
 /// The port HBONE listens on by convention.
 pub const PORT: u16 = 15008;
 
+/// The default for how long an HBONE connection's peer may stay silent before the
+/// connection is given up ([`PoolConfig::peer_silence`], [`ServerConfig::peer_silence`]).
+/// A node powered off or cut off sends no RST: without this, a pooled connection to it
+/// would take new streams until the kernel stops retransmitting (about 15 minutes), and
+/// the streams of a client that vanished would be held for good.
+pub const PEER_SILENCE: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// Has the kernel give up `tcp` once its peer has been silent for `silence`: an idle
+/// connection is probed (TCP keepalive) after two thirds of it, then every ninth of it,
+/// three times; data left unacknowledged for `silence` ends it too (`TCP_USER_TIMEOUT`).
+/// Probes are the kernel's: nothing runs per message.
+pub(crate) fn watch_peer(tcp: &tokio::net::TcpStream, silence: std::time::Duration) {
+    use std::time::Duration;
+    // The kernel counts keepalive times in whole seconds.
+    let at_least_a_second = |d: Duration| d.max(Duration::from_secs(1));
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(at_least_a_second(silence * 2 / 3))
+        .with_interval(at_least_a_second(silence / 9))
+        .with_retries(3);
+    let socket = socket2::SockRef::from(tcp);
+    // Without them the connection still works, as it did before; nothing to refuse.
+    if let Err(e) = socket
+        .set_tcp_keepalive(&keepalive)
+        .and_then(|()| socket.set_tcp_user_timeout(Some(silence)))
+    {
+        tracing::debug!("cannot set TCP keepalive on an HBONE connection: {e}");
+    }
+}
+
 /// Ports of the proxy itself. A CONNECT to one of them would loop back into the proxy,
 /// so it is refused with 503 (as ztunnel does).
 pub const PROXY_PORTS: &[u16] = &[15000, 15001, 15006, 15008, 15020, 15021];

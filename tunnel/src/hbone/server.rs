@@ -50,6 +50,9 @@ pub struct ServerConfig {
     /// off one period later. Longer than the client pool's idle timeout, which normally
     /// closes first.
     pub idle_timeout: Duration,
+    /// A connection whose client stays silent this long is given up, and its streams
+    /// with it (see [`PEER_SILENCE`](super::PEER_SILENCE)).
+    pub peer_silence: Duration,
 }
 
 impl Default for ServerConfig {
@@ -61,6 +64,7 @@ impl Default for ServerConfig {
             proxy_ports: super::PROXY_PORTS.to_vec(),
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
+            peer_silence: super::PEER_SILENCE,
         }
     }
 }
@@ -331,6 +335,7 @@ impl Server {
         };
         let peer_addr = canonical(peer_addr);
         let _ = tcp.set_nodelay(true);
+        super::watch_peer(&tcp, self.config.peer_silence);
         let span = tracing::info_span!("hbone_in", peer = %peer_addr, local = %local_addr);
         async move {
             let tls = match tokio::time::timeout(
