@@ -1077,6 +1077,54 @@ fn a_connection_that_leaves_a_connect_unanswered_takes_no_more_streams() {
     });
 }
 
+/// A destination that swallows SYNs: the streams waiting for the one dial to it fail
+/// with it, rather than each dialling in turn after the one before timed out.
+#[test]
+#[ignore = "needs root"]
+fn streams_waiting_for_a_dial_that_fails_fail_with_it() {
+    in_own_netns(|| async {
+        let Fixture {
+            server_tls,
+            server,
+            client,
+            target,
+            ..
+        } = fixture(ServerConfig::default()).await;
+        let pool = Arc::new(Pool::new(
+            PoolConfig {
+                connect_timeout: Duration::from_secs(2),
+                ..PoolConfig::default()
+            },
+            Metrics::default(),
+        ));
+        cut(server.addr.port());
+        let streams: Vec<_> = (0..5)
+            .map(|_| {
+                let (pool, req) = (
+                    pool.clone(),
+                    request(&client, server_tls.identity(), server.addr, target),
+                );
+                tokio::spawn(async move { pool.connect(&req).await.map(drop) })
+            })
+            .collect();
+        let mut dialled = 0;
+        for s in streams {
+            let err = s.await.unwrap().expect_err("nothing answers");
+            assert!(err.before_stream(), "another endpoint may be tried: {err}");
+            assert_eq!(err.reason(), "timeout", "{err}");
+            if matches!(err, ConnectError::Timeout { .. }) {
+                dialled += 1;
+            } else {
+                assert!(
+                    err.to_string().contains("TCP connect"),
+                    "names the dial's failure: {err}"
+                );
+            }
+        }
+        assert_eq!(dialled, 1, "one dial for the five streams");
+    });
+}
+
 #[tokio::test]
 async fn drain_lets_open_streams_finish_then_forces_close() {
     let Fixture {

@@ -123,6 +123,19 @@ pub enum ConnectError {
         /// What h2 said.
         source: h2::Error,
     },
+    /// The connection this stream waited for, dialled for another stream to the same
+    /// address, could not be made.
+    #[error("{message} (the connection this stream waited for)")]
+    DialFailed {
+        /// The HBONE address.
+        addr: SocketAddr,
+        /// The dial's error.
+        message: String,
+        /// Its reason label.
+        reason: &'static str,
+        /// Whether it came before a stream, as [`ConnectError::before_stream`].
+        before_stream: bool,
+    },
     /// A step did not finish in time.
     #[error("{what} with {addr} timed out after {after:?}")]
     Timeout {
@@ -184,6 +197,7 @@ impl ConnectError {
                 true
             }
             ConnectError::Timeout { what, .. } => what != &CONNECT_RESPONSE,
+            ConnectError::DialFailed { before_stream, .. } => *before_stream,
             ConnectError::H2 { .. }
             | ConnectError::BadRequest { .. }
             | ConnectError::Refused { .. } => false,
@@ -198,6 +212,7 @@ impl ConnectError {
             ConnectError::NoAlpn { .. } => "no_alpn",
             ConnectError::H2 { .. } => "h2",
             ConnectError::Timeout { .. } => "timeout",
+            ConnectError::DialFailed { reason, .. } => reason,
             ConnectError::BadRequest { .. } => "bad_request",
             ConnectError::Refused { status, .. } => match *status {
                 StatusCode::SERVICE_UNAVAILABLE => Refusal::Unreachable.reason(),
@@ -337,7 +352,18 @@ impl Conn {
     }
 }
 
-type DialLock = Arc<tokio::sync::Mutex<()>>;
+/// One dial at a time per destination; the last one's failure, for those that waited
+/// for it.
+type DialLock = Arc<tokio::sync::Mutex<Option<DialFailure>>>;
+
+/// A failed dial, as the streams that waited for it report it.
+#[derive(Debug, Clone)]
+struct DialFailure {
+    at: tokio::time::Instant,
+    message: String,
+    reason: &'static str,
+    before_stream: bool,
+}
 
 /// A pool of HBONE connections shared by all streams of a process.
 ///
@@ -489,11 +515,31 @@ impl Inner {
             let mut dialing = self.dialing.lock().expect("pool lock is never poisoned");
             dialing.entry(key.clone()).or_default().clone()
         };
-        let _guard = lock.lock().await;
+        let waiting_since = tokio::time::Instant::now();
+        let mut last_failure = lock.lock().await;
         if let Some(c) = self.find(key, generation) {
             return Ok(c);
         }
+        // The dial this stream waited for failed: so fails this stream, at once, rather
+        // than each waiting stream dialling in turn (a destination that swallows SYNs
+        // would hold the k-th of them k connect timeouts). A stream that comes later
+        // dials again.
+        if let Some(failed) = last_failure.as_ref().filter(|f| f.at >= waiting_since) {
+            return Err(ConnectError::DialFailed {
+                addr: key.dst_addr,
+                message: failed.message.clone(),
+                reason: failed.reason,
+                before_stream: failed.before_stream,
+            });
+        }
         let result = self.dial(key, req, generation).await;
+        *last_failure = result.as_ref().err().map(|e| DialFailure {
+            at: tokio::time::Instant::now(),
+            message: e.to_string(),
+            reason: e.reason(),
+            before_stream: e.before_stream(),
+        });
+        drop(last_failure);
         {
             let mut dialing = self.dialing.lock().expect("pool lock is never poisoned");
             // Forget this key's dial lock once nobody else waits on it (the map's copy
