@@ -201,6 +201,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     tokio::spawn(subscription.run(serving.clone()));
     tokio::spawn(pods.clone().enforce_changes(serving.clone()));
+    tokio::spawn(pods.clone().prune_metrics(serving.clone()));
     tokio::spawn(runtime::admin::serve(
         admin_listener,
         admin,

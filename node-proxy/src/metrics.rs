@@ -183,9 +183,10 @@ impl Metrics {
         source: SocketAddr,
         destination: SocketAddr,
     ) -> ConnGuard {
-        self.opened.get_or_create(&labels).inc();
         let series = {
             let mut all = self.series.lock().unwrap_or_else(|e| e.into_inner());
+            // Under the lock, so that a prune cannot take the counter in between.
+            self.opened.get_or_create(&labels).inc();
             match all.get(&labels) {
                 Some(s) => s.clone(),
                 None => {
@@ -210,6 +211,35 @@ impl Metrics {
             response: AtomicU64::new(0),
             reason: None,
         }
+    }
+}
+
+impl Metrics {
+    /// Drops the series of which no connection is open and whose source or destination
+    /// pod is gone (`live(namespace, name)` says whether one is): every rollout brings
+    /// pods of new names, whose series would otherwise stay in memory and on the
+    /// metrics page for good. Series of sources outside the mesh model (`unknown`) stay.
+    /// Returns how many went.
+    pub fn prune(&self, live: impl Fn(&str, &str) -> bool) -> usize {
+        let gone = |namespace: &str, name: &str| {
+            !name.is_empty() && name != "unknown" && !live(namespace, name)
+        };
+        let mut all = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        let before = all.len();
+        all.retain(|labels, series| {
+            // The map's reference is the only one: no connection of it is open.
+            let keep = Arc::strong_count(series) > 1
+                || !(gone(&labels.source_namespace, &labels.source_workload)
+                    || gone(&labels.destination_namespace, &labels.destination_workload));
+            if !keep {
+                self.opened.remove(labels);
+                self.closed.remove(labels);
+                self.sent.remove(labels);
+                self.received.remove(labels);
+            }
+            keep
+        });
+        before - all.len()
     }
 }
 
@@ -361,5 +391,66 @@ impl Progress for TunnelBytes<'_> {
         } else {
             self.guard.request_bytes(n);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(from: &str, to: &str) -> ConnLabels {
+        ConnLabels {
+            direction: "inbound",
+            source_workload: from.into(),
+            source_namespace: "shop".into(),
+            destination_workload: to.into(),
+            destination_namespace: "shop".into(),
+            connection_security_policy: "mutual_tls",
+            ..ConnLabels::default()
+        }
+    }
+
+    fn page(registry: &Registry) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).expect("encode");
+        text
+    }
+
+    #[test]
+    fn series_of_pods_gone_leave_once_their_connections_are_closed() {
+        let mut registry = Registry::default();
+        let m = Metrics::new(&mut registry, LogWriter::off());
+        let addr: SocketAddr = "10.244.1.5:8080".parse().expect("address");
+        let open = |from: &str, to: &str| m.open(labels(from, to), addr, addr);
+        drop(open("web-7d4f-old", "cart-0"));
+        let still_open = open("web-7d4f-old2", "cart-0");
+        drop(open("web-5c9a-new", "cart-0"));
+        drop(open("unknown", "cart-0"));
+        let before = page(&registry);
+        for name in [
+            "web-7d4f-old\"",
+            "web-7d4f-old2",
+            "web-5c9a-new",
+            "source_workload=\"unknown",
+        ] {
+            assert!(before.contains(name), "{name} before: {before}");
+        }
+        // The old replica set's pods are gone; the new one's and cart-0 run.
+        let live = |_: &str, name: &str| name == "web-5c9a-new" || name == "cart-0";
+        assert_eq!(m.prune(live), 1);
+        let after = page(&registry);
+        assert!(!after.contains("web-7d4f-old\""), "{after}");
+        assert!(
+            after.contains("web-7d4f-old2"),
+            "a connection is open: {after}"
+        );
+        assert!(after.contains("web-5c9a-new"), "{after}");
+        assert!(after.contains("source_workload=\"unknown"), "{after}");
+        drop(still_open);
+        assert_eq!(m.prune(live), 1);
+        assert!(!page(&registry).contains("web-7d4f-old2"));
+        // A pod of the same name back: its series starts again.
+        drop(open("web-7d4f-old", "cart-0"));
+        assert!(page(&registry).contains("web-7d4f-old\""));
     }
 }
