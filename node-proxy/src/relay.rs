@@ -20,18 +20,38 @@ const READ_MAX: usize = 256 * 1024;
 /// Relays bytes between `a` and `b` until both directions end, counting what moves as
 /// it moves: `a` plays the TCP side of [`Progress`] (`tcp_to_stream` is a -> b), `b` the
 /// stream side. EOF on one side half-closes the other; an error on either side resets
-/// both (linger 0), as a TCP RST would. Returns (bytes a -> b, bytes b -> a).
+/// both (linger 0), as a TCP RST would, and so does dropping the relay before it ends (a
+/// policy that no longer allows the connection, a drain's grace run out): neither side
+/// takes the cut for the end of the connection. Returns (bytes a -> b, bytes b -> a).
 pub async fn relay(a: TcpStream, b: TcpStream, progress: &impl Progress) -> io::Result<(u64, u64)> {
+    let mut ends = Ends {
+        a,
+        b,
+        finished: false,
+    };
     let result = tokio::try_join!(
-        one_way(&a, &b, |n| progress.tcp_to_stream(n)),
-        one_way(&b, &a, |n| progress.stream_to_tcp(n))
+        one_way(&ends.a, &ends.b, |n| progress.tcp_to_stream(n)),
+        one_way(&ends.b, &ends.a, |n| progress.stream_to_tcp(n))
     );
-    if result.is_err() {
-        for s in [&a, &b] {
-            let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
+    ends.finished = result.is_ok();
+    result
+}
+
+/// A relay's two connections: closed with RST unless the relay finished.
+struct Ends {
+    a: TcpStream,
+    b: TcpStream,
+    finished: bool,
+}
+
+impl Drop for Ends {
+    fn drop(&mut self) {
+        if !self.finished {
+            for s in [&self.a, &self.b] {
+                let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
+            }
         }
     }
-    result
 }
 
 async fn one_way(from: &TcpStream, to: &TcpStream, count: impl Fn(u64)) -> io::Result<u64> {
@@ -133,6 +153,32 @@ mod tests {
             "totals"
         );
         assert_eq!(counted.1.load(Ordering::Relaxed), 4);
+    }
+
+    #[tokio::test]
+    async fn a_relay_cut_from_outside_resets_both_sides() {
+        let ((a, mut client), (mut server, b)) = (pair().await, pair().await);
+        let cut = tokio_util::sync::CancellationToken::new();
+        let c = cut.clone();
+        let relay = tokio::spawn(async move {
+            let counted = Counted::default();
+            tokio::select! {
+                _ = relay(a, b, &counted) => {}
+                _ = c.cancelled() => {}
+            }
+        });
+        client.write_all(b"req").await.unwrap();
+        let mut buf = [0u8; 3];
+        server.read_exact(&mut buf).await.unwrap();
+        cut.cancel();
+        relay.await.unwrap();
+        for (side, end) in [("client", &mut client), ("server", &mut server)] {
+            let read = end.read(&mut buf).await;
+            assert!(
+                read.is_err(),
+                "the {side} sees a reset, not an end: {read:?}"
+            );
+        }
     }
 
     #[tokio::test]

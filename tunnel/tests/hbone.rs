@@ -1126,6 +1126,44 @@ fn streams_waiting_for_a_dial_that_fails_fail_with_it() {
 }
 
 #[tokio::test]
+async fn a_copy_cut_from_outside_resets_both_sides() {
+    // A policy that no longer allows the connection, or a drain's grace run out, drops
+    // the copy: the application and the stream's far end see a cut, not an end.
+    let mesh = TestMesh::new();
+    let server_tls = mesh.workload("shop", "cart");
+    let client = mesh.workload("web", "frontend");
+    let (addr, server) = reading_server(server_tls.clone(), 4, false).await;
+    let (mut app, proxy) = app_pair().await;
+    app.write_all(b"ping").await.unwrap();
+    let req = request(&client, server_tls.identity(), addr, addr);
+    let pool = pool();
+    let (stream, _) = pool.connect_sending(&req, &proxy).await.unwrap();
+    let (cut, cancelled) = tokio::sync::oneshot::channel::<()>();
+    let copy = tokio::spawn(async move {
+        tokio::select! {
+            _ = stream.copy_bidirectional(proxy) => {}
+            _ = cancelled => {}
+        }
+    });
+    let mut b = [0u8; 4];
+    app.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"ping");
+    cut.send(()).unwrap();
+    copy.await.unwrap();
+    let read = app.read(&mut b).await;
+    assert!(
+        read.is_err(),
+        "the application sees a reset, not an end: {read:?}"
+    );
+    // The server reads its stream until the end: a reset fails that read.
+    let ended = server.await;
+    assert!(
+        ended.is_err(),
+        "the far end's stream was reset, not ended: {ended:?}"
+    );
+}
+
+#[tokio::test]
 async fn drain_lets_open_streams_finish_then_forces_close() {
     let Fixture {
         server_tls,

@@ -4,7 +4,9 @@
 //! Half-close is END_STREAM (`shutdown` sends it, reading it yields EOF). Dropping the
 //! stream closes it like `close(2)` on a socket: what was written is still delivered,
 //! then END_STREAM; if the peer was still sending, h2 follows with RST_STREAM CANCEL.
-//! [`H2Stream::reset`] aborts at once, which the peer reads as `ConnectionReset`.
+//! [`H2Stream::reset`] aborts at once, which the peer reads as `ConnectionReset`. A
+//! [`H2Stream::copy_bidirectional`] dropped before it ends (cancelled from outside)
+//! resets both the stream and its TCP side.
 
 use std::io;
 use std::pin::Pin;
@@ -24,6 +26,8 @@ pub struct H2Stream {
     /// The unread rest of the last DATA frame.
     pending: Bytes,
     write_closed: bool,
+    /// A copy is under way: dropped now, the stream was cut, not finished.
+    copying: bool,
     on_close: Option<OnClose>,
 }
 
@@ -46,6 +50,7 @@ impl H2Stream {
             recv,
             pending: Bytes::new(),
             write_closed: false,
+            copying: false,
             on_close,
         }
     }
@@ -60,7 +65,12 @@ impl H2Stream {
 
 impl Drop for H2Stream {
     fn drop(&mut self) {
-        if !self.write_closed {
+        if self.copying && !self.write_closed {
+            // A copy dropped before its end (a policy that no longer allows the
+            // connection, a drain's grace run out): the peer must not take the cut for
+            // the end of the stream.
+            self.send.send_reset(h2::Reason::CANCEL);
+        } else if !self.write_closed {
             // Fails only if the stream is already reset or closed; nothing to do then.
             let _ = self.send.send_data(Bytes::new(), true);
         }
@@ -198,7 +208,7 @@ impl Progress for () {
 /// the socket again and get EAGAIN, one wasted `recvfrom` per message. Polled here
 /// rather than awaited, so the copy loop's future (one per connection) does not grow.
 fn read_now(
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    rd: &mut tokio::net::tcp::ReadHalf<'_>,
     buf: &mut bytes::BytesMut,
 ) -> Option<io::Result<usize>> {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
@@ -229,7 +239,12 @@ impl H2Stream {
     ) -> io::Result<(u64, u64)> {
         use tokio::io::AsyncWriteExt;
 
-        let (mut rd, mut wr) = tcp.into_split();
+        self.copying = true;
+        let mut tcp = CutOnDrop {
+            tcp,
+            finished: false,
+        };
+        let (mut rd, mut wr) = tcp.tcp.split();
         let (send, recv, pending) = (
             &mut self.send,
             &mut self.recv,
@@ -291,13 +306,29 @@ impl H2Stream {
         };
         let result = tokio::try_join!(upload, download);
         self.write_closed = true;
+        self.copying = false;
         if result.is_err() {
             // One side failed: abort the other instead of ending it cleanly.
             self.send.send_reset(h2::Reason::CANCEL);
-            if let Ok(tcp) = rd.reunite(wr) {
-                let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
-            }
+        } else {
+            tcp.finished = true;
         }
         result
+    }
+}
+
+/// The TCP side of a copy. Dropped before the copy finished (failed, or cancelled from
+/// outside), it closes with RST, so the application does not take the cut for the end
+/// of the connection.
+struct CutOnDrop {
+    tcp: tokio::net::TcpStream,
+    finished: bool,
+}
+
+impl Drop for CutOnDrop {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = socket2::SockRef::from(&self.tcp).set_linger(Some(std::time::Duration::ZERO));
+        }
     }
 }
