@@ -171,24 +171,33 @@ pub async fn install(
         let _ = nft.del_table_if_exists(TABLE, Family::Inet).await;
         return Err(e);
     }
-    let rt = Connection::<Route>::new_in(netns)
-        .map_err(netlink(pod, "open netlink in its network namespace"))?;
-    for v6 in [false, true] {
-        if v6 && !has_ipv6(&rt, pod).await? {
-            continue;
+    let routed = async {
+        let rt = Connection::<Route>::new_in(netns)
+            .map_err(netlink(pod, "open netlink in its network namespace"))?;
+        for v6 in [false, true] {
+            if v6 && !has_ipv6(&rt, pod).await? {
+                continue;
+            }
+            if !has_reply_rule(&rt, pod, v6).await? {
+                rt.add_rule(reply_rule(v6))
+                    .await
+                    .map_err(netlink(pod, "add the policy rule for transparent replies"))?;
+            }
+            match v6 {
+                false => rt.replace_route(reply_route()).await,
+                true => rt.replace_route(reply_route_v6()).await,
+            }
+            .map_err(netlink(pod, "add the local route for transparent replies"))?;
         }
-        if !has_reply_rule(&rt, pod, v6).await? {
-            rt.add_rule(reply_rule(v6))
-                .await
-                .map_err(netlink(pod, "add the policy rule for transparent replies"))?;
-        }
-        match v6 {
-            false => rt.replace_route(reply_route()).await,
-            true => rt.replace_route(reply_route_v6()).await,
-        }
-        .map_err(netlink(pod, "add the local route for transparent replies"))?;
+        Ok(())
     }
-    Ok(())
+    .await;
+    if routed.is_err() {
+        // Redirects without the route back would hang inbound connections: none of it
+        // stays (the caller retries the whole install).
+        let _ = remove(netns, pod).await;
+    }
+    routed
 }
 
 /// The connections a pod had open, as set elements keyed peer address, peer port, pod
