@@ -225,6 +225,31 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             }
         });
     }
+    {
+        // Once a minute, the request series of pods that are gone leave.
+        let (wp, model, shutdown) = (wp.clone(), model.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = every.tick() => {}
+                }
+                let model = model.load();
+                let live: std::collections::HashSet<(&str, &str)> = model
+                    .workloads()
+                    .map(|w| (w.namespace.as_str(), w.name.as_str()))
+                    .collect();
+                let pruned = wp
+                    .metrics
+                    .prune(|namespace, name| live.contains(&(namespace, name)));
+                if pruned > 0 {
+                    tracing::debug!(pruned, "dropped the request series of pods that are gone");
+                }
+            }
+        });
+    }
     let server = Arc::new(Server::new(
         lease.tls(),
         ServerConfig {

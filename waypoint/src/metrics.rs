@@ -50,6 +50,8 @@ pub struct Metrics {
     pub streams_refused: Counter,
     /// The access log.
     pub log: LogWriter,
+    /// The request label sets in use, for [`Metrics::prune`].
+    in_use: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<RequestLabels>>>,
 }
 
 /// A service label.
@@ -75,6 +77,7 @@ impl Metrics {
             mirrors_skipped: Family::default(),
             streams_refused: Counter::default(),
             log,
+            in_use: Default::default(),
         };
         m.log.register(registry);
         registry.register(
@@ -103,6 +106,46 @@ impl Metrics {
             m.streams_refused.clone(),
         );
         m
+    }
+}
+
+impl Metrics {
+    /// The request series of `labels`: its count and its duration.
+    pub fn series(&self, labels: &RequestLabels) -> (Counter, Histogram) {
+        self.in_use
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(labels.clone());
+        (
+            self.requests.get_or_create_owned(labels),
+            self.duration.get_or_create_owned(labels),
+        )
+    }
+
+    /// Drops the request series whose client or answering pod is gone
+    /// (`live(namespace, name)` says whether one is): the workload labels are pod names,
+    /// and every rollout brings new ones, whose series would otherwise stay in memory and
+    /// on the metrics page for good. Returns how many went.
+    pub fn prune(&self, live: impl Fn(&str, &str) -> bool) -> usize {
+        let gone = |namespace: &str, name: &str| !name.is_empty() && !live(namespace, name);
+        let mut in_use = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
+        let before = in_use.len();
+        in_use.retain(|l| {
+            // The answering pod's namespace is in its principal (a backend may be a
+            // service of another namespace than the one addressed).
+            let namespace = l
+                .destination_principal
+                .split_once("/ns/")
+                .and_then(|(_, rest)| rest.split('/').next());
+            let keep = !gone(&l.source_namespace, &l.source_workload)
+                && namespace.is_none_or(|ns| !gone(ns, &l.destination_workload));
+            if !keep {
+                self.requests.remove(l);
+                self.duration.remove(l);
+            }
+            keep
+        });
+        before - in_use.len()
     }
 }
 
@@ -172,5 +215,56 @@ fn display_or_empty<T: std::fmt::Display, S: Serializer>(
     match v {
         Some(v) => s.collect_str(v),
         None => s.serialize_str(""),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_series_of_pods_gone_leave() {
+        let mut registry = Registry::default();
+        let m = Metrics::new(&mut registry, LogWriter::off());
+        let labels = |from: &str, to: &str| RequestLabels {
+            source_workload: from.into(),
+            source_namespace: "web".into(),
+            destination_service: "shop/cart".into(),
+            destination_workload: to.into(),
+            // A backend of another namespace than the service addressed.
+            destination_principal: "spiffe://cluster.local/ns/shop-canary/sa/cart".into(),
+            response_code: 200,
+            ..RequestLabels::default()
+        };
+        for (from, to) in [
+            ("web-old", "cart-1"),
+            ("web-new", "cart-1"),
+            ("web-new", "cart-0"),
+            ("", "cart-1"),
+        ] {
+            let (requests, _) = m.series(&labels(from, to));
+            requests.inc();
+        }
+        let page = |r: &Registry| {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, r).expect("encode");
+            text
+        };
+        let live = |namespace: &str, name: &str| {
+            matches!(
+                (namespace, name),
+                ("web", "web-new") | ("shop-canary", "cart-1")
+            )
+        };
+        assert_eq!(m.prune(live), 2, "web-old's series and cart-0's");
+        let text = page(&registry);
+        assert!(!text.contains("web-old"), "{text}");
+        assert!(!text.contains("cart-0"), "{text}");
+        assert!(text.contains("source_workload=\"web-new\""), "{text}");
+        assert!(
+            text.contains("source_workload=\"\""),
+            "an unknown client stays: {text}"
+        );
+        assert_eq!(m.prune(live), 0);
     }
 }

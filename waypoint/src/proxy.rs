@@ -165,9 +165,10 @@ impl Conn {
                 response_code: status,
                 response_flags: flags.to_owned(),
             };
+            let (requests, duration) = wp.metrics.series(&labels);
             *series = Some(Series {
-                requests: wp.metrics.requests.get_or_create_owned(&labels),
-                duration: wp.metrics.duration.get_or_create_owned(&labels),
+                requests,
+                duration,
                 endpoint: endpoint.cloned(),
                 labels,
             });
