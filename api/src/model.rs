@@ -270,6 +270,14 @@ impl Model {
         self.workloads.values()
     }
 
+    /// Whether a pod of `name` in `namespace` is in the model, as a set to ask often.
+    pub fn pod_names(&self) -> std::collections::HashSet<(&str, &str)> {
+        self.workloads
+            .values()
+            .map(|w| (w.namespace.as_str(), w.name.as_str()))
+            .collect()
+    }
+
     /// Every service, in no particular order.
     pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
         self.services.values()

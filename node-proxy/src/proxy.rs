@@ -789,29 +789,21 @@ impl Pods {
     /// Until `shutdown`: once a minute, drops the connection series of pods no longer
     /// in the model ([`Metrics::prune`]).
     pub async fn prune_metrics(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = every.tick() => {}
-            }
+        runtime::startup::every(std::time::Duration::from_secs(60), shutdown, || {
             let model = self.ctx.model.load();
-            let live: std::collections::HashSet<(&str, &str)> = model
-                .workloads()
-                .map(|w| (w.namespace.as_str(), w.name.as_str()))
-                .collect();
+            let live = model.pod_names();
             let pruned = self
                 .ctx
                 .metrics
-                .prune(|namespace, name| live.contains(&(namespace, name)));
+                .prune(|ns, name| live.contains(&(ns, name)));
             if pruned > 0 {
                 tracing::debug!(
                     pruned,
                     "dropped the connection series of pods that are gone"
                 );
             }
-        }
+        })
+        .await
     }
 
     /// Drains every pod at once (SIGTERM): stop accepting everywhere, give open

@@ -46,6 +46,18 @@ pub fn proxy_runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::R
     builder.enable_all().build()
 }
 
+/// Runs `f` every `period` (the first time at once) until `shutdown`.
+pub async fn every(period: std::time::Duration, shutdown: CancellationToken, mut f: impl FnMut()) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => f(),
+        }
+    }
+}
+
 /// Cancels `token` on SIGTERM or SIGINT.
 pub fn cancel_on_signals(token: CancellationToken) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};

@@ -356,6 +356,19 @@ impl Held {
     }
 }
 
+/// Labels the `legacy` namespace `weft.dev/mesh=enabled` in `manifests`, as `kubectl
+/// label` would put it on the object; returns the file as it was, to unlabel it.
+fn label_legacy(manifests: &TempManifests) -> String {
+    let namespaces = std::fs::read_to_string(manifests.path().join("00-namespaces.yaml")).unwrap();
+    let labelled = namespaces.replace(
+        "metadata:\n  name: legacy\n",
+        "metadata:\n  name: legacy\n  labels:\n    weft.dev/mesh: enabled\n",
+    );
+    assert_ne!(labelled, namespaces, "the test labels the legacy namespace");
+    manifests.write("00-namespaces.yaml", &labelled).unwrap();
+    namespaces
+}
+
 #[test]
 #[ignore = "needs root"]
 fn labelling_a_running_namespace_moves_its_pods_to_mtls_and_unlabelling_back() {
@@ -395,14 +408,7 @@ fn labelling_a_running_namespace_moves_its_pods_to_mtls_and_unlabelling_back() {
     let mut held = Held::open(&sb, from, to.parse().unwrap()).unwrap();
     held.echo("held-open").unwrap();
 
-    // The label, as `kubectl label` would put it on the object.
-    let namespaces = std::fs::read_to_string(manifests.path().join("00-namespaces.yaml")).unwrap();
-    let labelled = namespaces.replace(
-        "metadata:\n  name: legacy\n",
-        "metadata:\n  name: legacy\n  labels:\n    weft.dev/mesh: enabled\n",
-    );
-    assert_ne!(labelled, namespaces, "the test labels the legacy namespace");
-    manifests.write("00-namespaces.yaml", &labelled).unwrap();
+    let namespaces = label_legacy(&manifests);
     let object = sb.state_dir.join("cluster/namespace_legacy.yaml");
     let stored = eventually(Duration::from_secs(10), || {
         let text = std::fs::read_to_string(&object).ok()?;
@@ -686,13 +692,7 @@ fn a_namespace_unlabelled_while_the_agent_is_away_is_released_once_it_is_back() 
     let sb = Sandbox::up("e2e-unlabel-away", manifests.path()).unwrap();
     let pod = "legacy/outsider";
     let url = format!("http://{}:8080/", sb.ip("shop/echo-2").unwrap());
-    let namespaces = std::fs::read_to_string(manifests.path().join("00-namespaces.yaml")).unwrap();
-    let labelled = namespaces.replace(
-        "metadata:\n  name: legacy\n",
-        "metadata:\n  name: legacy\n  labels:\n    weft.dev/mesh: enabled\n",
-    );
-    assert_ne!(labelled, namespaces, "the test labels the legacy namespace");
-    manifests.write("00-namespaces.yaml", &labelled).unwrap();
+    let namespaces = label_legacy(&manifests);
     eventually(Duration::from_secs(20), || {
         let rules = sb.rules(pod).ok()?;
         rules.contains("chain kept_open").then_some(())

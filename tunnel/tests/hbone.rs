@@ -38,7 +38,11 @@ fn request(
 }
 
 fn pool() -> Pool {
-    Pool::new(PoolConfig::default(), Metrics::default())
+    pool_with(PoolConfig::default())
+}
+
+fn pool_with(config: PoolConfig) -> Pool {
+    Pool::new(config, Metrics::default())
 }
 
 /// Writes `len` pattern bytes, half-closes, and checks the echo byte for byte.
@@ -873,13 +877,10 @@ async fn idle_connections_close_and_leave_the_pool() {
         target,
         ..
     } = fixture(ServerConfig::default()).await;
-    let pool = Pool::new(
-        PoolConfig {
-            idle_timeout: Duration::from_millis(100),
-            ..PoolConfig::default()
-        },
-        Metrics::default(),
-    );
+    let pool = pool_with(PoolConfig {
+        idle_timeout: Duration::from_millis(100),
+        ..PoolConfig::default()
+    });
     let req = request(&client, server_tls.identity(), server.addr, target);
     let stream = pool.connect(&req).await.unwrap();
     // Busy connections stay, however long the stream lives.
@@ -919,43 +920,58 @@ async fn the_server_closes_connections_left_without_streams() {
     assert_eq!(inbound_connections(&server), 2);
 }
 
+/// A server of `config`, and a connection to it from a peer of the mesh that has
+/// finished TLS.
+async fn mesh_peer(
+    config: ServerConfig,
+) -> (TestServer, tokio_rustls::client::TlsStream<TcpStream>) {
+    let Fixture { mesh, server, .. } = fixture(config).await;
+    let c = mesh.cert("web", "frontend");
+    let tls = raw_tls(server.addr, Some((c.chain, c.key)))
+        .await
+        .expect("a peer of the mesh completes TLS");
+    (server, tls)
+}
+
+/// Whether the server closes `tls` (within a bound that only keeps the test finite).
+async fn closed_by_the_server(tls: &mut tokio_rustls::client::TlsStream<TcpStream>) -> bool {
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut rest))
+        .await
+        .is_ok()
+}
+
 #[tokio::test]
 async fn a_peer_that_says_nothing_after_tls_is_cut_off() {
-    let Fixture { mesh, server, .. } = fixture(ServerConfig {
+    let (server, mut tls) = mesh_peer(ServerConfig {
         handshake_timeout: Duration::from_millis(300),
         ..ServerConfig::default()
     })
     .await;
-    let c = mesh.cert("web", "frontend");
-    let mut tls = raw_tls(server.addr, Some((c.chain, c.key)))
-        .await
-        .expect("a peer of the mesh completes TLS");
     // No HTTP/2 preface follows: the server closes the connection.
-    let mut rest = Vec::new();
-    let end = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut rest)).await;
-    assert!(end.is_ok(), "the server still holds the connection");
+    assert!(
+        closed_by_the_server(&mut tls).await,
+        "the server still holds the connection"
+    );
     wait_for(|| server.metrics.refusals(INBOUND, "timeout") == 1).await;
 }
 
 #[tokio::test]
 async fn a_peer_that_does_not_let_an_idle_connection_close_is_cut_off() {
-    let Fixture { mesh, server, .. } = fixture(ServerConfig {
+    let (server, mut tls) = mesh_peer(ServerConfig {
         idle_timeout: Duration::from_millis(200),
         ..ServerConfig::default()
     })
     .await;
-    let c = mesh.cert("web", "frontend");
-    let mut tls = raw_tls(server.addr, Some((c.chain, c.key)))
-        .await
-        .expect("a peer of the mesh completes TLS");
     // The preface and SETTINGS, then nothing: no stream, and no answer to the PING
     // that comes with the server's GOAWAY.
     tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
         .await
         .unwrap();
-    let mut rest = Vec::new();
-    let end = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut rest)).await;
-    assert!(end.is_ok(), "the server still holds the connection");
+    assert!(
+        closed_by_the_server(&mut tls).await,
+        "the server still holds the connection"
+    );
     wait_for(|| open_connections(&server) == 0).await;
 }
 
@@ -1014,13 +1030,10 @@ fn a_silent_peer_is_given_up_at_both_ends() {
             ..ServerConfig::default()
         })
         .await;
-        let pool = Pool::new(
-            PoolConfig {
-                peer_silence: silence,
-                ..PoolConfig::default()
-            },
-            Metrics::default(),
-        );
+        let pool = pool_with(PoolConfig {
+            peer_silence: silence,
+            ..PoolConfig::default()
+        });
         let req = request(&client, server_tls.identity(), server.addr, target);
         let mut stream = pool.connect(&req).await.unwrap();
         stream.write_all(b"ping").await.unwrap();
@@ -1056,14 +1069,11 @@ fn a_connection_that_leaves_a_connect_unanswered_takes_no_more_streams() {
             target,
             ..
         } = fixture(ServerConfig::default()).await;
-        let pool = Pool::new(
-            PoolConfig {
-                response_timeout: Duration::from_millis(500),
-                connect_timeout: Duration::from_millis(500),
-                ..PoolConfig::default()
-            },
-            Metrics::default(),
-        );
+        let pool = pool_with(PoolConfig {
+            response_timeout: Duration::from_millis(500),
+            connect_timeout: Duration::from_millis(500),
+            ..PoolConfig::default()
+        });
         let req = request(&client, server_tls.identity(), server.addr, target);
         echo_check(pool.connect(&req).await.unwrap(), 10, 12).await;
         assert_eq!(pool.connections(), 1);
@@ -1090,13 +1100,10 @@ fn streams_waiting_for_a_dial_that_fails_fail_with_it() {
             target,
             ..
         } = fixture(ServerConfig::default()).await;
-        let pool = Arc::new(Pool::new(
-            PoolConfig {
-                connect_timeout: Duration::from_secs(2),
-                ..PoolConfig::default()
-            },
-            Metrics::default(),
-        ));
+        let pool = Arc::new(pool_with(PoolConfig {
+            connect_timeout: Duration::from_secs(2),
+            ..PoolConfig::default()
+        }));
         cut(server.addr.port());
         let streams: Vec<_> = (0..5)
             .map(|_| {
@@ -1129,13 +1136,7 @@ fn streams_waiting_for_a_dial_that_fails_fail_with_it() {
 async fn a_copy_cut_from_outside_resets_both_sides() {
     // A policy that no longer allows the connection, or a drain's grace run out, drops
     // the copy: the application and the stream's far end see a cut, not an end.
-    let mesh = TestMesh::new();
-    let server_tls = mesh.workload("shop", "cart");
-    let client = mesh.workload("web", "frontend");
-    let (addr, server) = reading_server(server_tls.clone(), 4, false).await;
-    let (mut app, proxy) = app_pair().await;
-    app.write_all(b"ping").await.unwrap();
-    let req = request(&client, server_tls.identity(), addr, addr);
+    let (mut app, proxy, req, server) = app_spoke_first(b"ping", false).await;
     let pool = pool();
     let (stream, _) = pool.connect_sending(&req, &proxy).await.unwrap();
     let (cut, cancelled) = tokio::sync::oneshot::channel::<()>();
@@ -1271,15 +1272,27 @@ type Seen = tokio::task::JoinHandle<Vec<Vec<u8>>>;
 /// The application writes "hello", then a stream is opened for it to a
 /// [`reading_server`] that answers only once it has those 5 bytes: without early data
 /// both sides would wait for each other. Returns the application's end, the relay
-/// between it and the stream, and the server.
-async fn hello_before_the_answer() -> (TcpStream, Relay, Seen) {
+/// The application has written `hello` before a stream is opened for it to a
+/// [`reading_server`] that reads as many bytes before it answers (and hangs up first when
+/// `hang_up_first`). Returns the application's end, the proxy's end, the request and the
+/// server.
+async fn app_spoke_first(
+    hello: &[u8],
+    hang_up_first: bool,
+) -> (TcpStream, TcpStream, ConnectRequest, Seen) {
     let mesh = TestMesh::new();
     let server_tls = mesh.workload("shop", "cart");
     let client = mesh.workload("web", "frontend");
-    let (addr, server) = reading_server(server_tls.clone(), 5, false).await;
+    let (addr, server) = reading_server(server_tls.clone(), hello.len(), hang_up_first).await;
     let (mut app, proxy) = app_pair().await;
-    app.write_all(b"hello").await.unwrap();
+    app.write_all(hello).await.unwrap();
     let req = request(&client, server_tls.identity(), addr, addr);
+    (app, proxy, req, server)
+}
+
+/// between it and the stream, and the server.
+async fn hello_before_the_answer() -> (TcpStream, Relay, Seen) {
+    let (app, proxy, req, server) = app_spoke_first(b"hello", false).await;
     let (stream, early) = tokio::time::timeout(
         Duration::from_secs(10),
         pool().connect_sending(&req, &proxy),
@@ -1359,13 +1372,7 @@ async fn early_data_is_never_sent_twice() {
     // The first connection takes the CONNECT and its bytes, then hangs up unanswered.
     // The server may have passed them on to its application: opening the stream again
     // elsewhere would deliver them twice, so the stream fails instead.
-    let mesh = TestMesh::new();
-    let server_tls = mesh.workload("shop", "cart");
-    let client = mesh.workload("web", "frontend");
-    let (addr, server) = reading_server(server_tls.clone(), 5, true).await;
-    let (mut app, proxy) = app_pair().await;
-    app.write_all(b"hello").await.unwrap();
-    let req = request(&client, server_tls.identity(), addr, addr);
+    let (_app, proxy, req, server) = app_spoke_first(b"hello", true).await;
     let failed = tokio::time::timeout(
         Duration::from_secs(10),
         pool().connect_sending(&req, &proxy),

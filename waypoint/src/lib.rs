@@ -211,45 +211,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tracing,
         usize::try_from(config.max_streams).unwrap_or(usize::MAX),
     );
-    {
-        let wp = wp.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let mut sweep = tokio::time::interval(upstream::SWEEP_EVERY);
-            sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = sweep.tick() => wp.upstreams.sweep(),
-                }
-            }
-        });
-    }
-    {
-        // Once a minute, the request series of pods that are gone leave.
-        let (wp, model, shutdown) = (wp.clone(), model.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = every.tick() => {}
-                }
+    tokio::spawn(runtime::startup::every(
+        upstream::SWEEP_EVERY,
+        shutdown.clone(),
+        {
+            let wp = wp.clone();
+            move || wp.upstreams.sweep()
+        },
+    ));
+    // Once a minute, the request series of pods that are gone leave.
+    tokio::spawn(runtime::startup::every(
+        Duration::from_secs(60),
+        shutdown.clone(),
+        {
+            let (wp, model) = (wp.clone(), model.clone());
+            move || {
                 let model = model.load();
-                let live: std::collections::HashSet<(&str, &str)> = model
-                    .workloads()
-                    .map(|w| (w.namespace.as_str(), w.name.as_str()))
-                    .collect();
-                let pruned = wp
-                    .metrics
-                    .prune(|namespace, name| live.contains(&(namespace, name)));
+                let live = model.pod_names();
+                let pruned = wp.metrics.prune(|ns, name| live.contains(&(ns, name)));
                 if pruned > 0 {
                     tracing::debug!(pruned, "dropped the request series of pods that are gone");
                 }
             }
-        });
-    }
+        },
+    ));
     let server = Arc::new(Server::new(
         lease.tls(),
         ServerConfig {
