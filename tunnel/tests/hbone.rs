@@ -1129,6 +1129,7 @@ fn streams_waiting_for_a_dial_that_fails_fail_with_it() {
             }
         }
         assert_eq!(dialled, 1, "one dial for the five streams");
+        assert_eq!(pool.dialling(), 0, "and nothing of it is kept");
     });
 }
 

@@ -365,6 +365,28 @@ struct DialFailure {
     before_stream: bool,
 }
 
+/// A stream's place in its destination's dial queue. However the stream leaves it
+/// (dialled, found a connection, failed with the dial it waited for, cancelled), the
+/// last one out forgets the destination's lock, so the map stays bounded.
+struct Dialing<'a> {
+    inner: &'a Inner,
+    key: &'a PoolKey,
+    lock: DialLock,
+}
+
+impl Drop for Dialing<'_> {
+    fn drop(&mut self) {
+        let mut dialing = self.inner.dialing.lock().unwrap_or_else(|e| e.into_inner());
+        // The map's copy and ours are the only ones left: nobody else waits.
+        if dialing
+            .get(self.key)
+            .is_some_and(|l| Arc::ptr_eq(l, &self.lock) && Arc::strong_count(&self.lock) <= 2)
+        {
+            dialing.remove(self.key);
+        }
+    }
+}
+
 /// A pool of HBONE connections shared by all streams of a process.
 ///
 /// Memory stays bounded by live connections: a connection leaves the pool when it dies
@@ -393,6 +415,15 @@ impl Pool {
                 dialing: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// Destinations with a dial in progress or streams waiting for one (for tests).
+    pub fn dialling(&self) -> usize {
+        self.inner
+            .dialing
+            .lock()
+            .expect("pool lock is never poisoned")
+            .len()
     }
 
     /// Live connections currently in the pool (for tests and the admin dump).
@@ -511,12 +542,16 @@ impl Inner {
         if let Some(c) = self.find(key, generation) {
             return Ok(c);
         }
-        let lock = {
-            let mut dialing = self.dialing.lock().expect("pool lock is never poisoned");
-            dialing.entry(key.clone()).or_default().clone()
+        let dialing = Dialing {
+            inner: self,
+            key,
+            lock: {
+                let mut dialing = self.dialing.lock().expect("pool lock is never poisoned");
+                dialing.entry(key.clone()).or_default().clone()
+            },
         };
         let waiting_since = tokio::time::Instant::now();
-        let mut last_failure = lock.lock().await;
+        let mut last_failure = dialing.lock.lock().await;
         if let Some(c) = self.find(key, generation) {
             return Ok(c);
         }
@@ -540,17 +575,7 @@ impl Inner {
             before_stream: e.before_stream(),
         });
         drop(last_failure);
-        {
-            let mut dialing = self.dialing.lock().expect("pool lock is never poisoned");
-            // Forget this key's dial lock once nobody else waits on it (the map's copy
-            // and ours are the only ones left), so the map stays bounded.
-            if dialing
-                .get(key)
-                .is_some_and(|l| Arc::ptr_eq(l, &lock) && Arc::strong_count(&lock) <= 2)
-            {
-                dialing.remove(key);
-            }
-        }
+        drop(dialing);
         let conn = Arc::new(result?);
         // Reserve before publishing, so the connection that was dialled for this stream
         // cannot be filled by others first.
