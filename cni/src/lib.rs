@@ -114,9 +114,7 @@ fn open_netns(cni: &CniEnv) -> Result<File, CniError> {
 /// What the agent last published: whether `namespace` is enrolled (`None` if it
 /// published nothing readable).
 fn enrolled_per_agent(state: &Path, namespace: &str) -> Option<bool> {
-    let text = std::fs::read_to_string(state).ok()?;
-    let published: ipc::agent::PublishedState = serde_json::from_str(&text).ok()?;
-    Some(published.enrolled_namespaces.iter().any(|n| n == namespace))
+    ipc::agent::PublishedState::read(state).map(|p| p.enrolls(namespace))
 }
 
 /// Turns a refusal into a pass when the configuration fails open.

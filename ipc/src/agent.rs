@@ -52,6 +52,19 @@ pub struct PublishedState {
     pub enrolled_namespaces: Vec<String>,
 }
 
+impl PublishedState {
+    /// The state the agent last published at `path` (`None`: nothing readable there).
+    pub fn read(path: &Path) -> Option<Self> {
+        let text = std::fs::read(path).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// Whether pods of `namespace` were enrolled.
+    pub fn enrolls(&self, namespace: &str) -> bool {
+        self.enrolled_namespaces.iter().any(|n| n == namespace)
+    }
+}
+
 /// A pod as the runtime names it to the plugin (`CNI_ARGS`, `CNI_CONTAINERID`) and the
 /// addresses the plugins before `weft-cni` gave it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

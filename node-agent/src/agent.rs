@@ -220,6 +220,8 @@ impl Agent {
                 self.sweep().await;
             }
             self.attach_pending();
+            // What is decided already is not held up by acting (a slow node-proxy).
+            self.answer_pending();
             self.settle().await;
             self.answer_pending();
             self.publish();

@@ -89,11 +89,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let link = link::Link::start(config.handoff.clone(), events_tx, shutdown.clone())
         .context("cannot start the node-proxy link")?;
 
-    // The plugin's socket exists before the plugin is chained.
+    // The plugin's socket exists before the plugin is chained. What the last run
+    // published is read before this run overwrites it.
     let (cni_tx, cni_rx) = mpsc::channel(64);
     let socket = config.socket.clone();
     let cni_shutdown = shutdown.clone();
-    let cni_socket = tokio::spawn(async move { cni::serve(&socket, cni_tx, cni_shutdown).await });
+    let triage = cni::Triage {
+        views: views.clone(),
+        published: ipc::agent::PublishedState::read(&config.state)
+            .filter(|p| p.node == config.node),
+        metrics: metrics.clone(),
+    };
+    let cni_socket =
+        tokio::spawn(async move { cni::serve(&socket, cni_tx, triage, cni_shutdown).await });
 
     let status = Arc::new(Mutex::new(Status::default()));
     let (chained_tx, chained) = watch::channel(false);

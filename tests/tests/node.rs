@@ -803,3 +803,103 @@ fn with_the_agent_stopped_only_enrolled_pods_wait_and_start_once_it_is_back() {
         sb.agent_pods("node-1")
     );
 }
+
+/// SIGCONTs a stopped process when dropped, even if the test failed.
+struct Stopped(i32);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGCONT,
+        );
+    }
+}
+
+/// A node-proxy that takes a pod's handoff and never answers holds the agent up to the
+/// handoff's reply timeout. Pods outside the mesh do not wait for that: while an
+/// enrolled pod's ADD is stuck behind the stopped node-proxy, a pod of a namespace that
+/// is not enrolled starts, and the enrolled one starts captured once node-proxy is back.
+#[test]
+#[ignore = "needs root"]
+fn with_node_proxy_stuck_a_pod_outside_the_mesh_starts_while_an_enrolled_one_waits() {
+    let manifests = TempManifests::copy(&manifests()).unwrap();
+    let mut sb = Sandbox::up("e2e-proxy-stuck", manifests.path()).unwrap();
+    let adds = |sb: &Sandbox| {
+        let text = sb.agent_get("node-1", "/metrics").unwrap_or_default();
+        metric_sum(&text, "weft_agent_cni_requests_total", &[("what", "add")])
+    };
+    let before = adds(&sb);
+    let stopped = Stopped(sb.node_pid("node-1").unwrap());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(stopped.0),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let pod = |ns: &str, name: &str| {
+        format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  nodeName: node-1\n  containers: [{{name: c, command: [sleep, infinity]}}]\n")
+    };
+    manifests
+        .write("30-meshed.yaml", &pod("shop", "meshed"))
+        .unwrap();
+    // The agent has the enrolled pod's ADD, and with it hands the pod to node-proxy.
+    let asked = eventually(Duration::from_secs(30), || {
+        (adds(&sb) > before).then_some(())
+    });
+    assert!(asked.is_some(), "the enrolled pod's ADD reaches the agent");
+    manifests
+        .write("31-plain.yaml", &pod("legacy", "plain"))
+        .unwrap();
+    let state = |sb: &mut Sandbox, name: &str| -> Option<Value> {
+        sb.refresh().ok()?;
+        sb.state["pods"]
+            .as_array()?
+            .iter()
+            .find(|p| p["name"] == name)
+            .cloned()
+    };
+    let running = eventually(Duration::from_secs(60), || {
+        state(&mut sb, "plain").filter(|p| p["phase"] == "Running" && p["pid"].as_i64() > Some(0))
+    });
+    assert!(
+        running.is_some(),
+        "the pod outside the mesh starts: {:?}",
+        state(&mut sb, "plain")
+    );
+    // It did not wait for the handoff to fail: nothing has failed yet, and the enrolled
+    // pod has had no answer.
+    let text = sb.agent_get("node-1", "/metrics").unwrap_or_default();
+    assert_eq!(
+        metric_sum(&text, "weft_agent_failures_total", &[]),
+        0.0,
+        "the pod outside the mesh started only once the agent gave up on node-proxy:\n{text}"
+    );
+    let meshed = state(&mut sb, "meshed").expect("the enrolled pod is there");
+    assert_eq!(
+        (meshed["phase"].as_str(), meshed["message"].as_str()),
+        (Some("Pending"), None),
+        "the pod outside the mesh started while the enrolled one still waited for its answer: {meshed}"
+    );
+
+    drop(stopped);
+    let uid = eventually(Duration::from_secs(90), || {
+        state(&mut sb, "meshed")
+            .filter(|p| p["phase"] == "Running")
+            .map(|p| p["uid"].as_str().unwrap().to_owned())
+    })
+    .expect("the enrolled pod starts once node-proxy answers again");
+    let captured = eventually(Duration::from_secs(30), || {
+        let pods = sb.agent_pods("node-1")?;
+        let p = pods["pods"]
+            .as_array()?
+            .iter()
+            .find(|p| p["uid"] == uid.as_str())?
+            .clone();
+        (p["rules"] == true && p["served"] == true).then_some(())
+    });
+    assert!(
+        captured.is_some(),
+        "and is captured: {:?}",
+        sb.agent_pods("node-1")
+    );
+}

@@ -59,6 +59,8 @@ pub struct RunningPod {
     pub netns_made: bool,
     /// A CNI ADD under way on its own thread.
     pub setup: Option<mpsc::Receiver<CniOutcome>>,
+    /// When the CNI ADD under way began.
+    pub setup_since: Option<Instant>,
     /// The process holding its sandbox (as a pause container does).
     pub pause: Option<Child>,
     /// Its container's process.
@@ -68,7 +70,8 @@ pub struct RunningPod {
     /// The current backoff.
     pub backoff: Duration,
     /// When it was admitted: a node sets its pods up one at a time in this order, so a
-    /// fresh sandbox gives each node's pods their addresses in manifest order.
+    /// fresh sandbox gives each node's pods their addresses in manifest order (a setup
+    /// that takes long holds up the next no longer: `SETUP_ALONE` in the sandbox).
     pub admitted: u64,
     /// Terminating: when its grace period ends and it is stopped.
     pub stop_at: Option<Instant>,
@@ -525,6 +528,7 @@ pub fn admit(sandbox: &str, spec: &PodSpec, logs: &Path, admitted: u64) -> Runni
         cni_result: None,
         netns_made: false,
         setup: None,
+        setup_since: None,
         pause: None,
         child: None,
         retry_at: None,
@@ -554,6 +558,7 @@ pub fn begin_setup(pod: &mut RunningPod, cni: &Cni) -> anyhow::Result<()> {
             let _ = tx.send(cni.add(&attachment));
         })?;
     pod.setup = Some(rx);
+    pod.setup_since = Some(Instant::now());
     pod.sandbox_id = random_hex(32);
     Ok(())
 }

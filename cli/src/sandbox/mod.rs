@@ -388,6 +388,11 @@ const RETIRE_AFTER: Duration = Duration::from_secs(30);
 /// up anyway (as a kubelet does not wait for a DaemonSet).
 const AGENT_WAIT: Duration = Duration::from_secs(30);
 
+/// How long a pod's sandbox setup (its CNI ADD) is the only one on its node: one at a
+/// time gives a fresh sandbox's pods their addresses in manifest order, and the plugins
+/// that assign them have answered long before this.
+const SETUP_ALONE: Duration = Duration::from_secs(2);
+
 /// The node agent binary, beside weftctl.
 pub const NODE_AGENT_BIN: &str = "node-agent";
 /// The CNI plugin binary, beside weftctl (the node agent installs it on its node).
@@ -1052,11 +1057,14 @@ impl Sandbox {
             let _ = writer.pod(&pod.spec, &pod.state);
             changed = true;
         }
-        // A node sets its pods up one at a time, the earliest admitted first.
+        // A node sets its pods up one at a time, the earliest admitted first; but a setup
+        // under way for longer than SETUP_ALONE (a CNI ADD waiting on something) does not
+        // hold up the next, as a kubelet's pods are set up side by side.
         let mut busy: BTreeSet<String> = self
             .pods
             .values()
             .filter(|p| p.setup.is_some())
+            .filter(|p| p.setup_since.is_none_or(|at| at.elapsed() < SETUP_ALONE))
             .map(|p| p.state.node.clone())
             .collect();
         let mut order: Vec<&mut RunningPod> = self.pods.values_mut().collect();

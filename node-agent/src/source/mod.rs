@@ -137,9 +137,15 @@ impl View {
 
     /// Whether pods of namespace `name` are enrolled (the controller's rule).
     pub fn namespace_enrolled(&self, name: &str) -> bool {
+        self.enrollment(name).unwrap_or(false)
+    }
+
+    /// Whether pods of namespace `name` are enrolled, if the source has shown the
+    /// namespace (`None`: not seen, perhaps not yet).
+    pub fn enrollment(&self, name: &str) -> Option<bool> {
         self.namespaces
             .get(name)
-            .is_some_and(|labels| namespace_enrolled(labels).unwrap_or(false))
+            .map(|labels| namespace_enrolled(labels).unwrap_or(false))
     }
 
     /// Whether a pod not held yet should be taken in: enrolled by the controller's rule
