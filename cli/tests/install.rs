@@ -254,6 +254,60 @@ fn each_platform_renders_its_golden_file() {
     }
 }
 
+/// The node agent publishes the enrolled namespaces for `weft-cni` in a node directory
+/// a reboot keeps: after one, the plugin (still in the node's CNI configuration) runs
+/// before the agent is back, and without the file it would start enrolled pods
+/// uncaptured. The plugin reads the path the agent writes, so the mount is at the
+/// node's own path.
+#[test]
+fn the_agents_published_state_outlives_a_reboot() {
+    for platform in controller::install::Platform::ALL {
+        let docs = documents(&weftctl(&["install", "--platform", platform.name()]).1);
+        let pod = &docs
+            .iter()
+            .find(|d| d["kind"] == "DaemonSet" && d["metadata"]["name"] == "weft-node-agent")
+            .unwrap()["spec"]["template"]["spec"];
+        let agent = &pod["containers"][0];
+        let args: Vec<&str> = agent["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        let state = args
+            .iter()
+            .position(|a| *a == "--state")
+            .and_then(|i| args.get(i + 1))
+            .unwrap_or_else(|| panic!("{platform}: the agent is given no --state: {args:?}"));
+        let volume = agent["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| {
+                m["mountPath"]
+                    .as_str()
+                    .is_some_and(|p| state.starts_with(&format!("{p}/")))
+            })
+            .and_then(|m| {
+                pod["volumes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|v| v["name"] == m["name"])
+                    .map(|v| (m["mountPath"].clone(), v["hostPath"]["path"].clone()))
+            })
+            .unwrap_or_else(|| panic!("{platform}: {state} is on no volume"));
+        assert_eq!(
+            volume.0, volume.1,
+            "{platform}: {state} is not at the node's own path"
+        );
+        assert!(
+            !state.starts_with("/run/") && !state.starts_with("/var/run/"),
+            "{platform}: {state} is emptied by a reboot"
+        );
+    }
+}
+
 /// Every rendering, a waypoint's objects and the demo pass the API server's own schemas, as `kubernetes-validate --strict`
 /// applies them (unknown fields refused), at the oldest Kubernetes release Weft supports
 /// and the newest the tool knows.

@@ -73,8 +73,12 @@ pub const TOKEN_DIR: &str = "/var/run/secrets/weft";
 /// `/run` in the image, where the handoff directory is a hostPath.
 pub const ROOTS_DIR: &str = "/etc/weft/roots";
 /// The host directory of the node's sockets (node-proxy's handoff socket, the node
-/// agent's socket the CNI plugin asks on, the agent's published state).
+/// agent's socket the CNI plugin asks on).
 pub const HANDOFF_DIR: &str = "/run/weft";
+/// The host directory the node agent publishes its state in for `weft-cni` (the
+/// enrolled namespaces): kept across a reboot, unlike `/run`, and mounted at the same
+/// path, since the plugin on the node reads the path the agent writes into the chain.
+pub const STATE_DIR: &str = "/var/lib/weft";
 /// Where the node agent's container sees the node's CNI plugin directory.
 const CNI_BIN_MOUNT: &str = "/host/cni/bin";
 /// Where the node agent's container sees the node's CNI configuration directory.
@@ -1161,6 +1165,8 @@ fn node_agent_daemonset(o: &Options) -> DaemonSet {
             CNI_CONF_MOUNT,
             "--cni-plugin",
             "/usr/local/bin/weft-cni",
+            "--state",
+            &format!("{STATE_DIR}/node-agent.json"),
             "--until-removed",
             &format!("{ns}/{NODE_AGENT}"),
             // Weft's own pods (node-proxy's) never wait for the agent.
@@ -1191,6 +1197,7 @@ fn node_agent_daemonset(o: &Options) -> DaemonSet {
         )),
         volume_mounts: Some(vec![
             mount("run", HANDOFF_DIR, false),
+            mount("state", STATE_DIR, false),
             mount("cni-bin", CNI_BIN_MOUNT, false),
             mount("cni-conf", CNI_CONF_MOUNT, false),
         ]),
@@ -1206,6 +1213,7 @@ fn node_agent_daemonset(o: &Options) -> DaemonSet {
             containers: vec![agent],
             volumes: Some(vec![
                 host_path("run", HANDOFF_DIR, "DirectoryOrCreate"),
+                host_path("state", STATE_DIR, "DirectoryOrCreate"),
                 host_path("cni-bin", o.cni_bin_dir(), "DirectoryOrCreate"),
                 host_path("cni-conf", o.cni_conf_dir(), "DirectoryOrCreate"),
             ]),

@@ -33,8 +33,10 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 /// Where the agent listens when the configuration names no other socket.
 pub const DEFAULT_SOCKET: &str = "/run/weft/node-agent.sock";
 /// Where the agent publishes what the plugin needs while the agent is down, when the
-/// configuration names no other file.
-pub const DEFAULT_STATE: &str = "/run/weft/node-agent.json";
+/// configuration names no other file. Not under `/run`, which a reboot empties: the
+/// plugin, still chained, runs before the agent is back, and must still tell an
+/// enrolled pod from another.
+pub const DEFAULT_STATE: &str = "/var/lib/weft/node-agent.json";
 
 /// The namespace whose pods are never asked about, whatever is configured.
 pub const ALWAYS_EXCLUDED: &str = "kube-system";
