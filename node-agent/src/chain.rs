@@ -194,6 +194,28 @@ fn render(list: &Map<String, Value>) -> String {
 /// runtime reading the directory sees the old file or the new one, never a part. The
 /// staging file's name is hidden and ends in neither `.conf`, `.conflist` nor `.json`.
 pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), InstallError> {
+    replace(path, None, contents, mode).map(|_| ())
+}
+
+/// [`write_atomic`], done only if `path` still holds `was` when the new file is ready
+/// (`false`: it changed, nothing was written; read it again). A network plugin that
+/// rewrites its configuration while the agent edits it keeps its change, bar a window
+/// of one read and a rename, instead of losing it to the agent's stale copy.
+fn replace_if_unchanged(
+    path: &Path,
+    was: &str,
+    contents: &[u8],
+    mode: u32,
+) -> Result<bool, InstallError> {
+    replace(path, Some(was), contents, mode)
+}
+
+fn replace(
+    path: &Path,
+    was: Option<&str>,
+    contents: &[u8],
+    mode: u32,
+) -> Result<bool, InstallError> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -204,14 +226,23 @@ pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()
         file.write_all(contents)?;
         file.set_permissions(std::fs::Permissions::from_mode(mode))?;
         file.sync_all()?;
-        std::fs::rename(&tmp, path)
+        if let Some(was) = was {
+            if std::fs::read_to_string(path)? != was {
+                std::fs::remove_file(&tmp)?;
+                return Ok(false);
+            }
+        }
+        std::fs::rename(&tmp, path).map(|()| true)
     })();
-    if let Err(e) = written {
+    written.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        return Err(io(path)(e));
-    }
-    Ok(())
+        io(path)(e)
+    })
 }
+
+/// How many times in a row a configuration may change under an edit before the edit
+/// gives up until the next pass.
+const EDIT_RACES: usize = 5;
 
 /// What an install or uninstall did, one line each.
 pub type Report = Vec<String>;
@@ -224,6 +255,30 @@ pub fn install(
     conf_dir: &Path,
     entry: &Entry,
 ) -> Result<Report, InstallError> {
+    for _ in 0..EDIT_RACES {
+        if let Some(report) = install_once(binary, bin_dir, conf_dir, entry)? {
+            return Ok(report);
+        }
+    }
+    Err(rewritten_meanwhile(conf_dir))
+}
+
+fn rewritten_meanwhile(conf_dir: &Path) -> InstallError {
+    InstallError::Invalid {
+        path: conf_dir.to_owned(),
+        reason: format!(
+            "the configuration changed while weft-cni was being edited in, {EDIT_RACES} times in a row (another writer?); trying again later"
+        ),
+    }
+}
+
+/// One [`install`]; `None` if the configuration changed since it was read.
+fn install_once(
+    binary: &Path,
+    bin_dir: &Path,
+    conf_dir: &Path,
+    entry: &Entry,
+) -> Result<Option<Report>, InstallError> {
     let mut report = Vec::new();
     // The configuration first: a directory without a chain to join fails before the
     // binary is copied.
@@ -257,9 +312,9 @@ pub fn install(
             single.display(),
             conflist.display()
         ));
-        return Ok(report);
+        return Ok(Some(report));
     }
-    finish(report, &conflist, updated)
+    finish(report, &conflist, &text, updated)
 }
 
 /// A single-plugin configuration as the chain a runtime makes of it: the list takes its
@@ -320,8 +375,9 @@ fn copy_plugin(report: &mut Report, binary: &Path, bin_dir: &Path) -> Result<(),
 fn finish(
     mut report: Report,
     conflist: &Path,
+    was: &str,
     updated: Option<String>,
-) -> Result<Report, InstallError> {
+) -> Result<Option<Report>, InstallError> {
     match updated {
         Some(text) => {
             let mode = std::fs::metadata(conflist)
@@ -329,12 +385,14 @@ fn finish(
                 .permissions()
                 .mode()
                 & 0o7777;
-            write_atomic(conflist, text.as_bytes(), mode)?;
+            if !replace_if_unchanged(conflist, was, text.as_bytes(), mode)? {
+                return Ok(None);
+            }
             report.push(format!("added weft-cni to {}", conflist.display()));
         }
         None => report.push(format!("{} already chains weft-cni", conflist.display())),
     }
-    Ok(report)
+    Ok(Some(report))
 }
 
 /// Whether `conf_dir`'s chain ends with exactly `entry` and the plugin is in `bin_dir`:
@@ -448,15 +506,26 @@ pub fn uninstall(bin_dir: &Path, conf_dir: &Path) -> Result<Report, InstallError
         .collect();
     lists.sort();
     for conflist in lists {
-        let text = std::fs::read_to_string(&conflist).map_err(io(&conflist))?;
-        if let Some(text) = without_entry(&conflist, &text)? {
+        let mut removed = false;
+        for _ in 0..EDIT_RACES {
+            let was = std::fs::read_to_string(&conflist).map_err(io(&conflist))?;
+            let Some(text) = without_entry(&conflist, &was)? else {
+                removed = true;
+                break;
+            };
             let mode = std::fs::metadata(&conflist)
                 .map_err(io(&conflist))?
                 .permissions()
                 .mode()
                 & 0o7777;
-            write_atomic(&conflist, text.as_bytes(), mode)?;
-            report.push(format!("removed weft-cni from {}", conflist.display()));
+            if replace_if_unchanged(&conflist, &was, text.as_bytes(), mode)? {
+                report.push(format!("removed weft-cni from {}", conflist.display()));
+                removed = true;
+                break;
+            }
+        }
+        if !removed {
+            return Err(rewritten_meanwhile(conf_dir));
         }
     }
     let target = bin_dir.join(PLUGIN);
@@ -532,6 +601,38 @@ mod tests {
         let v: Value =
             serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("JSON");
         v["plugins"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The network plugin rewrote its configuration after the agent read it: the agent's
+    /// edit of the old text is not written over the new, and leaves no staging file.
+    #[test]
+    fn a_configuration_rewritten_after_it_was_read_is_not_written_over() {
+        let dir = Dir::new("race");
+        let path = dir.write("10-net.conflist", BRIDGE);
+        let rewritten = BRIDGE.replace("10.244.1.0/24", "10.244.9.0/24");
+        let read_before = std::fs::read_to_string(&path).expect("read");
+        std::fs::write(&path, &rewritten).expect("the network plugin writes");
+        let edit = with_entry(&path, &read_before, &entry())
+            .expect("edit")
+            .expect("an entry to add");
+        assert!(!replace_if_unchanged(&path, &read_before, edit.as_bytes(), 0o644).expect("io"));
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), rewritten);
+        let left: Vec<_> = std::fs::read_dir(dir.conf())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("10-net.conflist")]);
+        // Read again, the edit goes in, over the network plugin's text.
+        let report = install(&dir.binary(), &dir.bin(), &dir.conf(), &entry()).expect("install");
+        assert!(
+            report.iter().any(|l| l.starts_with("added weft-cni")),
+            "{report:?}"
+        );
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(
+            text.contains("10.244.9.0/24") && text.contains("weft-cni"),
+            "{text}"
+        );
     }
 
     #[test]
