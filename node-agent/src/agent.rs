@@ -735,8 +735,9 @@ impl Agent {
         // Rules first: no new connection is sent to the listeners while they close.
         if let (Some(netns), true) = (pod.netns.as_ref(), pod.summary.rules) {
             if let Err(e) = capture::remove(netns.as_fd(), &name).await {
-                // Its namespace may be going away with the pod; nothing is left to undo.
-                debug!(pod = %name, "removing its capture rules: {e}");
+                // The namespace is held, so removal fails only for a reason worth telling:
+                // if the pod lives on, its connections go to listeners that close.
+                warn!(pod = %name, "cannot remove its capture rules: {e}; if the pod keeps running, its connections fail until it is recreated or the agent restarts (a starting agent removes leftover rules)");
             }
         }
         pod.summary.rules = false;
