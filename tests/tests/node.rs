@@ -729,6 +729,45 @@ fn a_namespace_unlabelled_while_the_agent_is_away_is_released_once_it_is_back() 
     assert_eq!(code, 0, "plaintext again: {body}");
 }
 
+/// A pod of namespace `ns` on node-1, as a manifest.
+fn pod(ns: &str, name: &str) -> String {
+    format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  nodeName: node-1\n  containers: [{{name: c, command: [sleep, infinity]}}]\n")
+}
+
+/// Pod `name` as `state.json` shows it now.
+fn state(sb: &mut Sandbox, name: &str) -> Option<Value> {
+    sb.refresh().ok()?;
+    sb.state["pods"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == name)
+        .cloned()
+}
+
+/// Pod `name` of node-1 comes to run, within `wait`, and its agent captures it.
+fn runs_captured(sb: &mut Sandbox, name: &str, wait: Duration, when: &str) {
+    let uid = eventually(wait, || {
+        state(sb, name)
+            .filter(|p| p["phase"] == "Running")
+            .map(|p| p["uid"].as_str().unwrap().to_owned())
+    })
+    .unwrap_or_else(|| panic!("{name} starts {when}"));
+    let captured = eventually(Duration::from_secs(30), || {
+        let pods = sb.agent_pods("node-1")?;
+        let p = pods["pods"]
+            .as_array()?
+            .iter()
+            .find(|p| p["uid"] == uid.as_str())?
+            .clone();
+        (p["rules"] == true && p["served"] == true).then_some(())
+    });
+    assert!(
+        captured.is_some(),
+        "{name} is captured: {:?}",
+        sb.agent_pods("node-1")
+    );
+}
+
 #[test]
 #[ignore = "needs root"]
 fn with_the_agent_stopped_only_enrolled_pods_wait_and_start_once_it_is_back() {
@@ -736,9 +775,6 @@ fn with_the_agent_stopped_only_enrolled_pods_wait_and_start_once_it_is_back() {
     let mut sb = Sandbox::up("e2e-agent-away", manifests.path()).unwrap();
     sb.run_local(&["agent", "stop", "--node", "node-1"])
         .unwrap();
-    let pod = |ns: &str, name: &str| {
-        format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  nodeName: node-1\n  containers: [{{name: c, command: [sleep, infinity]}}]\n")
-    };
     manifests
         .write(
             "30-late.yaml",
@@ -750,14 +786,6 @@ fn with_the_agent_stopped_only_enrolled_pods_wait_and_start_once_it_is_back() {
             ),
         )
         .unwrap();
-    let state = |sb: &mut Sandbox, name: &str| -> Option<Value> {
-        sb.refresh().ok()?;
-        sb.state["pods"]
-            .as_array()?
-            .iter()
-            .find(|p| p["name"] == name)
-            .cloned()
-    };
     for name in ["dns", "plain"] {
         let running = eventually(Duration::from_secs(30), || {
             state(&mut sb, name).filter(|p| p["phase"] == "Running" && p["pid"].as_i64() > Some(0))
@@ -782,25 +810,11 @@ fn with_the_agent_stopped_only_enrolled_pods_wait_and_start_once_it_is_back() {
 
     sb.run_local(&["agent", "start", "--node", "node-1"])
         .unwrap();
-    let uid = eventually(Duration::from_secs(30), || {
-        state(&mut sb, "meshed")
-            .filter(|p| p["phase"] == "Running")
-            .map(|p| p["uid"].as_str().unwrap().to_owned())
-    })
-    .expect("the enrolled pod starts once the agent is back");
-    let captured = eventually(Duration::from_secs(10), || {
-        let pods = sb.agent_pods("node-1")?;
-        let p = pods["pods"]
-            .as_array()?
-            .iter()
-            .find(|p| p["uid"] == uid.as_str())?
-            .clone();
-        (p["rules"] == true && p["served"] == true).then_some(())
-    });
-    assert!(
-        captured.is_some(),
-        "and is captured: {:?}",
-        sb.agent_pods("node-1")
+    runs_captured(
+        &mut sb,
+        "meshed",
+        Duration::from_secs(30),
+        "once the agent is back",
     );
 }
 
@@ -836,9 +850,6 @@ fn with_node_proxy_stuck_a_pod_outside_the_mesh_starts_while_an_enrolled_one_wai
         nix::sys::signal::Signal::SIGSTOP,
     )
     .unwrap();
-    let pod = |ns: &str, name: &str| {
-        format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  nodeName: node-1\n  containers: [{{name: c, command: [sleep, infinity]}}]\n")
-    };
     manifests
         .write("30-meshed.yaml", &pod("shop", "meshed"))
         .unwrap();
@@ -850,14 +861,6 @@ fn with_node_proxy_stuck_a_pod_outside_the_mesh_starts_while_an_enrolled_one_wai
     manifests
         .write("31-plain.yaml", &pod("legacy", "plain"))
         .unwrap();
-    let state = |sb: &mut Sandbox, name: &str| -> Option<Value> {
-        sb.refresh().ok()?;
-        sb.state["pods"]
-            .as_array()?
-            .iter()
-            .find(|p| p["name"] == name)
-            .cloned()
-    };
     let running = eventually(Duration::from_secs(60), || {
         state(&mut sb, "plain").filter(|p| p["phase"] == "Running" && p["pid"].as_i64() > Some(0))
     });
@@ -882,24 +885,10 @@ fn with_node_proxy_stuck_a_pod_outside_the_mesh_starts_while_an_enrolled_one_wai
     );
 
     drop(stopped);
-    let uid = eventually(Duration::from_secs(90), || {
-        state(&mut sb, "meshed")
-            .filter(|p| p["phase"] == "Running")
-            .map(|p| p["uid"].as_str().unwrap().to_owned())
-    })
-    .expect("the enrolled pod starts once node-proxy answers again");
-    let captured = eventually(Duration::from_secs(30), || {
-        let pods = sb.agent_pods("node-1")?;
-        let p = pods["pods"]
-            .as_array()?
-            .iter()
-            .find(|p| p["uid"] == uid.as_str())?
-            .clone();
-        (p["rules"] == true && p["served"] == true).then_some(())
-    });
-    assert!(
-        captured.is_some(),
-        "and is captured: {:?}",
-        sb.agent_pods("node-1")
+    runs_captured(
+        &mut sb,
+        "meshed",
+        Duration::from_secs(90),
+        "once node-proxy answers again",
     );
 }
