@@ -290,22 +290,35 @@ fn install_once(
         Err(InstallError::NotAConflist { first }) => {
             let text = std::fs::read_to_string(&first).map_err(io(&first))?;
             let list = single_as_list(&first, &text)?;
-            (first.with_extension("conflist"), list, Some(first))
+            (first.with_extension("conflist"), list, Some((first, text)))
         }
         Err(e) => return Err(e),
     };
     let updated = with_entry(&conflist, &text, entry)?;
     // The plugin before the configuration that names it.
     copy_plugin(&mut report, binary, bin_dir)?;
-    if let Some(single) = single {
+    if let Some((single, was)) = single {
         // The chain is written beside the single configuration, then that goes, so the
-        // runtime reads one or the other, whole.
+        // runtime reads one or the other, whole; neither while the single one is
+        // rewritten meanwhile.
+        let unchanged = || {
+            std::fs::read_to_string(&single)
+                .map(|now| now == was)
+                .map_err(io(&single))
+        };
         let mode = std::fs::metadata(&single)
             .map_err(io(&single))?
             .permissions()
             .mode()
             & 0o7777;
+        if !unchanged()? {
+            return Ok(None);
+        }
         write_atomic(&conflist, updated.unwrap_or(text).as_bytes(), mode)?;
+        if !unchanged()? {
+            let _ = std::fs::remove_file(&conflist);
+            return Ok(None);
+        }
         std::fs::remove_file(&single).map_err(io(&single))?;
         report.push(format!(
             "made {} a chain, {}, with weft-cni",
