@@ -471,8 +471,9 @@ pub struct Path<'a, U> {
 }
 
 /// Hop-by-hop headers, not forwarded (RFC 9110 7.6.1), except for upgrades; names
-/// made once, not parsed per request.
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// made once, not parsed per request. `HTTP2-Settings` goes with an `h2c` upgrade,
+/// which is never passed on.
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -480,7 +481,23 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
     header::TE,
     header::TRAILER,
+    HeaderName::from_static("http2-settings"),
 ];
+
+/// Whether an HTTP/1 request's `Upgrade` is passed on: any protocol but `h2c`. After an
+/// `h2c` upgrade the connection to the backend would carry HTTP/2 the waypoint never
+/// reads, so the requests that follow on it would skip routing, policy and metrics
+/// ("h2c smuggling"). Such a request goes on as plain HTTP/1.1, its upgrade headers
+/// dropped, as if the client had not offered one (HTTP/2 itself no longer defines it).
+fn passes_upgrade(version: Version, headers: &HeaderMap) -> bool {
+    version != Version::HTTP_2
+        && headers.contains_key(header::UPGRADE)
+        && !headers
+            .get_all(header::UPGRADE)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("h2c").split(','))
+            .any(|p| p.trim().eq_ignore_ascii_case("h2c"))
+}
 
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for h in &HOP_BY_HOP {
@@ -513,8 +530,7 @@ impl<U: Upstream> Path<'_, U> {
         if let Some(answer) = request_filters(t, &mut req, self.listener_port) {
             return answer;
         }
-        let upgrade =
-            req.version() != Version::HTTP_2 && req.headers().contains_key(header::UPGRADE);
+        let upgrade = passes_upgrade(req.version(), req.headers());
         let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let wants_copies = t.retry.attempts > 0 || !t.mirrors.is_empty();
@@ -799,6 +815,10 @@ mod tests {
     /// What the scripted upstream was sent: the endpoint and the request's head.
     type Seen = Vec<(SocketAddr, Request<()>)>;
 
+    /// Whether the request was sent as an upgrade (in the extensions of what is seen).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    struct Upgrading(bool);
+
     /// An upstream answering from a script (200 once it runs out) and recording what
     /// it was sent.
     #[derive(Clone, Default)]
@@ -826,9 +846,10 @@ mod tests {
             to: &Addr,
             _principal: &str,
             req: Request<Body>,
-            _upgrade: bool,
+            upgrade: bool,
         ) -> Result<Response<Body>, UpstreamError> {
-            let (parts, _) = req.into_parts();
+            let (mut parts, _) = req.into_parts();
+            parts.extensions.insert(Upgrading(upgrade));
             self.seen
                 .lock()
                 .expect("lock")
@@ -1297,6 +1318,52 @@ mod tests {
             "http://example.org:8080/api/items"
         );
         assert!(up.seen().is_empty());
+    }
+
+    /// A WebSocket upgrade is passed on; an `h2c` one is not: the request goes on as
+    /// plain HTTP/1.1 without its upgrade headers, so the backend cannot turn the
+    /// connection into HTTP/2 the waypoint does not read.
+    #[tokio::test]
+    async fn an_h2c_upgrade_is_dropped_and_a_websocket_one_passed_on() {
+        let pool = pool_with("echo", 1, None);
+        let t = target(vec![to(&pool, 1)]);
+        let up = Script::default();
+        let asking = |protocol: &'static str| {
+            let mut req = request("/allowed");
+            *req.version_mut() = Version::HTTP_11;
+            let h = req.headers_mut();
+            h.insert(
+                header::CONNECTION,
+                HeaderValue::from_static("Upgrade, HTTP2-Settings"),
+            );
+            h.insert(header::UPGRADE, HeaderValue::from_static(protocol));
+            h.insert(
+                "http2-settings",
+                HeaderValue::from_static("AAMAAABkAARAAAAAAAIAAAAA"),
+            );
+            req
+        };
+        for (protocol, passed) in [
+            ("h2c", false),
+            ("H2C, websocket", false),
+            ("websocket", true),
+        ] {
+            let run = forward(&up, &t, asking(protocol)).await;
+            assert_eq!(run.status, 200, "{protocol}");
+            let seen = up.seen();
+            let (_, sent) = &seen[0];
+            assert_eq!(
+                sent.extensions().get(),
+                Some(&Upgrading(passed)),
+                "{protocol}"
+            );
+            assert_eq!(
+                sent.headers().contains_key(header::UPGRADE),
+                passed,
+                "{protocol}"
+            );
+            assert!(!sent.headers().contains_key("http2-settings"), "{protocol}");
+        }
     }
 
     #[tokio::test]
