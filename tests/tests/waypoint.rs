@@ -235,6 +235,12 @@ fn routing_filters_and_l7_authorization() {
     assert!(text.contains("shop/no-admin"), "{text}");
     let (code, _) = get(&sb, &format!("{ECHO}/administrator-free"), &[]);
     assert_eq!(code, 403, "the policy's pattern is /admin*");
+    // Paths that name /admin another way are matched as the path they name (curl
+    // sends them as written).
+    for path in ["//admin/users", "/x/../admin/users", "/./admin", "/%61dmin/users"] {
+        let (code, text) = get(&sb, &format!("{ECHO}{path}"), &["--path-as-is"]);
+        assert_eq!(code, 403, "{path}: {text}");
+    }
     let (code, text) = get(&sb, &format!("{ECHO}/users"), &[]);
     assert_eq!(code, 200, "{text}");
     let log = sb.log(WAYPOINT).unwrap();

@@ -28,6 +28,7 @@
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod metrics;
+pub mod normalize;
 pub mod prefixed;
 pub mod proxy;
 pub mod resilience;

@@ -580,6 +580,7 @@ fn route(
     let Some(front) = front else {
         return Err(Refused::NotServed(conn.name.to_string()));
     };
+    normalize_path(req)?;
     let selected = front.routes.select(
         &conn.namespace,
         &RequestView {
@@ -595,6 +596,24 @@ fn route(
         Selected::NoRoutes => Ok(front.default.clone()),
         Selected::Rule(t) => Ok(t.clone()),
     }
+}
+
+/// The request's path normalised in place ([`crate::normalize`]), before routes and
+/// policy read it and as the backend gets it.
+fn normalize_path<B>(req: &mut Request<B>) -> Result<(), Refused> {
+    let std::borrow::Cow::Owned(normal) = crate::normalize::path(req.uri().path()) else {
+        return Ok(());
+    };
+    let path_and_query = match req.uri().query() {
+        Some(q) => format!("{normal}?{q}"),
+        None => normal,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    let bad = |e: &dyn std::fmt::Display| Refused::BadRequest(format!("the request path: {e}"));
+    parts.path_and_query =
+        Some(http::uri::PathAndQuery::try_from(path_and_query).map_err(|e| bad(&e))?);
+    *req.uri_mut() = http::Uri::from_parts(parts).map_err(|e| bad(&e))?;
+    Ok(())
 }
 
 /// L7 authorization against the policies of the service's workloads; the denying
