@@ -8,8 +8,9 @@
 //!    -> protocol: declared (appProtocol / port name) or sniffed (first bytes, 100 ms)
 //!       HTTP: hyper server (h1 + h2) -> per request, against the compiled model
 //!             (crate::target) the connection resolved its service port in:
-//!             route select -> L7 authz (403) -> the stages of crate::stages
-//!             (filters, split, admit, balance, upstream, retry, timeouts)
+//!             path normalised -> route select -> the stages of crate::stages
+//!             (filters, split, admit, balance, L7 authz of the endpoint's workload
+//!             (403), upstream, retry, timeouts)
 //!             -> metrics (series cached per connection) + access log
 //!       TCP:  endpoint of the service -> copy both ways
 //! ```
@@ -488,18 +489,22 @@ async fn handle(wp: Arc<Waypoint>, conn: Arc<Conn>, mut req: Request<Incoming>) 
     let host = req.headers().get(header::HOST).cloned();
     let version = req.version();
     let mut out = Outcomes::default();
-    let response = match route(&wp, &conn, front.as_deref(), &mut req) {
+    let response = match route(&conn, front.as_deref(), &mut req) {
         Err(refused) => {
-            if let Refused::Denied(policy) = &refused {
-                info!(service = %conn.name, principal = %conn.principal, path = %req.uri().path(), %policy, "request denied");
-                out.denied_by = Some(policy.clone());
-            }
             if let Some(f) = refused.flag() {
                 out.flag(f);
             }
             refused.response()
         }
         Ok(target) => {
+            // The request as the policies see it: before filters change it.
+            let asked = Asked {
+                model: wp.model.load_full(),
+                conn: &conn,
+                path: req.uri().path().to_owned(),
+                method: req.method().clone(),
+                headers: req.headers().clone(),
+            };
             req.headers_mut().insert(
                 "traceparent",
                 HeaderValue::from_maybe_shared(Bytes::from(format!("00-{trace_id}-{span_id}-01")))
@@ -507,6 +512,7 @@ async fn handle(wp: Arc<Waypoint>, conn: Arc<Conn>, mut req: Request<Incoming>) 
             );
             let path = Path {
                 upstream: &wp.upstreams,
+                authz: Some(&asked),
                 mirrors: &wp.mirrors,
                 mirrors_skipped: &wp.metrics.mirrors_skipped,
                 principal: &conn.principal,
@@ -516,6 +522,9 @@ async fn handle(wp: Arc<Waypoint>, conn: Arc<Conn>, mut req: Request<Incoming>) 
             path.forward(&target, req, &mut out).await
         }
     };
+    if let Some(policy) = &out.denied_by {
+        info!(service = %conn.name, principal = %conn.principal, path = %uri.path(), %policy, "request denied");
+    }
     let status = response.status().as_u16();
     let flags: Cow<'static, str> = match out.flags.is_empty() {
         true => Cow::Borrowed("-"),
@@ -572,7 +581,6 @@ async fn handle(wp: Arc<Waypoint>, conn: Arc<Conn>, mut req: Request<Incoming>) 
 /// The route stage and L7 authorization: the target a request takes, or why it is
 /// refused before any backend is tried.
 fn route(
-    wp: &Waypoint,
     conn: &Conn,
     front: Option<&Front>,
     req: &mut Request<Incoming>,
@@ -590,7 +598,6 @@ fn route(
             headers: req.headers(),
         },
     );
-    authorize(wp, conn, front, req).map_err(Refused::Denied)?;
     match selected {
         Selected::NoMatch => Err(Refused::NoMatch),
         Selected::NoRoutes => Ok(front.default.clone()),
@@ -616,32 +623,38 @@ fn normalize_path<B>(req: &mut Request<B>) -> Result<(), Refused> {
     Ok(())
 }
 
-/// L7 authorization against the policies of the service's workloads; the denying
-/// policy's name on refusal.
-fn authorize(
-    wp: &Waypoint,
-    conn: &Conn,
-    front: &Front,
-    req: &Request<Incoming>,
-) -> Result<(), String> {
-    let Some((workload, target_port)) = &front.authz else {
-        return Ok(());
-    };
-    let model = wp.model.load();
-    let attrs = Attributes {
-        path: req.uri().path(),
-        method: req.method().as_str(),
-        headers: req.headers(),
-    };
-    let c = authz::Connection {
-        principal: Some(&conn.principal),
-        namespace: Some(&conn.namespace),
-        port: *target_port,
-        http: authz::Http::Request(&attrs),
-    };
-    authz::check(model.policies_for(workload).map(|p| &**p), &c)
-        .map(drop)
-        .map_err(|d| d.policy())
+/// What a request asked, kept for each attempt's L7 authorization
+/// ([`crate::stages::Authorize`]): checked against the policies of the workload each
+/// attempt is sent to.
+struct Asked<'a> {
+    model: Arc<Model>,
+    conn: &'a Conn,
+    path: String,
+    method: http::Method,
+    headers: HeaderMap,
+}
+
+impl crate::stages::Authorize for Asked<'_> {
+    fn check(&self, endpoint: &api::model::Target) -> Result<(), String> {
+        let Some(workload) = &endpoint.workload else {
+            // A plain address: no workload, no policy of its own.
+            return Ok(());
+        };
+        let attrs = Attributes {
+            path: &self.path,
+            method: self.method.as_str(),
+            headers: &self.headers,
+        };
+        let c = authz::Connection {
+            principal: Some(&self.conn.principal),
+            namespace: Some(&self.conn.namespace),
+            port: endpoint.addr.port(),
+            http: authz::Http::Request(&attrs),
+        };
+        authz::check(self.model.policies_for(workload).map(|p| &**p), &c)
+            .map(drop)
+            .map_err(|d| d.policy())
+    }
 }
 
 #[cfg(test)]

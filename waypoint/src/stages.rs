@@ -458,6 +458,8 @@ impl Payload {
 pub struct Path<'a, U> {
     /// Where requests go.
     pub upstream: &'a U,
+    /// L7 authorization of each attempt and mirrored copy (none: nothing to check).
+    pub authz: Option<&'a dyn Authorize>,
     /// Permits for mirrored copies in flight.
     pub mirrors: &'a Arc<tokio::sync::Semaphore>,
     /// Copies not sent for want of a permit.
@@ -468,6 +470,16 @@ pub struct Path<'a, U> {
     pub forwarded_for: Option<&'a HeaderValue>,
     /// The service port the client addressed.
     pub listener_port: u16,
+}
+
+/// L7 authorization against the workload a request is sent to. It is checked for
+/// the endpoint each attempt (and each mirrored copy) goes to, not for the service the
+/// client addressed: a route may send requests to another service, and a policy may
+/// select only some of a service's pods. The destination's node-proxy leaves a
+/// policy's HTTP conditions to the waypoint, so this check is the only one they get.
+pub trait Authorize: Sync {
+    /// `Err(policy)` when a policy of `endpoint`'s workload denies the request.
+    fn check(&self, endpoint: &Addr) -> Result<(), String>;
 }
 
 /// Hop-by-hop headers, not forwarded (RFC 9110 7.6.1), except for upgrades; names
@@ -652,6 +664,10 @@ impl<U: Upstream> Path<'_, U> {
             Err(r) => return (Err(r), None),
         };
         out.endpoint = Some(endpoint.target.clone());
+        if let Some(Err(policy)) = self.authz.map(|a| a.check(&endpoint.target)) {
+            out.denied_by = Some(policy.clone());
+            return (Err(Refused::Denied(policy)), None);
+        }
         let flight = match state.start(endpoint).await {
             Ok(f) => f,
             Err(l) => {
@@ -695,6 +711,10 @@ impl<U: Upstream> Path<'_, U> {
         let Ok(endpoint) = balance(pool) else {
             return;
         };
+        if let Some(Err(policy)) = self.authz.map(|a| a.check(&endpoint.target)) {
+            debug!(mirror = %pool.label, %policy, "the mirrored copy is denied; not sent");
+            return;
+        }
         let Ok(permit) = self.mirrors.clone().try_acquire_owned() else {
             self.mirrors_skipped
                 .get_or_create(&ServiceLabels {
@@ -927,10 +947,20 @@ mod tests {
     }
 
     async fn forward(up: &Script, t: &Target, req: Request<Full<Bytes>>) -> Run {
+        forward_with(up, t, req, None).await
+    }
+
+    async fn forward_with(
+        up: &Script,
+        t: &Target,
+        req: Request<Full<Bytes>>,
+        authz: Option<&dyn Authorize>,
+    ) -> Run {
         let mirrors = Arc::new(tokio::sync::Semaphore::new(4));
         let skipped = Family::default();
         let path = Path {
             upstream: up,
+            authz,
             mirrors: &mirrors,
             mirrors_skipped: &skipped,
             principal: "spiffe://cluster.local/ns/shop/sa/client",
@@ -1318,6 +1348,92 @@ mod tests {
             "http://example.org:8080/api/items"
         );
         assert!(up.seen().is_empty());
+    }
+
+    /// Denies what goes to one address, as a policy selecting only that pod would.
+    struct DenyTo(SocketAddr);
+
+    impl Authorize for DenyTo {
+        fn check(&self, endpoint: &Addr) -> Result<(), String> {
+            match endpoint.addr == self.0 {
+                true => Err("shop/deny-v2".into()),
+                false => Ok(()),
+            }
+        }
+    }
+
+    /// Authorization goes by the endpoint a request is sent to: a request routed to a
+    /// pod whose policy denies it is refused there (not retried elsewhere, nothing
+    /// sent), one routed to another pod passes, and a mirrored copy is not sent to a
+    /// pod that denies it.
+    #[tokio::test]
+    async fn each_attempt_is_authorized_against_the_pod_it_goes_to() {
+        let v1 = pool_with("echo", 1, None);
+        let denied = SocketAddr::from(([10, 244, 0, 9], 8080));
+        let v2 = Arc::new(Pool::new(
+            ObjectName::new("shop", "echo-v2"),
+            80,
+            Some(false),
+            Arc::new(Backend::new(None)),
+            &[Addr {
+                workload: None,
+                addr: denied,
+            }],
+        ));
+        let deny = DenyTo(denied);
+        let up = Script::default();
+        let run = forward_with(&up, &target(vec![to(&v1, 1)]), request("/"), Some(&deny)).await;
+        assert_eq!(run.status, 200);
+        assert_eq!(run.out.denied_by, None);
+        assert_eq!(up.seen().len(), 1);
+
+        let mut t = target(vec![to(&v2, 1)]);
+        t.retry.attempts = 2;
+        let run = forward_with(&up, &t, request("/"), Some(&deny)).await;
+        assert_eq!(run.status, 403);
+        assert_eq!(run.out.denied_by.as_deref(), Some("shop/deny-v2"));
+        assert_eq!(run.out.attempts, 1, "a denial is not retried");
+        assert!(
+            up.seen().is_empty(),
+            "nothing is sent to the pod that denies it"
+        );
+
+        // Two mirrors, the denied one first: once the other's copy is in, the denied
+        // one's would be too.
+        let allowed = SocketAddr::from(([10, 244, 0, 5], 8080));
+        let shadow = Arc::new(Pool::new(
+            ObjectName::new("shop", "shadow"),
+            80,
+            Some(false),
+            Arc::new(Backend::new(None)),
+            &[Addr {
+                workload: None,
+                addr: allowed,
+            }],
+        ));
+        let mut t = target(vec![to(&v1, 1)]);
+        t.mirrors = [v2.clone(), shadow]
+            .into_iter()
+            .map(|to| Mirror {
+                to,
+                fraction_ppm: 1_000_000,
+            })
+            .collect();
+        let run = forward_with(&up, &t, request("/"), Some(&deny)).await;
+        assert_eq!(run.status, 200);
+        let mut seen = Vec::new();
+        for _ in 0..500 {
+            seen.extend(up.seen().into_iter().map(|(to, _)| to));
+            if seen.contains(&allowed) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            seen.contains(&allowed),
+            "the allowed mirror gets its copy: {seen:?}"
+        );
+        assert!(!seen.contains(&denied), "{seen:?}");
     }
 
     /// A WebSocket upgrade is passed on; an `h2c` one is not: the request goes on as

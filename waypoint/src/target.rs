@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use api::model::Target as Addr;
 use api::proto::{self, route_filter::Filter, RouteKind};
-use api::{Key, Kind, Model, ObjectName, Workload};
+use api::{Key, Kind, Model, ObjectName};
 use http::header::{HeaderName, HeaderValue};
 use http::StatusCode;
 
@@ -64,9 +64,6 @@ pub struct Front {
     pub routes: Routes,
     /// What a request takes when no route is attached: the service itself.
     pub default: Arc<Target>,
-    /// The workload whose authorization policies apply to its requests, and the
-    /// port its endpoints listen on.
-    pub authz: Option<(Arc<Workload>, u16)>,
 }
 
 /// What a matched rule does with a request, every setting parsed.
@@ -352,11 +349,6 @@ impl Compiled {
                     ),
                     ..Target::default()
                 });
-                let endpoints = model.endpoints(&name, port.port);
-                let authz = endpoints.iter().find_map(|t| t.workload.clone()).map(|w| {
-                    let target_port = endpoints.first().map_or(port.port, |t| t.addr.port());
-                    (w, target_port)
-                });
                 cx.next.fronts.insert(
                     (name.clone(), port.port),
                     Arc::new(Front {
@@ -364,7 +356,6 @@ impl Compiled {
                         service: name.clone(),
                         port: port.port,
                         default,
-                        authz,
                     }),
                 );
             }
