@@ -67,6 +67,10 @@ type Idle = Vec<(Instant, http1::SendRequest<Body>)>;
 /// by the requests in flight), and how long one may stay unused.
 const IDLE_PER_KEY: usize = 64;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a connection to an endpoint outside the mesh may take to be accepted, as
+/// HBONE's dial may: an address that drops packets fails the attempt (and counts
+/// against the endpoint) instead of holding it for the kernel's SYN retries (~2 min).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often [`Upstreams::sweep`] should run: often enough that an idle connection
 /// outlives [`IDLE_TIMEOUT`] by at most half of it.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(30);
@@ -143,9 +147,14 @@ impl Upstreams {
                     .netns
                     .outbound_socket(addr)
                     .map_err(|e| fail(e.to_string()))?;
-                let tcp = socket
-                    .connect(addr)
+                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr))
                     .await
+                    .map_err(|_| {
+                        fail(format!(
+                            "no answer to the connection within {} s",
+                            CONNECT_TIMEOUT.as_secs()
+                        ))
+                    })?
                     .map_err(|e| fail(e.to_string()))?;
                 Ok(Box::pin(tcp))
             }
