@@ -298,6 +298,31 @@ fn now() -> MicroTime {
     MicroTime(k8s_openapi::jiff::Timestamp::now())
 }
 
+/// How often a Lease failure that lasts is logged again.
+const LEASE_FAILURE_EVERY: Duration = Duration::from_secs(60);
+
+/// Logs a failure to read or write the Lease as a warning: at its start, when it
+/// changes, and once a minute while it lasts (a replica that cannot reach its Lease
+/// never leads, and nothing else would say why); its end at info.
+fn report_lease(failing: &mut Option<(String, Instant)>, now: Option<String>) {
+    match (now, failing.as_mut()) {
+        (None, None) => {}
+        (None, Some(_)) => {
+            *failing = None;
+            info!("lease {LEASE_NAME}: read and written again");
+        }
+        (Some(e), Some((last, at))) if *last == e && at.elapsed() < LEASE_FAILURE_EVERY => {
+            debug!("lease {LEASE_NAME}: {e}");
+        }
+        (Some(e), _) => {
+            warn!(
+                "lease {LEASE_NAME}: {e} (this replica cannot lead until it can write the Lease)"
+            );
+            *failing = Some((e, Instant::now()));
+        }
+    }
+}
+
 async fn elect(
     api: Arc<dyn LeaseStore>,
     me: String,
@@ -310,6 +335,8 @@ async fn elect(
     // When the last successful renewal was sent: leadership ends at it plus the
     // renew deadline, whatever the API server does meanwhile.
     let mut renewed: Option<Instant> = None;
+    // The Lease's failure being reported, and when it was last logged.
+    let mut failing: Option<(String, Instant)> = None;
     // Whole seconds, at least one (the Lease holds seconds), rounded up.
     let seconds =
         i32::try_from(timing.duration.as_millis().div_ceil(1000).max(1)).unwrap_or(i32::MAX);
@@ -327,6 +354,12 @@ async fn elect(
         )
         .await;
         let within_deadline = renewed.is_some_and(|at| at.elapsed() < timing.renew_deadline);
+        let failure = match &outcome {
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!("no answer within {budget:?}")),
+            Ok(Ok(_)) => None,
+        };
+        report_lease(&mut failing, failure);
         let led = match outcome {
             Ok(Ok(Try::Holding)) => {
                 renewed = Some(sent);
@@ -335,15 +368,7 @@ async fn elect(
             Ok(Ok(Try::HeldByAnother)) => false,
             // Another write to the Lease meanwhile: a holder tries again, leading until
             // the renew deadline, as through an error.
-            Ok(Ok(Try::Conflict)) => within_deadline,
-            Ok(Err(e)) => {
-                debug!("lease {LEASE_NAME}: {e}");
-                within_deadline
-            }
-            Err(_) => {
-                debug!("lease {LEASE_NAME}: no answer within {budget:?}");
-                within_deadline
-            }
+            Ok(Ok(Try::Conflict)) | Ok(Err(_)) | Err(_) => within_deadline,
         };
         if !led {
             renewed = None;
@@ -465,6 +490,21 @@ async fn release(api: &dyn LeaseStore, me: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Lease failure is logged when it starts and when it changes, not on every try
+    /// within a minute, and forgotten once the Lease is written again.
+    #[test]
+    fn a_lasting_lease_failure_is_logged_once_a_minute_until_it_ends() {
+        let mut failing = None;
+        report_lease(&mut failing, Some("403 forbidden".into()));
+        let first = failing.clone().expect("remembered");
+        report_lease(&mut failing, Some("403 forbidden".into()));
+        assert_eq!(failing, Some(first.clone()), "not logged again at once");
+        report_lease(&mut failing, Some("500".into()));
+        assert_eq!(failing.as_ref().map(|f| f.0.as_str()), Some("500"));
+        report_lease(&mut failing, None);
+        assert_eq!(failing, None);
+    }
 
     /// The file-kept Lease: two electors, one leads; it dies without giving the Lease
     /// up and the other leads once the Lease has run out; a graceful stop hands over
