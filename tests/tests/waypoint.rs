@@ -237,7 +237,12 @@ fn routing_filters_and_l7_authorization() {
     assert_eq!(code, 403, "the policy's pattern is /admin*");
     // Paths that name /admin another way are matched as the path they name (curl
     // sends them as written).
-    for path in ["//admin/users", "/x/../admin/users", "/./admin", "/%61dmin/users"] {
+    for path in [
+        "//admin/users",
+        "/x/../admin/users",
+        "/./admin",
+        "/%61dmin/users",
+    ] {
         let (code, text) = get(&sb, &format!("{ECHO}{path}"), &["--path-as-is"]);
         assert_eq!(code, 403, "{path}: {text}");
     }

@@ -137,10 +137,31 @@ fn targets() -> &'static [Target] {
     })
 }
 
-/// One input through route selection, request filters and `traceparent` parsing.
-/// Panics on a broken invariant: a redirect's `Location` that is not a URI, an
-/// origin-form path rewritten to one that does not start with `/`, a `traceparent`
-/// that does not read back as written.
+/// The normaliser's promises for an origin-form `path`: the result is a path, with no
+/// empty, `.` or `..` segment, no backslash, that normalises to itself and parses back.
+fn normalised(path: &str) {
+    if !path.starts_with('/') {
+        return;
+    }
+    let normal = crate::normalize::path(path);
+    assert!(normal.starts_with('/'), "{path:?} -> {normal:?}");
+    assert!(!normal.contains('\\'), "{path:?} -> {normal:?}");
+    assert!(
+        !normal.contains("//") && !normal.split('/').any(|s| s == "." || s == ".."),
+        "{path:?} -> {normal:?}"
+    );
+    assert_eq!(crate::normalize::path(&normal), normal, "{path:?}");
+    assert!(
+        http::uri::PathAndQuery::try_from(normal.as_ref()).is_ok(),
+        "{path:?} -> {normal:?}"
+    );
+}
+
+/// One input through path normalisation, route selection, request filters and
+/// `traceparent` parsing. Panics on a broken invariant: a normalised path that is not
+/// one, a redirect's `Location` that is not a URI, an origin-form path rewritten to
+/// one that does not start with `/`, a `traceparent` that does not read back as
+/// written.
 pub fn request(data: &[u8]) {
     let mut lines = data.split(|b| *b == b'\n');
     let method = lines.next().unwrap_or_default();
@@ -165,6 +186,7 @@ pub fn request(data: &[u8]) {
         }
     }
     if let Ok(req) = builder.body(()) {
+        normalised(req.uri().path());
         let view = RequestView {
             method: req.method(),
             path: req.uri().path(),

@@ -8,6 +8,7 @@
 //! ```text
 //!  %XX of an unreserved character (A-Z a-z 0-9 - . _ ~)  --> the character
 //!  any other %xx                                         --> %XX (upper case), kept
+//!  a % that starts no escape                             --> %25
 //!  \                                                     --> /
 //!  // (any run of slashes)                               --> /
 //!  . and .. segments                                     --> removed (RFC 3986 5.2.4)
@@ -76,9 +77,12 @@ fn decode(path: &str) -> String {
                 match hex {
                     Some(b) if unreserved(b) => out.push(char::from(b)),
                     Some(b) => out.push_str(&format!("%{b:02X}")),
-                    // A lone `%`: kept as it came.
+                    // A `%` that starts no escape is data: escaped itself, so that
+                    // what follows cannot form an escape once its neighbours are
+                    // decoded (`/%%361dmin` must not become `/%61dmin`, which a
+                    // backend would read as `/admin`).
                     None => {
-                        out.push('%');
+                        out.push_str("%25");
                         i += 1;
                         continue;
                     }
@@ -133,9 +137,10 @@ mod tests {
             ("/a%2Fb", "/a%2Fb"),
             ("/a%2fb", "/a%2Fb"),
             ("/a%20b", "/a%20b"),
-            ("/100%", "/100%"),
-            ("/a%zz", "/a%zz"),
-            ("/a%+1", "/a%+1"),
+            ("/100%", "/100%25"),
+            ("/a%zz", "/a%25zz"),
+            ("/a%+1", "/a%25+1"),
+            ("/%%361dmin", "/%2561dmin"),
             ("/a/b/", "/a/b/"),
             ("/", "/"),
             ("*", "*"),
