@@ -1350,6 +1350,20 @@ mod tests {
         assert!(up.seen().is_empty());
     }
 
+    /// A pool of one endpoint at `addr`.
+    fn pool_at(name: &str, addr: SocketAddr) -> Arc<Pool> {
+        Arc::new(Pool::new(
+            ObjectName::new("shop", name),
+            80,
+            Some(false),
+            Arc::new(Backend::new(None)),
+            &[Addr {
+                workload: None,
+                addr,
+            }],
+        ))
+    }
+
     /// Denies what goes to one address, as a policy selecting only that pod would.
     struct DenyTo(SocketAddr);
 
@@ -1370,16 +1384,7 @@ mod tests {
     async fn each_attempt_is_authorized_against_the_pod_it_goes_to() {
         let v1 = pool_with("echo", 1, None);
         let denied = SocketAddr::from(([10, 244, 0, 9], 8080));
-        let v2 = Arc::new(Pool::new(
-            ObjectName::new("shop", "echo-v2"),
-            80,
-            Some(false),
-            Arc::new(Backend::new(None)),
-            &[Addr {
-                workload: None,
-                addr: denied,
-            }],
-        ));
+        let v2 = pool_at("echo-v2", denied);
         let deny = DenyTo(denied);
         let up = Script::default();
         let run = forward_with(&up, &target(vec![to(&v1, 1)]), request("/"), Some(&deny)).await;
@@ -1401,16 +1406,7 @@ mod tests {
         // Two mirrors, the denied one first: once the other's copy is in, the denied
         // one's would be too.
         let allowed = SocketAddr::from(([10, 244, 0, 5], 8080));
-        let shadow = Arc::new(Pool::new(
-            ObjectName::new("shop", "shadow"),
-            80,
-            Some(false),
-            Arc::new(Backend::new(None)),
-            &[Addr {
-                workload: None,
-                addr: allowed,
-            }],
-        ));
+        let shadow = pool_at("shadow", allowed);
         let mut t = target(vec![to(&v1, 1)]);
         t.mirrors = [v2.clone(), shadow]
             .into_iter()
