@@ -24,7 +24,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -57,8 +58,12 @@ pub struct EchoConfig {
 }
 
 /// The request headers a request controls its answer with.
-pub const CONTROLS: [(&str, &str); 5] = [
+pub const CONTROLS: [(&str, &str); 6] = [
     ("x-echo-delay", "wait this long before answering (e.g. 250ms, 2s)"),
+    (
+        "x-echo-stall",
+        "send the headers and half the body, and the rest this long later (e.g. 2s)",
+    ),
     ("x-echo-status", "answer with this status (100 to 599)"),
     (
         "x-echo-fail-first",
@@ -117,6 +122,7 @@ impl Echo {
 #[derive(Debug, Default, PartialEq)]
 struct Controls {
     delay: Option<Duration>,
+    stall: Option<Duration>,
     status: Option<StatusCode>,
     fail_first: Option<(u64, String)>,
     headers: Vec<(header::HeaderName, header::HeaderValue)>,
@@ -134,6 +140,11 @@ fn controls(headers: &HeaderMap) -> Result<Controls, String> {
         let d =
             controller::parse_duration(d.trim()).map_err(|e| format!("x-echo-delay {d:?}: {e}"))?;
         out.delay = Some(d.min(Duration::from_secs(60)));
+    }
+    if let Some(d) = text("x-echo-stall")? {
+        let d =
+            controller::parse_duration(d.trim()).map_err(|e| format!("x-echo-stall {d:?}: {e}"))?;
+        out.stall = Some(d.min(Duration::from_secs(60)));
     }
     if let Some(s) = text("x-echo-status")? {
         let code = s
@@ -231,21 +242,22 @@ async fn handle(
     echo: Arc<Echo>,
     peer: SocketAddr,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<EchoBody>, Infallible> {
     let config = &echo.config;
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();
     if path == "/ws" {
         let response = websocket(req);
         log_request(&config.pod, peer, &method, &path, response.status());
-        return Ok(response);
+        return Ok(response.map(BodyExt::boxed_unsync));
     }
-    let (status, content_type, body, extra) = if path == "/healthz" {
+    let (status, content_type, body, extra, stall) = if path == "/healthz" {
         (
             StatusCode::OK,
             "text/plain",
             Bytes::from_static(b"ok"),
             Vec::new(),
+            None,
         )
     } else {
         let n = echo.requests.fetch_add(1, Ordering::Relaxed);
@@ -258,7 +270,8 @@ async fn handle(
             Ok(a) => a,
             Err(why) => {
                 log_request(&config.pod, peer, &method, &path, StatusCode::BAD_REQUEST);
-                let mut r = Response::new(Full::new(Bytes::from(format!("{why}\n"))));
+                let mut r =
+                    Response::new(Full::new(Bytes::from(format!("{why}\n"))).boxed_unsync());
                 *r.status_mut() = StatusCode::BAD_REQUEST;
                 return Ok(r);
             }
@@ -287,10 +300,14 @@ async fn handle(
             "application/json",
             Bytes::from(body.to_string()),
             asked.headers,
+            asked.stall,
         )
     };
     log_request(&config.pod, peer, &method, &path, status);
-    let mut response = Response::new(Full::new(body));
+    let mut response = Response::new(match stall {
+        None => Full::new(body).boxed_unsync(),
+        Some(stall) => stalled(body, stall),
+    });
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -300,6 +317,23 @@ async fn handle(
         response.headers_mut().append(name, value);
     }
     Ok(response)
+}
+
+/// The body of an echo answer: whole, or sent in two halves.
+type EchoBody = UnsyncBoxBody<Bytes, Infallible>;
+
+/// `body`'s first half at once and the rest `stall` later, with no length announced:
+/// a backend that stalls in the middle of its answer.
+fn stalled(mut body: Bytes, stall: Duration) -> EchoBody {
+    use futures::StreamExt;
+    let head = body.split_to(body.len() / 2);
+    let rest = async move {
+        tokio::time::sleep(stall).await;
+        Ok(hyper::body::Frame::data(body))
+    };
+    let frames = futures::stream::once(async { Ok(hyper::body::Frame::data(head)) })
+        .chain(futures::stream::once(rest));
+    StreamBody::new(frames).boxed_unsync()
 }
 
 /// `/ws`: a WebSocket echo (RFC 6455 handshake, then every text or binary message is
@@ -648,9 +682,17 @@ mod tests {
             start.elapsed() >= Duration::from_millis(150),
             "the delay asked"
         );
+        // A stalled answer comes whole, its second half after the stall.
+        let start = Instant::now();
+        let (status, headers, body) = ask(server.addr, &[("x-echo-stall", "150ms")]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(!headers.contains_key(header::CONTENT_LENGTH), "{headers:?}");
+        assert!(body.contains(r#""path":"/controlled""#), "{body}");
+        assert!(start.elapsed() >= Duration::from_millis(150), "the stall");
         for bad in [
             ("x-echo-status", "lots"),
             ("x-echo-delay", "soon"),
+            ("x-echo-stall", "a while"),
             ("x-echo-fail-first", "2"),
             ("x-echo-response-header", "no colon"),
         ] {

@@ -602,6 +602,43 @@ fn retries_budgets_timeouts_outliers_and_limits() {
         assert!(secs >= 0.2, "not before the timeout: {secs}");
     }
 
+    // stalling's backend sends its headers and half its body, and the rest after the
+    // stall asked. The route's 1 s request timeout covers the body too: a 5 s stall is
+    // cut, so curl sees an incomplete answer (HTTP/1.1: the connection closes before
+    // the last chunk; HTTP/2: the stream is reset), not a whole one 5 s later. A short
+    // stall passes whole.
+    for version in ["--http1.1", "--http2-prior-knowledge"] {
+        for (stall, whole) in [("5s", false), ("200ms", true)] {
+            let out = sb
+                .exec(
+                    CLIENT,
+                    &[
+                        "curl",
+                        "-sS",
+                        version,
+                        "--max-time",
+                        "20",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "-H",
+                        &format!("x-echo-stall: {stall}"),
+                        "http://10.96.1.28/",
+                    ],
+                )
+                .unwrap();
+            let code = String::from_utf8_lossy(&out.stdout).into_owned();
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            println!(
+                "{version}, stall {stall}: {code} {:?} {stderr}",
+                out.status.code()
+            );
+            assert_eq!(code, "200", "{version} {stall}: the headers came in time");
+            assert_eq!(out.status.success(), whole, "{version} {stall}: {stderr}");
+        }
+    }
+
     // Outlier detection: one of pool's three replicas fails; it is ejected, then
     // returns once it recovers.
     let flags = PathBuf::from("/run/weft/e2e-fail");

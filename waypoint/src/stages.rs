@@ -17,7 +17,9 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use api::model::Target as Addr;
@@ -28,6 +30,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use tokio::time::Instant;
 use tracing::{debug, info};
 
 use crate::metrics::ServiceLabels;
@@ -433,6 +436,78 @@ pub async fn within<F: Future>(limit: Option<Duration>, f: F) -> Option<F::Outpu
     }
 }
 
+/// `f`'s output, or `None` once `deadline` has passed.
+async fn until<F: Future>(deadline: Option<Instant>, f: F) -> Option<F::Output> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, f).await.ok(),
+        None => Some(f.await),
+    }
+}
+
+/// A route's timeouts cover the whole response, body included, as Gateway API's
+/// `timeouts` ask ("until the full response has been received"): a backend that
+/// sends its headers and then stalls would otherwise hold the request for good. A
+/// response still being sent at `deadline` is cut, which the client sees as a reset
+/// stream (HTTP/2) or a closed connection (HTTP/1.1), never as a complete answer.
+fn cut_at(
+    response: Response<Body>,
+    deadline: Option<Instant>,
+    which: &'static str,
+) -> Response<Body> {
+    let Some(deadline) = deadline else {
+        return response;
+    };
+    response.map(|body| {
+        Deadline {
+            body,
+            at: Box::pin(tokio::time::sleep_until(deadline)),
+            which,
+        }
+        .boxed()
+    })
+}
+
+/// The response body of [`cut_at`].
+struct Deadline {
+    body: Body,
+    at: Pin<Box<tokio::time::Sleep>>,
+    which: &'static str,
+}
+
+/// Why a response was cut: its route's timeout passed while it was being sent.
+#[derive(Debug, thiserror::Error)]
+#[error("the route's {0} timeout passed while the response was being sent")]
+pub struct CutShort(&'static str);
+
+impl hyper::body::Body for Deadline {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        match self.at.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                debug!(timeout = self.which, "response cut at the route's timeout");
+                Poll::Ready(Some(Err(CutShort(self.which).into())))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 // ---- the composed path ---------------------------------------------------------------
 
 /// A request body that can be sent more than once, or one that can be sent once.
@@ -539,6 +614,8 @@ impl<U: Upstream> Path<'_, U> {
         B::Error: Into<BoxError>,
     {
         out.route = t.route.clone();
+        // The request timeout runs from here: reading a body to buffer is part of it.
+        let deadline = t.overall.map(|d| Instant::now() + d);
         if let Some(answer) = request_filters(t, &mut req, self.listener_port) {
             return answer;
         }
@@ -553,9 +630,10 @@ impl<U: Upstream> Path<'_, U> {
                 .upper()
                 .is_some_and(|n| n <= MAX_BUFFERED_BODY)
         {
-            match body.collect().await {
-                Ok(b) => Payload::Buffered(b.to_bytes()),
-                Err(e) => return self.refuse(Refused::BadBody(e.into().to_string()), out),
+            match until(deadline, body.collect()).await {
+                Some(Ok(b)) => Payload::Buffered(b.to_bytes()),
+                Some(Err(e)) => return self.refuse(Refused::BadBody(e.into().to_string()), out),
+                None => return self.refuse(Refused::Timeout, out),
             }
         } else {
             Payload::Streaming(Some(body.map_err(Into::into).boxed()))
@@ -593,8 +671,8 @@ impl<U: Upstream> Path<'_, U> {
                 return result;
             }
         };
-        let result = match within(t.overall, attempts).await {
-            Some(r) => r,
+        let result = match until(deadline, attempts).await {
+            Some(r) => r.map(|r| cut_at(r, deadline, "request")),
             None => Err(Refused::Timeout),
         };
         let mut response = match result {
@@ -690,13 +768,17 @@ impl<U: Upstream> Path<'_, U> {
         let sent = self
             .upstream
             .send(&endpoint.target, self.principal, req, upgrade);
-        let (outcome, result) = match within(t.per_try, sent).await {
+        let per_try = t.per_try.map(|d| Instant::now() + d);
+        let (outcome, result) = match until(per_try, sent).await {
             None => (Outcome::Timeout, Err(Refused::Timeout)),
             Some(Err(e)) => {
                 debug!(service = %pool.label, endpoint = %addr, "attempt failed: {e}");
                 (Outcome::ConnectFailure, Err(Refused::Unreachable(addr)))
             }
-            Some(Ok(r)) => (Outcome::Status(r.status().as_u16()), Ok(r)),
+            Some(Ok(r)) => (
+                Outcome::Status(r.status().as_u16()),
+                Ok(cut_at(r, per_try, "backend request")),
+            ),
         };
         if state.finish(flight, outcome, pool.endpoints.len()) {
             info!(service = %pool.label, endpoint = %addr, "endpoint ejected");
@@ -830,6 +912,33 @@ mod tests {
         Slow(Duration, u16),
         /// Cannot be reached.
         Fail,
+        /// Answers 200 at once with `part`, and sends `rest` of its body this much later.
+        StalledBody(Duration),
+    }
+
+    /// A body of two frames with a stall between them.
+    struct Stalled {
+        part: Option<Bytes>,
+        rest: Option<Bytes>,
+        stall: Pin<Box<tokio::time::Sleep>>,
+    }
+
+    impl hyper::body::Body for Stalled {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+            if let Some(part) = self.part.take() {
+                return Poll::Ready(Some(Ok(hyper::body::Frame::data(part))));
+            }
+            if self.rest.is_some() && self.stall.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            Poll::Ready(self.rest.take().map(|r| Ok(hyper::body::Frame::data(r))))
+        }
     }
 
     /// What the scripted upstream was sent: the endpoint and the request's head.
@@ -882,6 +991,14 @@ mod tests {
                 .unwrap_or(Answer::Status(200));
             let status = match answer {
                 Answer::Status(s) => s,
+                Answer::StalledBody(d) => {
+                    let body = Stalled {
+                        part: Some(Bytes::from_static(b"part")),
+                        rest: Some(Bytes::from_static(b"rest")),
+                        stall: Box::pin(tokio::time::sleep(d)),
+                    };
+                    return Ok(Response::new(body.boxed()));
+                }
                 Answer::Slow(d, s) => {
                     tokio::time::sleep(d).await;
                     s
@@ -1236,6 +1353,51 @@ mod tests {
         let run = forward(&Script::new(&[slow]), &t, request("/")).await;
         assert_eq!(run.status, 504);
         assert_eq!(started.elapsed(), Duration::from_secs(1));
+    }
+
+    /// A backend that sends its headers and then stalls is cut at the route's timeout
+    /// (either of them), so the client learns the answer is not whole instead of
+    /// waiting for good; one that finishes in time is passed whole.
+    #[tokio::test(start_paused = true)]
+    async fn a_response_still_being_sent_when_a_route_timeout_passes_is_cut() {
+        let pool = pool_with("echo", 1, None);
+        let mut t = target(vec![to(&pool, 1)]);
+        let stall = Duration::from_secs(5);
+        for (per_try, overall) in [
+            (None, Some(Duration::from_secs(1))),
+            (Some(Duration::from_secs(1)), None),
+        ] {
+            (t.per_try, t.overall) = (per_try, overall);
+            let started = tokio::time::Instant::now();
+            let run = forward(
+                &Script::new(&[Answer::StalledBody(stall)]),
+                &t,
+                request("/"),
+            )
+            .await;
+            assert_eq!(run.status, 200);
+            let cut = run.response.into_body().collect().await;
+            let why = cut.expect_err("the body is cut").to_string();
+            assert!(why.contains("timeout passed"), "{why}");
+            assert_eq!(started.elapsed(), Duration::from_secs(1));
+            // In time: whole.
+            let run = forward(
+                &Script::new(&[Answer::StalledBody(stall / 10)]),
+                &t,
+                request("/"),
+            )
+            .await;
+            assert_eq!(body_text(run.response).await, "partrest");
+        }
+        // Without a timeout the stall is waited out.
+        (t.per_try, t.overall) = (None, None);
+        let run = forward(
+            &Script::new(&[Answer::StalledBody(stall)]),
+            &t,
+            request("/"),
+        )
+        .await;
+        assert_eq!(body_text(run.response).await, "partrest");
     }
 
     #[tokio::test]
