@@ -341,9 +341,20 @@ fn every_platform_passes_the_api_servers_schemas() {
         trust_domain: "cluster.local".into(),
         roots_pem: "-----BEGIN CERTIFICATE-----\n...\n-----END CERTIFICATE-----\n".into(),
     };
+    // Autoscaled too, for its HorizontalPodAutoscaler (named apart).
+    let mut autoscaled = gateway.clone();
+    autoscaled.metadata.name = Some("autoscaled".into());
+    let parameters: controller::crd::WaypointParametersSpec =
+        serde_json::from_value(serde_json::json!({"autoscaling": {"maxReplicas": 6}})).unwrap();
     let waypoint: String = controller::waypoints::desired(&gateway, &settings)
         .unwrap()
         .into_iter()
+        .chain(
+            controller::waypoints::desired_with(&autoscaled, Some(&parameters), &settings)
+                .unwrap()
+                .into_iter()
+                .filter(|(kind, _)| *kind != "ConfigMap"),
+        )
         .map(|(_, object)| format!("---\n{}", serde_yaml_ng::to_string(&object).unwrap()))
         .collect();
     let file = dir.join("waypoint.yaml");

@@ -371,17 +371,52 @@ pub struct RetryBudgetSpec {
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!(has(self.replicas) && has(self.autoscaling))",
+    "message": "replicas and autoscaling exclude each other: a fixed count, or a HorizontalPodAutoscaler's",
+}]))]
 pub struct WaypointParametersSpec {
-    /// Waypoint pods (default 2). The PodDisruptionBudget keeps one available.
+    /// Waypoint pods (default 2). The PodDisruptionBudget keeps one available. Not with
+    /// `autoscaling`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100))]
     pub replicas: Option<i32>,
+    /// Scale the waypoint by its CPU use with a HorizontalPodAutoscaler the controller
+    /// creates (named after the Gateway), instead of a fixed `replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
     /// What the waypoint container requests (default: `cpu: 100m`, `memory: 64Mi`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests: Option<ResourceAmounts>,
     /// Its limits (default: `memory: 1Gi`, no CPU limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<ResourceAmounts>,
+}
+
+/// The bounds and target of a waypoint's HorizontalPodAutoscaler.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.minReplicas) || self.minReplicas <= self.maxReplicas",
+    "message": "minReplicas is above maxReplicas",
+}]))]
+pub struct AutoscalingSpec {
+    /// The fewest pods (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub min_replicas: Option<i32>,
+    /// The most pods.
+    #[schemars(range(min = 1, max = 100))]
+    pub max_replicas: i32,
+    /// The average CPU use, as a percentage of the pods' CPU request (`requests.cpu`),
+    /// the autoscaler keeps them at (default 80).
+    #[serde(
+        default,
+        rename = "targetCPUUtilizationPercentage",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(range(min = 1, max = 100))]
+    pub target_cpu_utilization_percentage: Option<i32>,
 }
 
 /// CPU and memory, as Kubernetes quantities (`250m`, `128Mi`).

@@ -606,23 +606,37 @@ pub fn controller_cluster_rules() -> Vec<PolicyRule> {
         ),
         rule("apps", &["deployments"], &["create", "patch"]),
         rule("policy", &["poddisruptionbudgets"], &["create", "patch"]),
+        // An autoscaled waypoint's HorizontalPodAutoscaler, deleted when it is no
+        // longer autoscaled.
+        rule(
+            "autoscaling",
+            &["horizontalpodautoscalers"],
+            &["create", "patch", "delete"],
+        ),
         // ... and watched, to apply again what someone else deleted or changed (the
-        // roots ConfigMaps by their name only).
+        // roots ConfigMaps by their name only); a Deployment read for the replica count
+        // it hands over to an autoscaler.
         rule("", &["serviceaccounts"], &["list", "watch"]),
-        rule("apps", &["deployments"], &["list", "watch"]),
+        rule("apps", &["deployments"], &["get", "list", "watch"]),
         rule("policy", &["poddisruptionbudgets"], &["list", "watch"]),
+        rule(
+            "autoscaling",
+            &["horizontalpodautoscalers"],
+            &["list", "watch"],
+        ),
         named_rule("", &["configmaps"], &[ROOTS_CONFIGMAP], &["list", "watch"]),
     ]
 }
 
 /// The admission policy narrowing the controller's cluster-wide writes: RBAC grants
-/// `create` and `patch` on ServiceAccounts, Services, ConfigMaps, Deployments and
-/// PodDisruptionBudgets everywhere (a waypoint may be in any namespace); this policy
-/// lets the controller's service account write only a waypoint's objects (named after
-/// their Gateway, labelled with it and as Weft's, controlled by it, a Deployment running
-/// as the Gateway's service account; before the write already controlled by it, so
-/// nothing is taken over) and the roots ConfigMap `weft-root-ca`, in no system namespace,
-/// and delete none of them.
+/// `create` and `patch` on ServiceAccounts, Services, ConfigMaps, Deployments,
+/// PodDisruptionBudgets and HorizontalPodAutoscalers everywhere (a waypoint may be in
+/// any namespace), and `delete` on the last; this policy lets the controller's service
+/// account write only a waypoint's objects (named after their Gateway, labelled with it
+/// and as Weft's, controlled by it, a Deployment running as the Gateway's service
+/// account; before the write already controlled by it, so nothing is taken over) and the
+/// roots ConfigMap `weft-root-ca`, in no system namespace, and delete only a waypoint's
+/// HorizontalPodAutoscaler.
 pub fn controller_writes_policy(
     ns: &str,
 ) -> (ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding) {
@@ -669,6 +683,7 @@ pub fn controller_writes_policy(
                     rule("", "v1", &["serviceaccounts", "services", "configmaps"]),
                     rule("apps", "v1", &["deployments"]),
                     rule("policy", "v1", &["poddisruptionbudgets"]),
+                    rule("autoscaling", "v2", &["horizontalpodautoscalers"]),
                 ]),
                 ..Default::default()
             }),
@@ -680,11 +695,13 @@ pub fn controller_writes_policy(
             }]),
             validations: Some(vec![Validation {
                 expression: format!(
-                    "request.operation != 'DELETE' && \
-                     !(request.namespace in ['kube-system', 'kube-public', 'kube-node-lease']) && \
-                     (request.resource.resource == 'configmaps' \
+                    "!(request.namespace in ['kube-system', 'kube-public', 'kube-node-lease']) && \
+                     (request.operation == 'DELETE' \
+                     ? request.resource.resource == 'horizontalpodautoscalers' && {} \
+                     : request.resource.resource == 'configmaps' \
                      ? object.metadata.name == '{ROOTS_CONFIGMAP}' \
                      : {} && (oldObject == null || {}))",
+                    owned("oldObject"),
                     owned("object"),
                     controlled("oldObject")
                 ),

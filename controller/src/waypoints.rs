@@ -7,8 +7,9 @@
 //! ```text
 //!  translation ──Gateways──> Deployer (latest wins) ──server-side apply, field manager
 //!                                     weft-controller──> ServiceAccount, ConfigMap,
-//!                                     Deployment, Service, PDB (unchanged: not sent again;
-//!                                     failed: retried every 30 s)
+//!                                     Deployment, Service, PDB, and an HPA when
+//!                                     autoscaled (unchanged: not sent again; failed:
+//!                                     retried every 30 s)
 //!  watch of those objects (by label) ──deleted, or changed by another hand──> applied
 //!                                     again at once; Event WaypointCreated/Repaired
 //! ```
@@ -20,6 +21,10 @@ use std::time::Duration;
 use futures::StreamExt;
 use gateway_api::gateways::Gateway;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::autoscaling::v2::{
+    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec,
+    MetricTarget, ResourceMetricSource,
+};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
     ObjectReference, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SecurityContext,
@@ -40,7 +45,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::crd::{ResourceAmounts, WaypointParametersSpec};
+use crate::crd::{AutoscalingSpec, ResourceAmounts, WaypointParametersSpec};
 use crate::install::{env, field_env};
 use crate::kubernetes::{ROOTS_CONFIGMAP, ROOTS_KEY};
 use crate::translate::WAYPOINT_CLASS;
@@ -54,6 +59,11 @@ pub const FIELD_MANAGER: &str = "weft-controller";
 /// Waypoint pods per Gateway: two, so a node drain or an eviction leaves one serving
 /// (the PodDisruptionBudget keeps one available).
 pub const WAYPOINT_REPLICAS: i32 = 2;
+/// The CPU use, as a percentage of the pods' request, an autoscaled waypoint is kept at.
+pub const WAYPOINT_CPU_TARGET: i32 = 80;
+/// The field manager that keeps a Deployment's replica count while its ownership passes
+/// from the controller to a HorizontalPodAutoscaler (see [`hand_over_replicas`]).
+pub const HANDOVER_MANAGER: &str = "weft-controller-handover-to-hpa";
 
 /// The waypoint's admin port (metrics, `/ready`), on the pod's IP.
 pub const WAYPOINT_ADMIN_PORT: i32 = 15020;
@@ -106,6 +116,7 @@ pub fn desired_with(
     // The Gateway's `spec.infrastructure` labels and annotations go on everything made
     // for it, pods included (Gateway API's Extended support); Weft's own labels win.
     let infrastructure = gateway.spec.infrastructure.as_ref();
+    let autoscaling = parameters.and_then(|p| p.autoscaling.as_ref());
     let mut labels: BTreeMap<String, String> = infrastructure
         .and_then(|i| i.labels.clone())
         .unwrap_or_default();
@@ -211,7 +222,8 @@ pub fn desired_with(
     let deployment = Deployment {
         metadata: meta(&name),
         spec: Some(DeploymentSpec {
-            replicas: Some(replicas(parameters)),
+            // Autoscaled: the HorizontalPodAutoscaler's to set, not the controller's.
+            replicas: autoscaling.is_none().then(|| replicas(parameters)),
             selector: LabelSelector {
                 match_labels: Some(selector.clone()),
                 ..Default::default()
@@ -311,13 +323,55 @@ pub fn desired_with(
         ..Default::default()
     };
     let json = |v: serde_json::Result<Value>| v.expect("Kubernetes objects serialize");
-    Some(vec![
+    let mut objects = vec![
         ("ServiceAccount", json(serde_json::to_value(account))),
         ("ConfigMap", json(serde_json::to_value(roots))),
         ("Deployment", json(serde_json::to_value(deployment))),
         ("Service", json(serde_json::to_value(service))),
         ("PodDisruptionBudget", json(serde_json::to_value(budget))),
-    ])
+    ];
+    if let Some(a) = autoscaling {
+        let autoscaler = autoscaler(meta(&name), &name, a);
+        objects.push((
+            "HorizontalPodAutoscaler",
+            json(serde_json::to_value(autoscaler)),
+        ));
+    }
+    Some(objects)
+}
+
+/// The HorizontalPodAutoscaler of an autoscaled waypoint's Deployment `name`: CPU use
+/// against the pods' request.
+fn autoscaler(metadata: ObjectMeta, name: &str, a: &AutoscalingSpec) -> HorizontalPodAutoscaler {
+    HorizontalPodAutoscaler {
+        metadata,
+        spec: HorizontalPodAutoscalerSpec {
+            scale_target_ref: CrossVersionObjectReference {
+                api_version: Some("apps/v1".into()),
+                kind: "Deployment".into(),
+                name: name.to_owned(),
+            },
+            min_replicas: Some(a.min_replicas.unwrap_or(WAYPOINT_REPLICAS)),
+            max_replicas: a.max_replicas,
+            metrics: Some(vec![MetricSpec {
+                type_: "Resource".into(),
+                resource: Some(ResourceMetricSource {
+                    name: "cpu".into(),
+                    target: MetricTarget {
+                        type_: "Utilization".into(),
+                        average_utilization: Some(
+                            a.target_cpu_utilization_percentage
+                                .unwrap_or(WAYPOINT_CPU_TARGET),
+                        ),
+                        ..Default::default()
+                    },
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
 }
 
 /// Resource amounts: `defaults`, each replaced by what `given` sets.
@@ -339,11 +393,50 @@ fn amounts(
     out
 }
 
-/// How many pods a waypoint runs: its WaypointParameters' `replicas`, or the default.
+/// How many pods a waypoint runs: its WaypointParameters' `replicas`, or the default;
+/// autoscaled, the fewest its autoscaler keeps (what it runs without load).
 pub fn replicas(parameters: Option<&WaypointParametersSpec>) -> i32 {
-    parameters
-        .and_then(|p| p.replicas)
-        .unwrap_or(WAYPOINT_REPLICAS)
+    match parameters {
+        Some(WaypointParametersSpec {
+            autoscaling: Some(a),
+            ..
+        }) => a.min_replicas.unwrap_or(WAYPOINT_REPLICAS),
+        _ => parameters
+            .and_then(|p| p.replicas)
+            .unwrap_or(WAYPOINT_REPLICAS),
+    }
+}
+
+/// Why WaypointParameters cannot be used, naming the field: what its CRD's schema
+/// and rules refuse, checked again for manifests no API server has seen.
+pub fn check_parameters(p: &WaypointParametersSpec) -> Result<(), String> {
+    let count = |field: &str, n: i32| match (1..=100).contains(&n) {
+        true => Ok(()),
+        false => Err(format!("{field}: {n} is not between 1 and 100")),
+    };
+    if let Some(n) = p.replicas {
+        count("spec.replicas", n)?;
+    }
+    let Some(a) = &p.autoscaling else {
+        return Ok(());
+    };
+    if p.replicas.is_some() {
+        return Err("spec.autoscaling: replicas and autoscaling exclude each other: a fixed count, or a HorizontalPodAutoscaler's".into());
+    }
+    count("spec.autoscaling.maxReplicas", a.max_replicas)?;
+    if let Some(n) = a.min_replicas {
+        count("spec.autoscaling.minReplicas", n)?;
+        if n > a.max_replicas {
+            return Err(format!(
+                "spec.autoscaling.minReplicas: {n} is above maxReplicas {}",
+                a.max_replicas
+            ));
+        }
+    }
+    if let Some(n) = a.target_cpu_utilization_percentage {
+        count("spec.autoscaling.targetCPUUtilizationPercentage", n)?;
+    }
+    Ok(())
 }
 
 /// The WaypointParameters a waypoint Gateway's `spec.infrastructure.parametersRef`
@@ -371,7 +464,10 @@ pub fn parameters<'a>(
     let namespace = gateway.metadata.namespace.clone().unwrap_or_default();
     let name = api::ObjectName::new(&namespace, &r.name);
     match objects.waypoint_parameters.get(&name) {
-        Some(p) => Ok(Some(&p.value.spec)),
+        Some(p) => match check_parameters(&p.value.spec) {
+            Ok(()) => Ok(Some(&p.value.spec)),
+            Err(why) => Err(format!("WaypointParameters {name}: {why}")),
+        },
         None => Err(format!(
             "spec.infrastructure.parametersRef: there is no WaypointParameters {namespace}/{}",
             r.name
@@ -395,7 +491,7 @@ fn admin_probe(path: &str, period: i32, failures: i32) -> Probe {
 
 /// The kinds the controller applies for a waypoint: (kind, apiVersion, plural, whether
 /// its spec changes bump `metadata.generation`).
-const OWNED: [(&str, &str, &str, bool); 5] = [
+const OWNED: [(&str, &str, &str, bool); 6] = [
     ("ServiceAccount", "v1", "serviceaccounts", false),
     ("ConfigMap", "v1", "configmaps", false),
     ("Deployment", "apps/v1", "deployments", true),
@@ -404,6 +500,12 @@ const OWNED: [(&str, &str, &str, bool); 5] = [
         "PodDisruptionBudget",
         "policy/v1",
         "poddisruptionbudgets",
+        true,
+    ),
+    (
+        "HorizontalPodAutoscaler",
+        "autoscaling/v2",
+        "horizontalpodautoscalers",
         true,
     ),
 ];
@@ -543,6 +645,52 @@ async fn watch_owned(client: Client, kind: &'static str, tx: mpsc::UnboundedSend
     }
 }
 
+/// Before the controller stops setting an autoscaled Deployment's `spec.replicas`, the
+/// count it has now is applied by [`HANDOVER_MANAGER`], which keeps it: a field left
+/// by its last manager would be removed, and the Deployment fall back to one pod until
+/// the autoscaler acts. The autoscaler takes the field over with its first change
+/// (Kubernetes' documented way to hand replicas to an autoscaler). Nothing to do for a
+/// Deployment not there yet or without a count.
+async fn hand_over_replicas(client: &Client, key: &Key) -> Result<(), kube::Error> {
+    let Some((resource, _)) = api_resource(&key.0) else {
+        return Ok(());
+    };
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &key.1, &resource);
+    let Some(live) = api.get_opt(&key.2).await? else {
+        return Ok(());
+    };
+    let Some(replicas) = live.data["spec"]["replicas"].as_i64() else {
+        return Ok(());
+    };
+    let count = serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": key.2, "namespace": key.1},
+        "spec": {"replicas": replicas},
+    });
+    api.patch(
+        &key.2,
+        &PatchParams::apply(HANDOVER_MANAGER),
+        &Patch::Apply(&count),
+    )
+    .await?;
+    info!(namespace = %key.1, name = %key.2, replicas, "the waypoint's replica count is handed over to its autoscaler");
+    Ok(())
+}
+
+/// Deletes the owned object `key`; one already gone is not an error.
+async fn delete_one(client: &Client, key: &Key) -> Result<(), kube::Error> {
+    let Some((resource, _)) = api_resource(&key.0) else {
+        return Ok(());
+    };
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &key.1, &resource);
+    match api.delete(&key.2, &Default::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Applies `object` (server-side, as [`FIELD_MANAGER`], forcing its fields back) and
 /// returns its generation and resourceVersion as the API server answered.
 async fn apply_one(
@@ -600,7 +748,11 @@ async fn apply_loop(
     // What was applied last, per object; a failed apply is retried.
     let mut applied: HashMap<Key, Applied> = HashMap::new();
     // Objects to apply again, and why ("deleted" or "changed").
-    let mut repair: HashMap<Key, &'static str> = HashMap::new();
+    // Objects to apply again: why ("deleted" or "changed"), and the resourceVersion seen
+    // changed (an apply that returns it changed nothing: not a repair).
+    let mut repair: HashMap<Key, (&'static str, Option<String>)> = HashMap::new();
+    // Autoscaled Deployments whose replica count was handed over to the autoscaler.
+    let mut handed_over: std::collections::HashSet<Key> = std::collections::HashSet::new();
     // Objects a relist did not show, with the resourceVersion they were applied at.
     let mut unsure: HashMap<Key, Option<String>> = HashMap::new();
     // What the watches saw exist, per kind once listed.
@@ -626,7 +778,7 @@ async fn apply_loop(
                             let has_generation = api_resource(&key.0).is_some_and(|(_, g)| g);
                             if let Some(a) = applied.get(&key) {
                                 if drifted(a, has_generation, generation, &rv) {
-                                    repair.insert(key.clone(), "changed");
+                                    repair.insert(key.clone(), ("changed", rv));
                                     applied.remove(&key);
                                 }
                             }
@@ -635,7 +787,7 @@ async fn apply_loop(
                         Seen::Gone(key) => {
                             present.remove(&key);
                             if applied.remove(&key).is_some() {
-                                repair.insert(key, "deleted");
+                                repair.insert(key, ("deleted", None));
                             }
                         }
                         Seen::Listing(kind, at) => {
@@ -678,6 +830,7 @@ async fn apply_loop(
             applied.clear();
             repair.clear();
             unsure.clear();
+            handed_over.clear();
         }
         was_leading = now_leading;
         if !now_leading {
@@ -692,6 +845,29 @@ async fn apply_loop(
             };
             let mut created = Vec::new();
             let mut repaired: Vec<(&'static str, String)> = Vec::new();
+            // An autoscaler the waypoint no longer wants goes first, so that it does not
+            // scale the Deployment away from the count applied next.
+            let autoscaler = (
+                "HorizontalPodAutoscaler".to_owned(),
+                gateway.metadata.namespace.clone().unwrap_or_default(),
+                gateway.metadata.name.clone().unwrap_or_default(),
+            );
+            if !objects.iter().any(|(kind, _)| *kind == autoscaler.0)
+                && present.contains_key(&autoscaler)
+                && crate::leader::is_leading(&leading)
+            {
+                match delete_one(&client, &autoscaler).await {
+                    Ok(()) => {
+                        info!(namespace = %autoscaler.1, name = %autoscaler.2, "the waypoint is no longer autoscaled: its HorizontalPodAutoscaler is deleted");
+                        present.remove(&autoscaler);
+                        applied.remove(&autoscaler);
+                    }
+                    Err(e) => {
+                        warn!(namespace = %autoscaler.1, name = %autoscaler.2, "cannot delete the waypoint's HorizontalPodAutoscaler: {e}; retrying in 30 s");
+                        continue;
+                    }
+                }
+            }
             for (kind, object) in objects {
                 let key = (
                     kind.to_owned(),
@@ -713,14 +889,33 @@ async fn apply_loop(
                     break;
                 }
                 let new = listed.contains(kind) && !present.contains_key(&key);
+                let autoscaled = kind == "Deployment" && object["spec"]["replicas"].is_null();
+                if autoscaled && !handed_over.contains(&key) {
+                    if let Err(e) = hand_over_replicas(&client, &key).await {
+                        warn!(namespace = %key.1, name = %key.2, "cannot hand the waypoint's replica count over to its autoscaler: {e}; retrying in 30 s");
+                        continue;
+                    }
+                    handed_over.insert(key.clone());
+                } else if !autoscaled {
+                    handed_over.remove(&key);
+                }
                 match apply_one(&client, kind, &object).await {
                     Ok((generation, resource_version)) => {
-                        let why = repair.remove(&key).or_else(|| {
-                            unsure
+                        let why = match repair.remove(&key) {
+                            // Changed only in what the controller does not set (an
+                            // autoscaler's replica count): the apply changed nothing.
+                            Some(("changed", seen))
+                                if seen.is_some() && seen == resource_version =>
+                            {
+                                debug!(kind, namespace = %key.1, name = %key.2, "changed by someone else in fields the controller leaves alone");
+                                None
+                            }
+                            Some((why, _)) => Some(why),
+                            None => unsure
                                 .remove(&key)
                                 .filter(|was| *was != resource_version)
-                                .map(|_| "deleted")
-                        });
+                                .map(|_| "deleted"),
+                        };
                         match why {
                             Some(why) => {
                                 warn!(kind, namespace = %key.1, name = %key.2, "the waypoint's {kind} was {why} by someone else; applied again");
@@ -862,6 +1057,18 @@ mod tests {
                 true,
             )
             .unwrap();
+        let both: crate::crd::WaypointParameters = serde_json::from_value(serde_json::json!({
+            "apiVersion": "weft.dev/v1alpha1", "kind": "WaypointParameters",
+            "metadata": {"name": "both", "namespace": "shop"},
+            "spec": {"replicas": 3, "autoscaling": {"maxReplicas": 5}}}))
+        .unwrap();
+        objects
+            .insert(
+                AnyObject::WaypointParameters(Arc::new(both)),
+                Origin::Cluster,
+                true,
+            )
+            .unwrap();
         let good = with_ref("weft.dev", "WaypointParameters", "big");
         let spec = parameters(&good, &objects).unwrap().expect("found");
         let d = desired_with(&good, Some(spec), &settings())
@@ -889,6 +1096,10 @@ mod tests {
                 with_ref("", "ConfigMap", "big"),
                 "takes a weft.dev WaypointParameters",
             ),
+            (
+                with_ref("weft.dev", "WaypointParameters", "both"),
+                "WaypointParameters shop/both: spec.autoscaling: replicas and autoscaling exclude each other",
+            ),
         ] {
             let why = parameters(&bad, &objects).unwrap_err();
             assert!(why.contains(says), "{why}");
@@ -903,6 +1114,45 @@ mod tests {
                 ("Accepted", false, "InvalidParameters")
             );
         }
+    }
+
+    /// Autoscaled: the Deployment names no count (the autoscaler's to set) and a
+    /// HorizontalPodAutoscaler targets it; the sandbox runs the fewest it keeps.
+    #[test]
+    fn an_autoscaled_waypoint_gets_an_autoscaler_and_no_fixed_count() {
+        let spec: WaypointParametersSpec = serde_json::from_value(serde_json::json!({
+            "autoscaling": {"maxReplicas": 8, "targetCPUUtilizationPercentage": 60}}))
+        .unwrap();
+        let objects = desired_with(&gateway(WAYPOINT_CLASS), Some(&spec), &settings()).unwrap();
+        let of = |kind: &str| {
+            objects
+                .iter()
+                .find(|(k, _)| *k == kind)
+                .map(|(_, o)| o.clone())
+        };
+        let deployment = of("Deployment").unwrap();
+        assert!(deployment["spec"]["replicas"].is_null(), "{deployment}");
+        let hpa = of("HorizontalPodAutoscaler").expect("an autoscaler");
+        assert_eq!(hpa["apiVersion"], "autoscaling/v2");
+        assert_eq!(hpa["metadata"]["name"], "wp");
+        assert_eq!(hpa["metadata"]["ownerReferences"][0]["kind"], "Gateway");
+        assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "wp");
+        assert_eq!(hpa["spec"]["minReplicas"], WAYPOINT_REPLICAS);
+        assert_eq!(hpa["spec"]["maxReplicas"], 8);
+        let target = &hpa["spec"]["metrics"][0]["resource"];
+        assert_eq!(target["name"], "cpu");
+        assert_eq!(target["target"]["averageUtilization"], 60);
+        assert_eq!(replicas(Some(&spec)), WAYPOINT_REPLICAS);
+        // Not autoscaled: no autoscaler, a fixed count.
+        let objects = desired(&gateway(WAYPOINT_CLASS), &settings()).unwrap();
+        assert!(objects.iter().all(|(k, _)| *k != "HorizontalPodAutoscaler"));
+        // Parameters the API server would refuse leave the Gateway not accepted.
+        let both: WaypointParametersSpec = serde_json::from_value(serde_json::json!({
+            "replicas": 2, "autoscaling": {"maxReplicas": 8}}))
+        .unwrap();
+        assert!(check_parameters(&both)
+            .unwrap_err()
+            .contains("replicas and autoscaling exclude each other"));
     }
 
     #[test]

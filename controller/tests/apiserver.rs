@@ -300,6 +300,63 @@ spec:
     }
 }
 
+/// WaypointParameters: what the controller refuses (the Gateway is then not accepted,
+/// naming the field) the API server refuses at the same field, by schema or CEL rule;
+/// what one takes the other takes.
+#[test]
+fn waypoint_parameters_are_refused_alike_by_the_api_server_and_the_controller() {
+    let crds = weft_crds();
+    let object = |spec: Value| {
+        serde_json::json!({"apiVersion": "weft.dev/v1alpha1", "kind": "WaypointParameters",
+            "metadata": {"name": "p", "namespace": "shop"}, "spec": spec})
+    };
+    let cases = [
+        (serde_json::json!({"replicas": 3}), None),
+        (serde_json::json!({"autoscaling": {"maxReplicas": 5}}), None),
+        (
+            serde_json::json!({"autoscaling": {"minReplicas": 3, "maxReplicas": 3, "targetCPUUtilizationPercentage": 60}}),
+            None,
+        ),
+        (
+            serde_json::json!({"replicas": 2, "autoscaling": {"maxReplicas": 5}}),
+            Some("spec"),
+        ),
+        (
+            serde_json::json!({"autoscaling": {"minReplicas": 6, "maxReplicas": 5}}),
+            Some("spec.autoscaling"),
+        ),
+        (
+            serde_json::json!({"autoscaling": {"maxReplicas": 0}}),
+            Some("spec.autoscaling.maxReplicas"),
+        ),
+        (
+            serde_json::json!({"autoscaling": {"maxReplicas": 4, "targetCPUUtilizationPercentage": 150}}),
+            Some("spec.autoscaling.targetCPUUtilizationPercentage"),
+        ),
+        (serde_json::json!({"replicas": 0}), Some("spec.replicas")),
+    ];
+    for (spec, refused_at) in cases {
+        let v = crds.check(&object(spec.clone())).expect("a Weft kind");
+        let parsed: controller::crd::WaypointParametersSpec =
+            serde_json::from_value(spec.clone()).unwrap();
+        let controller = controller::waypoints::check_parameters(&parsed);
+        match refused_at {
+            None => {
+                assert!(v.is_empty(), "{spec}: {v:?}");
+                assert_eq!(controller, Ok(()), "{spec}");
+            }
+            Some(field) => {
+                assert!(
+                    v.iter().any(|v| v.field.starts_with(field)),
+                    "{spec}: the API server refuses it at {field}: {v:?}"
+                );
+                let why = controller.expect_err("the controller refuses it too");
+                assert!(why.starts_with(field), "{spec}: {why}");
+            }
+        }
+    }
+}
+
 /// The admission policy rendered beside the controller's RBAC lets the controller write
 /// a waypoint's objects and the roots ConfigMap, and nothing else those grants reach:
 /// evaluated as the API server evaluates it (match conditions, then validations, CEL).
@@ -318,6 +375,7 @@ fn the_controllers_cluster_wide_writes_are_limited_to_waypoints() {
         "Deployment" => "deployments",
         "Service" => "services",
         "PodDisruptionBudget" => "poddisruptionbudgets",
+        "HorizontalPodAutoscaler" => "horizontalpodautoscalers",
         other => panic!("{other}"),
     };
     let request = |user: &str, operation: &str, object: &Value| {
@@ -354,7 +412,12 @@ fn the_controllers_cluster_wide_writes_are_limited_to_waypoints() {
         trust_domain: "cluster.local".into(),
         roots_pem: "ROOTS".into(),
     };
-    for (kind, object) in controller::waypoints::desired(&gateway, &settings).unwrap() {
+    // Autoscaled, so that its HorizontalPodAutoscaler is among them.
+    let autoscaled: controller::crd::WaypointParametersSpec =
+        serde_json::from_value(serde_json::json!({"autoscaling": {"maxReplicas": 4}})).unwrap();
+    let all = controller::waypoints::desired_with(&gateway, Some(&autoscaled), &settings).unwrap();
+    assert!(all.iter().any(|(k, _)| *k == "HorizontalPodAutoscaler"));
+    for (kind, object) in all {
         assert!(
             matched.iter().any(|m| m == plural(kind)),
             "{kind} is matched"
@@ -369,10 +432,21 @@ fn the_controllers_cluster_wide_writes_are_limited_to_waypoints() {
             None,
             "{kind} updated"
         );
-        assert!(
-            verdict(controller, "DELETE", &Value::Null, &object).is_some(),
-            "{kind}: the controller deletes nothing"
+        // It deletes only an autoscaler a waypoint no longer wants.
+        let deleted = verdict(controller, "DELETE", &Value::Null, &object);
+        assert_eq!(
+            deleted.is_none(),
+            kind == "HorizontalPodAutoscaler",
+            "{kind} deleted: {deleted:?}"
         );
+        if kind == "HorizontalPodAutoscaler" {
+            let mut theirs = object.clone();
+            theirs["metadata"]["ownerReferences"] = serde_json::json!([]);
+            assert!(
+                verdict(controller, "DELETE", &Value::Null, &theirs).is_some(),
+                "an autoscaler the Gateway does not control is not deleted"
+            );
+        }
     }
     // The roots ConfigMap in Weft's namespace.
     let roots = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",

@@ -56,9 +56,13 @@ struct Fake {
     conflicts: usize,
     /// Leases, by name (in weft-system).
     leases: HashMap<String, Value>,
+    /// The field managers owning each Deployment's `spec.replicas` (by its path), as
+    /// server-side apply keeps them: one removing the field from what it applies
+    /// gives it up, and the field goes (back to its default, 1) when no one owns it.
+    replica_owners: HashMap<String, std::collections::BTreeSet<String>>,
 }
 
-const PATHS: [(&str, &str, &str); 15] = [
+const PATHS: [(&str, &str, &str); 16] = [
     // What the controller applies for a waypoint, and watches for drift.
     ("/apis/apps/v1/deployments", "DeploymentList", "apps/v1"),
     ("/api/v1/serviceaccounts", "ServiceAccountList", "v1"),
@@ -67,6 +71,11 @@ const PATHS: [(&str, &str, &str); 15] = [
         "/apis/policy/v1/poddisruptionbudgets",
         "PodDisruptionBudgetList",
         "policy/v1",
+    ),
+    (
+        "/apis/autoscaling/v2/horizontalpodautoscalers",
+        "HorizontalPodAutoscalerList",
+        "autoscaling/v2",
     ),
     ("/api/v1/namespaces", "NamespaceList", "v1"),
     ("/api/v1/pods", "PodList", "v1"),
@@ -223,12 +232,54 @@ impl Fake {
             let Some((list_path, ns, name)) = collection_of(path) else {
                 return full(StatusCode::OK, body);
             };
-            let Some(kind) = self.kinds.get_mut(list_path.as_str()) else {
+            if !self.kinds.contains_key(list_path.as_str()) {
                 return full(StatusCode::OK, body);
-            };
-            let mut object = body;
+            }
             let same =
                 |i: &Value| i["metadata"]["namespace"] == ns && i["metadata"]["name"] == name;
+            let manager = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("fieldManager="))
+                .unwrap_or_default()
+                .to_owned();
+            let old = self
+                .kind(&list_path)
+                .items
+                .iter()
+                .find(|i| same(i))
+                .cloned();
+            let mut object = body;
+            if list_path.ends_with("/deployments") {
+                let owners = self.replica_owners.entry(path.to_owned()).or_default();
+                let had = old.as_ref().map(|o| o["spec"]["replicas"].clone());
+                if let (Some(old), false) = (&old, object["spec"]["template"].is_object()) {
+                    // A partial apply (of the count alone) keeps the rest.
+                    let count = object["spec"]["replicas"].clone();
+                    object = old.clone();
+                    object["metadata"]
+                        .as_object_mut()
+                        .map(|m| (m.remove("resourceVersion"), m.remove("generation")));
+                    object.as_object_mut().map(|o| o.remove("status"));
+                    object["spec"]["replicas"] = count;
+                }
+                if object["spec"]["replicas"].is_null() {
+                    owners.remove(&manager);
+                    object["spec"]["replicas"] = match (&had, owners.is_empty()) {
+                        (Some(had), false) => had.clone(),
+                        _ => json!(1),
+                    };
+                } else {
+                    // Forced: a different count takes the field from its other owners.
+                    if had.as_ref() != Some(&object["spec"]["replicas"]) {
+                        owners.clear();
+                    }
+                    owners.insert(manager);
+                }
+            }
+            let kind = self
+                .kinds
+                .get_mut(list_path.as_str())
+                .expect("checked above");
             // Applying what is there already changes nothing (no new resourceVersion).
             let unchanged = kind.items.iter().find(|i| {
                 let mut i = (*i).clone();
@@ -527,6 +578,22 @@ impl Fake {
         }
         // An object of a listed kind, by name.
         if let Some((list_path, ns, name)) = collection_of(path) {
+            if method == "DELETE" && self.kinds.contains_key(list_path.as_str()) {
+                self.writes.push((method.to_owned(), path.to_owned(), body));
+                let found = self
+                    .kind(&list_path)
+                    .items
+                    .iter()
+                    .find(|i| i["metadata"]["namespace"] == ns && i["metadata"]["name"] == name)
+                    .cloned();
+                return match found {
+                    Some(i) => {
+                        self.put(&list_path, "DELETED", i.clone());
+                        full(StatusCode::OK, i)
+                    }
+                    None => not_found(path),
+                };
+            }
             if method == "GET" {
                 if let Some(kind) = self.kinds.get(list_path.as_str()) {
                     return match kind
@@ -1138,6 +1205,168 @@ async fn a_waypoint_deleted_or_edited_by_hand_is_repaired_within_5_s() {
     assert_eq!(applies(&state).len(), 3, "a status update is not drift");
 }
 
+/// A waypoint turned autoscaled keeps the pods it runs (its count is handed over, not
+/// dropped to the default of one) and gets a HorizontalPodAutoscaler; the
+/// autoscaler's changes to the count are left alone, without a WaypointRepaired event;
+/// turned back to a fixed count, its autoscaler is deleted and the count applied.
+#[tokio::test]
+async fn an_autoscaled_waypoint_is_left_to_its_autoscaler() {
+    const DEPLOYMENTS: &str = "/apis/apps/v1/deployments";
+    const AUTOSCALER: &str = "/apis/autoscaling/v2/namespaces/demo/horizontalpodautoscalers/wp";
+    let state = Fake::new();
+    let deployer =
+        controller::waypoints::Deployer::new(client(&state), waypoint_settings("weft:test"));
+    let parameters = |p: Value| -> Option<controller::crd::WaypointParametersSpec> {
+        Some(serde_json::from_value(p).unwrap())
+    };
+    let replicas = |state: &Arc<Mutex<Fake>>| {
+        let mut f = state.lock().unwrap();
+        f.kind(DEPLOYMENTS)
+            .items
+            .first()
+            .map(|d| d["spec"]["replicas"].clone())
+    };
+    let writes = |state: &Arc<Mutex<Fake>>, method: &str, path: &str| {
+        state
+            .lock()
+            .unwrap()
+            .writes
+            .iter()
+            .filter(|(m, p, _)| m == method && p == path)
+            .map(|(_, _, b)| b.clone())
+            .collect::<Vec<_>>()
+    };
+    // Waits up to 5 s for `f` to hold.
+    let eventually = |what: &'static str, f: Box<dyn Fn() -> bool>| async move {
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("not within 5 s: {what}");
+    };
+    deployer.write_with(vec![(
+        waypoint_gateway(),
+        parameters(json!({"replicas": 3})),
+    )]);
+    let s = state.clone();
+    eventually(
+        "3 replicas",
+        Box::new(move || replicas(&s) == Some(json!(3))),
+    )
+    .await;
+    // The watches are up.
+    let watched = |state: &Arc<Mutex<Fake>>| {
+        let mut f = state.lock().unwrap();
+        !f.kind(DEPLOYMENTS).watches.is_empty()
+            && !f
+                .kind("/apis/autoscaling/v2/horizontalpodautoscalers")
+                .watches
+                .is_empty()
+    };
+    let s = state.clone();
+    eventually("watched", Box::new(move || watched(&s))).await;
+
+    // Autoscaled: the HPA is applied, the Deployment keeps its 3 pods.
+    deployer.write_with(vec![(
+        waypoint_gateway(),
+        parameters(json!({"autoscaling": {"minReplicas": 2, "maxReplicas": 6}})),
+    )]);
+    let s = state.clone();
+    eventually(
+        "the autoscaler applied",
+        Box::new(move || !writes(&s, "PATCH", AUTOSCALER).is_empty()),
+    )
+    .await;
+    let hpa = writes(&state, "PATCH", AUTOSCALER)[0].clone();
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "wp");
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["kind"], "Deployment");
+    assert_eq!(
+        (
+            hpa["spec"]["minReplicas"].clone(),
+            hpa["spec"]["maxReplicas"].clone()
+        ),
+        (json!(2), json!(6))
+    );
+    assert_eq!(
+        hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"],
+        80
+    );
+    let deployments = writes(
+        &state,
+        "PATCH",
+        "/apis/apps/v1/namespaces/demo/deployments/wp",
+    );
+    assert!(
+        deployments.last().unwrap()["spec"]["replicas"].is_null(),
+        "the controller no longer sets the count"
+    );
+    assert_eq!(
+        replicas(&state),
+        Some(json!(3)),
+        "the pods running are kept"
+    );
+
+    // The autoscaler scales it (an update by another manager, a new generation).
+    let applies_before = deployments.len();
+    {
+        let mut f = state.lock().unwrap();
+        let mut d = f.kind(DEPLOYMENTS).items[0].clone();
+        d["spec"]["replicas"] = json!(5);
+        d["metadata"]["generation"] = json!(d["metadata"]["generation"].as_i64().unwrap() + 1);
+        f.replica_owners.insert(
+            "/apis/apps/v1/namespaces/demo/deployments/wp".into(),
+            ["kube-controller-manager".to_owned()].into(),
+        );
+        f.put(DEPLOYMENTS, "MODIFIED", d);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        replicas(&state),
+        Some(json!(5)),
+        "the autoscaler's count stays"
+    );
+    let repaired = state.lock().unwrap().writes.iter().any(|(_, p, b)| {
+        p.starts_with("/apis/events.k8s.io/") && b["reason"] == "WaypointRepaired"
+    });
+    assert!(!repaired, "an autoscaler's change is not a repair");
+    assert!(
+        writes(
+            &state,
+            "PATCH",
+            "/apis/apps/v1/namespaces/demo/deployments/wp"
+        )
+        .len()
+            <= applies_before + 1,
+        "applied again at most once, changing nothing"
+    );
+
+    // A fixed count again: the autoscaler goes, then the count is applied.
+    deployer.write_with(vec![(
+        waypoint_gateway(),
+        parameters(json!({"replicas": 2})),
+    )]);
+    let s = state.clone();
+    eventually(
+        "2 replicas",
+        Box::new(move || replicas(&s) == Some(json!(2))),
+    )
+    .await;
+    assert_eq!(
+        writes(&state, "DELETE", AUTOSCALER).len(),
+        1,
+        "the autoscaler is deleted"
+    );
+    assert!(state
+        .lock()
+        .unwrap()
+        .kind("/apis/autoscaling/v2/horizontalpodautoscalers")
+        .items
+        .is_empty());
+}
+
 /// The status line and body of a GET of `path` on `addr`, with `token` as a bearer
 /// token if given.
 async fn admin_get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
@@ -1514,6 +1743,7 @@ fn the_rbac_rules_are_what_the_code_calls() {
     the_roots_are_published_in_a_configmap_without_the_key();
     a_waypoint_gateway_is_deployed_by_server_side_apply_once();
     a_waypoint_deleted_or_edited_by_hand_is_repaired_within_5_s();
+    an_autoscaled_waypoint_is_left_to_its_autoscaler();
     debug_views_refuse_an_unauthenticated_or_unauthorized_request();
     two_replicas_elect_one_writer_and_the_other_takes_over();
     // Every kind served: the source lists and then watches each; the status of a
