@@ -1,9 +1,14 @@
 //! The mesh CA: the root (created on first start and persisted, or provided by the
 //! operator), leaves signed from node-proxies' CSRs, and the controller's own serving
-//! certificate. Leaves are never written anywhere.
+//! certificate. Leaves are never written anywhere. An operator-provided CA is read
+//! again from its files when they change ([`Ca::reload`]), so a renewed intermediate is
+//! used before the old one expires.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
 
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer};
 use tracing::info;
@@ -44,6 +49,9 @@ pub enum CaSetupError {
     /// A bundle file holds no certificate.
     #[error("{0}: no certificate found")]
     EmptyBundle(PathBuf),
+    /// The CA files now chain to other roots than the ones published.
+    #[error("{0}: the new CA chains to other roots than the ones in use; a change of roots is taken on a restart of the controller, which publishes them (restart it once every workload trusts both)")]
+    RootsChanged(PathBuf),
     /// Kubernetes did not store or return the root Secret.
     #[error("root Secret {name}: {reason}")]
     Secret {
@@ -69,10 +77,21 @@ pub const ROOT_KEY: &str = "root-key.pem";
 
 /// The mesh CA.
 pub struct Ca {
-    authority: CertificateAuthority,
+    authority: ArcSwap<CertificateAuthority>,
     bundle: Vec<CertificateDer<'static>>,
     trust_domain: String,
     leaf_ttl: Duration,
+    /// The operator's files it was read from, to read again.
+    files: Option<Files>,
+}
+
+/// Where an operator-provided CA is read from, and what was read last.
+struct Files {
+    cert: PathBuf,
+    key: PathBuf,
+    bundle: Option<PathBuf>,
+    /// The certificate and key PEM last read.
+    read: Mutex<(String, String)>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -121,10 +140,11 @@ impl Ca {
             bundle
         };
         Ca {
-            authority,
+            authority: ArcSwap::from_pointee(authority),
             bundle,
             trust_domain: trust_domain.to_owned(),
             leaf_ttl,
+            files: None,
         }
     }
 
@@ -190,26 +210,47 @@ impl Ca {
         trust_domain: &str,
         leaf_ttl: Duration,
     ) -> Result<Self, CaSetupError> {
-        let c = std::fs::read_to_string(cert).map_err(io(cert))?;
-        let k = std::fs::read_to_string(key).map_err(io(key))?;
-        let authority =
-            CertificateAuthority::from_pem(&c, &k).map_err(|source| CaSetupError::Ca {
-                path: cert.to_owned(),
-                source,
-            })?;
-        let roots = match bundle {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(io(path))?;
-                let b = tunnel::identity::TrustBundle::from_pem(&text)
-                    .map_err(|_| CaSetupError::EmptyBundle(path.to_owned()))?;
-                b.roots().to_vec()
-            }
-            None => authority.roots(),
+        let (authority, roots, read) = read_files(cert, key, bundle)?;
+        let mut ca = Ca::new(authority, roots, trust_domain, leaf_ttl);
+        ca.files = Some(Files {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            bundle: bundle.map(Path::to_owned),
+            read: Mutex::new(read),
+        });
+        Ok(ca)
+    }
+
+    /// Reads an operator-provided CA's files again (nothing to do for another CA) and
+    /// takes a changed one if it is valid and chains to the same roots: the new expiry,
+    /// or `None` when nothing changed. On an error the CA in use stays. A certificate
+    /// and key written one after the other are read in between as a pair that does not
+    /// match: an error this time, taken at the next read.
+    pub fn reload(&self) -> Result<Option<SystemTime>, CaSetupError> {
+        let Some(files) = &self.files else {
+            return Ok(None);
         };
-        if roots.is_empty() {
-            return Err(CaSetupError::NoRoot(cert.to_owned()));
+        let c = std::fs::read_to_string(&files.cert).map_err(io(&files.cert))?;
+        let k = std::fs::read_to_string(&files.key).map_err(io(&files.key))?;
+        let mut read = files.read.lock().unwrap_or_else(|e| e.into_inner());
+        if read.0 == c && read.1 == k {
+            return Ok(None);
         }
-        Ok(Ca::new(authority, roots, trust_domain, leaf_ttl))
+        let (authority, roots, now_read) =
+            read_files(&files.cert, &files.key, files.bundle.as_deref())?;
+        if roots != self.bundle {
+            return Err(CaSetupError::RootsChanged(files.cert.clone()));
+        }
+        let expires = authority.expires();
+        self.authority.store(Arc::new(authority));
+        *read = now_read;
+        info!("mesh CA read again from {}", files.cert.display());
+        Ok(Some(expires))
+    }
+
+    /// When the CA certificate, or the first above it, expires: no leaf outlives it.
+    pub fn expires(&self) -> SystemTime {
+        self.authority.load().expires()
     }
 
     /// The roots every certificate chains to.
@@ -242,7 +283,7 @@ impl Ca {
         csr: &[u8],
     ) -> Result<Vec<CertificateDer<'static>>, CaError> {
         let csr = CertificateSigningRequestDer::from(csr.to_vec());
-        self.authority.sign(&csr, identity, self.leaf_ttl)
+        self.authority.load().sign(&csr, identity, self.leaf_ttl)
     }
 
     /// A serving certificate for the controller's own `names`.
@@ -251,13 +292,45 @@ impl Ca {
         names: &[String],
         ttl: Duration,
     ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
-        self.authority.issue_server(names, ttl)
+        self.authority.load().issue_server(names, ttl)
     }
 
-    /// The authority (to persist it in a Secret).
-    pub fn authority(&self) -> &CertificateAuthority {
-        &self.authority
+    /// The authority in use (to persist it in a Secret).
+    pub fn authority(&self) -> Arc<CertificateAuthority> {
+        self.authority.load_full()
     }
+}
+
+/// A CA read from files: the authority, the roots it chains to, and the PEM read
+/// (certificate, key).
+type Read = (
+    CertificateAuthority,
+    Vec<CertificateDer<'static>>,
+    (String, String),
+);
+
+/// The CA in `cert` and `key`, the roots it chains to (from `bundle`, else above it in
+/// `cert`), and the PEM read.
+fn read_files(cert: &Path, key: &Path, bundle: Option<&Path>) -> Result<Read, CaSetupError> {
+    let c = std::fs::read_to_string(cert).map_err(io(cert))?;
+    let k = std::fs::read_to_string(key).map_err(io(key))?;
+    let authority = CertificateAuthority::from_pem(&c, &k).map_err(|source| CaSetupError::Ca {
+        path: cert.to_owned(),
+        source,
+    })?;
+    let roots = match bundle {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(io(path))?;
+            let b = tunnel::identity::TrustBundle::from_pem(&text)
+                .map_err(|_| CaSetupError::EmptyBundle(path.to_owned()))?;
+            b.roots().to_vec()
+        }
+        None => authority.roots(),
+    };
+    if roots.is_empty() {
+        return Err(CaSetupError::NoRoot(cert.to_owned()));
+    }
+    Ok((authority, roots, (c, k)))
 }
 
 #[cfg(test)]
@@ -285,6 +358,65 @@ mod tests {
                 .contains("holds root-key.pem but not root.pem"),
             "{e}"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A renewed intermediate written over the files is signed with from the next
+    /// read; a pair that does not match (written half-way) or one under other roots is
+    /// refused, saying why, and the CA in use stays.
+    #[test]
+    fn a_renewed_ca_is_read_again_and_a_bad_one_is_not_taken() {
+        let dir = std::env::temp_dir().join(format!("weft-ca-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (cert, key) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+        let write = |int: &CertificateAuthority, root: &CertificateAuthority| {
+            std::fs::write(&cert, int.cert_pem() + &root.cert_pem()).expect("write");
+            std::fs::write(&key, int.key_pem()).expect("write");
+        };
+        let root = CertificateAuthority::self_signed("cluster.local").expect("root");
+        let first = root
+            .new_intermediate("cluster.local")
+            .expect("intermediate");
+        write(&first, &root);
+        let ca = Ca::from_files(&cert, &key, None, "cluster.local", Duration::from_secs(60))
+            .expect("loaded");
+        let identity = Identity::new("cluster.local", "shop", "cart").expect("identity");
+        let signer = |ca: &Ca| {
+            let csr = tunnel::identity::build_csr(&identity).expect("csr");
+            ca.sign(&identity, &csr.der).expect("signed")[1].clone()
+        };
+        assert_eq!(&signer(&ca), first.cert_der());
+        assert_eq!(ca.reload().expect("read"), None, "nothing changed");
+
+        let renewed = root
+            .new_intermediate("cluster.local")
+            .expect("intermediate");
+        write(&renewed, &root);
+        assert_eq!(ca.reload().expect("read"), Some(renewed.expires()));
+        assert_eq!(
+            &signer(&ca),
+            renewed.cert_der(),
+            "signed by the renewed one"
+        );
+
+        // Half-written: the next one's certificate with the current key.
+        let next = root
+            .new_intermediate("cluster.local")
+            .expect("intermediate");
+        std::fs::write(&cert, next.cert_pem() + &root.cert_pem()).expect("write");
+        let e = ca.reload().expect_err("a mismatched pair");
+        assert!(e.to_string().contains("does not belong"), "{e}");
+        assert_eq!(&signer(&ca), renewed.cert_der(), "the CA in use stays");
+
+        // Under another root.
+        let other = CertificateAuthority::self_signed("cluster.local").expect("root");
+        let theirs = other
+            .new_intermediate("cluster.local")
+            .expect("intermediate");
+        write(&theirs, &other);
+        let e = ca.reload().expect_err("other roots");
+        assert!(matches!(e, CaSetupError::RootsChanged(_)), "{e}");
+        assert_eq!(&signer(&ca), renewed.cert_der(), "the CA in use stays");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

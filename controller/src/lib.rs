@@ -395,6 +395,7 @@ impl Controller {
             leading: self.leading,
         });
         tokio::spawn(admin.serve(self.admin, shutdown.clone()));
+        tokio::spawn(watch_ca(self.shared.clone()));
         info!(grpc = %self.grpc_addr, admin = %self.admin_addr, "controller started");
         let served = server::serve(self.shared, self.grpc, self.server_names).await;
         // Give the Lease up before exiting, so another replica writes at once.
@@ -402,6 +403,48 @@ impl Controller {
             let _ = tokio::time::timeout(Duration::from_secs(2), election).await;
         }
         served
+    }
+}
+
+/// How often an operator-provided CA's files are read again.
+const CA_RELOAD: Duration = Duration::from_secs(60);
+
+/// Keeps the CA's expiry in its metric, reads an operator-provided CA's files again
+/// each [`CA_RELOAD`] (a Secret's mounted files change in place when it is renewed),
+/// and warns once a day while it expires within a week.
+async fn watch_ca(shared: Arc<server::Shared>) {
+    let ca = shared.ca.clone();
+    let metrics = shared.metrics.clone();
+    let mut last_warned: Option<std::time::Instant> = None;
+    let mut tick = tokio::time::interval(CA_RELOAD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = ca.reload() {
+            warn!("the CA in use stays: {e}");
+        }
+        let expires = ca.expires();
+        let unix = expires
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        metrics
+            .ca_expires
+            .set(i64::try_from(unix).unwrap_or(i64::MAX));
+        let left = expires
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        let day = Duration::from_secs(24 * 3600);
+        if left < 7 * day && last_warned.is_none_or(|t| t.elapsed() >= day) {
+            last_warned = Some(std::time::Instant::now());
+            warn!(
+                hours_left = left.as_secs() / 3600,
+                "the mesh CA expires soon: workload certificates end with it, and none is signed after; renew the CA (--ca-cert) or its root"
+            );
+        }
     }
 }
 

@@ -54,6 +54,8 @@ pub struct Metrics {
     pub certificates_signed: Counter,
     /// Certificate requests refused, by reason.
     pub certificate_refusals: Family<ReasonLabel, Counter>,
+    /// When the CA certificate, or the first above it, expires (Unix seconds).
+    pub ca_expires: Gauge,
     /// Status writes to the API server, by result.
     pub status_writes: Family<KindLabel, Counter>,
 }
@@ -77,6 +79,7 @@ impl Metrics {
             problems: Gauge::default(),
             certificates_signed: Counter::default(),
             certificate_refusals: Family::default(),
+            ca_expires: Gauge::default(),
             status_writes: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("weft_controller");
@@ -152,6 +155,11 @@ impl Metrics {
             "refusals",
             "Certificate requests refused, by reason",
             m.certificate_refusals.clone(),
+        );
+        ca.register(
+            "expiry_timestamp_seconds",
+            "When the CA certificate, or the first certificate above it, expires (Unix time)",
+            m.ca_expires.clone(),
         );
         m
     }

@@ -674,6 +674,9 @@ impl Certificates for CertificatesService {
         }
         let chain = match shared.ca.sign(&identity, &req.csr) {
             Ok(c) => c,
+            Err(e @ tunnel::identity::CaError::Expired(_)) => {
+                return refuse("ca_expired", Status::unavailable(e.to_string()))
+            }
             Err(e) => return refuse("bad_csr", Status::invalid_argument(e.to_string())),
         };
         shared.metrics.certificates_signed.inc();

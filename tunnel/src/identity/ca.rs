@@ -58,6 +58,11 @@ pub enum CaError {
     /// A certificate carried a URI SAN that is not a valid identity.
     #[error(transparent)]
     BadIdentity(#[from] IdentityError),
+    /// The CA certificate, or one above it, is no longer valid: nothing it signs would be.
+    #[error(
+        "the CA certificate, or one above it, expired at {0}; give the CA a valid certificate"
+    )]
+    Expired(String),
 }
 
 /// A certificate signing request for one identity, with the private key that stays with
@@ -169,6 +174,20 @@ pub struct CertificateAuthority {
     /// Certificates between `cert` and the root, sent with every leaf.
     chain: Vec<CertificateDer<'static>>,
     self_signed: bool,
+    /// When the first of `cert` and `chain` stops being valid: no leaf outlives it.
+    expires: SystemTime,
+}
+
+/// When the first of `certs` stops being valid.
+fn first_expiry<'a>(
+    certs: impl IntoIterator<Item = &'a CertificateDer<'static>>,
+) -> Result<SystemTime, CaError> {
+    let mut first: Option<SystemTime> = None;
+    for c in certs {
+        let (_, not_after) = validity(c).map_err(|e| CaError::CaCert(e.to_string()))?;
+        first = Some(first.map_or(not_after, |f| f.min(not_after)));
+    }
+    first.ok_or_else(|| CaError::CaCert("no certificate".into()))
 }
 
 impl CertificateAuthority {
@@ -178,10 +197,12 @@ impl CertificateAuthority {
         let params = ca_params(trust_domain, "Weft mesh root CA", ROOT_TTL);
         let cert = params.self_signed(&key)?;
         let key_pem = key.serialize_pem();
+        let cert = cert.der().clone();
         Ok(CertificateAuthority {
             issuer: Issuer::new(params, key),
             key_pem,
-            cert: cert.der().clone(),
+            expires: first_expiry([&cert])?,
+            cert,
             chain: Vec::new(),
             self_signed: true,
         })
@@ -199,10 +220,12 @@ impl CertificateAuthority {
             chain.extend(self.chain.iter().cloned());
         }
         let key_pem = key.serialize_pem();
+        let cert = cert.der().clone();
         Ok(CertificateAuthority {
             issuer: Issuer::new(params, key),
             key_pem,
-            cert: cert.der().clone(),
+            expires: first_expiry([&cert])?.min(self.expires),
+            cert,
             chain,
             self_signed: false,
         })
@@ -235,11 +258,13 @@ impl CertificateAuthority {
         let self_signed = parsed.subject() == parsed.issuer();
         let issuer = Issuer::from_ca_cert_der(&cert, key)
             .map_err(|e| CaError::CaCert(format!("cannot use as issuer: {e}")))?;
+        let chain: Vec<_> = certs.collect();
         Ok(CertificateAuthority {
             issuer,
             key_pem: key_pem.to_owned(),
+            expires: first_expiry(std::iter::once(&cert).chain(&chain))?,
             cert,
-            chain: certs.collect(),
+            chain,
             self_signed,
         })
     }
@@ -259,7 +284,27 @@ impl CertificateAuthority {
         &self.key_pem
     }
 
-    /// Signs `csr` into a leaf for `identity`, valid `ttl` from now.
+    /// When the CA certificate, or the first certificate above it, stops being valid:
+    /// no leaf it signs is valid longer.
+    pub fn expires(&self) -> SystemTime {
+        self.expires
+    }
+
+    /// The end of a leaf's validity asked for as `not_after`: no later than the CA's
+    /// own. An error once the CA has expired.
+    fn capped(&self, not_after: OffsetDateTime) -> Result<OffsetDateTime, CaError> {
+        let expires = OffsetDateTime::from(self.expires);
+        if expires <= OffsetDateTime::now_utc() {
+            let at = expires
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_else(|_| expires.to_string());
+            return Err(CaError::Expired(at));
+        }
+        Ok(not_after.min(expires))
+    }
+
+    /// Signs `csr` into a leaf for `identity`, valid `ttl` from now, or until the CA
+    /// expires if that is sooner.
     ///
     /// Everything but the public key is decided here, not taken from the CSR: the
     /// request must carry exactly one URI SAN equal to `identity`, and the leaf gets
@@ -319,7 +364,7 @@ impl CertificateAuthority {
         ];
         params.use_authority_key_identifier_extension = true;
         params.not_before = not_before.into();
-        params.not_after = not_after.into();
+        params.not_after = self.capped(not_after.into())?;
         params.serial_number = Some(random_serial());
         let leaf = params.signed_by(&req.public_key, &self.issuer)?;
         let mut chain = vec![leaf.der().clone()];
@@ -378,7 +423,7 @@ impl CertificateAuthority {
         params.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();
         params.not_before = now - CLOCK_SKEW;
-        params.not_after = now + ttl;
+        params.not_after = self.capped(now + ttl)?;
         params.serial_number = Some(random_serial());
         let cert = params.signed_by(&key, &self.issuer)?;
         let mut chain = vec![cert.der().clone()];
@@ -495,6 +540,50 @@ mod tests {
 
     fn parse<'a>(der: &'a CertificateDer<'_>) -> X509Certificate<'a> {
         X509Certificate::from_der(der).unwrap().1
+    }
+
+    /// No leaf outlives its CA: one asked to live past the CA's end ends with it, and
+    /// an expired CA signs nothing, saying when it expired.
+    #[test]
+    fn a_leaf_ends_no_later_than_its_ca() {
+        let root = CertificateAuthority::self_signed("cluster.local").unwrap();
+        // An intermediate valid for one more hour.
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = ca_params("cluster.local", "short-lived", Duration::from_secs(3600));
+        params.not_after = OffsetDateTime::now_utc() + Duration::from_secs(3600);
+        let cert = params.signed_by(&key, &root.issuer).unwrap();
+        let pem = format!(
+            "{}{}",
+            pem_encode("CERTIFICATE", cert.der()),
+            root.cert_pem()
+        );
+        let ca = CertificateAuthority::from_pem(&pem, &key.serialize_pem()).unwrap();
+        let (_, ends) = validity(cert.der()).unwrap();
+        assert_eq!(ca.expires(), ends);
+        let leaf = ca
+            .issue(&id("cart"), Duration::from_secs(24 * 3600))
+            .unwrap();
+        assert_eq!(leaf.not_after, ends, "cut to the CA's end");
+        let short = ca.issue(&id("cart"), Duration::from_secs(600)).unwrap();
+        assert!(short.not_after < ends, "a shorter one keeps its own");
+        let (served, _) = ca
+            .issue_server(&["weft-controller".into()], Duration::from_secs(24 * 3600))
+            .unwrap();
+        assert_eq!(validity(&served[0]).unwrap().1, ends);
+        // Expired an hour ago.
+        let mut params = ca_params("cluster.local", "expired", Duration::from_secs(3600));
+        params.not_before = OffsetDateTime::now_utc() - Duration::from_secs(7200);
+        params.not_after = OffsetDateTime::now_utc() - Duration::from_secs(3600);
+        let cert = params.signed_by(&key, &root.issuer).unwrap();
+        let pem = format!(
+            "{}{}",
+            pem_encode("CERTIFICATE", cert.der()),
+            root.cert_pem()
+        );
+        let expired = CertificateAuthority::from_pem(&pem, &key.serialize_pem()).unwrap();
+        let e = expired.issue(&id("cart"), LEAF_TTL).unwrap_err();
+        assert!(matches!(e, CaError::Expired(_)), "{e}");
+        assert!(e.to_string().contains("expired at 20"), "{e}");
     }
 
     #[test]
