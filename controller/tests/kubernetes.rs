@@ -904,7 +904,7 @@ async fn lists_watches_relists_and_writes_status() {
         event.2
     );
     // Written once: the same statuses again write nothing.
-    writer.write(t.statuses);
+    writer.write(t.statuses.clone());
     tokio::time::sleep(Duration::from_millis(200)).await;
     let patches = state
         .lock()
@@ -914,6 +914,38 @@ async fn lists_watches_relists_and_writes_status() {
         .filter(|(m, _, _)| m == "PATCH")
         .count();
     assert_eq!(patches, 2, "unchanged statuses are not written again");
+    // The route leaves the mesh (its status is no longer wanted): Weft's parent entry
+    // goes, the other controllers' stay.
+    let without_route: Vec<_> = t
+        .statuses
+        .iter()
+        .filter(|d| d.object.name != "bad-route")
+        .cloned()
+        .collect();
+    let before = state.lock().unwrap().writes.len();
+    writer.write(without_route);
+    let mut left = None;
+    for _ in 0..200 {
+        left = state.lock().unwrap().writes[before..]
+            .iter()
+            .find(|(m, p, _)| {
+                m == "PATCH"
+                    && p == "/apis/gateway.networking.k8s.io/v1/namespaces/demo/httproutes/bad-route/status"
+            })
+            .cloned();
+        if left.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let left = left.expect("the route's status written once it left the mesh");
+    let controllers: Vec<&str> = left.2["status"]["parents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["controllerName"].as_str().unwrap())
+        .collect();
+    assert_eq!(controllers, ["example.com/other", "example.com/racing"]);
     shutdown.cancel();
 }
 
