@@ -45,7 +45,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::objects::Problem;
 use crate::server::Shared;
@@ -469,7 +469,12 @@ async fn translate_loop(
         let started = Instant::now();
         let snapshot = source.snapshot();
         let read = started.elapsed();
-        if snapshot.ready {
+        // A round that cannot finish (translation panicked) waits for the next change
+        // like any other: trying again at once would spin on the same objects.
+        'round: {
+            if !snapshot.ready {
+                break 'round;
+            }
             let objects = snapshot.objects.clone();
             let mut t = translator
                 .take()
@@ -481,8 +486,8 @@ async fn translate_loop(
             .await
             else {
                 // The translator is lost with its state: the next translation is full.
-                warn!("translation panicked; keeping the published model");
-                continue;
+                error!("translation panicked (a bug: please report it with this log); keeping the published model until the next change");
+                break 'round;
             };
             translator = Some(t);
             let translated = started.elapsed();
