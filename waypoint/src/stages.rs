@@ -487,16 +487,13 @@ impl hyper::body::Body for Deadline {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
-        if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
-            return Poll::Ready(frame);
+        // The deadline first: a backend with data always ready, sent to a client that
+        // reads slowly, must be cut too.
+        if self.at.as_mut().poll(cx).is_ready() {
+            debug!(timeout = self.which, "response cut at the route's timeout");
+            return Poll::Ready(Some(Err(CutShort(self.which).into())));
         }
-        match self.at.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                debug!(timeout = self.which, "response cut at the route's timeout");
-                Poll::Ready(Some(Err(CutShort(self.which).into())))
-            }
-            Poll::Pending => Poll::Pending,
-        }
+        Pin::new(&mut self.body).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -914,6 +911,8 @@ mod tests {
         Fail,
         /// Answers 200 at once with `part`, and sends `rest` of its body this much later.
         StalledBody(Duration),
+        /// Answers 200 with a body that always has another frame ready.
+        Endless,
     }
 
     /// A body of two frames with a stall between them.
@@ -938,6 +937,23 @@ mod tests {
                 return Poll::Pending;
             }
             Poll::Ready(self.rest.take().map(|r| Ok(hyper::body::Frame::data(r))))
+        }
+    }
+
+    /// A body with another frame always ready.
+    struct Endless;
+
+    impl hyper::body::Body for Endless {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+            Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(
+                b"more",
+            )))))
         }
     }
 
@@ -991,6 +1007,9 @@ mod tests {
                 .unwrap_or(Answer::Status(200));
             let status = match answer {
                 Answer::Status(s) => s,
+                Answer::Endless => {
+                    return Ok(Response::new(Endless.boxed()));
+                }
                 Answer::StalledBody(d) => {
                     let body = Stalled {
                         part: Some(Bytes::from_static(b"part")),
@@ -1389,6 +1408,24 @@ mod tests {
             .await;
             assert_eq!(body_text(run.response).await, "partrest");
         }
+        // A backend always ready, read slowly: cut all the same.
+        (t.per_try, t.overall) = (None, Some(Duration::from_secs(1)));
+        let run = forward(&Script::new(&[Answer::Endless]), &t, request("/")).await;
+        let mut body = run.response.into_body();
+        let mut cut = false;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            match body.frame().await {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    assert!(e.to_string().contains("timeout passed"), "{e}");
+                    cut = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        assert!(cut, "a slow reader of a fast backend is cut at the timeout");
         // Without a timeout the stall is waited out.
         (t.per_try, t.overall) = (None, None);
         let run = forward(
