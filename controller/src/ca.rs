@@ -49,6 +49,9 @@ pub enum CaSetupError {
     /// A bundle file holds no certificate.
     #[error("{0}: no certificate found")]
     EmptyBundle(PathBuf),
+    /// The CA files hold a certificate that has expired (a Secret rolled back?).
+    #[error("{0}: the CA certificate there, or one above it, has expired; it is not taken")]
+    Expired(PathBuf),
     /// The CA files now chain to other roots than the ones published.
     #[error("{0}: the new CA chains to other roots than the ones in use; a change of roots is taken on a restart of the controller, which publishes them (restart it once every workload trusts both)")]
     RootsChanged(PathBuf),
@@ -83,6 +86,8 @@ pub struct Ca {
     leaf_ttl: Duration,
     /// The operator's files it was read from, to read again.
     files: Option<Files>,
+    /// Counts the reloads, for what must follow one (the serving certificate).
+    reloaded: tokio::sync::watch::Sender<u64>,
 }
 
 /// Where an operator-provided CA is read from, and what was read last.
@@ -145,7 +150,13 @@ impl Ca {
             trust_domain: trust_domain.to_owned(),
             leaf_ttl,
             files: None,
+            reloaded: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Changes each time another CA is taken by [`Ca::reload`].
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloaded.subscribe()
     }
 
     /// The root in `dir` (`root.pem`, `root-key.pem`), created on first use.
@@ -242,8 +253,12 @@ impl Ca {
             return Err(CaSetupError::RootsChanged(files.cert.clone()));
         }
         let expires = authority.expires();
+        if expires <= SystemTime::now() {
+            return Err(CaSetupError::Expired(files.cert.clone()));
+        }
         self.authority.store(Arc::new(authority));
         *read = now_read;
+        self.reloaded.send_modify(|n| *n += 1);
         info!("mesh CA read again from {}", files.cert.display());
         Ok(Some(expires))
     }

@@ -71,17 +71,23 @@ impl ServingTls {
         })
     }
 
-    /// Renews the certificate at half its life until `shutdown`.
+    /// Renews the certificate at half its life, and at once when the CA is read again
+    /// (the chain it sends names the CA), until `shutdown`.
     pub async fn renew(self, shutdown: CancellationToken) {
+        let mut reloads = self.ca.reloads();
         loop {
-            tokio::select! {
+            let why = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(SERVING_TTL / 2) => {}
-            }
+                _ = tokio::time::sleep(SERVING_TTL / 2) => "renewed",
+                changed = reloads.changed() => match changed {
+                    Ok(()) => "issued again by the CA just read",
+                    Err(_) => return,
+                },
+            };
             match certified(&self.ca, &self.names) {
                 Ok(key) => {
                     self.resolver.0.store(key);
-                    info!("serving certificate renewed");
+                    info!("serving certificate {why}");
                 }
                 Err(e) => {
                     warn!("cannot renew the serving certificate, keeping the current one: {e}")
@@ -226,6 +232,69 @@ mod tests {
             )
             .await
             .expect("handshake")
+    }
+
+    /// A CA read again is in the chain the controller serves from then on, so the
+    /// controller's own certificate does not end with the CA it replaced.
+    #[tokio::test]
+    async fn the_serving_certificate_follows_a_reloaded_ca() {
+        let dir = std::env::temp_dir().join(format!("weft-tls-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (cert, key) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+        let root = CertificateAuthority::self_signed("cluster.local").expect("root");
+        let write = |int: &CertificateAuthority| {
+            std::fs::write(&cert, int.cert_pem() + &root.cert_pem()).expect("write");
+            std::fs::write(&key, int.key_pem()).expect("write");
+        };
+        let first = root
+            .new_intermediate("cluster.local")
+            .expect("intermediate");
+        write(&first);
+        let ca = Arc::new(
+            Ca::from_files(
+                &cert,
+                &key,
+                None,
+                "cluster.local",
+                Duration::from_secs(3600),
+            )
+            .expect("CA"),
+        );
+        let tls = ServingTls::new(ca.clone(), vec!["127.0.0.1".into()]).expect("serving TLS");
+        let shutdown = CancellationToken::new();
+        tokio::spawn(tls.clone().renew(shutdown.clone()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut incoming = Box::pin(tls.incoming(listener, shutdown.clone(), 8));
+        // Served and closed: the test only reads the chain of each handshake.
+        tokio::spawn(async move { while let Some(Ok(_)) = incoming.next().await {} });
+        let intermediate = |ca: Arc<Ca>| async move {
+            let c = tokio::time::timeout(Duration::from_secs(10), client(&ca, addr))
+                .await
+                .expect("a handshake within 10 s");
+            c.get_ref().1.peer_certificates().expect("a chain")[1].clone()
+        };
+        assert_eq!(&intermediate(ca.clone()).await, first.cert_der());
+        let renewed = root
+            .new_intermediate("cluster.local")
+            .expect("intermediate");
+        write(&renewed);
+        assert!(ca.reload().expect("read").is_some());
+        let mut served = None;
+        for _ in 0..100 {
+            served = Some(intermediate(ca.clone()).await);
+            if served.as_ref() == Some(renewed.cert_der()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            served.as_ref(),
+            Some(renewed.cert_der()),
+            "served by the renewed CA"
+        );
+        shutdown.cancel();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
