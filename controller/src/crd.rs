@@ -401,7 +401,7 @@ pub struct WaypointParametersSpec {
     "message": "minReplicas is above maxReplicas",
 }]))]
 pub struct AutoscalingSpec {
-    /// The fewest pods (default 2).
+    /// The fewest pods (default 2, or `maxReplicas` if that is lower).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100))]
     pub min_replicas: Option<i32>,

@@ -1295,8 +1295,7 @@ pub fn reporter() -> kube::runtime::events::Reporter {
 pub trait StatusSink: Send + Sync + 'static {
     /// Writes one object's status.
     fn write<'a>(&'a self, desired: &'a DesiredStatus) -> BoxFuture<'a, Result<(), String>>;
-    /// The object's status is no longer wanted (the object is gone, or a route left
-    /// the mesh).
+    /// The object's status is no longer wanted (the object is gone).
     fn forget<'a>(&'a self, object: &'a ObjectRef) -> BoxFuture<'a, ()>;
 }
 
@@ -1322,30 +1321,10 @@ impl StatusSink for KubeSink {
         })
     }
 
-    fn forget<'a>(&'a self, object: &'a ObjectRef) -> BoxFuture<'a, ()> {
-        Box::pin(async move {
-            // A route no longer in the mesh (its parentRefs name no Service of it now)
-            // loses Weft's parent entries, which would otherwise say for good that it
-            // applies; other controllers' entries stay. Anything else is gone, and its
-            // status with it.
-            if !matches!(object.kind, ObjectKind::HttpRoute | ObjectKind::GrpcRoute) {
-                return;
-            }
-            let none = DesiredStatus {
-                object: object.clone(),
-                generation: None,
-                parents: Vec::new(),
-            };
-            match patch_one(&self.client, &none).await {
-                Ok(_) => {
-                    debug!(%object, "the route left the mesh: its Weft parent status is removed")
-                }
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => {
-                    warn!(%object, "cannot remove the Weft parent status of a route that left the mesh: {e}")
-                }
-            }
-        })
+    fn forget<'a>(&'a self, _: &'a ObjectRef) -> BoxFuture<'a, ()> {
+        // The object is gone, and its status with it. (A route that left the mesh has
+        // its Weft parents removed by a status without parents, `translate::routes_left`.)
+        Box::pin(async {})
     }
 }
 

@@ -532,6 +532,8 @@ async fn translate_loop(
                 let mut statuses = output.statuses;
                 statuses.extend(snapshot.statuses.iter().cloned());
                 statuses.extend(translate::gateway_statuses(&snapshot.objects));
+                let left = translate::routes_left(&snapshot.objects, &statuses);
+                statuses.extend(left);
                 refuse_routes(&mut statuses, &shared.subscribers());
                 cluster.statuses.write(statuses);
                 if let Some(deployer) = &cluster.waypoints {
@@ -620,6 +622,39 @@ mod tests {
     use crate::objects::{ObjectKind, ObjectRef};
     use crate::server::{RefusedRoute, SubscriberStatus};
     use crate::translate::{Condition, DesiredStatus};
+
+    /// A route whose status carries Weft's parent entry but which the translation has
+    /// no status for (it left the mesh) gets a status without parents, to clear them;
+    /// one the translation covers, or with only other controllers' entries, does not.
+    #[test]
+    fn a_route_that_left_the_mesh_gets_its_weft_parents_cleared() {
+        let route = |name: &str, controller: &str| {
+            let r: gateway_api::experimental::httproutes::HttpRoute =
+                serde_json::from_value(serde_json::json!({
+                    "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                    "metadata": {"name": name, "namespace": "shop", "generation": 2},
+                    "spec": {"parentRefs": [{"name": "edge"}]},
+                    "status": {"parents": [{"controllerName": controller,
+                        "parentRef": {"group": "", "kind": "Service", "name": "echo"}, "conditions": []}]}}))
+                .expect("a route");
+            objects::AnyObject::HttpRoute(Arc::new(r))
+        };
+        let mut objects = objects::Objects::default();
+        for (name, controller) in [
+            ("left", translate::CONTROLLER_NAME),
+            ("still-in", translate::CONTROLLER_NAME),
+            ("theirs", "example.com/other"),
+        ] {
+            objects
+                .insert(route(name, controller), objects::Origin::Cluster, true)
+                .expect("inserted");
+        }
+        let left = translate::routes_left(&objects, &[status("still-in")]);
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(left[0].object.name, "left");
+        assert!(left[0].parents.is_empty());
+        assert_eq!(left[0].generation, Some(2));
+    }
 
     fn status(name: &str) -> DesiredStatus {
         DesiredStatus {

@@ -351,7 +351,7 @@ fn autoscaler(metadata: ObjectMeta, name: &str, a: &AutoscalingSpec) -> Horizont
                 kind: "Deployment".into(),
                 name: name.to_owned(),
             },
-            min_replicas: Some(a.min_replicas.unwrap_or(WAYPOINT_REPLICAS)),
+            min_replicas: Some(fewest(a)),
             max_replicas: a.max_replicas,
             metrics: Some(vec![MetricSpec {
                 type_: "Resource".into(),
@@ -400,11 +400,18 @@ pub fn replicas(parameters: Option<&WaypointParametersSpec>) -> i32 {
         Some(WaypointParametersSpec {
             autoscaling: Some(a),
             ..
-        }) => a.min_replicas.unwrap_or(WAYPOINT_REPLICAS),
+        }) => fewest(a),
         _ => parameters
             .and_then(|p| p.replicas)
             .unwrap_or(WAYPOINT_REPLICAS),
     }
+}
+
+/// The fewest pods an autoscaled waypoint runs: `minReplicas`, else the default count
+/// or `maxReplicas` if that is lower (an autoscaler's minimum may not exceed its maximum).
+fn fewest(a: &AutoscalingSpec) -> i32 {
+    a.min_replicas
+        .unwrap_or(WAYPOINT_REPLICAS.min(a.max_replicas))
 }
 
 /// Why WaypointParameters cannot be used, naming the field: what its CRD's schema
@@ -537,11 +544,37 @@ fn key_of(kind: &str, object: &kube::api::ObjectMeta) -> Key {
     )
 }
 
+/// Where an object stands, as the API server shows it.
+#[derive(Debug, Clone, Default)]
+struct Version {
+    generation: Option<i64>,
+    resource_version: Option<String>,
+    /// A digest of its `spec`: what its watchers see change, not its status (an
+    /// autoscaler's status every few seconds), where the kind has no generation or the
+    /// cluster does not set it.
+    spec: Option<u64>,
+}
+
+impl Version {
+    fn of(metadata: &ObjectMeta, data: &Value) -> Self {
+        use std::hash::{Hash, Hasher};
+        Version {
+            generation: metadata.generation,
+            resource_version: metadata.resource_version.clone(),
+            spec: data.get("spec").map(|spec| {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                spec.to_string().hash(&mut h);
+                h.finish()
+            }),
+        }
+    }
+}
+
 /// What the watch of the owned objects saw.
 #[derive(Debug)]
 enum Seen {
-    /// Present, at this generation and resourceVersion.
-    Present(Key, Option<i64>, Option<String>),
+    /// Present, at this version.
+    Present(Key, Version),
     /// Deleted.
     Gone(Key),
     /// A (re)list of `kind` began then.
@@ -623,16 +656,14 @@ async fn watch_owned(client: Client, kind: &'static str, tx: mpsc::UnboundedSend
             Ok(watcher::Event::InitApply(o)) => {
                 let key = key_of(kind, &o.metadata);
                 listing.push(key.clone());
-                Seen::Present(key, o.metadata.generation, o.metadata.resource_version)
+                Seen::Present(key, Version::of(&o.metadata, &o.data))
             }
             Ok(watcher::Event::InitDone) => {
                 Seen::Listed(kind.to_owned(), std::mem::take(&mut listing))
             }
-            Ok(watcher::Event::Apply(o)) => Seen::Present(
-                key_of(kind, &o.metadata),
-                o.metadata.generation,
-                o.metadata.resource_version,
-            ),
+            Ok(watcher::Event::Apply(o)) => {
+                Seen::Present(key_of(kind, &o.metadata), Version::of(&o.metadata, &o.data))
+            }
             Ok(watcher::Event::Delete(o)) => Seen::Gone(key_of(kind, &o.metadata)),
             Err(e) => {
                 debug!(kind, "watch of the waypoints' objects: {e}");
@@ -692,48 +723,37 @@ async fn delete_one(client: &Client, key: &Key) -> Result<(), kube::Error> {
 }
 
 /// Applies `object` (server-side, as [`FIELD_MANAGER`], forcing its fields back) and
-/// returns its generation and resourceVersion as the API server answered.
-async fn apply_one(
-    client: &Client,
-    kind: &str,
-    object: &Value,
-) -> Result<(Option<i64>, Option<String>), kube::Error> {
+/// returns its version as the API server answered.
+async fn apply_one(client: &Client, kind: &str, object: &Value) -> Result<Version, kube::Error> {
     let ns = object["metadata"]["namespace"].as_str().unwrap_or_default();
     let name = object["metadata"]["name"].as_str().unwrap_or_default();
     let Some((resource, _)) = api_resource(kind) else {
-        return Ok((None, None));
+        return Ok(Version::default());
     };
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &resource);
     let applied = api.patch(name, &params, &Patch::Apply(object)).await?;
-    Ok((
-        applied.metadata.generation,
-        applied.metadata.resource_version,
-    ))
+    Ok(Version::of(&applied.metadata, &applied.data))
 }
 
-/// One object as applied: its content, and the generation and resourceVersion the API
-/// server gave it.
+/// One object as applied: its content, when, and its version as the API server gave it.
 struct Applied {
     object: Value,
     at: tokio::time::Instant,
-    generation: Option<i64>,
-    resource_version: Option<String>,
+    version: Version,
 }
 
 /// Why an object is applied again.
-fn drifted(
-    applied: &Applied,
-    has_generation: bool,
-    generation: Option<i64>,
-    rv: &Option<String>,
-) -> bool {
-    if has_generation {
+fn drifted(applied: &Applied, has_generation: bool, seen: &Version) -> bool {
+    let was = &applied.version;
+    match (has_generation, seen.generation, seen.spec, was.spec) {
         // Status updates (available replicas) do not bump the generation; spec edits do.
         // An event older than the last apply (seen late) is not drift.
-        generation.is_some() && generation > applied.generation
-    } else {
-        rv.is_some() && *rv != applied.resource_version
+        (true, Some(_), ..) => seen.generation > was.generation,
+        // No generation (a kind without one, or a cluster that does not set it): the
+        // spec, not a status update, decides.
+        (_, _, Some(now), Some(then)) => now != then,
+        _ => seen.resource_version.is_some() && seen.resource_version != was.resource_version,
     }
 }
 
@@ -748,9 +768,10 @@ async fn apply_loop(
     // What was applied last, per object; a failed apply is retried.
     let mut applied: HashMap<Key, Applied> = HashMap::new();
     // Objects to apply again, and why ("deleted" or "changed").
-    // Objects to apply again: why ("deleted" or "changed"), and the resourceVersion seen
-    // changed (an apply that returns it changed nothing: not a repair).
-    let mut repair: HashMap<Key, (&'static str, Option<String>)> = HashMap::new();
+    // Objects to apply again: why ("deleted" or "changed"), and the spec seen changed
+    // (an apply that leaves that spec as it was changed nothing the controller sets:
+    // not a repair).
+    let mut repair: HashMap<Key, (&'static str, Option<u64>)> = HashMap::new();
     // Autoscaled Deployments whose replica count was handed over to the autoscaler.
     let mut handed_over: std::collections::HashSet<Key> = std::collections::HashSet::new();
     // Objects a relist did not show, with the resourceVersion they were applied at.
@@ -774,11 +795,11 @@ async fn apply_loop(
                 }
                 for s in batch {
                     match s {
-                        Seen::Present(key, generation, rv) => {
+                        Seen::Present(key, seen) => {
                             let has_generation = api_resource(&key.0).is_some_and(|(_, g)| g);
                             if let Some(a) = applied.get(&key) {
-                                if drifted(a, has_generation, generation, &rv) {
-                                    repair.insert(key.clone(), ("changed", rv));
+                                if drifted(a, has_generation, &seen) {
+                                    repair.insert(key.clone(), ("changed", seen.spec));
                                     applied.remove(&key);
                                 }
                             }
@@ -812,7 +833,7 @@ async fn apply_loop(
                                 .collect();
                             for key in missing {
                                 if let Some(a) = applied.remove(&key) {
-                                    unsure.insert(key, a.resource_version);
+                                    unsure.insert(key, a.version.resource_version);
                                 }
                             }
                             listed.insert(kind);
@@ -900,20 +921,18 @@ async fn apply_loop(
                     handed_over.remove(&key);
                 }
                 match apply_one(&client, kind, &object).await {
-                    Ok((generation, resource_version)) => {
+                    Ok(version) => {
                         let why = match repair.remove(&key) {
                             // Changed only in what the controller does not set (an
                             // autoscaler's replica count): the apply changed nothing.
-                            Some(("changed", seen))
-                                if seen.is_some() && seen == resource_version =>
-                            {
+                            Some(("changed", seen)) if seen.is_some() && seen == version.spec => {
                                 debug!(kind, namespace = %key.1, name = %key.2, "changed by someone else in fields the controller leaves alone");
                                 None
                             }
                             Some((why, _)) => Some(why),
                             None => unsure
                                 .remove(&key)
-                                .filter(|was| *was != resource_version)
+                                .filter(|was| *was != version.resource_version)
                                 .map(|_| "deleted"),
                         };
                         match why {
@@ -937,8 +956,7 @@ async fn apply_loop(
                             Applied {
                                 object,
                                 at: tokio::time::Instant::now(),
-                                generation,
-                                resource_version,
+                                version,
                             },
                         );
                     }
@@ -1143,6 +1161,22 @@ mod tests {
         assert_eq!(target["name"], "cpu");
         assert_eq!(target["target"]["averageUtilization"], 60);
         assert_eq!(replicas(Some(&spec)), WAYPOINT_REPLICAS);
+        // At most one pod: the default minimum follows it down.
+        let one: WaypointParametersSpec =
+            serde_json::from_value(serde_json::json!({"autoscaling": {"maxReplicas": 1}})).unwrap();
+        let objects = desired_with(&gateway(WAYPOINT_CLASS), Some(&one), &settings()).unwrap();
+        let hpa = &objects
+            .iter()
+            .find(|(k, _)| *k == "HorizontalPodAutoscaler")
+            .unwrap()
+            .1;
+        assert_eq!(
+            (
+                hpa["spec"]["minReplicas"].clone(),
+                hpa["spec"]["maxReplicas"].clone()
+            ),
+            (1.into(), 1.into())
+        );
         // Not autoscaled: no autoscaler, a fixed count.
         let objects = desired(&gateway(WAYPOINT_CLASS), &settings()).unwrap();
         assert!(objects.iter().all(|(k, _)| *k != "HorizontalPodAutoscaler"));

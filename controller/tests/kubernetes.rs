@@ -306,7 +306,10 @@ impl Fake {
                 }
                 None => ("ADDED", 1),
             };
-            object["metadata"]["generation"] = json!(generation);
+            // HorizontalPodAutoscalers get no generation without a recent feature gate.
+            if !list_path.ends_with("/horizontalpodautoscalers") {
+                object["metadata"]["generation"] = json!(generation);
+            }
             self.put(&list_path, type_, object.clone());
             let stored = self
                 .kind(&list_path)
@@ -914,14 +917,25 @@ async fn lists_watches_relists_and_writes_status() {
         .filter(|(m, _, _)| m == "PATCH")
         .count();
     assert_eq!(patches, 2, "unchanged statuses are not written again");
-    // The route leaves the mesh (its status is no longer wanted): Weft's parent entry
-    // goes, the other controllers' stay.
-    let without_route: Vec<_> = t
+    // The route leaves the mesh: a status without parents for it (as
+    // `translate::routes_left` gives it) removes Weft's parent entry, the other
+    // controllers' stay.
+    let mut without_route: Vec<_> = t
         .statuses
         .iter()
         .filter(|d| d.object.name != "bad-route")
         .cloned()
         .collect();
+    let route = t
+        .statuses
+        .iter()
+        .find(|d| d.object.name == "bad-route")
+        .unwrap();
+    without_route.push(controller::translate::DesiredStatus {
+        object: route.object.clone(),
+        generation: route.generation,
+        parents: Vec::new(),
+    });
     let before = state.lock().unwrap().writes.len();
     writer.write(without_route);
     let mut left = None;
@@ -1352,6 +1366,9 @@ async fn an_autoscaled_waypoint_is_left_to_its_autoscaler() {
             "/apis/apps/v1/namespaces/demo/deployments/wp".into(),
             ["kube-controller-manager".to_owned()].into(),
         );
+        f.put(DEPLOYMENTS, "MODIFIED", d.clone());
+        // The Deployment's controller updates its status right after.
+        d["status"] = json!({"replicas": 5});
         f.put(DEPLOYMENTS, "MODIFIED", d);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1374,6 +1391,53 @@ async fn an_autoscaled_waypoint_is_left_to_its_autoscaler() {
             <= applies_before + 1,
         "applied again at most once, changing nothing"
     );
+
+    // The autoscaler's status changes (no generation, as on most clusters): nothing to
+    // apply; its spec edited by hand: applied again, and said so.
+    const AUTOSCALERS: &str = "/apis/autoscaling/v2/horizontalpodautoscalers";
+    let hpa_applies = writes(&state, "PATCH", AUTOSCALER).len();
+    {
+        let mut f = state.lock().unwrap();
+        let mut h = f.kind(AUTOSCALERS).items[0].clone();
+        assert!(h["metadata"]["generation"].is_null());
+        h["status"] = json!({"currentReplicas": 5, "desiredReplicas": 5});
+        f.put(AUTOSCALERS, "MODIFIED", h);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        writes(&state, "PATCH", AUTOSCALER).len(),
+        hpa_applies,
+        "a status update is not drift"
+    );
+    {
+        let mut f = state.lock().unwrap();
+        let mut h = f.kind(AUTOSCALERS).items[0].clone();
+        h["spec"]["maxReplicas"] = json!(50);
+        f.put(AUTOSCALERS, "MODIFIED", h);
+    }
+    let s = state.clone();
+    eventually(
+        "the autoscaler reverted",
+        Box::new(move || {
+            s.lock().unwrap().kind(AUTOSCALERS).items[0]["spec"]["maxReplicas"] == json!(6)
+        }),
+    )
+    .await;
+    let s = state.clone();
+    eventually(
+        "the autoscaler's repair reported",
+        Box::new(move || {
+            s.lock().unwrap().writes.iter().any(|(_, p, b)| {
+                p.starts_with("/apis/events.k8s.io/")
+                    && b["reason"] == "WaypointRepaired"
+                    && b["note"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .contains("HorizontalPodAutoscaler wp was changed")
+            })
+        }),
+    )
+    .await;
 
     // A fixed count again: the autoscaler goes, then the count is applied.
     deployer.write_with(vec![(

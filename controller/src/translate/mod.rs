@@ -313,6 +313,51 @@ pub(crate) fn accepted_status(
     }
 }
 
+/// Routes that `statuses` has nothing for (their parentRefs name no Service of the mesh
+/// now) but whose status still carries Weft's parent entries: a status without parents
+/// for each, which the writer turns into the route's parents without Weft's (others'
+/// stay). Read from the routes' own status, so a route that left the mesh while no
+/// controller ran, or while another replica led, is cleaned up too, and a failed write
+/// is tried again.
+pub fn routes_left(objects: &Objects, statuses: &[DesiredStatus]) -> Vec<DesiredStatus> {
+    let covered: BTreeSet<&ObjectRef> = statuses.iter().map(|d| &d.object).collect();
+    let http = objects.http_routes.iter().map(|(name, r)| {
+        let ours = r.value.status.as_ref().is_some_and(|s| {
+            s.parents
+                .iter()
+                .any(|p| p.controller_name == CONTROLLER_NAME)
+        });
+        (
+            ObjectKind::HttpRoute,
+            name,
+            r.value.metadata.generation,
+            ours,
+        )
+    });
+    let grpc = objects.grpc_routes.iter().map(|(name, r)| {
+        let ours = r.value.status.as_ref().is_some_and(|s| {
+            s.parents
+                .iter()
+                .any(|p| p.controller_name == CONTROLLER_NAME)
+        });
+        (
+            ObjectKind::GrpcRoute,
+            name,
+            r.value.metadata.generation,
+            ours,
+        )
+    });
+    http.chain(grpc)
+        .filter(|(.., ours)| *ours)
+        .map(|(kind, name, generation, _)| DesiredStatus {
+            object: ObjectRef::new(kind, name),
+            generation,
+            parents: Vec::new(),
+        })
+        .filter(|d| !covered.contains(&d.object))
+        .collect()
+}
+
 /// The status of each waypoint Gateway (class `weft-waypoint`): `Accepted`, and
 /// `Programmed` once one of its waypoint pods is ready (it serves), as Gateway API asks
 /// of a Gateway's controller. Computed from the objects each round, beside translation:
