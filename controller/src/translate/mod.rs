@@ -321,12 +321,12 @@ pub(crate) fn accepted_status(
 /// is tried again.
 pub fn routes_left(objects: &Objects, statuses: &[DesiredStatus]) -> Vec<DesiredStatus> {
     let covered: BTreeSet<&ObjectRef> = statuses.iter().map(|d| &d.object).collect();
+    // (kind, name, generation, whether Weft has a parent entry in its status)
     let http = objects.http_routes.iter().map(|(name, r)| {
-        let ours = r.value.status.as_ref().is_some_and(|s| {
-            s.parents
-                .iter()
-                .any(|p| p.controller_name == CONTROLLER_NAME)
-        });
+        let parents = r.value.status.iter().flat_map(|s| &s.parents);
+        let ours = parents
+            .map(|p| &p.controller_name)
+            .any(|c| c == CONTROLLER_NAME);
         (
             ObjectKind::HttpRoute,
             name,
@@ -335,11 +335,10 @@ pub fn routes_left(objects: &Objects, statuses: &[DesiredStatus]) -> Vec<Desired
         )
     });
     let grpc = objects.grpc_routes.iter().map(|(name, r)| {
-        let ours = r.value.status.as_ref().is_some_and(|s| {
-            s.parents
-                .iter()
-                .any(|p| p.controller_name == CONTROLLER_NAME)
-        });
+        let parents = r.value.status.iter().flat_map(|s| &s.parents);
+        let ours = parents
+            .map(|p| &p.controller_name)
+            .any(|c| c == CONTROLLER_NAME);
         (
             ObjectKind::GrpcRoute,
             name,
