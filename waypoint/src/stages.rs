@@ -428,16 +428,8 @@ impl<'a> Retrier<'a> {
     }
 }
 
-/// The timeout stage: `f`'s output, or `None` once `limit` has passed.
-pub async fn within<F: Future>(limit: Option<Duration>, f: F) -> Option<F::Output> {
-    match limit {
-        Some(t) => tokio::time::timeout(t, f).await.ok(),
-        None => Some(f.await),
-    }
-}
-
-/// `f`'s output, or `None` once `deadline` has passed.
-async fn until<F: Future>(deadline: Option<Instant>, f: F) -> Option<F::Output> {
+/// The timeout stage: `f`'s output, or `None` once `deadline` has passed.
+pub async fn until<F: Future>(deadline: Option<Instant>, f: F) -> Option<F::Output> {
     match deadline {
         Some(d) => tokio::time::timeout_at(d, f).await.ok(),
         None => Some(f.await),
@@ -655,7 +647,16 @@ impl<U: Upstream> Path<'_, U> {
             loop {
                 out.attempts += 1;
                 let (result, tried) = self
-                    .attempt(t, &mut parts, reused, &mut payload, upgrade, first, out)
+                    .attempt(
+                        t,
+                        &mut parts,
+                        reused,
+                        &mut payload,
+                        upgrade,
+                        first,
+                        deadline,
+                        out,
+                    )
                     .await;
                 first = false;
                 if let Some((outcome, state)) = tried {
@@ -669,7 +670,7 @@ impl<U: Upstream> Path<'_, U> {
             }
         };
         let result = match until(deadline, attempts).await {
-            Some(r) => r.map(|r| cut_at(r, deadline, "request")),
+            Some(r) => r,
             None => Err(Refused::Timeout),
         };
         let mut response = match result {
@@ -704,8 +705,9 @@ impl<U: Upstream> Path<'_, U> {
     }
 
     /// One attempt: split, admission (first only), balance, upstream with the per-try
-    /// timeout, outlier detection. With how it ended and the backend whose budget a retry
-    /// takes, unless nothing was sent (then it is not retried).
+    /// timeout, outlier detection; its response cut at the earlier of the per-try
+    /// timeout and the request's `deadline`. With how it ended and the backend whose
+    /// budget a retry takes, unless nothing was sent (then it is not retried).
     #[allow(clippy::too_many_arguments)]
     async fn attempt<'t>(
         &self,
@@ -715,6 +717,7 @@ impl<U: Upstream> Path<'_, U> {
         payload: &mut Payload,
         upgrade: bool,
         first: bool,
+        deadline: Option<Instant>,
         out: &mut Outcomes,
     ) -> (
         Result<Response<Body>, Refused>,
@@ -772,10 +775,16 @@ impl<U: Upstream> Path<'_, U> {
                 debug!(service = %pool.label, endpoint = %addr, "attempt failed: {e}");
                 (Outcome::ConnectFailure, Err(Refused::Unreachable(addr)))
             }
-            Some(Ok(r)) => (
-                Outcome::Status(r.status().as_u16()),
-                Ok(cut_at(r, per_try, "backend request")),
-            ),
+            Some(Ok(r)) => {
+                // One deadline for the body: whichever timeout passes first.
+                let cut = match (per_try, deadline) {
+                    (Some(p), Some(d)) if d < p => (deadline, "request"),
+                    (Some(_), _) => (per_try, "backend request"),
+                    (None, _) => (deadline, "request"),
+                };
+                let status = r.status().as_u16();
+                (Outcome::Status(status), Ok(cut_at(r, cut.0, cut.1)))
+            }
         };
         if state.finish(flight, outcome, pool.endpoints.len()) {
             info!(service = %pool.label, endpoint = %addr, "endpoint ejected");
@@ -1296,10 +1305,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_timeout_stage_ends_what_runs_too_long() {
         let slow = tokio::time::sleep(Duration::from_secs(2));
-        assert!(within(Some(Duration::from_secs(1)), slow).await.is_none());
+        let in_1s = || Some(tokio::time::Instant::now() + Duration::from_secs(1));
+        assert!(until(in_1s(), slow).await.is_none());
         let quick = async { 7 };
-        assert_eq!(within(Some(Duration::from_secs(1)), quick).await, Some(7));
-        assert_eq!(within(None, async { 8 }).await, Some(8));
+        assert_eq!(until(in_1s(), quick).await, Some(7));
+        assert_eq!(until(None, async { 8 }).await, Some(8));
     }
 
     #[test]
